@@ -1,0 +1,51 @@
+"""The interface every backend implements: two operations over 1-D contiguous flat buffers.
+
+A backend knows nothing about parameters, groups or epochs; the optimizer hands it flat slices of the
+buffers in ``bbfused.buffers`` and applies the BB rule (``bbfused.rule``) to what ``epoch_end`` returns.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    """One implementation of the fused step and epoch end."""
+
+    name: str
+
+    def step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        ema: torch.Tensor,
+        lr: torch.Tensor,
+        weight_decay: float,
+        beta: float,
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        """One SGD step with L2 weight decay and the gradient EMA, in place, over n elements.
+
+        param, grad: (n,) in the parameter dtype; ema: (n,) float32 (float64 for float64 parameters).
+        lr: float64 0-dim tensor on the device. grad_scale: float32 0-dim/1-element tensor, the GradScaler
+        scale the gradient is divided by; found_inf: float32 tensor, non-zero means skip (write nothing).
+        d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g).
+        """
+        ...
+
+    def epoch_end(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+    ) -> torch.Tensor:
+        """Epoch-end pass over n elements; returns float64 (2,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev)]``.
+
+        In the same pass: prev_params ← θ, prev_ema ← g, g ← 0. Deterministic: the same inputs give the
+        same bits. prev_params has the parameter dtype, prev_ema the ema dtype.
+        """
+        ...

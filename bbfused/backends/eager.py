@@ -1,0 +1,56 @@
+"""The eager backend: plain PyTorch ops, any device. Slow and obviously right: the reference for the others."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EagerBackend:
+    name = "eager"
+
+    def step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        ema: torch.Tensor,
+        lr: torch.Tensor,
+        weight_decay: float,
+        beta: float,
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        theta = param.to(ema.dtype)
+        d = grad.to(ema.dtype)
+        if grad_scale is not None:
+            d = d / grad_scale
+        if weight_decay != 0:
+            d = d + weight_decay * theta
+        new_theta = theta - lr.to(ema.dtype) * d
+        new_ema = ema + beta * (d - ema)
+        if found_inf is not None:
+            # torch.where instead of an `if`: deciding on the host would need a sync.
+            skip = found_inf.reshape(()) != 0
+            new_theta = torch.where(skip, theta, new_theta)
+            new_ema = torch.where(skip, ema, new_ema)
+        param.copy_(new_theta)
+        ema.copy_(new_ema)
+
+    def epoch_end(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+    ) -> torch.Tensor:
+        delta_theta = param.double() - prev_params.double()
+        delta_ema = ema.double() - prev_ema.double()
+        sums = torch.stack([torch.dot(delta_theta, delta_theta), torch.dot(delta_theta, delta_ema)])
+        prev_params.copy_(param)
+        prev_ema.copy_(ema)
+        ema.zero_()
+        return sums
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """The eager backend runs wherever torch does."""
+    return None

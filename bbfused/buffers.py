@@ -1,0 +1,205 @@
+"""Flat multi-tensor buffers: the parameters of one group on one (device, dtype), packed end to end.
+
+Every parameter's ``.data`` and ``.grad`` become views of a slice of a flat 1-D buffer, so a fused backend
+updates all of them with one launch per buffer. The optimizer state (EMA and the two epoch-end snapshots)
+lives in flat buffers with the same layout. Each slice starts on a 16-element boundary (aligned vector
+loads); the padding between slices is zero in every buffer and stays zero under the update.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+
+import torch
+
+ALIGNMENT = 16  # elements; every slice starts at a multiple of this
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the EMA and of the arithmetic: float64 for float64 parameters, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _layout_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The tensor's strides when it is dense (contiguous, channels_last, any permutation), else contiguous."""
+    # empty_like preserves the strides of a non-overlapping dense tensor and falls back to contiguous.
+    return torch.empty_like(tensor, device="meta").stride()
+
+
+def _mark_written(buffer_ref: weakref.ref, index: int, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: parameter ``index`` of the buffer received a gradient from backward."""
+    buffer = buffer_ref()
+    if buffer is not None:
+        buffer.written[index] = True
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        if handle is not None:
+            handle.remove()
+
+
+class GradientReplacedWarning(UserWarning):
+    """A parameter's .grad was replaced by another tensor and had to be copied back into the flat buffer."""
+
+
+class FlatBuffer:
+    """The parameters of one group on one (device, dtype) and their optimizer state, as flat buffers.
+
+    Buffers (all 1-D, ``numel`` elements): ``param`` and ``grad`` in the parameter dtype, ``ema`` and
+    ``prev_ema`` in ``state_dtype(dtype)``, ``prev_params`` in the parameter dtype.
+    ``offsets[i]`` is where parameter i's slice starts.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], names: list[str], group_index: int) -> None:
+        self.params = params
+        self.names = names
+        self.group_index = group_index
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        self.offsets: list[int] = []
+        numel = 0
+        for p in params:
+            self.offsets.append(numel)
+            numel = _aligned(numel + p.numel())
+        self.numel = numel
+        self.strides = [_layout_strides(p) for p in params]
+        new = dict(dtype=self.dtype, device=self.device)
+        self.param = torch.zeros(numel, **new)
+        self.grad = torch.zeros(numel, **new)
+        self.prev_params = torch.zeros(numel, **new)
+        self.ema = torch.zeros(numel, dtype=state_dtype(self.dtype), device=self.device)
+        self.prev_ema = torch.zeros_like(self.ema)
+        self.grad_views: list[torch.Tensor] = []
+        # written[i]: parameter i's gradient was produced since the last zero_grad (by backward, through a
+        # hook, or by assigning p.grad). Parameters without one are skipped by the step, as in torch.optim.
+        self.written = [p.grad is not None for p in params]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                data = self.view(self.param, i)
+                data.copy_(p.data)
+                p.data = data
+                grad = self.view(self.grad, i)
+                if p.grad is not None:
+                    grad.copy_(p.grad)
+                p.grad = grad
+                self.grad_views.append(grad)
+        self.data_ptrs = [p.data_ptr() for p in params]
+        self._hooks: list = [None] * len(params)
+        weakref.finalize(self, _remove_hooks, self._hooks)
+        self.register_hooks()
+
+    def register_hooks(self) -> list[int]:
+        """Hook every parameter that requires grad and has no hook yet; returns the indices hooked now.
+
+        Parameters frozen at construction (requires_grad=False) cannot take a hook; they get one here
+        once they are unfrozen.
+        """
+        hooked = []
+        for i, p in enumerate(self.params):
+            if self._hooks[i] is None and p.requires_grad:
+                self._hooks[i] = p.register_post_accumulate_grad_hook(
+                    functools.partial(_mark_written, weakref.ref(self), i)
+                )
+                hooked.append(i)
+        return hooked
+
+    def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter ``index``'s slice of ``flat``, shaped and strided like the parameter."""
+        p = self.params[index]
+        offset = self.offsets[index]
+        return flat[offset : offset + p.numel()].as_strided(p.shape, self.strides[index])
+
+    def check(self) -> None:
+        """Raise if a parameter was re-allocated or holds a sparse gradient. Writes nothing."""
+        for p, ptr, name in zip(self.params, self.data_ptrs, self.names):
+            if p.data_ptr() != ptr or p.device != self.device or p.dtype != self.dtype:
+                raise RuntimeError(
+                    f"parameter {name} was re-allocated after the BB optimizer was built (for example by "
+                    f"model.to(), .half() or assigning .data): its values no longer live in the optimizer's "
+                    f"buffer. Move or convert the model first, then construct the optimizer."
+                )
+            grad = p.grad
+            if grad is not None and grad.is_sparse:
+                raise RuntimeError(
+                    f"parameter {name} has a sparse gradient, which BB does not support; use dense "
+                    f"gradients (e.g. nn.Embedding(sparse=False))."
+                )
+
+    def adopt_replaced_gradients(self) -> bool:
+        """Copy gradients that replaced the flat views back into the buffer and restore the views.
+
+        A gradient set to None leaves the slice zeroed and the parameter without a gradient in this step.
+        Returns whether any gradient had been replaced.
+        """
+        replaced = False
+        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            grad = p.grad
+            if grad is view:
+                continue
+            replaced = True
+            if grad is None:
+                view.zero_()
+                self.written[i] = False
+            else:
+                view.copy_(grad)
+                self.written[i] = True
+            p.grad = view
+        return replaced
+
+    def ranges_with_gradients(self) -> list[tuple[int, int]]:
+        """Element ranges [start, end) covering the parameters that have a gradient in this step.
+
+        The whole buffer when every parameter has one (the usual case: one launch); otherwise one range
+        per run of consecutive parameters with gradients, so frozen and unused ones stay untouched.
+        A parameter unfrozen since the last zero_grad has no hook yet: it counts as having a gradient.
+        """
+        for i in self.register_hooks():
+            self.written[i] = True
+        written = self.written
+        if all(written):
+            return [(0, self.numel)]
+        ranges: list[tuple[int, int]] = []
+        for i, has_grad in enumerate(written):
+            if not has_grad:
+                continue
+            end = self.offsets[i] + self.params[i].numel()
+            if i > 0 and written[i - 1]:
+                ranges[-1] = (ranges[-1][0], end)  # extends over the zero padding between the two slices
+            else:
+                ranges.append((self.offsets[i], end))
+        return ranges
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        """Zero the gradient buffer with one fill and restore replaced views.
+
+        ``set_to_none=True`` marks every parameter as having no gradient until backward gives it one;
+        ``False`` marks them all as having a (zero) gradient, as torch.optim does with zeroed grads.
+        """
+        self.grad.zero_()
+        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            if p.grad is not view:
+                p.grad = view
+            self.written[i] = not set_to_none
+        self.register_hooks()
+
+    def state_views(self, index: int) -> dict[str, torch.Tensor]:
+        """Parameter ``index``'s optimizer state as tensors shaped like the parameter (views, no copies)."""
+        return {name: self.view(getattr(self, name), index) for name in ("ema", "prev_params", "prev_ema")}
+
+
+def warn_replaced_gradients() -> None:
+    warnings.warn(
+        "bbfused.BB: a parameter's .grad was replaced by another tensor (model.zero_grad(set_to_none=True), "
+        "assigning p.grad, or DDP gradient_as_bucket_view=True), so it was copied into the optimizer's flat "
+        "gradient buffer. This costs an extra copy per step: call optimizer.zero_grad() instead and keep "
+        "DDP's gradient_as_bucket_view=False. This warning is shown once.",
+        GradientReplacedWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,374 @@
+"""``bbfused.BB``: mini-batch SGD whose learning rate is set once per epoch by the Barzilai–Borwein rule."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .backends import BACKEND_NAMES, Backend, load_backend
+from .buffers import FlatBuffer, warn_replaced_gradients
+from .rule import bb_learning_rate
+
+_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_STATE_KEYS = ("ema", "prev_params", "prev_ema")
+_STATE_DICT_VERSION = 1
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_weight_decay(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"weight_decay{where} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_beta(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"beta must be in (0, 1], got {value!r} (the paper uses 4/steps_per_epoch)")
+    return float(value)
+
+
+class BB(torch.optim.Optimizer):
+    r"""SGD with the Barzilai–Borwein adaptive learning rate (Liang et al., Algorithm 1).
+
+    Each step, for every parameter θ with gradient ∇ (k: epoch, T: steps per epoch)::
+
+        d = ∇ + λ·θ                 (L2 weight decay, per group; p.grad itself is not modified)
+        θ ← θ − η̂_k · d
+        g ← g + β·(d − g)           (gradient EMA, restarted from 0 at every epoch start)
+
+    η̂_0 = η̂_1 = ``lr``. At the end of every epoch k ≥ 1, with Δθ = θ_{k,T} − θ_{k−1,T} and
+    y = g_{k,T} − g_{k−1,T} taken from epoch-end snapshots and summed over all parameters of all groups::
+
+        η = ‖Δθ‖² / (T·|Δθᵀy|),    η̂_{k+1} = η if τ_min/(k+2) ≤ η ≤ τ_max/(k+2) else τ_0/(k+2)
+
+    (a zero or non-finite η takes the fallback). The authors' code agrees, except that it keeps the
+    previous rate when |Δθᵀy| < 1e-10; here the paper's fallback τ_0/(k+2) applies.
+
+    Args:
+        params: parameters or parameter groups, as for torch.optim. Groups may set ``weight_decay``.
+            The learning rate is global: a per-group ``lr`` is ignored, and after construction every
+            group's ``"lr"`` holds the current η̂ as a float64 0-dim tensor on the parameters' device.
+        lr: the initial learning rate η̂_0 = η̂_1.
+        steps_per_epoch: T. The epoch ends by itself after every T calls of :meth:`step`. With None, the
+            caller ends each epoch with :meth:`end_epoch` and must give ``beta``.
+        weight_decay: L2 penalty λ (default for the groups).
+        beta: EMA factor in (0, 1]; default min(1, 4/T).
+        tau0, tau_min, tau_max: the bounds of eq. 13; the defaults are the paper's deep-network setting
+            (use tau_min=1/3, tau_max=3 for shallow networks).
+        backend: "eager" (reference), "triton" (CUDA), "cpp" (CPU) or "auto" (fastest for the device).
+
+    Parameters and gradients are packed into flat buffers: after construction each ``p.data`` and
+    ``p.grad`` is a view of the optimizer's buffers (same Parameter objects, same strides). Hence:
+
+    * :meth:`zero_grad` always zeroes the gradient buffer in place (one fill per buffer) whatever
+      ``set_to_none`` says; with ``set_to_none=True`` (default) a parameter that gets no gradient from
+      backward before the next step is skipped by it (frozen or unused), as torch.optim does.
+    * A gradient replaced by another tensor (``model.zero_grad(set_to_none=True)``, DDP
+      ``gradient_as_bucket_view=True``) is copied back in, with one warning. Gradients written into
+      ``p.grad`` in place without backward count only after ``zero_grad(set_to_none=False)``.
+    * Build the optimizer after ``model.to(...)``: a parameter re-allocated afterwards raises an error.
+
+    Works with ``torch.amp.GradScaler``: the step unscales the gradients itself and skips the update
+    (the step still counts towards the epoch) when the scaler found an inf, without host syncs.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.1,
+        steps_per_epoch: int | None = None,
+        *,
+        weight_decay: float = 0.0,
+        beta: float | None = None,
+        tau0: float = 1.0,
+        tau_min: float = 0.1,
+        tau_max: float = 10.0,
+        backend: str = "auto",
+    ) -> None:
+        lr = _check_positive("lr", lr)
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0
+        ):
+            raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+        if beta is None:
+            if steps_per_epoch is None:
+                raise ValueError(
+                    "beta is required when steps_per_epoch is None (epochs ended by end_epoch()); "
+                    "pass beta=4/T for your expected steps per epoch T"
+                )
+            beta = min(1.0, 4.0 / steps_per_epoch)
+        self.beta = _check_beta(beta)
+        weight_decay = _check_weight_decay(weight_decay, "")
+        self.tau0 = _check_positive("tau0", tau0)
+        self.tau_min = _check_positive("tau_min", tau_min)
+        self.tau_max = _check_positive("tau_max", tau_max)
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min ({tau_min}) must be <= tau_max ({tau_max})")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        self.steps_per_epoch = steps_per_epoch
+        self._building = True
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self._building = False
+        self._check_params()
+
+        self._buffers: list[FlatBuffer] = []
+        for group_index, group in enumerate(self.param_groups):
+            by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+            for i, p in enumerate(group["params"]):
+                by_kind.setdefault((p.device, p.dtype), []).append(i)
+            names = self._param_names(group_index)
+            for indices in by_kind.values():
+                self._buffers.append(
+                    FlatBuffer([group["params"][i] for i in indices], [names[i] for i in indices], group_index)
+                )
+        devices = list(dict.fromkeys(buffer.device for buffer in self._buffers))
+        self._backends: dict[torch.device, Backend] = {d: load_backend(backend, d) for d in devices}
+        self.backend = backend
+        # One float64 learning-rate tensor per device; the first is the master the BB rule writes.
+        self._lr_tensors = {d: torch.tensor(lr, dtype=torch.float64, device=d) for d in devices}
+        self._lr_tensor = self._lr_tensors[devices[0]]
+        self._lr_history: list[torch.Tensor] = []
+        self._epoch = 0
+        self._step_in_epoch = 0
+        self._warned_replaced = False
+        ignored = {g["lr"] for g in self.param_groups} - {lr}
+        for group in self.param_groups:
+            group["lr"] = self._lr_tensor
+        for buffer in self._buffers:
+            for index, p in enumerate(buffer.params):
+                self.state[p] = buffer.state_views(index)
+        if ignored:
+            warnings.warn(
+                f"bbfused.BB uses one global learning rate: the per-group lr {sorted(ignored)} is ignored "
+                f"(lr={lr} is used for every group)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ----------------------------------------------------------------- construction checks
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self._building:
+            raise RuntimeError(
+                "bbfused.BB cannot add parameter groups after construction (its buffers and learning rate "
+                "cover a fixed set of parameters); pass every group to the constructor"
+            )
+        super().add_param_group(param_group)
+
+    def _param_names(self, group_index: int) -> list[str]:
+        group = self.param_groups[group_index]
+        if "param_names" in group:
+            return [repr(name) for name in group["param_names"]]
+        return [f"param_groups[{group_index}]['params'][{i}]" for i in range(len(group["params"]))]
+
+    def _check_params(self) -> None:
+        seen: dict[int, str] = {}
+        total = 0
+        for group_index, group in enumerate(self.param_groups):
+            _check_weight_decay(group["weight_decay"], f" of param_groups[{group_index}]")
+            for p, name in zip(group["params"], self._param_names(group_index)):
+                where = f"parameter {name} (shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
+                if id(p) in seen:
+                    raise ValueError(f"{where} is listed twice (also as {seen[id(p)]}); list each parameter once")
+                seen[id(p)] = name
+                if p.dtype not in _SUPPORTED_DTYPES:
+                    raise TypeError(
+                        f"{where}: BB optimizes real floating-point parameters (float64, float32, float16, "
+                        f"bfloat16); convert it or leave it out of the optimizer"
+                    )
+                if p.is_meta:
+                    raise ValueError(f"{where} is on the meta device; materialize the model before building BB")
+                if p.is_sparse:
+                    raise TypeError(f"{where} is sparse; BB needs dense parameters")
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(f"{where} has a sparse gradient; BB needs dense gradients")
+                total += 1
+        if total == 0:
+            raise ValueError("BB got an empty parameter list")
+
+    # ----------------------------------------------------------------- public state
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses (reading it synchronises with the device)."""
+        return float(self._lr_tensor)
+
+    @property
+    def lr_tensor(self) -> torch.Tensor:
+        """The learning rate as a float64 0-dim device tensor, updated in place (no sync to read)."""
+        return self._lr_tensor
+
+    @property
+    def lr_history(self) -> list[float]:
+        """The learning rate each completed epoch used, epoch 0 first (reading it synchronises)."""
+        if not self._lr_history:
+            return []
+        return torch.stack(self._lr_history).tolist()
+
+    @property
+    def epoch(self) -> int:
+        """The index of the current epoch (the number of completed epochs)."""
+        return self._epoch
+
+    @property
+    def step_in_epoch(self) -> int:
+        """How many steps of the current epoch have been taken."""
+        return self._step_in_epoch
+
+    # ----------------------------------------------------------------- the update
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero every gradient buffer in place; see the class docstring for ``set_to_none``."""
+        for buffer in self._buffers:
+            buffer.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One update of every parameter that has a gradient; closes the epoch after T steps."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for buffer in self._buffers:
+            buffer.check()
+        replaced = [buffer.adopt_replaced_gradients() for buffer in self._buffers]
+        if any(replaced) and not self._warned_replaced:
+            self._warned_replaced = True
+            warn_replaced_gradients()
+        # Set by torch.amp.GradScaler around this call (see _step_supports_amp_scaling).
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for buffer in self._buffers:
+            backend = self._backends[buffer.device]
+            weight_decay = self.param_groups[buffer.group_index]["weight_decay"]
+            for start, end in buffer.ranges_with_gradients():
+                backend.step(
+                    buffer.param[start:end],
+                    buffer.grad[start:end],
+                    buffer.ema[start:end],
+                    self._lr_tensors[buffer.device],
+                    weight_decay,
+                    self.beta,
+                    _on(grad_scale, buffer.device),
+                    _on(found_inf, buffer.device),
+                )
+        self._step_in_epoch += 1
+        if self._step_in_epoch == self.steps_per_epoch:
+            self._close_epoch()
+        return loss
+
+    def end_epoch(self) -> None:
+        """Close the current epoch (only with ``steps_per_epoch=None``); T = the steps taken in it."""
+        if self.steps_per_epoch is not None:
+            raise RuntimeError(
+                f"end_epoch() is for steps_per_epoch=None; this optimizer ends each epoch by itself after "
+                f"{self.steps_per_epoch} steps. Remove the end_epoch() call or build BB with steps_per_epoch=None"
+            )
+        if self._step_in_epoch == 0:
+            raise RuntimeError("end_epoch() called on an epoch with no step(); call step() at least once first")
+        self._close_epoch()
+
+    def _close_epoch(self) -> None:
+        """Epoch-end snapshots and, from the end of epoch 1 on, the BB rule; no host sync."""
+        sums = [self._backends[b.device].epoch_end(b.param, b.ema, b.prev_params, b.prev_ema) for b in self._buffers]
+        self._lr_history.append(self._lr_tensor.clone())
+        if self._epoch >= 1:
+            # Partials summed in a fixed order: the same bits every run.
+            total = torch.stack([s.to(self._lr_tensor.device, non_blocking=True) for s in sums]).sum(0)
+            new_lr = bb_learning_rate(total, self._step_in_epoch, self._epoch, self.tau0, self.tau_min, self.tau_max)
+            for lr_tensor in self._lr_tensors.values():
+                lr_tensor.copy_(new_lr, non_blocking=True)
+        self._epoch += 1
+        self._step_in_epoch = 0
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim layout: per-parameter ``ema``, ``prev_params``, ``prev_ema`` shaped like the parameter
+        (views of the live buffers, as torch.optim returns live state), plus a ``"bb"`` entry with the epoch,
+        the step within it, η̂, the history and the hyper-parameters. Independent of backend and device."""
+        state_dict = super().state_dict()
+        lr = self.lr
+        for group in state_dict["param_groups"]:
+            group["lr"] = lr
+        state_dict["bb"] = {
+            "version": _STATE_DICT_VERSION,
+            "epoch": self._epoch,
+            "step_in_epoch": self._step_in_epoch,
+            "lr": lr,
+            "lr_history": self.lr_history,
+            "steps_per_epoch": self.steps_per_epoch,
+            "beta": self.beta,
+            "tau0": self.tau0,
+            "tau_min": self.tau_min,
+            "tau_max": self.tau_max,
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` from any backend or device; everything is checked before writing."""
+        bb = state_dict.get("bb") if isinstance(state_dict, dict) else None
+        if not isinstance(bb, dict) or bb.get("version") != _STATE_DICT_VERSION:
+            raise ValueError(
+                "not a bbfused.BB state dict (no 'bb' entry of version "
+                f"{_STATE_DICT_VERSION}); load a checkpoint saved from BB.state_dict()"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter groups, this optimizer "
+                f"{len(self.param_groups)}; build the optimizer with the same groups as the saved one"
+            )
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"param_groups[{group_index}] has {len(group['params'])} parameters, the state dict "
+                    f"{len(saved['params'])}; build the optimizer over the same model as the saved one"
+                )
+            _check_weight_decay(saved["weight_decay"], f" of the saved param_groups[{group_index}]")
+            for p, key, name in zip(group["params"], saved["params"], self._param_names(group_index)):
+                saved_state = state_dict["state"].get(key, {})
+                for state_key in _STATE_KEYS:
+                    value = saved_state.get(state_key)
+                    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                        raise ValueError(
+                            f"the state dict's {state_key!r} for parameter {name} is "
+                            f"{'missing' if value is None else tuple(getattr(value, 'shape', ()))}, expected "
+                            f"shape {tuple(p.shape)}; load a checkpoint of the same model"
+                        )
+                    copies.append((self.state[p][state_key], value))
+        steps = bb["steps_per_epoch"]
+        if steps is not None and not 0 <= bb["step_in_epoch"] < steps:
+            raise ValueError(f"corrupt state dict: step_in_epoch {bb['step_in_epoch']} of {steps}")
+        _check_positive("the saved lr", bb["lr"])
+        with torch.no_grad():
+            for target, value in copies:
+                target.copy_(value)
+            for lr_tensor in self._lr_tensors.values():
+                lr_tensor.fill_(bb["lr"])
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
+        self._epoch = bb["epoch"]
+        self._step_in_epoch = bb["step_in_epoch"]
+        self._lr_history = [
+            torch.tensor(value, dtype=torch.float64, device=self._lr_tensor.device) for value in bb["lr_history"]
+        ]
+        self.steps_per_epoch = steps
+        self.beta = bb["beta"]
+        self.tau0, self.tau_min, self.tau_max = bb["tau0"], bb["tau_min"], bb["tau_max"]
+
+
+def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``tensor`` on ``device`` (GradScaler keeps its tensors on one device); None stays None."""
+    if tensor is None or tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=True)

@@ -1,0 +1,34 @@
+"""The Barzilai–Borwein learning-rate rule (the paper's eq. 11 and 13), written once for every backend.
+
+It runs on device tensors with torch ops only, so closing an epoch never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def bb_learning_rate(
+    sums: torch.Tensor,
+    steps: int,
+    epoch: int,
+    tau0: float,
+    tau_min: float,
+    tau_max: float,
+) -> torch.Tensor:
+    """Learning rate η̂_{k+1} for the epoch after epoch ``k = epoch`` (k ≥ 1).
+
+    ``sums`` is a float64 tensor of shape (2,): ``[‖Δθ‖², Δθᵀy]`` with Δθ = θ_{k,T} − θ_{k−1,T} and
+    y = g_{k,T} − g_{k−1,T}, summed over every parameter. ``steps`` is T, the steps of epoch k.
+
+    η = ‖Δθ‖² / (T·|Δθᵀy|) equals the paper's ‖s‖²/|sᵀy| with s = Δθ/T; dividing by T once instead of
+    squaring 1/T keeps the numerator from underflowing. η is used when
+    τ_min/(k+2) ≤ η ≤ τ_max/(k+2); anything else, zero, inf and NaN included, gives τ_0/(k+2).
+    Returns a float64 0-dim tensor on ``sums.device``.
+    """
+    sq_norm, dot = sums[0], sums[1]
+    ratio = sq_norm / (steps * dot.abs())
+    divisor = epoch + 2
+    # NaN fails both comparisons and 0 fails the lower bound (tau_min > 0), so they take the fallback.
+    inside = (ratio >= tau_min / divisor) & (ratio <= tau_max / divisor)
+    return torch.where(inside, ratio, torch.full_like(ratio, tau0 / divisor))
