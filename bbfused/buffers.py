@@ -32,6 +32,16 @@ def _layout_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     return torch.empty_like(tensor, device="meta").stride()
 
 
+def _alias(flat: torch.Tensor, offset: int, size: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``flat``'s storage at element ``offset`` with a version counter of its own.
+
+    An autograd view would share the buffer's version counter; an alias made with ``set_`` counts only the
+    in-place writes to its own slice, which tells which gradients were written since ``zero_grad``.
+    """
+    alias = torch.empty(0, dtype=flat.dtype, device=flat.device)
+    return alias.set_(flat.untyped_storage(), flat.storage_offset() + offset, size, stride)
+
+
 def _mark_written(buffer_ref: weakref.ref, index: int, param: torch.Tensor) -> None:
     """Post-accumulate-grad hook: parameter ``index`` of the buffer received a gradient from backward."""
     buffer = buffer_ref()
@@ -77,19 +87,21 @@ class FlatBuffer:
         self.ema = torch.zeros(numel, dtype=state_dtype(self.dtype), device=self.device)
         self.prev_ema = torch.zeros_like(self.ema)
         self.grad_views: list[torch.Tensor] = []
-        # written[i]: parameter i's gradient was produced since the last zero_grad (by backward, through a
-        # hook, or by assigning p.grad). Parameters without one are skipped by the step, as in torch.optim.
+        # written[i]: parameter i got a gradient since the last zero_grad, from backward (a hook) or by
+        # assigning p.grad. zeroed_versions[i]: its gradient view's version then, to see in-place writes.
+        # Parameters with neither are skipped by the step, as torch.optim skips None gradients.
         self.written = [p.grad is not None for p in params]
         with torch.no_grad():
             for i, p in enumerate(params):
                 data = self.view(self.param, i)
                 data.copy_(p.data)
                 p.data = data
-                grad = self.view(self.grad, i)
+                grad = _alias(self.grad, self.offsets[i], p.shape, self.strides[i])
                 if p.grad is not None:
                     grad.copy_(p.grad)
                 p.grad = grad
                 self.grad_views.append(grad)
+        self.zeroed_versions = [view._version for view in self.grad_views]
         self.data_ptrs = [p.data_ptr() for p in params]
         self._hooks: list = [None] * len(params)
         weakref.finalize(self, _remove_hooks, self._hooks)
@@ -146,6 +158,7 @@ class FlatBuffer:
             replaced = True
             if grad is None:
                 view.zero_()
+                self.zeroed_versions[i] = view._version
                 self.written[i] = False
             else:
                 view.copy_(grad)
@@ -153,16 +166,23 @@ class FlatBuffer:
             p.grad = view
         return replaced
 
-    def ranges_with_gradients(self) -> list[tuple[int, int]]:
+    def ranges_with_gradients(self, count_in_place_writes: bool) -> list[tuple[int, int]]:
         """Element ranges [start, end) covering the parameters that have a gradient in this step.
 
         The whole buffer when every parameter has one (the usual case: one launch); otherwise one range
         per run of consecutive parameters with gradients, so frozen and unused ones stay untouched.
-        A parameter unfrozen since the last zero_grad has no hook yet: it counts as having a gradient.
+        ``count_in_place_writes``: a gradient written in place since zero_grad (``p.grad.copy_(...)``)
+        counts too. GradScaler rewrites every gradient in place to look for infs, so under it only
+        backward and assignment count. A parameter unfrozen since zero_grad has no hook yet: it counts.
         """
         for i in self.register_hooks():
             self.written[i] = True
         written = self.written
+        if not all(written) and count_in_place_writes:
+            written = [
+                has_grad or view._version != version
+                for has_grad, view, version in zip(written, self.grad_views, self.zeroed_versions)
+            ]
         if all(written):
             return [(0, self.numel)]
         ranges: list[tuple[int, int]] = []
@@ -187,6 +207,7 @@ class FlatBuffer:
             if p.grad is not view:
                 p.grad = view
             self.written[i] = not set_to_none
+            self.zeroed_versions[i] = view._version
         self.register_hooks()
 
     def state_views(self, index: int) -> dict[str, torch.Tensor]:

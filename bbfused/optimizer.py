@@ -73,8 +73,8 @@ class BB(torch.optim.Optimizer):
       ``set_to_none`` says; with ``set_to_none=True`` (default) a parameter that gets no gradient from
       backward before the next step is skipped by it (frozen or unused), as torch.optim does.
     * A gradient replaced by another tensor (``model.zero_grad(set_to_none=True)``, DDP
-      ``gradient_as_bucket_view=True``) is copied back in, with one warning. Gradients written into
-      ``p.grad`` in place without backward count only after ``zero_grad(set_to_none=False)``.
+      ``gradient_as_bucket_view=True``) is copied back in, with one warning. A gradient written into
+      ``p.grad`` in place without backward counts too, except in a step driven by GradScaler.
     * Build the optimizer after ``model.to(...)``: a parameter re-allocated afterwards raises an error.
 
     Works with ``torch.amp.GradScaler``: the step unscales the gradients itself and skips the update
@@ -118,8 +118,9 @@ class BB(torch.optim.Optimizer):
         if backend not in BACKEND_NAMES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
         self.steps_per_epoch = steps_per_epoch
+        groups = _as_groups(params)
         self._building = True
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self._building = False
         self._check_params()
 
@@ -173,15 +174,10 @@ class BB(torch.optim.Optimizer):
         return [f"param_groups[{group_index}]['params'][{i}]" for i in range(len(group["params"]))]
 
     def _check_params(self) -> None:
-        seen: dict[int, str] = {}
-        total = 0
         for group_index, group in enumerate(self.param_groups):
             _check_weight_decay(group["weight_decay"], f" of param_groups[{group_index}]")
             for p, name in zip(group["params"], self._param_names(group_index)):
                 where = f"parameter {name} (shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
-                if id(p) in seen:
-                    raise ValueError(f"{where} is listed twice (also as {seen[id(p)]}); list each parameter once")
-                seen[id(p)] = name
                 if p.dtype not in _SUPPORTED_DTYPES:
                     raise TypeError(
                         f"{where}: BB optimizes real floating-point parameters (float64, float32, float16, "
@@ -193,9 +189,6 @@ class BB(torch.optim.Optimizer):
                     raise TypeError(f"{where} is sparse; BB needs dense parameters")
                 if p.grad is not None and p.grad.is_sparse:
                     raise TypeError(f"{where} has a sparse gradient; BB needs dense gradients")
-                total += 1
-        if total == 0:
-            raise ValueError("BB got an empty parameter list")
 
     # ----------------------------------------------------------------- public state
     @property
@@ -250,7 +243,7 @@ class BB(torch.optim.Optimizer):
         for buffer in self._buffers:
             backend = self._backends[buffer.device]
             weight_decay = self.param_groups[buffer.group_index]["weight_decay"]
-            for start, end in buffer.ranges_with_gradients():
+            for start, end in buffer.ranges_with_gradients(count_in_place_writes=found_inf is None):
                 backend.step(
                     buffer.param[start:end],
                     buffer.grad[start:end],
@@ -365,6 +358,37 @@ class BB(torch.optim.Optimizer):
         self.steps_per_epoch = steps
         self.beta = bb["beta"]
         self.tau0, self.tau_min, self.tau_max = bb["tau0"], bb["tau_min"], bb["tau_max"]
+
+
+def _as_groups(params: Any) -> list[dict[str, Any]]:
+    """torch.optim's ``params`` argument as a list of groups, checked for empty lists and duplicates.
+
+    torch.optim would reject a parameter shared by two groups without naming it, and only warn about a
+    duplicate inside one group; here both are errors that say which parameter.
+    """
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or of dicts, not a tensor; wrap it in a list")
+    groups = list(params)
+    if not groups:
+        raise ValueError("BB got an empty parameter list; pass model.parameters() of a model with parameters")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [dict(group, params=list(group["params"])) for group in groups]
+    seen: dict[int, str] = {}
+    for group_index, group in enumerate(groups):
+        if not group["params"]:
+            raise ValueError(f"param_groups[{group_index}] has no parameters; drop it or give it some")
+        for i, entry in enumerate(group["params"]):
+            name, p = entry if isinstance(entry, tuple) else (f"param_groups[{group_index}]['params'][{i}]", entry)
+            if not isinstance(p, torch.Tensor):
+                continue  # torch.optim's add_param_group raises the TypeError for it
+            if id(p) in seen:
+                raise ValueError(
+                    f"parameter {name} (shape {tuple(p.shape)}) is listed twice (also as {seen[id(p)]}); "
+                    f"list each parameter once"
+                )
+            seen[id(p)] = name
+    return groups
 
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -1,0 +1,532 @@
+"""The BB optimizer's semantics on the eager reference backend: the algorithm, epochs, AMP, checkpoints."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+from bbfused import BB
+
+CURVATURE_SEED = 11
+
+
+def quadratic_gradient(theta: torch.Tensor, index: int, step: int) -> torch.Tensor:
+    """A noisy quadratic's gradient, a pure function of θ, the tensor index and the global step."""
+    generator = torch.Generator().manual_seed(1000 * step + index)
+    curvature = torch.linspace(0.2, 3.0, theta.numel(), dtype=torch.float64).reshape(theta.shape)
+    noise = 0.05 * torch.randn(theta.shape, generator=generator, dtype=torch.float64)
+    return curvature * theta + noise
+
+
+class ReferenceBB:
+    """Algorithm 1 in float64, written from the issue's formulas, independently of bbfused."""
+
+    def __init__(self, thetas, weight_decays, lr, steps, beta, tau0, tau_min, tau_max):
+        self.thetas = [t.clone() for t in thetas]
+        self.weight_decays = weight_decays
+        self.lr, self.steps, self.beta = lr, steps, beta
+        self.tau0, self.tau_min, self.tau_max = tau0, tau_min, tau_max
+        self.history: list[float] = []
+        self.ratios: list[float] = []
+
+    def train(self, epochs: int) -> None:
+        prev_theta = prev_g = None
+        global_step = 0
+        for k in range(epochs):
+            g = [torch.zeros_like(t) for t in self.thetas]
+            for _ in range(self.steps):
+                for i, (theta, wd) in enumerate(zip(self.thetas, self.weight_decays)):
+                    d = quadratic_gradient(theta, i, global_step) + wd * theta
+                    self.thetas[i] = theta - self.lr * d
+                    g[i] = (1 - self.beta) * g[i] + self.beta * d
+                global_step += 1
+            self.history.append(self.lr)
+            if k >= 1:
+                dtheta = torch.cat([(a - b).flatten() for a, b in zip(self.thetas, prev_theta)])
+                y = torch.cat([(a - b).flatten() for a, b in zip(g, prev_g)])
+                ratio = float(dtheta @ dtheta) / (self.steps * abs(float(dtheta @ y)))
+                self.ratios.append(ratio)
+                inside = self.tau_min / (k + 2) <= ratio <= self.tau_max / (k + 2)
+                self.lr = ratio if inside else self.tau0 / (k + 2)
+            prev_theta = [t.clone() for t in self.thetas]
+            prev_g = [t.clone() for t in g]
+
+
+def train_bb(opt: BB, params, epochs: int, steps: int) -> None:
+    global_step = 0
+    for _ in range(epochs * steps):
+        opt.zero_grad()
+        for i, p in enumerate(params):
+            p.grad = quadratic_gradient(p.detach(), i, global_step)
+        opt.step()
+        global_step += 1
+
+
+SHAPES = [(4, 3), (7,), (0,), (2, 2, 5)]
+
+
+def initial_thetas():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=generator, dtype=torch.float64) for s in SHAPES]
+
+
+@pytest.mark.parametrize(
+    "taus, expect_fallback",
+    [((1.0, 1e-4, 1e4), False), ((1.0, 1e-4, 1e-3), True)],
+    ids=["inside-bounds", "fallback"],
+)
+def test_eager_trajectory_matches_float64_reference(taus, expect_fallback) -> None:
+    tau0, tau_min, tau_max = taus
+    steps, epochs, lr, beta = 5, 6, 0.05, 0.3
+    weight_decays = [1e-2, 1e-2, 0.0, 0.0]
+    reference = ReferenceBB(initial_thetas(), weight_decays, lr, steps, beta, tau0, tau_min, tau_max)
+    reference.train(epochs)
+
+    params = [torch.nn.Parameter(t.clone()) for t in initial_thetas()]
+    groups = [{"params": params[:2], "weight_decay": 1e-2}, {"params": params[2:], "weight_decay": 0.0}]
+    opt = BB(
+        groups, lr=lr, steps_per_epoch=steps, beta=beta, tau0=tau0, tau_min=tau_min, tau_max=tau_max, backend="eager"
+    )
+    train_bb(opt, params, epochs, steps)
+
+    assert opt.epoch == epochs
+    torch.testing.assert_close(torch.tensor(opt.lr_history), torch.tensor(reference.history), rtol=1e-12, atol=0)
+    for p, theta in zip(params, reference.thetas):
+        torch.testing.assert_close(p.detach(), theta, rtol=1e-12, atol=1e-14)
+    fallbacks = [tau0 / (k + 2) for k in range(1, epochs)]
+    chosen = reference.history[2:] + [reference.lr]
+    if expect_fallback:
+        assert chosen == fallbacks
+    else:
+        assert chosen == reference.ratios and all(c != f for c, f in zip(chosen, fallbacks))
+    assert opt.lr == pytest.approx(reference.lr, rel=1e-12)
+    assert reference.history[0] == reference.history[1] == lr
+    for group in opt.param_groups:  # learning-rate monitors read the current rate from the groups
+        assert float(group["lr"]) == opt.lr
+
+
+def test_default_beta_and_paper_defaults() -> None:
+    opt = BB([torch.nn.Parameter(torch.ones(3))], lr=0.1, steps_per_epoch=400, backend="eager")
+    assert opt.beta == pytest.approx(4 / 400)
+    assert (opt.tau0, opt.tau_min, opt.tau_max) == (1.0, 0.1, 10.0)
+    short = BB([torch.nn.Parameter(torch.ones(3))], lr=0.1, steps_per_epoch=2, backend="eager")
+    assert short.beta == 1.0  # 4/T capped to the valid range
+
+
+def test_zero_ratio_takes_fallback() -> None:
+    """Parameters that do not move make ‖Δθ‖² = 0 and 0/0: the fallback τ0/(k+2) applies, no NaN."""
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = BB([p], lr=0.5, steps_per_epoch=1, backend="eager", tau0=2.0)
+    for _ in range(3):
+        p.grad = torch.zeros(5)
+        opt.step()
+    assert opt.lr_history == [0.5, 0.5, 2.0 / 3]
+    assert opt.lr == pytest.approx(2.0 / 4)
+
+
+def test_manual_boundaries_equal_automatic() -> None:
+    runs = []
+    for manual in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in initial_thetas()]
+        if manual:
+            opt = BB(params, lr=0.05, beta=0.3, backend="eager")
+        else:
+            opt = BB(params, lr=0.05, steps_per_epoch=4, beta=0.3, backend="eager")
+        step = 0
+        for _ in range(4):
+            for _ in range(4):
+                for i, p in enumerate(params):
+                    p.grad = quadratic_gradient(p.detach(), i, step)
+                opt.step()
+                step += 1
+            if manual:
+                opt.end_epoch()
+        runs.append((opt.lr_history, [p.detach().clone() for p in params], opt.epoch))
+    assert runs[0][0] == runs[1][0] and runs[0][2] == runs[1][2] == 4
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
+def test_boundary_mode_contradictions_raise() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    automatic = BB([p], lr=0.1, steps_per_epoch=5, backend="eager")
+    with pytest.raises(RuntimeError, match="steps_per_epoch=None"):
+        automatic.end_epoch()
+    assert automatic.epoch == 0
+    manual = BB([torch.nn.Parameter(torch.ones(3))], lr=0.1, beta=0.5, backend="eager")
+    with pytest.raises(RuntimeError, match="no step"):
+        manual.end_epoch()
+    assert manual.epoch == 0
+    with pytest.raises(ValueError, match="beta is required"):
+        BB([torch.nn.Parameter(torch.ones(3))], lr=0.1, backend="eager")
+
+
+def test_step_returns_closure_loss() -> None:
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = BB([p], lr=0.1, steps_per_epoch=3, backend="eager")
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(5.0)
+    torch.testing.assert_close(p.detach(), torch.tensor([0.8, -1.6]))
+
+
+def test_grad_is_not_modified_by_weight_decay() -> None:
+    p = torch.nn.Parameter(torch.full((4,), 2.0))
+    opt = BB([p], lr=0.1, steps_per_epoch=3, weight_decay=0.5, backend="eager")
+    p.grad.fill_(1.0)
+    opt.step()
+    assert torch.equal(p.grad, torch.ones(4))
+    torch.testing.assert_close(p.detach(), torch.full((4,), 2.0 - 0.1 * (1.0 + 0.5 * 2.0)))
+
+
+# ----------------------------------------------------------------------------------------------- AMP
+def test_grad_scaler_with_injected_inf() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = BB(model.parameters(), lr=0.1, steps_per_epoch=10, backend="eager")
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    x = torch.randn(8, 4)
+
+    def scaled_step(inject_inf: bool) -> None:
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        if inject_inf:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    reference = torch.nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    scaled_step(False)
+    reference_loss = reference(x).square().mean()
+    reference_loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    ema_before = [opt.state[p]["ema"].clone() for p in model.parameters()]
+    scaled_step(True)
+    for p, theta, ema in zip(model.parameters(), before, ema_before):
+        assert torch.equal(p.detach(), theta)
+        assert torch.equal(opt.state[p]["ema"], ema)
+    assert opt.step_in_epoch == 2  # the skipped step still counts towards the epoch
+    assert scaler.get_scale() == 128.0
+    assert not hasattr(opt, "found_inf")
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def _model_and_opt(backend: str = "eager", device: str = "cpu"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(device)
+    groups = [
+        {"params": [model[0].weight, model[2].weight], "weight_decay": 1e-3},
+        {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0},
+    ]
+    return model, BB(groups, lr=0.2, steps_per_epoch=4, backend=backend)
+
+
+def _train_steps(model, opt, start: int, count: int) -> None:
+    for step in range(start, start + count):
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 6, generator=generator).to(next(model.parameters()).device)
+        y = torch.randint(0, 3, (16,), generator=generator).to(x.device)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_mid_epoch_resume_is_bit_identical() -> None:
+    model, opt = _model_and_opt()
+    _train_steps(model, opt, 0, 22)
+    uninterrupted = ([p.detach().clone() for p in model.parameters()], opt.lr_history, opt.lr)
+
+    model, opt = _model_and_opt()
+    _train_steps(model, opt, 0, 10)  # stops in the middle of epoch 2
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    assert opt.state_dict()["bb"]["step_in_epoch"] == 2
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    model, opt = _model_and_opt()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    assert (opt.epoch, opt.step_in_epoch) == (2, 2)
+    _train_steps(model, opt, 10, 12)
+    assert opt.lr_history == uninterrupted[1] and opt.lr == uninterrupted[2]
+    for p, q in zip(model.parameters(), uninterrupted[0]):
+        assert torch.equal(p.detach(), q)
+
+
+def test_state_dict_layout_is_per_parameter_and_round_trips() -> None:
+    model, opt = _model_and_opt()
+    _train_steps(model, opt, 0, 9)
+    state = opt.state_dict()
+    assert sorted(state["state"]) == [0, 1, 2, 3]
+    for index, p in enumerate([model[0].weight, model[2].weight, model[0].bias, model[2].bias]):
+        for key in ("ema", "prev_params", "prev_ema"):
+            assert state["state"][index][key].shape == p.shape
+    assert state["param_groups"][0]["lr"] == opt.lr
+    assert state["param_groups"][1]["weight_decay"] == 0.0
+    other_model, other = _model_and_opt()
+    other.load_state_dict(state)
+    again = other.state_dict()
+    assert again["bb"] == state["bb"]
+    for index in state["state"]:
+        for key, value in state["state"][index].items():
+            assert torch.equal(again["state"][index][key], value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_checkpoint_loads_on_cuda() -> None:
+    model, opt = _model_and_opt()
+    _train_steps(model, opt, 0, 6)
+    cuda_model, cuda_opt = _model_and_opt(device="cuda")
+    cuda_opt.load_state_dict(opt.state_dict())
+    for p, q in zip(model.parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(cuda_opt.state[q]["ema"].cpu(), opt.state[p]["ema"])
+    assert cuda_opt.lr == opt.lr
+
+
+def test_load_state_dict_rejects_other_models_before_writing() -> None:
+    model, opt = _model_and_opt()
+    _train_steps(model, opt, 0, 5)
+    state = opt.state_dict()
+    small = torch.nn.Linear(6, 3)
+    other = BB(small.parameters(), lr=0.2, steps_per_epoch=4, backend="eager")
+    with pytest.raises(ValueError, match="parameter groups"):
+        other.load_state_dict(state)
+    grouped_model, grouped = _model_and_opt()
+    bad = opt.state_dict()
+    bad["state"][3]["ema"] = torch.zeros(5)
+    ema_before = grouped.state[grouped_model[0].weight]["ema"].clone()
+    with pytest.raises(ValueError, match="shape"):
+        grouped.load_state_dict(bad)
+    assert torch.equal(grouped.state[grouped_model[0].weight]["ema"], ema_before)
+    assert grouped.epoch == 0
+    plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
+    with pytest.raises(ValueError, match="not a bbfused.BB state dict"):
+        grouped.load_state_dict(plain)
+
+
+# ------------------------------------------------------------------------------------ flat buffers
+def test_parameters_and_gradients_are_views_of_flat_buffers() -> None:
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    linear = torch.nn.Linear(5, 4)
+    params = [conv.weight, conv.bias, linear.weight, linear.bias]
+    originals = [p.detach().clone() for p in params]
+    strides = [p.stride() for p in params]
+    ids = [id(p) for p in params]
+    opt = BB(params, lr=0.1, steps_per_epoch=3, backend="eager")
+    (buffer,) = opt._buffers
+    base = buffer.param.data_ptr()
+    end = base + buffer.numel * buffer.param.element_size()
+    assert [id(p) for p in params] == ids
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for p, original, stride, offset in zip(params, originals, strides, buffer.offsets):
+        assert torch.equal(p.detach(), original)
+        assert p.stride() == stride
+        assert base <= p.data_ptr() < end and p.data_ptr() == base + offset * p.element_size()
+        assert offset % 16 == 0
+        assert p.grad.data_ptr() == buffer.grad.data_ptr() + offset * p.element_size()
+        assert p.grad.stride() == stride
+    # backward accumulates into the flat gradient buffer
+    conv(torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)).sum().backward()
+    assert torch.count_nonzero(buffer.grad) > 0
+    assert conv.weight.grad.data_ptr() == buffer.grad.data_ptr()
+
+
+def test_zero_grad_fills_buffer_in_place() -> None:
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = BB([p], lr=0.1, steps_per_epoch=3, backend="eager")
+    view = p.grad
+    (p * 3).sum().backward()
+    opt.zero_grad(set_to_none=True)
+    assert p.grad is view and torch.count_nonzero(p.grad) == 0
+
+
+def test_replaced_gradient_is_copied_in_with_one_warning() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = BB(model.parameters(), lr=0.5, steps_per_epoch=10, backend="eager")
+    view = model.weight.grad
+    before = model.weight.detach().clone()
+    for round_ in range(2):
+        model.zero_grad(set_to_none=True)  # torch's default: the grads become None, backward makes new ones
+        model(torch.ones(1, 3)).sum().backward()
+        assert model.weight.grad is not view
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        replaced_warnings = [w for w in caught if "replaced" in str(w.message)]
+        assert len(replaced_warnings) == (1 if round_ == 0 else 0)
+        assert model.weight.grad is view
+    torch.testing.assert_close(model.weight.detach(), before - 2 * 0.5 * torch.ones(2, 3))
+
+
+def test_step_without_gradients_changes_nothing_but_counts() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = BB(model.parameters(), lr=0.5, steps_per_epoch=10, weight_decay=0.1, backend="eager")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    assert opt.step_in_epoch == 1
+    opt.zero_grad(set_to_none=False)  # zeroed, but present: weight decay applies as in torch.optim
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), before[0] * (1 - 0.5 * 0.1))
+
+
+def test_frozen_then_unfrozen_parameter() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    opt = BB(model.parameters(), lr=0.1, steps_per_epoch=100, backend="eager")
+    frozen_before = model[0].weight.detach().clone()
+    model[0].requires_grad_(False)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+    assert torch.equal(model[0].weight.detach(), frozen_before)
+    model[0].requires_grad_(True)
+    opt.zero_grad()
+    model(torch.ones(2, 3)).sum().backward()
+    expected = model[0].weight.detach() - 0.1 * model[0].weight.grad
+    opt.step()
+    torch.testing.assert_close(model[0].weight.detach(), expected)
+
+
+def test_reallocated_parameter_raises_naming_the_fix() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = BB(model.named_parameters(), lr=0.1, steps_per_epoch=3, backend="eager")
+    model.double()
+    model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'weight' was re-allocated.*construct the optimizer"):
+        opt.step()
+
+
+def test_zero_element_parameters() -> None:
+    params = [
+        torch.nn.Parameter(torch.zeros(0)),
+        torch.nn.Parameter(torch.ones(3)),
+        torch.nn.Parameter(torch.ones(0, 4)),
+    ]
+    opt = BB(params, lr=0.1, steps_per_epoch=2, backend="eager")
+    for _ in range(4):
+        opt.zero_grad()
+        (params[1] * 2).sum().backward()
+        opt.step()
+    assert opt.epoch == 2 and params[0].shape == (0,) and params[2].shape == (0, 4)
+    assert math.isfinite(opt.lr)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _param():
+    return [torch.nn.Parameter(torch.ones(3))]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(lr=0.0), ValueError, "lr must be"),
+        (dict(lr=-1.0), ValueError, "lr must be"),
+        (dict(lr=float("nan")), ValueError, "lr must be"),
+        (dict(steps_per_epoch=0), ValueError, "steps_per_epoch"),
+        (dict(steps_per_epoch=-3), ValueError, "steps_per_epoch"),
+        (dict(steps_per_epoch=2.5), ValueError, "steps_per_epoch"),
+        (dict(beta=0.0), ValueError, "beta must be in"),
+        (dict(beta=1.5), ValueError, "beta must be in"),
+        (dict(weight_decay=-1e-4), ValueError, "weight_decay must be"),
+        (dict(tau0=0.0), ValueError, "tau0"),
+        (dict(tau_min=-0.1), ValueError, "tau_min"),
+        (dict(tau_max=0.0), ValueError, "tau_max"),
+        (dict(tau_min=2.0, tau_max=1.0), ValueError, "tau_min .* must be <= tau_max"),
+        (dict(backend="cuda-magic"), ValueError, "unknown backend 'cuda-magic'"),
+    ],
+)
+def test_bad_hyperparameters_raise_before_writing(kwargs, error, match) -> None:
+    params = _param()
+    data_ptr = params[0].data_ptr()
+    arguments = dict(lr=0.1, steps_per_epoch=10, backend="eager") | kwargs
+    with pytest.raises(error, match=match):
+        BB(params, **arguments)
+    assert params[0].data_ptr() == data_ptr and params[0].grad is None
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: [torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))], TypeError, "real floating-point"),
+        (lambda: [torch.ones(3, dtype=torch.int64)], TypeError, "real floating-point"),
+        (lambda: [torch.nn.Parameter(torch.ones(3, device="meta"))], ValueError, "meta device"),
+        (lambda: [{"params": _param(), "weight_decay": -1.0}], ValueError, r"weight_decay of param_groups\[0\]"),
+        (lambda: [], ValueError, "empty"),
+        (lambda: [{"params": []}], ValueError, "has no parameters"),
+        (lambda: torch.nn.Parameter(torch.ones(3)), TypeError, "not a tensor"),
+    ],
+    ids=["complex", "integer", "meta", "group-weight-decay", "empty", "empty-group", "bare-tensor"],
+)
+def test_bad_parameters_raise(make, error, match) -> None:
+    with pytest.raises(error, match=match):
+        BB(make(), lr=0.1, steps_per_epoch=10, backend="eager")
+
+
+def test_parameter_listed_twice_raises_naming_it() -> None:
+    shared = torch.nn.Parameter(torch.ones(3))
+    other = torch.nn.Parameter(torch.ones(2))
+    data_ptr = shared.data_ptr()
+    with pytest.raises(ValueError, match=r"listed twice"):
+        BB([{"params": [shared, other]}, {"params": [shared]}], lr=0.1, steps_per_epoch=3, backend="eager")
+    with pytest.raises(ValueError, match=r"params'\]\[2\].*listed twice"):
+        BB([shared, other, shared], lr=0.1, steps_per_epoch=3, backend="eager")
+    assert shared.data_ptr() == data_ptr
+
+
+def test_sparse_gradients_raise_before_writing() -> None:
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    dense = torch.nn.Linear(3, 1)
+    opt = BB([*dense.parameters(), *embedding.parameters()], lr=0.1, steps_per_epoch=3, backend="eager")
+    before = dense.weight.detach().clone()
+    dense(embedding(torch.tensor([1, 2]))).sum().backward()
+    # backward accumulates a sparse gradient into the dense flat view; an assigned sparse one is refused
+    assert not embedding.weight.grad.is_sparse
+    embedding.weight.grad = torch.ones(10, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        opt.step()
+    assert torch.equal(dense.weight.detach(), before) and opt.step_in_epoch == 0
+    sparse_param = torch.nn.Parameter(torch.ones(3))
+    sparse_param.grad = torch.ones(3).to_sparse()
+    with pytest.raises(TypeError, match="sparse gradient"):
+        BB([sparse_param], lr=0.1, steps_per_epoch=3, backend="eager")
+
+
+def test_add_param_group_after_construction_raises() -> None:
+    opt = BB(_param(), lr=0.1, steps_per_epoch=3, backend="eager")
+    with pytest.raises(RuntimeError, match="pass every group to the constructor"):
+        opt.add_param_group({"params": _param()})
+
+
+def test_per_group_lr_is_ignored_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match="per-group lr"):
+        opt = BB([{"params": _param(), "lr": 0.5}, {"params": _param()}], lr=0.1, steps_per_epoch=3, backend="eager")
+    assert [float(g["lr"]) for g in opt.param_groups] == [0.1, 0.1]
+
+
+def test_unavailable_explicit_backend_raises_why(monkeypatch) -> None:
+    import bbfused.backends as backends
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: "no compiler found (test)")
+    with pytest.raises(backends.BackendUnavailableError, match="no compiler found"):
+        BB(_param(), lr=0.1, steps_per_epoch=3, backend="cpp")
