@@ -131,7 +131,8 @@ class FlatBuffer:
     def check(self) -> None:
         """Raise if a parameter was re-allocated or holds a sparse gradient. Writes nothing."""
         for p, ptr, name in zip(self.params, self.data_ptrs, self.names):
-            if p.data_ptr() != ptr or p.device != self.device or p.dtype != self.dtype:
+            # The buffer keeps the old storage alive, so a re-allocated parameter always has a new address.
+            if p.data_ptr() != ptr:
                 raise RuntimeError(
                     f"parameter {name} was re-allocated after the BB optimizer was built (for example by "
                     f"model.to(), .half() or assigning .data): its values no longer live in the optimizer's "

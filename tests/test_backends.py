@@ -232,3 +232,51 @@ def test_parameters_without_gradients_are_untouched(backend: str) -> None:
         assert torch.count_nonzero(fused.state[fused_params[i]]["ema"]) == 0
     for i in (0, 2):
         assert not torch.equal(fused_params[i].detach(), untouched[i].detach())
+
+
+@pytest.mark.parametrize("backend", ["eager", *BACKENDS_ON_DEVICE])
+def test_first_epochs_equal_torch_sgd(backend: str) -> None:
+    """Within epochs 0 and 1 BB is plain SGD with L2 weight decay: compare with torch.optim.SGD as
+    torch's test_optim compares derived optimizers — a zero-size parameter, a step with no backward, and
+    a layer frozen at step 3 and unfrozen at step 5."""
+    results = []
+    for make_optimizer in (
+        lambda params: torch.optim.SGD(params, lr=0.05, weight_decay=1e-2),
+        lambda params: BB(params, lr=0.05, steps_per_epoch=4, weight_decay=1e-2, backend=backend),
+    ):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(DEVICE)
+        empty = torch.nn.Parameter(torch.zeros(0, 4, device=DEVICE))
+        opt = make_optimizer([*model.parameters(), empty])
+        x = torch.randn(7, 5, device=DEVICE)
+        for step in range(7):
+            opt.zero_grad()
+            model[0].requires_grad_(not 3 <= step < 5)
+            if step != 2:  # step 2: no backward at all
+                (model(x).square().mean() + empty.sum()).backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for sgd, bb in zip(*results):
+        torch.testing.assert_close(bb, sgd, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_DEVICE)
+def test_checkpoint_moves_between_backends(backend: str) -> None:
+    """A state dict saved by one backend resumes on another and continues as the saving backend would."""
+    shapes = [(6, 5), (0,), (129,)]
+    for saver, loader in (("eager", backend), (backend, "eager")):
+        params = make_params(shapes, torch.float32)
+        opt = BB(params, lr=0.1, steps_per_epoch=3, weight_decay=1e-3, backend=saver)
+        run_training_with_backward(opt, params, epochs=2, steps=3)
+        resumed_params = make_params(shapes, torch.float32, seed=5)
+        with torch.no_grad():
+            for p, q in zip(resumed_params, params):
+                p.copy_(q)
+        resumed = BB(resumed_params, lr=0.7, steps_per_epoch=9, backend=loader)
+        resumed.load_state_dict(opt.state_dict())
+        assert resumed.lr_history == opt.lr_history and resumed.epoch == 2
+        run_training_with_backward(resumed, resumed_params, epochs=2, steps=3, seed=1)
+        run_training_with_backward(opt, params, epochs=2, steps=3, seed=1)
+        torch.testing.assert_close(torch.tensor(resumed.lr_history), torch.tensor(opt.lr_history), rtol=1e-5, atol=0)
+        for p, q in zip(resumed_params, params):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
