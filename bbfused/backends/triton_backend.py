@@ -1,0 +1,315 @@
+"""The Triton backend: the step and the epoch end, each one kernel launch per flat buffer (CUDA).
+
+Layout after Liger-Kernel's ops: the ``@triton.jit`` kernels first, then the thin ``TritonBackend`` wrapper
+that checks its inputs and launches them. On CPU tensors the kernels run only through the Triton
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how the tests run without a GPU.
+
+Nothing that changes between launches is a ``tl.constexpr``: the learning rate, grad scale and found-inf
+flag are read through pointers, weight decay and beta are float64 scalars (floats are never specialized),
+and the element count is exempt from Triton's integer specialization (``do_not_specialize``). The
+constexprs are what a launch is, not the values it uses: which optional tensors are present, whether
+offsets need 64 bits, the block size. So one kernel is compiled per dtype and flag combination, no more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError as error:
+    raise ImportError(f"{error}; the triton backend needs the triton package: pip install triton") from error
+
+from ..buffers import state_dtype
+
+# Block size and warps, fixed for both kernels (no autotuning: it would time launches at first use and
+# keep one configuration per length). Both kernels stream: each element is loaded and stored once, so what
+# matters is full-width accesses and enough of them in flight. 1024 elements over 4 warps gives each
+# thread 8 consecutive elements: two 16-byte accesses per fp32 buffer, one per 16-bit buffer (checked in
+# the PTX by the tests), and a ResNet-50 buffer (25.6M elements) 25k programs, so the partial last wave
+# is a small fraction. It is the Triton tutorials' element-wise configuration; benchmarks/gpu_check.py
+# measures it against 512-4096 elements and 8 warps (pending: no GPU in the session that wrote this).
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+# Offsets pid * BLOCK + i are int32 unless the last block's end passes this; int64 costs registers and
+# address arithmetic, so it is used only when needed: for buffers of more than 2**31 elements.
+INT32_INDEX_LIMIT = 2**31
+
+
+@triton.jit
+def _block_start(USE_INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """The index of this program's first element; int64 when the buffer is too long for int32."""
+    pid = tl.program_id(0)
+    if USE_INT64:
+        pid = pid.to(tl.int64)  # int32 pid * BLOCK would overflow past 2**31 elements
+    return pid * BLOCK
+
+
+@triton.jit
+def _load(pointers, mask):
+    """Masked-off lanes read as zero; ``mask=None`` (a full block) loads without a mask."""
+    if mask is None:
+        values = tl.load(pointers)
+    else:
+        values = tl.load(pointers, mask=mask, other=0.0)
+    return values
+
+
+@triton.jit
+def _divide(numerator, denominator):
+    """numerator / denominator rounded to nearest, as torch divides (Triton's fp32 ``/`` is approximate)."""
+    if numerator.dtype == tl.float32:
+        quotient = tl.math.div_rn(numerator, denominator)
+    else:
+        quotient = numerator / denominator
+    return quotient
+
+
+@triton.jit
+def _step_block(
+    param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, weight_decay, beta, offsets, mask, HAS_SCALE: tl.constexpr
+):
+    """The step over the elements ``offsets`` (``mask``: which of them exist; None: all)."""
+    compute = ema_ptr.dtype.element_ty
+    theta = _load(param_ptr + offsets, mask).to(compute)
+    d = _load(grad_ptr + offsets, mask).to(compute)
+    ema = _load(ema_ptr + offsets, mask)
+    if HAS_SCALE:
+        d = _divide(d, tl.load(grad_scale_ptr).to(compute))
+    # tl.full converts the float64 scalars to the compute dtype (rounding once, like torch); it also
+    # keeps their float64 value under the interpreter, which would otherwise round Python floats to fp32.
+    d = d + tl.full((), weight_decay, compute) * theta
+    theta = theta - tl.load(lr_ptr).to(compute) * d
+    ema = ema + tl.full((), beta, compute) * (d - ema)
+    tl.store(param_ptr + offsets, theta.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(ema_ptr + offsets, ema, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def _step_kernel(
+    param_ptr,
+    grad_ptr,
+    ema_ptr,
+    lr_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    n_elements,
+    weight_decay: tl.float64,
+    beta: tl.float64,
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over one block; found_inf ≠ 0: no access.
+
+    Arithmetic in the EMA dtype (fp32, or fp64 for fp64 parameters). Memory traffic per element: one
+    read of θ, grad and g, one write of θ and g.
+    """
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    start = _block_start(USE_INT64, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    # Full blocks go unmasked: Triton vectorizes an access only where it can prove the mask constant over
+    # the vector, which an unspecialized n_elements does not allow. (n - start, not start + BLOCK: no overflow.)
+    if n_elements - start >= BLOCK:
+        _step_block(param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, weight_decay, beta, offsets, None, HAS_SCALE)
+    else:
+        mask = offsets < n_elements
+        _step_block(param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, weight_decay, beta, offsets, mask, HAS_SCALE)
+
+
+@triton.jit
+def _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask):
+    """The epoch end over the elements ``offsets`` (``mask`` as in _step_block); returns their two sums."""
+    theta = _load(param_ptr + offsets, mask)
+    ema = _load(ema_ptr + offsets, mask)
+    delta_theta = theta.to(tl.float64) - _load(prev_params_ptr + offsets, mask).to(tl.float64)
+    delta_ema = ema.to(tl.float64) - _load(prev_ema_ptr + offsets, mask).to(tl.float64)
+    tl.store(prev_params_ptr + offsets, theta, mask=mask)
+    tl.store(prev_ema_ptr + offsets, ema, mask=mask)
+    tl.store(ema_ptr + offsets, tl.zeros_like(ema), mask=mask)
+    return tl.sum(delta_theta * delta_theta, axis=0), tl.sum(delta_theta * delta_ema, axis=0)
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def _epoch_end_kernel(
+    param_ptr,
+    ema_ptr,
+    prev_params_ptr,
+    prev_ema_ptr,
+    partials_ptr,
+    n_elements,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """This block's ‖Δθ‖² and Δθᵀy into slots [pid] and [num_programs + pid]; θ_prev ← θ, g_prev ← g, g ← 0.
+
+    The differences and sums are float64 (the eager reference's precision); each program writes its own
+    slots, so the result does not depend on scheduling (no atomics).
+    """
+    start = _block_start(USE_INT64, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    if n_elements - start >= BLOCK:  # as in _step_kernel
+        sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
+    else:
+        mask = offsets < n_elements
+        sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
+    pid = tl.program_id(0)
+    tl.store(partials_ptr + pid, sq_norm)
+    tl.store(partials_ptr + tl.num_programs(0) + pid, dot)
+
+
+# Whether triton.jit built the kernels for the interpreter: TRITON_INTERPRET=1 counts only if it was set
+# before triton was imported, so the kernels themselves are asked.
+_INTERPRETED = isinstance(_step_kernel, InterpretedFunction)
+
+
+def _needs_int64(n_elements: int) -> bool:
+    """Whether the offsets of the blocks covering n elements, up to cdiv(n, BLOCK) * BLOCK - 1, pass int32."""
+    return triton.cdiv(n_elements, BLOCK_SIZE) * BLOCK_SIZE > INT32_INDEX_LIMIT
+
+
+def _on_device(device: torch.device):
+    """Make ``device`` current for the launch: Triton launches on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_flat(operation: str, tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> None:
+    """Raise unless every tensor is 1-D, contiguous, of the first one's length and device, and dtype as given."""
+    first = next(iter(tensors.values()))
+    for name, tensor in tensors.items():
+        if (
+            tensor.dim() != 1
+            or not tensor.is_contiguous()
+            or tensor.numel() != first.numel()
+            or tensor.device != first.device
+        ):
+            raise ValueError(
+                f"triton backend {operation}: {name} must be a 1-D contiguous tensor of {first.numel()} elements "
+                f"on {first.device}, got shape {tuple(tensor.shape)}, strides {tensor.stride()} on {tensor.device}; "
+                f"pass equal slices of the flat buffers (bbfused.buffers.FlatBuffer)"
+            )
+        if tensor.dtype != dtypes[name]:
+            raise ValueError(
+                f"triton backend {operation}: {name} has dtype {tensor.dtype}, expected {dtypes[name]} for "
+                f"{first.dtype} parameters (the EMA is {state_dtype(first.dtype)}); pass the flat buffers as built"
+            )
+
+
+def _check_scalar(operation: str, name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.numel() != 1 or tensor.device != device:
+        raise ValueError(
+            f"triton backend {operation}: {name} must be a one-element tensor on {device}, got shape "
+            f"{tuple(tensor.shape)} on {tensor.device}; move it to the parameters' device"
+        )
+
+
+class TritonBackend:
+    """The fused step and epoch end as Triton kernels over 1-D contiguous flat buffers (see base.Backend)."""
+
+    name = "triton"
+
+    def step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        ema: torch.Tensor,
+        lr: torch.Tensor,
+        weight_decay: float,
+        beta: float,
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        """One launch over n elements; reads lr, grad_scale and found_inf on the device (no host sync)."""
+        _check_flat(
+            "step",
+            {"param": param, "grad": grad, "ema": ema},
+            {"param": param.dtype, "grad": param.dtype, "ema": state_dtype(param.dtype)},
+        )
+        for name, scalar in (("lr", lr), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if scalar is not None:
+                _check_scalar("step", name, scalar, param.device)
+        n_elements = param.numel()
+        if n_elements == 0:
+            return
+        with _on_device(param.device):
+            _step_kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
+                param,
+                grad,
+                ema,
+                lr,
+                grad_scale,
+                found_inf,
+                n_elements,
+                float(weight_decay),
+                float(beta),
+                HAS_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                USE_INT64=_needs_int64(n_elements),
+                BLOCK=BLOCK_SIZE,
+                num_warps=NUM_WARPS,
+            )
+
+    def epoch_end(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+    ) -> torch.Tensor:
+        """One launch writing per-block float64 partials, summed in a fixed order on the device.
+
+        Returns float64 (2,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev)]`` without synchronising.
+        """
+        _check_flat(
+            "epoch_end",
+            {"param": param, "ema": ema, "prev_params": prev_params, "prev_ema": prev_ema},
+            {
+                "param": param.dtype,
+                "ema": state_dtype(param.dtype),
+                "prev_params": param.dtype,
+                "prev_ema": state_dtype(param.dtype),
+            },
+        )
+        n_elements = param.numel()
+        programs = triton.cdiv(n_elements, BLOCK_SIZE)
+        # Row 0: each block's ‖Δθ‖², row 1: its Δθᵀy. Summing a fixed-length float64 tensor gives the same
+        # bits every run; an empty buffer sums to zeros.
+        partials = torch.empty((2, programs), dtype=torch.float64, device=param.device)
+        if programs:
+            with _on_device(param.device):
+                _epoch_end_kernel[(programs,)](
+                    param,
+                    ema,
+                    prev_params,
+                    prev_ema,
+                    partials,
+                    n_elements,
+                    USE_INT64=_needs_int64(n_elements),
+                    BLOCK=BLOCK_SIZE,
+                    num_warps=NUM_WARPS,
+                )
+        return partials.sum(dim=1)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None on CUDA devices, and on CPU when the kernels run through the Triton interpreter; else why not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "PyTorch finds no CUDA device"
+    if device.type == "cpu":
+        if _INTERPRETED:
+            return None
+        return (
+            f"Triton kernels need a CUDA GPU; CPU tensors run only through the Triton interpreter, which is off "
+            f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}; it must be '1' before triton is first "
+            f"imported, as the tests set it). On CPU use backend='cpp' or backend='eager'"
+        )
+    return f"the triton backend runs on CUDA devices, not {device.type}; use backend='eager'"

@@ -1,0 +1,387 @@
+"""The Triton backend's own properties: block edges, int64 offsets, no re-specialization, memory traffic,
+availability, input checks; and, on a CUDA machine, no host synchronisation.
+
+Its agreement with the eager backend over whole optimizer runs is in test_backends.py. Without CUDA the
+kernels run through the Triton interpreter (conftest.py), so sizes stay at a few blocks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+import bbfused.backends
+from bbfused import BB
+from bbfused.backends import BackendUnavailableError, load_backend
+from bbfused.backends import triton_backend as tb
+from bbfused.buffers import state_dtype
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BLOCK = tb.BLOCK_SIZE
+# Element counts around the block edges: full blocks take the unmasked path, a partial last block the masked one.
+SIZES = [1, 15, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 3]
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-6, atol=1e-7),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def randn(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def step_inputs(n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """param, grad, ema: random (the EMA too, so that β·(d − g) is tested with g ≠ 0)."""
+    return [randn(n, dtype, seed), randn(n, dtype, seed + 1), randn(n, state_dtype(dtype), seed + 2)]
+
+
+def epoch_end_inputs(n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """param, ema, prev_params, prev_ema, all random."""
+    return [randn(n, t, seed + i) for i, t in enumerate((dtype, state_dtype(dtype), dtype, state_dtype(dtype)))]
+
+
+def lr_tensor(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64, device=DEVICE)
+
+
+def scalar(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=DEVICE)
+
+
+def run_step(backend, inputs, lr=0.05, weight_decay=1e-2, beta=0.4, grad_scale=None, found_inf=None) -> None:
+    backend.step(*inputs, lr_tensor(lr), weight_decay, beta, grad_scale, found_inf)
+
+
+# ------------------------------------------------------------------------------------------ block edges
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("amp", ["plain", "scaled"])
+@pytest.mark.parametrize("n", SIZES)
+def test_step_matches_eager_at_block_edges(n: int, amp: str, dtype: torch.dtype) -> None:
+    grad_scale, found_inf = (scalar(512.0), scalar(0.0)) if amp == "scaled" else (None, None)
+    eager_inputs, triton_inputs, original = step_inputs(n, dtype), step_inputs(n, dtype), step_inputs(n, dtype)
+    if grad_scale is not None:  # scaled as GradScaler scales (by a power of two: exact in every dtype)
+        for inputs in (eager_inputs, triton_inputs, original):
+            inputs[1].mul_(grad_scale)
+    run_step(load_backend("eager", DEVICE), eager_inputs, grad_scale=grad_scale, found_inf=found_inf)
+    run_step(tb.TritonBackend(), triton_inputs, grad_scale=grad_scale, found_inf=found_inf)
+    for name, got, want, before in zip(("param", "grad", "ema"), triton_inputs, eager_inputs, original):
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype], msg=lambda m, name=name: f"{name}: {m}")
+        if name == "grad":
+            assert torch.equal(got, before)  # the gradient is read, never written
+        else:
+            assert not torch.equal(got, before)  # every element moved, the last one of a partial block too
+            assert not torch.equal(got[-1:], before[-1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_epoch_end_matches_eager_at_block_edges(n: int, dtype: torch.dtype) -> None:
+    eager_inputs, triton_inputs = epoch_end_inputs(n, dtype), epoch_end_inputs(n, dtype)
+    eager_sums = load_backend("eager", DEVICE).epoch_end(*eager_inputs)
+    triton_sums = tb.TritonBackend().epoch_end(*triton_inputs)
+    assert triton_sums.dtype == torch.float64 and triton_sums.shape == (2,) and triton_sums.device == DEVICE
+    # Both sum float64 differences in float64; only the order of the additions differs.
+    torch.testing.assert_close(triton_sums, eager_sums, rtol=1e-12, atol=1e-12)
+    for got, want in zip(triton_inputs, eager_inputs):
+        assert torch.equal(got, want)
+
+
+def test_found_inf_touches_nothing() -> None:
+    for grad_scale in (None, scalar(4.0)):
+        inputs = step_inputs(2 * BLOCK + 3, torch.float32)
+        before = [t.clone() for t in inputs]
+        run_step(tb.TritonBackend(), inputs, grad_scale=grad_scale, found_inf=scalar(1.0))
+        for got, want in zip(inputs, before):
+            assert torch.equal(got, want)
+
+
+def test_empty_buffers() -> None:
+    backend = tb.TritonBackend()
+    run_step(backend, step_inputs(0, torch.float32))
+    sums = backend.epoch_end(*epoch_end_inputs(0, torch.float32))
+    assert sums.dtype == torch.float64 and torch.equal(sums, torch.zeros(2, dtype=torch.float64, device=DEVICE))
+
+
+def test_epoch_end_bits_reproducible() -> None:
+    n = 3 * BLOCK + 5  # four partial sums to combine
+    results = [tb.TritonBackend().epoch_end(*epoch_end_inputs(n, torch.float32, seed=7)) for _ in range(2)]
+    assert torch.equal(results[0], results[1])
+    assert results[0][0] > 0  # not two empty sums
+
+
+# ------------------------------------------------------------------------------------------ int64 offsets
+class LaunchRecorder:
+    """Records the arguments of every launch of a kernel (as Triton's pre-run hooks receive them)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __call__(self, *args, **kwargs) -> None:
+        self.calls.append((args, kwargs))
+
+    def __enter__(self) -> LaunchRecorder:
+        self.kernel.add_pre_run_hook(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kernel.pre_run_hooks.remove(self)
+
+
+def test_forced_int64_offsets_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The USE_INT64 code path, forced on a small buffer, computes exactly what the int32 path does."""
+    n = 2 * BLOCK + 3
+    int32_step, int32_epoch = step_inputs(n, torch.bfloat16), epoch_end_inputs(n, torch.bfloat16)
+    run_step(tb.TritonBackend(), int32_step, grad_scale=scalar(8.0))
+    int32_sums = tb.TritonBackend().epoch_end(*int32_epoch)
+
+    monkeypatch.setattr(tb, "INT32_INDEX_LIMIT", 0)  # every buffer counts as too long for int32
+    int64_step, int64_epoch = step_inputs(n, torch.bfloat16), epoch_end_inputs(n, torch.bfloat16)
+    with LaunchRecorder(tb._step_kernel) as steps, LaunchRecorder(tb._epoch_end_kernel) as epoch_ends:
+        run_step(tb.TritonBackend(), int64_step, grad_scale=scalar(8.0))
+        int64_sums = tb.TritonBackend().epoch_end(*int64_epoch)
+    assert [kwargs["USE_INT64"] for _, kwargs in steps.calls + epoch_ends.calls] == [True, True]
+    assert torch.equal(int64_sums, int32_sums)
+    for got, want in zip(int64_step + int64_epoch, int32_step + int32_epoch):
+        assert torch.equal(got, want)
+
+
+def test_int64_offsets_chosen_exactly_when_needed() -> None:
+    """int32 while every offset of every block is below 2**31 (up to 2**31 elements); int64 from one more."""
+    assert not tb._needs_int64(2**31)
+    assert tb._needs_int64(2**31 + 1) and tb._needs_int64(2**40)
+    with LaunchRecorder(tb._step_kernel) as steps:
+        run_step(tb.TritonBackend(), step_inputs(BLOCK + 1, torch.float32))
+    assert steps.calls[0][1]["USE_INT64"] is False
+
+
+# ------------------------------------------------------------------------------------------ specialization
+CONSTEXPRS = {"HAS_SCALE", "HAS_FOUND_INF", "USE_INT64", "BLOCK"}
+
+
+def specialization_binder(kernel, specialize_n: bool = False):
+    """The function Triton turns launch arguments with into the kernel's compilation-cache key.
+
+    On a GPU the kernel's own; under the interpreter, the one triton.jit would have built for the same
+    function and options (for an sm_90 target). ``specialize_n``: as if n_elements were not exempted.
+    """
+    if isinstance(kernel, JITFunction) and not specialize_n:
+        return kernel.device_caches[torch.cuda.current_device()][-1]
+    jit_options = dict(kernel.kwargs) if hasattr(kernel, "kwargs") else {"do_not_specialize": kernel.do_not_specialize}
+    if specialize_n:
+        jit_options["do_not_specialize"] = []
+    jit = JITFunction(kernel.fn, **jit_options)
+    return create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+
+
+def varied_launches(backend: tb.TritonBackend) -> None:
+    """Steps and epoch ends with every length, learning rate, weight decay and beta different."""
+    for i, n in enumerate([1, 2, 15, 16, 17, 100, BLOCK, BLOCK + 1, 2 * BLOCK + 48]):
+        run_step(backend, step_inputs(n, torch.float32), lr=0.1 / (i + 1), weight_decay=1e-4 * i, beta=1 / (i + 2))
+        backend.epoch_end(*epoch_end_inputs(n, torch.float32))
+
+
+@pytest.mark.parametrize("kernel_name", ["_step_kernel", "_epoch_end_kernel"])
+def test_no_respecialization_for_new_values(kernel_name: str) -> None:
+    kernel = getattr(tb, kernel_name)
+    parameters = inspect.signature(kernel.fn).parameters
+    # Only the launch's shape is constexpr: no length, learning rate, weight decay or beta.
+    assert {name for name, p in parameters.items() if "constexpr" in str(p.annotation)} == CONSTEXPRS & set(parameters)
+    backend = tb.TritonBackend()
+    varied_launches(backend)  # on a GPU: compile the variants these launches need, before counting
+    binders = {"as built": specialization_binder(kernel), "n specialized": specialization_binder(kernel, True)}
+
+    def compiled() -> int | None:
+        """On a GPU: how many variants of the kernel are compiled."""
+        return len(kernel.device_caches[torch.cuda.current_device()][0]) if isinstance(kernel, JITFunction) else None
+
+    compiled_before = compiled()
+    with LaunchRecorder(kernel) as launches:
+        varied_launches(backend)
+    assert len(launches.calls) == 9
+    keys = {
+        name: {str(binder(*args, **kwargs)[1]) for args, kwargs in launches.calls} for name, binder in binders.items()
+    }
+    assert len(keys["as built"]) == 1, keys["as built"]
+    # The same check catches specialization: with Triton's default integer specialization these launches
+    # give 3 keys (n == 1, n % 16 == 0, other).
+    assert len(keys["n specialized"]) == 3
+    assert compiled() == compiled_before  # on a GPU: the compilation cache itself did not grow
+
+
+# ------------------------------------------------------------------------------------------ memory traffic
+# Run in a fresh interpreter without TRITON_INTERPRET: compiling needs real JIT functions. Compiles for
+# sm_90 (no GPU needed) and reports, per kernel, the element types of the block loads and stores in the
+# Triton IR, and the bytes moved by 128-bit vector accesses in the PTX.
+COMPILE_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from bbfused.backends import triton_backend as tb
+
+param, ema = sys.argv[1], sys.argv[2]
+target = GPUTarget("cuda", 90, 32)
+aligned = make_backend(target).parse_attr("D")
+kernels = {
+    "step": (tb._step_kernel, [param, param, ema, "fp64", "fp32", "fp32"], {"n_elements": "i32",
+             "weight_decay": "fp64", "beta": "fp64"}, {"HAS_SCALE": True, "HAS_FOUND_INF": True}),
+    "epoch_end": (tb._epoch_end_kernel, [param, ema, param, ema, "fp64"], {"n_elements": "i32"}, {}),
+}
+report = {}
+for name, (kernel, pointers, scalars, flags) in kernels.items():
+    names = kernel.arg_names
+    signature = {n: "*" + t for n, t in zip(names, pointers)} | scalars
+    constexprs = flags | {"USE_INT64": False, "BLOCK": tb.BLOCK_SIZE}
+    signature |= {n: "constexpr" for n in constexprs}
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs={(i,): aligned for i in range(len(pointers))})
+    asm = triton.compile(source, target=target, options={"num_warps": tb.NUM_WARPS}).asm
+    block = r"tensor<%dx!tt\.ptr<(\w+)>>" % tb.BLOCK_SIZE
+    report[name] = {
+        "loads": re.findall(r"tt\.load .*: " + block, asm["ttir"]),
+        "stores": re.findall(r"tt\.store .*: " + block, asm["ttir"]),
+        "vector_load_bytes": 16 * len(re.findall(r"ld\.global[\w.:]*?\.(?:v4\.b32|v2\.b64)\b", asm["ptx"])),
+        "vector_store_bytes": 16 * len(re.findall(r"st\.global[\w.:]*?\.(?:v4\.b32|v2\.b64)\b", asm["ptx"])),
+    }
+print(json.dumps(report))
+"""
+IR_TYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+SIGNATURE_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@pytest.mark.parametrize("dtype", list(IR_TYPES), ids=str)
+def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
+    """Step: read θ, grad, g and write θ, g; epoch end: read θ, g, θprev, gprev and write θprev, gprev, g.
+
+    Checked on the compiled kernels (sm_90): in the Triton IR, each of the two paths (full block, partial
+    block) has exactly these block accesses; in the PTX, the full-block path moves exactly these bytes per
+    element (20 for the fp32 step), all in 128-bit accesses.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    ema = state_dtype(dtype)
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, SIGNATURE_TYPES[dtype], SIGNATURE_TYPES[ema]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    p, e = IR_TYPES[dtype], IR_TYPES[ema]
+    expected = {
+        "step": {"loads": [p, p, e], "stores": [p, e]},
+        "epoch_end": {"loads": [p, e, p, e], "stores": [p, e, e]},
+    }
+    threads = tb.NUM_WARPS * 32
+    size = {p: dtype.itemsize, e: ema.itemsize}
+    for kernel, accesses in expected.items():
+        for kind, types in accesses.items():
+            assert report[kernel][kind] == types + types, (kernel, kind)  # full-block path, then partial
+            per_element = sum(size[t] for t in types)
+            vector_bytes = report[kernel][f"vector_{kind[:-1]}_bytes"] * threads / tb.BLOCK_SIZE
+            assert vector_bytes == per_element, (kernel, kind)
+    assert dtype != torch.float32 or sum(size[t] for t in expected["step"]["loads"] + expected["step"]["stores"]) == 20
+
+
+# ------------------------------------------------------------------------------------------ availability
+def test_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tb, "_INTERPRETED", False)
+    reason = tb.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET" in reason and "backend='cpp'" in reason
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        load_backend("triton", torch.device("cpu"))
+    params = [torch.nn.Parameter(torch.ones(3))]
+    with pytest.raises(BackendUnavailableError, match="backend='triton' cannot run on cpu"):
+        BB(params, lr=0.1, steps_per_epoch=2, backend="triton")
+    monkeypatch.setattr(tb, "_INTERPRETED", True)
+    assert tb.unavailable_reason(torch.device("cpu")) is None
+
+
+def test_other_devices_unavailable() -> None:
+    reason = tb.unavailable_reason(torch.device("meta"))
+    assert reason is not None and "meta" in reason and "CUDA" in reason
+
+
+def test_missing_triton_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now fails
+    monkeypatch.delitem(sys.modules, tb.__name__)
+    reason = bbfused.backends.unavailable_reason("triton", DEVICE)
+    assert reason is not None and "pip install triton" in reason
+
+
+# ------------------------------------------------------------------------------------------ input checks
+def test_bad_inputs_raise_before_writing() -> None:
+    backend = tb.TritonBackend()
+    param, grad, ema = step_inputs(40, torch.float32)
+    before = [t.clone() for t in (param, grad, ema)]
+    bad_calls = {
+        "length": lambda: run_step(backend, [param, grad[:39], ema]),
+        "dtype": lambda: run_step(backend, [param, grad, ema.double()]),
+        "contiguous": lambda: run_step(backend, [param[::2], grad[::2], ema[::2]]),
+        "lr": lambda: backend.step(param, grad, ema, lr_tensor(0.1).expand(2), 0.0, 0.5, None, None),
+        "epoch_end": lambda: backend.epoch_end(param, ema, grad, ema.half()),
+    }
+    messages = {
+        "length": "40 elements",
+        "dtype": "dtype torch.float64",
+        "contiguous": "contiguous",
+        "lr": "one-element",
+        "epoch_end": "prev_ema has dtype",
+    }
+    for name, call in bad_calls.items():
+        with pytest.raises(ValueError, match=messages[name]):
+            call()
+    for got, want in zip((param, grad, ema), before):
+        assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------ CUDA only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only with CUDA")
+def test_no_host_sync_in_step_and_epoch_end() -> None:
+    """Training with GradScaler through several epoch ends: any synchronising CUDA call raises."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).cuda()
+    opt = BB(model.parameters(), lr=0.05, steps_per_epoch=3, weight_decay=1e-4, backend="triton")
+    scaler = torch.amp.GradScaler("cuda")
+    data = torch.randn(16, 32, device="cuda")
+
+    def train_step() -> None:
+        opt.zero_grad()
+        scaler.scale(model(data).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(6):  # warm-up: compilation, allocator, the first BB-rule epoch end
+        train_step()
+    epoch_before = opt.epoch
+    backend = tb.TritonBackend()
+    # Tensors made beforehand: copying from the host synchronises.
+    step_args = [*step_inputs(BLOCK + 5, torch.bfloat16), opt.lr_tensor, 1e-3, 0.5, scalar(4.0), scalar(0.0)]
+    epoch_end_args = epoch_end_inputs(BLOCK + 5, torch.bfloat16)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(9):
+            train_step()
+        backend.step(*step_args)
+        backend.epoch_end(*epoch_end_args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.epoch == epoch_before + 3
+    assert all(map(math.isfinite, opt.lr_history))
