@@ -1,0 +1,162 @@
+"""The cpp backend: the fused C++ CPU kernels of csrc/bb_ops.cpp, as the custom ops ``torch.ops.bbfused.*``.
+
+The ops library comes from an ahead-of-time build (``BBFUSED_BUILD_CPP=1 pip install --no-build-isolation .``)
+when one matching this torch loads; otherwise it is compiled on first use with ninja (a few seconds) and cached
+in ``$TORCH_EXTENSIONS_DIR`` or ``$XDG_CACHE_HOME/bbfused`` (default ``~/.cache/bbfused``), one folder per torch
+version. Either happens at most once per process; concurrent processes share one build through torch's file lock.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import re
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+# Shared with setup.py's ahead-of-time build. Portable: no -march=native (see csrc/bb_ops.cpp on vectors).
+CXX_FLAGS = ("-O3", "-fopenmp")
+LD_FLAGS = ("-fopenmp",)
+PREBUILT_NAME = "_cpp_ops"  # bbfused/_cpp_ops*.so from setup.py
+_JIT_NAME = "bbfused_cpp_ops"
+_SOURCE = "bb_ops.cpp"
+_MESSAGE_TAIL = 2000  # characters of compiler output kept in a build-failure reason
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+_NOT_TRIED = object()
+_load_lock = threading.Lock()
+_load_outcome: object = _NOT_TRIED  # None once the ops are loaded, else the reason they cannot be
+
+
+def source_path() -> Path | None:
+    """csrc/bb_ops.cpp: inside the installed package (copied by setup.py) or in the source checkout."""
+    for candidate in (_PACKAGE_DIR / "csrc" / _SOURCE, _PACKAGE_DIR.parent / "csrc" / _SOURCE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def build_directory() -> Path:
+    """Where the JIT build lives: one folder per torch version and Python, so upgrades never load a stale build."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(cache) / "bbfused"
+    tag = re.sub(r"[^A-Za-z0-9_.]", "_", f"torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}")
+    return Path(root) / tag
+
+
+def _prebuilt_library() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = _PACKAGE_DIR / f"{PREBUILT_NAME}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _missing_toolchain() -> str | None:
+    """What the JIT build lacks (a C++ compiler, ninja, the source), or None."""
+    compiler = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension invokes
+    if shutil.which(compiler) is None:
+        return (
+            f"no C++ compiler: {compiler!r} (from $CXX, default c++) is not on PATH; install one "
+            f"(e.g. apt install g++) or point CXX at it"
+        )
+    from torch.utils import cpp_extension  # here, not at module level: importing it logs a CUDA warning on CPUs
+
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed, and the C++ kernels are compiled with it: pip install ninja"
+    if source_path() is None:
+        return (
+            f"the kernel source csrc/{_SOURCE} is missing from the installed package; reinstall bbfused "
+            f"from its source tree (pip install .)"
+        )
+    return None
+
+
+def _load_ops() -> str | None:
+    """Load the ops library (prebuilt, else compiled now); returns why it failed, or None."""
+    prebuilt_error = ""
+    prebuilt = _prebuilt_library()
+    if prebuilt is not None:
+        try:
+            torch.ops.load_library(str(prebuilt))
+            return None
+        except OSError as error:  # built against another torch: compile a matching one instead
+            prebuilt_error = f" (the prebuilt {prebuilt.name} did not load: {error})"
+    missing = _missing_toolchain()
+    if missing is not None:
+        return missing + prebuilt_error
+    from torch.utils import cpp_extension
+
+    directory = build_directory()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name=_JIT_NAME,
+            sources=[str(source_path())],
+            extra_cflags=list(CXX_FLAGS),
+            extra_ldflags=list(LD_FLAGS),
+            build_directory=str(directory),
+            is_python_module=False,
+        )
+    except (RuntimeError, OSError, ImportError) as error:
+        # torch puts the compiler's output in the message; its end holds the error.
+        message = str(error)
+        if len(message) > _MESSAGE_TAIL:
+            message = "..." + message[-_MESSAGE_TAIL:]
+        return f"compiling csrc/{_SOURCE} in {directory} failed: {message}{prebuilt_error}"
+    return None
+
+
+def ensure_loaded() -> str | None:
+    """Load the ops once per process (thread-safe); returns the reason they cannot be loaded, or None."""
+    global _load_outcome
+    with _load_lock:
+        if _load_outcome is _NOT_TRIED:
+            _load_outcome = _load_ops()
+        return _load_outcome  # type: ignore[return-value]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the cpp backend cannot run on ``device`` (not a CPU, no compiler or ninja, a failed build), or None."""
+    if device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors only, got device {device}; use backend='triton' or 'eager'"
+    return ensure_loaded()
+
+
+class CppBackend:
+    """Each call is one pass over the flat slices, in parallel over the CPU cores."""
+
+    name = "cpp"
+
+    def __init__(self) -> None:
+        reason = ensure_loaded()
+        if reason is not None:
+            from . import BackendUnavailableError
+
+            raise BackendUnavailableError(f"backend='cpp' cannot run: {reason}")
+
+    def step(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        ema: torch.Tensor,
+        lr: torch.Tensor,
+        weight_decay: float,
+        beta: float,
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        torch.ops.bbfused.cpp_step(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf)
+
+    def epoch_end(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+    ) -> torch.Tensor:
+        return torch.ops.bbfused.cpp_epoch_end(param, ema, prev_params, prev_ema)
