@@ -1,0 +1,307 @@
+"""Training data: the MNIST files shipped with bbfused, ImageNet-style folders, and synthetic device batches.
+
+Every source gives a :class:`Data`: a train and a test iterable of (images, labels) batches, where images are
+float32 (N, C, H, W) normalised per channel and labels int64 (N,). Under DDP each process sees its own shard.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+MNIST_DIR = Path(__file__).resolve().parent / "data" / "mnist"
+# md5 of the uncompressed idx bytes (the original files' well-known checksums).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Synthetic data: batches per epoch unless limited, and the class count of ImageNet.
+SYNTHETIC_TRAIN_STEPS, SYNTHETIC_TEST_STEPS, SYNTHETIC_CLASSES = 100, 10, 1000
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; the message names the problem and the fix."""
+
+
+@dataclass
+class Data:
+    """What training needs from a data source. ``train_sampler`` (None for synthetic data) reshuffles with
+    ``set_epoch``; the order depends only on the seed and the epoch, so resumed runs see the same batches."""
+
+    train: DataLoader | SyntheticBatches
+    test: DataLoader | SyntheticBatches
+    train_sampler: DistributedSampler | None
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world`` data-parallel processes."""
+
+    rank: int = 0
+    world: int = 1
+
+
+# ----------------------------------------------------------------------------------------------- MNIST
+def _read_idx(name: str, root: Path) -> bytes:
+    path = root / f"{name}.gz"
+    if not path.is_file():
+        raise DataError(f"MNIST file {path} is missing; reinstall bbfused (the files ship with the package)")
+    raw = gzip.decompress(path.read_bytes())
+    digest = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+    if digest != MNIST_MD5[name]:
+        raise DataError(
+            f"MNIST file {path} is corrupt: md5 of its contents is {digest}, expected {MNIST_MD5[name]}; "
+            f"reinstall bbfused"
+        )
+    return raw
+
+
+def _idx_images(raw: bytes) -> torch.Tensor:
+    _magic, count, rows, cols = struct.unpack(">4I", raw[:16])  # the md5 check vouches for the header
+    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(count, 1, rows, cols)
+
+
+def _idx_labels(raw: bytes) -> torch.Tensor:
+    _magic, count = struct.unpack(">2I", raw[:8])
+    return torch.frombuffer(bytearray(raw[8:]), dtype=torch.uint8).to(torch.int64)
+
+
+def load_mnist(root: Path = MNIST_DIR) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MNIST as (train images, train labels, test images, test labels): images uint8 (N, 1, 28, 28),
+    labels int64 (N,); 60,000 and 10,000 of them. Checks each file's md5."""
+    return (
+        _idx_images(_read_idx("train-images-idx3-ubyte", root)),
+        _idx_labels(_read_idx("train-labels-idx1-ubyte", root)),
+        _idx_images(_read_idx("t10k-images-idx3-ubyte", root)),
+        _idx_labels(_read_idx("t10k-labels-idx1-ubyte", root)),
+    )
+
+
+class TensorBatches(Dataset):
+    """In-memory images and labels indexed a whole batch at a time (one gather, no per-sample collate)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, device=self.labels.device)
+        return self.images[index], self.labels[index]
+
+
+# ----------------------------------------------------------------------------------------------- samplers
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank+world, ... in order: an exact split for evaluation (no padding, no duplicates)."""
+
+    def __init__(self, size: int, shard: Shard) -> None:
+        self.indices = range(shard.rank, size, shard.world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def subset_indices(size: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """A fixed random choice of ``limit`` of ``size`` samples (the same for a seed on every process), or None
+    for all of them."""
+    if limit is None or limit >= size:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=generator)[:limit].sort().values
+
+
+def _train_sampler(dataset: Dataset, shard: Shard, seed: int) -> DistributedSampler:
+    # DistributedSampler also for one process: its shuffle depends on (seed, epoch) only, and the global
+    # batch of N processes with batch b is the same set of samples as one process's batch N*b.
+    return DistributedSampler(dataset, num_replicas=shard.world, rank=shard.rank, shuffle=True, seed=seed)
+
+
+def mnist_data(
+    batch_size: int,
+    shard: Shard,
+    device: torch.device,
+    seed: int,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> Data:
+    """MNIST normalised with its mean and std, held on ``device`` (188 MB as float32) and batched by index."""
+    train_images, train_labels, test_images, test_labels = load_mnist()
+
+    def tensors(images: torch.Tensor, labels: torch.Tensor, limit: int | None) -> TensorBatches:
+        chosen = subset_indices(len(labels), limit, seed)
+        if chosen is not None:
+            images, labels = images[chosen], labels[chosen]
+        images = ((images.to(device, torch.float32) / 255.0) - MNIST_MEAN) / MNIST_STD
+        return TensorBatches(images, labels.to(device))
+
+    train = tensors(train_images, train_labels, limit_train)
+    test = tensors(test_images, test_labels, limit_test)
+    sampler = _train_sampler(train, shard, seed)
+    return Data(
+        train=DataLoader(train, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None),
+        test=DataLoader(
+            test, sampler=BatchSampler(ShardSampler(len(test), shard), batch_size, drop_last=False), batch_size=None
+        ),
+        train_sampler=sampler,
+        num_classes=10,
+        in_channels=1,
+        image_size=28,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- image folders
+def check_image_folder(root: Path) -> None:
+    """Raise DataError unless ``root`` holds ``train/`` and ``val/`` folders of class sub-folders of images."""
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; pass --data mnist, synthetic or an ImageNet-style folder")
+    if not root.is_dir():
+        raise DataError(f"--data {root} is a file, not a folder; pass a folder with train/ and val/ sub-folders")
+    if not any(root.iterdir()):
+        raise DataError(f"data folder {root} is empty; it needs train/ and val/ sub-folders of class folders")
+    missing = [name for name in ("train", "val") if not (root / name).is_dir()]
+    if missing:
+        raise DataError(
+            f"data folder {root} has no {' and no '.join(f'{name}/' for name in missing)} sub-folder; an "
+            f"ImageNet-style folder holds train/<class>/<image> and val/<class>/<image>"
+        )
+    classes = {}
+    for split in ("train", "val"):
+        folders = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
+        if not folders:
+            raise DataError(f"{root / split} has no class sub-folders; put each class's images in its own folder")
+        classes[split] = folders
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        raise DataError(
+            f"train/ and val/ in {root} have different classes (only in train/: {only_train[:5]}, only in val/: "
+            f"{only_val[:5]}); both need the same class folders"
+        )
+
+
+def folder_transforms(image_size: int, train: bool):
+    """The standard ImageNet transforms: RandomResizedCrop + flip for training, Resize(size*256/224) +
+    CenterCrop for evaluation, then per-channel normalisation with the ImageNet mean and std."""
+    from torchvision import transforms
+
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return transforms.Compose(
+            [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), *normalize]
+        )
+    resize = round(image_size * 256 / 224)
+    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), *normalize])
+
+
+def _image_folder(root: Path, image_size: int, train: bool):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(root), transform=folder_transforms(image_size, train))
+    except FileNotFoundError as error:  # a class folder without images
+        raise DataError(f"{root}: {error}; every class folder needs at least one image") from None
+
+
+def folder_data(
+    root: Path,
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    shard: Shard,
+    seed: int,
+    pin_memory: bool,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> Data:
+    """An ImageNet-style folder (train/<class>/*, val/<class>/*) decoded by ``workers`` loader processes.
+    Training drops the last incomplete batch of each epoch, as timm does."""
+    check_image_folder(root)
+    train_set = _image_folder(root / "train", image_size, train=True)
+    test_set = _image_folder(root / "val", image_size, train=False)
+    train: Dataset = train_set
+    test: Dataset = test_set
+    chosen = subset_indices(len(train_set), limit_train, seed)
+    if chosen is not None:
+        train = Subset(train_set, chosen.tolist())
+    chosen = subset_indices(len(test_set), limit_test, seed)
+    if chosen is not None:
+        test = Subset(test_set, chosen.tolist())
+    sampler = _train_sampler(train, shard, seed)
+    loader = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    return Data(
+        # Full batches only: batch norm cannot train on a last batch of one image.
+        train=DataLoader(train, sampler=sampler, drop_last=True, **loader),
+        test=DataLoader(test, sampler=ShardSampler(len(test), shard), **loader),
+        train_sampler=sampler,
+        num_classes=len(train_set.classes),
+        in_channels=3,
+        image_size=image_size,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+class SyntheticBatches:
+    """One random batch kept on the device and served ``steps`` times: training throughput without any data
+    loading (like NVIDIA's synthetic data backend). Labels are random, so accuracy means nothing here."""
+
+    def __init__(
+        self, steps: int, batch_size: int, image_size: int, num_classes: int, device: torch.device, seed: int
+    ) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.steps = steps
+        self.images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
+        self.labels = torch.randint(num_classes, (batch_size,), generator=generator).to(device)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.steps):
+            yield self.images, self.labels
+
+
+def synthetic_data(
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> Data:
+    """Synthetic ImageNet-shaped batches: 100 training and 10 test batches per epoch and process, or
+    ``limit`` images' worth (at least one batch)."""
+
+    def steps(limit: int | None, default: int) -> int:
+        return default if limit is None else max(1, limit // batch_size)
+
+    return Data(
+        train=SyntheticBatches(
+            steps(limit_train, SYNTHETIC_TRAIN_STEPS), batch_size, image_size, SYNTHETIC_CLASSES, device, seed
+        ),
+        test=SyntheticBatches(
+            steps(limit_test, SYNTHETIC_TEST_STEPS), batch_size, image_size, SYNTHETIC_CLASSES, device, seed + 1
+        ),
+        train_sampler=None,
+        num_classes=SYNTHETIC_CLASSES,
+        in_channels=3,
+        image_size=image_size,
+    )

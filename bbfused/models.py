@@ -1,0 +1,101 @@
+"""The networks the training command builds: the paper's shallow MLP and LeNet, and torchvision models by name."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision
+from torch import nn
+
+# Shallow networks, built here; the paper trains them with tau_min = 1/3, tau_max = 3.
+SHALLOW_MODELS = ("mlp", "lenet")
+
+
+def torchvision_model_names() -> list[str]:
+    """The classification models torchvision builds by name (resnet50, resnet18, vgg11, ...)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_names() -> list[str]:
+    """Every name ``build_model`` accepts."""
+    return [*SHALLOW_MODELS, *torchvision_model_names()]
+
+
+def is_shallow(name: str) -> bool:
+    """Whether the paper counts the model as shallow (its tau range 1/3..3) rather than deep (0.1..10)."""
+    return name in SHALLOW_MODELS
+
+
+def _lecun_init(model: nn.Module) -> None:
+    """LeCun normal initialisation (weights ~ N(0, 1/fan_in), zero biases), as the paper does for MLP and LeNet."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fan_in = module.weight[0].numel()
+            nn.init.normal_(module.weight, 0.0, 1.0 / math.sqrt(fan_in))
+            nn.init.zeros_(module.bias)
+
+
+def mlp(in_features: int = 784, num_classes: int = 10, hidden: int = 1024, dropout: float = 0.2) -> nn.Sequential:
+    """The paper's MLP: in_features-1024-1024-num_classes with ReLU, and dropout after each hidden layer as in
+    the authors' demo. Takes images of any shape (N, C, H, W) with C*H*W = in_features; returns logits (N, classes).
+    1,863,690 parameters for MNIST."""
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+    _lecun_init(model)
+    return model
+
+
+def lenet(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Sequential:
+    """LeNet-5 with ReLU (conv 6@5x5, pool, conv 16@5x5, pool, fc 120, 84, classes): 62,006 parameters on
+    3x32x32 CIFAR images as in the paper. Images smaller than 32 (MNIST's 28) are zero-padded to 32 by the
+    first convolution, as in LeCun et al. (1998); larger ones give a wider first fully connected layer."""
+    padding = max(0, (32 - image_size + 1) // 2)
+    side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
+    if side < 1:
+        raise ValueError(f"lenet needs images of at least 12x12 pixels, got {image_size}x{image_size}")
+    model = nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=padding),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * side * side, 120),
+        nn.ReLU(inplace=True),
+        nn.Linear(120, 84),
+        nn.ReLU(inplace=True),
+        nn.Linear(84, num_classes),
+    )
+    _lecun_init(model)
+    return model
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, image_size: int, dropout: float = 0.2
+) -> torch.nn.Module:
+    """The model ``name`` (one of :func:`model_names`) for images of shape (in_channels, image_size, image_size).
+
+    ``dropout`` applies to the MLP only. torchvision models are built untrained (weights=None) and need
+    3-channel images."""
+    if name == "mlp":
+        return mlp(in_channels * image_size * image_size, num_classes, dropout=dropout)
+    if name == "lenet":
+        return lenet(in_channels, num_classes, image_size)
+    if name not in torchvision_model_names():
+        raise ValueError(f"unknown model {name!r}; choose mlp, lenet or a torchvision model such as resnet50")
+    if in_channels != 3:
+        raise ValueError(
+            f"torchvision model {name!r} expects 3-channel images but the data has {in_channels} channel(s); "
+            f"use --model mlp or --model lenet for MNIST"
+        )
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)

@@ -1,0 +1,348 @@
+"""The training command: MNIST default, image folders, synthetic data, DDP, resume and bad input (CPU)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bbfused import BB
+from bbfused.data import DataError, load_mnist
+from bbfused.train import build_optimizer, main, parameter_groups, parse_args, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Small MNIST runs: 8 steps of 32 images per epoch; the eager backend, since the kernels are tested elsewhere.
+TINY = ["--limit-train", "256", "--limit-test", "256", "--batch-size", "32", "--bb-backend", "eager"]
+
+
+def read_log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def without_times(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in ("images_per_s", "train_time_s", "time_s")}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """An ImageNet-style folder: 11 classes (so top-5 is reported), 3 training and 1 validation PNG each."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    generator = torch.Generator().manual_seed(0)
+    for index in range(11):
+        for split, count in (("train", 3), ("val", 1)):
+            folder = root / split / f"class{index:02d}"
+            folder.mkdir(parents=True)
+            for n in range(count):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{n}.png")
+    return root
+
+
+def test_mnist_files_are_checked(tmp_path):
+    images, labels, test_images, test_labels = load_mnist()
+    assert images.shape == (60000, 1, 28, 28) and test_images.shape == (10000, 1, 28, 28)
+    assert labels.bincount().tolist()[:3] == [5923, 6742, 5958]  # the well-known class counts
+    assert test_labels.shape == (10000,) and int(test_labels.max()) == 9
+
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is missing"):
+        load_mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes(12)))
+    with pytest.raises(DataError, match="is corrupt: md5 of its contents is"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_default_trains_and_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--limit-train", "6000", "--limit-test", "2000", "--epochs", "2", "--bb-backend", "eager"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+
+    log = read_log(out)
+    assert [record["epoch"] for record in log] == [1, 2]
+    assert [record["lr"] for record in log] == [0.1, 0.1]  # BB's rule sets the rate from epoch 3 on
+    assert log[1]["train_loss"] < log[0]["train_loss"] < 1.0
+    assert log[1]["test_acc1"] > 90.0
+    assert "test_acc5" not in log[0]  # 10 classes: top-5 is not reported
+    assert all(record["images_per_s"] > 0 for record in log)
+
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2
+    assert checkpoint["args"]["model"] == "mlp" and checkpoint["args"]["optimizer"] == "bb"
+    assert checkpoint["args"]["tau_min"] == pytest.approx(1 / 3) and checkpoint["args"]["tau_max"] == 3.0
+    assert checkpoint["optimizer"]["bb"]["epoch"] == 2
+    assert checkpoint["optimizer"]["bb"]["steps_per_epoch"] == 47  # ceil(6000 / 128)
+    assert set(checkpoint["model"]) == {f"{i}.{kind}" for i in (1, 4, 7) for kind in ("weight", "bias")}
+    assert checkpoint["history"] == log
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert best["best_acc1"] == max(record["test_acc1"] for record in log)
+    assert (out / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("mlp on MNIST: 47 steps/epoch of 128 images, bb lr 0.1")
+    epoch_lines = [line for line in printed if line.startswith("epoch")]
+    assert len(epoch_lines) == 2
+    assert epoch_lines[1].startswith("epoch 2/2  lr 0.1  train loss ")
+    assert f"{log[1]['test_acc1']:6.2f}%" in epoch_lines[1]
+
+
+def test_image_folder_trains_resnet18(image_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", str(image_folder), "--model", "resnet18", "--image-size", "32", "--batch-size", "8"]
+    argv += ["--workers", "0", "--epochs", "1", "--bb-backend", "eager", "--no-decay-norm-bias"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    (record,) = read_log(out)
+    assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0
+    assert 0.0 <= record["test_acc1"] <= record["test_acc5"] <= 100.0
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["model"]["fc.weight"].shape == (11, 512)
+    assert checkpoint["optimizer"]["bb"]["steps_per_epoch"] == 4  # 33 // 8: the incomplete batch is dropped
+    assert checkpoint["args"]["tau_min"] == 0.1 and checkpoint["args"]["tau_max"] == 10.0  # deep network
+
+
+def test_image_folder_transforms_give_the_requested_size(image_folder):
+    argv = ["--data", str(image_folder), "--model", "resnet18", "--image-size", "24", "--batch-size", "16"]
+    training = prepare(parse_args([*argv, "--workers", "0"]))
+    assert len(training.data.train) == 2  # 33 images: two full batches of 16
+    images, labels = next(iter(training.data.train))
+    assert images.shape == (16, 3, 24, 24) and labels.shape == (16,)
+    images, _ = next(iter(training.data.test))
+    assert images.shape == (11, 3, 24, 24)
+    assert training.data.num_classes == 11
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_synthetic_amp_channels_last(amp, capsys):
+    argv = ["--data", "synthetic", "--model", "resnet18", "--image-size", "32", "--batch-size", "4", "--epochs", "1"]
+    argv += ["--limit-train", "32", "--limit-test", "4", "--amp", amp, "--channels-last", "--bb-backend", "eager"]
+    training = prepare(parse_args(argv))
+    assert training.optimizer.steps_per_epoch == 8
+    assert training.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    before = training.model.fc.weight.detach().clone()
+    (record,) = training.fit()
+    assert math.isfinite(record["train_loss"])
+    assert "test_acc5" in record  # 1000 classes
+    assert not torch.equal(training.model.fc.weight, before)
+    assert training.optimizer.epoch == 1  # steps the scaler skipped (inf gradients) count too
+    if amp == "fp16":
+        assert training.scaler.get_scale() < 2.0**16  # it started at 2**16 and halved on each inf
+    else:
+        assert training.scaler is None
+
+
+@pytest.mark.parametrize("name", ["bb", "sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop"])
+def test_every_optimizer_trains(name):
+    argv = [*TINY, "--limit-train", "512", "--optimizer", name, "--epochs", "1"]
+    if name != "bb":
+        argv = [a for a in argv if a not in ("--bb-backend", "eager")]
+    training = prepare(parse_args(argv))
+    (record,) = training.fit()
+    assert record["test_acc1"] > 50.0, record  # 16 steps of an MLP on MNIST: far above chance (10%)
+
+
+def test_optimizer_settings():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    groups = parameter_groups(model, 5e-4, no_decay_norm_bias=True)
+    assert [len(group["params"]) for group in groups] == [2, 4]
+    assert [group["weight_decay"] for group in groups] == [5e-4, 0.0]
+
+    nag = build_optimizer("nag", groups, parse_args(["--optimizer", "nag"]), steps_per_epoch=10)
+    assert isinstance(nag, torch.optim.SGD) and nag.defaults["nesterov"] and nag.defaults["momentum"] == 0.9
+    amsgrad = build_optimizer("amsgrad", groups, parse_args(["--optimizer", "amsgrad"]), steps_per_epoch=10)
+    assert amsgrad.defaults["amsgrad"] and amsgrad.defaults["lr"] == 1e-3
+    bb = build_optimizer("bb", groups, parse_args(["--model", "lenet", "--bb-backend", "eager"]), steps_per_epoch=10)
+    assert isinstance(bb, BB)
+    assert (bb.tau_min, bb.tau_max, bb.tau0, bb.beta) == (pytest.approx(1 / 3), 3.0, 1.0, 0.4)
+    assert [group["weight_decay"] for group in bb.param_groups] == [5e-4, 0.0]
+    deep = parse_args(["--data", "synthetic"])
+    assert (deep.model, deep.tau_min, deep.tau_max, deep.image_size) == ("resnet50", 0.1, 10.0, 224)
+    assert parse_args(["--tau-min", "0.2"]).tau_min == 0.2
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopped after epoch 2 and resumed: epochs 3 and 4 (BB's rate from restored snapshots, dropout from
+    restored RNG states) are the same as in an uninterrupted run."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*TINY, "--epochs", "4", "--output-dir", str(whole)]) == 0
+    assert main([*TINY, "--epochs", "2", "--output-dir", str(parts)]) == 0
+    assert main([*TINY, "--epochs", "4", "--resume", str(parts / "checkpoint.pth")]) == 0  # writes into parts/
+
+    expected, resumed = read_log(whole), read_log(parts)
+    assert len(resumed) == 4
+    assert [without_times(r) for r in resumed] == [without_times(r) for r in expected]
+    assert expected[2]["lr"] != 0.1 and expected[3]["lr"] != expected[2]["lr"]  # BB chose them
+    final = torch.load(whole / "checkpoint.pth", weights_only=True)
+    again = torch.load(parts / "checkpoint.pth", weights_only=True)
+    for key, value in final["model"].items():
+        assert torch.equal(again["model"][key], value), key
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """DDP on 2 CPU processes (gloo), 32 images each, equals one process with batches of 64: same global
+    batches (DistributedSampler interleaves one shuffled order); LeNet has no dropout."""
+    common = ["--model", "lenet", "--limit-train", "512", "--limit-test", "256", "--epochs", "3"]
+    common += ["--bb-backend", "eager"]
+    script = tmp_path / "train_and_dump.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import torch
+            from bbfused.train import parse_args, prepare
+
+            training = prepare(parse_args(sys.argv[2:]))
+            history = training.fit()
+            state = {"params": training.model.state_dict(), "history": history}
+            torch.save(state, f"{sys.argv[1]}/rank{training.shard.rank}.pt")
+            training.close()
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(script), str(tmp_path), *common, "--batch-size", "32"]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+    single = prepare(parse_args([*common, "--batch-size", "64"]))
+    history = single.fit()
+    assert single.optimizer.steps_per_epoch == 8
+    for key, value in single.model.state_dict().items():
+        assert torch.equal(ranks[0]["params"][key], ranks[1]["params"][key]), key
+        torch.testing.assert_close(ranks[0]["params"][key], value, rtol=1e-4, atol=1e-5)
+    for distributed, alone in zip(ranks[0]["history"], history):
+        assert distributed["lr"] == pytest.approx(alone["lr"], rel=1e-4)
+        assert distributed["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-4)
+        assert distributed["test_acc1"] == pytest.approx(alone["test_acc1"], abs=0.5)
+    assert history[2]["lr"] != 0.1  # the BB rule ran on both sides
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def run_bad(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "missing", "does not exist"),
+        (lambda root: root, "is empty"),
+        (lambda root: (root / "images").mkdir() or root, "has no train/ and no val/ sub-folder"),
+        (lambda root: (root / "train").mkdir() or root, "has no val/ sub-folder"),
+        (lambda root: [(root / s).mkdir() for s in ("train", "val")] and root, "has no class sub-folders"),
+    ],
+    ids=["missing", "empty", "no-train-val", "no-val", "no-classes"],
+)
+def test_bad_data_folder(tmp_path, capsys, make, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    data = make(root)
+    out = tmp_path / "out"
+    err = run_bad(["--data", str(data), "--output-dir", str(out)], capsys)
+    assert message in err and str(data) in err
+    assert not out.exists()
+
+
+def test_class_folder_without_images(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    assert "needs at least one image" in run_bad(["--data", str(tmp_path), "--workers", "0"], capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "resnet51"], "unknown model 'resnet51'"),
+        (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
+        (["--model", "resnet18"], "needs 3-channel images"),
+        (["--image-size", "32"], "MNIST images are 28x28"),
+        (["--optimizer", "adam", "--tau-max", "5"], "--tau-max apply to --optimizer bb only"),
+        (["--momentum", "0.9"], "--momentum applies to sgd and nag"),
+        (["--tau-min", "4"], "--tau-min 4 is above --tau-max 3"),
+        (["--batch-size", "0"], "must be an integer > 0"),
+        (["--lr", "nan"], "must be > 0"),
+        (["--device", "foo"], "'foo' is not a device"),
+        (["--device", "mps"], "trains on cpu or cuda"),
+    ],
+)
+def test_bad_options(capsys, argv, message):
+    assert message in run_bad(argv, capsys)
+
+
+def test_output_dir_not_writable(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep")
+    assert "is a file; pass a folder" in run_bad(["--output-dir", str(a_file)], capsys)
+    assert "cannot be created" in run_bad(["--output-dir", str(a_file / "run")], capsys)
+    assert a_file.read_text() == "keep"
+
+
+@pytest.fixture(scope="module")
+def mlp_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mlp") / "run"
+    assert main([*TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_existing_run_is_not_overwritten(mlp_checkpoint, tmp_path, capsys):
+    before = (mlp_checkpoint / "checkpoint.pth").read_bytes()
+    err = run_bad([*TINY, "--epochs", "1", "--output-dir", str(mlp_checkpoint)], capsys)
+    assert "already holds a run" in err and "--resume" in err
+    # Resuming another run into this folder would overwrite it too.
+    other = tmp_path / "other.pth"
+    other.write_bytes(before)
+    err = run_bad([*TINY, "--epochs", "2", "--resume", str(other), "--output-dir", str(mlp_checkpoint)], capsys)
+    assert "already holds a run" in err
+    assert (mlp_checkpoint / "checkpoint.pth").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "lenet"], "is a checkpoint of --model mlp, but this run has --model lenet"),
+        (["--optimizer", "sgd"], "is a checkpoint of --optimizer bb, but this run has --optimizer sgd"),
+        (["--epochs", "1"], "has already trained 1 epochs"),
+        (["--limit-train", "512"], "trained with 8 steps per epoch, this run has 16"),
+    ],
+)
+def test_checkpoint_that_does_not_fit(mlp_checkpoint, tmp_path, capsys, argv, message):
+    if "--optimizer" in argv:
+        base = [a for a in TINY if a not in ("--bb-backend", "eager")]
+    else:
+        base = TINY
+    out = tmp_path / "out"
+    argv = [*base, "--epochs", "2", *argv, "--resume", str(mlp_checkpoint / "checkpoint.pth"), "--output-dir", str(out)]
+    assert message in run_bad(argv, capsys)
+    assert not out.exists()
+
+
+def test_checkpoint_of_other_weights(image_folder, tmp_path, capsys):
+    """An mlp checkpoint trained on 3x16x16 images does not fit the mlp for MNIST."""
+    folder_run = tmp_path / "folder"
+    argv = ["--data", str(image_folder), "--model", "mlp", "--image-size", "16", "--workers", "0", "--epochs", "1"]
+    argv += ["--batch-size", "8"]
+    assert main([*argv, "--bb-backend", "eager", "--output-dir", str(folder_run)]) == 0
+    resume = ["--resume", str(folder_run / "checkpoint.pth")]
+    assert "holds weights that do not fit mlp" in run_bad([*TINY, "--epochs", "2", *resume], capsys)
+
+
+def test_resume_file_problems(tmp_path, capsys):
+    assert "no such file" in run_bad(["--resume", str(tmp_path / "none.pth")], capsys)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in run_bad(["--resume", str(junk)], capsys)
+    other = tmp_path / "other.pth"
+    torch.save({"model": {}}, other)
+    assert "not a bbfused-train checkpoint" in run_bad(["--resume", str(other)], capsys)
