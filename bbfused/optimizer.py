@@ -209,6 +209,11 @@ class BB(torch.optim.Optimizer):
         return torch.stack(self._lr_history).tolist()
 
     @property
+    def active_backends(self) -> dict[str, str]:
+        """The backend running each device's buffers, e.g. ``{"cpu": "cpp"}`` (what "auto" resolved to)."""
+        return {str(device): backend.name for device, backend in self._backends.items()}
+
+    @property
     def epoch(self) -> int:
         """The index of the current epoch (the number of completed epochs)."""
         return self._epoch

@@ -561,7 +561,7 @@ class Training:
             f"{f' x {self.shard.world} processes' if self.shard.world > 1 else ''}, {args.optimizer} lr {args.lr:g}"
         )
         if isinstance(self.optimizer, BB):
-            backends = ", ".join(sorted({type(b).__name__ for b in self.optimizer._backends.values()}))
+            backends = ", ".join(sorted(set(self.optimizer.active_backends.values())))
             line += f" (tau {args.tau_min:.3g}..{args.tau_max:.3g}, {backends})"
         line = f"{line}, weight decay {args.weight_decay:g}, device {self.device}, amp {args.amp}"
         return f"{line}; resuming after epoch {self.start_epoch}" if self.start_epoch else line

@@ -530,3 +530,8 @@ def test_unavailable_explicit_backend_raises_why(monkeypatch) -> None:
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: "no compiler found (test)")
     with pytest.raises(backends.BackendUnavailableError, match="no compiler found"):
         BB(_param(), lr=0.1, steps_per_epoch=3, backend="cpp")
+
+
+def test_active_backends_names_what_auto_chose() -> None:
+    opt = BB(_param(), lr=0.1, steps_per_epoch=3, backend="eager")
+    assert opt.active_backends == {"cpu": "eager"}
