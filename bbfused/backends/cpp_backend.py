@@ -9,6 +9,7 @@ version. Either happens at most once per process; concurrent processes share one
 from __future__ import annotations
 
 import importlib.machinery
+import logging
 import os
 import re
 import shutil
@@ -56,6 +57,18 @@ def _prebuilt_library() -> Path | None:
     return None
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported on first need without the CUDA_HOME warning it logs on CPU machines."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant to a CPU-only extension
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _missing_toolchain() -> str | None:
     """What the JIT build lacks (a C++ compiler, ninja, the source), or None."""
     compiler = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension invokes
@@ -64,9 +77,7 @@ def _missing_toolchain() -> str | None:
             f"no C++ compiler: {compiler!r} (from $CXX, default c++) is not on PATH; install one "
             f"(e.g. apt install g++) or point CXX at it"
         )
-    from torch.utils import cpp_extension  # here, not at module level: importing it logs a CUDA warning on CPUs
-
-    if not cpp_extension.is_ninja_available():
+    if not _cpp_extension().is_ninja_available():
         return "ninja is not installed, and the C++ kernels are compiled with it: pip install ninja"
     if source_path() is None:
         return (
@@ -89,8 +100,7 @@ def _load_ops() -> str | None:
     missing = _missing_toolchain()
     if missing is not None:
         return missing + prebuilt_error
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     directory = build_directory()
     try:
         directory.mkdir(parents=True, exist_ok=True)
