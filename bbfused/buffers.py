@@ -140,7 +140,7 @@ class FlatBuffer:
                 )
             grad = p.grad
             if grad is not None and grad.is_sparse:
-                raise RuntimeError(
+                raise TypeError(
                     f"parameter {name} has a sparse gradient, which BB does not support; use dense "
                     f"gradients (e.g. nn.Embedding(sparse=False))."
                 )
@@ -201,13 +201,15 @@ class FlatBuffer:
         """Zero the gradient buffer with one fill and restore replaced views.
 
         ``set_to_none=True`` marks every parameter as having no gradient until backward gives it one;
-        ``False`` marks them all as having a (zero) gradient, as torch.optim does with zeroed grads.
+        ``False`` keeps a parameter that had a gradient marked as having one (now zero), as torch.optim's
+        zeroed gradients are, and one without a gradient without one.
         """
         self.grad.zero_()
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
             if p.grad is not view:
                 p.grad = view
-            self.written[i] = not set_to_none
+            # As torch.optim: set_to_none clears every gradient; without it, only existing ones stay (zeroed).
+            self.written[i] = self.written[i] and not set_to_none
             self.zeroed_versions[i] = view._version
         self.register_hooks()
 

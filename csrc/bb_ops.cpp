@@ -55,7 +55,8 @@ void check_scalar(const at::Tensor& t, const char* name, at::ScalarType dtype, c
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
 }
 
-// Checks shared by the CPU and Meta kernels: everything is verified before anything is written.
+// Checks of the CPU kernels (the Meta kernels only describe outputs): everything is verified before anything is
+// written.
 void check_step_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "bbfused::cpp_step";

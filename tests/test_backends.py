@@ -40,10 +40,14 @@ def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype, seed: int = 0
 
 
 def set_gradients(params: list[torch.nn.Parameter], seed: int, scale: float = 1.0) -> None:
+    """Make each p.grad a fixed random tensor, through backward as in training (loss = Σ p·target)."""
     generator = torch.Generator().manual_seed(seed)
+    loss = 0
     for p in params:
-        grad = torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale
-        p.grad.copy_(grad.to(DEVICE, p.dtype))
+        target = (torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale).to(DEVICE, p.dtype)
+        p.grad.zero_()
+        loss = loss + (p * target).sum()
+    loss.backward()
 
 
 def twin_optimizers(backend: str, shapes, dtype, **kwargs) -> tuple[BB, BB, list, list]:
@@ -51,8 +55,6 @@ def twin_optimizers(backend: str, shapes, dtype, **kwargs) -> tuple[BB, BB, list
     fused_params = make_params(shapes, dtype)
     eager = BB(eager_params, backend="eager", **kwargs)
     fused = BB(fused_params, backend=backend, **kwargs)
-    for opt in (eager, fused):
-        opt.zero_grad(set_to_none=False)
     return eager, fused, eager_params, fused_params
 
 
@@ -234,8 +236,9 @@ def test_parameters_without_gradients_are_untouched(backend: str) -> None:
         assert not torch.equal(fused_params[i].detach(), untouched[i].detach())
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("backend", ["eager", *BACKENDS_ON_DEVICE])
-def test_first_epochs_equal_torch_sgd(backend: str) -> None:
+def test_first_epochs_equal_torch_sgd(backend: str, set_to_none: bool) -> None:
     """Within epochs 0 and 1 BB is plain SGD with L2 weight decay: compare with torch.optim.SGD as
     torch's test_optim compares derived optimizers — a zero-size parameter, a step with no backward, and
     a layer frozen at step 3 and unfrozen at step 5."""
@@ -249,8 +252,9 @@ def test_first_epochs_equal_torch_sgd(backend: str) -> None:
         empty = torch.nn.Parameter(torch.zeros(0, 4, device=DEVICE))
         opt = make_optimizer([*model.parameters(), empty])
         x = torch.randn(7, 5, device=DEVICE)
+        model[2].bias.requires_grad_(False)  # frozen throughout: never has a gradient
         for step in range(7):
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             model[0].requires_grad_(not 3 <= step < 5)
             if step != 2:  # step 2: no backward at all
                 (model(x).square().mean() + empty.sum()).backward()

@@ -385,6 +385,11 @@ def test_step_without_gradients_changes_nothing_but_counts() -> None:
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p.detach(), q)
     assert opt.step_in_epoch == 1
+    opt.zero_grad(set_to_none=False)  # no gradient before: still none, as torch.optim keeps None grads
+    opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    model(torch.ones(1, 3)).sum().backward()
     opt.zero_grad(set_to_none=False)  # zeroed, but present: weight decay applies as in torch.optim
     opt.step()
     torch.testing.assert_close(model.weight.detach(), before[0] * (1 - 0.5 * 0.1))
@@ -503,7 +508,7 @@ def test_sparse_gradients_raise_before_writing() -> None:
     # backward accumulates a sparse gradient into the dense flat view; an assigned sparse one is refused
     assert not embedding.weight.grad.is_sparse
     embedding.weight.grad = torch.ones(10, 3).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse gradient"):
+    with pytest.raises(TypeError, match="sparse gradient"):
         opt.step()
     assert torch.equal(dense.weight.detach(), before) and opt.step_in_epoch == 0
     sparse_param = torch.nn.Parameter(torch.ones(3))
