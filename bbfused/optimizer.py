@@ -16,6 +16,26 @@ from .rule import bb_learning_rate
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _STATE_KEYS = ("ema", "prev_params", "prev_ema")
 _STATE_DICT_VERSION = 1
+_BB_KEYS = (
+    "version",
+    "epoch",
+    "step_in_epoch",
+    "lr",
+    "lr_history",
+    "steps_per_epoch",
+    "beta",
+    "tau0",
+    "tau_min",
+    "tau_max",
+)
+# After a diverged epoch the safeguard restarts from the last good epoch-end point with the rate cut tenfold.
+_SAFEGUARD_BACKOFF = 0.1
+# An epoch diverged when ‖θ‖² grew past GROWTH · max(‖θ‖² at the last good epoch end, FLOOR · number of values):
+# the weights' RMS grew tenfold and passed 1. The floor keeps a start from (near) zero weights from counting as
+# growth. Healthy epochs of the paper's MLP change ‖θ‖² (2e3 at init, RMS 0.03) by under 20%; at η = 1 on 512
+# images it went 2e3, 2e4, 4e7 (loss 6e3), 4e16, NaN; on 1024 images 2e3, 3e9 (finite loss 4e4), NaN.
+_SAFEGUARD_GROWTH = 100.0
+_SAFEGUARD_FLOOR = 1e-2
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -53,6 +73,18 @@ class BB(torch.optim.Optimizer):
     (a zero or non-finite η takes the fallback). The authors' code agrees, except that it keeps the
     previous rate when |Δθᵀy| < 1e-10; here the paper's fallback τ_0/(k+2) applies.
 
+    Safeguard (``safeguard=True``, the default): an epoch that diverged is rolled back. The rate it used
+    was too large: η0 = 1 on the paper's MLP turns the weights into NaN within epoch 0, before the rule
+    can act, and the rule itself may pick up to τ_max/(k+2) = 1 at k = 1. An epoch diverged when, at its
+    end, a parameter or gradient average is not finite, or ‖θ‖² exceeds 100·max(‖θ‖² at the last good
+    epoch end, 0.01·number of parameter values): the weights' RMS grew tenfold and passed 1. The parameters
+    and gradient averages are then restored from the snapshots of the last good epoch end (for epoch 0,
+    the parameters at the first step), the next epoch's rate is the diverged one divided by 10, and the
+    rule resumes once a good epoch has ended after a good snapshot; the epoch count goes on (the bounds
+    keep their k). Nothing runs per step: the check and the restore are a few passes over the buffers at
+    the epoch end (and one copy at the first step), without host sync; a run that never diverges has bit
+    for bit the paper's rates and parameters. ``safeguard=False`` is the paper's method exactly.
+
     Args:
         params: parameters or parameter groups, as for torch.optim. Groups may set ``weight_decay``.
             The learning rate is global: a per-group ``lr`` is ignored, and after construction every
@@ -65,6 +97,8 @@ class BB(torch.optim.Optimizer):
         tau0, tau_min, tau_max: the bounds of eq. 13; the defaults are the paper's deep-network setting
             (use tau_min=1/3, tau_max=3 for shallow networks).
         backend: "eager" (reference), "triton" (CUDA), "cpp" (CPU) or "auto" (fastest for the device).
+        safeguard: roll back an epoch that diverged and cut the rate tenfold (see above); False for the
+            paper's method exactly.
 
     Parameters and gradients are packed into flat buffers: after construction each ``p.data`` and
     ``p.grad`` is a view of the optimizer's buffers (same Parameter objects, same strides). Hence:
@@ -95,6 +129,7 @@ class BB(torch.optim.Optimizer):
         tau_min: float = 0.1,
         tau_max: float = 10.0,
         backend: str = "auto",
+        safeguard: bool = True,
     ) -> None:
         lr = _check_positive("lr", lr)
         if steps_per_epoch is not None and (
@@ -115,6 +150,9 @@ class BB(torch.optim.Optimizer):
         self.tau_max = _check_positive("tau_max", tau_max)
         if self.tau_min > self.tau_max:
             raise ValueError(f"tau_min ({tau_min}) must be <= tau_max ({tau_max})")
+        if not isinstance(safeguard, bool):
+            raise TypeError(f"safeguard must be True or False, got {safeguard!r}")
+        self.safeguard = safeguard
         if backend not in BACKEND_NAMES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
         self.steps_per_epoch = steps_per_epoch
@@ -124,6 +162,9 @@ class BB(torch.optim.Optimizer):
         self._building = False
         self._check_params()
 
+        # Backends first: an unavailable one must raise before any parameter is re-pointed at a buffer.
+        devices = list(dict.fromkeys(p.device for group in self.param_groups for p in group["params"]))
+        self._backends: dict[torch.device, Backend] = {d: load_backend(backend, d) for d in devices}
         self._buffers: list[FlatBuffer] = []
         for group_index, group in enumerate(self.param_groups):
             by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -134,19 +175,28 @@ class BB(torch.optim.Optimizer):
                 self._buffers.append(
                     FlatBuffer([group["params"][i] for i in indices], [names[i] for i in indices], group_index)
                 )
-        devices = list(dict.fromkeys(buffer.device for buffer in self._buffers))
-        self._backends: dict[torch.device, Backend] = {d: load_backend(backend, d) for d in devices}
         self.backend = backend
         # One float64 learning-rate tensor per device; the first is the master the BB rule writes.
         self._lr_tensors = {d: torch.tensor(lr, dtype=torch.float64, device=d) for d in devices}
         self._lr_tensor = self._lr_tensors[devices[0]]
+        # Whether prev_params / prev_ema hold a good epoch end, so that the rule may compare with them: in the
+        # paper's method from the end of epoch 0 on; with the safeguard not after a rolled-back epoch 0.
+        self._has_snapshot = torch.tensor(False, device=devices[0])
+        # The safeguard's reference: ‖prev_params‖² (float64), and its floor.
+        self._snapshot_sq_norm = torch.zeros((), dtype=torch.float64, device=devices[0])
+        numel = sum(p.numel() for group in self.param_groups for p in group["params"])
+        self._sq_norm_floor = _SAFEGUARD_FLOOR * numel
         self._lr_history: list[torch.Tensor] = []
         self._epoch = 0
         self._step_in_epoch = 0
         self._warned_replaced = False
         ignored = {g["lr"] for g in self.param_groups} - {lr}
-        for group in self.param_groups:
-            group["lr"] = self._lr_tensor
+        # Each group shows η̂ in a tensor of its own that BB writes and never reads, so a scheduler or a user
+        # writing group["lr"] cannot change the rate; step() notices and says so (see _publish_lr).
+        self._group_lrs = [self._lr_tensor.clone() for _ in self.param_groups]
+        self._group_lr_versions: list[int] = []
+        self._warned_group_lr = False
+        self._publish_lr()
         for buffer in self._buffers:
             for index, p in enumerate(buffer.params):
                 self.state[p] = buffer.state_views(index)
@@ -242,9 +292,24 @@ class BB(torch.optim.Optimizer):
         if any(replaced) and not self._warned_replaced:
             self._warned_replaced = True
             warn_replaced_gradients()
+        if not self._group_lrs_intact():
+            if not self._warned_group_lr:
+                self._warned_group_lr = True
+                warnings.warn(
+                    "bbfused.BB sets one global learning rate itself: a change to param_groups[...]['lr'] (for "
+                    "example by a torch.optim.lr_scheduler) is ignored, and the groups show BB's rate again. "
+                    "Remove the scheduler. This warning is shown once.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._publish_lr()
         # Set by torch.amp.GradScaler around this call (see _step_supports_amp_scaling).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self.safeguard and self._epoch == 0 and self._step_in_epoch == 0:
+            for buffer in self._buffers:  # the point a diverged epoch 0 rolls back to
+                buffer.prev_params.copy_(buffer.param)
+            self._snapshot_sq_norm = self._sq_norm("prev_params")
         for buffer in self._buffers:
             backend = self._backends[buffer.device]
             weight_decay = self.param_groups[buffer.group_index]["weight_decay"]
@@ -277,22 +342,73 @@ class BB(torch.optim.Optimizer):
 
     def _close_epoch(self) -> None:
         """Epoch-end snapshots and, from the end of epoch 1 on, the BB rule; no host sync."""
+        master = self._lr_tensor.device
+        diverged = self._roll_back_if_diverged() if self.safeguard else None
         sums = [self._backends[b.device].epoch_end(b.param, b.ema, b.prev_params, b.prev_ema) for b in self._buffers]
         self._lr_history.append(self._lr_tensor.clone())
+        new_lr = None
         if self._epoch >= 1:
             # Partials summed in a fixed order: the same bits every run.
-            total = torch.stack([s.to(self._lr_tensor.device, non_blocking=True) for s in sums]).sum(0)
+            total = torch.stack([_on(s, master) for s in sums]).sum(0)
             new_lr = bb_learning_rate(total, self._step_in_epoch, self._epoch, self.tau0, self.tau_min, self.tau_max)
+            if diverged is not None:  # after a rolled-back epoch 0 the snapshots hold no epoch end to compare with
+                new_lr = torch.where(self._has_snapshot, new_lr, self._lr_tensor)
+        if diverged is not None:
+            kept = self._lr_tensor if new_lr is None else new_lr
+            new_lr = torch.where(diverged, self._lr_tensor * _SAFEGUARD_BACKOFF, kept)
+        if new_lr is not None:
             for lr_tensor in self._lr_tensors.values():
-                lr_tensor.copy_(new_lr, non_blocking=True)
+                lr_tensor.copy_(_on(new_lr, lr_tensor.device))
+            self._publish_lr()
+        self._has_snapshot = self._has_snapshot | (True if diverged is None else ~diverged)
         self._epoch += 1
         self._step_in_epoch = 0
+
+    def _publish_lr(self) -> None:
+        """Show the current η̂ in every group's "lr" (a device copy, no sync) and remember what was written."""
+        for group, group_lr in zip(self.param_groups, self._group_lrs):
+            group_lr.copy_(self._lr_tensor)
+            group["lr"] = group_lr
+        self._group_lr_versions = [group_lr._version for group_lr in self._group_lrs]
+
+    def _group_lrs_intact(self) -> bool:
+        """Whether every group's "lr" is still the tensor BB wrote, unmodified (host-side checks only)."""
+        return all(
+            group["lr"] is group_lr and group_lr._version == version
+            for group, group_lr, version in zip(self.param_groups, self._group_lrs, self._group_lr_versions)
+        )
+
+    def _sq_norm(self, name: str) -> torch.Tensor:
+        """‖·‖² of buffer ``name`` ("param" or "prev_params") over every buffer: float64 on the master device."""
+        master = self._lr_tensor.device
+        norms = [torch.linalg.vector_norm(getattr(b, name), dtype=torch.float64) for b in self._buffers]
+        return torch.stack([_on(n, master) for n in norms]).square().sum()
+
+    def _roll_back_if_diverged(self) -> torch.Tensor:
+        """The safeguard's check, before the epoch end: whether the epoch diverged (see the class docstring), a
+        bool 0-dim tensor on the master device. If so, parameters and gradient averages are restored from the
+        snapshots, so the epoch end that follows leaves the state of the last good epoch end. No host sync."""
+        master = self._lr_tensor.device
+        sq_norm = self._sq_norm("param")
+        ema_norms = [torch.linalg.vector_norm(b.ema, dtype=torch.float64) for b in self._buffers]
+        ema_norm = torch.stack([_on(n, master) for n in ema_norms]).sum()
+        limit = _SAFEGUARD_GROWTH * self._snapshot_sq_norm.clamp(min=self._sq_norm_floor)
+        # NaN fails every comparison: "not <=" catches it along with growth past the limit.
+        diverged = ~(sq_norm <= limit) | ~torch.isfinite(ema_norm)
+        for buffer in self._buffers:
+            flag = _on(diverged, buffer.device)
+            torch.where(flag, buffer.prev_params, buffer.param, out=buffer.param)
+            torch.where(flag, buffer.prev_ema, buffer.ema, out=buffer.ema)
+        self._snapshot_sq_norm = torch.where(diverged, self._snapshot_sq_norm, sq_norm)
+        return diverged
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch.optim layout: per-parameter ``ema``, ``prev_params``, ``prev_ema`` shaped like the parameter
         (views of the live buffers, as torch.optim returns live state), plus a ``"bb"`` entry with the epoch,
-        the step within it, η̂, the history and the hyper-parameters. Independent of backend and device."""
+        the step within it, η̂, the history, the hyper-parameters and whether the snapshots hold a good epoch end
+        (the safeguard's state; ``safeguard`` itself is the constructor's choice, not saved). Independent of
+        backend and device."""
         state_dict = super().state_dict()
         lr = self.lr
         for group in state_dict["param_groups"]:
@@ -308,17 +424,46 @@ class BB(torch.optim.Optimizer):
             "tau0": self.tau0,
             "tau_min": self.tau_min,
             "tau_max": self.tau_max,
+            "has_snapshot": bool(self._has_snapshot),
         }
         return state_dict
+
+    def _check_saved_schedule(self, bb: dict[str, Any]) -> None:
+        """Raise unless the saved epoch counters and hyper-parameters are valid and the epoch mode matches."""
+        steps = bb["steps_per_epoch"]
+        if (steps is None) != (self.steps_per_epoch is None):
+            saved_mode = "end_epoch() calls" if steps is None else f"automatic epochs of {steps} steps"
+            raise ValueError(
+                f"the state dict was saved with {saved_mode}, this optimizer has steps_per_epoch="
+                f"{self.steps_per_epoch}; build it with steps_per_epoch={steps} to resume that run"
+            )
+        epoch, step = bb["epoch"], bb["step_in_epoch"]
+        for name, value in (("epoch", epoch), ("step_in_epoch", step)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"corrupt state dict: {name} must be an int >= 0, got {value!r}")
+        if steps is not None and step >= steps:
+            raise ValueError(f"corrupt state dict: step_in_epoch {step} is not below steps_per_epoch {steps}")
+        if len(bb["lr_history"]) != epoch:
+            raise ValueError(
+                f"corrupt state dict: {len(bb['lr_history'])} learning rates in lr_history for {epoch} epochs"
+            )
+        _check_positive("the saved lr", bb["lr"])
+        _check_beta(bb["beta"])
+        for name in ("tau0", "tau_min", "tau_max"):
+            _check_positive(f"the saved {name}", bb[name])
+        if bb["tau_min"] > bb["tau_max"]:
+            raise ValueError(f"corrupt state dict: tau_min {bb['tau_min']} > tau_max {bb['tau_max']}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` from any backend or device; everything is checked before writing."""
         bb = state_dict.get("bb") if isinstance(state_dict, dict) else None
-        if not isinstance(bb, dict) or bb.get("version") != _STATE_DICT_VERSION:
+        missing = [key for key in _BB_KEYS if not isinstance(bb, dict) or key not in bb]
+        if missing or bb["version"] != _STATE_DICT_VERSION or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError(
-                "not a bbfused.BB state dict (no 'bb' entry of version "
-                f"{_STATE_DICT_VERSION}); load a checkpoint saved from BB.state_dict()"
+                f"not a bbfused.BB state dict of version {_STATE_DICT_VERSION} (missing or different: "
+                f"{missing or ['version', 'state', 'param_groups']}); load a checkpoint saved from BB.state_dict()"
             )
+        self._check_saved_schedule(bb)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -337,22 +482,21 @@ class BB(torch.optim.Optimizer):
                 saved_state = state_dict["state"].get(key, {})
                 for state_key in _STATE_KEYS:
                     value = saved_state.get(state_key)
-                    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                    if not isinstance(value, torch.Tensor) or value.shape != p.shape or not value.is_floating_point():
+                        found = "missing" if value is None else f"{getattr(value, 'dtype', type(value))} of shape "
+                        found += "" if value is None else str(tuple(getattr(value, "shape", ())))
                         raise ValueError(
-                            f"the state dict's {state_key!r} for parameter {name} is "
-                            f"{'missing' if value is None else tuple(getattr(value, 'shape', ()))}, expected "
-                            f"shape {tuple(p.shape)}; load a checkpoint of the same model"
+                            f"the state dict's {state_key!r} for parameter {name} is {found}, expected a real "
+                            f"floating-point tensor of shape {tuple(p.shape)}; load a checkpoint of the same model"
                         )
                     copies.append((self.state[p][state_key], value))
         steps = bb["steps_per_epoch"]
-        if steps is not None and not 0 <= bb["step_in_epoch"] < steps:
-            raise ValueError(f"corrupt state dict: step_in_epoch {bb['step_in_epoch']} of {steps}")
-        _check_positive("the saved lr", bb["lr"])
         with torch.no_grad():
             for target, value in copies:
                 target.copy_(value)
             for lr_tensor in self._lr_tensors.values():
                 lr_tensor.fill_(bb["lr"])
+            self._publish_lr()
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
         self._epoch = bb["epoch"]
@@ -363,6 +507,10 @@ class BB(torch.optim.Optimizer):
         self.steps_per_epoch = steps
         self.beta = bb["beta"]
         self.tau0, self.tau_min, self.tau_max = bb["tau0"], bb["tau_min"], bb["tau_max"]
+        # State dicts saved before the safeguard existed: the snapshots are good from the end of epoch 0 on.
+        has_snapshot = bb.get("has_snapshot", bb["epoch"] >= 1)
+        self._has_snapshot = torch.tensor(has_snapshot, device=self._lr_tensor.device)
+        self._snapshot_sq_norm = self._sq_norm("prev_params")
 
 
 def _as_groups(params: Any) -> list[dict[str, Any]]:
@@ -373,12 +521,20 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
     """
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors or of dicts, not a tensor; wrap it in a list")
+    if isinstance(params, set):
+        raise TypeError("parameters must be ordered: pass a list (e.g. model.parameters()), not a set")
     groups = list(params)
     if not groups:
         raise ValueError("BB got an empty parameter list; pass model.parameters() of a model with parameters")
     if not isinstance(groups[0], dict):
         groups = [{"params": groups}]
-    groups = [dict(group, params=list(group["params"])) for group in groups]
+    for group in groups:
+        if isinstance(group["params"], set):
+            raise TypeError("parameter groups must be ordered: pass a list of parameters, not a set")
+    groups = [
+        dict(group, params=[group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"]))
+        for group in groups
+    ]
     seen: dict[int, str] = {}
     for group_index, group in enumerate(groups):
         if not group["params"]:
@@ -400,4 +556,5 @@ def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
     """``tensor`` on ``device`` (GradScaler keeps its tensors on one device); None stays None."""
     if tensor is None or tensor.device == device:
         return tensor
-    return tensor.to(device, non_blocking=True)
+    # Asynchronous only towards a GPU: a non-blocking copy to the CPU could be read before it has landed.
+    return tensor.to(device, non_blocking=device.type == "cuda")

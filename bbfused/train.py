@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--tau0", type=positive_float, help="BB fallback rate numerator (default 1)")
     optim.add_argument("--beta", type=beta_value, help="BB gradient EMA factor (default 4/steps per epoch)")
     optim.add_argument("--bb-backend", choices=BACKEND_NAMES, help="BB kernels (default auto: fastest available)")
+    optim.add_argument(
+        "--bb-safeguard",
+        action=argparse.BooleanOptionalAction,
+        help="BB rolls back an epoch that diverged and cuts its rate tenfold (default: on); "
+        "--no-bb-safeguard is the paper's method exactly",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--epochs", type=positive_int, default=10, help="(default: 10)")
@@ -221,13 +227,20 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError("--optimizer nag (Nesterov) needs --momentum > 0")
     elif args.momentum is not None:
         raise UsageError(f"--momentum applies to sgd and nag, not {args.optimizer}")
-    bb_options = {"--tau-min": args.tau_min, "--tau-max": args.tau_max, "--tau0": args.tau0, "--beta": args.beta}
+    bb_options = {
+        "--tau-min": args.tau_min,
+        "--tau-max": args.tau_max,
+        "--tau0": args.tau0,
+        "--beta": args.beta,
+        "--bb-safeguard": args.bb_safeguard,
+    }
     if args.optimizer == "bb":
         default_min, default_max = SHALLOW_TAUS if is_shallow(args.model) else DEEP_TAUS
         args.tau_min = default_min if args.tau_min is None else args.tau_min
         args.tau_max = default_max if args.tau_max is None else args.tau_max
         args.tau0 = 1.0 if args.tau0 is None else args.tau0
         args.bb_backend = args.bb_backend or "auto"
+        args.bb_safeguard = True if args.bb_safeguard is None else args.bb_safeguard
         if args.tau_min > args.tau_max:
             raise UsageError(f"--tau-min {args.tau_min:g} is above --tau-max {args.tau_max:g}")
     else:
@@ -267,6 +280,7 @@ def build_optimizer(
             tau_min=args.tau_min,
             tau_max=args.tau_max,
             backend=args.bb_backend,
+            safeguard=args.bb_safeguard,
         )
     on_cuda = all(p.is_cuda for group in groups for p in group["params"])
     fused = {"fused": True} if on_cuda else {}

@@ -540,3 +540,75 @@ def test_unavailable_explicit_backend_raises_why(monkeypatch) -> None:
 def test_active_backends_names_what_auto_chose() -> None:
     opt = BB(_param(), lr=0.1, steps_per_epoch=3, backend="eager")
     assert opt.active_backends == {"cpu": "eager"}
+
+
+def test_unavailable_backend_raises_before_parameters_are_repointed(monkeypatch) -> None:
+    import bbfused.backends as backends
+
+    model = torch.nn.Linear(3, 2)
+    data_ptr = model.weight.data_ptr()
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: "not here (test)")
+    with pytest.raises(backends.BackendUnavailableError, match="not here"):
+        BB(model.parameters(), lr=0.1, steps_per_epoch=3, backend="triton")
+    assert model.weight.data_ptr() == data_ptr and model.weight.grad is None
+
+
+def test_group_params_forms() -> None:
+    single = torch.nn.Parameter(torch.ones(2, 3))
+    opt = BB([{"params": single}], lr=0.1, steps_per_epoch=3, backend="eager")
+    assert opt.param_groups[0]["params"] == [single]
+    with pytest.raises(TypeError, match="not a set"):
+        BB({torch.nn.Parameter(torch.ones(2))}, lr=0.1, steps_per_epoch=3, backend="eager")
+    with pytest.raises(TypeError, match="not a set"):
+        BB([{"params": {torch.nn.Parameter(torch.ones(2))}}], lr=0.1, steps_per_epoch=3, backend="eager")
+
+
+def test_lr_scheduler_cannot_change_the_rate() -> None:
+    model, opt = _model_and_opt()
+    scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=3)
+    assert opt.lr == 0.2  # the scheduler wrote its own value into the groups, not into BB's rate
+    with pytest.warns(UserWarning, match="sets one global learning rate itself"):
+        _train_steps(model, opt, 0, 1)
+    scheduler.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shown once
+        _train_steps(model, opt, 1, 1)
+    assert opt.lr == 0.2 and [float(g["lr"]) for g in opt.param_groups] == [0.2, 0.2]
+    reference_model, reference = _model_and_opt()
+    _train_steps(reference_model, reference, 0, 2)
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda bb: bb.update(steps_per_epoch=None), "saved with end_epoch"),
+        (lambda bb: bb.update(beta=5.0), "beta must be in"),
+        (lambda bb: bb.update(tau_min=20.0), "tau_min 20.0 > tau_max"),
+        (lambda bb: bb.update(epoch=-3), "epoch must be an int"),
+        (lambda bb: bb.update(step_in_epoch=1.5), "step_in_epoch must be an int"),
+        (lambda bb: bb.update(step_in_epoch=4), "not below steps_per_epoch"),
+        (lambda bb: bb["lr_history"].append(0.5), "learning rates in lr_history"),
+        (lambda bb: bb.pop("tau0"), "not a bbfused.BB state dict"),
+    ],
+)
+def test_load_state_dict_validates_the_schedule_before_writing(corrupt, match) -> None:
+    model, opt = _model_and_opt()
+    _train_steps(model, opt, 0, 6)
+    state = opt.state_dict()
+    corrupt(state["bb"])
+    fresh_model, fresh = _model_and_opt()
+    ema_before = fresh.state[fresh_model[0].weight]["ema"].clone()
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(state)
+    assert fresh.epoch == 0 and fresh.step_in_epoch == 0 and fresh.lr == 0.2
+    assert torch.equal(fresh.state[fresh_model[0].weight]["ema"], ema_before)
+
+
+def test_load_state_dict_rejects_complex_state() -> None:
+    model, opt = _model_and_opt()
+    state = opt.state_dict()
+    state["state"][0]["ema"] = state["state"][0]["ema"].to(torch.complex64)
+    with pytest.raises(ValueError, match="real floating-point tensor"):
+        _model_and_opt()[1].load_state_dict(state)
