@@ -11,6 +11,8 @@ e = EMA size, 4 for fp32 and bf16 parameters):
 
 * BB step: read θ, grad, ema; write θ, ema = 3p + 2e  (fp32: 20 B, bf16: 14 B)
 * BB epoch end: read θ, θprev, g, gprev; write θprev, gprev, g = 3p + 4e  (fp32: 28 B, bf16: 22 B)
+  BB is timed paper-exact (``safeguard=False``): the kernels alone. ``--safeguard`` times BB's default, whose
+  epoch end also checks for divergence (‖θ‖², ‖g‖²) and restores θ, g where diverged: + 4p + 4e (fp32: 60 B)
 * SGD with momentum: read θ, grad, buf; write θ, buf = 5p (the buffer has the parameter dtype; fp32: 20 B)
 * copy (the ceiling): read + write = 2 × 4 B of a large fp32 ``copy_``; ``add_`` (in place): 3 × 4 B
 
@@ -80,13 +82,15 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------------------------- bytes
-def bytes_per_element(impl: str, op: str, dtype: torch.dtype) -> int:
+def bytes_per_element(impl: str, op: str, dtype: torch.dtype, safeguard: bool = False) -> int:
     """The fewest bytes one parameter element costs ``impl``'s ``op`` (see the module docstring)."""
     p = torch.empty((), dtype=dtype).element_size()
     if impl.startswith("sgd-"):
         return 5 * p
     e = torch.empty((), dtype=state_dtype(dtype)).element_size()
-    return 3 * p + 2 * e if op == "step" else 3 * p + 4 * e
+    if op == "step":
+        return 3 * p + 2 * e
+    return 3 * p + 4 * e + (4 * p + 4 * e if safeguard else 0)
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -214,13 +218,21 @@ def make_parameters(shapes: Shapes, dtype: torch.dtype, device: torch.device, se
     return params
 
 
-def build_optimizer(impl: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(impl: str, params: list[torch.nn.Parameter], safeguard: bool = False) -> torch.optim.Optimizer:
     """Implementation ``impl`` over ``params`` (gradients already set, so BB sees every one as written)."""
     if impl in SGD_FORMS:
         return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **SGD_FORMS[impl])
     # steps_per_epoch=None: a timed step never closes an epoch; the epoch end is timed on its own.
     backend = impl.removeprefix("bb-")
-    return bbfused.BB(params, lr=LR, steps_per_epoch=None, beta=BETA, weight_decay=WEIGHT_DECAY, backend=backend)
+    return bbfused.BB(
+        params,
+        lr=LR,
+        steps_per_epoch=None,
+        beta=BETA,
+        weight_decay=WEIGHT_DECAY,
+        backend=backend,
+        safeguard=safeguard,
+    )
 
 
 def check_updates(params: list[torch.nn.Parameter], step: Callable[[], object]) -> None:
@@ -252,12 +264,14 @@ class Workload:
         return [opt.end_epoch for opt in self.optimizers]  # type: ignore[attr-defined]
 
 
-def build_workload(impl: str, shapes: Shapes, dtype: torch.dtype, device: torch.device, rotate_bytes: int) -> Workload:
+def build_workload(
+    impl: str, shapes: Shapes, dtype: torch.dtype, device: torch.device, rotate_bytes: int, safeguard: bool = False
+) -> Workload:
     """``impl`` over enough copies of ``shapes`` to defeat the caches; checks that a step updates everything."""
     numel = sum(math.prod(shape) for shape in shapes)
     copies = copies_for(numel, bytes_per_element(impl, "step", dtype), rotate_bytes)
     params = [make_parameters(shapes, dtype, device, seed=copy) for copy in range(copies)]
-    optimizers = [build_optimizer(impl, ps) for ps in params]
+    optimizers = [build_optimizer(impl, ps, safeguard) for ps in params]
     check_updates(params[0], optimizers[0].step)
     return Workload(impl, optimizers, params)
 
@@ -649,13 +663,13 @@ def run_case(
     for impl in impls:
         ops = ("step", "epoch_end") if impl in BB_IMPLS else ("step",)
         try:
-            workload = build_workload(impl, shapes, dtype, device, args.rotate_mib * 2**20)
+            workload = build_workload(impl, shapes, dtype, device, args.rotate_mib * 2**20, args.safeguard)
             for op in ops:
                 calls, setups = workload.step_calls(), None
                 if op == "epoch_end":
                     calls, setups = workload.epoch_end_calls(), calls
                 timing = measure(calls, device, settings, setups)
-                bpe = bytes_per_element(impl, op, dtype)
+                bpe = bytes_per_element(impl, op, dtype, args.safeguard)
                 row = make_row(set_name, dtype_name, impl, op, shapes, bpe, len(workload.optimizers), timing)
                 report.rows.append(row)
                 print(f"  {set_name} {dtype_name} {impl} {op}: {row.median_ms:.4g} ms", file=sys.stderr)
@@ -707,6 +721,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="also write torch.profiler tables of every row")
+    parser.add_argument(
+        "--safeguard",
+        action="store_true",
+        help="time BB with its default safeguard=True (epoch end + divergence check); default: paper-exact kernels",
+    )
     parser.add_argument(
         "--end-to-end",
         action="store_true",
