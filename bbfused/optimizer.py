@@ -89,6 +89,8 @@ class BB(torch.optim.Optimizer):
         params: parameters or parameter groups, as for torch.optim. Groups may set ``weight_decay``.
             The learning rate is global: a per-group ``lr`` is ignored, and after construction every
             group's ``"lr"`` holds the current η̂ as a float64 0-dim tensor on the parameters' device.
+            Writing a group's ``"lr"`` later (e.g. an LR scheduler) changes nothing: one warning, and the
+            groups show η̂ again.
         lr: the initial learning rate η̂_0 = η̂_1.
         steps_per_epoch: T. The epoch ends by itself after every T calls of :meth:`step`. With None, the
             caller ends each epoch with :meth:`end_epoch` and must give ``beta``.
