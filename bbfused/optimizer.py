@@ -31,10 +31,11 @@ _BB_KEYS = (
 # After a diverged epoch the safeguard restarts from the last good epoch-end point with the rate cut tenfold.
 _SAFEGUARD_BACKOFF = 0.1
 # An epoch diverged when ‖θ‖² grew past GROWTH · max(‖θ‖² at the last good epoch end, FLOOR · number of values):
-# the weights' RMS grew tenfold and passed 1. The floor keeps a start from (near) zero weights from counting as
-# growth. Healthy epochs of the paper's MLP change ‖θ‖² (2e3 at init, RMS 0.03) by under 20%; at η = 1 on 512
-# images it went 2e3, 2e4, 4e7 (loss 6e3), 4e16, NaN; on 1024 images 2e3, 3e9 (finite loss 4e4), NaN.
-_SAFEGUARD_GROWTH = 100.0
+# the weights' RMS grew more than √10 ≈ 3.2-fold and passed 0.32. The floor keeps a start from (near) zero weights
+# from counting as growth. Healthy epochs of the paper's MLP change ‖θ‖² (2e3 at init, RMS 0.03) by under 20%; at
+# η = 1 on 512 images it went 2e3, 2e4, 4e7 (loss 6e3), 4e16, NaN; on 1024 images 2e3, 3e9 (finite loss 4e4), NaN.
+# LeNet-5 on MNIST killed by the rule's rate 1/3 at k = 1 (loss stuck at ln 10): 244 -> 2.1e4 in one epoch.
+_SAFEGUARD_GROWTH = 10.0
 _SAFEGUARD_FLOOR = 1e-2
 
 
@@ -76,8 +77,9 @@ class BB(torch.optim.Optimizer):
     Safeguard (``safeguard=True``, the default): an epoch that diverged is rolled back. The rate it used
     was too large: η0 = 1 on the paper's MLP turns the weights into NaN within epoch 0, before the rule
     can act, and the rule itself may pick up to τ_max/(k+2) = 1 at k = 1. An epoch diverged when, at its
-    end, a parameter or gradient average is not finite, or ‖θ‖² exceeds 100·max(‖θ‖² at the last good
-    epoch end, 0.01·number of parameter values): the weights' RMS grew tenfold and passed 1. The parameters
+    end, a parameter or gradient average is not finite, or ‖θ‖² exceeds 10·max(‖θ‖² at the last good
+    epoch end, 0.01·number of parameter values): the weights' RMS grew over 3-fold and passed 0.32 (the
+    rule's rate 1/3 at k = 1 does that to LeNet-5 on MNIST, whose loss then stays at ln 10). The parameters
     and gradient averages are then restored from the snapshots of the last good epoch end (for epoch 0,
     the parameters at the first step), the next epoch's rate is the diverged one divided by 10, and the
     rule resumes once a good epoch has ended after a good snapshot; the epoch count goes on (the bounds

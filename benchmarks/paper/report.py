@@ -1,0 +1,344 @@
+"""Tables and figures of ``benchmarks/results/paper_mnist.md`` from the run files the experiment scripts saved.
+
+    python benchmarks/paper/report.py            # rewrite the generated blocks of paper_mnist.md and the PNGs
+    python benchmarks/paper/report.py --print    # print the tables instead
+    python benchmarks/paper/report.py --quick    # from the --quick runs, into a scratch folder (smoke test)
+
+A generated block of the markdown file sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->``; the text
+around the blocks is left alone, so the prose and the numbers live in one file and only the numbers are rewritten.
+Seeds are averaged; a run whose training loss became NaN or inf counts as diverged (its last test accuracy is
+kept, its loss is reported as "div").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from runs import RESULTS, RUNS  # noqa: E402
+
+REPORT = RESULTS / "paper_mnist.md"
+MODELS = {"mlp": "MLP", "lenet": "LeNet-5"}
+LABELS = {
+    "bb": "BB",
+    "bb-safe": "BB + safeguard",
+    "sgd": "SGD (momentum 0.9)",
+    "nag": "NAG",
+    "adam": "Adam",
+    "amsgrad": "AMSGrad",
+    "adagrad": "AdaGrad",
+    "rmsprop": "RMSProp",
+}
+
+
+def load(folder: Path) -> list[dict]:
+    """Every run file in ``folder`` (none if it does not exist)."""
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
+def by_method_lr(records: list[dict]) -> dict[str, dict[float, list[dict]]]:
+    """{method: {η0: [one record per seed]}}, methods in LABELS order and η0 ascending."""
+    table: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        table[record["run"]["method"]][record["run"]["lr"]].append(record)
+    order = [m for m in LABELS if m in table]
+    return {m: dict(sorted(table[m].items())) for m in order}
+
+
+def final(record: dict, key: str) -> float:
+    return record["history"][-1][key]
+
+
+def _range(values: list[float]) -> float:
+    return max(values) - min(values)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def diverged(records: list[dict]) -> bool:
+    return any(record["diverged_after_epoch"] is not None for record in records)
+
+
+def _loss_text(records: list[dict]) -> str:
+    if diverged(records):
+        epochs = sorted({r["diverged_after_epoch"] for r in records if r["diverged_after_epoch"] is not None})
+        return f"div (ep {','.join(map(str, epochs))})"
+    return f"{mean([final(r, 'train_loss') for r in records]):.4f}"
+
+
+def sensitivity_tables(records: list[dict]) -> dict[str, str]:
+    """The markdown blocks of an experiment-1 sweep: final loss and accuracy per method and η0, the spread of
+    the final test accuracy across η0 per method, and BB's learning rate per epoch."""
+    table = by_method_lr(records)
+    if not table:
+        return {"results": "(no runs yet)", "spread": "(no runs yet)", "bb_lrs": "(no runs yet)"}
+    lrs = sorted({lr for per_lr in table.values() for lr in per_lr})
+    seeds = sorted({r["run"]["seed"] for r in records})
+    epochs = max(r["run"]["epochs"] for r in records)
+    head = "| method | " + " | ".join(f"η0 = {lr:g}" for lr in lrs) + " |\n|---|" + "---|" * len(lrs) + "\n"
+    rows = []
+    for method, per_lr in table.items():
+        cells = []
+        for lr in lrs:
+            runs = per_lr.get(lr, [])
+            if not runs:
+                cells.append("–")
+                continue
+            accs = [final(r, "test_acc1") for r in runs]
+            partial = f" ({len(runs)} seed{'s' * (len(runs) > 1)})" if len(runs) < len(seeds) else ""
+            cells.append(f"{_loss_text(runs)} / {mean(accs):.2f}{partial}")
+        rows.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    results = (
+        f"Final train loss / test accuracy (%) after {epochs} epochs, mean of seeds {', '.join(map(str, seeds))} "
+        f"(div (ep N): the training loss became NaN in epoch N and the run stopped).\n\n" + head + "\n".join(rows)
+    )
+
+    spread_rows = []
+    for method, per_lr in table.items():
+        accs = {lr: mean([final(r, "test_acc1") for r in runs]) for lr, runs in per_lr.items()}
+        per_seed = [accs[lr] for lr in accs]
+        best_lr = max(accs, key=accs.get)
+        worst_lr = min(accs, key=accs.get)
+        finite = [accs[lr] for lr, runs in per_lr.items() if not diverged(runs)]
+        finite_spread = f"{max(finite) - min(finite):.2f}" if finite else "–"
+        small = [acc for lr, acc in accs.items() if lr <= 0.1]
+        small_spread = f"{_range(small):.2f}" if small else "–"
+        seed_ranges = [_range([final(r, "test_acc1") for r in runs]) for runs in per_lr.values() if len(runs) > 1]
+        seed_noise = f"{mean(seed_ranges):.2f}" if seed_ranges else "–"
+        spread_rows.append(
+            f"| {LABELS[method]} | {max(per_seed) - min(per_seed):.2f} | {finite_spread} | {small_spread} | "
+            f"{accs[best_lr]:.2f} (η0 {best_lr:g}) | {accs[worst_lr]:.2f} (η0 {worst_lr:g}) | "
+            f"{sum(diverged(runs) for runs in per_lr.values())} of {len(per_lr)} | {seed_noise} |"
+        )
+    spread = (
+        "Spread of the final test accuracy across η0 (max − min of the seed means, percentage points); the "
+        "second column leaves out the η0 whose loss became NaN, the third η0 = 1. Seed noise: the mean over η0 "
+        "of the range of the final test accuracy across seeds, for scale.\n\n"
+        "| method | spread | spread without diverged | spread over η0 ≤ 0.1 | best | worst | η0 diverged "
+        "| seed noise |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(spread_rows)
+    )
+
+    lr_rows = []
+    for method in ("bb", "bb-safe"):
+        for lr, runs in table.get(method, {}).items():
+            for r in sorted(runs, key=lambda r: r["run"]["seed"]):
+                rates = " ".join(f"{e['lr']:.3g}" for e in r["history"])
+                losses = " ".join(f"{e['train_loss']:.3g}" for e in r["history"])
+                fallbacks = f"{fallback_epochs(r)} of {max(0, len(r['history']) - 2)}"
+                lr_rows.append(f"| {LABELS[method]} | {lr:g} | {r['run']['seed']} | {rates} | {fallbacks} | {losses} |")
+    bb_lrs = (
+        "The learning rate BB used in each epoch, how many of the rule's rates were its fallback τ0/(k+2) (the BB "
+        "ratio fell outside [τ_min, τ_max]/(k+2)), and the mean training loss of each epoch.\n\n"
+        "| method | η0 | seed | learning rate per epoch | fallbacks | train loss per epoch |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(lr_rows)
+        if lr_rows
+        else "(no BB runs)"
+    )
+    return {"results": results, "spread": spread, "bb_lrs": bb_lrs}
+
+
+def fallback_epochs(record: dict, tau0: float = 1.0) -> int:
+    """How many epochs ran at the rule's fallback: epoch e >= 2 (0-based) used τ0/(e+1), set after epoch k = e-1.
+    An epoch after a rollback (rate = the diverged one / 10) does not count."""
+    return sum(
+        math.isclose(epoch["lr"], tau0 / (e + 1), rel_tol=1e-9) for e, epoch in enumerate(record["history"]) if e >= 2
+    )
+
+
+def _curve(records: list[dict], key: str) -> list[float]:
+    """The seed mean of ``key`` per epoch, as long as the shortest run (a diverged run stops early)."""
+    length = min(len(r["history"]) for r in records)
+    return [mean([r["history"][i][key] for r in records]) for i in range(length)]
+
+
+def sensitivity_figure(records: list[dict], path: Path, title: str, per_row: int = 4) -> None:
+    """One panel pair per method (training loss, log scale, above test accuracy), ``per_row`` methods a row,
+    one curve per η0 (the mean of the seeds)."""
+    table = by_method_lr(records)
+    rows = math.ceil(len(table) / per_row)
+    columns = min(per_row, len(table))
+    figure, axes = plt.subplots(2 * rows, columns, figsize=(3.3 * columns, 5.6 * rows), squeeze=False)
+    colors = plt.get_cmap("viridis")
+    all_lrs = sorted({lr for per_lr in table.values() for lr in per_lr})
+    top = 3.0
+    for index, (method, per_lr) in enumerate(table.items()):
+        loss_axes, acc_axes = (
+            axes[2 * (index // per_row), index % per_row],
+            axes[2 * (index // per_row) + 1, index % per_row],
+        )
+        for lr, runs in per_lr.items():
+            color = colors(all_lrs.index(lr) / max(1, len(all_lrs) - 1))
+            loss = [v if math.isfinite(v) else math.nan for v in _curve(runs, "train_loss")]
+            acc = _curve(runs, "test_acc1")
+            label = f"η0={lr:g}"
+            if diverged(runs):
+                label += " (NaN)"
+            elif any(math.isnan(v) for v in loss):
+                label += " (rolled back)"
+            if acc[-1] < 90:
+                label += f" ends {acc[-1]:.0f} %"
+            epochs = range(1, len(loss) + 1)
+            loss_axes.plot(epochs, loss, marker="o", markersize=3, color=color, label=label)
+            acc_axes.plot(epochs, acc, marker="o", markersize=3, color=color)
+            top = max(top, max((v for v in loss if not math.isnan(v)), default=0.0))
+        loss_axes.set_title(LABELS[method])
+        loss_axes.set_yscale("log")
+        loss_axes.legend(fontsize=7)
+        acc_axes.set_ylim(90, 100)
+        acc_axes.set_xlabel("epoch")
+        if index % per_row == 0:
+            loss_axes.set_ylabel("training loss")
+            acc_axes.set_ylabel("test accuracy % (90-100 shown)")
+        for ax in (loss_axes, acc_axes):
+            ax.grid(alpha=0.3)
+    for index in range(len(table)):  # one loss scale for every panel, up to the largest finite loss (at most 1e6)
+        axes[2 * (index // per_row), index % per_row].set_ylim(5e-3, min(1e6, 10 ** math.ceil(math.log10(top))))
+    for index in range(len(table), rows * columns):
+        axes[2 * (index // per_row), index % per_row].axis("off")
+        axes[2 * (index // per_row) + 1, index % per_row].axis("off")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def comparison_table(records: list[dict], tuning: list[dict]) -> str:
+    """Experiment 2's table: each method's η0, its tuning score, and its loss and accuracy per epoch."""
+    if not records:
+        return "(no runs yet)"
+    rows = []
+    best_tuning = {}
+    for r in tuning:
+        method, score = r["run"]["method"], final(r, "test_acc1")
+        if method not in best_tuning or score > best_tuning[method]:
+            best_tuning[method] = score
+    for method, per_lr in by_method_lr(records).items():
+        for lr, runs in per_lr.items():
+            loss = " ".join(f"{v:.3g}" for v in _curve(runs, "train_loss"))
+            acc = " ".join(f"{v:.2f}" for v in _curve(runs, "test_acc1"))
+            tuned = f"{best_tuning[method]:.2f}" if method in best_tuning else "not tuned"
+            rows.append(f"| {LABELS[method]} | {lr:g} | {tuned} | {loss} | {acc} |")
+    return (
+        "| method | η0 | tuning score (test %) | train loss per epoch | test accuracy % per epoch |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
+def tuning_table(tuning: list[dict]) -> str:
+    """Experiment 2's tuning grid: the tuning score of every method and η0."""
+    if not tuning:
+        return "(no tuning runs yet)"
+    table = by_method_lr(tuning)
+    lrs = sorted({lr for per_lr in table.values() for lr in per_lr})
+    head = "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |\n|---|" + "---|" * len(lrs) + "\n"
+    rows = []
+    for method, per_lr in table.items():
+        cells = []
+        for lr in lrs:
+            runs = per_lr.get(lr)
+            cells.append("–" if not runs else ("div" if diverged(runs) else f"{final(runs[0], 'test_acc1'):.1f}"))
+        rows.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows)
+
+
+def comparison_figure(records: list[dict], path: Path, title: str) -> None:
+    """Training loss (log) and test accuracy per epoch, one curve per method (the paper's Figure 3)."""
+    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, per_lr in by_method_lr(records).items():
+        for lr, runs in per_lr.items():
+            label = f"{LABELS[method]} (η0={lr:g})"
+            style = dict(marker="o", markersize=3, linewidth=2.2 if method.startswith("bb") else 1.2)
+            loss = _curve(runs, "train_loss")
+            loss_axes.plot(range(1, len(loss) + 1), loss, label=label, **style)
+            acc = _curve(runs, "test_acc1")
+            acc_axes.plot(range(1, len(acc) + 1), acc, label=label, **style)
+    loss_axes.set_yscale("log")
+    loss_axes.set_ylabel("training loss")
+    acc_axes.set_ylabel("test accuracy %")
+    for axes in (loss_axes, acc_axes):
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+    acc_axes.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def times_table(folders: dict[str, list[dict]]) -> str:
+    """Per experiment folder: the runs, the epochs trained and the summed run time (runs went 2 at once)."""
+    rows = []
+    for name, records in folders.items():
+        if records:
+            epochs = sum(len(r["history"]) for r in records)
+            seconds = sum(r["wall_s"] for r in records)
+            rows.append(f"| {name} | {len(records)} | {epochs} | {seconds / 60:.1f} | {seconds / epochs:.1f} |")
+    return (
+        "| run folder | runs | epochs trained | run time, summed (min) | s per epoch (incl. evaluation) |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with the content between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` replaced."""
+    for name, content in blocks.items():
+        pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)} -->\n).*?(<!-- END {re.escape(name)} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{REPORT} has no block {name!r}; add <!-- BEGIN {name} --> ... <!-- END {name} -->")
+        text = pattern.sub(lambda match, content=content: match.group(1) + content + "\n" + match.group(2), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--print", action="store_true", help="print the tables, write no file")
+    parser.add_argument("--quick", action="store_true", help="report the --quick runs into --figures (smoke test)")
+    parser.add_argument("--figures", type=Path, default=RESULTS, help="folder of the PNGs (default: %(default)s)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the run folders (default: %(default)s)")
+    args = parser.parse_args(argv)
+    suffix = "_quick" if args.quick else ""
+    blocks: dict[str, str] = {}
+    figures = []
+    for model in MODELS:
+        records = [r for r in load(args.runs / f"sensitivity{suffix}") if r["run"]["model"] == model]
+        if records:
+            for name, content in sensitivity_tables(records).items():
+                blocks[f"sensitivity_{model}_{name}"] = content
+            path = args.figures / f"paper_sensitivity_{model}.png"
+            if not args.print:
+                sensitivity_figure(records, path, f"{MODELS[model]} on MNIST: sensitivity to the initial learning rate")
+                figures.append(path)
+        comparison = [r for r in load(args.runs / f"comparison{suffix}") if r["run"]["model"] == model]
+        tuning = [r for r in load(args.runs / f"tuning{suffix}") if r["run"]["model"] == model]
+        if comparison or tuning:
+            blocks[f"comparison_{model}_tuning"] = tuning_table(tuning)
+            blocks[f"comparison_{model}"] = comparison_table(comparison, tuning)
+        if comparison:
+            path = args.figures / f"paper_comparison_{model}.png"
+            if not args.print:
+                comparison_figure(comparison, path, f"{MODELS[model]} on MNIST: each method at its tuned η0")
+                figures.append(path)
+    folders = {name: load(args.runs / f"{name}{suffix}") for name in ("sensitivity", "tuning", "comparison")}
+    blocks["times"] = times_table(folders)
+    if args.print or args.quick:
+        for name, content in blocks.items():
+            print(f"## {name}\n\n{content}\n")
+    else:
+        REPORT.write_text(replace_blocks(REPORT.read_text(), blocks))
+    print("figures:", ", ".join(str(path) for path in figures))
+    return blocks
+
+
+if __name__ == "__main__":
+    main()
