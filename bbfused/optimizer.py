@@ -383,7 +383,7 @@ class BB(torch.optim.Optimizer):
         )
 
     def _sq_norm(self, name: str) -> torch.Tensor:
-        """‖·‖² of buffer ``name`` ("param" or "prev_params") over every buffer: float64 on the master device."""
+        """‖·‖² of buffer ``name`` ("param", "prev_params" or "ema") over every buffer: float64 on the master device."""
         master = self._lr_tensor.device
         norms = [_norm(getattr(b, name)) for b in self._buffers]
         return torch.stack([_on(n, master) for n in norms]).square().sum()
@@ -392,13 +392,10 @@ class BB(torch.optim.Optimizer):
         """The safeguard's check, before the epoch end: whether the epoch diverged (see the class docstring), a
         bool 0-dim tensor on the master device. If so, parameters and gradient averages are restored from the
         snapshots, so the epoch end that follows leaves the state of the last good epoch end. No host sync."""
-        master = self._lr_tensor.device
         sq_norm = self._sq_norm("param")
-        ema_norms = [_norm(b.ema) for b in self._buffers]
-        ema_norm = torch.stack([_on(n, master) for n in ema_norms]).sum()
         limit = _SAFEGUARD_GROWTH * self._snapshot_sq_norm.clamp(min=self._sq_norm_floor)
         # NaN fails every comparison: "not <=" catches it along with growth past the limit.
-        diverged = ~(sq_norm <= limit) | ~torch.isfinite(ema_norm)
+        diverged = ~(sq_norm <= limit) | ~torch.isfinite(self._sq_norm("ema"))
         for buffer in self._buffers:
             flag = _on(diverged, buffer.device)
             torch.where(flag, buffer.prev_params, buffer.param, out=buffer.param)
@@ -560,7 +557,7 @@ def _norm(flat: torch.Tensor) -> torch.Tensor:
     """‖flat‖ as a float64 0-dim tensor, accumulated in the state dtype.
 
     A float64 upcast of a float32 buffer would cost a full conversion pass (30x slower on CPU); the safeguard
-    compares norms against a 100x growth bound, and an overflow to inf reads as diverged, as it should.
+    compares norms against a growth bound (_SAFEGUARD_GROWTH), and an overflow to inf reads as diverged, as it should.
     """
     return torch.linalg.vector_norm(flat, dtype=state_dtype(flat.dtype)).double()
 
