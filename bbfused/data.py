@@ -92,18 +92,20 @@ def load_mnist(root: Path = MNIST_DIR) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 class TensorBatches(Dataset):
-    """In-memory images and labels indexed a whole batch at a time (one gather, no per-sample collate)."""
+    """In-memory images and labels indexed a whole batch at a time (one gather, no per-sample collate).
+    ``channels`` > 1 repeats single-channel images that many times (a view of the gathered batch)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int = 1) -> None:
         self.images = images
         self.labels = labels
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, device=self.labels.device)
-        return self.images[index], self.labels[index]
+        return self.images[index].expand(-1, self.channels, -1, -1), self.labels[index]
 
 
 # ----------------------------------------------------------------------------------------------- samplers
@@ -142,8 +144,10 @@ def mnist_data(
     seed: int,
     limit_train: int | None = None,
     limit_test: int | None = None,
+    channels: int = 1,
 ) -> Data:
-    """MNIST normalised with its mean and std, held on ``device`` (188 MB as float32) and batched by index."""
+    """MNIST normalised with its mean and std, held on ``device`` (188 MB as float32) and batched by index.
+    ``channels=3`` gives each batch its gray channel three times, for models built for RGB (torchvision's)."""
     train_images, train_labels, test_images, test_labels = load_mnist()
 
     def tensors(images: torch.Tensor, labels: torch.Tensor, limit: int | None) -> TensorBatches:
@@ -151,7 +155,7 @@ def mnist_data(
         if chosen is not None:
             images, labels = images[chosen], labels[chosen]
         images = ((images.to(device, torch.float32) / 255.0) - MNIST_MEAN) / MNIST_STD
-        return TensorBatches(images, labels.to(device))
+        return TensorBatches(images, labels.to(device), channels)
 
     train = tensors(train_images, train_labels, limit_train)
     test = tensors(test_images, test_labels, limit_test)
@@ -163,7 +167,7 @@ def mnist_data(
         ),
         train_sampler=sampler,
         num_classes=10,
-        in_channels=1,
+        in_channels=channels,
         image_size=28,
     )
 

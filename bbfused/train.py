@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument(
         "--bb-safeguard",
         action=argparse.BooleanOptionalAction,
-        help="BB rolls back an epoch that diverged and cuts its rate tenfold (default: on); "
+        help="BB rolls back an epoch that diverged, cuts its rate tenfold and caps later ones (default: on); "
         "--no-bb-safeguard is the paper's method exactly",
     )
 
@@ -208,8 +208,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if source == "mnist":
         if args.image_size is not None:
             raise UsageError("--image-size applies to folders and synthetic data; MNIST images are 28x28")
-        if args.model not in ("mlp", "lenet"):
-            raise UsageError(f"--model {args.model} needs 3-channel images; use --model mlp or lenet with MNIST")
     elif args.image_size is None:
         args.image_size = 224
     if args.dropout is not None and args.model != "mlp":
@@ -304,7 +302,9 @@ def build_data(args: argparse.Namespace, shard: Shard, device: torch.device) -> 
     """The data source ``args.data`` names, sharded for this process."""
     limits = dict(limit_train=args.limit_train, limit_test=args.limit_test)
     if args.data == "mnist":
-        return mnist_data(args.batch_size, shard, device, args.seed, **limits)
+        # torchvision models are built for RGB: they see the gray channel three times.
+        channels = 1 if args.model in ("mlp", "lenet") else 3
+        return mnist_data(args.batch_size, shard, device, args.seed, **limits, channels=channels)
     if args.data == "synthetic":
         return synthetic_data(args.image_size, args.batch_size, device, args.seed, **limits)
     return folder_data(
@@ -611,6 +611,8 @@ class Training:
             world=self.shard.world,
         )
         record = {"epoch": epoch + 1, **train, **test, "time_s": time.perf_counter() - start}
+        if isinstance(self.optimizer, BB) and self.optimizer.safeguard:
+            record["rolled_back"] = epoch in self.optimizer.rolled_back_epochs
         self.history.append(record)
         improved = record["test_acc1"] > self.best_acc1
         self.best_acc1 = max(self.best_acc1, record["test_acc1"])
@@ -709,6 +711,7 @@ def format_record(record: dict[str, float], epochs: int) -> str:
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  lr {record['lr']:.6g}  "
         f"train loss {record['train_loss']:.4f}  test top-1 {record['test_acc1']:6.2f}%{acc5}  "
         f"{record['images_per_s']:,.0f} img/s  {record['time_s']:.1f} s"
+        + ("  diverged: BB rolled the epoch back (next lr / 10)" if record.get("rolled_back") else "")
     )
 
 

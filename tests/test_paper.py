@@ -9,6 +9,10 @@ Failure modes, each with a regression test of BB's safeguard (paper-exact BB is 
 * A rate the rule itself chose diverges at k >= 1 (the bounds allow up to τ_max/(k+2) = 1 at k = 1).
 * A rate that kills the network without any NaN: the rule's fallback 1/3 at k = 1 sends LeNet-5 on MNIST to
   a constant prediction (loss ln 10 from then on) while ‖θ‖² grows 85-fold (244 to 2.1e4) in that epoch.
+* η0 = 1 kills LeNet-5 within epoch 0 with ‖θ‖² growing only 7.3-fold (under the first, 10-fold threshold);
+  LeNet-5 weights start at RMS 0.06, under the first floor (RMS 0.1), so the growth was not even counted.
+* The same rate diverging again and again: after a rollback the rule came back to rates near the one that
+  diverged (LeNet-5, seed 1: rollbacks at k = 2 and 4, then a death at 0.134); its rates are now capped.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import pytest
 import torch
 
 from bbfused import BB
-from bbfused.train import UsageError, parse_args, prepare
+from bbfused.train import UsageError, format_record, parse_args, prepare
 
 PAPER = Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
 sys.path.insert(0, str(PAPER))
@@ -63,22 +67,26 @@ def quadratic_bb(lr: float, safeguard: bool, backend: str = "eager", **kwargs) -
     return BB([theta], lr=lr, steps_per_epoch=10, backend=backend, safeguard=safeguard, **kwargs), theta
 
 
-def mnist_mlp(lr: float, safeguard: bool, limit_train: int):
+def mnist_run(lr: float, safeguard: bool, *options: str, model: str = "mlp"):
     flag = "--bb-safeguard" if safeguard else "--no-bb-safeguard"
-    argv = ["--lr", str(lr), "--device", "cpu", "--limit-test", "1000", flag]
-    return prepare(parse_args([*argv, "--limit-train", str(limit_train), "--print-freq", "1000"]))
+    argv = ["--model", model, "--lr", str(lr), "--device", "cpu", "--limit-test", "1000", flag, *options]
+    return prepare(parse_args([*argv, "--print-freq", "1000"]))
+
+
+def sq_norm(model: torch.nn.Module) -> float:
+    return sum(float(p.detach().double().square().sum()) for p in model.parameters())
 
 
 # ============================================================================================ failure modes
 def test_initial_lr_too_large_nan_in_epoch_0_is_rolled_back() -> None:
     """η0 = 1 on the paper's MLP (4096 MNIST images, 32 steps an epoch): the paper's BB ends epoch 0 with
     NaN weights; the safeguard restores the initial weights exactly, runs epoch 1 at 0.1 and learns."""
-    paper = mnist_mlp(1.0, safeguard=False, limit_train=4096)
+    paper = mnist_run(1.0, False, "--limit-train", "4096")
     record = paper.run_epoch(0)
     assert math.isnan(record["train_loss"])
     assert not all(torch.isfinite(p).all() for p in paper.model.parameters())
 
-    safe = mnist_mlp(1.0, safeguard=True, limit_train=4096)
+    safe = mnist_run(1.0, True, "--limit-train", "4096")
     initial = [p.detach().clone() for p in safe.model.parameters()]
     records = [safe.run_epoch(0)]
     assert math.isnan(records[0]["train_loss"])
@@ -100,17 +108,72 @@ def test_finite_blow_up_counts_as_diverged(backend: str) -> None:
     after = quadratic_epochs(safe, theta, 3, 10)
     assert torch.equal(after[0], torch.ones(16, device=DEVICE))  # rolled back to the first step's point
     assert safe.lr_history == [3.0, pytest.approx(0.3), pytest.approx(0.3)]
+    assert safe.rolled_back_epochs == [0] and paper.rolled_back_epochs == []
     assert float(after[2].abs().max()) == pytest.approx(0.7**20, rel=1e-4)  # then it converges at 0.3
 
 
-@pytest.mark.parametrize(("lr", "rolled_back"), [(2.1161, False), (2.1275, True)])
-def test_growth_threshold_is_tenfold(lr: float, rolled_back: bool) -> None:
-    """|1 − η|^20 is ‖θ‖²'s growth over the epoch: 9-fold at η = 2.1161 is kept, 11-fold at 2.1275 is rolled
-    back (LeNet's killing epoch grew it 85-fold, healthy MLP epochs by under 1.2-fold)."""
+def test_lenet_dying_in_epoch_0_without_nan_is_rolled_back() -> None:
+    """η0 = 1 on LeNet-5 (all of MNIST, as in experiment 3): the paper's BB ends epoch 0 with a dead network
+    (loss ln 10, 10 % accuracy, finite weights) whose ‖θ‖² grew 7.3-fold; the safeguard rolls it back to the
+    initial weights exactly and epoch 1 at 0.1 learns."""
+    paper = mnist_run(1.0, False, model="lenet")
+    initial_sq_norm = sq_norm(paper.model)
+    record = paper.run_epoch(0)
+    assert record["train_loss"] == pytest.approx(math.log(10), abs=0.05) and record["test_acc1"] < 15.0
+    assert all(torch.isfinite(p).all() for p in paper.model.parameters())
+    assert 4.0 < sq_norm(paper.model) / initial_sq_norm < 10.0  # caught by the 4-fold threshold, not by 10-fold
+
+    safe = mnist_run(1.0, True, model="lenet")
+    initial = [p.detach().clone() for p in safe.model.parameters()]
+    safe_record = safe.run_epoch(0)
+    assert safe_record["train_loss"] == record["train_loss"] and safe_record["rolled_back"]  # same epoch, rolled back
+    assert "diverged: BB rolled the epoch back" in format_record(safe_record, 10)
+    assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), initial))
+    assert safe.optimizer.lr == pytest.approx(0.1)
+    next_record = safe.run_epoch(1)
+    assert next_record["test_acc1"] > 90.0 and not next_record["rolled_back"]
+    assert safe.optimizer.rolled_back_epochs == [0]
+
+
+@pytest.mark.parametrize(("lr", "rolled_back"), [(2.0704, False), (2.0731, True)])
+def test_growth_threshold_is_fourfold(lr: float, rolled_back: bool) -> None:
+    """|1 − η|^20 is ‖θ‖²'s growth over the epoch: 3.9-fold at η = 2.0704 is kept, 4.1-fold at 2.0731 is rolled
+    back (healthy epochs measured up to 2.5-fold, LeNet-5 dying 7.3- and 9.9-fold)."""
     safe, theta = quadratic_bb(lr, safeguard=True)
     (after,) = quadratic_epochs(safe, theta, 1, 10)
     assert torch.equal(after, torch.ones(16, device=DEVICE)) == rolled_back
     assert safe.lr == pytest.approx(lr / 10 if rolled_back else lr)
+
+
+@pytest.mark.parametrize(("target", "rolled_back"), [(0.099, False), (0.101, True)])
+def test_growth_from_zero_weights_counts_above_rms_0_1(target: float, rolled_back: bool) -> None:
+    """Weights that start at zero may grow to an RMS of 0.1 in an epoch (the floor: 4 x 0.0025 per value) before
+    the growth counts: ½‖θ − c‖² from θ = 0 at η = 1 lands on c in one step."""
+    theta = torch.nn.Parameter(torch.zeros(16, device=DEVICE))
+    safe = BB([theta], lr=1.0, steps_per_epoch=4, backend="eager")
+    for _ in range(4):
+        safe.zero_grad()
+        (0.5 * (theta - target).square().sum()).backward()
+        safe.step()
+    assert torch.equal(theta.detach(), torch.zeros(16, device=DEVICE)) == rolled_back
+    assert safe.lr == pytest.approx(0.1 if rolled_back else 1.0)
+
+
+def test_rates_after_a_divergence_are_capped_at_half_the_rate_that_diverged() -> None:
+    """Bounds that reject every BB ratio make the rule fall back to τ0/(k+2) = 20/(k+2): 6.67 at k = 1 diverges
+    (θ times −5.67 each step), epoch 3 runs at 0.667, then the fallback 20/5 = 4 is capped at 6.67/2 = 3.33,
+    which diverges too; after it the cap is 1.67 and the fallback 20/7 = 2.86 is cut to it (θ times −0.67).
+    θ starts at 1e8 so that it stays above the floor (RMS 0.05) while the slower epochs shrink it."""
+    safe, theta = quadratic_bb(0.1, safeguard=True, tau0=20.0, tau_min=1e-9, tau_max=1e-9)
+    with torch.no_grad():
+        theta.fill_(1e8)
+    after = quadratic_epochs(safe, theta, 7, 10)
+    expected = [0.1, 0.1, 20 / 3, 2 / 3, 10 / 3, 1 / 3, 5 / 3]
+    assert safe.lr_history == [pytest.approx(rate) for rate in expected]
+    assert torch.equal(after[2], after[1]) and torch.equal(after[4], after[3])  # the two rolled-back epochs
+    assert safe.rolled_back_epochs == [2, 4]
+    assert float(after[6].abs().max()) < float(after[5].abs().max())  # the capped rate converges
+    assert safe.state_dict()["bb"]["lr_cap"] == pytest.approx(5 / 3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,7 +195,12 @@ def test_no_divergence_is_bit_identical_to_the_paper() -> None:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
         data, labels = torch.randn(64, 20), torch.randint(0, 3, (64,))
-        opt = BB(model.parameters(), lr=0.1, steps_per_epoch=8, weight_decay=5e-4, backend="eager", safeguard=safeguard)
+        # The shallow-network bounds: with the deep ones the rule picks 1.8 at k = 2, which grows this
+        # random-label fit's ‖θ‖² 5-fold in an epoch whose loss rises 60% (the safeguard rolls that back).
+        opt = BB(
+            model.parameters(), lr=0.1, steps_per_epoch=8, weight_decay=5e-4, tau_min=1 / 3, tau_max=3.0,
+            backend="eager", safeguard=safeguard,
+        )  # fmt: skip
         for step in range(5 * 8):
             batch = slice(8 * (step % 8), 8 * (step % 8 + 1))
             opt.zero_grad()
@@ -157,6 +225,8 @@ def test_checkpoint_after_a_rollback_loses_nothing() -> None:
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     assert saved["opt"]["bb"]["has_snapshot"] is False
+    assert saved["opt"]["bb"]["lr_cap"] == 1.5  # half the rate that diverged
+    assert saved["opt"]["bb"]["rolled_back_epochs"] == [0]
     resumed, theta = quadratic_bb(0.5, safeguard=True)
     with torch.no_grad():
         theta.copy_(saved["theta"])
@@ -164,16 +234,44 @@ def test_checkpoint_after_a_rollback_loses_nothing() -> None:
     resumed_after = quadratic_epochs(resumed, theta, 3, 10)
     assert all(torch.equal(a, b) for a, b in zip(resumed_after, expected))
     assert resumed.lr_history == reference.lr_history
+    assert resumed.rolled_back_epochs == reference.rolled_back_epochs == [0]
 
 
 def test_state_dict_from_before_the_safeguard_loads() -> None:
     opt, theta = quadratic_bb(0.1, safeguard=True)
     quadratic_epochs(opt, theta, 2, 10)
     state = opt.state_dict()
-    del state["bb"]["has_snapshot"]
+    del state["bb"]["has_snapshot"], state["bb"]["lr_cap"], state["bb"]["rolled_back_epochs"]
     fresh, _ = quadratic_bb(0.1, safeguard=True)
     fresh.load_state_dict(state)
     assert fresh.state_dict()["bb"]["has_snapshot"] is True  # epoch 2 >= 1: the snapshots are an epoch end
+    assert fresh.state_dict()["bb"]["lr_cap"] == math.inf  # nothing diverged
+    assert fresh.rolled_back_epochs == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("lr_cap", 0.0, "lr_cap must be a number > 0 or inf"),
+        ("lr_cap", math.nan, "lr_cap must be a number > 0 or inf"),
+        ("lr_cap", "1", "lr_cap must be a number > 0 or inf"),
+        ("lr_cap", True, "lr_cap must be a number > 0 or inf"),
+        ("rolled_back_epochs", [2], r"rolled_back_epochs must be increasing epochs in \[0, 2\)"),
+        ("rolled_back_epochs", [1, 0], "rolled_back_epochs must be increasing"),
+        ("rolled_back_epochs", [True], "rolled_back_epochs must be increasing"),
+        ("rolled_back_epochs", "0", "rolled_back_epochs must be increasing"),
+    ],
+)
+def test_corrupt_safeguard_state_is_rejected_before_anything_is_written(key: str, value, message: str) -> None:
+    opt, theta = quadratic_bb(0.1, safeguard=True)
+    quadratic_epochs(opt, theta, 2, 10)
+    state = opt.state_dict()
+    state["bb"][key] = value
+    fresh, _ = quadratic_bb(0.1, safeguard=True)
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(state)
+    assert fresh.state_dict()["bb"] == before["bb"]
 
 
 def test_safeguard_option_is_checked_and_on_by_default() -> None:
@@ -209,6 +307,9 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     by_name = {(r["run"]["method"], r["run"]["lr"]): r for r in records}
     # BB and BB + safeguard agree bit for bit where nothing diverges.
     assert by_name["bb", 0.1]["history"][-1]["train_loss"] == by_name["bb-safe", 0.1]["history"][-1]["train_loss"]
+    for record in records:  # ‖θ‖² at the start and after each epoch; BB + safeguard says what it rolled back
+        assert len(record["param_sq_norms"]) == 3 and all(n > 0 for n in record["param_sq_norms"])
+        assert ("rolled_back" in record["history"][0]) == (record["run"]["method"] == "bb-safe")
     mtimes = [f.stat().st_mtime_ns for f in files]
     sensitivity.main(argv)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
@@ -220,8 +321,21 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     rows = [line for line in blocks["sensitivity_mlp_results"].splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| BB", "| BB + safeguard", "| SGD (momentum 0.9)"]
     assert (figures / "paper_sensitivity_mlp.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "| the network still learned after it |" in blocks["sensitivity_mlp_growth"]
     text = "a\n<!-- BEGIN x -->\nold\n<!-- END x -->\nb"
     assert report.replace_blocks(text, {"x": "new"}) == "a\n<!-- BEGIN x -->\nnew\n<!-- END x -->\nb"
+
+
+def test_sensitivity_passes_device_and_training_options_on() -> None:
+    args = sensitivity.parse(["--model", "resnet18", "--methods", "bb", "--lrs", "1", "--seeds", "0", "--device",
+                              "cuda", "--", "--amp", "bf16", "--data", "/data/imagenette"])  # fmt: skip
+    (run,) = sensitivity.grid(args)
+    argv = run.argv()
+    assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--model") + 1] == "resnet18"
+    assert argv[-4:] == ["--amp", "bf16", "--data", "/data/imagenette"]
+    assert run.name == "resnet18_bb_lr1_seed0_e10_amp_bf16_data_imagenette"
+    with pytest.raises(SystemExit, match="before '--'"):
+        sensitivity.parse(["--", "--lr=0.5"])
 
 
 def test_quick_comparison(tmp_path) -> None:

@@ -120,6 +120,17 @@ def test_image_folder_transforms_give_the_requested_size(image_folder):
     assert training.data.num_classes == 11
 
 
+def test_mnist_trains_a_torchvision_model_on_its_gray_channel_repeated(capsys):
+    argv = ["--model", "resnet18", "--limit-train", "256", "--limit-test", "64", "--epochs", "1", "--device", "cpu"]
+    training = prepare(parse_args([*argv, "--batch-size", "32", "--channels-last"]))
+    images, _ = next(iter(training.data.train))
+    assert images.shape == (32, 3, 28, 28) and torch.equal(images[:, 0], images[:, 2])
+    before = training.model.conv1.weight.detach().clone()
+    (record,) = training.fit()
+    assert math.isfinite(record["train_loss"]) and record["test_acc1"] >= 0.0
+    assert not torch.equal(training.model.conv1.weight, before)
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_synthetic_amp_channels_last(amp, capsys):
     argv = ["--data", "synthetic", "--model", "resnet18", "--image-size", "32", "--batch-size", "4", "--epochs", "1"]
@@ -266,7 +277,6 @@ def test_class_folder_without_images(tmp_path, capsys):
     [
         (["--model", "resnet51"], "unknown model 'resnet51'"),
         (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
-        (["--model", "resnet18"], "needs 3-channel images"),
         (["--image-size", "32"], "MNIST images are 28x28"),
         (["--optimizer", "adam", "--tau-max", "5"], "--tau-max apply to --optimizer bb only"),
         (["--momentum", "0.9"], "--momentum applies to sgd and nag"),

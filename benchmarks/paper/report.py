@@ -136,16 +136,62 @@ def sensitivity_tables(records: list[dict]) -> dict[str, str]:
                 rates = " ".join(f"{e['lr']:.3g}" for e in r["history"])
                 losses = " ".join(f"{e['train_loss']:.3g}" for e in r["history"])
                 fallbacks = f"{fallback_epochs(r)} of {max(0, len(r['history']) - 2)}"
-                lr_rows.append(f"| {LABELS[method]} | {lr:g} | {r['run']['seed']} | {rates} | {fallbacks} | {losses} |")
+                rolled = [str(e["epoch"]) for e in r["history"] if e.get("rolled_back")]
+                rolled_text = ", ".join(rolled) if rolled else ("–" if method == "bb" else "none")
+                lr_rows.append(
+                    f"| {LABELS[method]} | {lr:g} | {r['run']['seed']} | {rates} | {fallbacks} | {rolled_text} | "
+                    f"{losses} | {final(r, 'test_acc1'):.2f} |"
+                )
     bb_lrs = (
         "The learning rate BB used in each epoch, how many of the rule's rates were its fallback τ0/(k+2) (the BB "
-        "ratio fell outside [τ_min, τ_max]/(k+2)), and the mean training loss of each epoch.\n\n"
-        "| method | η0 | seed | learning rate per epoch | fallbacks | train loss per epoch |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(lr_rows)
+        "ratio fell outside [τ_min, τ_max]/(k+2)), the epochs the safeguard rolled back (1-based, as the positions "
+        "in the lists), the mean training loss of each epoch and the final test accuracy.\n\n"
+        "| method | η0 | seed | learning rate per epoch | fallbacks | rolled back | train loss per epoch | test % |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(lr_rows)
         if lr_rows
         else "(no BB runs)"
     )
-    return {"results": results, "spread": spread, "bb_lrs": bb_lrs}
+    return {"results": results, "spread": spread, "bb_lrs": bb_lrs, "growth": growth_table(records)}
+
+
+DEAD_ACCURACY = 15.0  # % test accuracy at or below which a 10-class network predicts (about) one class
+
+
+def _fold(growth: float) -> str:
+    if math.isnan(growth):
+        return "NaN"
+    return f"{growth:.2f}" if growth < 100 else f"{growth:.3g}"
+
+
+def growth_table(records: list[dict]) -> str:
+    """How much ‖θ‖² grew in each epoch of BB's runs (paper-exact and safeguarded, from the recorded ‖θ‖²), split
+    into the epochs after which the network still learned and those that killed it (its test accuracy fell to
+    DEAD_ACCURACY or below, or its weights became NaN). What BB's safeguard threshold has to separate."""
+    kept: list[tuple[float, str]] = []
+    killed: list[tuple[float, str]] = []
+    for r in records:
+        if r["run"]["method"] not in ("bb", "bb-safe") or "param_sq_norms" not in r:
+            continue
+        norms, alive = r["param_sq_norms"], True
+        for e, epoch in enumerate(r["history"]):
+            if not alive or epoch.get("rolled_back"):
+                continue  # a dead network stays dead; a rolled-back epoch's growth was not recorded
+            growth = norms[e + 1] / norms[e]
+            where = f"{r['run']['method']} η0={r['run']['lr']:g} seed {r['run']['seed']} epoch {e + 1}"
+            alive = epoch["test_acc1"] > DEAD_ACCURACY and math.isfinite(epoch["train_loss"])
+            (kept if alive else killed).append((growth, where))
+    if not kept and not killed:
+        return "(no BB runs with ‖θ‖² recorded)"
+    largest = max(kept) if kept else (math.nan, "–")
+    killing = ", ".join(f"{_fold(g)} ({where})" for g, where in sorted(killed, key=lambda k: (math.isnan(k[0]), k[0])))
+    return (
+        "‖θ‖² at an epoch's end over ‖θ‖² at its start, in BB's runs (paper-exact and safeguarded; a rolled-back "
+        f"epoch's growth is not recorded). An epoch killed the network when its test accuracy fell to "
+        f"{DEAD_ACCURACY:g} % or below (or NaN) from above.\n\n"
+        "| epochs | how many | ‖θ‖² growth |\n|---|---|---|\n"
+        f"| the network still learned after it | {len(kept)} | at most {_fold(largest[0])} ({largest[1]}) |\n"
+        f"| it killed the network | {len(killed)} | {killing or '–'} |"
+    )
 
 
 def fallback_epochs(record: dict, tau0: float = 1.0) -> int:
@@ -290,6 +336,12 @@ def times_table(folders: dict[str, list[dict]]) -> str:
     )
 
 
+def data_name(records: list[dict]) -> str:
+    """The training data of ``records``: MNIST unless their command lines name a ``--data`` folder."""
+    argv = records[0]["argv"]
+    return Path(argv[argv.index("--data") + 1]).name if "--data" in argv else "MNIST"
+
+
 def replace_blocks(text: str, blocks: dict[str, str]) -> str:
     """``text`` with the content between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` replaced."""
     for name, content in blocks.items():
@@ -310,14 +362,17 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     suffix = "_quick" if args.quick else ""
     blocks: dict[str, str] = {}
     figures = []
-    for model in MODELS:
+    found = {r["run"]["model"] for name in ("sensitivity", "comparison") for r in load(args.runs / f"{name}{suffix}")}
+    for model in [*MODELS, *sorted(found - MODELS.keys())]:
+        label = MODELS.get(model, model)
         records = [r for r in load(args.runs / f"sensitivity{suffix}") if r["run"]["model"] == model]
         if records:
             for name, content in sensitivity_tables(records).items():
                 blocks[f"sensitivity_{model}_{name}"] = content
             path = args.figures / f"paper_sensitivity_{model}.png"
             if not args.print:
-                sensitivity_figure(records, path, f"{MODELS[model]} on MNIST: sensitivity to the initial learning rate")
+                title = f"{label} on {data_name(records)}: sensitivity to the initial learning rate"
+                sensitivity_figure(records, path, title)
                 figures.append(path)
         comparison = [r for r in load(args.runs / f"comparison{suffix}") if r["run"]["model"] == model]
         tuning = [r for r in load(args.runs / f"tuning{suffix}") if r["run"]["model"] == model]
@@ -327,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         if comparison:
             path = args.figures / f"paper_comparison_{model}.png"
             if not args.print:
-                comparison_figure(comparison, path, f"{MODELS[model]} on MNIST: each method at its tuned η0")
+                comparison_figure(comparison, path, f"{label} on {data_name(comparison)}: each method at its tuned η0")
                 figures.append(path)
     folders = {name: load(args.runs / f"{name}{suffix}") for name in ("sensitivity", "tuning", "comparison")}
     blocks["times"] = times_table(folders)

@@ -47,7 +47,7 @@ BASELINES = ("sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop")
 @dataclass(frozen=True)
 class Run:
     """One training run: ``method`` (a METHODS key) from initial learning rate ``lr``; ``options`` are further
-    ``bbfused-train`` options (model, epochs, data limits)."""
+    ``bbfused-train`` options (data, data limits, AMP, ...), part of the run's name; ``device`` is not."""
 
     method: str
     lr: float
@@ -55,11 +55,13 @@ class Run:
     epochs: int
     model: str = "mlp"
     options: tuple[str, ...] = field(default=())
+    device: str = "cpu"
 
     @property
     def name(self) -> str:
         base = f"{self.model}_{self.method}_lr{self.lr:g}_seed{self.seed}_e{self.epochs}"
-        return "_".join([base, *(option.lstrip("-") for option in self.options)])
+        options = [Path(option).name if os.sep in option else option.lstrip("-") for option in self.options]
+        return "_".join([base, *options])
 
     def argv(self) -> list[str]:
         return [
@@ -68,7 +70,7 @@ class Run:
             "--lr", repr(self.lr),
             "--seed", str(self.seed),
             "--epochs", str(self.epochs),
-            "--device", "cpu",
+            "--device", self.device,
             "--print-freq", "1000000",
             *self.options,
         ]  # fmt: skip
@@ -76,13 +78,16 @@ class Run:
 
 def train(run: Run) -> dict:
     """Train ``run`` epoch by epoch; returns its record: the run, every epoch's record (``lr`` is the rate
-    the epoch used), BB's rate history, whether it diverged, and the wall time in seconds."""
+    the epoch used; ``rolled_back`` for BB with its safeguard), BB's rate history, ‖θ‖² at the start and after
+    each epoch, whether it diverged, and the wall time in seconds."""
     start = time.perf_counter()
     training = prepare(parse_args(run.argv()))
     diverged_after = None
+    sq_norms = [param_sq_norm(training.model)]
     try:
         for epoch in range(run.epochs):
             training.run_epoch(epoch)
+            sq_norms.append(param_sq_norm(training.model))
             if not all(bool(torch.isfinite(p).all()) for p in training.model.parameters()):
                 diverged_after = epoch + 1
                 break
@@ -94,9 +99,15 @@ def train(run: Run) -> dict:
         "argv": run.argv(),
         "history": training.history,
         "bb_lr_history": optimizer.lr_history if isinstance(optimizer, BB) else None,
+        "param_sq_norms": sq_norms,
         "diverged_after_epoch": diverged_after,
         "wall_s": time.perf_counter() - start,
     }
+
+
+def param_sq_norm(model: torch.nn.Module) -> float:
+    """‖θ‖² over all parameters (float64): what BB's safeguard compares from one epoch end to the next."""
+    return sum(float(p.detach().double().square().sum()) for p in model.parameters())
 
 
 def _train_to_file(run: Run, path: Path) -> tuple[str, float]:

@@ -9,6 +9,10 @@ again. ``report.py`` turns the files into tables and figures.
     python benchmarks/paper/sensitivity.py --methods bb-safe --jobs 2 # BB with --bb-safeguard on the same grid
     python benchmarks/paper/sensitivity.py --model lenet              # experiment 3's grid on LeNet-5
     python benchmarks/paper/sensitivity.py --quick                   # smoke test: 512 images, 2 epochs
+    python benchmarks/paper/sensitivity.py --model resnet18 --device cuda -- --amp bf16 --channels-last
+
+Options after ``--`` go to every run's ``bbfused-train`` command line (and into the run's name); a
+torchvision model on MNIST sees the gray channel three times, ``-- --data PATH`` trains on a folder instead.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lrs", default=LRS, help="initial learning rates η0, comma-separated (default: %(default)s)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
-    parser.add_argument("--model", default="mlp", choices=("mlp", "lenet"), help="(default: %(default)s)")
+    parser.add_argument("--model", default="mlp", help="mlp, lenet or a torchvision model (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="folder of the run files (default: paper_runs/sensitivity[_quick])")
     parser.add_argument("--quick", action="store_true", help="smoke test: 512 train/test images, 2 epochs, 1 seed")
@@ -43,18 +48,30 @@ def grid(args: argparse.Namespace) -> list[Run]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    options = QUICK_OPTIONS if args.quick else ()
+    options = (*(QUICK_OPTIONS if args.quick else ()), *args.train_options)
     seeds = [int(s) for s in args.seeds.split(",")]
     return [
-        Run(method, lr, seed, args.epochs, args.model, options)
+        Run(method, lr, seed, args.epochs, args.model, options, args.device)
         for seed in seeds
         for method in methods
         for lr in parse_lrs(args.lrs)
     ]
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The script's options; ``train_options`` are those after ``--``, for every run's training command."""
+    args, train_options = build_parser().parse_known_args(argv)
+    if train_options[:1] == ["--"]:
+        train_options = train_options[1:]
+    owned = ("--device", "--model", "--lr", "--seed", "--epochs", "--optimizer")
+    if any(option.split("=")[0] in owned for option in train_options):
+        raise SystemExit(f"give --device, --model, --seeds, --epochs, --lrs, --methods before '--': {train_options}")
+    args.train_options = tuple(train_options)
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     if args.quick:
         args.epochs, args.seeds = 2, "0"
     out = args.out or RUNS / ("sensitivity_quick" if args.quick else "sensitivity")
