@@ -89,9 +89,10 @@ class BB(torch.optim.Optimizer):
     ended after a good snapshot; the epoch count goes on (the bounds keep their k). Nothing runs per step:
     the check and the restore are a few passes over the buffers at the epoch end (and one copy at the
     first step), without host sync; a run that never diverges has bit for bit the paper's rates and
-    parameters. ``safeguard=False`` is the paper's method exactly. Not caught: a network that dies
-    without its weights growing (seen on LeNet-5 with 4096 MNIST images at η0 = 1, not on the full set):
-    only the training loss, which the optimizer does not see, would tell.
+    parameters. ``safeguard=False`` is the paper's method exactly. Not caught: an epoch that ruins the
+    network without growing its weights, as a rate too large for a BatchNorm network does (its weights
+    are scale-invariant), or LeNet-5 dying at η0 = 1 on 4096 MNIST images: only the training loss, which
+    the optimizer does not see, would tell.
 
     Args:
         params: parameters or parameter groups, as for torch.optim. Groups may set ``weight_decay``.

@@ -165,32 +165,31 @@ def _fold(growth: float) -> str:
 
 def growth_table(records: list[dict]) -> str:
     """How much ‖θ‖² grew in each epoch of BB's runs (paper-exact and safeguarded, from the recorded ‖θ‖²), split
-    into the epochs after which the network still learned and those that killed it (its test accuracy fell to
-    DEAD_ACCURACY or below, or its weights became NaN). What BB's safeguard threshold has to separate."""
+    into the epochs after which the network was above chance and those that brought it to chance (test accuracy
+    DEAD_ACCURACY or below, or NaN weights) from above. What BB's safeguard threshold has to separate."""
     kept: list[tuple[float, str]] = []
     killed: list[tuple[float, str]] = []
     for r in records:
         if r["run"]["method"] not in ("bb", "bb-safe") or "param_sq_norms" not in r:
             continue
-        norms, alive = r["param_sq_norms"], True
+        norms, was_alive = r["param_sq_norms"], True  # the initial network counts as above chance
         for e, epoch in enumerate(r["history"]):
-            if not alive or epoch.get("rolled_back"):
-                continue  # a dead network stays dead; a rolled-back epoch's growth was not recorded
-            growth = norms[e + 1] / norms[e]
-            where = f"{r['run']['method']} η0={r['run']['lr']:g} seed {r['run']['seed']} epoch {e + 1}"
             alive = epoch["test_acc1"] > DEAD_ACCURACY and math.isfinite(epoch["train_loss"])
-            (kept if alive else killed).append((growth, where))
+            # A rolled-back epoch's growth was not recorded; at chance before and after: nothing to learn from.
+            if not epoch.get("rolled_back") and (alive or was_alive):
+                where = f"{r['run']['method']} η0={r['run']['lr']:g} seed {r['run']['seed']} epoch {e + 1}"
+                (kept if alive else killed).append((norms[e + 1] / norms[e], where))
+            was_alive = alive
     if not kept and not killed:
         return "(no BB runs with ‖θ‖² recorded)"
     largest = max(kept) if kept else (math.nan, "–")
     killing = ", ".join(f"{_fold(g)} ({where})" for g, where in sorted(killed, key=lambda k: (math.isnan(k[0]), k[0])))
     return (
         "‖θ‖² at an epoch's end over ‖θ‖² at its start, in BB's runs (paper-exact and safeguarded; a rolled-back "
-        f"epoch's growth is not recorded). An epoch killed the network when its test accuracy fell to "
-        f"{DEAD_ACCURACY:g} % or below (or NaN) from above.\n\n"
-        "| epochs | how many | ‖θ‖² growth |\n|---|---|---|\n"
-        f"| the network still learned after it | {len(kept)} | at most {_fold(largest[0])} ({largest[1]}) |\n"
-        f"| it killed the network | {len(killed)} | {killing or '–'} |"
+        f"epoch's growth is not recorded). At chance: test accuracy {DEAD_ACCURACY:g} % or below, or NaN weights."
+        "\n\n| epochs | how many | ‖θ‖² growth |\n|---|---|---|\n"
+        f"| the network was above chance after it | {len(kept)} | at most {_fold(largest[0])} ({largest[1]}) |\n"
+        f"| it brought the network to chance from above | {len(killed)} | {killing or '–'} |"
     )
 
 
