@@ -327,7 +327,7 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     assert report.replace_blocks(text, {"x": "new"}) == "a\n<!-- BEGIN x -->\nnew\n<!-- END x -->\nb"
 
 
-def test_sensitivity_passes_device_and_training_options_on() -> None:
+def test_sensitivity_passes_device_and_training_options_on(capsys) -> None:
     args = sensitivity.parse(["--model", "resnet18", "--methods", "bb", "--lrs", "1", "--seeds", "0", "--device",
                               "cuda", "--", "--amp", "bf16", "--data", "/data/imagenette"])  # fmt: skip
     (run,) = sensitivity.grid(args)
@@ -337,6 +337,9 @@ def test_sensitivity_passes_device_and_training_options_on() -> None:
     assert run.name == "resnet18_bb_lr1_seed0_e10_amp_bf16_data_imagenette"
     with pytest.raises(SystemExit, match="before '--'"):
         sensitivity.parse(["--", "--lr=0.5"])
+    with pytest.raises(SystemExit):  # a typo is not passed on to the training command
+        sensitivity.parse(["--amp", "bf16"])
+    assert "unrecognized arguments: --amp bf16 (options of the training command go after --)" in capsys.readouterr().err
 
 
 def test_quick_comparison(tmp_path) -> None:

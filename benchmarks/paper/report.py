@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from runs import RESULTS, RUNS  # noqa: E402
 
 REPORT = RESULTS / "paper_mnist.md"
-MODELS = {"mlp": "MLP", "lenet": "LeNet-5"}
+MODELS = {"mlp": "MLP", "lenet": "LeNet-5", "resnet18": "ResNet-18"}
 LABELS = {
     "bb": "BB",
     "bb-safe": "BB + safeguard",

@@ -60,9 +60,11 @@ def grid(args: argparse.Namespace) -> list[Run]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The script's options; ``train_options`` are those after ``--``, for every run's training command."""
-    args, train_options = build_parser().parse_known_args(argv)
-    if train_options[:1] == ["--"]:
-        train_options = train_options[1:]
+    parser = build_parser()
+    args, train_options = parser.parse_known_args(argv)
+    if train_options and train_options[0] != "--":
+        parser.error(f"unrecognized arguments: {' '.join(train_options)} (options of the training command go after --)")
+    train_options = train_options[1:]
     owned = ("--device", "--model", "--lr", "--seed", "--epochs", "--optimizer")
     if any(option.split("=")[0] in owned for option in train_options):
         raise SystemExit(f"give --device, --model, --seeds, --epochs, --lrs, --methods before '--': {train_options}")
