@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .backends import BACKEND_NAMES
 from .data import Data, DataError, Shard, check_image_folder, folder_data, mnist_data, synthetic_data
-from .models import build_model, is_shallow, model_names
+from .models import build_model, is_shallow, model_names, torchvision_model_names
 from .optimizer import BB
 
 OPTIMIZERS = ("bb", "sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop")
@@ -303,7 +303,7 @@ def build_data(args: argparse.Namespace, shard: Shard, device: torch.device) -> 
     limits = dict(limit_train=args.limit_train, limit_test=args.limit_test)
     if args.data == "mnist":
         # torchvision models are built for RGB: they see the gray channel three times.
-        channels = 1 if args.model in ("mlp", "lenet") else 3
+        channels = 3 if args.model in torchvision_model_names() else 1
         return mnist_data(args.batch_size, shard, device, args.seed, **limits, channels=channels)
     if args.data == "synthetic":
         return synthetic_data(args.image_size, args.batch_size, device, args.seed, **limits)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(PAPER))
 import compare  # noqa: E402
 import report  # noqa: E402
 import sensitivity  # noqa: E402
+from runs import param_sq_norm  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,10 +72,6 @@ def mnist_run(lr: float, safeguard: bool, *options: str, model: str = "mlp"):
     flag = "--bb-safeguard" if safeguard else "--no-bb-safeguard"
     argv = ["--model", model, "--lr", str(lr), "--device", "cpu", "--limit-test", "1000", flag, *options]
     return prepare(parse_args([*argv, "--print-freq", "1000"]))
-
-
-def sq_norm(model: torch.nn.Module) -> float:
-    return sum(float(p.detach().double().square().sum()) for p in model.parameters())
 
 
 # ============================================================================================ failure modes
@@ -117,11 +114,11 @@ def test_lenet_dying_in_epoch_0_without_nan_is_rolled_back() -> None:
     (loss ln 10, 10 % accuracy, finite weights) whose ‖θ‖² grew 7.3-fold; the safeguard rolls it back to the
     initial weights exactly and epoch 1 at 0.1 learns."""
     paper = mnist_run(1.0, False, model="lenet")
-    initial_sq_norm = sq_norm(paper.model)
+    initial_sq_norm = param_sq_norm(paper.model)
     record = paper.run_epoch(0)
     assert record["train_loss"] == pytest.approx(math.log(10), abs=0.05) and record["test_acc1"] < 15.0
     assert all(torch.isfinite(p).all() for p in paper.model.parameters())
-    assert 4.0 < sq_norm(paper.model) / initial_sq_norm < 10.0  # caught by the 4-fold threshold, not by 10-fold
+    assert 4.0 < param_sq_norm(paper.model) / initial_sq_norm < 10.0  # caught by the 4-fold threshold, not by 10-fold
 
     safe = mnist_run(1.0, True, model="lenet")
     initial = [p.detach().clone() for p in safe.model.parameters()]

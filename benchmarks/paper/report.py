@@ -361,10 +361,11 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     suffix = "_quick" if args.quick else ""
     blocks: dict[str, str] = {}
     figures = []
-    found = {r["run"]["model"] for name in ("sensitivity", "comparison") for r in load(args.runs / f"{name}{suffix}")}
+    folders = {name: load(args.runs / f"{name}{suffix}") for name in ("sensitivity", "tuning", "comparison")}
+    found = {r["run"]["model"] for name in ("sensitivity", "comparison") for r in folders[name]}
     for model in [*MODELS, *sorted(found - MODELS.keys())]:
         label = MODELS.get(model, model)
-        records = [r for r in load(args.runs / f"sensitivity{suffix}") if r["run"]["model"] == model]
+        records = [r for r in folders["sensitivity"] if r["run"]["model"] == model]
         if records:
             for name, content in sensitivity_tables(records).items():
                 blocks[f"sensitivity_{model}_{name}"] = content
@@ -373,8 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
                 title = f"{label} on {data_name(records)}: sensitivity to the initial learning rate"
                 sensitivity_figure(records, path, title)
                 figures.append(path)
-        comparison = [r for r in load(args.runs / f"comparison{suffix}") if r["run"]["model"] == model]
-        tuning = [r for r in load(args.runs / f"tuning{suffix}") if r["run"]["model"] == model]
+        comparison = [r for r in folders["comparison"] if r["run"]["model"] == model]
+        tuning = [r for r in folders["tuning"] if r["run"]["model"] == model]
         if comparison or tuning:
             blocks[f"comparison_{model}_tuning"] = tuning_table(tuning)
             blocks[f"comparison_{model}"] = comparison_table(comparison, tuning)
@@ -383,7 +384,6 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             if not args.print:
                 comparison_figure(comparison, path, f"{label} on {data_name(comparison)}: each method at its tuned η0")
                 figures.append(path)
-    folders = {name: load(args.runs / f"{name}{suffix}") for name in ("sensitivity", "tuning", "comparison")}
     blocks["times"] = times_table(folders)
     if args.print or args.quick:
         for name, content in blocks.items():
