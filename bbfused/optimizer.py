@@ -40,6 +40,13 @@ _SAFEGUARD_CAP = 0.5
 # that killed LeNet-5 without NaN (loss stuck at ln 10) 7.3-fold (η0 = 1, epoch 0) to 7000-fold.
 _SAFEGUARD_GROWTH = 4.0
 _SAFEGUARD_FLOOR = 2.5e-3
+# With the training loss given to step(), an epoch also diverged when its mean loss passed LOSS_GROWTH times the
+# last good epoch's mean loss (for epoch 0, the first step's loss). The weights of a BatchNorm network are
+# scale-invariant: a too-large rate wrecks it without growing them. Measured (paper_mnist.md, BB without the loss
+# check on the η0 grid): the MLP's epochs raised the mean loss at most 1.9-fold, the ResNet-18 stand-in's healthy
+# ones 2.0-fold; the four that wrecked ResNet-18 (test accuracy down to 30-61 % in that epoch or the next) 2.9- to
+# 26-fold.
+_SAFEGUARD_LOSS_GROWTH = 2.5
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -86,13 +93,23 @@ class BB(torch.optim.Optimizer):
     are then restored from the snapshots of the last good epoch end (for epoch 0, the parameters at the
     first step), the next epoch's rate is the diverged one divided by 10, the rule's rates are capped
     from then on at half the smallest rate that diverged, and the rule resumes once a good epoch has
-    ended after a good snapshot; the epoch count goes on (the bounds keep their k). Nothing runs per step:
-    the check and the restore are a few passes over the buffers at the epoch end (and one copy at the
-    first step), without host sync; a run that never diverges has bit for bit the paper's rates and
-    parameters. ``safeguard=False`` is the paper's method exactly. Not caught: an epoch that ruins the
-    network without growing its weights, as a rate too large for a BatchNorm network does (its weights
-    are scale-invariant), or LeNet-5 dying at η0 = 1 on 4096 MNIST images: only the training loss, which
-    the optimizer does not see, would tell.
+    ended after a good snapshot; the epoch count goes on (the bounds keep their k). This costs nothing
+    per step: the check and the restore are a few passes over the buffers at the epoch end (and one copy
+    at the first step), without host sync; a run that never diverges has bit for bit the paper's rates
+    and parameters. ``safeguard=False`` is the paper's method exactly.
+
+    A rate too large for a BatchNorm network wrecks it without growing its weights (they are
+    scale-invariant); the training loss shows it. Give each step its loss (``step(loss=loss)``, or a
+    closure that returns it): an epoch then also diverged when its mean loss is not finite or exceeds
+    2.5 times the reference, the mean loss of the last good epoch (for epoch 0, the first step's loss).
+    The check needs every step of the epoch to give a loss, and a positive reference (a loss that may be
+    negative disables the ratio). Per step this is one scalar add on the device; under torch.distributed
+    the epoch's sums are all-reduced over the default group at its end (so every rank must close its
+    epochs at the same steps, as DDP requires) and all ranks decide alike. Not caught: a network that a
+    too-large rate leaves stuck at chance in epoch 0 (LeNet-5 at η0 = 1 on 4096 MNIST images): its loss
+    stays at the initial network's. A rollback restores the parameters, not the model's buffers: restore
+    BatchNorm's running statistics from the epoch start when :attr:`rolled_back_epochs` names the epoch
+    (``bbfused-train`` does).
 
     Args:
         params: parameters or parameter groups, as for torch.optim. Groups may set ``weight_decay``.
@@ -197,6 +214,11 @@ class BB(torch.optim.Optimizer):
         self._snapshot_sq_norm = torch.zeros((), dtype=torch.float64, device=devices[0])
         # The safeguard's cap on the rule's rates: half the smallest rate that diverged (inf until one did).
         self._lr_cap = torch.tensor(math.inf, dtype=torch.float64, device=devices[0])
+        # The loss check: the sum of the losses given to step() in this epoch and how many steps gave one, and the
+        # reference, the last good epoch's mean loss (NaN: none yet).
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=devices[0])
+        self._loss_steps = 0
+        self._loss_reference = torch.tensor(math.nan, dtype=torch.float64, device=devices[0])
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
         self._sq_norm_floor = _SAFEGUARD_FLOOR * numel
         self._lr_history: list[torch.Tensor] = []
@@ -301,12 +323,22 @@ class BB(torch.optim.Optimizer):
             buffer.zero_grad(set_to_none)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One update of every parameter that has a gradient; closes the epoch after T steps."""
-        loss = None
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, loss: torch.Tensor | float | None = None
+    ) -> Any:
+        """One update of every parameter that has a gradient; closes the epoch after T steps.
+
+        ``loss``: this step's training loss (a one-element floating-point tensor, or a number), so that the
+        safeguard can watch the epoch's mean loss (see the class docstring); without it, a closure's return value
+        serves when it is one. Read on the device only: no sync. Returns the closure's return value."""
+        closure_loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                closure_loss = closure()
+        if loss is not None:
+            watched = self._watched_loss(loss, "loss")
+        else:
+            watched = self._watched_loss(closure_loss, None)
         for buffer in self._buffers:
             buffer.check()
         replaced = [buffer.adopt_replaced_gradients() for buffer in self._buffers]
@@ -331,6 +363,11 @@ class BB(torch.optim.Optimizer):
             for buffer in self._buffers:  # the point a diverged epoch 0 rolls back to
                 buffer.prev_params.copy_(buffer.param)
             self._snapshot_sq_norm = self._sq_norm("prev_params")
+            if watched is not None:  # the initial network's loss: epoch 0's reference
+                self._loss_reference.copy_(watched)
+        if self.safeguard and watched is not None:
+            self._loss_sum.add_(watched)
+            self._loss_steps += 1
         for buffer in self._buffers:
             backend = self._backends[buffer.device]
             weight_decay = self.param_groups[buffer.group_index]["weight_decay"]
@@ -348,7 +385,22 @@ class BB(torch.optim.Optimizer):
         self._step_in_epoch += 1
         if self._step_in_epoch == self.steps_per_epoch:
             self._close_epoch()
-        return loss
+        return closure_loss
+
+    def _watched_loss(self, loss: Any, name: str | None) -> torch.Tensor | None:
+        """``loss`` as a 0-dim tensor on the master device, or None. ``name``: the argument it came from, checked
+        (a closure's return value that is not a loss is just not used)."""
+        if isinstance(loss, torch.Tensor) and loss.is_floating_point() and loss.numel() == 1:
+            return _on(loss.detach().reshape(()), self._lr_tensor.device)
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), dtype=torch.float64, device=self._lr_tensor.device)
+        if name is None or loss is None:
+            return None
+        found = f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
+        raise TypeError(
+            f"{name} must be this step's training loss as a one-element floating-point tensor or a number, got "
+            f"{found}; pass the scalar the backward pass started from (e.g. loss=loss), or leave it out"
+        )
 
     def end_epoch(self) -> None:
         """Close the current epoch (only with ``steps_per_epoch=None``); T = the steps taken in it."""
@@ -386,6 +438,8 @@ class BB(torch.optim.Optimizer):
                 lr_tensor.copy_(_on(new_lr, lr_tensor.device))
             self._publish_lr()
         self._has_snapshot = self._has_snapshot | (True if diverged is None else ~diverged)
+        self._loss_sum.zero_()
+        self._loss_steps = 0
         self._epoch += 1
         self._step_in_epoch = 0
 
@@ -417,12 +471,35 @@ class BB(torch.optim.Optimizer):
         limit = _SAFEGUARD_GROWTH * self._snapshot_sq_norm.clamp(min=self._sq_norm_floor)
         # NaN fails every comparison: "not <=" catches it along with growth past the limit.
         diverged = ~(sq_norm <= limit) | ~torch.isfinite(self._sq_norm("ema"))
+        mean_loss, complete, reference = self._epoch_loss()
+        # Without a positive reference (none yet: NaN; a loss that is not >= 0) only a non-finite mean loss counts.
+        too_high = ~torch.isfinite(mean_loss) | ((reference > 0) & (mean_loss > _SAFEGUARD_LOSS_GROWTH * reference))
+        diverged = diverged | (complete & too_high)
+        # The reference moves to this epoch's mean loss when the epoch was good; without a complete loss it is lost
+        # (the weights moved on), and it stays when the epoch is rolled back.
+        next_reference = torch.where(complete, mean_loss, torch.full_like(mean_loss, math.nan))
+        self._loss_reference = torch.where(diverged, reference, next_reference)
         for buffer in self._buffers:
             flag = _on(diverged, buffer.device)
             torch.where(flag, buffer.prev_params, buffer.param, out=buffer.param)
             torch.where(flag, buffer.prev_ema, buffer.ema, out=buffer.ema)
         self._snapshot_sq_norm = torch.where(diverged, self._snapshot_sq_norm, sq_norm)
         return diverged
+
+    def _epoch_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The epoch's mean of the losses given to step(), whether every step gave one, and the reference to
+        compare it with (float64, bool, float64 0-dim tensors on the master device). Under torch.distributed the
+        sums are all-reduced over the default group, and in epoch 0 the ranks' first-step losses averaged, so
+        every rank decides alike (one small collective per epoch end, no host sync)."""
+        totals = torch.stack([self._loss_sum, torch.full_like(self._loss_sum, self._loss_steps), self._loss_reference])
+        steps, reference = self._step_in_epoch, self._loss_reference
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(totals)
+            steps *= world
+            if self._epoch == 0:  # later references come from reduced means: the same on every rank already
+                reference = totals[2] / world
+        return totals[0] / totals[1], totals[1] == steps, reference
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -449,6 +526,9 @@ class BB(torch.optim.Optimizer):
             "has_snapshot": bool(self._has_snapshot),
             "lr_cap": float(self._lr_cap),
             "rolled_back_epochs": self.rolled_back_epochs,
+            "loss_sum": float(self._loss_sum),
+            "loss_steps": self._loss_steps,
+            "loss_reference": None if math.isnan(reference := float(self._loss_reference)) else reference,
         }
         return state_dict
 
@@ -489,6 +569,18 @@ class BB(torch.optim.Optimizer):
         lr_cap = bb.get("lr_cap", math.inf)
         if isinstance(lr_cap, bool) or not isinstance(lr_cap, (int, float)) or not lr_cap > 0:
             raise ValueError(f"corrupt state dict: lr_cap must be a number > 0 or inf, got {lr_cap!r}")
+        loss_steps = bb.get("loss_steps", 0)
+        if isinstance(loss_steps, bool) or not isinstance(loss_steps, int) or not 0 <= loss_steps <= step:
+            raise ValueError(f"corrupt state dict: loss_steps must be an int in [0, {step}], got {loss_steps!r}")
+        loss_sum, loss_reference = bb.get("loss_sum", 0.0), bb.get("loss_reference")
+        if isinstance(loss_sum, bool) or not isinstance(loss_sum, (int, float)):
+            raise ValueError(f"corrupt state dict: loss_sum must be a number, got {loss_sum!r}")
+        if loss_reference is not None and (
+            isinstance(loss_reference, bool)
+            or not isinstance(loss_reference, (int, float))
+            or math.isnan(loss_reference)
+        ):
+            raise ValueError(f"corrupt state dict: loss_reference must be a number or None, got {loss_reference!r}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` from any backend or device; everything is checked before writing."""
@@ -547,6 +639,13 @@ class BB(torch.optim.Optimizer):
         has_snapshot = bb.get("has_snapshot", bb["epoch"] >= 1)
         self._has_snapshot = torch.tensor(has_snapshot, device=self._lr_tensor.device)
         self._lr_cap = torch.tensor(bb.get("lr_cap", math.inf), dtype=torch.float64, device=self._lr_tensor.device)
+        # State dicts saved before the loss check: no reference, and the current epoch's loss is not checked.
+        self._loss_sum.fill_(bb.get("loss_sum", 0.0))
+        self._loss_steps = bb.get("loss_steps", 0)
+        reference = bb.get("loss_reference")
+        self._loss_reference = torch.tensor(
+            math.nan if reference is None else reference, dtype=torch.float64, device=self._lr_tensor.device
+        )
         rolled_back = set(bb.get("rolled_back_epochs", []))
         self._rolled_back = (
             [torch.tensor(e in rolled_back, device=self._lr_tensor.device) for e in range(self._epoch)]

@@ -355,6 +355,7 @@ def train_one_epoch(
     lr_used = lr.clone() if isinstance(lr, torch.Tensor) else lr  # BB rewrites its tensor at the epoch's end
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     images_seen = 0
+    watches_loss = isinstance(optimizer, BB) and optimizer.safeguard  # its safeguard checks each epoch's loss
     bar = tqdm(total=len(loader), desc=description, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
     start = last_time = time.perf_counter()
     last_step = last_images = 0
@@ -363,12 +364,13 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad()
+        step_kwargs = {"loss": loss} if watches_loss else {}
         if scaler is None:
             loss.backward()
-            optimizer.step()
+            optimizer.step(**step_kwargs)
         else:
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            scaler.step(optimizer, **step_kwargs)
             scaler.update()
         loss_sum += loss.detach() * labels.shape[0]
         images_seen += labels.shape[0]
@@ -588,6 +590,10 @@ class Training:
         if self.data.train_sampler is not None:
             self.data.train_sampler.set_epoch(epoch)
         start = time.perf_counter()
+        safeguarded = isinstance(self.optimizer, BB) and self.optimizer.safeguard
+        # BB rolls a diverged epoch's weights back to where the epoch started; the model's buffers (BatchNorm's
+        # running statistics) are the trainer's to restore, or the test would run on the diverged epoch's.
+        buffers_at_start = [buffer.clone() for buffer in self.model.buffers()] if safeguarded else []
         train = train_one_epoch(
             self.train_model,
             self.optimizer,
@@ -601,6 +607,11 @@ class Training:
             progress=self.is_main,
             description=f"epoch {epoch + 1}/{args.epochs}",
         )
+        rolled_back = safeguarded and epoch in self.optimizer.rolled_back_epochs
+        if rolled_back:
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers_at_start):
+                    buffer.copy_(saved)
         test = evaluate(
             self.eval_model,
             self.data.test,
@@ -611,8 +622,8 @@ class Training:
             world=self.shard.world,
         )
         record = {"epoch": epoch + 1, **train, **test, "time_s": time.perf_counter() - start}
-        if isinstance(self.optimizer, BB) and self.optimizer.safeguard:
-            record["rolled_back"] = epoch in self.optimizer.rolled_back_epochs
+        if safeguarded:
+            record["rolled_back"] = rolled_back
         self.history.append(record)
         improved = record["test_acc1"] > self.best_acc1
         self.best_acc1 = max(self.best_acc1, record["test_acc1"])
@@ -635,6 +646,7 @@ class Training:
     def close(self) -> None:
         """Leave the process group (under torchrun); call once training is over."""
         if self.shard.world > 1 and dist.is_initialized():
+            dist.barrier()  # gloo may abort a process that tears its group down while another is still in it
             dist.destroy_process_group()
 
     def _gather_rng_states(self) -> list[dict[str, Any]]:

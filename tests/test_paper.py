@@ -13,12 +13,17 @@ Failure modes, each with a regression test of BB's safeguard (paper-exact BB is 
   LeNet-5 weights start at RMS 0.06, under the first floor (RMS 0.1), so the growth was not even counted.
 * The same rate diverging again and again: after a rollback the rule came back to rates near the one that
   diverged (LeNet-5, seed 1: rollbacks at k = 2 and 4, then a death at 0.134); its rates are now capped.
+* A rate that wrecks a BatchNorm network without growing its weights (scale-invariant): the rule's 1/3 at k = 1
+  raised ResNet-18's loss up to 26-fold on MNIST with ‖θ‖² unchanged. Caught by the loss check (each step's loss
+  given to ``step``); the training command restores BatchNorm's running statistics with the weights.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +33,8 @@ import torch
 from bbfused import BB
 from bbfused.train import UsageError, format_record, parse_args, prepare
 
-PAPER = Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "benchmarks" / "paper"
 sys.path.insert(0, str(PAPER))
 
 import compare  # noqa: E402
@@ -186,6 +192,228 @@ def test_rule_chosen_rate_that_diverges_is_rolled_back_to_the_last_good_epoch(ba
     assert torch.equal(after[3], torch.zeros(16, device=DEVICE))  # η = 1 solves the quadratic in one step
 
 
+def reported_loss_epochs(opt: BB, theta: torch.nn.Parameter, losses: list[list]) -> list[torch.Tensor]:
+    """Train ½‖θ‖² (a rate of 0.1 only shrinks θ: the weights never diverge) while each step reports the given
+    loss (None: no loss); θ after each epoch."""
+    after = []
+    for epoch_losses in losses:
+        for loss in epoch_losses:
+            opt.zero_grad()
+            (0.5 * theta.square().sum()).backward()
+            opt.step(loss=loss)
+        after.append(theta.detach().clone())
+    return after
+
+
+@pytest.mark.parametrize(("ratio", "rolled_back"), [(2.45, False), (2.55, True)])
+def test_epoch_loss_threshold_is_2_5_fold(ratio: float, rolled_back: bool) -> None:
+    """An epoch whose mean loss passes 2.5 times the last good epoch's is rolled back (the ResNet-18 stand-in's
+    wrecking epochs raised it 2.9- to 26-fold, epochs after which the networks kept learning at most 2.0-fold)."""
+    safe, theta = quadratic_bb(0.1, safeguard=True)
+    after = reported_loss_epochs(safe, theta, [[1.0] * 10, [ratio] * 10])
+    assert torch.equal(after[1], after[0]) == rolled_back
+    assert safe.rolled_back_epochs == ([1] if rolled_back else [])
+    assert safe.lr == pytest.approx(0.01) if rolled_back else safe.lr != pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(("later", "rolled_back"), [(2.6, False), (2.7, True)])
+def test_epoch_0_loss_is_compared_with_the_first_step(later: float, rolled_back: bool) -> None:
+    """Epoch 0 has no earlier epoch: its mean loss is compared with the initial network's, the first step's
+    loss (1 and nine steps at 2.6: mean 2.44, kept; at 2.7: mean 2.53, rolled back to the initial weights)."""
+    safe, theta = quadratic_bb(0.1, safeguard=True)
+    (after,) = reported_loss_epochs(safe, theta, [[1.0] + [later] * 9])
+    assert torch.equal(after, torch.ones(16, device=DEVICE)) == rolled_back
+    assert safe.rolled_back_epochs == ([0] if rolled_back else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_tensors_on_the_device_roll_back_on_every_backend(backend: str) -> None:
+    safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend)
+    losses = [[torch.tensor(1.0, device=DEVICE)] * 10, [torch.tensor([3.0], device=DEVICE)] * 10]
+    after = reported_loss_epochs(safe, theta, losses)
+    assert torch.equal(after[1], after[0]) and safe.rolled_back_epochs == [1]
+    assert safe.lr == pytest.approx(0.01)
+
+
+def test_loss_check_needs_every_step_and_a_reference() -> None:
+    """Epoch 1 misses one loss: not checked, and the reference is lost; epoch 2 has no reference: only a
+    non-finite mean would count; epoch 3 triples epoch 2's mean: rolled back; epoch 4 has an inf loss."""
+    safe, theta = quadratic_bb(0.1, safeguard=True)
+    losses = [[1.0] * 10, [None] + [100.0] * 9, [100.0] * 10, [300.0] * 10, [1.0] * 9 + [math.inf]]
+    after = reported_loss_epochs(safe, theta, losses)
+    assert safe.rolled_back_epochs == [3, 4]
+    assert torch.equal(after[4], after[2]) and not torch.equal(after[2], after[1])
+
+
+@pytest.mark.parametrize("first", [-1.0, 0.0])
+def test_loss_that_is_not_positive_disables_the_ratio(first: float) -> None:
+    safe, theta = quadratic_bb(0.1, safeguard=True)
+    reported_loss_epochs(safe, theta, [[first] * 10, [5.0] * 10])
+    assert safe.rolled_back_epochs == []
+
+
+def test_paper_method_ignores_the_loss() -> None:
+    paper, theta = quadratic_bb(0.1, safeguard=False)
+    with_losses = reported_loss_epochs(paper, theta, [[1.0] * 10, [100.0] * 10, [1e4] * 10])
+    plain, theta = quadratic_bb(0.1, safeguard=False)
+    without = reported_loss_epochs(plain, theta, [[None] * 10] * 3)
+    assert all(torch.equal(a, b) for a, b in zip(with_losses, without))
+    assert paper.lr_history == plain.lr_history
+
+
+def test_closure_return_value_is_the_loss_unless_loss_is_given() -> None:
+    safe, theta = quadratic_bb(0.1, safeguard=True)
+
+    def closure_returning(value):
+        def closure():
+            safe.zero_grad()
+            (0.5 * theta.square().sum()).backward()
+            return value
+
+        return closure
+
+    for value in [torch.tensor(1.0)] * 10 + [torch.tensor(3.0)] * 10:
+        assert safe.step(closure_returning(value)) is value
+    assert safe.rolled_back_epochs == [1]
+    for value in [("not", "a loss")] * 10 + [torch.tensor(30.0)] * 10:  # a tuple is not used; 30 vs no reference
+        safe.step(closure_returning(value))
+    for _ in range(10):  # the explicit loss wins over the closure's
+        safe.step(closure_returning(torch.tensor(1e3)), loss=30.0)
+    assert safe.rolled_back_epochs == [1]
+
+
+@pytest.mark.parametrize(
+    ("loss", "found"),
+    [
+        ("0.5", "'0.5'"),
+        (True, "True"),
+        (torch.tensor([1.0, 2.0]), r"a torch.float32 tensor of shape \(2,\)"),
+        (torch.tensor(1), r"a torch.int64 tensor of shape \(\)"),
+    ],
+)
+def test_bad_loss_raises_before_anything_is_written(loss, found: str) -> None:
+    safe, theta = quadratic_bb(0.1, safeguard=True)
+    (0.5 * theta.square().sum()).backward()
+    with pytest.raises(TypeError, match=f"loss must be this step's training loss .* got {found}; pass"):
+        safe.step(loss=loss)
+    assert torch.equal(theta.detach(), torch.ones(16, device=DEVICE)) and safe.step_in_epoch == 0
+
+
+def test_grad_scaler_passes_the_loss_on() -> None:
+    safe, theta = quadratic_bb(0.1, safeguard=True)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=4.0)
+    for loss in [1.0] * 10 + [3.0] * 10:
+        safe.zero_grad()
+        scaler.scale(0.5 * theta.square().sum()).backward()
+        scaler.step(safe, loss=torch.tensor(loss, device=DEVICE))
+        scaler.update()
+    assert safe.rolled_back_epochs == [1]
+
+
+def test_mid_epoch_checkpoint_keeps_the_epoch_loss() -> None:
+    """Saved halfway through an epoch whose losses triple, the resumed run rolls it back like the uninterrupted
+    one; a state dict from before the loss check resumes without checking that epoch."""
+    losses = [[1.0] * 10, [3.0] * 5]
+    reference, theta = quadratic_bb(0.1, safeguard=True)
+    reported_loss_epochs(reference, theta, losses)
+    saved_theta, state = theta.detach().clone(), reference.state_dict()
+    assert (state["bb"]["loss_sum"], state["bb"]["loss_steps"], state["bb"]["loss_reference"]) == (15.0, 5, 1.0)
+    expected = reported_loss_epochs(reference, theta, [[3.0] * 5])
+    assert reference.rolled_back_epochs == [1]
+
+    for old in (False, True):
+        resumed, theta = quadratic_bb(0.1, safeguard=True)
+        with torch.no_grad():
+            theta.copy_(saved_theta)
+        loaded = {**state, "bb": dict(state["bb"])}
+        if old:
+            del loaded["bb"]["loss_sum"], loaded["bb"]["loss_steps"], loaded["bb"]["loss_reference"]
+        resumed.load_state_dict(loaded)
+        after = reported_loss_epochs(resumed, theta, [[3.0] * 5])
+        assert torch.equal(after[0], expected[0]) != old
+        assert resumed.rolled_back_epochs == ([] if old else [1])
+
+
+def test_batchnorm_network_wrecked_without_weight_growth_is_rolled_back_by_its_loss() -> None:
+    """ResNet-18 (BatchNorm) on 2048 MNIST images, η0 = 0.01, then the rule's fallback 1/3 at k = 1 (bounds that
+    reject every BB ratio; the ResNet-18 stand-in of experiment 4 got the same rate from η0 = 1e-3 and 1e-2): the
+    paper's BB ends epoch 3 with the loss up more than 10-fold and the test accuracy down to chance while ‖θ‖²
+    barely changes (scale-invariant weights: the growth check cannot see it). The loss check rolls it back."""
+    options = ("--limit-train", "2048", "--limit-test", "500", "--tau-min", "1e-9", "--tau-max", "1e-9")
+    paper = mnist_run(0.01, False, *options, model="resnet18")
+    records = [paper.run_epoch(epoch) for epoch in (0, 1)]
+    sq_norm = param_sq_norm(paper.model)
+    records.append(paper.run_epoch(2))
+    assert paper.optimizer.lr_history[2] == pytest.approx(1 / 3)
+    assert records[2]["train_loss"] > 10 * records[1]["train_loss"] and records[2]["test_acc1"] < 20.0
+    assert 0.5 < param_sq_norm(paper.model) / sq_norm < 2.0
+
+    safe = mnist_run(0.01, True, *options, model="resnet18")
+    safe_records = [safe.run_epoch(epoch) for epoch in (0, 1)]
+    weights = [p.detach().clone() for p in safe.model.parameters()]
+    safe_records.append(safe.run_epoch(2))
+    assert safe_records[2]["train_loss"] == records[2]["train_loss"] and safe_records[2]["rolled_back"]
+    assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), weights))
+    assert safe_records[2]["test_acc1"] == safe_records[1]["test_acc1"]  # the BatchNorm statistics came back too
+    safe_records.append(safe.run_epoch(3))
+    assert safe.optimizer.rolled_back_epochs == [2]
+    assert safe.optimizer.lr_history[3] == pytest.approx(1 / 30)
+    assert safe_records[3]["train_loss"] < safe_records[1]["train_loss"] and safe_records[3]["test_acc1"] > 88.0
+
+
+def test_trainer_gives_bb_the_loss_and_restores_batchnorm_statistics() -> None:
+    """ResNet-18 on 256 MNIST images at η0 = 100: the epoch is rolled back, and with the weights the training
+    command restores the BatchNorm running statistics of the epoch start (the initial ones), so the test runs on
+    the network the optimizer kept; BB saw each step's loss."""
+    safe = mnist_run(100.0, True, "--limit-train", "256", "--limit-test", "256", model="resnet18")
+    weights = [p.detach().clone() for p in safe.model.parameters()]
+    buffers = [b.clone() for b in safe.model.buffers()]
+    record = safe.run_epoch(0)
+    assert record["rolled_back"] and safe.optimizer.rolled_back_epochs == [0]
+    assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), weights))
+    assert all(torch.equal(b, c) for b, c in zip(safe.model.buffers(), buffers))
+    assert safe.optimizer.state_dict()["bb"]["loss_reference"] == pytest.approx(math.log(10), abs=0.3)
+
+
+DDP_LOSSES = """
+import sys
+import torch
+import torch.distributed as dist
+from bbfused import BB
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+theta = torch.nn.Parameter(torch.ones(16))
+opt = BB([theta], lr=0.1, steps_per_epoch=10, backend="eager")
+# Alone, rank 0 would roll back epoch 0 (mean 2.53 vs its first loss 1) and rank 1 nothing (means 3, 2.9, 2).
+# Together: epoch 0's mean 2.77 against the averaged first losses 2 is kept, epoch 1's 2.0 too, and epoch 2's
+# 9.5 (4.75 times 2.0) is rolled back on both ranks.
+losses = [[1.0] + [2.7] * 9, [1.1] * 10, [17.0] * 10] if rank == 0 else [[3.0] * 10, [2.9] * 10, [2.0] * 10]
+for epoch_losses in losses:
+    for loss in epoch_losses:
+        opt.zero_grad()
+        (0.5 * theta.square().sum()).backward()
+        opt.step(loss=loss)
+torch.save({"theta": theta.detach(), "rolled_back": opt.rolled_back_epochs}, f"{sys.argv[1]}/rank{rank}.pt")
+dist.barrier()  # gloo may abort a process that tears its group down while the other is still in it
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_decide_alike_under_torch_distributed(tmp_path) -> None:
+    script = tmp_path / "ddp_losses.py"
+    script.write_text(DDP_LOSSES)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    finished = subprocess.run(
+        [*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert ranks[0]["rolled_back"] == ranks[1]["rolled_back"] == [2]
+    assert torch.equal(ranks[0]["theta"], ranks[1]["theta"])
+
+
 def test_no_divergence_is_bit_identical_to_the_paper() -> None:
     """The safeguard changes nothing in a run that never diverges: same rates, same weights, bit for bit."""
 
@@ -258,6 +486,11 @@ def test_state_dict_from_before_the_safeguard_loads() -> None:
         ("rolled_back_epochs", [1, 0], "rolled_back_epochs must be increasing"),
         ("rolled_back_epochs", [True], "rolled_back_epochs must be increasing"),
         ("rolled_back_epochs", "0", "rolled_back_epochs must be increasing"),
+        ("loss_steps", 1, r"loss_steps must be an int in \[0, 0\]"),
+        ("loss_steps", True, "loss_steps must be an int"),
+        ("loss_sum", "1", "loss_sum must be a number"),
+        ("loss_reference", math.nan, "loss_reference must be a number or None"),
+        ("loss_reference", "1", "loss_reference must be a number or None"),
     ],
 )
 def test_corrupt_safeguard_state_is_rejected_before_anything_is_written(key: str, value, message: str) -> None:

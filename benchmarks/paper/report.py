@@ -151,7 +151,8 @@ def sensitivity_tables(records: list[dict]) -> dict[str, str]:
         if lr_rows
         else "(no BB runs)"
     )
-    return {"results": results, "spread": spread, "bb_lrs": bb_lrs, "growth": growth_table(records)}
+    tables = {"results": results, "spread": spread, "bb_lrs": bb_lrs}
+    return {**tables, "growth": growth_table(records), "loss": loss_table(records)}
 
 
 DEAD_ACCURACY = 15.0  # % test accuracy at or below which a 10-class network predicts (about) one class
@@ -190,6 +191,43 @@ def growth_table(records: list[dict]) -> str:
         "\n\n| epochs | how many | ‖θ‖² growth |\n|---|---|---|\n"
         f"| the network was above chance after it | {len(kept)} | at most {_fold(largest[0])} ({largest[1]}) |\n"
         f"| it brought the network to chance from above | {len(killed)} | {killing or '–'} |"
+    )
+
+
+def loss_table(records: list[dict], threshold: float = 2.5, largest: int = 3) -> str:
+    """An epoch's mean training loss over the epoch before's in the paper-exact BB runs (what BB's loss check
+    compares with ``threshold``), from epoch 2 on, counted by range; the epochs above 1 are named with their test
+    accuracy before and after (the ``largest`` ones up to the threshold, all above it)."""
+    ranges: dict[str, list[tuple[float, str]]] = {
+        "at most 1": [],
+        f"1 to {threshold:g}": [],
+        f"above {threshold:g}": [],
+    }
+    for r in records:
+        if r["run"]["method"] != "bb":
+            continue
+        history = r["history"]
+        for e in range(1, len(history)):
+            ratio = history[e]["train_loss"] / history[e - 1]["train_loss"]
+            if math.isnan(ratio):
+                continue
+            where = (
+                f"{_fold(ratio)} (η0={r['run']['lr']:g} seed {r['run']['seed']} epoch {e + 1}: test "
+                f"{history[e - 1]['test_acc1']:.1f} → {history[e]['test_acc1']:.1f} %)"
+            )
+            key = 0 if ratio <= 1 else 1 if ratio <= threshold else 2
+            ranges[list(ranges)[key]].append((ratio, where))
+    if not any(ranges.values()):
+        return "(no paper-exact BB runs)"
+    rows = []
+    for i, (name, items) in enumerate(ranges.items()):
+        items.sort(reverse=True)
+        named = [] if i == 0 else items if i == 2 else items[:largest]
+        rows.append(f"| {name} | {len(items)} | {', '.join(where for _, where in named) or '–'} |")
+    return (
+        "An epoch's mean training loss over the epoch before's, in the paper-exact BB runs from epoch 2 on (BB's "
+        f"loss check rolls an epoch back above {threshold:g}, comparing with the last epoch not rolled back).\n\n"
+        "| loss ratio | epochs | largest (test accuracy before → after) |\n|---|---|---|\n" + "\n".join(rows)
     )
 
 
