@@ -44,7 +44,7 @@ _SAFEGUARD_FLOOR = 2.5e-3
 # last good epoch's mean loss (for epoch 0, the first step's loss). The weights of a BatchNorm network are
 # scale-invariant: a too-large rate wrecks it without growing them. Measured (paper_mnist.md, BB without the loss
 # check on the η0 grid): the MLP's epochs raised the mean loss at most 1.9-fold, the ResNet-18 stand-in's healthy
-# ones 2.0-fold; the four that wrecked ResNet-18 (test accuracy down to 30-61 % in that epoch or the next) 2.9- to
+# ones 2.0-fold; the seven that wrecked ResNet-18 (test accuracy down to 30-61 % in that epoch or the next) 2.55- to
 # 26-fold.
 _SAFEGUARD_LOSS_GROWTH = 2.5
 

@@ -208,7 +208,7 @@ def reported_loss_epochs(opt: BB, theta: torch.nn.Parameter, losses: list[list])
 @pytest.mark.parametrize(("ratio", "rolled_back"), [(2.45, False), (2.55, True)])
 def test_epoch_loss_threshold_is_2_5_fold(ratio: float, rolled_back: bool) -> None:
     """An epoch whose mean loss passes 2.5 times the last good epoch's is rolled back (the ResNet-18 stand-in's
-    wrecking epochs raised it 2.9- to 26-fold, epochs after which the networks kept learning at most 2.0-fold)."""
+    wrecking epochs raised it 2.55- to 26-fold, epochs after which the networks kept learning at most 2.0-fold)."""
     safe, theta = quadratic_bb(0.1, safeguard=True)
     after = reported_loss_epochs(safe, theta, [[1.0] * 10, [ratio] * 10])
     assert torch.equal(after[1], after[0]) == rolled_back
