@@ -12,7 +12,8 @@ e = EMA size, 4 for fp32 and bf16 parameters):
 * BB step: read θ, grad, ema; write θ, ema = 3p + 2e  (fp32: 20 B, bf16: 14 B)
 * BB epoch end: read θ, θprev, g, gprev; write θprev, gprev, g = 3p + 4e  (fp32: 28 B, bf16: 22 B)
   BB is timed paper-exact (``safeguard=False``): the kernels alone. ``--safeguard`` times BB's default, whose
-  epoch end also checks for divergence (‖θ‖², ‖g‖²) and restores θ, g where diverged: + 4p + 4e (fp32: 60 B)
+  epoch end also checks for divergence (‖θ‖², ‖g‖²) and restores θ, g where diverged: + 4p + 4e (fp32: 60 B),
+  and whose steps get a loss (``step(loss=...)``, summed on the device for the loss check), as in training
 * SGD with momentum: read θ, grad, buf; write θ, buf = 5p (the buffer has the parameter dtype; fp32: 20 B)
 * copy (the ceiling): read + write = 2 × 4 B of a large fp32 ``copy_``; ``add_`` (in place): 3 × 4 B
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -256,9 +258,12 @@ class Workload:
     impl: str
     optimizers: list[torch.optim.Optimizer]
     params: list[list[torch.nn.Parameter]]
+    loss: torch.Tensor | None = None  # given to every BB step with --safeguard, as the training command does
 
     def step_calls(self) -> list[Callable[[], object]]:
-        return [opt.step for opt in self.optimizers]
+        if self.loss is None:
+            return [opt.step for opt in self.optimizers]
+        return [functools.partial(opt.step, loss=self.loss) for opt in self.optimizers]
 
     def epoch_end_calls(self) -> list[Callable[[], object]]:
         return [opt.end_epoch for opt in self.optimizers]  # type: ignore[attr-defined]
@@ -273,7 +278,8 @@ def build_workload(
     params = [make_parameters(shapes, dtype, device, seed=copy) for copy in range(copies)]
     optimizers = [build_optimizer(impl, ps, safeguard) for ps in params]
     check_updates(params[0], optimizers[0].step)
-    return Workload(impl, optimizers, params)
+    loss = torch.tensor(1.0, device=device) if safeguard and impl in BB_IMPLS else None
+    return Workload(impl, optimizers, params, loss)
 
 
 def available_impls(device: torch.device) -> tuple[list[str], dict[str, str]]:
