@@ -49,20 +49,30 @@ _SAFEGUARD_FLOOR = 2.5e-3
 _SAFEGUARD_LOSS_GROWTH = 2.5
 
 
+def _is_real(value: Any) -> bool:
+    """Whether ``value`` is a Python int or float (bool excluded: True is not a rate or a loss)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python int (bool excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def _check_weight_decay(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"weight_decay{where} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def _check_beta(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if not _is_real(value) or not 0 < value <= 1:
         raise ValueError(f"beta must be in (0, 1], got {value!r} (the paper uses 4/steps_per_epoch)")
     return float(value)
 
@@ -160,9 +170,7 @@ class BB(torch.optim.Optimizer):
         safeguard: bool = True,
     ) -> None:
         lr = _check_positive("lr", lr)
-        if steps_per_epoch is not None and (
-            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0
-        ):
+        if steps_per_epoch is not None and (not _is_int(steps_per_epoch) or steps_per_epoch <= 0):
             raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
         if beta is None:
             if steps_per_epoch is None:
@@ -392,7 +400,7 @@ class BB(torch.optim.Optimizer):
         (a closure's return value that is not a loss is just not used)."""
         if isinstance(loss, torch.Tensor) and loss.is_floating_point() and loss.numel() == 1:
             return _on(loss.detach().reshape(()), self._lr_tensor.device)
-        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        if _is_real(loss):
             return torch.tensor(float(loss), dtype=torch.float64, device=self._lr_tensor.device)
         if name is None or loss is None:
             return None
@@ -543,7 +551,7 @@ class BB(torch.optim.Optimizer):
             )
         epoch, step = bb["epoch"], bb["step_in_epoch"]
         for name, value in (("epoch", epoch), ("step_in_epoch", step)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"corrupt state dict: {name} must be an int >= 0, got {value!r}")
         if steps is not None and step >= steps:
             raise ValueError(f"corrupt state dict: step_in_epoch {step} is not below steps_per_epoch {steps}")
@@ -560,26 +568,22 @@ class BB(torch.optim.Optimizer):
         rolled_back = bb.get("rolled_back_epochs", [])
         if (
             not isinstance(rolled_back, list)
-            or any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < epoch for e in rolled_back)
+            or any(not _is_int(e) or not 0 <= e < epoch for e in rolled_back)
             or rolled_back != sorted(set(rolled_back))
         ):
             raise ValueError(
                 f"corrupt state dict: rolled_back_epochs must be increasing epochs in [0, {epoch}), got {rolled_back!r}"
             )
         lr_cap = bb.get("lr_cap", math.inf)
-        if isinstance(lr_cap, bool) or not isinstance(lr_cap, (int, float)) or not lr_cap > 0:
+        if not _is_real(lr_cap) or not lr_cap > 0:
             raise ValueError(f"corrupt state dict: lr_cap must be a number > 0 or inf, got {lr_cap!r}")
         loss_steps = bb.get("loss_steps", 0)
-        if isinstance(loss_steps, bool) or not isinstance(loss_steps, int) or not 0 <= loss_steps <= step:
+        if not _is_int(loss_steps) or not 0 <= loss_steps <= step:
             raise ValueError(f"corrupt state dict: loss_steps must be an int in [0, {step}], got {loss_steps!r}")
         loss_sum, loss_reference = bb.get("loss_sum", 0.0), bb.get("loss_reference")
-        if isinstance(loss_sum, bool) or not isinstance(loss_sum, (int, float)):
+        if not _is_real(loss_sum):
             raise ValueError(f"corrupt state dict: loss_sum must be a number, got {loss_sum!r}")
-        if loss_reference is not None and (
-            isinstance(loss_reference, bool)
-            or not isinstance(loss_reference, (int, float))
-            or math.isnan(loss_reference)
-        ):
+        if loss_reference is not None and (not _is_real(loss_reference) or math.isnan(loss_reference)):
             raise ValueError(f"corrupt state dict: loss_reference must be a number or None, got {loss_reference!r}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -198,11 +198,8 @@ def loss_table(records: list[dict], threshold: float = 2.5, largest: int = 3) ->
     """An epoch's mean training loss over the epoch before's in the paper-exact BB runs (what BB's loss check
     compares with ``threshold``), from epoch 2 on, counted by range; the epochs above 1 are named with their test
     accuracy before and after (the ``largest`` ones up to the threshold, all above it)."""
-    ranges: dict[str, list[tuple[float, str]]] = {
-        "at most 1": [],
-        f"1 to {threshold:g}": [],
-        f"above {threshold:g}": [],
-    }
+    below, middle, above = "at most 1", f"1 to {threshold:g}", f"above {threshold:g}"
+    ranges: dict[str, list[tuple[float, str]]] = {below: [], middle: [], above: []}
     for r in records:
         if r["run"]["method"] != "bb":
             continue
@@ -215,14 +212,13 @@ def loss_table(records: list[dict], threshold: float = 2.5, largest: int = 3) ->
                 f"{_fold(ratio)} (η0={r['run']['lr']:g} seed {r['run']['seed']} epoch {e + 1}: test "
                 f"{history[e - 1]['test_acc1']:.1f} → {history[e]['test_acc1']:.1f} %)"
             )
-            key = 0 if ratio <= 1 else 1 if ratio <= threshold else 2
-            ranges[list(ranges)[key]].append((ratio, where))
+            ranges[below if ratio <= 1 else middle if ratio <= threshold else above].append((ratio, where))
     if not any(ranges.values()):
         return "(no paper-exact BB runs)"
     rows = []
-    for i, (name, items) in enumerate(ranges.items()):
+    for name, items in ranges.items():
         items.sort(reverse=True)
-        named = [] if i == 0 else items if i == 2 else items[:largest]
+        named = {below: [], middle: items[:largest], above: items}[name]
         rows.append(f"| {name} | {len(items)} | {', '.join(where for _, where in named) or '–'} |")
     return (
         "An epoch's mean training loss over the epoch before's, in the paper-exact BB runs from epoch 2 on (BB's "
