@@ -2,79 +2,23 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from . import checkpoint
 from .backends import BACKEND_NAMES, Backend, load_backend
 from .buffers import FlatBuffer, state_dtype, warn_replaced_gradients
-from .rule import bb_learning_rate
+from .checkpoint import check_beta as _check_beta
+from .checkpoint import check_positive as _check_positive
+from .checkpoint import check_weight_decay as _check_weight_decay
+from .checkpoint import is_int as _is_int
+from .checkpoint import is_real as _is_real
+from .control import EpochBuffers, PaperControl, SafeguardedControl
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_STATE_KEYS = ("ema", "prev_params", "prev_ema")
-_STATE_DICT_VERSION = 1
-_BB_KEYS = (
-    "version",
-    "epoch",
-    "step_in_epoch",
-    "lr",
-    "lr_history",
-    "steps_per_epoch",
-    "beta",
-    "tau0",
-    "tau_min",
-    "tau_max",
-)
-# After a diverged epoch the safeguard restarts from the last good epoch-end point with the rate cut tenfold, and
-# the rule's rates are capped from then on at half the smallest rate that diverged (a rate that blew up once is
-# not tried again: the rule's fallback 1/3 at k = 1 killed LeNet-5 on MNIST, and its next rates near 1/3 did too).
-_SAFEGUARD_BACKOFF = 0.1
-_SAFEGUARD_CAP = 0.5
-# An epoch diverged when ‖θ‖² grew past GROWTH · max(‖θ‖² at the last good epoch end, FLOOR · number of values):
-# the weights' RMS doubled and passed 0.1. The floor keeps a start from (near) zero weights from counting as growth.
-# Measured per epoch (benchmarks/results/paper_mnist.md, BB on the η0 grid 1e-3..1, two seeds): epochs after which
-# the network still learned grew ‖θ‖² at most 1.0-fold (the paper's MLP) and 2.75-fold (LeNet-5, η0 = 1); epochs
-# that killed LeNet-5 without NaN (loss stuck at ln 10) 7.3-fold (η0 = 1, epoch 0) to 7000-fold.
-_SAFEGUARD_GROWTH = 4.0
-_SAFEGUARD_FLOOR = 2.5e-3
-# With the training loss given to step(), an epoch also diverged when its mean loss passed LOSS_GROWTH times the
-# last good epoch's mean loss (for epoch 0, the first step's loss). The weights of a BatchNorm network are
-# scale-invariant: a too-large rate wrecks it without growing them. Measured (paper_mnist.md, BB without the loss
-# check on the η0 grid): the MLP's epochs raised the mean loss at most 1.9-fold, the ResNet-18 stand-in's healthy
-# ones 2.0-fold; the seven that wrecked ResNet-18 (test accuracy down to 30-61 % in that epoch or the next) 2.55- to
-# 26-fold.
-_SAFEGUARD_LOSS_GROWTH = 2.5
-
-
-def _is_real(value: Any) -> bool:
-    """Whether ``value`` is a Python int or float (bool excluded: True is not a rate or a loss)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    """Whether ``value`` is a Python int (bool excluded)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_weight_decay(value: Any, where: str) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"weight_decay{where} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_beta(value: Any) -> float:
-    if not _is_real(value) or not 0 < value <= 1:
-        raise ValueError(f"beta must be in (0, 1], got {value!r} (the paper uses 4/steps_per_epoch)")
-    return float(value)
 
 
 class BB(torch.optim.Optimizer):
@@ -215,22 +159,18 @@ class BB(torch.optim.Optimizer):
         # One float64 learning-rate tensor per device; the first is the master the BB rule writes.
         self._lr_tensors = {d: torch.tensor(lr, dtype=torch.float64, device=d) for d in devices}
         self._lr_tensor = self._lr_tensors[devices[0]]
-        # Whether prev_params / prev_ema hold a good epoch end, so that the rule may compare with them: in the
-        # paper's method from the end of epoch 0 on; with the safeguard not after a rolled-back epoch 0.
-        self._has_snapshot = torch.tensor(False, device=devices[0])
-        # The safeguard's reference: ‖prev_params‖² (float64), and its floor.
-        self._snapshot_sq_norm = torch.zeros((), dtype=torch.float64, device=devices[0])
-        # The safeguard's cap on the rule's rates: half the smallest rate that diverged (inf until one did).
-        self._lr_cap = torch.tensor(math.inf, dtype=torch.float64, device=devices[0])
-        # The loss check: the sum of the losses given to step() in this epoch and how many steps gave one, and the
-        # reference, the last good epoch's mean loss (NaN: none yet).
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=devices[0])
-        self._loss_steps = 0
-        self._loss_reference = torch.tensor(math.nan, dtype=torch.float64, device=devices[0])
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
-        self._sq_norm_floor = _SAFEGUARD_FLOOR * numel
+        # The rate control: the paper's eq. 13, or the safeguarded policy (bbfused.control) that owns the rollback.
+        control_class = SafeguardedControl if safeguard else PaperControl
+        self._control = control_class(devices[0], numel)
+        self._epoch_buffers = EpochBuffers(
+            measure=self._measure_epoch,
+            commit=self._commit_epoch,
+            paper_pass=self._paper_epoch_pass,
+            snapshot_params=self._snapshot_params,
+            sq_norm=self._sq_norm,
+        )
         self._lr_history: list[torch.Tensor] = []
-        self._rolled_back: list[torch.Tensor] = []  # per completed epoch with the safeguard: whether it was rolled back
         self._epoch = 0
         self._step_in_epoch = 0
         self._warned_replaced = False
@@ -305,9 +245,25 @@ class BB(torch.optim.Optimizer):
     @property
     def rolled_back_epochs(self) -> list[int]:
         """The epochs (0-based) the safeguard found diverged and rolled back (reading it synchronises)."""
-        if not self._rolled_back:
-            return []
-        return torch.stack(self._rolled_back).nonzero().flatten().tolist()
+        return self._control.rolled_back_epochs if self.safeguard else []
+
+    def track_buffers(self, model: torch.nn.Module) -> None:
+        """Let a rollback restore ``model``'s buffers (BatchNorm running statistics) with its parameters.
+
+        With the safeguard, BB keeps a copy of every buffer of ``model`` from the last good epoch end (for epoch
+        0, the first step) and restores it when it rolls an epoch back, so the network BB keeps is the one that
+        was evaluated as good. Call it once after construction (and before :meth:`load_state_dict` when
+        resuming); the copies are part of :meth:`state_dict`. Without the safeguard it does nothing.
+        """
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"track_buffers() takes the model (a torch.nn.Module), got {type(model).__name__}")
+        if self._epoch or self._step_in_epoch:
+            raise RuntimeError(
+                "track_buffers() must be called before the first step (and before load_state_dict when resuming); "
+                "call it right after building the optimizer"
+            )
+        if self.safeguard:
+            self._control.track_buffers([b for b in model.buffers()])
 
     @property
     def active_backends(self) -> dict[str, str]:
@@ -367,15 +323,10 @@ class BB(torch.optim.Optimizer):
         # Set by torch.amp.GradScaler around this call (see _step_supports_amp_scaling).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if self.safeguard and self._epoch == 0 and self._step_in_epoch == 0:
-            for buffer in self._buffers:  # the point a diverged epoch 0 rolls back to
-                buffer.prev_params.copy_(buffer.param)
-            self._snapshot_sq_norm = self._sq_norm("prev_params")
-            if watched is not None:  # the initial network's loss: epoch 0's reference
-                self._loss_reference.copy_(watched)
-        if self.safeguard and watched is not None:
-            self._loss_sum.add_(watched)
-            self._loss_steps += 1
+        if self._epoch == 0 and self._step_in_epoch == 0:
+            self._control.first_step(self._epoch_buffers, watched)
+        if watched is not None:
+            self._control.add_loss(watched)
         for buffer in self._buffers:
             backend = self._backends[buffer.device]
             weight_decay = self.param_groups[buffer.group_index]["weight_decay"]
@@ -422,34 +373,42 @@ class BB(torch.optim.Optimizer):
         self._close_epoch()
 
     def _close_epoch(self) -> None:
-        """Epoch-end snapshots and, from the end of epoch 1 on, the BB rule; no host sync."""
-        master = self._lr_tensor.device
-        diverged = self._roll_back_if_diverged() if self.safeguard else None
-        sums = [self._backends[b.device].epoch_end(b.param, b.ema, b.prev_params, b.prev_ema) for b in self._buffers]
+        """Close the epoch through the rate control (bbfused.control): no host sync."""
+        taus = (self.tau0, self.tau_min, self.tau_max)
+        new_lr, _ = self._control.close_epoch(
+            self._epoch_buffers, self._lr_tensor, self._epoch, self._step_in_epoch, taus
+        )
         self._lr_history.append(self._lr_tensor.clone())
-        if diverged is not None:
-            self._rolled_back.append(diverged)
-        new_lr = None
-        if self._epoch >= 1:
-            # Partials summed in a fixed order: the same bits every run.
-            total = torch.stack([_on(s, master) for s in sums]).sum(0)
-            new_lr = bb_learning_rate(total, self._step_in_epoch, self._epoch, self.tau0, self.tau_min, self.tau_max)
-            if diverged is not None:  # after a rolled-back epoch 0 the snapshots hold no epoch end to compare with
-                new_lr = torch.where(self._has_snapshot, new_lr, self._lr_tensor)
-        if diverged is not None:
-            lowered_cap = torch.minimum(self._lr_cap, self._lr_tensor * _SAFEGUARD_CAP)
-            self._lr_cap = torch.where(diverged, lowered_cap, self._lr_cap)
-            kept = self._lr_tensor if new_lr is None else torch.minimum(new_lr, self._lr_cap)
-            new_lr = torch.where(diverged, self._lr_tensor * _SAFEGUARD_BACKOFF, kept)
         if new_lr is not None:
             for lr_tensor in self._lr_tensors.values():
                 lr_tensor.copy_(_on(new_lr, lr_tensor.device))
             self._publish_lr()
-        self._has_snapshot = self._has_snapshot | (True if diverged is None else ~diverged)
-        self._loss_sum.zero_()
-        self._loss_steps = 0
         self._epoch += 1
         self._step_in_epoch = 0
+
+    # ----------------------------------------------------------------- the epoch-end passes the control runs
+    def _per_buffer_sum(self, sums: list[torch.Tensor]) -> torch.Tensor:
+        """Partial sums of every buffer added on the master device in a fixed order: the same bits every run."""
+        master = self._lr_tensor.device
+        return torch.stack([_on(s, master) for s in sums]).sum(0)
+
+    def _paper_epoch_pass(self) -> torch.Tensor:
+        return self._per_buffer_sum(
+            [self._backends[b.device].epoch_end(b.param, b.ema, b.prev_params, b.prev_ema) for b in self._buffers]
+        )
+
+    def _measure_epoch(self) -> torch.Tensor:
+        return self._per_buffer_sum(
+            [self._backends[b.device].epoch_measure(b.param, b.ema, b.prev_params, b.prev_ema) for b in self._buffers]
+        )
+
+    def _commit_epoch(self, rolled_back: torch.Tensor) -> None:
+        for b in self._buffers:
+            self._backends[b.device].epoch_commit(b.param, b.ema, b.prev_params, b.prev_ema, _on(rolled_back, b.device))
+
+    def _snapshot_params(self) -> None:
+        for buffer in self._buffers:
+            buffer.prev_params.copy_(buffer.param)
 
     def _publish_lr(self) -> None:
         """Show the current η̂ in every group's "lr" (a device copy, no sync) and remember what was written."""
@@ -471,57 +430,20 @@ class BB(torch.optim.Optimizer):
         norms = [_norm(getattr(b, name)) for b in self._buffers]
         return torch.stack([_on(n, master) for n in norms]).square().sum()
 
-    def _roll_back_if_diverged(self) -> torch.Tensor:
-        """The safeguard's check, before the epoch end: whether the epoch diverged (see the class docstring), a
-        bool 0-dim tensor on the master device. If so, parameters and gradient averages are restored from the
-        snapshots, so the epoch end that follows leaves the state of the last good epoch end. No host sync."""
-        sq_norm = self._sq_norm("param")
-        limit = _SAFEGUARD_GROWTH * self._snapshot_sq_norm.clamp(min=self._sq_norm_floor)
-        # NaN fails every comparison: "not <=" catches it along with growth past the limit.
-        diverged = ~(sq_norm <= limit) | ~torch.isfinite(self._sq_norm("ema"))
-        mean_loss, complete, reference = self._epoch_loss()
-        # Without a positive reference (none yet: NaN; a loss that is not >= 0) only a non-finite mean loss counts.
-        too_high = ~torch.isfinite(mean_loss) | ((reference > 0) & (mean_loss > _SAFEGUARD_LOSS_GROWTH * reference))
-        diverged = diverged | (complete & too_high)
-        # The reference moves to this epoch's mean loss when the epoch was good; without a complete loss it is lost
-        # (the weights moved on), and it stays when the epoch is rolled back.
-        next_reference = torch.where(complete, mean_loss, torch.full_like(mean_loss, math.nan))
-        self._loss_reference = torch.where(diverged, reference, next_reference)
-        for buffer in self._buffers:
-            flag = _on(diverged, buffer.device)
-            torch.where(flag, buffer.prev_params, buffer.param, out=buffer.param)
-            torch.where(flag, buffer.prev_ema, buffer.ema, out=buffer.ema)
-        self._snapshot_sq_norm = torch.where(diverged, self._snapshot_sq_norm, sq_norm)
-        return diverged
-
-    def _epoch_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The epoch's mean of the losses given to step(), whether every step gave one, and the reference to
-        compare it with (float64, bool, float64 0-dim tensors on the master device). Under torch.distributed the
-        sums are all-reduced over the default group, and in epoch 0 the ranks' first-step losses averaged, so
-        every rank decides alike (one small collective per epoch end, no host sync)."""
-        totals = torch.stack([self._loss_sum, torch.full_like(self._loss_sum, self._loss_steps), self._loss_reference])
-        steps, reference = self._step_in_epoch, self._loss_reference
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            torch.distributed.all_reduce(totals)
-            steps *= world
-            if self._epoch == 0:  # later references come from reduced means: the same on every rank already
-                reference = totals[2] / world
-        return totals[0] / totals[1], totals[1] == steps, reference
-
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch.optim layout: per-parameter ``ema``, ``prev_params``, ``prev_ema`` shaped like the parameter
-        (views of the live buffers, as torch.optim returns live state), plus a ``"bb"`` entry with the epoch,
-        the step within it, η̂, the history, the hyper-parameters and the safeguard's state (whether the snapshots
-        hold a good epoch end, the rate cap, the rolled-back epochs; ``safeguard`` itself is the constructor's
-        choice, not saved). Independent of backend and device."""
+        (views of the live buffers, as torch.optim returns live state), plus a ``"bb"`` entry (format:
+        ``bbfused.checkpoint``) with the epoch, the step within it, η̂, the history, the hyper-parameters and the
+        rate control's state (``safeguard`` itself is the constructor's choice, not saved). Independent of backend
+        and device."""
         state_dict = super().state_dict()
         lr = self.lr
         for group in state_dict["param_groups"]:
             group["lr"] = lr
+        control = self._control.state_dict() if self.safeguard else checkpoint.empty_control_state(self._epoch)
         state_dict["bb"] = {
-            "version": _STATE_DICT_VERSION,
+            "version": checkpoint.VERSION,
             "epoch": self._epoch,
             "step_in_epoch": self._step_in_epoch,
             "lr": lr,
@@ -531,17 +453,13 @@ class BB(torch.optim.Optimizer):
             "tau0": self.tau0,
             "tau_min": self.tau_min,
             "tau_max": self.tau_max,
-            "has_snapshot": bool(self._has_snapshot),
-            "lr_cap": float(self._lr_cap),
-            "rolled_back_epochs": self.rolled_back_epochs,
-            "loss_sum": float(self._loss_sum),
-            "loss_steps": self._loss_steps,
-            "loss_reference": None if math.isnan(reference := float(self._loss_reference)) else reference,
+            **control,
         }
         return state_dict
 
-    def _check_saved_schedule(self, bb: dict[str, Any]) -> None:
-        """Raise unless the saved epoch counters and hyper-parameters are valid and the epoch mode matches."""
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` from any backend or device; everything is checked before writing."""
+        bb = checkpoint.read_bb(state_dict)
         steps = bb["steps_per_epoch"]
         if (steps is None) != (self.steps_per_epoch is None):
             saved_mode = "end_epoch() calls" if steps is None else f"automatic epochs of {steps} steps"
@@ -549,87 +467,16 @@ class BB(torch.optim.Optimizer):
                 f"the state dict was saved with {saved_mode}, this optimizer has steps_per_epoch="
                 f"{self.steps_per_epoch}; build it with steps_per_epoch={steps} to resume that run"
             )
-        epoch, step = bb["epoch"], bb["step_in_epoch"]
-        for name, value in (("epoch", epoch), ("step_in_epoch", step)):
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"corrupt state dict: {name} must be an int >= 0, got {value!r}")
-        if steps is not None and step >= steps:
-            raise ValueError(f"corrupt state dict: step_in_epoch {step} is not below steps_per_epoch {steps}")
-        if len(bb["lr_history"]) != epoch:
-            raise ValueError(
-                f"corrupt state dict: {len(bb['lr_history'])} learning rates in lr_history for {epoch} epochs"
-            )
-        _check_positive("the saved lr", bb["lr"])
-        _check_beta(bb["beta"])
-        for name in ("tau0", "tau_min", "tau_max"):
-            _check_positive(f"the saved {name}", bb[name])
-        if bb["tau_min"] > bb["tau_max"]:
-            raise ValueError(f"corrupt state dict: tau_min {bb['tau_min']} > tau_max {bb['tau_max']}")
-        rolled_back = bb.get("rolled_back_epochs", [])
-        if (
-            not isinstance(rolled_back, list)
-            or any(not _is_int(e) or not 0 <= e < epoch for e in rolled_back)
-            or rolled_back != sorted(set(rolled_back))
-        ):
-            raise ValueError(
-                f"corrupt state dict: rolled_back_epochs must be increasing epochs in [0, {epoch}), got {rolled_back!r}"
-            )
-        lr_cap = bb.get("lr_cap", math.inf)
-        if not _is_real(lr_cap) or not lr_cap > 0:
-            raise ValueError(f"corrupt state dict: lr_cap must be a number > 0 or inf, got {lr_cap!r}")
-        loss_steps = bb.get("loss_steps", 0)
-        if not _is_int(loss_steps) or not 0 <= loss_steps <= step:
-            raise ValueError(f"corrupt state dict: loss_steps must be an int in [0, {step}], got {loss_steps!r}")
-        loss_sum, loss_reference = bb.get("loss_sum", 0.0), bb.get("loss_reference")
-        if not _is_real(loss_sum):
-            raise ValueError(f"corrupt state dict: loss_sum must be a number, got {loss_sum!r}")
-        if loss_reference is not None and (not _is_real(loss_reference) or math.isnan(loss_reference)):
-            raise ValueError(f"corrupt state dict: loss_reference must be a number or None, got {loss_reference!r}")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` from any backend or device; everything is checked before writing."""
-        bb = state_dict.get("bb") if isinstance(state_dict, dict) else None
-        missing = [key for key in _BB_KEYS if not isinstance(bb, dict) or key not in bb]
-        if missing or bb["version"] != _STATE_DICT_VERSION or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError(
-                f"not a bbfused.BB state dict of version {_STATE_DICT_VERSION} (missing or different: "
-                f"{missing or ['version', 'state', 'param_groups']}); load a checkpoint saved from BB.state_dict()"
-            )
-        self._check_saved_schedule(bb)
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"the state dict has {len(saved_groups)} parameter groups, this optimizer "
-                f"{len(self.param_groups)}; build the optimizer with the same groups as the saved one"
-            )
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for group_index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"param_groups[{group_index}] has {len(group['params'])} parameters, the state dict "
-                    f"{len(saved['params'])}; build the optimizer over the same model as the saved one"
-                )
-            _check_weight_decay(saved["weight_decay"], f" of the saved param_groups[{group_index}]")
-            for p, key, name in zip(group["params"], saved["params"], self._param_names(group_index)):
-                saved_state = state_dict["state"].get(key, {})
-                for state_key in _STATE_KEYS:
-                    value = saved_state.get(state_key)
-                    if not isinstance(value, torch.Tensor) or value.shape != p.shape or not value.is_floating_point():
-                        found = "missing" if value is None else f"{getattr(value, 'dtype', type(value))} of shape "
-                        found += "" if value is None else str(tuple(getattr(value, "shape", ())))
-                        raise ValueError(
-                            f"the state dict's {state_key!r} for parameter {name} is {found}, expected a real "
-                            f"floating-point tensor of shape {tuple(p.shape)}; load a checkpoint of the same model"
-                        )
-                    copies.append((self.state[p][state_key], value))
-        steps = bb["steps_per_epoch"]
+        copies = checkpoint.check_param_state(state_dict, self.param_groups, self._param_names)
+        if self.safeguard:
+            checkpoint.check_model_buffers(bb["model_buffers"], self._control.model_buffers)
         with torch.no_grad():
-            for target, value in copies:
-                target.copy_(value)
+            for p, state_key, value in copies:
+                self.state[p][state_key].copy_(value)
             for lr_tensor in self._lr_tensors.values():
                 lr_tensor.fill_(bb["lr"])
             self._publish_lr()
-        for group, saved in zip(self.param_groups, saved_groups):
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
         self._epoch = bb["epoch"]
         self._step_in_epoch = bb["step_in_epoch"]
@@ -639,24 +486,7 @@ class BB(torch.optim.Optimizer):
         self.steps_per_epoch = steps
         self.beta = bb["beta"]
         self.tau0, self.tau_min, self.tau_max = bb["tau0"], bb["tau_min"], bb["tau_max"]
-        # State dicts saved before the safeguard existed: the snapshots are good from the end of epoch 0 on.
-        has_snapshot = bb.get("has_snapshot", bb["epoch"] >= 1)
-        self._has_snapshot = torch.tensor(has_snapshot, device=self._lr_tensor.device)
-        self._lr_cap = torch.tensor(bb.get("lr_cap", math.inf), dtype=torch.float64, device=self._lr_tensor.device)
-        # State dicts saved before the loss check: no reference, and the current epoch's loss is not checked.
-        self._loss_sum.fill_(bb.get("loss_sum", 0.0))
-        self._loss_steps = bb.get("loss_steps", 0)
-        reference = bb.get("loss_reference")
-        self._loss_reference = torch.tensor(
-            math.nan if reference is None else reference, dtype=torch.float64, device=self._lr_tensor.device
-        )
-        rolled_back = set(bb.get("rolled_back_epochs", []))
-        self._rolled_back = (
-            [torch.tensor(e in rolled_back, device=self._lr_tensor.device) for e in range(self._epoch)]
-            if self.safeguard
-            else []
-        )
-        self._snapshot_sq_norm = self._sq_norm("prev_params")
+        self._control.load_state_dict(bb, self._epoch, self._epoch_buffers)
 
 
 def _as_groups(params: Any) -> list[dict[str, Any]]:
@@ -702,7 +532,7 @@ def _norm(flat: torch.Tensor) -> torch.Tensor:
     """‖flat‖ as a float64 0-dim tensor, accumulated in the state dtype.
 
     A float64 upcast of a float32 buffer would cost a full conversion pass (30x slower on CPU); the safeguard
-    compares norms against a growth bound (_SAFEGUARD_GROWTH), and an overflow to inf reads as diverged, as it should.
+    compares norms against a growth bound (bbfused.control), and an overflow to inf reads as diverged, as it should.
     """
     return torch.linalg.vector_norm(flat, dtype=state_dtype(flat.dtype)).double()
 

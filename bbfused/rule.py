@@ -8,6 +8,15 @@ from __future__ import annotations
 import torch
 
 
+def bb_ratio(sums: torch.Tensor, steps: int) -> torch.Tensor:
+    """The unbounded BB estimate η = ‖Δθ‖² / (T·|Δθᵀy|) (eq. 11) from ``sums = [‖Δθ‖², Δθᵀy]`` (float64, on
+    the device; may be inf or NaN). ``steps`` is T.
+
+    ‖Δθ‖² / (T·|Δθᵀy|) equals the paper's ‖s‖²/|sᵀy| with s = Δθ/T; dividing by T once instead of
+    squaring 1/T keeps the numerator from underflowing."""
+    return sums[0] / (steps * sums[1].abs())
+
+
 def bb_learning_rate(
     sums: torch.Tensor,
     steps: int,
@@ -21,13 +30,10 @@ def bb_learning_rate(
     ``sums`` is a float64 tensor of shape (2,): ``[‖Δθ‖², Δθᵀy]`` with Δθ = θ_{k,T} − θ_{k−1,T} and
     y = g_{k,T} − g_{k−1,T}, summed over every parameter. ``steps`` is T, the steps of epoch k.
 
-    η = ‖Δθ‖² / (T·|Δθᵀy|) equals the paper's ‖s‖²/|sᵀy| with s = Δθ/T; dividing by T once instead of
-    squaring 1/T keeps the numerator from underflowing. η is used when
-    τ_min/(k+2) ≤ η ≤ τ_max/(k+2); anything else, zero, inf and NaN included, gives τ_0/(k+2).
-    Returns a float64 0-dim tensor on ``sums.device``.
+    η = :func:`bb_ratio` is used when τ_min/(k+2) ≤ η ≤ τ_max/(k+2); anything else, zero, inf and NaN
+    included, gives τ_0/(k+2). Returns a float64 0-dim tensor on ``sums.device``.
     """
-    sq_norm, dot = sums[0], sums[1]
-    ratio = sq_norm / (steps * dot.abs())
+    ratio = bb_ratio(sums, steps)
     divisor = epoch + 2
     # NaN fails both comparisons and 0 fails the lower bound (tau_min > 0), so they take the fallback.
     inside = (ratio >= tau_min / divisor) & (ratio <= tau_max / divisor)

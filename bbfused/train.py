@@ -591,9 +591,6 @@ class Training:
             self.data.train_sampler.set_epoch(epoch)
         start = time.perf_counter()
         safeguarded = isinstance(self.optimizer, BB) and self.optimizer.safeguard
-        # BB rolls a diverged epoch's weights back to where the epoch started; the model's buffers (BatchNorm's
-        # running statistics) are the trainer's to restore, or the test would run on the diverged epoch's.
-        buffers_at_start = [buffer.clone() for buffer in self.model.buffers()] if safeguarded else []
         train = train_one_epoch(
             self.train_model,
             self.optimizer,
@@ -607,11 +604,8 @@ class Training:
             progress=self.is_main,
             description=f"epoch {epoch + 1}/{args.epochs}",
         )
+        # A rolled-back epoch: BB restored the weights and (track_buffers) the BatchNorm statistics already.
         rolled_back = safeguarded and epoch in self.optimizer.rolled_back_epochs
-        if rolled_back:
-            with torch.no_grad():
-                for buffer, saved in zip(self.model.buffers(), buffers_at_start):
-                    buffer.copy_(saved)
         test = evaluate(
             self.eval_model,
             self.data.test,
@@ -723,7 +717,7 @@ def format_record(record: dict[str, float], epochs: int) -> str:
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  lr {record['lr']:.6g}  "
         f"train loss {record['train_loss']:.4f}  test top-1 {record['test_acc1']:6.2f}%{acc5}  "
         f"{record['images_per_s']:,.0f} img/s  {record['time_s']:.1f} s"
-        + ("  diverged: BB rolled the epoch back (next lr / 10)" if record.get("rolled_back") else "")
+        + ("  diverged: BB rolled the epoch back" if record.get("rolled_back") else "")
     )
 
 
@@ -776,6 +770,8 @@ def _build(args: argparse.Namespace, shard: Shard, device: torch.device, checkpo
         train_model = nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
     groups = parameter_groups(model, args.weight_decay, args.no_decay_norm_bias)
     optimizer = build_optimizer(args.optimizer, groups, args, steps_per_epoch=len(data.train))
+    if isinstance(optimizer, BB):
+        optimizer.track_buffers(model)  # a rolled-back epoch restores BatchNorm's running statistics too
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     training = Training(args, shard, device, data, model, train_model, compiled, optimizer, scaler)
     if checkpoint is not None:

@@ -1,6 +1,8 @@
-// Fused CPU kernels of bbfused.BB: the step and the epoch end, one pass over the flat buffers each.
+// Fused CPU kernels of bbfused.BB: the step, the paper's epoch end, and the safeguarded epoch end's two passes
+// (measure, then commit or roll back), one pass over the flat buffers each.
 //
-// Registered as the PyTorch custom ops bbfused::cpp_step and bbfused::cpp_epoch_end (CPU and Meta kernels),
+// Registered as the PyTorch custom ops bbfused::cpp_step, cpp_epoch_end, cpp_epoch_measure and cpp_epoch_commit
+// (CPU and Meta kernels),
 // so torch.compile sees their schemas. The contract is bbfused/backends/base.py; the reference is the
 // eager backend. Arithmetic is in float32 (float64 for float64 parameters); epoch-end sums in float64.
 //
@@ -211,6 +213,100 @@ at::Tensor epoch_end_meta(const at::Tensor& param, const at::Tensor& ema, const 
   return at::empty({2}, param.options().dtype(at::kDouble));
 }
 
+
+// The safeguarded epoch end's first pass (bbfused/control.py decides between its two passes): one chunk's
+// float64 partials [Σ Δθ², Σ Δθ·Δg, Σ θ², Σ g²] into sums[0..3], writing nothing.
+template <typename scalar_t, typename opmath_t>
+void epoch_measure_chunk(const scalar_t* __restrict__ param, const opmath_t* __restrict__ ema,
+                         const scalar_t* __restrict__ prev_params, const opmath_t* __restrict__ prev_ema,
+                         int64_t begin, int64_t end, double* sums) {
+  double acc[4][kSumLanes] = {};
+  const auto visit = [&](int64_t j, int64_t lane) {
+    const double theta = static_cast<double>(param[j]);
+    const double g = static_cast<double>(ema[j]);
+    const double delta_theta = theta - static_cast<double>(prev_params[j]);
+    const double delta_ema = g - static_cast<double>(prev_ema[j]);
+    acc[0][lane] += delta_theta * delta_theta;
+    acc[1][lane] += delta_theta * delta_ema;
+    acc[2][lane] += theta * theta;
+    acc[3][lane] += g * g;
+  };
+  int64_t i = begin;
+  for (; i + kSumLanes <= end; i += kSumLanes) {
+    for (int64_t lane = 0; lane < kSumLanes; ++lane) visit(i + lane, lane);
+  }
+  for (int64_t lane = 0; i < end; ++i, ++lane) visit(i, lane);
+  for (int k = 0; k < 4; ++k) {
+    sums[k] = 0;
+    for (int64_t lane = 0; lane < kSumLanes; ++lane) sums[k] += acc[k][lane];
+  }
+}
+
+at::Tensor epoch_measure_cpu(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
+                             const at::Tensor& prev_ema) {
+  check_epoch_end_args(param, ema, prev_params, prev_ema);
+  const int64_t n = param.numel();
+  const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
+  std::vector<double> partials(4 * chunks);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "bbfused::cpp_epoch_measure", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* param_data = param.const_data_ptr<scalar_t>();
+    const opmath_t* ema_data = ema.const_data_ptr<opmath_t>();
+    const scalar_t* prev_params_data = prev_params.const_data_ptr<scalar_t>();
+    const opmath_t* prev_ema_data = prev_ema.const_data_ptr<opmath_t>();
+    at::parallel_for(0, chunks, /*grain_size=*/1, [&](int64_t first, int64_t last) {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        epoch_measure_chunk<scalar_t, opmath_t>(param_data, ema_data, prev_params_data, prev_ema_data,
+                                                chunk * kSumChunk, std::min(n, (chunk + 1) * kSumChunk),
+                                                &partials[4 * chunk]);
+      }
+    });
+  });
+  double totals[4] = {};
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    for (int k = 0; k < 4; ++k) totals[k] += partials[4 * chunk + k];
+  }
+  at::Tensor sums = at::empty({4}, param.options().dtype(at::kDouble));
+  std::copy(totals, totals + 4, sums.data_ptr<double>());
+  return sums;
+}
+
+at::Tensor epoch_measure_meta(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
+                              const at::Tensor& prev_ema) {
+  return at::empty({4}, param.options().dtype(at::kDouble));
+}
+
+// The second pass. Kept epoch: prev_params ← θ, prev_ema ← g; rolled back: θ ← prev_params. Then g ← 0.
+void epoch_commit_cpu(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
+                      const at::Tensor& prev_ema, const at::Tensor& rolled_back) {
+  check_epoch_end_args(param, ema, prev_params, prev_ema);
+  constexpr const char* op = "bbfused::cpp_epoch_commit";
+  TORCH_CHECK(rolled_back.numel() == 1 && rolled_back.scalar_type() == at::kBool && rolled_back.device().is_cpu(),
+              op, ": rolled_back must be a one-element bool CPU tensor, got ", rolled_back.scalar_type(), " of shape ",
+              rolled_back.sizes(), " on ", rolled_back.device());
+  const bool restore = *rolled_back.const_data_ptr<bool>();
+  const int64_t n = param.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "bbfused::cpp_epoch_commit", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* param_data = param.data_ptr<scalar_t>();
+    opmath_t* ema_data = ema.data_ptr<opmath_t>();
+    scalar_t* prev_params_data = prev_params.data_ptr<scalar_t>();
+    opmath_t* prev_ema_data = prev_ema.data_ptr<opmath_t>();
+    at::parallel_for(0, n, kStepGrain, [&](int64_t begin, int64_t end) {
+      if (restore) {
+        std::copy(prev_params_data + begin, prev_params_data + end, param_data + begin);
+      } else {
+        std::copy(param_data + begin, param_data + end, prev_params_data + begin);
+        std::copy(ema_data + begin, ema_data + end, prev_ema_data + begin);
+      }
+      std::fill(ema_data + begin, ema_data + end, opmath_t(0));
+    });
+  });
+}
+
+void epoch_commit_meta(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
+                       const at::Tensor& prev_ema, const at::Tensor& rolled_back) {}
+
 }  // namespace
 
 // A fragment, not TORCH_LIBRARY: other backends may define ops in the bbfused namespace too, and only one
@@ -220,17 +316,25 @@ TORCH_LIBRARY_FRAGMENT(bbfused, m) {
       "cpp_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, float beta, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
   m.def("cpp_epoch_end(Tensor param, Tensor(a!) ema, Tensor(b!) prev_params, Tensor(c!) prev_ema) -> Tensor");
+  m.def("cpp_epoch_measure(Tensor param, Tensor ema, Tensor prev_params, Tensor prev_ema) -> Tensor");
+  m.def(
+      "cpp_epoch_commit(Tensor(a!) param, Tensor(b!) ema, Tensor(c!) prev_params, Tensor(d!) prev_ema, "
+      "Tensor rolled_back) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bbfused, CPU, m) {
   m.impl("cpp_step", &step_cpu);
   m.impl("cpp_epoch_end", &epoch_end_cpu);
+  m.impl("cpp_epoch_measure", &epoch_measure_cpu);
+  m.impl("cpp_epoch_commit", &epoch_commit_cpu);
 }
 
 // Shapes only, for torch.compile's fake tensors.
 TORCH_LIBRARY_IMPL(bbfused, Meta, m) {
   m.impl("cpp_step", &step_meta);
   m.impl("cpp_epoch_end", &epoch_end_meta);
+  m.impl("cpp_epoch_measure", &epoch_measure_meta);
+  m.impl("cpp_epoch_commit", &epoch_commit_meta);
 }
 
 }  // namespace bbfused

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bbfused import BB
+from bbfused import BB, checkpoint
 from bbfused.train import UsageError, format_record, parse_args, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,8 @@ def test_initial_lr_too_large_nan_in_epoch_0_is_rolled_back() -> None:
     assert math.isnan(records[0]["train_loss"])
     assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), initial))
     records += [safe.run_epoch(epoch) for epoch in (1, 2)]
-    assert safe.optimizer.lr_history == [1.0, pytest.approx(0.1), pytest.approx(0.1)]  # no rule yet at epoch 1
+    # No estimate yet at epoch 1: the rate stays, lifted to the shallow bounds' τ_min/(k+2) = 1/9.
+    assert safe.optimizer.lr_history == [1.0, pytest.approx(0.1), pytest.approx(1 / 9)]
     assert records[1]["train_loss"] < 1.0 and records[2]["train_loss"] < records[1]["train_loss"]
     assert records[2]["test_acc1"] > 85.0
 
@@ -163,33 +164,18 @@ def test_growth_from_zero_weights_counts_above_rms_0_1(target: float, rolled_bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rates_after_a_divergence_are_capped_at_half_the_rate_that_diverged(backend: str) -> None:
-    """Bounds that reject every BB ratio make the rule fall back to τ0/(k+2) = 20/(k+2): 6.67 at k = 1 diverges
-    (θ times −5.67 each step), epoch 3 runs at 0.667, then the fallback 20/5 = 4 is capped at 6.67/2 = 3.33,
-    which diverges too; after it the cap is 1.67 and the fallback 20/7 = 2.86 is cut to it (θ times −0.67).
-    θ starts at 1e8 so that it stays above the floor (RMS 0.05) while the slower epochs shrink it."""
-    safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend, tau0=20.0, tau_min=1e-9, tau_max=1e-9)
-    with torch.no_grad():
-        theta.fill_(1e8)
-    after = quadratic_epochs(safe, theta, 7, 10)
-    expected = [0.1, 0.1, 20 / 3, 2 / 3, 10 / 3, 1 / 3, 5 / 3]
-    assert safe.lr_history == [pytest.approx(rate) for rate in expected]
-    assert torch.equal(after[2], after[1]) and torch.equal(after[4], after[3])  # the two rolled-back epochs
-    assert safe.rolled_back_epochs == [2, 4]
-    assert float(after[6].abs().max()) < float(after[5].abs().max())  # the capped rate converges
-    assert safe.state_dict()["bb"]["lr_cap"] == pytest.approx(5 / 3)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_rule_chosen_rate_that_diverges_is_rolled_back_to_the_last_good_epoch(backend: str) -> None:
-    """Bounds that reject every BB ratio make the rule fall back to τ0/(k+2) = 30/3 = 10 after epoch 1 (θ times
-    −9 each step); epoch 2 is rolled back to the end of epoch 1 and epoch 3 runs at 10/10."""
-    safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend, tau0=30.0, tau_min=1e-9, tau_max=1e-9)
-    after = quadratic_epochs(safe, theta, 4, 10)
-    assert safe.lr_history == [0.1, 0.1, pytest.approx(10.0), pytest.approx(1.0)]
-    assert torch.equal(after[2], after[1])
-    assert float(after[1].abs().max()) == pytest.approx(0.9**20, rel=1e-4)
-    assert torch.equal(after[3], torch.zeros(16, device=DEVICE))  # η = 1 solves the quadratic in one step
+    """Bounds τ_min = τ_max = 30 force every rate the rule sets to 30/(k+2): 15 at epoch 1 (θ times −14 each
+    step) diverges and is rolled back to the end of epoch 0; the next epoch returns to the last good rate 0.1,
+    and the rule's later rates are capped at half of each rate that diverged (7.5, 3.75), until 1.875 converges
+    (θ times −0.875)."""
+    safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend, tau_min=30.0, tau_max=30.0)
+    after = quadratic_epochs(safe, theta, 8, 10)
+    assert safe.lr_history == [pytest.approx(r) for r in (0.1, 15.0, 0.1, 7.5, 0.1, 3.75, 0.1, 1.875)]
+    assert safe.rolled_back_epochs == [1, 3, 5]
+    assert torch.equal(after[1], after[0]) and torch.equal(after[3], after[2]) and torch.equal(after[5], after[4])
+    assert float(after[7].abs().max()) < float(after[6].abs().max())
+    assert safe.state_dict()["bb"]["lr_cap"] == pytest.approx(1.875)
 
 
 def reported_loss_epochs(opt: BB, theta: torch.nn.Parameter, losses: list[list]) -> list[torch.Tensor]:
@@ -205,44 +191,24 @@ def reported_loss_epochs(opt: BB, theta: torch.nn.Parameter, losses: list[list])
     return after
 
 
-@pytest.mark.parametrize(("ratio", "rolled_back"), [(2.45, False), (2.55, True)])
-def test_epoch_loss_threshold_is_2_5_fold(ratio: float, rolled_back: bool) -> None:
-    """An epoch whose mean loss passes 2.5 times the last good epoch's is rolled back (the ResNet-18 stand-in's
-    wrecking epochs raised it 2.55- to 26-fold, epochs after which the networks kept learning at most 2.0-fold)."""
-    safe, theta = quadratic_bb(0.1, safeguard=True)
-    after = reported_loss_epochs(safe, theta, [[1.0] * 10, [ratio] * 10])
-    assert torch.equal(after[1], after[0]) == rolled_back
-    assert safe.rolled_back_epochs == ([1] if rolled_back else [])
-    assert safe.lr == pytest.approx(0.01) if rolled_back else safe.lr != pytest.approx(0.01)
-
-
-@pytest.mark.parametrize(("later", "rolled_back"), [(2.6, False), (2.7, True)])
-def test_epoch_0_loss_is_compared_with_the_first_step(later: float, rolled_back: bool) -> None:
-    """Epoch 0 has no earlier epoch: its mean loss is compared with the initial network's, the first step's
-    loss (1 and nine steps at 2.6: mean 2.44, kept; at 2.7: mean 2.53, rolled back to the initial weights)."""
-    safe, theta = quadratic_bb(0.1, safeguard=True)
-    (after,) = reported_loss_epochs(safe, theta, [[1.0] + [later] * 9])
-    assert torch.equal(after, torch.ones(16, device=DEVICE)) == rolled_back
-    assert safe.rolled_back_epochs == ([0] if rolled_back else [])
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_tensors_on_the_device_roll_back_on_every_backend(backend: str) -> None:
     safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend)
-    losses = [[torch.tensor(1.0, device=DEVICE)] * 10, [torch.tensor([3.0], device=DEVICE)] * 10]
+    first = [torch.tensor(2.0, device=DEVICE)] + [torch.tensor(1.0, device=DEVICE)] * 9
+    losses = [first, [torch.tensor([3.0], device=DEVICE)] * 10]
     after = reported_loss_epochs(safe, theta, losses)
     assert torch.equal(after[1], after[0]) and safe.rolled_back_epochs == [1]
-    assert safe.lr == pytest.approx(0.01)
+    assert safe.lr == pytest.approx(0.05)  # the last good rate, at most half the one that diverged
 
 
 def test_loss_check_needs_every_step_and_a_reference() -> None:
-    """Epoch 1 misses one loss: not checked, and the reference is lost; epoch 2 has no reference: only a
-    non-finite mean would count; epoch 3 triples epoch 2's mean: rolled back; epoch 4 has an inf loss."""
+    """Epoch 1 misses one loss: not checked; epoch 2 is compared with the best epoch before it (epoch 0's
+    mean 1.1): rolled back; epoch 3 has an inf loss: rolled back too."""
     safe, theta = quadratic_bb(0.1, safeguard=True)
-    losses = [[1.0] * 10, [None] + [100.0] * 9, [100.0] * 10, [300.0] * 10, [1.0] * 9 + [math.inf]]
+    losses = [[2.0] + [1.0] * 9, [None] + [100.0] * 9, [100.0] * 10, [1.0] * 9 + [math.inf]]
     after = reported_loss_epochs(safe, theta, losses)
-    assert safe.rolled_back_epochs == [3, 4]
-    assert torch.equal(after[4], after[2]) and not torch.equal(after[2], after[1])
+    assert safe.rolled_back_epochs == [2, 3]
+    assert torch.equal(after[3], after[1]) and not torch.equal(after[1], after[0])
 
 
 @pytest.mark.parametrize("first", [-1.0, 0.0])
@@ -272,13 +238,13 @@ def test_closure_return_value_is_the_loss_unless_loss_is_given() -> None:
 
         return closure
 
-    for value in [torch.tensor(1.0)] * 10 + [torch.tensor(3.0)] * 10:
+    for value in [torch.tensor(2.0)] + [torch.tensor(1.0)] * 9 + [torch.tensor(3.0)] * 10:
         assert safe.step(closure_returning(value)) is value
     assert safe.rolled_back_epochs == [1]
-    for value in [("not", "a loss")] * 10 + [torch.tensor(30.0)] * 10:  # a tuple is not used; 30 vs no reference
+    for value in [("not", "a loss")] * 10:  # a tuple is not used: the epoch is not checked
         safe.step(closure_returning(value))
     for _ in range(10):  # the explicit loss wins over the closure's
-        safe.step(closure_returning(torch.tensor(1e3)), loss=30.0)
+        safe.step(closure_returning(torch.tensor(1e3)), loss=1.0)
     assert safe.rolled_back_epochs == [1]
 
 
@@ -302,7 +268,7 @@ def test_bad_loss_raises_before_anything_is_written(loss, found: str) -> None:
 def test_grad_scaler_passes_the_loss_on() -> None:
     safe, theta = quadratic_bb(0.1, safeguard=True)
     scaler = torch.amp.GradScaler(DEVICE.type, init_scale=4.0)
-    for loss in [1.0] * 10 + [3.0] * 10:
+    for loss in [2.0] + [1.0] * 9 + [3.0] * 10:
         safe.zero_grad()
         scaler.scale(0.5 * theta.square().sum()).backward()
         scaler.step(safe, loss=torch.tensor(loss, device=DEVICE))
@@ -313,11 +279,12 @@ def test_grad_scaler_passes_the_loss_on() -> None:
 def test_mid_epoch_checkpoint_keeps_the_epoch_loss() -> None:
     """Saved halfway through an epoch whose losses triple, the resumed run rolls it back like the uninterrupted
     one; a state dict from before the loss check resumes without checking that epoch."""
-    losses = [[1.0] * 10, [3.0] * 5]
+    losses = [[2.0] + [1.0] * 9, [3.0] * 5]
     reference, theta = quadratic_bb(0.1, safeguard=True)
     reported_loss_epochs(reference, theta, losses)
     saved_theta, state = theta.detach().clone(), reference.state_dict()
-    assert (state["bb"]["loss_sum"], state["bb"]["loss_steps"], state["bb"]["loss_reference"]) == (15.0, 5, 1.0)
+    assert (state["bb"]["loss_sum"], state["bb"]["loss_steps"]) == (15.0, 5)
+    assert state["bb"]["best_loss"] == pytest.approx(1.1)
     expected = reported_loss_epochs(reference, theta, [[3.0] * 5])
     assert reference.rolled_back_epochs == [1]
 
@@ -326,8 +293,11 @@ def test_mid_epoch_checkpoint_keeps_the_epoch_loss() -> None:
         with torch.no_grad():
             theta.copy_(saved_theta)
         loaded = {**state, "bb": dict(state["bb"])}
-        if old:
-            del loaded["bb"]["loss_sum"], loaded["bb"]["loss_steps"], loaded["bb"]["loss_reference"]
+        if old:  # version 1 from before the loss check
+            for key in ("loss_sum", "loss_steps", "initial_loss", "best_loss", "last_loss", "good_lr", "loss_rollback"):
+                del loaded["bb"][key]
+            del loaded["bb"]["model_buffers"]
+            loaded["bb"]["version"] = 1
         resumed.load_state_dict(loaded)
         after = reported_loss_epochs(resumed, theta, [[3.0] * 5])
         assert torch.equal(after[0], expected[0]) != old
@@ -335,11 +305,12 @@ def test_mid_epoch_checkpoint_keeps_the_epoch_loss() -> None:
 
 
 def test_batchnorm_network_wrecked_without_weight_growth_is_rolled_back_by_its_loss() -> None:
-    """ResNet-18 (BatchNorm) on 2048 MNIST images, η0 = 0.01, then the rule's fallback 1/3 at k = 1 (bounds that
-    reject every BB ratio; the ResNet-18 stand-in of experiment 4 got the same rate from η0 = 1e-3 and 1e-2): the
-    paper's BB ends epoch 3 with the loss up more than 10-fold and the test accuracy down to chance while ‖θ‖²
-    barely changes (scale-invariant weights: the growth check cannot see it). The loss check rolls it back."""
-    options = ("--limit-train", "2048", "--limit-test", "500", "--tau-min", "1e-9", "--tau-max", "1e-9")
+    """ResNet-18 (BatchNorm) on 2048 MNIST images, η0 = 0.01, then 1/3 at k = 1 (bounds τ_min = τ_max = 1 force it
+    in both modes; the ResNet-18 stand-in of experiment 4 got the same rate from η0 = 1e-3 and 1e-2): the paper's
+    BB ends epoch 3 with the loss up more than 10-fold and the test accuracy down to chance while ‖θ‖² barely
+    changes (scale-invariant weights: the growth check cannot see it). The loss check rolls it back, with the
+    BatchNorm statistics (the trainer tracks the model's buffers), and returns to the last good rate 0.01."""
+    options = ("--limit-train", "2048", "--limit-test", "500", "--tau-min", "1", "--tau-max", "1")
     paper = mnist_run(0.01, False, *options, model="resnet18")
     records = [paper.run_epoch(epoch) for epoch in (0, 1)]
     sq_norm = param_sq_norm(paper.model)
@@ -348,17 +319,23 @@ def test_batchnorm_network_wrecked_without_weight_growth_is_rolled_back_by_its_l
     assert records[2]["train_loss"] > 10 * records[1]["train_loss"] and records[2]["test_acc1"] < 20.0
     assert 0.5 < param_sq_norm(paper.model) / sq_norm < 2.0
 
+    # The default lifts epoch 1 to the bounds (1/2), rolls back the epochs whose loss jumps, with the weights and
+    # the BatchNorm statistics of their start, and goes on at the last good rate.
     safe = mnist_run(0.01, True, *options, model="resnet18")
-    safe_records = [safe.run_epoch(epoch) for epoch in (0, 1)]
-    weights = [p.detach().clone() for p in safe.model.parameters()]
-    safe_records.append(safe.run_epoch(2))
-    assert safe_records[2]["train_loss"] == records[2]["train_loss"] and safe_records[2]["rolled_back"]
-    assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), weights))
-    assert safe_records[2]["test_acc1"] == safe_records[1]["test_acc1"]  # the BatchNorm statistics came back too
-    safe_records.append(safe.run_epoch(3))
-    assert safe.optimizer.rolled_back_epochs == [2]
-    assert safe.optimizer.lr_history[3] == pytest.approx(1 / 30)
-    assert safe_records[3]["train_loss"] < safe_records[1]["train_loss"] and safe_records[3]["test_acc1"] > 88.0
+    safe_records, weights = [], []
+    for epoch in range(4):
+        weights.append([p.detach().clone() for p in safe.model.parameters()])
+        safe_records.append(safe.run_epoch(epoch))
+    rolled_back = safe.optimizer.rolled_back_epochs
+    assert rolled_back and all(safe_records[e]["rolled_back"] for e in rolled_back)
+    first = rolled_back[0]
+    assert first >= 1 and safe.optimizer.lr_history[first] >= 1 / 3
+    assert safe_records[first]["train_loss"] > 2.5 * min(r["train_loss"] for r in safe_records[:first])
+    following = weights[first + 1] if first + 1 < len(weights) else list(safe.model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(following, weights[first]))
+    assert safe_records[first]["test_acc1"] == safe_records[first - 1]["test_acc1"]  # BatchNorm statistics too
+    assert safe.optimizer.lr_history[first + 1] == pytest.approx(safe.optimizer.lr_history[first - 1])
+    assert safe_records[-1]["test_acc1"] > 85.0  # the network kept learns (a rolled-back epoch keeps the last good)
 
 
 def test_trainer_gives_bb_the_loss_and_restores_batchnorm_statistics() -> None:
@@ -372,7 +349,7 @@ def test_trainer_gives_bb_the_loss_and_restores_batchnorm_statistics() -> None:
     assert record["rolled_back"] and safe.optimizer.rolled_back_epochs == [0]
     assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), weights))
     assert all(torch.equal(b, c) for b, c in zip(safe.model.buffers(), buffers))
-    assert safe.optimizer.state_dict()["bb"]["loss_reference"] == pytest.approx(math.log(10), abs=0.3)
+    assert safe.optimizer.state_dict()["bb"]["initial_loss"] == pytest.approx(math.log(10), abs=0.3)
 
 
 DDP_LOSSES = """
@@ -385,10 +362,10 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 theta = torch.nn.Parameter(torch.ones(16))
 opt = BB([theta], lr=0.1, steps_per_epoch=10, backend="eager")
-# Alone, rank 0 would roll back epoch 0 (mean 2.53 vs its first loss 1) and rank 1 nothing (means 3, 2.9, 2).
-# Together: epoch 0's mean 2.77 against the averaged first losses 2 is kept, epoch 1's 2.0 too, and epoch 2's
-# 9.5 (4.75 times 2.0) is rolled back on both ranks.
-losses = [[1.0] + [2.7] * 9, [1.1] * 10, [17.0] * 10] if rank == 0 else [[3.0] * 10, [2.9] * 10, [2.0] * 10]
+# Alone, rank 1 would roll back epoch 0 (no progress from its first loss 2 while θ moved) and rank 0 nothing
+# (means 1.3, 1.1, 17: never 2.5 times its best). Together: epoch 0's mean 1.65 against the averaged first losses
+# 3 is kept, epoch 1's 2.0 too, and epoch 2's 9.5 (5.8 times the best 1.65) is rolled back on both ranks.
+losses = [[4.0] + [1.0] * 9, [1.1] * 10, [17.0] * 10] if rank == 0 else [[2.0] * 10, [2.9] * 10, [2.0] * 10]
 for epoch_losses in losses:
     for loss in epoch_losses:
         opt.zero_grad()
@@ -412,31 +389,6 @@ def test_ranks_decide_alike_under_torch_distributed(tmp_path) -> None:
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert ranks[0]["rolled_back"] == ranks[1]["rolled_back"] == [2]
     assert torch.equal(ranks[0]["theta"], ranks[1]["theta"])
-
-
-def test_no_divergence_is_bit_identical_to_the_paper() -> None:
-    """The safeguard changes nothing in a run that never diverges: same rates, same weights, bit for bit."""
-
-    def train(safeguard: bool) -> tuple[list[float], torch.Tensor]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        data, labels = torch.randn(64, 20), torch.randint(0, 3, (64,))
-        # The shallow-network bounds: with the deep ones the rule picks 1.8 at k = 2, which grows this
-        # random-label fit's ‖θ‖² 5-fold in an epoch whose loss rises 60% (the safeguard rolls that back).
-        opt = BB(
-            model.parameters(), lr=0.1, steps_per_epoch=8, weight_decay=5e-4, tau_min=1 / 3, tau_max=3.0,
-            backend="eager", safeguard=safeguard,
-        )  # fmt: skip
-        for step in range(5 * 8):
-            batch = slice(8 * (step % 8), 8 * (step % 8 + 1))
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(data[batch]), labels[batch]).backward()
-            opt.step()
-        return opt.lr_history, torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    (paper_rates, paper_weights), (safe_rates, safe_weights) = train(False), train(True)
-    assert safe_rates == paper_rates and len(set(paper_rates)) > 1  # the rule did act
-    assert torch.equal(safe_weights, paper_weights)
 
 
 def test_checkpoint_after_a_rollback_loses_nothing() -> None:
@@ -467,7 +419,10 @@ def test_state_dict_from_before_the_safeguard_loads() -> None:
     opt, theta = quadratic_bb(0.1, safeguard=True)
     quadratic_epochs(opt, theta, 2, 10)
     state = opt.state_dict()
-    del state["bb"]["has_snapshot"], state["bb"]["lr_cap"], state["bb"]["rolled_back_epochs"]
+    # Version 1 as the first releases wrote it: no safeguard or loss keys at all.
+    for key in checkpoint.CONTROL_KEYS:
+        del state["bb"][key]
+    state["bb"]["version"] = 1
     fresh, _ = quadratic_bb(0.1, safeguard=True)
     fresh.load_state_dict(state)
     assert fresh.state_dict()["bb"]["has_snapshot"] is True  # epoch 2 >= 1: the snapshots are an epoch end
@@ -489,8 +444,6 @@ def test_state_dict_from_before_the_safeguard_loads() -> None:
         ("loss_steps", 1, r"loss_steps must be an int in \[0, 0\]"),
         ("loss_steps", True, "loss_steps must be an int"),
         ("loss_sum", "1", "loss_sum must be a number"),
-        ("loss_reference", math.nan, "loss_reference must be a number or None"),
-        ("loss_reference", "1", "loss_reference must be a number or None"),
     ],
 )
 def test_corrupt_safeguard_state_is_rejected_before_anything_is_written(key: str, value, message: str) -> None:
@@ -536,8 +489,8 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     for record in records:
         assert len(record["history"]) == 2 and record["run"]["epochs"] == 2
     by_name = {(r["run"]["method"], r["run"]["lr"]): r for r in records}
-    # BB and BB + safeguard agree bit for bit where nothing diverges.
-    assert by_name["bb", 0.1]["history"][-1]["train_loss"] == by_name["bb-safe", 0.1]["history"][-1]["train_loss"]
+    assert by_name["bb", 0.1]["bb_lr_history"] == [0.1, 0.1]
+    assert by_name["bb-safe", 0.1]["bb_lr_history"] == [0.1, pytest.approx(1 / 6)]  # lifted to τ_min/2
     for record in records:  # ‖θ‖² at the start and after each epoch; BB + safeguard says what it rolled back
         assert len(record["param_sq_norms"]) == 3 and all(n > 0 for n in record["param_sq_norms"])
         assert ("rolled_back" in record["history"][0]) == (record["run"]["method"] == "bb-safe")

@@ -69,7 +69,8 @@ def test_mnist_default_trains_and_writes_outputs(tmp_path, capsys):
 
     log = read_log(out)
     assert [record["epoch"] for record in log] == [1, 2]
-    assert [record["lr"] for record in log] == [0.1, 0.1]  # BB's rule sets the rate from epoch 3 on
+    # No estimate before epoch 3: epoch 2 keeps η0, lifted into the shallow bounds (τ_min/2 = 1/6).
+    assert [record["lr"] for record in log] == [0.1, pytest.approx(1 / 6)]
     assert log[1]["train_loss"] < log[0]["train_loss"] < 1.0
     assert log[1]["test_acc1"] > 90.0
     assert "test_acc5" not in log[0]  # 10 classes: top-5 is not reported
@@ -91,7 +92,7 @@ def test_mnist_default_trains_and_writes_outputs(tmp_path, capsys):
     assert printed[0].startswith("mlp on MNIST: 47 steps/epoch of 128 images, bb lr 0.1")
     epoch_lines = [line for line in printed if line.startswith("epoch")]
     assert len(epoch_lines) == 2
-    assert epoch_lines[1].startswith("epoch 2/2  lr 0.1  train loss ")
+    assert epoch_lines[1].startswith("epoch 2/2  lr 0.166667  train loss ")
     assert f"{log[1]['test_acc1']:6.2f}%" in epoch_lines[1]
 
 
@@ -201,7 +202,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     """DDP on 2 CPU processes (gloo), 32 images each, equals one process with batches of 64: same global
     batches (DistributedSampler interleaves one shuffled order); LeNet has no dropout."""
     common = ["--model", "lenet", "--limit-train", "512", "--limit-test", "256", "--epochs", "3"]
-    common += ["--bb-backend", "eager"]
+    # A low τ_min keeps the default from lifting epoch 2's rate to 1/6, where LeNet on 512 images is chaotic
+    # enough to amplify the float rounding differences between the two reductions past the tolerance below.
+    common += ["--bb-backend", "eager", "--tau-min", "0.01"]
     script = tmp_path / "train_and_dump.py"
     script.write_text(
         textwrap.dedent(

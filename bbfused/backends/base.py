@@ -49,3 +49,26 @@ class Backend(Protocol):
         same bits. prev_params has the parameter dtype, prev_ema the ema dtype.
         """
         ...
+
+    def epoch_measure(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+    ) -> torch.Tensor:
+        """The safeguarded epoch end's first pass, writing nothing: float64 (4,)
+        ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev), ‖θ‖², ‖g‖²]``. Deterministic."""
+        ...
+
+    def epoch_commit(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+        rolled_back: torch.Tensor,
+    ) -> None:
+        """The safeguarded epoch end's second pass. ``rolled_back``: a bool 0-dim tensor on the device, read
+        there (no host sync). False: prev_params ← θ, prev_ema ← g; true: θ ← prev_params. Then g ← 0."""
+        ...

@@ -170,3 +170,22 @@ class CppBackend:
         prev_ema: torch.Tensor,
     ) -> torch.Tensor:
         return torch.ops.bbfused.cpp_epoch_end(param, ema, prev_params, prev_ema)
+
+    def epoch_measure(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+    ) -> torch.Tensor:
+        return torch.ops.bbfused.cpp_epoch_measure(param, ema, prev_params, prev_ema)
+
+    def epoch_commit(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+        rolled_back: torch.Tensor,
+    ) -> None:
+        torch.ops.bbfused.cpp_epoch_commit(param, ema, prev_params, prev_ema, rolled_back)

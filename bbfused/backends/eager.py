@@ -50,6 +50,40 @@ class EagerBackend:
         ema.zero_()
         return sums
 
+    def epoch_measure(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+    ) -> torch.Tensor:
+        theta = param.double()
+        g = ema.double()
+        delta_theta = theta - prev_params.double()
+        delta_ema = g - prev_ema.double()
+        return torch.stack(
+            [
+                torch.dot(delta_theta, delta_theta),
+                torch.dot(delta_theta, delta_ema),
+                torch.dot(theta, theta),
+                torch.dot(g, g),
+            ]
+        )
+
+    def epoch_commit(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+        rolled_back: torch.Tensor,
+    ) -> None:
+        flag = rolled_back.reshape(())
+        torch.where(flag, prev_params, param, out=param)
+        prev_params.copy_(param)
+        torch.where(flag, prev_ema, ema, out=prev_ema)
+        ema.zero_()
+
 
 def unavailable_reason(device: torch.device) -> str | None:
     """The eager backend runs wherever torch does."""

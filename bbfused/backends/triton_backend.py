@@ -166,6 +166,82 @@ def _epoch_end_kernel(
     tl.store(partials_ptr + tl.num_programs(0) + pid, dot)
 
 
+@triton.jit
+def _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask):
+    """The safeguarded epoch end's first pass over ``offsets``: its four float64 sums, writing nothing."""
+    theta = _load(param_ptr + offsets, mask).to(tl.float64)
+    ema = _load(ema_ptr + offsets, mask).to(tl.float64)
+    delta_theta = theta - _load(prev_params_ptr + offsets, mask).to(tl.float64)
+    delta_ema = ema - _load(prev_ema_ptr + offsets, mask).to(tl.float64)
+    return (
+        tl.sum(delta_theta * delta_theta, axis=0),
+        tl.sum(delta_theta * delta_ema, axis=0),
+        tl.sum(theta * theta, axis=0),
+        tl.sum(ema * ema, axis=0),
+    )
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def _epoch_measure_kernel(
+    param_ptr,
+    ema_ptr,
+    prev_params_ptr,
+    prev_ema_ptr,
+    partials_ptr,
+    n_elements,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """This block's ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · num_programs + pid] (no atomics: deterministic)."""
+    start = _block_start(USE_INT64, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    if n_elements - start >= BLOCK:  # as in _step_kernel
+        a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
+    else:
+        mask = offsets < n_elements
+        a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tl.store(partials_ptr + pid, a)
+    tl.store(partials_ptr + programs + pid, b)
+    tl.store(partials_ptr + 2 * programs + pid, c)
+    tl.store(partials_ptr + 3 * programs + pid, d)
+
+
+@triton.jit
+def _epoch_commit_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, restore, offsets, mask):
+    ema = _load(ema_ptr + offsets, mask)
+    if restore:
+        tl.store(param_ptr + offsets, _load(prev_params_ptr + offsets, mask), mask=mask)
+    else:
+        tl.store(prev_params_ptr + offsets, _load(param_ptr + offsets, mask), mask=mask)
+        tl.store(prev_ema_ptr + offsets, ema, mask=mask)
+    tl.store(ema_ptr + offsets, tl.zeros_like(ema), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def _epoch_commit_kernel(
+    param_ptr,
+    ema_ptr,
+    prev_params_ptr,
+    prev_ema_ptr,
+    rolled_back_ptr,
+    n_elements,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The second pass: kept epoch: θ_prev ← θ, g_prev ← g; rolled back (the flag, read on the device): θ ← θ_prev.
+    Then g ← 0."""
+    restore = tl.load(rolled_back_ptr) != 0
+    start = _block_start(USE_INT64, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    if n_elements - start >= BLOCK:
+        _epoch_commit_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, restore, offsets, None)
+    else:
+        mask = offsets < n_elements
+        _epoch_commit_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, restore, offsets, mask)
+
+
 # Whether triton.jit built the kernels for the interpreter: TRITON_INTERPRET=1 counts only if it was set
 # before triton was imported, so the kernels themselves are asked.
 _INTERPRETED = isinstance(_step_kernel, InterpretedFunction)
@@ -297,6 +373,72 @@ class TritonBackend:
                     num_warps=NUM_WARPS,
                 )
         return partials.sum(dim=1)
+
+    def _check_epoch_buffers(self, operation: str, param, ema, prev_params, prev_ema) -> None:
+        _check_flat(
+            operation,
+            {"param": param, "ema": ema, "prev_params": prev_params, "prev_ema": prev_ema},
+            {
+                "param": param.dtype,
+                "ema": state_dtype(param.dtype),
+                "prev_params": param.dtype,
+                "prev_ema": state_dtype(param.dtype),
+            },
+        )
+
+    def epoch_measure(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+    ) -> torch.Tensor:
+        """One launch writing per-block float64 partials, summed in a fixed order on the device (no sync)."""
+        self._check_epoch_buffers("epoch_measure", param, ema, prev_params, prev_ema)
+        n_elements = param.numel()
+        programs = triton.cdiv(n_elements, BLOCK_SIZE)
+        partials = torch.empty((4, programs), dtype=torch.float64, device=param.device)
+        if programs:
+            with _on_device(param.device):
+                _epoch_measure_kernel[(programs,)](
+                    param,
+                    ema,
+                    prev_params,
+                    prev_ema,
+                    partials,
+                    n_elements,
+                    USE_INT64=_needs_int64(n_elements),
+                    BLOCK=BLOCK_SIZE,
+                    num_warps=NUM_WARPS,
+                )
+        return partials.sum(dim=1)
+
+    def epoch_commit(
+        self,
+        param: torch.Tensor,
+        ema: torch.Tensor,
+        prev_params: torch.Tensor,
+        prev_ema: torch.Tensor,
+        rolled_back: torch.Tensor,
+    ) -> None:
+        """One launch; the rollback flag is read on the device."""
+        self._check_epoch_buffers("epoch_commit", param, ema, prev_params, prev_ema)
+        _check_scalar("epoch_commit", "rolled_back", rolled_back, param.device)
+        n_elements = param.numel()
+        if n_elements == 0:
+            return
+        with _on_device(param.device):
+            _epoch_commit_kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
+                param,
+                ema,
+                prev_params,
+                prev_ema,
+                rolled_back,
+                n_elements,
+                USE_INT64=_needs_int64(n_elements),
+                BLOCK=BLOCK_SIZE,
+                num_warps=NUM_WARPS,
+            )
 
 
 def unavailable_reason(device: torch.device) -> str | None:

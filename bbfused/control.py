@@ -1,0 +1,310 @@
+"""Rate control: how an epoch's end turns into the next epoch's learning rate.
+
+Two policies behind one interface that ``BB`` calls at every step and epoch end:
+
+* :class:`PaperControl` (``safeguard=False``): the paper's eq. 13 exactly, in one epoch-end pass.
+* :class:`SafeguardedControl` (the default): the same BB estimate, applied so that it cannot kill a network:
+
+  - **bounded steps**: the next rate is the estimate clamped to [rate / 10, rate · 2] (a stabilised BB step,
+    as in Tan et al.'s smoothing of SGD-BB rates) and then into the paper's bounds [τ_min, τ_max] / (k + 2);
+    an estimate that is zero, inf or NaN keeps the rate. The bounds, not η0, set where the rates go, so a
+    tiny η0 is left behind after epoch 1 and no fallback jumps to an absolute τ_0/(k + 2).
+  - **divergence tests** at every epoch end: a parameter or gradient average that is not finite; ‖θ‖² grown
+    past 4 · max(its value at the last good epoch end, 0.0025 · number of values); with the training loss
+    given to ``step``, an epoch mean that is not finite, or above 2.5 times the best epoch mean so far and
+    above it by more than 5 % of the initial loss (a ratio alone is noise at near-zero loss), or, before any
+    good epoch, not below the first step's loss although the weights moved by more than 10 % (a rate so
+    large that the network is stuck at chance; a too-small rate barely moves them).
+  - **rollback**: a diverged epoch is undone: parameters, gradient averages and the tracked model buffers
+    (BatchNorm running statistics, see ``BB.track_buffers``) return to the last good epoch end; the next
+    rate is the diverged one / 10 (at most τ_max/(k + 2), so an absurd η0 is left within an epoch or two),
+    and later rates are capped at half the smallest rate that diverged.
+
+Every decision is made with device tensors: closing an epoch never synchronises with the host. The constants
+below are the policy; ``benchmarks/results/robustness.md`` has the measurements they were chosen by.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .rule import bb_learning_rate, bb_ratio
+
+# How far one epoch may move the rate: at most doubled, at most divided by ten.
+RATE_GROWTH_LIMIT = 2.0
+RATE_SHRINK_LIMIT = 0.1
+# After a diverged epoch: the next rate, and the cap on every later one, as fractions of the rate that diverged.
+BACKOFF = 0.1
+RETURN_TO_GOOD = True
+CAP = 0.5
+# Weight growth test: the weights' RMS doubled and passed 0.05 (a start from near-zero weights is no growth).
+WEIGHT_GROWTH = 4.0
+WEIGHT_FLOOR = 2.5e-3
+# Loss tests: the epoch's mean loss against the best epoch mean, with a margin in units of the initial loss,
+# and the relative weight movement that separates "stuck at chance" from "rate too small to show progress".
+LOSS_GROWTH = 2.5
+LOSS_MARGIN = 0.05
+STUCK_PROGRESS = 0.05
+STUCK_MOVEMENT = 0.1
+# An epoch whose mean loss rose above the previous good epoch's (without diverging) brakes: the next rate is at
+# most this fraction of its rate, whatever the estimate says.
+LOSS_BRAKE = 0.5
+
+# Epoch-end sums a backend's measuring pass returns, in this order (float64).
+SUMS = ("delta_sq_norm", "delta_dot_y", "param_sq_norm", "ema_sq_norm")
+
+
+class EpochBuffers:
+    """What the control may do to the optimizer's flat buffers at an epoch end, as callables ``BB`` provides.
+
+    ``measure()``: float64 (4,) on the master device, :data:`SUMS` over every buffer, writing nothing.
+    ``commit(rolled_back)``: the second pass: when ``rolled_back`` (a bool device tensor) is false,
+    prev_params ← θ, prev_ema ← g; when true θ ← prev_params; then g ← 0.
+    ``paper_pass()``: the paper's single pass (sums of Δθ, then snapshots and g ← 0): float64 (2,).
+    ``snapshot_params()``: prev_params ← θ (the point a diverged epoch 0 returns to).
+    ``param_sq_norm(name)``: ‖buffer‖² over every buffer, float64 on the master device.
+    """
+
+    def __init__(
+        self,
+        measure: Callable[[], torch.Tensor],
+        commit: Callable[[torch.Tensor], None],
+        paper_pass: Callable[[], torch.Tensor],
+        snapshot_params: Callable[[], None],
+        sq_norm: Callable[[str], torch.Tensor],
+    ) -> None:
+        self.measure = measure
+        self.commit = commit
+        self.paper_pass = paper_pass
+        self.snapshot_params = snapshot_params
+        self.sq_norm = sq_norm
+
+
+class PaperControl:
+    """``safeguard=False``: η̂_{k+1} by eq. 13 from the end of epoch 1 on; nothing is checked or rolled back."""
+
+    safeguard = False
+
+    def __init__(self, device: torch.device, numel: int) -> None:
+        self.device = device
+
+    def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
+        pass
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        pass
+
+    def close_epoch(
+        self, buffers: EpochBuffers, lr: torch.Tensor, epoch: int, steps: int, taus: tuple[float, float, float]
+    ) -> tuple[torch.Tensor | None, None]:
+        """The epoch-end pass and the next rate (None: unchanged), and whether the epoch was rolled back (None:
+        never)."""
+        sums = buffers.paper_pass()
+        if epoch < 1:
+            return None, None
+        return bb_learning_rate(sums, steps, epoch, *taus), None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], epoch: int, buffers: EpochBuffers) -> None:
+        pass
+
+
+def _nan(device: torch.device) -> torch.Tensor:
+    return torch.tensor(math.nan, dtype=torch.float64, device=device)
+
+
+class SafeguardedControl:
+    """The default policy (see the module docstring). All state is on the master device, except the count of
+    steps that gave a loss in the current epoch (host-side, as the step count is)."""
+
+    safeguard = True
+
+    def __init__(self, device: torch.device, numel: int) -> None:
+        self.device = device
+        self.weight_floor = WEIGHT_FLOOR * numel
+        # Whether prev_params / prev_ema hold a good epoch end the rule may compare with.
+        self.has_snapshot = torch.tensor(False, device=device)
+        self.snapshot_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.lr_cap = torch.tensor(math.inf, dtype=torch.float64, device=device)
+        self.good_lr = _nan(device)  # the rate of the last epoch that was not rolled back
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_steps = 0
+        self.initial_loss = _nan(device)  # the first step's loss
+        self.best_loss = _nan(device)  # the lowest mean loss of a good epoch whose every step gave one
+        self.last_loss = _nan(device)  # the mean loss of the last good epoch (NaN: it did not give one each step)
+        self.rose = torch.tensor(False, device=device)  # whether the epoch just measured raised the mean loss
+        self.last_step_loss = _nan(device)  # the loss of the epoch's last step (a reference, not a copy)
+        # Whether the last epoch was rolled back by a loss test alone: a second one in a row means the snapshot
+        # itself is no better (its own loss is high: the damage came in the previous epoch's last steps).
+        self.loss_rollback = torch.tensor(False, device=device)
+        self.rolled_back: list[torch.Tensor] = []  # per completed epoch
+        self.model_buffers: list[torch.Tensor] = []
+        self.model_buffer_snapshots: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ model buffers
+    def track_buffers(self, tensors: list[torch.Tensor]) -> None:
+        """Restore these tensors (a model's buffers) along with the parameters when an epoch is rolled back; their
+        values now are what a rolled-back epoch 0 returns to."""
+        self.model_buffers = tensors
+        self.model_buffer_snapshots = [t.detach().clone() for t in tensors]
+
+    def _commit_model_buffers(self, rolled_back: torch.Tensor) -> None:
+        for live, snapshot in zip(self.model_buffers, self.model_buffer_snapshots):
+            flag = rolled_back.to(live.device, non_blocking=live.device.type == "cuda")
+            torch.where(flag, snapshot, live, out=live)
+            snapshot.copy_(live)
+
+    # ------------------------------------------------------------------ per step
+    def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
+        """Before the run's first update: the point a diverged epoch 0 returns to, and the initial loss."""
+        buffers.snapshot_params()
+        self.snapshot_sq_norm = buffers.sq_norm("prev_params")
+        # The model buffers' snapshot stays the one track_buffers() took: the first forward pass has already
+        # updated BatchNorm's running statistics by now.
+        if loss is not None:
+            self.initial_loss.copy_(loss)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum.add_(loss)
+        self.loss_steps += 1
+        self.last_step_loss = loss
+
+    # ------------------------------------------------------------------ epoch end
+    def _epoch_loss(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The epoch's mean loss, whether every step gave one, the initial loss and the last step's loss; under
+        torch.distributed the sums and the ranks' initial and last-step losses are all-reduced over the default
+        group (one small collective, no host sync) so that every rank decides alike, as one process would."""
+        totals = torch.stack(
+            [
+                self.loss_sum,
+                torch.full_like(self.loss_sum, self.loss_steps),
+                torch.nan_to_num(self.initial_loss),
+                self.last_step_loss.to(self.loss_sum.dtype),
+            ]
+        )
+        initial, last = self.initial_loss, totals[3]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(totals)
+            steps *= world
+            initial = torch.where(torch.isnan(initial), initial, totals[2] / world)
+            last = totals[3] / world
+        return totals[0] / totals[1], totals[1] == steps, initial, last
+
+    def diverged(self, sums: torch.Tensor, steps: int, epoch: int) -> torch.Tensor:
+        """Whether the epoch that ``sums`` (:data:`SUMS`) measured diverged: a bool device tensor."""
+        delta_sq, param_sq, ema_sq = sums[0], sums[2], sums[3]
+        limit = WEIGHT_GROWTH * self.snapshot_sq_norm.clamp(min=self.weight_floor)
+        # NaN fails every comparison: "not <=" catches it along with growth past the limit.
+        weights_bad = ~(param_sq <= limit) | ~torch.isfinite(ema_sq)
+        mean, complete, initial, last = self._epoch_loss(steps)
+        best = self.best_loss
+        margin = LOSS_MARGIN * torch.nan_to_num(initial, nan=0.0).clamp(min=0.0)
+
+        def wrecked(loss: torch.Tensor) -> torch.Tensor:
+            return (best > 0) & (loss > LOSS_GROWTH * best) & (loss - best > margin)
+
+        # Before any good epoch: no progress from the first step although the weights moved.
+        moved = delta_sq > STUCK_MOVEMENT**2 * self.snapshot_sq_norm
+        stuck = torch.isnan(best) & (initial > 0) & (mean > (1 - STUCK_PROGRESS) * initial) & moved
+        # The last step's loss sees damage done in the epoch's last steps, which the mean hides.
+        loss_bad = complete & (~torch.isfinite(mean) | ~torch.isfinite(last) | stuck | wrecked(mean) | wrecked(last))
+        accept_anyway = self.loss_rollback & ~weights_bad & torch.isfinite(mean) & torch.isfinite(last) & ~stuck
+        diverged = weights_bad | (loss_bad & ~accept_anyway)
+        self.loss_rollback = diverged & ~weights_bad
+        good_loss = complete & ~diverged
+        lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
+        self.best_loss = torch.where(lower | (accept_anyway & good_loss), mean, best)
+        self.rose = good_loss & (mean > self.last_loss)
+        self.last_loss = torch.where(diverged, self.last_loss, torch.where(good_loss, mean, _nan(self.device)))
+        self.snapshot_sq_norm = torch.where(diverged, self.snapshot_sq_norm, param_sq)
+        return diverged
+
+    def next_rate(
+        self, sums: torch.Tensor, diverged: torch.Tensor, lr: torch.Tensor, epoch: int, steps: int, taus
+    ) -> torch.Tensor:
+        """The rate of the epoch after ``epoch``."""
+        _, tau_min, tau_max = taus
+        divisor = epoch + 2
+        upper = torch.clamp(self.lr_cap, max=tau_max / divisor)
+        estimate = bb_ratio(sums, steps)
+        usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot & (epoch >= 1)
+        estimate = torch.where(usable, estimate, lr)
+        growth = torch.where(self.rose, torch.full_like(lr, LOSS_BRAKE), torch.full_like(lr, RATE_GROWTH_LIMIT))
+        estimate = torch.minimum(torch.maximum(estimate, lr * RATE_SHRINK_LIMIT), lr * growth)
+        # Epoch 0 (and a good epoch right after a rolled-back one) has no estimate: the rate stays, within bounds.
+        kept = torch.minimum(torch.maximum(estimate, torch.full_like(lr, tau_min / divisor)), upper)
+        if RETURN_TO_GOOD:
+            backed_off = torch.where(torch.isnan(self.good_lr), lr * BACKOFF, torch.minimum(self.good_lr, lr * CAP))
+        else:
+            backed_off = lr * BACKOFF
+        backed_off = torch.clamp(backed_off, max=tau_max / divisor)
+        return torch.where(diverged, backed_off, kept)
+
+    def close_epoch(
+        self, buffers: EpochBuffers, lr: torch.Tensor, epoch: int, steps: int, taus: tuple[float, float, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Measure, decide, commit: the next rate and whether the epoch was rolled back (device tensors)."""
+        sums = buffers.measure()
+        diverged = self.diverged(sums, steps, epoch)
+        new_lr = self.next_rate(sums, diverged, lr, epoch, steps, taus)
+        self.lr_cap = torch.where(diverged, torch.minimum(self.lr_cap, lr * CAP), self.lr_cap)
+        self.good_lr = torch.where(diverged, self.good_lr, lr)
+        buffers.commit(diverged)
+        self._commit_model_buffers(diverged)
+        self.has_snapshot = self.has_snapshot | ~diverged
+        self.rolled_back.append(diverged)
+        self.loss_sum.zero_()
+        self.loss_steps = 0
+        self.last_step_loss = _nan(self.device)
+        return new_lr, diverged
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def rolled_back_epochs(self) -> list[int]:
+        if not self.rolled_back:
+            return []
+        return torch.stack(self.rolled_back).nonzero().flatten().tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        def number_or_none(t: torch.Tensor) -> float | None:
+            return None if math.isnan(value := float(t)) else value
+
+        return {
+            "has_snapshot": bool(self.has_snapshot),
+            "lr_cap": float(self.lr_cap),
+            "rolled_back_epochs": self.rolled_back_epochs,
+            "loss_sum": float(self.loss_sum),
+            "loss_steps": self.loss_steps,
+            "initial_loss": number_or_none(self.initial_loss),
+            "best_loss": number_or_none(self.best_loss),
+            "last_loss": number_or_none(self.last_loss),
+            "good_lr": number_or_none(self.good_lr),
+            "loss_rollback": bool(self.loss_rollback),
+            "model_buffers": [t.detach().cpu().clone() for t in self.model_buffer_snapshots],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], epoch: int, buffers: EpochBuffers) -> None:
+        """Load a checked state (``bbfused.checkpoint`` validates and upgrades it first)."""
+        device = self.device
+        self.has_snapshot = torch.tensor(state["has_snapshot"], device=device)
+        self.lr_cap = torch.tensor(state["lr_cap"], dtype=torch.float64, device=device)
+        rolled_back = set(state["rolled_back_epochs"])
+        self.rolled_back = [torch.tensor(e in rolled_back, device=device) for e in range(epoch)]
+        self.loss_sum.fill_(state["loss_sum"])
+        self.loss_steps = state["loss_steps"]
+        self.loss_rollback = torch.tensor(state["loss_rollback"], device=device)
+        for name in ("initial_loss", "best_loss", "last_loss", "good_lr"):
+            value = state[name]
+            setattr(self, name, torch.tensor(math.nan if value is None else value, dtype=torch.float64, device=device))
+        saved = state.get("model_buffers") or []
+        if saved and len(saved) == len(self.model_buffer_snapshots):
+            for snapshot, value in zip(self.model_buffer_snapshots, saved):
+                snapshot.copy_(value)
+        self.snapshot_sq_norm = buffers.sq_norm("prev_params")
