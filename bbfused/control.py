@@ -61,9 +61,10 @@ SUMS = ("delta_sq_norm", "delta_dot_y", "param_sq_norm", "ema_sq_norm")
 class EpochBuffers:
     """What the control may do to the optimizer's flat buffers at an epoch end, as callables ``BB`` provides.
 
-    ``measure()``: float64 (4,) on the master device, :data:`SUMS` over every buffer, writing nothing.
-    ``commit(rolled_back)``: the second pass: when ``rolled_back`` (a bool device tensor) is false,
-    prev_params ← θ, prev_ema ← g; when true θ ← prev_params; then g ← 0.
+    ``measure()``: float64 (4,) on the master device, :data:`SUMS` over every buffer; in the same pass
+    prev_ema ← g, g ← 0 (prev_params stays, for a rollback).
+    ``commit(rolled_back)``: the second pass, a copy: prev_params ← θ, or θ ← prev_params when ``rolled_back``
+    (a bool device tensor) is true.
     ``paper_pass()``: the paper's single pass (sums of Δθ, then snapshots and g ← 0): float64 (2,).
     ``snapshot_params()``: prev_params ← θ (the point a diverged epoch 0 returns to).
     ``param_sq_norm(name)``: ‖buffer‖² over every buffer, float64 on the master device.
@@ -258,7 +259,8 @@ class SafeguardedControl:
         self.good_lr = torch.where(diverged, self.good_lr, lr)
         buffers.commit(diverged)
         self._commit_model_buffers(diverged)
-        self.has_snapshot = self.has_snapshot | ~diverged
+        # After a rollback prev_ema holds the diverged epoch's averages: the next epoch has no estimate.
+        self.has_snapshot = ~diverged
         self.rolled_back.append(diverged)
         self.loss_sum.zero_()
         self.loss_steps = 0

@@ -38,32 +38,25 @@ class BB(torch.optim.Optimizer):
     (a zero or non-finite η takes the fallback). The authors' code agrees, except that it keeps the
     previous rate when |Δθᵀy| < 1e-10; here the paper's fallback τ_0/(k+2) applies.
 
-    Safeguard (``safeguard=True``, the default): an epoch that diverged is rolled back. The rate it used
-    was too large: η0 = 1 on the paper's MLP turns the weights into NaN within epoch 0, before the rule
-    can act, and kills LeNet-5 (loss ln 10 for good, no NaN); the rule itself may pick up to τ_max/(k+2)
-    and its fallback 1/3 at k = 1 kills LeNet-5 too. An epoch diverged when, at its end, a parameter or
-    gradient average is not finite, or ‖θ‖² exceeds 4·max(‖θ‖² at the last good epoch end, 0.0025·number
-    of parameter values): the weights' RMS doubled and passed 0.1. The parameters and gradient averages
-    are then restored from the snapshots of the last good epoch end (for epoch 0, the parameters at the
-    first step), the next epoch's rate is the diverged one divided by 10, the rule's rates are capped
-    from then on at half the smallest rate that diverged, and the rule resumes once a good epoch has
-    ended after a good snapshot; the epoch count goes on (the bounds keep their k). This costs nothing
-    per step: the check and the restore are a few passes over the buffers at the epoch end (and one copy
-    at the first step), without host sync; a run that never diverges has bit for bit the paper's rates
-    and parameters. ``safeguard=False`` is the paper's method exactly.
-
-    A rate too large for a BatchNorm network wrecks it without growing its weights (they are
-    scale-invariant); the training loss shows it. Give each step its loss (``step(loss=loss)``, or a
-    closure that returns it): an epoch then also diverged when its mean loss is not finite or exceeds
-    2.5 times the reference, the mean loss of the last good epoch (for epoch 0, the first step's loss).
-    The check needs every step of the epoch to give a loss, and a positive reference (a loss that may be
-    negative disables the ratio). Per step this is one scalar add on the device; under torch.distributed
-    the epoch's sums are all-reduced over the default group at its end (so every rank must close its
-    epochs at the same steps, as DDP requires) and all ranks decide alike. Not caught: a network that a
-    too-large rate leaves stuck at chance in epoch 0 (LeNet-5 at η0 = 1 on 4096 MNIST images): its loss
-    stays at the initial network's. A rollback restores the parameters, not the model's buffers: restore
-    BatchNorm's running statistics from the epoch start when :attr:`rolled_back_epochs` names the epoch
-    (``bbfused-train`` does).
+    Rate control (``safeguard=True``, the default; ``bbfused.control`` has the rules and constants): the
+    same estimate η, applied so that it cannot kill a network. Each epoch's rate moves towards η by at most a
+    factor 2 up or 10 down and stays inside [τ_min, τ_max]/(k+2) from epoch 1 on (an η that is zero or not
+    finite keeps the rate; there is no absolute fallback). An epoch whose mean training loss rose brakes the
+    next rate to at most half. An epoch diverged when, at its end, a weight or gradient average is not finite,
+    ‖θ‖² grew past 4 x its last good value (and past RMS 0.1), or, with the loss given to :meth:`step`, the
+    epoch's mean loss or its last step's loss passed 2.5 x the best epoch's mean (and by 5 % of the initial
+    loss), or a first epoch made no progress on the first step's loss while the weights moved by 10 %. A
+    diverged epoch is rolled back: the weights (and with :meth:`track_buffers`, BatchNorm's running
+    statistics) return to the last good epoch end; the next rate is the last good one (at most half the one
+    that diverged; a tenth when none was good yet) and later rates are capped at half of it. A second
+    rollback in a row on the loss alone is accepted instead (the snapshot itself is no better). Per step
+    this costs one scalar add on the device (the loss); the epoch end is two passes over the buffers without
+    host sync (measured no slower than the paper's one: ``benchmarks/results/2026-12-02_cpu_epoch_end_*.md``);
+    under torch.distributed the loss sums are all-reduced once per epoch so every rank decides alike.
+    Unprotected without a loss: a network wrecked without growing its weights (BatchNorm networks) is not
+    seen; pass ``loss=`` (or a closure that returns it) in every step. ``safeguard=False`` is the paper's
+    method exactly (eq. 13, fallback τ_0/(k+2)). The robustness suite's results:
+    ``benchmarks/results/robustness.md``.
 
     Args:
         params: parameters or parameter groups, as for torch.optim. Groups may set ``weight_decay``.
@@ -71,7 +64,8 @@ class BB(torch.optim.Optimizer):
             group's ``"lr"`` holds the current η̂ as a float64 0-dim tensor on the parameters' device.
             Writing a group's ``"lr"`` later (e.g. an LR scheduler) changes nothing: one warning, and the
             groups show η̂ again.
-        lr: the initial learning rate η̂_0 = η̂_1.
+        lr: the initial learning rate η̂_0 (and η̂_1 in the paper's method; the default lifts it into the
+            bounds for epoch 1).
         steps_per_epoch: T. The epoch ends by itself after every T calls of :meth:`step`. With None, the
             caller ends each epoch with :meth:`end_epoch` and must give ``beta``.
         weight_decay: L2 penalty λ (default for the groups).
@@ -79,8 +73,7 @@ class BB(torch.optim.Optimizer):
         tau0, tau_min, tau_max: the bounds of eq. 13; the defaults are the paper's deep-network setting
             (use tau_min=1/3, tau_max=3 for shallow networks).
         backend: "eager" (reference), "triton" (CUDA), "cpp" (CPU) or "auto" (fastest for the device).
-        safeguard: roll back an epoch that diverged, cut the rate tenfold and cap the later ones (see
-            above); False for the paper's method exactly.
+        safeguard: the default rate control (see above); False for the paper's method exactly.
 
     Parameters and gradients are packed into flat buffers: after construction each ``p.data`` and
     ``p.grad`` is a view of the optimizer's buffers (same Parameter objects, same strides). Hence:
@@ -404,7 +397,7 @@ class BB(torch.optim.Optimizer):
 
     def _commit_epoch(self, rolled_back: torch.Tensor) -> None:
         for b in self._buffers:
-            self._backends[b.device].epoch_commit(b.param, b.ema, b.prev_params, b.prev_ema, _on(rolled_back, b.device))
+            self._backends[b.device].epoch_commit(b.param, b.prev_params, _on(rolled_back, b.device))
 
     def _snapshot_params(self) -> None:
         for buffer in self._buffers:

@@ -12,8 +12,9 @@ e = EMA size, 4 for fp32 and bf16 parameters):
 * BB step: read θ, grad, ema; write θ, ema = 3p + 2e  (fp32: 20 B, bf16: 14 B)
 * BB epoch end: read θ, θprev, g, gprev; write θprev, gprev, g = 3p + 4e  (fp32: 28 B, bf16: 22 B)
   BB is timed paper-exact (``safeguard=False``): the kernels alone. ``--safeguard`` times BB's default, whose
-  epoch end also checks for divergence (‖θ‖², ‖g‖²) and restores θ, g where diverged: + 4p + 4e (fp32: 60 B),
-  and whose steps get a loss (``step(loss=...)``, summed on the device for the loss check), as in training
+  epoch end is two passes (bbfused.control): one measuring (read θ, θprev, g, gprev: ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖²),
+  then one committing (read θ, g; write θprev, gprev, g) or rolling back: + p + e (fp32: 36 B), and whose
+  steps get a loss (``step(loss=...)``, summed on the device for the loss check), as in training
 * SGD with momentum: read θ, grad, buf; write θ, buf = 5p (the buffer has the parameter dtype; fp32: 20 B)
 * copy (the ceiling): read + write = 2 × 4 B of a large fp32 ``copy_``; ``add_`` (in place): 3 × 4 B
 
@@ -92,7 +93,7 @@ def bytes_per_element(impl: str, op: str, dtype: torch.dtype, safeguard: bool = 
     e = torch.empty((), dtype=state_dtype(dtype)).element_size()
     if op == "step":
         return 3 * p + 2 * e
-    return 3 * p + 4 * e + (4 * p + 4 * e if safeguard else 0)
+    return 3 * p + 4 * e + (p + e if safeguard else 0)
 
 
 # ----------------------------------------------------------------------------------------------- timing

@@ -214,31 +214,42 @@ at::Tensor epoch_end_meta(const at::Tensor& param, const at::Tensor& ema, const 
 }
 
 
-// The safeguarded epoch end's first pass (bbfused/control.py decides between its two passes): one chunk's
-// float64 partials [Σ Δθ², Σ Δθ·Δg, Σ θ², Σ g²] into sums[0..3], writing nothing.
+// The safeguarded epoch end's first pass (bbfused/control.py decides between the two ends of its second pass):
+// one chunk's partials [Σ Δθ², Σ Δθ·Δg, Σ θ², Σ g²] into sums[0..3]; in the same pass prev_ema ← g, g ← 0.
+// prev_params stays: it is what a rollback restores. The BB sums are float64 as in the paper's pass; the two
+// norms, which only meet a fourfold growth threshold and a finiteness test, are summed in the arithmetic dtype
+// per chunk (float64 across chunks): four float64 sums made the pass compute-bound.
 template <typename scalar_t, typename opmath_t>
-void epoch_measure_chunk(const scalar_t* __restrict__ param, const opmath_t* __restrict__ ema,
-                         const scalar_t* __restrict__ prev_params, const opmath_t* __restrict__ prev_ema,
+void epoch_measure_chunk(const scalar_t* __restrict__ param, opmath_t* __restrict__ ema,
+                         const scalar_t* __restrict__ prev_params, opmath_t* __restrict__ prev_ema,
                          int64_t begin, int64_t end, double* sums) {
-  double acc[4][kSumLanes] = {};
+  double sq_norm[kSumLanes] = {};
+  double dot[kSumLanes] = {};
+  opmath_t param_sq[kSumLanes] = {};
+  opmath_t ema_sq[kSumLanes] = {};
   const auto visit = [&](int64_t j, int64_t lane) {
-    const double theta = static_cast<double>(param[j]);
-    const double g = static_cast<double>(ema[j]);
-    const double delta_theta = theta - static_cast<double>(prev_params[j]);
-    const double delta_ema = g - static_cast<double>(prev_ema[j]);
-    acc[0][lane] += delta_theta * delta_theta;
-    acc[1][lane] += delta_theta * delta_ema;
-    acc[2][lane] += theta * theta;
-    acc[3][lane] += g * g;
+    const opmath_t theta = static_cast<opmath_t>(param[j]);
+    const opmath_t g = ema[j];
+    const double delta_theta = static_cast<double>(param[j]) - static_cast<double>(prev_params[j]);
+    const double delta_ema = static_cast<double>(g) - static_cast<double>(prev_ema[j]);
+    sq_norm[lane] += delta_theta * delta_theta;
+    dot[lane] += delta_theta * delta_ema;
+    param_sq[lane] += theta * theta;
+    ema_sq[lane] += g * g;
+    prev_ema[j] = g;
+    ema[j] = 0;
   };
   int64_t i = begin;
   for (; i + kSumLanes <= end; i += kSumLanes) {
     for (int64_t lane = 0; lane < kSumLanes; ++lane) visit(i + lane, lane);
   }
   for (int64_t lane = 0; i < end; ++i, ++lane) visit(i, lane);
-  for (int k = 0; k < 4; ++k) {
-    sums[k] = 0;
-    for (int64_t lane = 0; lane < kSumLanes; ++lane) sums[k] += acc[k][lane];
+  for (int k = 0; k < 4; ++k) sums[k] = 0;
+  for (int64_t lane = 0; lane < kSumLanes; ++lane) {
+    sums[0] += sq_norm[lane];
+    sums[1] += dot[lane];
+    sums[2] += static_cast<double>(param_sq[lane]);
+    sums[3] += static_cast<double>(ema_sq[lane]);
   }
 }
 
@@ -251,9 +262,9 @@ at::Tensor epoch_measure_cpu(const at::Tensor& param, const at::Tensor& ema, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "bbfused::cpp_epoch_measure", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* param_data = param.const_data_ptr<scalar_t>();
-    const opmath_t* ema_data = ema.const_data_ptr<opmath_t>();
+    opmath_t* ema_data = ema.data_ptr<opmath_t>();
     const scalar_t* prev_params_data = prev_params.const_data_ptr<scalar_t>();
-    const opmath_t* prev_ema_data = prev_ema.const_data_ptr<opmath_t>();
+    opmath_t* prev_ema_data = prev_ema.data_ptr<opmath_t>();
     at::parallel_for(0, chunks, /*grain_size=*/1, [&](int64_t first, int64_t last) {
       for (int64_t chunk = first; chunk < last; ++chunk) {
         epoch_measure_chunk<scalar_t, opmath_t>(param_data, ema_data, prev_params_data, prev_ema_data,
@@ -276,36 +287,30 @@ at::Tensor epoch_measure_meta(const at::Tensor& param, const at::Tensor& ema, co
   return at::empty({4}, param.options().dtype(at::kDouble));
 }
 
-// The second pass. Kept epoch: prev_params ← θ, prev_ema ← g; rolled back: θ ← prev_params. Then g ← 0.
-void epoch_commit_cpu(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
-                      const at::Tensor& prev_ema, const at::Tensor& rolled_back) {
-  check_epoch_end_args(param, ema, prev_params, prev_ema);
+// The second pass, a copy one way or the other: kept epoch: prev_params ← θ; rolled back: θ ← prev_params.
+// The flag is a CPU tensor: reading it costs no sync.
+void epoch_commit_cpu(const at::Tensor& param, const at::Tensor& prev_params, const at::Tensor& rolled_back) {
   constexpr const char* op = "bbfused::cpp_epoch_commit";
+  TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op,
+              ": param must be float32, float64, bfloat16 or float16, got ", param.scalar_type());
+  TORCH_CHECK(prev_params.scalar_type() == param.scalar_type(), op, ": prev_params is ", prev_params.scalar_type(),
+              " but param is ", param.scalar_type(), "; the snapshot must have the parameter dtype");
+  const int64_t n = param.numel();
+  check_flat(param, "param", n, op);
+  check_flat(prev_params, "prev_params", n, op);
   TORCH_CHECK(rolled_back.numel() == 1 && rolled_back.scalar_type() == at::kBool && rolled_back.device().is_cpu(),
               op, ": rolled_back must be a one-element bool CPU tensor, got ", rolled_back.scalar_type(), " of shape ",
               rolled_back.sizes(), " on ", rolled_back.device());
   const bool restore = *rolled_back.const_data_ptr<bool>();
-  const int64_t n = param.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "bbfused::cpp_epoch_commit", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* param_data = param.data_ptr<scalar_t>();
-    opmath_t* ema_data = ema.data_ptr<opmath_t>();
-    scalar_t* prev_params_data = prev_params.data_ptr<scalar_t>();
-    opmath_t* prev_ema_data = prev_ema.data_ptr<opmath_t>();
-    at::parallel_for(0, n, kStepGrain, [&](int64_t begin, int64_t end) {
-      if (restore) {
-        std::copy(prev_params_data + begin, prev_params_data + end, param_data + begin);
-      } else {
-        std::copy(param_data + begin, param_data + end, prev_params_data + begin);
-        std::copy(ema_data + begin, ema_data + end, prev_ema_data + begin);
-      }
-      std::fill(ema_data + begin, ema_data + end, opmath_t(0));
-    });
+  const int64_t bytes = param.element_size();
+  char* target = static_cast<char*>(restore ? param.data_ptr() : prev_params.data_ptr());
+  const char* source = static_cast<const char*>(restore ? prev_params.const_data_ptr() : param.const_data_ptr());
+  at::parallel_for(0, n, kStepGrain, [&](int64_t begin, int64_t end) {
+    std::copy(source + begin * bytes, source + end * bytes, target + begin * bytes);
   });
 }
 
-void epoch_commit_meta(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
-                       const at::Tensor& prev_ema, const at::Tensor& rolled_back) {}
+void epoch_commit_meta(const at::Tensor& param, const at::Tensor& prev_params, const at::Tensor& rolled_back) {}
 
 }  // namespace
 
@@ -316,10 +321,8 @@ TORCH_LIBRARY_FRAGMENT(bbfused, m) {
       "cpp_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, float beta, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
   m.def("cpp_epoch_end(Tensor param, Tensor(a!) ema, Tensor(b!) prev_params, Tensor(c!) prev_ema) -> Tensor");
-  m.def("cpp_epoch_measure(Tensor param, Tensor ema, Tensor prev_params, Tensor prev_ema) -> Tensor");
-  m.def(
-      "cpp_epoch_commit(Tensor(a!) param, Tensor(b!) ema, Tensor(c!) prev_params, Tensor(d!) prev_ema, "
-      "Tensor rolled_back) -> ()");
+  m.def("cpp_epoch_measure(Tensor param, Tensor(a!) ema, Tensor prev_params, Tensor(b!) prev_ema) -> Tensor");
+  m.def("cpp_epoch_commit(Tensor(a!) param, Tensor(b!) prev_params, Tensor rolled_back) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bbfused, CPU, m) {

@@ -267,14 +267,18 @@ def test_fused_epoch_passes_match_eager(backend, dtype: torch.dtype, n: int) -> 
         torch.randn(n, generator=generator, dtype=state),
     ]
     fused, eager = [b.clone() for b in buffers], [b.clone() for b in buffers]
-    torch.testing.assert_close(
-        backend.epoch_measure(*fused), EagerBackend().epoch_measure(*eager), rtol=1e-12, atol=1e-12
-    )
-    assert all(torch.equal(a, b) for a, b in zip(fused, buffers))  # the measuring pass writes nothing
+    sums, reference = backend.epoch_measure(*fused), EagerBackend().epoch_measure(*eager)
+    # The BB sums in float64 as the reference; the norms (a growth threshold's input) may be summed in fp32.
+    torch.testing.assert_close(sums[:2], reference[:2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums[2:], reference[2:], rtol=1e-5, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(fused, eager))
+    # θ and θ_prev untouched (a rollback needs θ_prev); g_prev ← g, g ← 0.
+    assert torch.equal(fused[0], buffers[0]) and torch.equal(fused[2], buffers[2])
+    assert torch.equal(fused[3], buffers[1]) and not fused[1].any()
     for flag in (True, False):
         fused, eager = [b.clone() for b in buffers], [b.clone() for b in buffers]
-        backend.epoch_commit(*fused, torch.tensor(flag))
-        EagerBackend().epoch_commit(*eager, torch.tensor(flag))
+        backend.epoch_commit(fused[0], fused[2], torch.tensor(flag))
+        EagerBackend().epoch_commit(eager[0], eager[2], torch.tensor(flag))
         assert all(torch.equal(a, b) for a, b in zip(fused, eager))
-        expected_param = buffers[2] if flag else buffers[0]
-        assert torch.equal(fused[0], expected_param) and not fused[1].any()
+        expected = buffers[2] if flag else buffers[0]
+        assert torch.equal(fused[0], expected) and torch.equal(fused[2], expected)

@@ -57,18 +57,12 @@ class Backend(Protocol):
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
     ) -> torch.Tensor:
-        """The safeguarded epoch end's first pass, writing nothing: float64 (4,)
-        ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev), ‖θ‖², ‖g‖²]``. Deterministic."""
+        """The safeguarded epoch end's first pass: float64 (4,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev),
+        ‖θ‖², ‖g‖²]`` (the last two may be summed in the state dtype); in the same pass prev_ema ← g, g ← 0.
+        prev_params is not written: a rollback restores it. Deterministic."""
         ...
 
-    def epoch_commit(
-        self,
-        param: torch.Tensor,
-        ema: torch.Tensor,
-        prev_params: torch.Tensor,
-        prev_ema: torch.Tensor,
-        rolled_back: torch.Tensor,
-    ) -> None:
-        """The safeguarded epoch end's second pass. ``rolled_back``: a bool 0-dim tensor on the device, read
-        there (no host sync). False: prev_params ← θ, prev_ema ← g; true: θ ← prev_params. Then g ← 0."""
+    def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
+        """The second pass, a copy: prev_params ← θ, or θ ← prev_params when ``rolled_back`` (a bool 0-dim tensor
+        on the device, read there: no host sync)."""
         ...

@@ -180,12 +180,5 @@ class CppBackend:
     ) -> torch.Tensor:
         return torch.ops.bbfused.cpp_epoch_measure(param, ema, prev_params, prev_ema)
 
-    def epoch_commit(
-        self,
-        param: torch.Tensor,
-        ema: torch.Tensor,
-        prev_params: torch.Tensor,
-        prev_ema: torch.Tensor,
-        rolled_back: torch.Tensor,
-    ) -> None:
-        torch.ops.bbfused.cpp_epoch_commit(param, ema, prev_params, prev_ema, rolled_back)
+    def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
+        torch.ops.bbfused.cpp_epoch_commit(param, prev_params, rolled_back)

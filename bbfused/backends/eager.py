@@ -61,7 +61,7 @@ class EagerBackend:
         g = ema.double()
         delta_theta = theta - prev_params.double()
         delta_ema = g - prev_ema.double()
-        return torch.stack(
+        sums = torch.stack(
             [
                 torch.dot(delta_theta, delta_theta),
                 torch.dot(delta_theta, delta_ema),
@@ -69,20 +69,14 @@ class EagerBackend:
                 torch.dot(g, g),
             ]
         )
+        prev_ema.copy_(ema)
+        ema.zero_()
+        return sums
 
-    def epoch_commit(
-        self,
-        param: torch.Tensor,
-        ema: torch.Tensor,
-        prev_params: torch.Tensor,
-        prev_ema: torch.Tensor,
-        rolled_back: torch.Tensor,
-    ) -> None:
+    def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
         flag = rolled_back.reshape(())
         torch.where(flag, prev_params, param, out=param)
         prev_params.copy_(param)
-        torch.where(flag, prev_ema, ema, out=prev_ema)
-        ema.zero_()
 
 
 def unavailable_reason(device: torch.device) -> str | None:

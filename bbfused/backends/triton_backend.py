@@ -168,16 +168,19 @@ def _epoch_end_kernel(
 
 @triton.jit
 def _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask):
-    """The safeguarded epoch end's first pass over ``offsets``: its four float64 sums, writing nothing."""
+    """The safeguarded epoch end's first pass over ``offsets``: its four float64 sums; g_prev ← g, g ← 0."""
     theta = _load(param_ptr + offsets, mask).to(tl.float64)
-    ema = _load(ema_ptr + offsets, mask).to(tl.float64)
+    ema = _load(ema_ptr + offsets, mask)
+    ema64 = ema.to(tl.float64)
     delta_theta = theta - _load(prev_params_ptr + offsets, mask).to(tl.float64)
-    delta_ema = ema - _load(prev_ema_ptr + offsets, mask).to(tl.float64)
+    delta_ema = ema64 - _load(prev_ema_ptr + offsets, mask).to(tl.float64)
+    tl.store(prev_ema_ptr + offsets, ema, mask=mask)
+    tl.store(ema_ptr + offsets, tl.zeros_like(ema), mask=mask)
     return (
         tl.sum(delta_theta * delta_theta, axis=0),
         tl.sum(delta_theta * delta_ema, axis=0),
         tl.sum(theta * theta, axis=0),
-        tl.sum(ema * ema, axis=0),
+        tl.sum(ema64 * ema64, axis=0),
     )
 
 
@@ -192,7 +195,8 @@ def _epoch_measure_kernel(
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """This block's ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · num_programs + pid] (no atomics: deterministic)."""
+    """This block's ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · num_programs + pid] (no atomics: deterministic);
+    g_prev ← g, g ← 0. θ_prev is left for the second pass (a rollback restores it)."""
     start = _block_start(USE_INT64, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     if n_elements - start >= BLOCK:  # as in _step_kernel
@@ -209,37 +213,31 @@ def _epoch_measure_kernel(
 
 
 @triton.jit
-def _epoch_commit_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, restore, offsets, mask):
-    ema = _load(ema_ptr + offsets, mask)
+def _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, mask):
     if restore:
         tl.store(param_ptr + offsets, _load(prev_params_ptr + offsets, mask), mask=mask)
     else:
         tl.store(prev_params_ptr + offsets, _load(param_ptr + offsets, mask), mask=mask)
-        tl.store(prev_ema_ptr + offsets, ema, mask=mask)
-    tl.store(ema_ptr + offsets, tl.zeros_like(ema), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_elements"])
 def _epoch_commit_kernel(
     param_ptr,
-    ema_ptr,
     prev_params_ptr,
-    prev_ema_ptr,
     rolled_back_ptr,
     n_elements,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The second pass: kept epoch: θ_prev ← θ, g_prev ← g; rolled back (the flag, read on the device): θ ← θ_prev.
-    Then g ← 0."""
+    """The second pass, a copy: θ_prev ← θ, or θ ← θ_prev when the rollback flag (read on the device) is set."""
     restore = tl.load(rolled_back_ptr) != 0
     start = _block_start(USE_INT64, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     if n_elements - start >= BLOCK:
-        _epoch_commit_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, restore, offsets, None)
+        _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, None)
     else:
         mask = offsets < n_elements
-        _epoch_commit_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, restore, offsets, mask)
+        _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, mask)
 
 
 # Whether triton.jit built the kernels for the interpreter: TRITON_INTERPRET=1 counts only if it was set
@@ -413,16 +411,13 @@ class TritonBackend:
                 )
         return partials.sum(dim=1)
 
-    def epoch_commit(
-        self,
-        param: torch.Tensor,
-        ema: torch.Tensor,
-        prev_params: torch.Tensor,
-        prev_ema: torch.Tensor,
-        rolled_back: torch.Tensor,
-    ) -> None:
+    def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
         """One launch; the rollback flag is read on the device."""
-        self._check_epoch_buffers("epoch_commit", param, ema, prev_params, prev_ema)
+        _check_flat(
+            "epoch_commit",
+            {"param": param, "prev_params": prev_params},
+            {"param": param.dtype, "prev_params": param.dtype},
+        )
         _check_scalar("epoch_commit", "rolled_back", rolled_back, param.device)
         n_elements = param.numel()
         if n_elements == 0:
@@ -430,9 +425,7 @@ class TritonBackend:
         with _on_device(param.device):
             _epoch_commit_kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
                 param,
-                ema,
                 prev_params,
-                prev_ema,
                 rolled_back,
                 n_elements,
                 USE_INT64=_needs_int64(n_elements),
