@@ -163,6 +163,9 @@ class BB(torch.optim.Optimizer):
             snapshot_params=self._snapshot_params,
             sq_norm=self._sq_norm,
         )
+        # With the default rate control, a gradient value that is not finite skips its element's update (the
+        # weights stay finite: one bad value does not cost the epoch); counted per device, read on demand.
+        self._nonfinite = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices} if safeguard else {}
         self._lr_history: list[torch.Tensor] = []
         self._epoch = 0
         self._step_in_epoch = 0
@@ -239,6 +242,12 @@ class BB(torch.optim.Optimizer):
     def rolled_back_epochs(self) -> list[int]:
         """The epochs (0-based) the safeguard found diverged and rolled back (reading it synchronises)."""
         return self._control.rolled_back_epochs if self.safeguard else []
+
+    @property
+    def skipped_gradient_values(self) -> int:
+        """How many gradient values so far were not finite, so that their elements kept their weights in that
+        step (the default rate control; always 0 with ``safeguard=False``). Reading it synchronises."""
+        return int(sum(int(count) for count in self._nonfinite.values()))
 
     def track_buffers(self, model: torch.nn.Module) -> None:
         """Let a rollback restore ``model``'s buffers (BatchNorm running statistics) with its parameters.
@@ -333,6 +342,7 @@ class BB(torch.optim.Optimizer):
                     self.beta,
                     _on(grad_scale, buffer.device),
                     _on(found_inf, buffer.device),
+                    self._nonfinite.get(buffer.device),
                 )
         self._step_in_epoch += 1
         if self._step_in_epoch == self.steps_per_epoch:

@@ -560,6 +560,7 @@ class Training:
     scaler: torch.amp.GradScaler | None
     history: list[dict[str, float]] = field(default_factory=list)
     best_acc1: float = -math.inf
+    skipped_before: int = 0  # BB's count of skipped non-finite gradient values at the last epoch end
 
     @property
     def is_main(self) -> bool:
@@ -618,6 +619,9 @@ class Training:
         record = {"epoch": epoch + 1, **train, **test, "time_s": time.perf_counter() - start}
         if safeguarded:
             record["rolled_back"] = rolled_back
+            skipped = self.optimizer.skipped_gradient_values
+            record["skipped_gradient_values"] = skipped - self.skipped_before
+            self.skipped_before = skipped
         self.history.append(record)
         improved = record["test_acc1"] > self.best_acc1
         self.best_acc1 = max(self.best_acc1, record["test_acc1"])
@@ -718,6 +722,11 @@ def format_record(record: dict[str, float], epochs: int) -> str:
         f"train loss {record['train_loss']:.4f}  test top-1 {record['test_acc1']:6.2f}%{acc5}  "
         f"{record['images_per_s']:,.0f} img/s  {record['time_s']:.1f} s"
         + ("  diverged: BB rolled the epoch back" if record.get("rolled_back") else "")
+        + (
+            f"  {record['skipped_gradient_values']} non-finite gradient values skipped"
+            if record.get("skipped_gradient_values")
+            else ""
+        )
     )
 
 

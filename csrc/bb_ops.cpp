@@ -20,7 +20,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace bbfused {
@@ -60,7 +64,8 @@ void check_scalar(const at::Tensor& t, const char* name, at::ScalarType dtype, c
 // Checks of the CPU kernels (the Meta kernels only describe outputs): everything is verified before anything is
 // written.
 void check_step_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& nonfinite) {
   constexpr const char* op = "bbfused::cpp_step";
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op,
               ": param must be float32, float64, bfloat16 or float16, got ", param.scalar_type());
@@ -75,6 +80,7 @@ void check_step_args(const at::Tensor& param, const at::Tensor& grad, const at::
   check_scalar(lr, "lr", at::kDouble, op);
   if (grad_scale.has_value()) check_scalar(*grad_scale, "grad_scale", at::kFloat, op);
   if (found_inf.has_value()) check_scalar(*found_inf, "found_inf", at::kFloat, op);
+  if (nonfinite.has_value()) check_scalar(*nonfinite, "nonfinite", at::kLong, op);
 }
 
 void check_epoch_end_args(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
@@ -97,27 +103,95 @@ void check_epoch_end_args(const at::Tensor& param, const at::Tensor& ema, const 
 
 // d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over [begin, end).
 // Without a GradScaler (kScaled false) the division is compiled out: a vector division per element costs as
-// much as the memory traffic on one core.
-template <typename scalar_t, typename opmath_t, bool kScaled>
-void step_range(scalar_t* __restrict__ param, const scalar_t* __restrict__ grad, opmath_t* __restrict__ ema,
-                int64_t begin, int64_t end, opmath_t lr, opmath_t weight_decay, opmath_t beta, opmath_t scale) {
+// much as the memory traffic on one core. kSkip (the default rate control): an element whose d is not finite
+// keeps θ and g (one bad gradient value must not turn the weights into NaN); returns how many were skipped.
+// Finiteness and selection on the bit patterns: integer ops that GCC vectorizes, where a float comparison with
+// NaN and a select (trapping math) keep the loop scalar and the step 2-3x slower.
+template <typename T>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using type = uint32_t;
+  static constexpr int kMantissa = 23;
+  static constexpr int kExponent = 8;
+};
+template <>
+struct FloatBits<double> {
+  using type = uint64_t;
+  static constexpr int kMantissa = 52;
+  static constexpr int kExponent = 11;
+};
+
+template <typename T>
+inline typename FloatBits<T>::type bits_of(T x) {
+  typename FloatBits<T>::type b;
+  std::memcpy(&b, &x, sizeof(b));
+  return b;
+}
+
+template <typename T>
+inline T from_bits(typename FloatBits<T>::type b) {
+  T x;
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+// 1 when x is inf or NaN (its exponent bits are all ones), else 0.
+template <typename T>
+inline typename FloatBits<T>::type nonfinite_bit(T x) {
+  using U = typename FloatBits<T>::type;
+  constexpr U kExponentMask = (U{1} << FloatBits<T>::kExponent) - 1;
+  const U exponent = (bits_of(x) >> FloatBits<T>::kMantissa) & kExponentMask;
+  return (exponent + 1) >> FloatBits<T>::kExponent;
+}
+
+// ``keep`` all ones: a; all zeros: b.
+template <typename T>
+inline T select_bits(typename FloatBits<T>::type keep, T a, T b) {
+  return from_bits<T>((bits_of(a) & keep) | (bits_of(b) & ~keep));
+}
+
+// d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over [begin, end).
+// Without a GradScaler (kScaled false) the division is compiled out: a vector division per element costs as
+// much as the memory traffic on one core. kSkip (the default rate control): an element whose d is not finite
+// keeps θ and g (one bad gradient value must not turn the weights into NaN); returns how many were skipped.
+template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip>
+int64_t step_range(scalar_t* __restrict__ param, const scalar_t* __restrict__ grad, opmath_t* __restrict__ ema,
+                   int64_t begin, int64_t end, opmath_t lr, opmath_t weight_decay, opmath_t beta, opmath_t scale) {
+  using bits_t = typename FloatBits<opmath_t>::type;
+  int64_t skipped = 0;
+  bits_t count = 0;
   for (int64_t i = begin; i < end; ++i) {
     const opmath_t theta = static_cast<opmath_t>(param[i]);
     const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / scale : static_cast<opmath_t>(grad[i]);
     const opmath_t d = g + weight_decay * theta;
-    param[i] = static_cast<scalar_t>(theta - lr * d);
-    ema[i] += beta * (d - ema[i]);
+    const opmath_t e = ema[i];
+    const opmath_t new_theta = theta - lr * d;
+    const opmath_t new_ema = e + beta * (d - e);
+    if constexpr (kSkip) {
+      const bits_t bad = nonfinite_bit(d);
+      const bits_t keep = bad - 1;  // all ones when d is finite
+      param[i] = static_cast<scalar_t>(select_bits(keep, new_theta, theta));
+      ema[i] = select_bits(keep, new_ema, e);
+      count += bad;
+    } else {
+      param[i] = static_cast<scalar_t>(new_theta);
+      ema[i] = new_ema;
+    }
   }
+  skipped += static_cast<int64_t>(count);
+  return skipped;
 }
 
 void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
               double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
-  check_step_args(param, grad, ema, lr, grad_scale, found_inf);
+              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite) {
+  check_step_args(param, grad, ema, lr, grad_scale, found_inf, nonfinite);
   // GradScaler's inf check: the flag is on the CPU, so reading it costs no device sync.
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;
   const double lr_value = *lr.const_data_ptr<double>();
   const int64_t n = param.numel();
+  std::atomic<int64_t> skipped{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "bbfused::cpp_step", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* param_data = param.data_ptr<scalar_t>();
@@ -127,23 +201,28 @@ void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
     const auto rate = static_cast<opmath_t>(lr_value);
     const auto decay = static_cast<opmath_t>(weight_decay);
     const auto ema_factor = static_cast<opmath_t>(beta);
+    const auto scale = grad_scale.has_value() ? static_cast<opmath_t>(*grad_scale->const_data_ptr<float>()) : 1;
     // Elementwise: how the range is split over threads does not change a bit.
     at::parallel_for(0, n, kStepGrain, [&](int64_t begin, int64_t end) {
+      int64_t count = 0;
+      const auto run = [&](auto scaled, auto skip) {
+        count = step_range<scalar_t, opmath_t, decltype(scaled)::value, decltype(skip)::value>(
+            param_data, grad_data, ema_data, begin, end, rate, decay, ema_factor, scale);
+      };
       if (grad_scale.has_value()) {
-        const auto scale = static_cast<opmath_t>(*grad_scale->const_data_ptr<float>());
-        step_range<scalar_t, opmath_t, true>(param_data, grad_data, ema_data, begin, end, rate, decay, ema_factor,
-                                             scale);
+        nonfinite.has_value() ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
       } else {
-        step_range<scalar_t, opmath_t, false>(param_data, grad_data, ema_data, begin, end, rate, decay, ema_factor,
-                                              1);
+        nonfinite.has_value() ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
       }
+      if (count) skipped += count;
     });
   });
+  if (nonfinite.has_value() && skipped.load()) *nonfinite->data_ptr<int64_t>() += skipped.load();
 }
 
 void step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {}
+               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite) {}
 
 // One chunk of the epoch end: its float64 partials [Σ Δθ², Σ Δθ·Δg] into sums[0..1]; in the same pass
 // prev_params ← θ, prev_ema ← g, g ← 0.
@@ -319,7 +398,7 @@ void epoch_commit_meta(const at::Tensor& param, const at::Tensor& prev_params, c
 TORCH_LIBRARY_FRAGMENT(bbfused, m) {
   m.def(
       "cpp_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, float beta, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)? nonfinite=None) -> ()");
   m.def("cpp_epoch_end(Tensor param, Tensor(a!) ema, Tensor(b!) prev_params, Tensor(c!) prev_ema) -> Tensor");
   m.def("cpp_epoch_measure(Tensor param, Tensor(a!) ema, Tensor prev_params, Tensor(b!) prev_ema) -> Tensor");
   m.def("cpp_epoch_commit(Tensor(a!) param, Tensor(b!) prev_params, Tensor rolled_back) -> ()");

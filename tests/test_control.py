@@ -282,3 +282,64 @@ def test_fused_epoch_passes_match_eager(backend, dtype: torch.dtype, n: int) -> 
         assert all(torch.equal(a, b) for a, b in zip(fused, eager))
         expected = buffers[2] if flag else buffers[0]
         assert torch.equal(fused[0], expected) and torch.equal(fused[2], expected)
+
+
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_nonfinite_gradient_value_costs_one_element_not_the_epoch(safeguard: bool) -> None:
+    """One NaN and one inf gradient value (no GradScaler): the default skips those two elements in that step,
+    counts them, and the epoch goes on (no rollback); the paper's BB is left with non-finite weights."""
+    opt, theta = quadratic(0.1, safeguard)
+    for step in range(10):
+        opt.zero_grad()
+        (0.5 * theta.square().sum()).backward()
+        if step == 3:
+            with torch.no_grad():
+                theta.grad[2], theta.grad[5] = math.nan, math.inf
+        opt.step(loss=2.0 if step == 0 else 1.0)
+    if not safeguard:
+        assert not torch.isfinite(theta).all() and opt.skipped_gradient_values == 0
+        return
+    assert torch.isfinite(theta).all() and opt.rolled_back_epochs == []
+    assert opt.skipped_gradient_values == 2
+    expected = torch.full((16,), 0.9**10)
+    expected[[2, 5]] = 0.9**9  # one update fewer
+    torch.testing.assert_close(theta.detach(), expected)
+
+
+# The Triton interpreter computes with NumPy, which warns about inf - inf; a GPU does not.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", [EagerBackend(), *BACKENDS], ids=lambda b: b.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_step_skips_nonfinite_values_like_eager(backend, dtype: torch.dtype, scaled: bool) -> None:
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    generator = torch.Generator().manual_seed(7)
+    n = 3001
+    param = torch.randn(n, generator=generator).to(dtype)
+    grad = torch.randn(n, generator=generator).to(dtype)
+    grad[[0, 17, 1000, 3000]] = torch.tensor([math.nan, math.inf, -math.inf, math.nan]).to(dtype)
+    ema = torch.randn(n, generator=generator, dtype=state)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    scale = torch.tensor(4.0) if scaled else None
+    results = []
+    for implementation in (EagerBackend(), backend):
+        p, e, count = param.clone(), ema.clone(), torch.zeros((), dtype=torch.int64)
+        implementation.step(p, grad, e, lr, 1e-2, 0.25, scale, None, count)
+        results.append((p, e, count))
+    (p_ref, e_ref, count_ref), (p, e, count) = results
+    assert int(count_ref) == int(count) == 4
+    assert torch.isfinite(p).all() and torch.isfinite(e).all()
+    assert torch.equal(p[[0, 17, 1000, 3000]], param[[0, 17, 1000, 3000]])
+    if backend.name == "triton" and dtype in (torch.bfloat16, torch.float16):
+        torch.testing.assert_close(p, p_ref, rtol=1e-2, atol=1e-2)  # the interpreter truncates 16-bit stores
+    else:
+        assert torch.equal(p, p_ref)
+    assert torch.equal(e, e_ref)
+
+
+def test_training_command_reports_skipped_gradient_values() -> None:
+    from bbfused.train import format_record
+
+    record = {"epoch": 1, "lr": 0.1, "train_loss": 0.5, "test_acc1": 90.0, "images_per_s": 10.0, "time_s": 1.0}
+    assert "skipped" not in format_record({**record, "skipped_gradient_values": 0}, 3)
+    assert "  2 non-finite gradient values skipped" in format_record({**record, "skipped_gradient_values": 2}, 3)

@@ -92,8 +92,10 @@ def test_epoch_end_same_bits_on_one_and_two_threads(dtype: torch.dtype, num_thre
 def test_ops_registered_with_mutation_schemas() -> None:
     assert load_backend("cpp", CPU).name == "cpp"
     written = {
-        torch.ops.bbfused.cpp_step.default: {"param", "ema"},
+        torch.ops.bbfused.cpp_step.default: {"param", "ema", "nonfinite"},
         torch.ops.bbfused.cpp_epoch_end.default: {"ema", "prev_params", "prev_ema"},
+        torch.ops.bbfused.cpp_epoch_measure.default: {"ema", "prev_ema"},
+        torch.ops.bbfused.cpp_epoch_commit.default: {"param", "prev_params"},
     }
     for op, expected in written.items():
         mutated = {a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
@@ -105,10 +107,14 @@ def test_opcheck_schema_fake_tensor_and_autograd_registration() -> None:
     load_backend("cpp", CPU)
     param, grad, ema, prev_params, prev_ema = random_buffers([torch.float32] * 5, n=100)
     lr = torch.tensor(0.1, dtype=torch.float64)
-    step_args = (param, grad, ema, lr, 0.01, 0.1, torch.tensor(4.0), torch.tensor(0.0))
+    step_args = (param, grad, ema, lr, 0.01, 0.1, torch.tensor(4.0), torch.tensor(0.0), None)
+    counted = (param, grad, ema, lr, 0.01, 0.1, None, None, torch.zeros((), dtype=torch.int64))
     for op, args in (
         (torch.ops.bbfused.cpp_step.default, step_args),
+        (torch.ops.bbfused.cpp_step.default, counted),
         (torch.ops.bbfused.cpp_epoch_end.default, (param, ema, prev_params, prev_ema)),
+        (torch.ops.bbfused.cpp_epoch_measure.default, (param, ema, prev_params, prev_ema)),
+        (torch.ops.bbfused.cpp_epoch_commit.default, (param, prev_params, torch.tensor(True))),
     ):
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, results

@@ -171,7 +171,7 @@ def test_int64_offsets_chosen_exactly_when_needed() -> None:
 
 
 # ------------------------------------------------------------------------------------------ specialization
-CONSTEXPRS = {"HAS_SCALE", "HAS_FOUND_INF", "USE_INT64", "BLOCK"}
+CONSTEXPRS = {"HAS_SCALE", "HAS_FOUND_INF", "SKIP_NONFINITE", "USE_INT64", "BLOCK"}
 
 
 def specialization_binder(kernel, specialize_n: bool = False):
@@ -238,10 +238,16 @@ from bbfused.backends import triton_backend as tb
 param, ema = sys.argv[1], sys.argv[2]
 target = GPUTarget("cuda", 90, 32)
 aligned = make_backend(target).parse_attr("D")
+step_scalars = {"n_elements": "i32", "weight_decay": "fp64", "beta": "fp64"}
+step_pointers = [param, param, ema, "fp64", "fp32", "fp32", "i64"]
 kernels = {
-    "step": (tb._step_kernel, [param, param, ema, "fp64", "fp32", "fp32"], {"n_elements": "i32",
-             "weight_decay": "fp64", "beta": "fp64"}, {"HAS_SCALE": True, "HAS_FOUND_INF": True}),
+    "step": (tb._step_kernel, step_pointers, step_scalars,
+             {"HAS_SCALE": True, "HAS_FOUND_INF": True, "SKIP_NONFINITE": False}),
+    "step_skipping_nonfinite": (tb._step_kernel, step_pointers, step_scalars,
+             {"HAS_SCALE": True, "HAS_FOUND_INF": True, "SKIP_NONFINITE": True}),
     "epoch_end": (tb._epoch_end_kernel, [param, ema, param, ema, "fp64"], {"n_elements": "i32"}, {}),
+    "epoch_measure": (tb._epoch_measure_kernel, [param, ema, param, ema, "fp64"], {"n_elements": "i32"}, {}),
+    "epoch_commit": (tb._epoch_commit_kernel, [param, param, "i1"], {"n_elements": "i32"}, {}),
 }
 report = {}
 for name, (kernel, pointers, scalars, flags) in kernels.items():
@@ -266,7 +272,9 @@ SIGNATURE_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16:
 
 @pytest.mark.parametrize("dtype", list(IR_TYPES), ids=str)
 def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
-    """Step: read θ, grad, g and write θ, g; epoch end: read θ, g, θprev, gprev and write θprev, gprev, g.
+    """Step: read θ, grad, g and write θ, g (also when skipping non-finite values: the count is per block);
+    epoch end: read θ, g, θprev, gprev and write θprev, gprev, g; the default's epoch end: read θ, g, θprev,
+    gprev and write gprev, g, then one copy (θ → θprev, or back: both branches are in the code).
 
     Checked on the compiled kernels (sm_90): in the Triton IR, each of the two paths (full block, partial
     block) has exactly these block accesses; in the PTX, the full-block path moves exactly these bytes per
@@ -287,14 +295,19 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
     p, e = IR_TYPES[dtype], IR_TYPES[ema]
     expected = {
         "step": {"loads": [p, p, e], "stores": [p, e]},
+        "step_skipping_nonfinite": {"loads": [p, p, e], "stores": [p, e]},
         "epoch_end": {"loads": [p, e, p, e], "stores": [p, e, e]},
+        "epoch_measure": {"loads": [p, e, p, e], "stores": [e, e]},
+        "epoch_commit": {"loads": [p, p], "stores": [p, p]},
     }
     threads = tb.NUM_WARPS * 32
     size = {p: dtype.itemsize, e: ema.itemsize}
     for kernel, accesses in expected.items():
         for kind, types in accesses.items():
             assert report[kernel][kind] == types + types, (kernel, kind)  # full-block path, then partial
-            per_element = sum(size[t] for t in types)
+            # The commit's two branches copy opposite ways; the PTX selects the pointers: one load, one store.
+            moved = types[:1] if kernel == "epoch_commit" else types
+            per_element = sum(size[t] for t in moved)
             vector_bytes = report[kernel][f"vector_{kind[:-1]}_bytes"] * threads / tb.BLOCK_SIZE
             assert vector_bytes == per_element, (kernel, kind)
     assert dtype != torch.float32 or sum(size[t] for t in expected["step"]["loads"] + expected["step"]["stores"]) == 20

@@ -26,6 +26,7 @@ class Backend(Protocol):
         beta: float,
         grad_scale: torch.Tensor | None,
         found_inf: torch.Tensor | None,
+        nonfinite: torch.Tensor | None = None,
     ) -> None:
         """One SGD step with L2 weight decay and the gradient EMA, in place, over n elements.
 
@@ -33,6 +34,8 @@ class Backend(Protocol):
         lr: float64 0-dim tensor on the device. grad_scale: float32 0-dim/1-element tensor, the GradScaler
         scale the gradient is divided by; found_inf: float32 tensor, non-zero means skip (write nothing).
         d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g).
+        nonfinite: an int64 0-dim tensor on the device, or None (the paper's step). Given, an element whose d is
+        not finite keeps θ and g, and the count of such elements is added to it (on the device, no sync).
         """
         ...
 

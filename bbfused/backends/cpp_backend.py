@@ -159,8 +159,9 @@ class CppBackend:
         beta: float,
         grad_scale: torch.Tensor | None,
         found_inf: torch.Tensor | None,
+        nonfinite: torch.Tensor | None = None,
     ) -> None:
-        torch.ops.bbfused.cpp_step(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf)
+        torch.ops.bbfused.cpp_step(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite)
 
     def epoch_end(
         self,

@@ -18,6 +18,7 @@ class EagerBackend:
         beta: float,
         grad_scale: torch.Tensor | None,
         found_inf: torch.Tensor | None,
+        nonfinite: torch.Tensor | None = None,
     ) -> None:
         theta = param.to(ema.dtype)
         d = grad.to(ema.dtype)
@@ -27,6 +28,14 @@ class EagerBackend:
             d = d + weight_decay * theta
         new_theta = theta - lr.to(ema.dtype) * d
         new_ema = ema + beta * (d - ema)
+        if nonfinite is not None:
+            finite = torch.isfinite(d)
+            skipped = (~finite).sum()
+            if found_inf is not None:
+                skipped = torch.where(found_inf.reshape(()) != 0, torch.zeros_like(skipped), skipped)
+            nonfinite.add_(skipped)
+            new_theta = torch.where(finite, new_theta, theta)
+            new_ema = torch.where(finite, new_ema, ema)
         if found_inf is not None:
             # torch.where instead of an `if`: deciding on the host would need a sync.
             skip = found_inf.reshape(()) != 0

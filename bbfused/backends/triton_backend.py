@@ -72,9 +72,21 @@ def _divide(numerator, denominator):
 
 @triton.jit
 def _step_block(
-    param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, weight_decay, beta, offsets, mask, HAS_SCALE: tl.constexpr
+    param_ptr,
+    grad_ptr,
+    ema_ptr,
+    lr_ptr,
+    grad_scale_ptr,
+    nonfinite_ptr,
+    weight_decay,
+    beta,
+    offsets,
+    mask,
+    HAS_SCALE: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
 ):
-    """The step over the elements ``offsets`` (``mask``: which of them exist; None: all)."""
+    """The step over the elements ``offsets`` (``mask``: which of them exist; None: all). SKIP_NONFINITE: an
+    element whose d is not finite keeps θ and g, and is counted into *nonfinite_ptr."""
     compute = ema_ptr.dtype.element_ty
     theta = _load(param_ptr + offsets, mask).to(compute)
     d = _load(grad_ptr + offsets, mask).to(compute)
@@ -84,10 +96,17 @@ def _step_block(
     # tl.full converts the float64 scalars to the compute dtype (rounding once, like torch); it also
     # keeps their float64 value under the interpreter, which would otherwise round Python floats to fp32.
     d = d + tl.full((), weight_decay, compute) * theta
-    theta = theta - tl.load(lr_ptr).to(compute) * d
-    ema = ema + tl.full((), beta, compute) * (d - ema)
-    tl.store(param_ptr + offsets, theta.to(param_ptr.dtype.element_ty), mask=mask)
-    tl.store(ema_ptr + offsets, ema, mask=mask)
+    new_theta = theta - tl.load(lr_ptr).to(compute) * d
+    new_ema = ema + tl.full((), beta, compute) * (d - ema)
+    if SKIP_NONFINITE:
+        finite = (d - d) == 0  # inf - inf and NaN - NaN are NaN
+        new_theta = tl.where(finite, new_theta, theta)
+        new_ema = tl.where(finite, new_ema, ema)
+        skipped = tl.sum(tl.where(finite, 0, 1).to(tl.int64), axis=0)
+        if skipped != 0:
+            tl.atomic_add(nonfinite_ptr, skipped)
+    tl.store(param_ptr + offsets, new_theta.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(ema_ptr + offsets, new_ema, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_elements"])
@@ -98,11 +117,13 @@ def _step_kernel(
     lr_ptr,
     grad_scale_ptr,
     found_inf_ptr,
+    nonfinite_ptr,
     n_elements,
     weight_decay: tl.float64,
     beta: tl.float64,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -119,10 +140,16 @@ def _step_kernel(
     # Full blocks go unmasked: Triton vectorizes an access only where it can prove the mask constant over
     # the vector, which an unspecialized n_elements does not allow. (n - start, not start + BLOCK: no overflow.)
     if n_elements - start >= BLOCK:
-        _step_block(param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, weight_decay, beta, offsets, None, HAS_SCALE)
+        _step_block(
+            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, weight_decay, beta, offsets, None,
+            HAS_SCALE, SKIP_NONFINITE,
+        )  # fmt: skip
     else:
         mask = offsets < n_elements
-        _step_block(param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, weight_decay, beta, offsets, mask, HAS_SCALE)
+        _step_block(
+            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, weight_decay, beta, offsets, mask,
+            HAS_SCALE, SKIP_NONFINITE,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -300,6 +327,7 @@ class TritonBackend:
         beta: float,
         grad_scale: torch.Tensor | None,
         found_inf: torch.Tensor | None,
+        nonfinite: torch.Tensor | None = None,
     ) -> None:
         """One launch over n elements; reads lr, grad_scale and found_inf on the device (no host sync)."""
         _check_flat(
@@ -307,7 +335,12 @@ class TritonBackend:
             {"param": param, "grad": grad, "ema": ema},
             {"param": param.dtype, "grad": param.dtype, "ema": state_dtype(param.dtype)},
         )
-        for name, scalar in (("lr", lr), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        for name, scalar in (
+            ("lr", lr),
+            ("grad_scale", grad_scale),
+            ("found_inf", found_inf),
+            ("nonfinite", nonfinite),
+        ):
             if scalar is not None:
                 _check_scalar("step", name, scalar, param.device)
         n_elements = param.numel()
@@ -321,11 +354,13 @@ class TritonBackend:
                 lr,
                 grad_scale,
                 found_inf,
+                nonfinite,
                 n_elements,
                 float(weight_decay),
                 float(beta),
                 HAS_SCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None,
+                SKIP_NONFINITE=nonfinite is not None,
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
                 num_warps=NUM_WARPS,
