@@ -6,19 +6,25 @@ Two policies behind one interface that ``BB`` calls at every step and epoch end:
 * :class:`SafeguardedControl` (the default): the same BB estimate, applied so that it cannot kill a network:
 
   - **bounded steps**: the next rate is the estimate clamped to [rate / 10, rate · 2] (a stabilised BB step,
-    as in Tan et al.'s smoothing of SGD-BB rates) and then into the paper's bounds [τ_min, τ_max] / (k + 2);
-    an estimate that is zero, inf or NaN keeps the rate. The bounds, not η0, set where the rates go, so a
-    tiny η0 is left behind after epoch 1 and no fallback jumps to an absolute τ_0/(k + 2).
+    in the spirit of Tan et al.'s smoothing of SGD-BB rates) and then into the paper's bounds
+    [τ_min, τ_max] / (k + 2), from epoch 1 on; an estimate that is zero, inf or NaN keeps the rate. The bounds,
+    not η0, set where the rates go: a tiny η0 is left behind after epoch 0, and no fallback jumps to an
+    absolute τ_0/(k + 2). An epoch whose mean loss rose above the previous one's brakes: the next rate is at
+    most half its rate.
   - **divergence tests** at every epoch end: a parameter or gradient average that is not finite; ‖θ‖² grown
     past 4 · max(its value at the last good epoch end, 0.0025 · number of values); with the training loss
-    given to ``step``, an epoch mean that is not finite, or above 2.5 times the best epoch mean so far and
-    above it by more than 5 % of the initial loss (a ratio alone is noise at near-zero loss), or, before any
-    good epoch, not below the first step's loss although the weights moved by more than 10 % (a rate so
-    large that the network is stuck at chance; a too-small rate barely moves them).
-  - **rollback**: a diverged epoch is undone: parameters, gradient averages and the tracked model buffers
-    (BatchNorm running statistics, see ``BB.track_buffers``) return to the last good epoch end; the next
-    rate is the diverged one / 10 (at most τ_max/(k + 2), so an absurd η0 is left within an epoch or two),
-    and later rates are capped at half the smallest rate that diverged.
+    given to ``step``: an epoch mean or a last-step loss that is not finite, or above 2.5 times the best epoch
+    mean so far and above it by more than 5 % of the initial loss (a ratio alone is noise at near-zero loss;
+    the last step's loss sees damage in the epoch's last steps, which the mean hides), or, before any good
+    epoch, a mean not 5 % below the first step's loss although the weights moved by more than 10 % (a rate
+    so large that the network is stuck at chance; a too-small rate barely moves them).
+  - **rollback**: a diverged epoch is undone: parameters and the tracked model buffers (BatchNorm running
+    statistics, see ``BB.track_buffers``) return to the last good epoch end; the next rate is the last good
+    one, at most half the one that diverged (before any good epoch: a tenth of it, a hundredth when values
+    went non-finite, and at most τ_max/(k + 2), so an absurd η0 is left within an epoch or two); later rates
+    are capped at half the smallest rate that diverged. A second rollback in a row by the loss tests alone
+    keeps the epoch instead and resets the best loss (the snapshot itself is no better: its damage came in
+    the last steps of the epoch before).
 
 Every decision is made with device tensors: closing an epoch never synchronises with the host. The constants
 below are the policy; ``benchmarks/results/robustness.md`` has the measurements they were chosen by.
@@ -37,9 +43,11 @@ from .rule import bb_learning_rate, bb_ratio
 # How far one epoch may move the rate: at most doubled, at most divided by ten.
 RATE_GROWTH_LIMIT = 2.0
 RATE_SHRINK_LIMIT = 0.1
-# After a diverged epoch: the next rate, and the cap on every later one, as fractions of the rate that diverged.
+# After a diverged epoch with no good rate yet to return to, the next rate as a fraction of the one that diverged:
+# a tenth, or a hundredth when the epoch ended with values that are not finite (a rate orders of magnitude too
+# large). Later rates are capped at CAP times the smallest rate that diverged.
 BACKOFF = 0.1
-RETURN_TO_GOOD = True
+NONFINITE_BACKOFF = 0.01
 CAP = 0.5
 # Weight growth test: the weights' RMS doubled and passed 0.05 (a start from near-zero weights is no growth).
 WEIGHT_GROWTH = 4.0
@@ -140,6 +148,7 @@ class SafeguardedControl:
         self.best_loss = _nan(device)  # the lowest mean loss of a good epoch whose every step gave one
         self.last_loss = _nan(device)  # the mean loss of the last good epoch (NaN: it did not give one each step)
         self.rose = torch.tensor(False, device=device)  # whether the epoch just measured raised the mean loss
+        self.nonfinite = torch.tensor(False, device=device)  # whether it ended with values that are not finite
         self.last_step_loss = _nan(device)  # the loss of the epoch's last step (a reference, not a copy)
         # Whether the last epoch was rolled back by a loss test alone: a second one in a row means the snapshot
         # itself is no better (its own loss is high: the damage came in the previous epoch's last steps).
@@ -205,6 +214,7 @@ class SafeguardedControl:
         # NaN fails every comparison: "not <=" catches it along with growth past the limit.
         weights_bad = ~(param_sq <= limit) | ~torch.isfinite(ema_sq)
         mean, complete, initial, last = self._epoch_loss(steps)
+        self.nonfinite = ~torch.isfinite(param_sq) | ~torch.isfinite(ema_sq) | (complete & ~torch.isfinite(mean))
         best = self.best_loss
         margin = LOSS_MARGIN * torch.nan_to_num(initial, nan=0.0).clamp(min=0.0)
 
@@ -241,10 +251,8 @@ class SafeguardedControl:
         estimate = torch.minimum(torch.maximum(estimate, lr * RATE_SHRINK_LIMIT), lr * growth)
         # Epoch 0 (and a good epoch right after a rolled-back one) has no estimate: the rate stays, within bounds.
         kept = torch.minimum(torch.maximum(estimate, torch.full_like(lr, tau_min / divisor)), upper)
-        if RETURN_TO_GOOD:
-            backed_off = torch.where(torch.isnan(self.good_lr), lr * BACKOFF, torch.minimum(self.good_lr, lr * CAP))
-        else:
-            backed_off = lr * BACKOFF
+        first_backoff = torch.where(self.nonfinite, lr * NONFINITE_BACKOFF, lr * BACKOFF)
+        backed_off = torch.where(torch.isnan(self.good_lr), first_backoff, torch.minimum(self.good_lr, lr * CAP))
         backed_off = torch.clamp(backed_off, max=tau_max / divisor)
         return torch.where(diverged, backed_off, kept)
 

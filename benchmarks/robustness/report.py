@@ -139,7 +139,17 @@ def write_report(folder: Path, out: Path, figure: Path | None = None) -> str:
             promise.append(
                 f"| {setting} | {max(sgdm.values()):.1f} | {worst:.1f} | {spread:.1f} | {'yes' if holds else 'no'} |"
             )
+    expected = len(settings) * len(lrs) * len(seeds)
     lines += [
+        "## Runs recorded",
+        "",
+        f"Of the {expected} runs per method of this grid; a method with fewer has runs still to train (the suite "
+        "resumes where it stopped), and its rows above are partial.",
+        "",
+        "| method | runs |",
+        "|---|---|",
+        *[f"| {m} | {totals[m]} |" for m in methods],
+        "",
         "## The promise",
         "",
         f"BB's default on every run within {WITHIN_BEST_SGDM:g} points of the best tuned SGD with momentum "
@@ -152,7 +162,7 @@ def write_report(folder: Path, out: Path, figure: Path | None = None) -> str:
         "",
         "## Collapsed runs per method (all settings, η0 and seeds)",
         "",
-        "| method | collapsed | runs |",
+        "| method | collapsed | of runs |",
         "|---|---|---|",
         *[f"| {m} | {collapses[m]} | {totals[m]} |" for m in methods],
         "",
