@@ -304,6 +304,35 @@ def _check_flat(operation: str, tensors: dict[str, torch.Tensor], dtypes: dict[s
             )
 
 
+def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev_ema) -> torch.Tensor:
+    """Launch an epoch-end ``kernel`` that writes ``rows`` per-block float64 partials; their sums, (rows,).
+
+    Summing a fixed-length float64 tensor gives the same bits every run; an empty buffer sums to zeros."""
+    state = state_dtype(param.dtype)
+    _check_flat(
+        operation,
+        {"param": param, "ema": ema, "prev_params": prev_params, "prev_ema": prev_ema},
+        {"param": param.dtype, "ema": state, "prev_params": param.dtype, "prev_ema": state},
+    )
+    n_elements = param.numel()
+    programs = triton.cdiv(n_elements, BLOCK_SIZE)
+    partials = torch.empty((rows, programs), dtype=torch.float64, device=param.device)
+    if programs:
+        with _on_device(param.device):
+            kernel[(programs,)](
+                param,
+                ema,
+                prev_params,
+                prev_ema,
+                partials,
+                n_elements,
+                USE_INT64=_needs_int64(n_elements),
+                BLOCK=BLOCK_SIZE,
+                num_warps=NUM_WARPS,
+            )
+    return partials.sum(dim=1)
+
+
 def _check_scalar(operation: str, name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.numel() != 1 or tensor.device != device:
         raise ValueError(
@@ -377,47 +406,7 @@ class TritonBackend:
 
         Returns float64 (2,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev)]`` without synchronising.
         """
-        _check_flat(
-            "epoch_end",
-            {"param": param, "ema": ema, "prev_params": prev_params, "prev_ema": prev_ema},
-            {
-                "param": param.dtype,
-                "ema": state_dtype(param.dtype),
-                "prev_params": param.dtype,
-                "prev_ema": state_dtype(param.dtype),
-            },
-        )
-        n_elements = param.numel()
-        programs = triton.cdiv(n_elements, BLOCK_SIZE)
-        # Row 0: each block's ‖Δθ‖², row 1: its Δθᵀy. Summing a fixed-length float64 tensor gives the same
-        # bits every run; an empty buffer sums to zeros.
-        partials = torch.empty((2, programs), dtype=torch.float64, device=param.device)
-        if programs:
-            with _on_device(param.device):
-                _epoch_end_kernel[(programs,)](
-                    param,
-                    ema,
-                    prev_params,
-                    prev_ema,
-                    partials,
-                    n_elements,
-                    USE_INT64=_needs_int64(n_elements),
-                    BLOCK=BLOCK_SIZE,
-                    num_warps=NUM_WARPS,
-                )
-        return partials.sum(dim=1)
-
-    def _check_epoch_buffers(self, operation: str, param, ema, prev_params, prev_ema) -> None:
-        _check_flat(
-            operation,
-            {"param": param, "ema": ema, "prev_params": prev_params, "prev_ema": prev_ema},
-            {
-                "param": param.dtype,
-                "ema": state_dtype(param.dtype),
-                "prev_params": param.dtype,
-                "prev_ema": state_dtype(param.dtype),
-            },
-        )
+        return _epoch_sums(_epoch_end_kernel, 2, "epoch_end", param, ema, prev_params, prev_ema)
 
     def epoch_measure(
         self,
@@ -427,24 +416,7 @@ class TritonBackend:
         prev_ema: torch.Tensor,
     ) -> torch.Tensor:
         """One launch writing per-block float64 partials, summed in a fixed order on the device (no sync)."""
-        self._check_epoch_buffers("epoch_measure", param, ema, prev_params, prev_ema)
-        n_elements = param.numel()
-        programs = triton.cdiv(n_elements, BLOCK_SIZE)
-        partials = torch.empty((4, programs), dtype=torch.float64, device=param.device)
-        if programs:
-            with _on_device(param.device):
-                _epoch_measure_kernel[(programs,)](
-                    param,
-                    ema,
-                    prev_params,
-                    prev_ema,
-                    partials,
-                    n_elements,
-                    USE_INT64=_needs_int64(n_elements),
-                    BLOCK=BLOCK_SIZE,
-                    num_warps=NUM_WARPS,
-                )
-        return partials.sum(dim=1)
+        return _epoch_sums(_epoch_measure_kernel, 4, "epoch_measure", param, ema, prev_params, prev_ema)
 
     def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
         """One launch; the rollback flag is read on the device."""
