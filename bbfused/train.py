@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument(
         "--bb-safeguard",
         action=argparse.BooleanOptionalAction,
-        help="BB rolls back an epoch that diverged, cuts its rate tenfold and caps later ones (default: on); "
-        "--no-bb-safeguard is the paper's method exactly",
+        help="BB's rate control: bounded rate steps, rollback of a diverged epoch (default: on; see "
+        "bbfused/control.py); --no-bb-safeguard is the paper's method exactly",
     )
 
     run = parser.add_argument_group("run")
