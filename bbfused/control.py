@@ -20,8 +20,8 @@ Two policies behind one interface that ``BB`` calls at every step and epoch end:
     so large that the network is stuck at chance; a too-small rate barely moves them).
   - **rollback**: a diverged epoch is undone: parameters and the tracked model buffers (BatchNorm running
     statistics, see ``BB.track_buffers``) return to the last good epoch end; the next rate is the last good
-    one, at most half the one that diverged (before any good epoch: a tenth of it, a hundredth when values
-    went non-finite, and at most τ_max/(k + 2), so an absurd η0 is left within an epoch or two); later rates
+    one, at most half the one that diverged (before any good epoch: a tenth of it, at most τ_max/(k + 2), so an
+    absurd η0 is left within an epoch or two); later rates
     are capped at half the smallest rate that diverged. A second rollback in a row by the loss tests alone
     keeps the epoch instead and resets the best loss (the snapshot itself is no better: its damage came in
     the last steps of the epoch before).
@@ -43,11 +43,10 @@ from .rule import bb_learning_rate, bb_ratio
 # How far one epoch may move the rate: at most doubled, at most divided by ten.
 RATE_GROWTH_LIMIT = 2.0
 RATE_SHRINK_LIMIT = 0.1
-# After a diverged epoch with no good rate yet to return to, the next rate as a fraction of the one that diverged:
-# a tenth, or a hundredth when the epoch ended with values that are not finite (a rate orders of magnitude too
-# large). Later rates are capped at CAP times the smallest rate that diverged.
+# After a diverged epoch with no good rate yet to return to, the next rate as a fraction of the one that diverged
+# (a hundredth after non-finite values helped LeNet-5 from η0 = 10 and hurt the paper's MLP from η0 = 1 more:
+# benchmarks/results/robustness.md). Later rates are capped at CAP times the smallest rate that diverged.
 BACKOFF = 0.1
-NONFINITE_BACKOFF = 0.01
 CAP = 0.5
 # Weight growth test: the weights' RMS doubled and passed 0.05 (a start from near-zero weights is no growth).
 WEIGHT_GROWTH = 4.0
@@ -148,7 +147,6 @@ class SafeguardedControl:
         self.best_loss = _nan(device)  # the lowest mean loss of a good epoch whose every step gave one
         self.last_loss = _nan(device)  # the mean loss of the last good epoch (NaN: it did not give one each step)
         self.rose = torch.tensor(False, device=device)  # whether the epoch just measured raised the mean loss
-        self.nonfinite = torch.tensor(False, device=device)  # whether it ended with values that are not finite
         self.last_step_loss = _nan(device)  # the loss of the epoch's last step (a reference, not a copy)
         # Whether the last epoch was rolled back by a loss test alone: a second one in a row means the snapshot
         # itself is no better (its own loss is high: the damage came in the previous epoch's last steps).
@@ -214,7 +212,6 @@ class SafeguardedControl:
         # NaN fails every comparison: "not <=" catches it along with growth past the limit.
         weights_bad = ~(param_sq <= limit) | ~torch.isfinite(ema_sq)
         mean, complete, initial, last = self._epoch_loss(steps)
-        self.nonfinite = ~torch.isfinite(param_sq) | ~torch.isfinite(ema_sq) | (complete & ~torch.isfinite(mean))
         best = self.best_loss
         margin = LOSS_MARGIN * torch.nan_to_num(initial, nan=0.0).clamp(min=0.0)
 
@@ -251,8 +248,7 @@ class SafeguardedControl:
         estimate = torch.minimum(torch.maximum(estimate, lr * RATE_SHRINK_LIMIT), lr * growth)
         # Epoch 0 (and a good epoch right after a rolled-back one) has no estimate: the rate stays, within bounds.
         kept = torch.minimum(torch.maximum(estimate, torch.full_like(lr, tau_min / divisor)), upper)
-        first_backoff = torch.where(self.nonfinite, lr * NONFINITE_BACKOFF, lr * BACKOFF)
-        backed_off = torch.where(torch.isnan(self.good_lr), first_backoff, torch.minimum(self.good_lr, lr * CAP))
+        backed_off = torch.where(torch.isnan(self.good_lr), lr * BACKOFF, torch.minimum(self.good_lr, lr * CAP))
         backed_off = torch.clamp(backed_off, max=tau_max / divisor)
         return torch.where(diverged, backed_off, kept)
 

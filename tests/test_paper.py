@@ -83,7 +83,7 @@ def mnist_run(lr: float, safeguard: bool, *options: str, model: str = "mlp"):
 # ============================================================================================ failure modes
 def test_initial_lr_too_large_nan_in_epoch_0_is_rolled_back() -> None:
     """η0 = 1 on the paper's MLP (4096 MNIST images, 32 steps an epoch): the paper's BB ends epoch 0 with
-    NaN weights; the default restores the initial weights exactly, runs epoch 1 at 0.01 and learns."""
+    NaN weights; the default restores the initial weights exactly, runs epoch 1 at 0.1 and learns."""
     paper = mnist_run(1.0, False, "--limit-train", "4096")
     record = paper.run_epoch(0)
     assert math.isnan(record["train_loss"])
@@ -95,8 +95,8 @@ def test_initial_lr_too_large_nan_in_epoch_0_is_rolled_back() -> None:
     assert math.isnan(records[0]["train_loss"])
     assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), initial))
     records += [safe.run_epoch(epoch) for epoch in (1, 2)]
-    # NaN: the next rate is a hundredth; no estimate yet at epoch 1, so it is lifted to τ_min/(k+2) = 1/9.
-    assert safe.optimizer.lr_history == [1.0, pytest.approx(0.01), pytest.approx(1 / 9)]
+    # A tenth of the rate; no estimate yet at epoch 1, so it is lifted to τ_min/(k+2) = 1/9.
+    assert safe.optimizer.lr_history == [1.0, pytest.approx(0.1), pytest.approx(1 / 9)]
     assert records[1]["train_loss"] < 2.0 and records[2]["train_loss"] < records[1]["train_loss"]
     assert records[2]["test_acc1"] > 85.0
 
