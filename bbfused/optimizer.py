@@ -49,9 +49,10 @@ class BB(torch.optim.Optimizer):
     diverged epoch is rolled back: the weights (and with :meth:`track_buffers`, BatchNorm's running
     statistics) return to the last good epoch end; the next rate is the last good one (at most half the one
     that diverged; a tenth when none was good yet) and later rates are capped at half of it. A second
-    rollback in a row on the loss alone is accepted instead (the snapshot itself is no better). Per step
-    this costs one scalar add on the device (the loss); the epoch end is two passes over the buffers without
-    host sync (measured no slower than the paper's one: ``benchmarks/results/2026-12-02_cpu_epoch_end_*.md``);
+    rollback in a row on the loss alone is accepted instead (the snapshot itself is no better). A gradient
+    value that is inf or NaN leaves its element unchanged in that step (:attr:`skipped_gradient_values`). Per
+    step this costs one scalar add on the device (the loss) and the per-element finiteness check; the epoch end
+    is two passes over the buffers without host sync (``benchmarks/results/2026-12-02_cpu_rate_control.md``);
     under torch.distributed the loss sums are all-reduced once per epoch so every rank decides alike.
     Unprotected without a loss: a network wrecked without growing its weights (BatchNorm networks) is not
     seen; pass ``loss=`` (or a closure that returns it) in every step. ``safeguard=False`` is the paper's
