@@ -21,10 +21,9 @@ Two policies behind one interface that ``BB`` calls at every step and epoch end:
   - **rollback**: a diverged epoch is undone: parameters and the tracked model buffers (BatchNorm running
     statistics, see ``BB.track_buffers``) return to the last good epoch end; the next rate is the last good
     one, at most half the one that diverged (before any good epoch: a tenth of it, at most τ_max/(k + 2), so an
-    absurd η0 is left within an epoch or two); later rates
-    are capped at half the smallest rate that diverged. A second rollback in a row by the loss tests alone
-    keeps the epoch instead and resets the best loss (the snapshot itself is no better: its damage came in
-    the last steps of the epoch before).
+    absurd η0 is left within an epoch or two); later rates are capped at half the smallest rate that diverged.
+    A second rollback in a row by the loss tests alone keeps the epoch instead and resets the best loss (the
+    snapshot itself is no better: its damage came in the last steps of the epoch before).
 
 Every decision is made with device tensors: closing an epoch never synchronises with the host. The constants
 below are the policy; ``benchmarks/results/robustness.md`` has the measurements they were chosen by.
@@ -74,7 +73,7 @@ class EpochBuffers:
     (a bool device tensor) is true.
     ``paper_pass()``: the paper's single pass (sums of Δθ, then snapshots and g ← 0): float64 (2,).
     ``snapshot_params()``: prev_params ← θ (the point a diverged epoch 0 returns to).
-    ``param_sq_norm(name)``: ‖buffer‖² over every buffer, float64 on the master device.
+    ``sq_norm(name)``: ‖buffer name‖² over every buffer, float64 on the master device.
     """
 
     def __init__(
@@ -95,8 +94,6 @@ class EpochBuffers:
 class PaperControl:
     """``safeguard=False``: η̂_{k+1} by eq. 13 from the end of epoch 1 on; nothing is checked or rolled back."""
 
-    safeguard = False
-
     def __init__(self, device: torch.device, numel: int) -> None:
         self.device = device
 
@@ -116,9 +113,6 @@ class PaperControl:
             return None, None
         return bb_learning_rate(sums, steps, epoch, *taus), None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
     def load_state_dict(self, state: dict[str, Any], epoch: int, buffers: EpochBuffers) -> None:
         pass
 
@@ -130,8 +124,6 @@ def _nan(device: torch.device) -> torch.Tensor:
 class SafeguardedControl:
     """The default policy (see the module docstring). All state is on the master device, except the count of
     steps that gave a loss in the current epoch (host-side, as the step count is)."""
-
-    safeguard = True
 
     def __init__(self, device: torch.device, numel: int) -> None:
         self.device = device
@@ -146,7 +138,6 @@ class SafeguardedControl:
         self.initial_loss = _nan(device)  # the first step's loss
         self.best_loss = _nan(device)  # the lowest mean loss of a good epoch whose every step gave one
         self.last_loss = _nan(device)  # the mean loss of the last good epoch (NaN: it did not give one each step)
-        self.rose = torch.tensor(False, device=device)  # whether the epoch just measured raised the mean loss
         self.last_step_loss = _nan(device)  # the loss of the epoch's last step (a reference, not a copy)
         # Whether the last epoch was rolled back by a loss test alone: a second one in a row means the snapshot
         # itself is no better (its own loss is high: the damage came in the previous epoch's last steps).
@@ -205,8 +196,9 @@ class SafeguardedControl:
             last = totals[3] / world
         return totals[0] / totals[1], totals[1] == steps, initial, last
 
-    def diverged(self, sums: torch.Tensor, steps: int, epoch: int) -> torch.Tensor:
-        """Whether the epoch that ``sums`` (:data:`SUMS`) measured diverged: a bool device tensor."""
+    def diverged(self, sums: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whether the epoch that ``sums`` (:data:`SUMS`) measured diverged, and whether it was a good epoch that
+        raised the mean loss (bool device tensors); updates the loss references."""
         delta_sq, param_sq, ema_sq = sums[0], sums[2], sums[3]
         limit = WEIGHT_GROWTH * self.snapshot_sq_norm.clamp(min=self.weight_floor)
         # NaN fails every comparison: "not <=" catches it along with growth past the limit.
@@ -229,22 +221,29 @@ class SafeguardedControl:
         good_loss = complete & ~diverged
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
         self.best_loss = torch.where(lower | (accept_anyway & good_loss), mean, best)
-        self.rose = good_loss & (mean > self.last_loss)
+        rose = good_loss & (mean > self.last_loss)
         self.last_loss = torch.where(diverged, self.last_loss, torch.where(good_loss, mean, _nan(self.device)))
         self.snapshot_sq_norm = torch.where(diverged, self.snapshot_sq_norm, param_sq)
-        return diverged
+        return diverged, rose
 
     def next_rate(
-        self, sums: torch.Tensor, diverged: torch.Tensor, lr: torch.Tensor, epoch: int, steps: int, taus
+        self,
+        sums: torch.Tensor,
+        diverged: torch.Tensor,
+        rose: torch.Tensor,
+        lr: torch.Tensor,
+        epoch: int,
+        steps: int,
+        taus: tuple[float, float, float],
     ) -> torch.Tensor:
-        """The rate of the epoch after ``epoch``."""
+        """The rate of the epoch after ``epoch`` (``rose``: its mean loss rose, so the rate may not grow)."""
         _, tau_min, tau_max = taus
         divisor = epoch + 2
         upper = torch.clamp(self.lr_cap, max=tau_max / divisor)
         estimate = bb_ratio(sums, steps)
         usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot & (epoch >= 1)
         estimate = torch.where(usable, estimate, lr)
-        growth = torch.where(self.rose, torch.full_like(lr, LOSS_BRAKE), torch.full_like(lr, RATE_GROWTH_LIMIT))
+        growth = torch.where(rose, torch.full_like(lr, LOSS_BRAKE), torch.full_like(lr, RATE_GROWTH_LIMIT))
         estimate = torch.minimum(torch.maximum(estimate, lr * RATE_SHRINK_LIMIT), lr * growth)
         # Epoch 0 (and a good epoch right after a rolled-back one) has no estimate: the rate stays, within bounds.
         kept = torch.minimum(torch.maximum(estimate, torch.full_like(lr, tau_min / divisor)), upper)
@@ -257,8 +256,8 @@ class SafeguardedControl:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Measure, decide, commit: the next rate and whether the epoch was rolled back (device tensors)."""
         sums = buffers.measure()
-        diverged = self.diverged(sums, steps, epoch)
-        new_lr = self.next_rate(sums, diverged, lr, epoch, steps, taus)
+        diverged, rose = self.diverged(sums, steps)
+        new_lr = self.next_rate(sums, diverged, rose, lr, epoch, steps, taus)
         self.lr_cap = torch.where(diverged, torch.minimum(self.lr_cap, lr * CAP), self.lr_cap)
         self.good_lr = torch.where(diverged, self.good_lr, lr)
         buffers.commit(diverged)
@@ -309,8 +308,7 @@ class SafeguardedControl:
         for name in ("initial_loss", "best_loss", "last_loss", "good_lr"):
             value = state[name]
             setattr(self, name, torch.tensor(math.nan if value is None else value, dtype=torch.float64, device=device))
-        saved = state.get("model_buffers") or []
-        if saved and len(saved) == len(self.model_buffer_snapshots):
-            for snapshot, value in zip(self.model_buffer_snapshots, saved):
-                snapshot.copy_(value)
+        # Checked against the tracked buffers already; none saved (an older state dict) keeps the current copies.
+        for snapshot, value in zip(self.model_buffer_snapshots, state["model_buffers"]):
+            snapshot.copy_(value)
         self.snapshot_sq_norm = buffers.sq_norm("prev_params")

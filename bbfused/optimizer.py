@@ -254,9 +254,10 @@ class BB(torch.optim.Optimizer):
         """Let a rollback restore ``model``'s buffers (BatchNorm running statistics) with its parameters.
 
         With the safeguard, BB keeps a copy of every buffer of ``model`` from the last good epoch end (for epoch
-        0, the first step) and restores it when it rolls an epoch back, so the network BB keeps is the one that
-        was evaluated as good. Call it once after construction (and before :meth:`load_state_dict` when
-        resuming); the copies are part of :meth:`state_dict`. Without the safeguard it does nothing.
+        0, their values when this is called) and restores it when it rolls an epoch back, so the network BB
+        keeps is the one that was evaluated as good. Call it once after construction (and before
+        :meth:`load_state_dict` when resuming); the copies are part of :meth:`state_dict`. Without the safeguard
+        it does nothing.
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"track_buffers() takes the model (a torch.nn.Module), got {type(model).__name__}")

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from test_paper import reported_loss_epochs as epochs_with_losses  # ½‖θ‖² with a loss given to each step
 
 from bbfused import BB, checkpoint, control
 from bbfused.backends.eager import EagerBackend
@@ -21,18 +22,6 @@ DEVICE = torch.device("cpu")
 def quadratic(lr: float, safeguard: bool = True, steps: int = 10, **kwargs) -> tuple[BB, torch.nn.Parameter]:
     theta = torch.nn.Parameter(torch.ones(16))
     return BB([theta], lr=lr, steps_per_epoch=steps, backend="eager", safeguard=safeguard, **kwargs), theta
-
-
-def epochs_with_losses(opt: BB, theta: torch.nn.Parameter, losses: list[list]) -> list[torch.Tensor]:
-    """Train ½‖θ‖² while each step reports the given loss (None: none); θ after each epoch."""
-    after = []
-    for epoch_losses in losses:
-        for loss in epoch_losses:
-            opt.zero_grad()
-            (0.5 * theta.square().sum()).backward()
-            opt.step(loss=loss)
-        after.append(theta.detach().clone())
-    return after
 
 
 # A first epoch that makes progress: the first step's loss 2, then 1 (mean 1.1, the first reference).
@@ -58,7 +47,7 @@ def test_estimate_that_collapses_is_followed_at_most_tenfold_per_epoch() -> None
     rates.has_snapshot = torch.tensor(True)
     lr = torch.tensor(1.0, dtype=torch.float64)
     sums = torch.tensor([1.0, 1e6, 16.0, 0.0], dtype=torch.float64)  # estimate 1e-6 / T
-    new = rates.next_rate(sums, torch.tensor(False), lr, 5, 10, (1.0, 1e-9, 10.0))
+    new = rates.next_rate(sums, torch.tensor(False), torch.tensor(False), lr, 5, 10, (1.0, 1e-9, 10.0))
     assert float(new) == pytest.approx(0.1)
 
 
