@@ -159,27 +159,32 @@ template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip>
 int64_t step_range(scalar_t* __restrict__ param, const scalar_t* __restrict__ grad, opmath_t* __restrict__ ema,
                    int64_t begin, int64_t end, opmath_t lr, opmath_t weight_decay, opmath_t beta, opmath_t scale) {
   using bits_t = typename FloatBits<opmath_t>::type;
+  // The count has the lanes' integer width (it vectorizes with them), so it is taken over spans it cannot overflow.
+  constexpr int64_t kCountSpan = int64_t{1} << 31;
   int64_t skipped = 0;
-  bits_t count = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    const opmath_t theta = static_cast<opmath_t>(param[i]);
-    const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / scale : static_cast<opmath_t>(grad[i]);
-    const opmath_t d = g + weight_decay * theta;
-    const opmath_t e = ema[i];
-    const opmath_t new_theta = theta - lr * d;
-    const opmath_t new_ema = e + beta * (d - e);
-    if constexpr (kSkip) {
-      const bits_t bad = nonfinite_bit(d);
-      const bits_t keep = bad - 1;  // all ones when d is finite
-      param[i] = static_cast<scalar_t>(select_bits(keep, new_theta, theta));
-      ema[i] = select_bits(keep, new_ema, e);
-      count += bad;
-    } else {
-      param[i] = static_cast<scalar_t>(new_theta);
-      ema[i] = new_ema;
+  for (int64_t start = begin; start < end; start += kCountSpan) {
+    const int64_t stop = std::min(end, start + kCountSpan);
+    bits_t count = 0;
+    for (int64_t i = start; i < stop; ++i) {
+      const opmath_t theta = static_cast<opmath_t>(param[i]);
+      const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / scale : static_cast<opmath_t>(grad[i]);
+      const opmath_t d = g + weight_decay * theta;
+      const opmath_t e = ema[i];
+      const opmath_t new_theta = theta - lr * d;
+      const opmath_t new_ema = e + beta * (d - e);
+      if constexpr (kSkip) {
+        const bits_t bad = nonfinite_bit(d);
+        const bits_t keep = bad - 1;  // all ones when d is finite
+        param[i] = static_cast<scalar_t>(select_bits(keep, new_theta, theta));
+        ema[i] = select_bits(keep, new_ema, e);
+        count += bad;
+      } else {
+        param[i] = static_cast<scalar_t>(new_theta);
+        ema[i] = new_ema;
+      }
     }
+    skipped += static_cast<int64_t>(count);
   }
-  skipped += static_cast<int64_t>(count);
   return skipped;
 }
 
