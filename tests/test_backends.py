@@ -117,12 +117,14 @@ def grouped(params, weight_decays):
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_DEVICE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_trajectory_matches_eager(backend: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("safeguard", [True, False], ids=["default", "paper"])
+def test_trajectory_matches_eager(backend: str, dtype: torch.dtype, safeguard: bool) -> None:
+    """Whole epochs through both epoch ends: the default's two passes and the paper's single one."""
     shapes = SIZES["several"] + [(1000 + 37,)]
     results = []
     for name in ("eager", backend):
         params = make_params(shapes, dtype)
-        opt = BB(grouped(params, (1e-3, 0.0)), lr=0.2, steps_per_epoch=4, backend=name)
+        opt = BB(grouped(params, (1e-3, 0.0)), lr=0.2, steps_per_epoch=4, backend=name, safeguard=safeguard)
         run_training_with_backward(opt, params, epochs=5, steps=4)
         results.append((opt.lr_history, [p.detach().clone() for p in params]))
     (eager_history, eager_final), (fused_history, fused_final) = results
