@@ -47,11 +47,11 @@ class BB(torch.optim.Optimizer):
     epoch's mean loss or its last step's loss passed 2.5 x the best epoch's mean (and by 5 % of the initial
     loss), or a first epoch made no progress on the first step's loss while the weights moved by 10 %. A
     diverged epoch is rolled back: the weights (and with :meth:`track_buffers`, BatchNorm's running
-    statistics) return to the last good epoch end; the next rate is the last good one (at most half the one
-    that diverged; a tenth when none was good yet) and later rates are capped at half of it. A second
-    rollback in a row on the loss alone is accepted instead (the snapshot itself is no better). A gradient
-    value that is inf or NaN leaves its element unchanged in that step (:attr:`skipped_gradient_values`). Per
-    step this costs one scalar add on the device (the loss) and the per-element finiteness check; the epoch end
+    statistics) return to the last good epoch end; the next rate is the last good one (at most a quarter of
+    the one that diverged; a tenth when none was good yet) and later rates are capped at a quarter of it.
+    A second rollback in a row on the loss alone is accepted instead (the snapshot itself is no better). A
+    gradient value that is inf or NaN leaves its element unchanged in that step (:attr:`skipped_gradient_values`).
+    Per step this costs one scalar add on the device (the loss) and the per-element finiteness check; the epoch end
     is two passes over the buffers without host sync (``benchmarks/results/2026-12-02_cpu_rate_control.md``);
     under torch.distributed the loss sums are all-reduced once per epoch so every rank decides alike.
     Unprotected without a loss: a network wrecked without growing its weights (BatchNorm networks) is not

@@ -124,15 +124,15 @@ def test_second_loss_rollback_in_a_row_is_accepted() -> None:
 
 
 def test_rollback_returns_to_the_last_good_rate_and_caps_later_ones() -> None:
-    """An epoch rolled back at rate η returns to the last good rate (at most η/2), and later rates stay under
-    η/2 whatever the estimate says."""
+    """An epoch rolled back at rate η returns to the last good rate (at most CAP·η), and later rates stay under
+    CAP·η whatever the estimate says."""
     opt, theta = quadratic(0.1)
     epochs_with_losses(opt, theta, [GOOD_EPOCH_0, [1.0] * 10, [10.0] * 10, *[[0.5] * 10] * 4])
     history = opt.lr_history
     assert opt.rolled_back_epochs == [2]
-    assert history[3] == pytest.approx(min(history[1], history[2] / 2))
-    assert max(history[3:]) <= history[2] / 2 + 1e-12
-    assert opt.state_dict()["bb"]["lr_cap"] == pytest.approx(history[2] / 2)
+    assert history[3] == pytest.approx(min(history[1], history[2] * control.CAP))
+    assert max(history[3:]) <= history[2] * control.CAP + 1e-12
+    assert opt.state_dict()["bb"]["lr_cap"] == pytest.approx(history[2] * control.CAP)
 
 
 def test_rising_loss_brakes_the_rate() -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bbfused import BB, checkpoint
+from bbfused import BB, checkpoint, control
 from bbfused.train import UsageError, format_record, parse_args, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,15 +167,15 @@ def test_growth_from_zero_weights_counts_above_rms_0_1(target: float, rolled_bac
 def test_rule_chosen_rate_that_diverges_is_rolled_back_to_the_last_good_epoch(backend: str) -> None:
     """Bounds τ_min = τ_max = 30 force every rate the rule sets to 30/(k+2): 15 at epoch 1 (θ times −14 each
     step) diverges and is rolled back to the end of epoch 0; the next epoch returns to the last good rate 0.1,
-    and the rule's later rates are capped at half of each rate that diverged (7.5, 3.75), until 1.875 converges
-    (θ times −0.875)."""
+    and the rule's later rates are capped at a quarter of each rate that diverged (3.75, which diverges too),
+    until 0.9375 converges (θ times 0.0625)."""
     safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend, tau_min=30.0, tau_max=30.0)
     after = quadratic_epochs(safe, theta, 8, 10)
-    assert safe.lr_history == [pytest.approx(r) for r in (0.1, 15.0, 0.1, 7.5, 0.1, 3.75, 0.1, 1.875)]
-    assert safe.rolled_back_epochs == [1, 3, 5]
-    assert torch.equal(after[1], after[0]) and torch.equal(after[3], after[2]) and torch.equal(after[5], after[4])
-    assert float(after[7].abs().max()) < float(after[6].abs().max())
-    assert safe.state_dict()["bb"]["lr_cap"] == pytest.approx(1.875)
+    assert safe.lr_history == [pytest.approx(r) for r in (0.1, 15.0, 0.1, 3.75, 0.1, 0.9375, 0.9375, 0.9375)]
+    assert safe.rolled_back_epochs == [1, 3]
+    assert torch.equal(after[1], after[0]) and torch.equal(after[3], after[2])
+    assert float(after[7].abs().max()) < 1e-30 < float(after[4].abs().max())
+    assert safe.state_dict()["bb"]["lr_cap"] == pytest.approx(0.9375)
 
 
 def reported_loss_epochs(opt: BB, theta: torch.nn.Parameter, losses: list[list]) -> list[torch.Tensor]:
@@ -198,7 +198,7 @@ def test_loss_tensors_on_the_device_roll_back_on_every_backend(backend: str) -> 
     losses = [first, [torch.tensor([3.0], device=DEVICE)] * 10]
     after = reported_loss_epochs(safe, theta, losses)
     assert torch.equal(after[1], after[0]) and safe.rolled_back_epochs == [1]
-    assert safe.lr == pytest.approx(0.05)  # the last good rate, at most half the one that diverged
+    assert safe.lr == pytest.approx(0.1 * control.CAP)  # the last good rate, at most CAP times the one that diverged
 
 
 def test_loss_check_needs_every_step_and_a_reference() -> None:
@@ -403,7 +403,7 @@ def test_checkpoint_after_a_rollback_loses_nothing() -> None:
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     assert saved["opt"]["bb"]["has_snapshot"] is False
-    assert saved["opt"]["bb"]["lr_cap"] == 1.5  # half the rate that diverged
+    assert saved["opt"]["bb"]["lr_cap"] == 3.0 * control.CAP  # a fraction of the rate that diverged
     assert saved["opt"]["bb"]["rolled_back_epochs"] == [0]
     resumed, theta = quadratic_bb(0.5, safeguard=True)
     with torch.no_grad():
