@@ -81,7 +81,31 @@ LR = 0.1
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-5
 BETA = 0.01  # BB's EMA factor, 4/T for T = 400 steps per epoch
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # recorded results: written there only with --out
+
+
+def output_root() -> Path:
+    """Where a run without ``--out`` writes: outside the repository, so a run leaves a clone clean.
+
+    ``$XDG_CACHE_HOME/bbfused/bench`` (when set to an absolute path), else ``~/.cache/bbfused/bench``, else (no
+    home directory, or one inside this repository) ``<system temp dir>/bbfused/bench``.
+    """
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):  # the XDG specification: a relative value is ignored
+        try:
+            cache = str(Path.home() / ".cache")
+        except RuntimeError:  # no home directory can be determined
+            cache = ""
+    root = Path(cache, "bbfused", "bench") if cache else None
+    if root is None or REPO_ROOT in root.resolve().parents:
+        root = Path(tempfile.gettempdir(), "bbfused", "bench")
+    return root
+
+
+def default_out_prefix(device_type: str, quick: bool, date: datetime.date | None = None) -> Path:
+    """The ``--out`` prefix of a run that names none: ``output_root()/<date>_<device>[_quick]``."""
+    date = date or datetime.date.today()
+    return output_root() / f"{date.isoformat()}_{device_type}{'_quick' if quick else ''}"
 
 
 # ----------------------------------------------------------------------------------------------- bytes
@@ -365,28 +389,43 @@ def add_ratios(rows: list[Row], copy_gb_per_s: float) -> None:
 # ----------------------------------------------------------------------------------------------- targets
 @dataclass
 class Target:
-    """One of issue 5's targets evaluated on one row."""
+    """A performance target of the fused backend (what it measures, its threshold) evaluated on one row."""
 
-    name: str
+    name: str  # what is measured, e.g. "Step time against torch's fused SGD"
     row: str
     value: float
-    bound: float
+    bound: float  # the threshold: value >= bound (higher_is_better) or value <= bound meets the target
     higher_is_better: bool
     note: str = ""
+    unit: str = "x"  # "x" (a ratio) or "%"
     met: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.met = self.value >= self.bound if self.higher_is_better else self.value <= self.bound
 
     def verdict(self) -> str:
+        """``met``, or by how much it is not: ``not met: 20 % over`` (a bound), ``not met: 20 % short`` (a floor)."""
         if self.met:
             return "met"
-        shortfall = self.bound / self.value if self.higher_is_better else self.value / self.bound
-        return f"MISSED by {100 * (shortfall - 1):.0f}%"
+        if self.higher_is_better:
+            pct, side = 100 * (1 - self.value / self.bound), "short"
+        else:
+            pct, side = 100 * (self.value / self.bound - 1), "over"
+        return f"not met: {pct:.0f} % {side}" if pct >= 0.5 else f"not met: under 1 % {side}"
+
+    def describe(self) -> str:
+        """One line: ``Step time against torch's fused SGD (mlp fp32 step): 1.2x (target ≤ 1x): not met: 20 % over``."""
+        unit = " %" if self.unit == "%" else self.unit
+        relation = "≥" if self.higher_is_better else "≤"
+        note = f"; {self.note}" if self.note else ""
+        return (
+            f"{self.name} ({self.row}): {self.value:.3g}{unit} (target {relation} {self.bound:g}{unit}): "
+            f"{self.verdict()}{note}"
+        )
 
 
 def evaluate_targets(rows: list[Row], device: torch.device) -> list[Target]:
-    """Issue 5's targets for the fused backend of ``device`` (triton on GPU, cpp on CPU)."""
+    """The performance targets of the fused backend of ``device`` (triton on GPU, cpp on CPU)."""
     fused = FUSED_IMPL[device.type]
     by_key = {(r.set, r.dtype, r.impl, r.op): r for r in rows}
     targets: list[Target] = []
@@ -395,18 +434,24 @@ def evaluate_targets(rows: list[Row], device: torch.device) -> list[Target]:
             continue
         where = f"{r.set} {r.dtype} {r.op}"
         sgd = by_key.get((r.set, r.dtype, SGD_BASELINE, "step"))
-        bytes_floor = f"bytes floor {r.bytes_per_element / sgd.bytes_per_element:.2f}x" if sgd else ""
+        floor = r.bytes_per_element / sgd.bytes_per_element if sgd else None
+        bytes_floor = f"bytes floor {floor:.2f}x (the bytes it must move over torch's)" if floor else ""
         if r.op == "step" and r.time_over_sgd_fused is not None:
-            targets.append(Target("step time / torch fused SGD", where, r.time_over_sgd_fused, 1.0, False, bytes_floor))
+            name = "Step time against torch's fused SGD"
+            targets.append(Target(name, where, r.time_over_sgd_fused, 1.0, False, bytes_floor))
         if device.type == "cuda":
             if r.op == "step" and r.set in ("resnet50", "flat") and r.pct_of_copy is not None:
-                targets.append(Target("step % of copy bandwidth", where, r.pct_of_copy, 90.0, True))
+                name = "Step bandwidth against copy bandwidth"
+                targets.append(Target(name, where, r.pct_of_copy, 90.0, True, unit="%"))
             if r.op == "step" and r.set == "resnet50" and r.x_faster_than_eager is not None:
-                targets.append(Target("step x faster than eager", where, r.x_faster_than_eager, 10.0, True))
+                name = "Step speed-up over the eager backend"
+                targets.append(Target(name, where, r.x_faster_than_eager, 10.0, True))
             if r.op == "epoch_end" and r.time_over_own_step is not None:
-                targets.append(Target("epoch end / step", where, r.time_over_own_step, 2.0, False))
+                name = "Epoch end time against a step"
+                targets.append(Target(name, where, r.time_over_own_step, 2.0, False))
         elif r.op == "step" and r.x_faster_than_eager is not None:
-            targets.append(Target("step x faster than eager", where, r.x_faster_than_eager, 2.0, True))
+            name = "Step speed-up over the eager backend"
+            targets.append(Target(name, where, r.x_faster_than_eager, 2.0, True))
     return targets
 
 
@@ -607,10 +652,8 @@ def format_report(report: Report, markdown: bool) -> str:
     if report.not_timed:
         parts += ["", "Not timed:"] + [f"- {impl}: {reason}" for impl, reason in report.not_timed.items()]
     if report.targets:
-        parts += ["", "Targets (issue 5):"]
-        for t in report.targets:
-            note = f"; {t.note}" if t.note else ""
-            parts.append(f"- {t.name}, {t.row}: {t.value:.3g} (bound {t.bound:g}) {t.verdict()}{note}")
+        parts += ["", "Targets of the fused backend (bb-triton on the GPU, bb-cpp on the CPU):"]
+        parts += [f"- {t.describe()}" for t in report.targets]
     if report.recipe is not None:
         parts += format_end_to_end(report.end_to_end, report.recipe)
     return "\n".join(parts)
@@ -639,9 +682,9 @@ def save(prefix: Path, report: Report) -> list[Path]:
 def measure_references(device: torch.device, log2_numel: int, settings: TimerSettings) -> list[Row]:
     """The bandwidth references over 2**log2_numel fp32 values, bytes read + written.
 
-    ``copy``: ``y.copy_(x)``, 8 B per element, the ceiling the issue names. ``add_``: ``y.add_(x)``, 12 B per
-    element, in place like an optimizer update; on a CPU with write-allocate caches it can beat the copy,
-    whose store to a fresh line first reads it (12 B moved for the 8 B counted).
+    ``copy``: ``y.copy_(x)``, 8 B per element, the ceiling the bandwidth target is set against. ``add_``:
+    ``y.add_(x)``, 12 B per element, in place like an optimizer update; on a CPU with write-allocate caches it
+    can beat the copy, whose store to a fresh line first reads it (12 B moved for the 8 B counted).
     """
     x = torch.randn(2**log2_numel, device=device)
     y = torch.randn(2**log2_numel, device=device)
@@ -740,13 +783,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
-        help="write OUT.json, OUT.csv, OUT.md (default benchmarks/results/<date>_<device>[_quick]); '-' for none",
+        metavar="PREFIX",
+        help="write PREFIX.json, PREFIX.csv, PREFIX.md, exactly there (record results with --out "
+        "benchmarks/results/<name>); default: outside the repository, $XDG_CACHE_HOME/bbfused/bench/"
+        "<date>_<device>[_quick] (~/.cache without XDG_CACHE_HOME); '-' writes none",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here; use --device cpu")
     if not 10 <= args.flat_log2 <= 33:
-        parser.error(f"--flat-log2 {args.flat_log2} is out of range; use 10..33 (27 is the issue's size)")
+        parser.error(f"--flat-log2 {args.flat_log2} is out of range; use 10..33 (default 27: 2**27 values)")
     if args.copy_log2 is not None and not 10 <= args.copy_log2 <= 33:
         parser.error(f"--copy-log2 {args.copy_log2} is out of range; use 10..33")
     if args.seconds is not None and args.seconds <= 0:
@@ -799,10 +845,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(format_report(report, markdown=False))
     if args.out != "-":
-        suffix = f"{device.type}{'_quick' if quick else ''}"
-        prefix = Path(args.out) if args.out else RESULTS_DIR / f"{datetime.date.today().isoformat()}_{suffix}"
+        prefix = Path(args.out) if args.out else default_out_prefix(device.type, quick)
         paths = save(prefix, report)
         print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+        if not args.out:
+            print(
+                f"(to record results in the repository: --out {RESULTS_DIR.relative_to(REPO_ROOT)}/<name>)",
+                file=sys.stderr,
+            )
 
 
 if __name__ == "__main__":
