@@ -8,8 +8,10 @@ import torch
 import torchvision
 from torch import nn
 
-# Shallow networks, built here; the paper trains them with tau_min = 1/3, tau_max = 3.
+# Shallow networks, built here, and the bounds (tau_min, tau_max) the paper trains them with; deep networks get
+# BB's own defaults.
 SHALLOW_MODELS = ("mlp", "lenet")
+SHALLOW_TAUS = (1 / 3, 3.0)
 
 
 def torchvision_model_names() -> list[str]:

@@ -348,7 +348,8 @@ def test_checkpoint_of_other_weights(image_folder, tmp_path, capsys):
     argv += ["--batch-size", "8"]
     assert main([*argv, "--bb-backend", "eager", "--output-dir", str(folder_run)]) == 0
     resume = ["--resume", str(folder_run / "checkpoint.pth")]
-    assert "holds weights that do not fit mlp" in run_bad([*TINY, "--epochs", "2", *resume], capsys)
+    # --data typed: it overrides the saved run's folder (the other settings come from the checkpoint).
+    assert "holds weights that do not fit mlp" in run_bad([*TINY, "--data", "mnist", "--epochs", "2", *resume], capsys)
 
 
 def test_resume_file_problems(tmp_path, capsys):

@@ -1,0 +1,43 @@
+"""``python -m bbfused.train`` (``bbfused-train``): train a classifier with BB or one of the paper's baselines.
+
+Defaults: the paper's MLP on the MNIST files shipped with bbfused. ``--data PATH`` trains on an ImageNet-style
+folder (ResNet-50 by default), ``--data synthetic`` on random device batches (pure training throughput).
+Launched by ``torchrun --nproc_per_node N`` it trains with DDP; ``--batch-size`` is per process.
+
+One concern per module: :mod:`.options` (the command line), :mod:`.building` (process group, data, model,
+optimizer, resume), :mod:`.loop` (the epochs), :mod:`.outputs` (checkpoints, log, figure), :mod:`.entry` (exit
+codes and failures). The pieces are importable, so experiments can drive training from Python::
+
+    training = prepare(parse_args(["--model", "lenet", "--optimizer", "adam", "--epochs", "5"]))
+    try:
+        history = training.fit()          # or training.run_epoch(epoch) for epoch in ...
+    finally:
+        training.close()
+"""
+
+from .building import build_data, build_optimizer, gpu_size_hint, parameter_groups, prepare
+from .entry import main, run
+from .loop import Training, evaluate, format_record, learning_rate, train_one_epoch
+from .options import OPTIMIZERS, UsageError, build_parser, parse_args, resolve_args
+from .outputs import OutputError
+
+__all__ = [
+    "OPTIMIZERS",
+    "OutputError",
+    "Training",
+    "UsageError",
+    "build_data",
+    "build_optimizer",
+    "build_parser",
+    "evaluate",
+    "format_record",
+    "gpu_size_hint",
+    "learning_rate",
+    "main",
+    "parameter_groups",
+    "parse_args",
+    "prepare",
+    "resolve_args",
+    "run",
+    "train_one_epoch",
+]

@@ -1,0 +1,7 @@
+"""``python -m bbfused.train``."""
+
+import sys
+
+from .entry import main
+
+sys.exit(main())

@@ -1,0 +1,210 @@
+"""Building a run from its settings: the process group, the data, the model, the optimizer, and a resumed
+checkpoint. Everything that can be wrong with the inputs raises UsageError, DataError or OutputError here,
+before any file is written."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data import Data, DataError, Shard, check_image_folder, folder_data, mnist_data, synthetic_data
+from ..models import build_model, is_shallow, torchvision_model_names
+from ..optimizer import BB
+from .loop import Training
+from .options import OPTIMIZERS, UsageError, resume_settings
+from .outputs import LOG, check_free_space, check_output_dir, load_checkpoint, state_bytes, write_log
+
+# A model with more parameters than this on images at least this large is a GPU-sized job on a CPU.
+GPU_SIZED_PARAMETERS = 5_000_000
+GPU_SIZED_IMAGE = 128
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
+    """One group with ``weight_decay``, or, with ``no_decay_norm_bias``, a second group without decay for
+    the parameters of at most one dimension (biases and norm scales and shifts), as timm does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not no_decay_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(
+    name: str, groups: list[dict[str, Any]], args: argparse.Namespace, steps_per_epoch: int
+) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (one of OPTIMIZERS) over parameter ``groups`` with the resolved ``args``.
+
+    BB ends its epochs itself after ``steps_per_epoch`` steps. On CUDA the torch optimizers that have a
+    fused kernel (SGD, NAG, Adam, AMSGrad) use it, so BB is compared with the fastest torch step."""
+    if name == "bb":
+        return BB(
+            groups,
+            lr=args.lr,
+            steps_per_epoch=steps_per_epoch,
+            beta=args.beta,
+            tau0=args.tau0,
+            tau_min=args.tau_min,
+            tau_max=args.tau_max,
+            backend=args.bb_backend,
+            safeguard=args.bb_safeguard,
+        )
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    fused = {"fused": True} if on_cuda else {}
+    if name in ("sgd", "nag"):
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=name == "nag", **fused)
+    if name in ("adam", "amsgrad"):
+        return torch.optim.Adam(groups, lr=args.lr, amsgrad=name == "amsgrad", **fused)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=args.lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=args.lr)
+    raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def build_data(args: argparse.Namespace, shard: Shard, device: torch.device) -> Data:
+    """The data source ``args.data`` names, sharded for this process."""
+    limits = dict(limit_train=args.limit_train, limit_test=args.limit_test)
+    if args.data == "mnist":
+        # torchvision models are built for RGB: they see the gray channel three times.
+        channels = 3 if args.model in torchvision_model_names() else 1
+        return mnist_data(args.batch_size, shard, device, args.seed, **limits, channels=channels)
+    if args.data == "synthetic":
+        return synthetic_data(args.image_size, args.batch_size, device, args.seed, **limits)
+    return folder_data(
+        Path(args.data),
+        args.image_size,
+        args.batch_size,
+        args.workers,
+        shard,
+        args.seed,
+        pin_memory=device.type == "cuda",
+        **limits,
+    )
+
+
+def init_distributed(device_name: str) -> tuple[Shard, torch.device]:
+    """This process's shard and device. Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on
+    GPUs (each process takes the GPU of its local rank), gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device_name)
+    if world == 1:
+        return Shard(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Shard(rank, world), device
+
+
+def gpu_size_hint(args: argparse.Namespace, model: nn.Module, device: torch.device) -> str | None:
+    """A one-line note when a GPU-sized job is about to train on a CPU (tens of seconds a step), else None."""
+    if device.type != "cpu" or is_shallow(args.model) or args.data == "mnist":
+        return None
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters < GPU_SIZED_PARAMETERS or args.image_size < GPU_SIZED_IMAGE:
+        return None
+    return (
+        f"note: {args.model} ({parameters / 1e6:.1f} M parameters) on {args.image_size}x{args.image_size} images "
+        f"is a GPU-sized job: on this CPU a step of {args.batch_size} images takes seconds to minutes. Train on a "
+        f"GPU (--device cuda), or try it small: --model resnet18 --image-size 64 --limit-train 2048"
+    )
+
+
+def _check_resume(checkpoint: dict[str, Any], args: argparse.Namespace) -> None:
+    path = args.resume
+    saved = checkpoint["args"]
+    for option in ("model", "optimizer"):
+        if saved[option] != getattr(args, option):
+            raise UsageError(
+                f"--resume {path} is a checkpoint of --{option} {saved[option]}, but this run has --{option} "
+                f"{getattr(args, option)}; resume with --{option} {saved[option]} or start a new run"
+            )
+    if checkpoint["epoch"] >= args.epochs:
+        raise UsageError(
+            f"--resume {path} has already trained {checkpoint['epoch']} epochs; pass --epochs above that to continue"
+        )
+
+
+def prepare(args: argparse.Namespace) -> Training:
+    """Check the inputs, then build data, model and optimizer (and restore ``args.resume``, whose saved
+    settings the run takes unless an option typed on the command line overrides one). Everything that can be
+    wrong with the inputs raises UsageError, DataError or OutputError here, before any file is written."""
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir, args.resume)
+    checkpoint = None
+    if args.resume is not None:
+        checkpoint = load_checkpoint(args.resume)
+        args, changed = resume_settings(args, checkpoint["args"])
+        args.overridden = changed
+        _check_resume(checkpoint, args)
+    if args.data not in ("mnist", "synthetic"):
+        check_image_folder(Path(args.data))
+    shard, device = init_distributed(args.device)
+    try:
+        return _build(args, shard, device, checkpoint)
+    except BaseException:
+        if shard.world > 1:
+            dist.destroy_process_group()
+        raise
+
+
+def _build(args: argparse.Namespace, shard: Shard, device: torch.device, checkpoint: dict[str, Any] | None) -> Training:
+    # Rank 0's initial weights reach every process through DDP; dropout differs per process.
+    torch.manual_seed(args.seed + shard.rank)
+    random.seed(args.seed + shard.rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = build_data(args, shard, device)
+    if len(data.train) == 0:
+        raise DataError(
+            f"--data {args.data} gives no full training batch: each of the {shard.world} process(es) gets fewer "
+            f"than --batch-size {args.batch_size} images; lower --batch-size"
+        )
+    model = build_model(args.model, data.num_classes, data.in_channels, data.image_size, dropout=args.dropout or 0.0)
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:
+            raise UsageError(
+                f"--resume {args.resume} holds weights that do not fit {args.model} on this data "
+                f"({str(error).splitlines()[0]}); resume with the data and model of the saved run"
+            ) from None
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    compiled = torch.compile(model) if args.compile else model
+    train_model = compiled
+    if shard.world > 1:
+        # gradient_as_bucket_view stays False: BB's gradients are views of its own flat buffer.
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
+    groups = parameter_groups(model, args.weight_decay, args.no_decay_norm_bias)
+    optimizer = build_optimizer(args.optimizer, groups, args, steps_per_epoch=len(data.train))
+    if isinstance(optimizer, BB):
+        optimizer.track_buffers(model)  # a rolled-back epoch restores BatchNorm's running statistics too
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    training = Training(args, shard, device, data, model, train_model, compiled, optimizer, scaler)
+    hint = gpu_size_hint(args, model, device)
+    if hint is not None:
+        training.notes.append(hint)
+    for change in getattr(args, "overridden", []):
+        training.notes.append(f"note: resuming with {change}")
+    if args.output_dir is not None and shard.rank == 0:
+        check_free_space(args.output_dir, state_bytes([model.state_dict(), optimizer.state_dict()]))
+    if checkpoint is not None:
+        training.restore(checkpoint, args.resume)  # last: it restores the random number generators
+        if shard.rank == 0 and args.output_dir is not None:
+            # The log restarts from the checkpoint, dropping epochs a crash left after it.
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            write_log(args.output_dir / LOG, training.history)
+    return training

@@ -1,0 +1,305 @@
+"""The command line of ``bbfused-train``: parsing, defaults that depend on other options, and checks.
+
+BB's defaults (its bounds, its fallback numerator, its rate control) are read from ``BB``'s signature, so the
+command never carries a copy of them; only the paper's bounds for shallow networks live elsewhere
+(:data:`bbfused.models.SHALLOW_TAUS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backends import BACKEND_NAMES
+from ..models import SHALLOW_TAUS, is_shallow, model_names
+from ..optimizer import BB
+
+OPTIMIZERS = ("bb", "sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop")
+# The initial learning rate when --lr is not given: the paper's 0.1 for BB and SGD, the usual defaults otherwise
+# (torch's, but 1e-3 for RMSprop: torch's 1e-2 diverges on the paper's MLP).
+DEFAULT_LR = {"bb": 0.1, "sgd": 0.1, "nag": 0.1, "adam": 1e-3, "amsgrad": 1e-3, "adagrad": 1e-2, "rmsprop": 1e-3}
+MOMENTUM_OPTIMIZERS = ("sgd", "nag")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Options that are about this invocation, not the run: never saved as a run's settings nor taken from one.
+INVOCATION_OPTIONS = ("resume", "output_dir", "given_options")
+
+
+class UsageError(ValueError):
+    """A command-line input that cannot work; the message names the problem and the fix (exit code 2)."""
+
+
+def bb_default(name: str) -> Any:
+    """The default of ``BB``'s keyword argument ``name``: the one place BB's defaults are written."""
+    return inspect.signature(BB).parameters[name].default
+
+
+def default_taus(model: str) -> tuple[float, float]:
+    """(tau_min, tau_max) for ``model``: the paper's shallow-network bounds for mlp and lenet, BB's otherwise."""
+    return SHALLOW_TAUS if is_shallow(model) else (bb_default("tau_min"), bb_default("tau_max"))
+
+
+def _number(kind: type, test, requirement: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {requirement}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "an integer > 0")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "> 0")
+non_negative_float = _number(float, lambda v: v >= 0, ">= 0")
+fraction = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+beta_value = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; options not given stay None and :func:`resolve_args` fills in their defaults."""
+    parser = argparse.ArgumentParser(
+        prog="bbfused-train",
+        description="Train a classifier with the Barzilai-Borwein adaptive learning rate (bbfused.BB) or a "
+        "baseline optimizer. Use torchrun --nproc_per_node N for data-parallel training.",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default="mnist",
+        help="'mnist' (the files shipped with bbfused), 'synthetic' (random batches kept on the device) or "
+        "a folder with train/ and val/ class sub-folders (default: mnist)",
+    )
+    data.add_argument(
+        "--image-size",
+        "--resolution",
+        type=positive_int,
+        metavar="PIXELS",
+        help="crop size for folders and synthetic data (default 224); MNIST stays 28x28",
+    )
+    data.add_argument(
+        "--limit-train", type=positive_int, metavar="N", help="train on a fixed random subset of N images"
+    )
+    data.add_argument(
+        "--limit-test", type=positive_int, metavar="N", help="evaluate on a fixed random subset of N images"
+    )
+    data.add_argument(
+        "--workers",
+        type=non_negative_int,
+        metavar="N",
+        help="data loader processes for folders (default: min(8, CPUs))",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model", help="mlp, lenet or a torchvision model name (default: mlp for mnist, resnet50 otherwise)"
+    )
+    model.add_argument("--dropout", type=fraction, help="dropout of the mlp's hidden layers (default 0.2)")
+
+    optim = parser.add_argument_group("optimizer")
+    optim.add_argument("--optimizer", default="bb", choices=OPTIMIZERS, help="(default: bb)")
+    optim.add_argument(
+        "--lr",
+        type=positive_float,
+        help="initial learning rate (default 0.1 for bb, sgd, nag; 1e-3 for adam, amsgrad, rmsprop; 1e-2 for adagrad)",
+    )
+    optim.add_argument(
+        "--weight-decay", type=non_negative_float, default=5e-4, help="L2 penalty (default: 5e-4, the paper's)"
+    )
+    optim.add_argument("--momentum", type=fraction, help="momentum of sgd and nag (default 0.9)")
+    optim.add_argument(
+        "--no-decay-norm-bias",
+        action="store_true",
+        help="no weight decay on norm and bias parameters (those with at most one dimension)",
+    )
+    shallow_min, shallow_max = SHALLOW_TAUS
+    deep_min, deep_max = default_taus("resnet50")
+    optim.add_argument(
+        "--tau-min",
+        type=positive_float,
+        help=f"BB lower bound (default {shallow_min:.3g} for mlp, lenet; else {deep_min:g})",
+    )
+    optim.add_argument(
+        "--tau-max",
+        type=positive_float,
+        help=f"BB upper bound (default {shallow_max:g} for mlp, lenet; else {deep_max:g})",
+    )
+    optim.add_argument(
+        "--tau0", type=positive_float, help=f"BB fallback rate numerator (default {bb_default('tau0'):g})"
+    )
+    optim.add_argument("--beta", type=beta_value, help="BB gradient EMA factor (default 4/steps per epoch)")
+    optim.add_argument("--bb-backend", choices=BACKEND_NAMES, help="BB kernels (default auto: fastest available)")
+    optim.add_argument(
+        "--bb-safeguard",
+        action=argparse.BooleanOptionalAction,
+        help="BB's rate control: bounded rate steps, rollback of a diverged epoch (default: "
+        f"{'on' if bb_default('safeguard') else 'off'}; see bbfused/control.py); --no-bb-safeguard is the "
+        "paper's method exactly",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--epochs", type=positive_int, default=10, help="(default: 10)")
+    run.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: 128)")
+    run.add_argument("--seed", type=non_negative_int, default=0, help="(default: 0)")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="mixed precision (fp16 uses GradScaler)")
+    run.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and images")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="PATH",
+        help="continue the run saved in this checkpoint (in its folder) with its saved settings; options given "
+        "here override them",
+    )
+    run.add_argument(
+        "--output-dir",
+        type=Path,
+        metavar="PATH",
+        help="where to write log.jsonl, checkpoints and curves.png (default: none, or the --resume folder)",
+    )
+    run.add_argument(
+        "--print-freq",
+        type=positive_int,
+        default=50,
+        metavar="N",
+        help="progress bar update every N steps (and at least every 2 seconds)",
+    )
+    return parser
+
+
+def given_options(argv: list[str]) -> frozenset[str]:
+    """The destinations of the options present on the command line ``argv`` (not filled in by a default)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
+
+
+def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
+    """Parse and resolve the command line (argparse exits with code 2 on a malformed one). ``given_options``
+    records which options were typed, so that ``--resume`` can take the others from the saved run."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = resolve_args(build_parser().parse_args(argv))
+    args.given_options = given_options(argv)
+    return args
+
+
+def resolve_device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: this command trains on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
+    return name
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the defaults that depend on other options and reject combinations that cannot work."""
+    source = args.data if args.data in ("mnist", "synthetic") else "folder"
+    args.device = resolve_device(args.device)
+    if args.resume is not None and args.output_dir is None:
+        args.output_dir = args.resume.parent
+    if args.model is None:
+        args.model = "mlp" if source == "mnist" else "resnet50"
+    if args.model not in model_names():
+        raise UsageError(
+            f"unknown model {args.model!r}; choose mlp, lenet or a torchvision classification model "
+            f"such as resnet18 or resnet50"
+        )
+    if source == "mnist":
+        if args.image_size is not None:
+            raise UsageError("--image-size applies to folders and synthetic data; MNIST images are 28x28")
+    elif args.image_size is None:
+        args.image_size = 224
+    if args.dropout is not None and args.model != "mlp":
+        raise UsageError(f"--dropout applies to --model mlp only, not {args.model}")
+    if args.model == "mlp" and args.dropout is None:
+        args.dropout = 0.2
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1) if source == "folder" else 0
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.optimizer in MOMENTUM_OPTIMIZERS:
+        if args.momentum is None:
+            args.momentum = 0.9
+        if args.optimizer == "nag" and args.momentum == 0:
+            raise UsageError("--optimizer nag (Nesterov) needs --momentum > 0")
+    elif args.momentum is not None:
+        raise UsageError(f"--momentum applies to sgd and nag, not {args.optimizer}")
+    bb_options = {
+        "--tau-min": args.tau_min,
+        "--tau-max": args.tau_max,
+        "--tau0": args.tau0,
+        "--beta": args.beta,
+        "--bb-safeguard": args.bb_safeguard,
+    }
+    if args.optimizer == "bb":
+        default_min, default_max = default_taus(args.model)
+        args.tau_min = default_min if args.tau_min is None else args.tau_min
+        args.tau_max = default_max if args.tau_max is None else args.tau_max
+        args.tau0 = bb_default("tau0") if args.tau0 is None else args.tau0
+        args.bb_backend = args.bb_backend or bb_default("backend")
+        args.bb_safeguard = bb_default("safeguard") if args.bb_safeguard is None else args.bb_safeguard
+        if args.tau_min > args.tau_max:
+            raise UsageError(f"--tau-min {args.tau_min:g} is above --tau-max {args.tau_max:g}")
+    else:
+        given = [name for name, value in {**bb_options, "--bb-backend": args.bb_backend}.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to --optimizer bb only, not {args.optimizer}")
+    return args
+
+
+def saved_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as a checkpoint stores them (paths as strings; the invocation's own options left out)."""
+    return {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in vars(args).items()
+        if key not in INVOCATION_OPTIONS
+    }
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def resume_settings(args: argparse.Namespace, saved: dict[str, Any]) -> tuple[argparse.Namespace, list[str]]:
+    """The settings a resumed run trains with: the saved run's, except the options typed on this command line
+    (``args.given_options``). Returns them and one "--flag new (saved old)" entry per setting a typed option
+    changed."""
+    given = getattr(args, "given_options", frozenset())
+    merged = argparse.Namespace(**vars(args))
+    changed = []
+    for key, value in saved.items():
+        if key in INVOCATION_OPTIONS or not hasattr(args, key):
+            continue
+        current = getattr(args, key)
+        if key in given:
+            if current != value and not (isinstance(current, Path) and str(current) == value):
+                changed.append(f"{_flag(key)} {current} (saved {value})")
+        else:
+            setattr(merged, key, value)
+    if "device" not in given:
+        merged.device = args.device  # the saved run's device may not exist here; the default resolves again
+    return merged, changed

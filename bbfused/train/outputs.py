@@ -1,0 +1,260 @@
+"""What a run leaves in ``--output-dir``: the checkpoints, the log and the figure, written so that a crash, a
+kill or a full disk never leaves a file half-written or two files that disagree.
+
+* ``best.pth`` is written before ``checkpoint.pth``: a kill between the two leaves a best model at least as good
+  as the one ``checkpoint.pth`` names, never an older one.
+* Every file goes through a temporary file in the same folder and an atomic rename; the temporary file is
+  removed on any failure, and a full disk is reported as :class:`OutputError` (exit code 2) with what to do.
+* A checkpoint is verified (the zip archive's CRC-32 of every record) before a run resumes from it.
+* ``log.jsonl`` is strict JSON: a value that is not finite is written as ``null``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .options import UsageError
+
+CHECKPOINT_FORMAT = "bbfused-train checkpoint"
+CHECKPOINT_VERSION = 1
+LATEST, BEST, LOG, PLOT = "checkpoint.pth", "best.pth", "log.jsonl", "curves.png"
+# Free space asked for before training, in checkpoint sizes: checkpoint.pth, best.pth and one temporary copy.
+CHECKPOINT_COPIES = 3
+
+
+class OutputError(OSError):
+    """An output that cannot be written (a full disk); the message names the problem and the fix (exit code 2)."""
+
+
+def check_output_dir(path: Path, resume: Path | None) -> None:
+    """Raise UsageError unless ``path`` is, or can be created as, a writable folder that holds no run other
+    than the one ``resume`` continues. Writes nothing that stays."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output-dir {path} is a file; pass a folder (it is created if missing)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--output-dir {path} cannot be created: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"--output-dir {path} is not writable ({existing}: {error.strerror}); choose a folder you can write to"
+        ) from None
+    previous = [name for name in (LATEST, BEST, LOG) if (path / name).exists()]
+    if previous and (resume is None or resume.resolve().parent != path.resolve()):
+        raise UsageError(
+            f"--output-dir {path} already holds a run ({', '.join(previous)}); continue it with --resume "
+            f"{path / LATEST} or choose another folder"
+        )
+
+
+def state_bytes(value: Any) -> int:
+    """The bytes of every tensor in a (nested) state dict: about the size of its checkpoint."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(state_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(state_bytes(v) for v in value)
+    return 0
+
+
+def _megabytes(size: float) -> str:
+    return f"{size / 2**20:,.0f} MB" if size >= 2**20 else f"{size / 2**20:.2f} MB"
+
+
+def check_free_space(path: Path, checkpoint_size: int) -> None:
+    """Raise OutputError unless the disk holding ``path`` has room for the checkpoints of one more epoch."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    already = sum((path / name).stat().st_size for name in (LATEST, BEST) if (path / name).is_file())
+    needed = CHECKPOINT_COPIES * checkpoint_size - already
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise OutputError(
+            f"--output-dir {path} has {_megabytes(free)} free, and the checkpoints of this run need about "
+            f"{_megabytes(needed)} (checkpoint.pth, best.pth and a temporary copy of {_megabytes(checkpoint_size)} "
+            f"each); free some space or choose another --output-dir"
+        )
+
+
+def _out_of_space(error: BaseException) -> bool:
+    # torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected pos"), not an OSError.
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, RuntimeError) and ("unexpected pos" in str(error) or "No space left" in str(error))
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename it: a crash never leaves a half-written
+    ``path``, and the temporary file is removed on any failure. A full disk raises OutputError."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if _out_of_space(error):
+            raise OutputError(
+                f"the disk of {path.parent} is full: {path.name} could not be written ({error}); free some space"
+                + (f", then continue with --resume {path.parent / LATEST}" if (path.parent / LATEST).exists() else "")
+            ) from None
+        raise
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    """The epochs as JSON lines, one object per epoch; a value that is not finite is ``null`` (strict JSON)."""
+
+    def lines() -> str:
+        return "".join(
+            json.dumps({key: _strict(value) for key, value in record.items()}, allow_nan=False) + "\n"
+            for record in history
+        )
+
+    text = lines()
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def history_figure(history: list[dict[str, Any]], title: str):
+    """A matplotlib Figure with the learning rate, the train loss and the test accuracy per epoch; epochs BB
+    rolled back are marked with a red cross on each panel, and the epoch axis has integer ticks."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    def values(key: str) -> list[float]:
+        return [math.nan if record.get(key) is None else record[key] for record in history]
+
+    epochs = [record["epoch"] for record in history]
+    rolled_back = [record.get("rolled_back", False) for record in history]
+    figure = Figure(figsize=(12, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = [("lr", "learning rate", "log"), ("train_loss", "train loss", "log"), ("test_acc1", "test top-1 %", None)]
+    for axes, (key, label, scale) in zip(figure.subplots(1, 3), panels):
+        series = values(key)
+        axes.plot(epochs, series, marker="o")
+        if key == "test_acc1" and "test_acc5" in history[0]:
+            axes.plot(epochs, values("test_acc5"), marker="s", label="top-5")
+        if any(rolled_back):
+            marked = [(e, v) for e, v, r in zip(epochs, series, rolled_back) if r]
+            # A diverged epoch's loss may be inf or NaN: mark it at the panel's top instead.
+            finite = [v for v in series if math.isfinite(v)]
+            top = max(finite) if finite else 1.0
+            axes.plot(
+                [e for e, _ in marked],
+                [v if math.isfinite(v) else top for _, v in marked],
+                "x",
+                color="red",
+                markersize=10,
+                markeredgewidth=2,
+                label="rolled back",
+            )
+        if key == "test_acc1" and ("test_acc5" in history[0] or any(rolled_back)):
+            axes.legend()
+        if scale:
+            axes.set_yscale(scale)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("epoch")
+        axes.set_title(label)
+        axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    return figure
+
+
+def plot_history(path: Path, history: list[dict[str, Any]], title: str) -> None:
+    """Write :func:`history_figure` as a PNG."""
+    figure = history_figure(history, title)
+    atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random number generator states (dropout, augmentation seeds)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) back while the outputs are written, so an interrupt lands between epochs' files,
+    not inside them; it is delivered when the block ends."""
+    can_block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if not can_block:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def save_checkpoints(out: Path, checkpoint: dict[str, Any], improved: bool) -> None:
+    """``best.pth`` (when ``improved``) before ``checkpoint.pth``, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    if improved:
+        atomic_write(out / BEST, lambda p: torch.save(checkpoint, p))
+    atomic_write(out / LATEST, lambda p: torch.save(checkpoint, p))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise UsageError unless every record of the checkpoint archive matches its CRC-32 (torch.load itself
+    reads tensor data without checking it: a flipped bit would resume silently)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise UsageError(f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if damaged is not None:
+        raise UsageError(
+            f"--resume {path} is damaged: its record {damaged} does not match its checksum (a disk or copy error); "
+            f"resume from another copy, or from {path.parent / BEST} if it is intact"
+        )
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read and verify a checkpoint of this command."""
+    if not path.is_file():
+        raise UsageError(f"--resume {path}: no such file; pass the checkpoint.pth of an earlier run")
+    verify_checkpoint(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file: torch raises several kinds
+        raise UsageError(f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"--resume {path} is not a bbfused-train checkpoint; pass the checkpoint.pth of a run")
+    return checkpoint
