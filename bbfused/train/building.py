@@ -19,7 +19,15 @@ from ..models import build_model, is_shallow, torchvision_model_names
 from ..optimizer import BB
 from .loop import Training
 from .options import OPTIMIZERS, UsageError, resume_settings
-from .outputs import LOG, check_free_space, check_output_dir, load_checkpoint, state_bytes, write_log
+from .outputs import (
+    LOG,
+    check_free_space,
+    check_output_dir,
+    load_checkpoint,
+    remove_stale_temporaries,
+    state_bytes,
+    write_log,
+)
 
 # A model with more parameters than this on images at least this large is a GPU-sized job on a CPU.
 GPU_SIZED_PARAMETERS = 5_000_000
@@ -141,6 +149,8 @@ def prepare(args: argparse.Namespace) -> Training:
     wrong with the inputs raises UsageError, DataError or OutputError here, before any file is written."""
     if args.output_dir is not None:
         check_output_dir(args.output_dir, args.resume)
+        if args.resume is not None:
+            remove_stale_temporaries(args.output_dir)  # a killed run's; they hold space the resume needs
     checkpoint = None
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume)

@@ -267,9 +267,10 @@ class Training:
         # Every process takes part in gathering the RNG states; only the main one prints and writes.
         states = self._gather_rng_states() if args.output_dir is not None else None
         if self.is_main:
-            print(format_record(record, args.epochs), flush=True)
+            # Written first: once the line shows, checkpoint.pth holds this epoch.
             if args.output_dir is not None:
                 self._write_outputs(states, improved)
+            print(format_record(record, args.epochs), flush=True)
         return record
 
     def fit(self) -> list[dict[str, Any]]:

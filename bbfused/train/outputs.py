@@ -66,6 +66,17 @@ def check_output_dir(path: Path, resume: Path | None) -> None:
         )
 
 
+def remove_stale_temporaries(path: Path) -> list[str]:
+    """Remove the temporary files a killed run left in ``path`` (only this command's own names); returns them."""
+    removed = []
+    for name in (LATEST, BEST, LOG, PLOT):
+        temporary = path / f".{name}.tmp"
+        if temporary.is_file():
+            temporary.unlink(missing_ok=True)  # another process of the same run may remove it first
+            removed.append(temporary.name)
+    return removed
+
+
 def state_bytes(value: Any) -> int:
     """The bytes of every tensor in a (nested) state dict: about the size of its checkpoint."""
     if isinstance(value, torch.Tensor):

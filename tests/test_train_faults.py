@@ -1,0 +1,277 @@
+"""The training command under faults: kills during the checkpoint writes, a full disk, a damaged checkpoint, an
+exception on one of two processes, Ctrl-C; and what the user sees (strict JSON, resume settings, the summary,
+the progress bar, the GPU hint, the figure). CPU, a few seconds each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY, read_log
+
+from bbfused.train import gpu_size_hint, main, outputs, parse_args
+from bbfused.train import loop as train_loop
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs in the writer that raised it."""
+
+
+def load(path: Path) -> dict:
+    outputs.verify_checkpoint(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert main([*TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
+    return out
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    return target
+
+
+# ------------------------------------------------------------------------------------------- kills and disks
+@pytest.mark.parametrize("kill_at", ["best.pth", "checkpoint.pth", "log.jsonl"])
+@pytest.mark.parametrize("midway", [False, True], ids=["before", "midway"])
+def test_kill_during_the_writes_leaves_consistent_checkpoints(one_epoch, tmp_path, monkeypatch, kill_at, midway):
+    """Epoch 2 is made the best; the process dies while writing ``kill_at`` (before it starts, or halfway with
+    the temporary file left behind, as a SIGKILL would). checkpoint.pth and best.pth stay readable, best.pth
+    is never older than the best epoch checkpoint.pth names, and the resume cleans up and finishes."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    saved = torch.load(run / "checkpoint.pth", weights_only=True)
+    saved["best_acc1"] = -1.0  # so that epoch 2 is the best and best.pth is written
+    torch.save(saved, run / "checkpoint.pth")
+    original = outputs.atomic_write
+
+    calls = {kill_at: 0}
+    # The resume rewrites the log once before training: the kill comes at epoch 2's write.
+    fatal_call = 2 if kill_at == "log.jsonl" else 1
+
+    def dying_write(path: Path, write) -> None:
+        calls[kill_at] += path.name == kill_at
+        if path.name == kill_at and calls[kill_at] == fatal_call:
+            if midway:
+                path.with_name(f".{path.name}.tmp").write_bytes(b"half a file")
+            raise Killed
+        original(path, write)
+
+    monkeypatch.setattr(outputs, "atomic_write", dying_write)
+    with pytest.raises(Killed):
+        main([*TINY, "--epochs", "2", "--resume", str(run / "checkpoint.pth")])
+    monkeypatch.undo()
+
+    latest, best = load(run / "checkpoint.pth"), load(run / "best.pth")
+    assert best["epoch"] >= latest["best_epoch"]
+    assert best["best_acc1"] >= latest["best_acc1"]
+    assert latest["epoch"] == (1 if kill_at != "log.jsonl" else 2)
+    assert main([*TINY, "--epochs", "3", "--resume", str(run / "checkpoint.pth")]) == 0
+    assert not list(run.glob(".*.tmp"))
+    assert [r["epoch"] for r in read_log(run)] == [1, 2, 3]
+
+
+def test_too_little_free_space_stops_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: argparse.Namespace(free=1000))
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "free" in err and "checkpoints of this run need about" in err and "--output-dir" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_disk_full_while_writing_exits_2_and_keeps_the_last_checkpoint(one_epoch, tmp_path, monkeypatch, capsys):
+    """torch.save on a full disk: part of the file, then its zip writer's RuntimeError."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    before = (run / "checkpoint.pth").read_bytes()
+
+    def full_disk_save(obj, path) -> None:
+        Path(path).write_bytes(b"\0" * 64)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(outputs.torch, "save", full_disk_save)
+    assert main([*TINY, "--epochs", "2", "--resume", str(run / "checkpoint.pth")]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "is full" in err and "free some space" in err and f"--resume {run / 'checkpoint.pth'}" in err
+    assert not list(run.glob(".*.tmp"))
+    assert (run / "checkpoint.pth").read_bytes() == before
+    assert main([*TINY, "--epochs", "2", "--resume", str(run / "checkpoint.pth")]) == 0
+
+
+def test_damaged_checkpoint_is_refused(one_epoch, tmp_path, capsys):
+    """One flipped byte in a tensor's data: torch.load alone would read it silently."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    path = run / "checkpoint.pth"
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # the largest tensor
+    data = bytearray(path.read_bytes())
+    header = record.header_offset
+    name_length = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_length = int.from_bytes(data[header + 28 : header + 30], "little")
+    offset = header + 30 + name_length + extra_length + record.file_size // 2
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert main([*TINY, "--epochs", "2", "--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and record.filename in err
+    assert [r["epoch"] for r in read_log(run)] == [1]  # nothing rewritten
+
+
+# ------------------------------------------------------------------------------------------- processes
+def test_exception_on_one_of_two_processes_ends_both(tmp_path):
+    """A corrupt image in the folder: the process that reads it fails, aborts the process group, and the
+    other process's pending all-reduce fails at once; the job ends within seconds with the traceback."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for index in range(2):
+        for split, count in (("train", 8), ("val", 2)):
+            folder = tmp_path / "data" / split / f"class{index}"
+            folder.mkdir(parents=True)
+            for n in range(count):
+                pixels = torch.randint(0, 256, (16, 16, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{n}.png")
+    (tmp_path / "data" / "train" / "class1" / "corrupt.png").write_bytes(b"not an image")
+    argv = ["--data", str(tmp_path / "data"), "--model", "mlp", "--image-size", "16", "--workers", "0"]
+    argv += ["--batch-size", "2", "--epochs", "3", "--bb-backend", "eager", "--device", "cpu"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "bbfused.train", *argv]
+    start = time.monotonic()
+    finished = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - start
+    assert finished.returncode != 0
+    assert "failed:" in finished.stderr and "corrupt.png" in finished.stderr, finished.stderr[-3000:]
+    assert elapsed < 120
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bbfused.train", *TINY, "--epochs", "1000", "--output-dir", str(out)]
+    errors = tmp_path / "stderr.txt"  # a file, not a pipe: the progress bar must never block on a full pipe
+    with errors.open("w") as stderr_file:
+        process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+        try:
+            for line in process.stdout:  # wait for the first epoch's line: checkpoint.pth holds epoch 1 or more
+                if line.split()[:2] == ["epoch", "1/1000"]:
+                    break
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=60)
+        finally:
+            process.kill()
+    stderr = errors.read_text()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert f"--resume {out / 'checkpoint.pth'}" in stderr and "holds epoch" in stderr
+    saved = load(out / "checkpoint.pth")
+    assert f"holds epoch {saved['epoch']}" in stderr
+    assert not list(out.glob(".*.tmp"))
+    assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved["epoch"] + 1)]) == 0
+
+
+# ------------------------------------------------------------------------------------------- what the user sees
+def test_log_is_strict_json_with_null_for_non_finite_values(tmp_path):
+    """The paper's BB from an absurd rate: the loss becomes NaN, which the log writes as null."""
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "1", "--no-bb-safeguard", "--lr", "1e30", "--output-dir", str(out)]) == 0
+
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    text = (out / "log.jsonl").read_text()
+    records = [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+    assert records[0]["train_loss"] is None
+
+
+def test_resume_reuses_the_saved_settings(one_epoch, tmp_path, capsys):
+    """No --limit-train, --batch-size or --bb-backend on the resume: the saved run's are used, and a typed
+    option that changes a saved one is named."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    capsys.readouterr()
+    assert main(["--resume", str(run / "checkpoint.pth"), "--epochs", "2", "--print-freq", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: resuming with --print-freq 7 (saved 50)" in printed
+    assert "--epochs" in printed  # typed and changed: named too
+    saved = load(run / "checkpoint.pth")["args"]
+    assert saved["limit_train"] == 256 and saved["batch_size"] == 32 and saved["epochs"] == 2
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
+
+
+def test_closing_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "2", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    log = read_log(out)
+    best = max(log, key=lambda r: r["test_acc1"])
+    summary = "\n".join(printed[-2:])
+    assert printed[-2].startswith("done: 2 epochs in ")
+    assert f"best test top-1 {best['test_acc1']:.2f}% at epoch {best['epoch']}" in summary
+    assert f"outputs in {out}" in summary and f"best.pth (epoch {best['epoch']})" in summary
+
+
+def test_progress_bar_shows_the_first_step(monkeypatch):
+    """The bar gets its first figure after step 1, not after --print-freq steps."""
+    updates = []
+
+    class RecordingBar:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def update(self, n: int) -> None:
+            updates.append(n)
+
+        def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(train_loop, "tqdm", RecordingBar)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(3, 4), torch.tensor([0, 1, 0]))] * 5
+    train_loop.train_one_epoch(model, optimizer, loader, torch.device("cpu"), print_freq=50, progress=True)
+    assert updates[0] == 1 and sum(updates) == 5
+
+
+def test_gpu_sized_job_on_a_cpu_gets_a_hint():
+    import torchvision
+
+    big = torchvision.models.resnet50()
+    args = parse_args(["--data", "synthetic", "--device", "cpu"])
+    hint = gpu_size_hint(args, big, torch.device("cpu"))
+    assert hint is not None and "GPU-sized" in hint and "--device cuda" in hint
+    assert gpu_size_hint(parse_args(["--device", "cpu"]), torch.nn.Linear(784, 10), torch.device("cpu")) is None
+    small = parse_args(["--data", "synthetic", "--device", "cpu", "--image-size", "32"])
+    assert gpu_size_hint(small, big, torch.device("cpu")) is None
+
+
+def test_figure_marks_rolled_back_epochs_and_has_integer_ticks():
+    history = [
+        {"epoch": 1, "lr": 0.1, "train_loss": 1.0, "test_acc1": 80.0, "rolled_back": False},
+        {"epoch": 2, "lr": 0.4, "train_loss": math.nan, "test_acc1": 80.0, "rolled_back": True},
+        {"epoch": 3, "lr": 0.1, "train_loss": 0.5, "test_acc1": 85.0, "rolled_back": False},
+    ]
+    figure = outputs.history_figure(history, "test")
+    for axes in figure.axes:
+        marks = [line for line in axes.get_lines() if line.get_label() == "rolled back"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [2]
+        ticks = [t for t in axes.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks)
