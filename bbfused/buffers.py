@@ -9,10 +9,12 @@ loads); the padding between slices is zero in every buffer and stays zero under 
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
+from typing import Any
 
 import torch
+
+from .diagnostics import warn
 
 ALIGNMENT = 16  # elements; every slice starts at a multiple of this
 
@@ -103,9 +105,31 @@ class FlatBuffer:
                 self.grad_views.append(grad)
         self.zeroed_versions = [view._version for view in self.grad_views]
         self.data_ptrs = [p.data_ptr() for p in params]
+        # Where each gradient view points: `p.grad.data = t` keeps the view object but moves it off the buffer.
+        self.grad_ptrs = [view.data_ptr() for view in self.grad_views]
         self._hooks: list = [None] * len(params)
         weakref.finalize(self, _remove_hooks, self._hooks)
         self.register_hooks()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy (``copy.deepcopy``, pickle) needs: the parameters, copied along with their model, and the
+        state. The parameter buffer, the views and the hooks are rebuilt around the copied parameters."""
+        in_place = [view._version != version for view, version in zip(self.grad_views, self.zeroed_versions)]
+        state = {name: getattr(self, name) for name in ("params", "names", "group_index", "written")}
+        state.update({name: getattr(self, name) for name in ("grad", "ema", "prev_params", "prev_ema")})
+        return state | {"written_in_place": in_place}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copied Parameter holds its own values (deepcopy clones them, pickle restores them): pack those afresh.
+        self.__init__(state["params"], state["names"], state["group_index"])
+        with torch.no_grad():
+            for name in ("grad", "ema", "prev_params", "prev_ema"):
+                getattr(self, name).copy_(state[name])
+        self.written = list(state["written"])
+        # An in-place write to a gradient since zero_grad is told by its view's version: keep that difference.
+        self.zeroed_versions = [
+            view._version - int(written) for view, written in zip(self.grad_views, state["written_in_place"])
+        ]
 
     def register_hooks(self) -> list[int]:
         """Hook every parameter that requires grad and has no hook yet; returns the indices hooked now.
@@ -136,7 +160,8 @@ class FlatBuffer:
                 raise RuntimeError(
                     f"parameter {name} was re-allocated after the BB optimizer was built (for example by "
                     f"model.to(), .half() or assigning .data): its values no longer live in the optimizer's "
-                    f"buffer. Move or convert the model first, then construct the optimizer."
+                    f"buffer. Move or convert the model first, then construct the optimizer; to load new values, "
+                    f"copy them in place instead of assigning .data (with torch.no_grad(): p.copy_(values))."
                 )
             grad = p.grad
             if grad is not None and grad.is_sparse:
@@ -145,24 +170,42 @@ class FlatBuffer:
                     f"gradients (e.g. nn.Embedding(sparse=False))."
                 )
 
+    def _repoint(self, index: int) -> None:
+        """Point gradient view ``index`` back at its slice of the buffer (after ``p.grad.data = t``)."""
+        view = self.grad_views[index]
+        if view.data_ptr() != self.grad_ptrs[index] or view.shape != self.params[index].shape:
+            with torch.no_grad():
+                offset = self.grad.storage_offset() + self.offsets[index]
+                view.set_(self.grad.untyped_storage(), offset, self.params[index].shape, self.strides[index])
+
     def adopt_replaced_gradients(self) -> bool:
         """Copy gradients that replaced the flat views back into the buffer and restore the views.
 
+        Both forms count: ``p.grad = t`` (a new tensor) and ``p.grad.data = t`` (the view's storage swapped).
         A gradient set to None leaves the slice zeroed and the parameter without a gradient in this step.
         Returns whether any gradient had been replaced.
         """
         replaced = False
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
             grad = p.grad
-            if grad is view:
+            if grad is view and view.data_ptr() == self.grad_ptrs[i]:
                 continue
             replaced = True
             if grad is None:
+                self._repoint(i)
                 view.zero_()
                 self.zeroed_versions[i] = view._version
                 self.written[i] = False
             else:
-                view.copy_(grad)
+                if grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"parameter {self.names[i]} (shape {tuple(p.shape)}) has a gradient of shape "
+                        f"{tuple(grad.shape)} (assigned through .grad.data); give it a gradient of the "
+                        f"parameter's shape"
+                    )
+                with torch.no_grad():
+                    self.view(self.grad, i).copy_(grad)
+                self._repoint(i)
                 self.written[i] = True
             p.grad = view
         return replaced
@@ -206,6 +249,7 @@ class FlatBuffer:
         """
         self.grad.zero_()
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            self._repoint(i)
             if p.grad is not view:
                 p.grad = view
             # As torch.optim: set_to_none clears every gradient; without it, only existing ones stay (zeroed).
@@ -219,11 +263,78 @@ class FlatBuffer:
 
 
 def warn_replaced_gradients() -> None:
-    warnings.warn(
+    warn(
         "bbfused.BB: a parameter's .grad was replaced by another tensor (model.zero_grad(set_to_none=True), "
-        "assigning p.grad, or DDP gradient_as_bucket_view=True), so it was copied into the optimizer's flat "
-        "gradient buffer. This costs an extra copy per step: call optimizer.zero_grad() instead and keep "
-        "DDP's gradient_as_bucket_view=False. This warning is shown once.",
+        "assigning p.grad or p.grad.data, or DDP gradient_as_bucket_view=True), so it was copied into the "
+        "optimizer's flat gradient buffer. This costs an extra copy per step: call optimizer.zero_grad() instead, "
+        "write gradients in place (p.grad.copy_(t)) and keep DDP's gradient_as_bucket_view=False. This warning is "
+        "shown once.",
         GradientReplacedWarning,
-        stacklevel=3,
     )
+
+
+def _extent(p: torch.Tensor) -> int:
+    """How many elements of storage ``p`` spans, from its first element to its last (strides are >= 0)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+
+
+def _element_offsets(p: torch.Tensor) -> torch.Tensor:
+    """The storage offsets of ``p``'s elements, relative to its first element (int64, CPU)."""
+    return torch.arange(_extent(p)).as_strided(p.shape, p.stride()).flatten()
+
+
+def _overlaps_itself(p: torch.Tensor) -> bool:
+    """Whether two elements of ``p`` share memory (an expanded tensor: a stride 0)."""
+    dims = sorted((stride, size) for size, stride in zip(p.shape, p.stride()) if size > 1)
+    extent = 0  # elements spanned by the dims with smaller strides
+    if dims and dims[0][0] == 0:
+        return True
+    for stride, size in dims:
+        if stride <= extent:
+            # Maybe interleaved without overlap (e.g. strides (2, 3) over sizes (3, 2)): count exactly.
+            return len(torch.unique(_element_offsets(p))) < p.numel()
+        extent += (size - 1) * stride
+    return False
+
+
+def check_no_shared_memory(params: list[torch.Tensor], names: list[str]) -> None:
+    """Raise ValueError when a parameter's elements share memory with each other (an expanded tensor) or with
+    another parameter's (a view of it): packed into a flat buffer each copy would become an independent value,
+    silently untying what the model ties. Parameters that only share a storage without overlapping (the views of
+    a flat buffer a checkpoint was saved from) are fine."""
+    spans: dict[tuple[torch.device, int], list[tuple[int, int, int]]] = {}
+    for index, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        if _overlaps_itself(p):
+            raise ValueError(
+                f"parameter {names[index]} (shape {tuple(p.shape)}, strides {p.stride()}) has elements that share "
+                f"memory (an expanded or broadcast tensor), which BB would update as independent values. Make it a "
+                f"tensor of its own (p.data = p.data.clone()) before building BB, or keep the smaller tensor as the "
+                f"parameter and expand it in forward()"
+            )
+        start = p.data_ptr()
+        end = start + _extent(p) * p.element_size()
+        spans.setdefault((p.device, p.untyped_storage().data_ptr()), []).append((start, end, index))
+    for storage_spans in spans.values():
+        active: list[tuple[int, int]] = []  # (end, index) of the spans seen so far that may reach further
+        for start, end, second in sorted(storage_spans):
+            active = [(e, i) for e, i in active if e > start]
+            first = next((i for _, i in active if _share_elements(params[i], params[second])), None)
+            if first is not None:
+                raise ValueError(
+                    f"parameters {names[first]} and {names[second]} share memory (one is a view of the other, or "
+                    f"both view one tensor): BB packs every parameter into its own flat buffer, which would untie "
+                    f"them. Tie parameters by using one Parameter object in both places (e.g. "
+                    f"decoder.weight = encoder.weight), or give each its own copy (p.data = p.data.clone()) before "
+                    f"building BB"
+                )
+            active.append((end, second))
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors on one storage with overlapping address ranges have an element in common."""
+    if a.element_size() != b.element_size() or (b.data_ptr() - a.data_ptr()) % a.element_size():
+        return True  # reinterpreted bytes: treat any overlap as shared
+    shift = (b.data_ptr() - a.data_ptr()) // a.element_size()
+    return bool(torch.isin(_element_offsets(b) + shift, _element_offsets(a)).any())

@@ -10,9 +10,15 @@ checked before the optimizer writes anything.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
+
+try:
+    from numpy import bool_ as numpy_bool
+except ImportError:  # NumPy is optional; without it no value is a NumPy bool
+    numpy_bool = bool
 
 VERSION = 2
 # Per-parameter state, shaped like the parameter.
@@ -34,31 +40,71 @@ CONTROL_KEYS = (
 
 
 def is_real(value: Any) -> bool:
-    """Whether ``value`` is a Python int or float (bool excluded: True is not a rate or a loss)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Whether ``value`` is a real number: a Python or NumPy int or float (bool excluded: True is not a rate or a
+    loss)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, numpy_bool))
 
 
 def is_int(value: Any) -> bool:
-    """Whether ``value`` is a Python int (bool excluded)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Whether ``value`` is a Python or NumPy int (bool excluded)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, numpy_bool))
+
+
+def as_number(name: str, value: Any, integer: bool = False) -> float | int:
+    """``value`` as a Python float (an int with ``integer``): a Python or NumPy real number, or a one-element real
+    tensor, as torch.optim accepts for ``lr``. Anything else raises ValueError naming the problem and the fix."""
+    kind = "an int" if integer else "a number"
+    if isinstance(value, torch.Tensor):
+        found = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be {kind}, got {found}; pass a single value or a one-element tensor")
+        if value.is_complex() or value.dtype == torch.bool or (integer and value.is_floating_point()):
+            wanted = "an integer" if integer else "a real (floating-point or integer)"
+            raise ValueError(f"{name} must be {kind}, got {found}; pass {wanted} tensor or a Python number")
+        if value.is_meta:
+            raise ValueError(f"{name} must be {kind}, got {found} on the meta device, which holds no value")
+        return int(value.item()) if integer else float(value.item())
+    if is_int(value) or (not integer and is_real(value)):
+        return int(value) if integer else float(value)
+    if isinstance(value, (bool, numpy_bool)):
+        problem = "a bool"
+    elif isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+        problem = "complex"
+    else:
+        problem = f"of type {type(value).__name__}"
+    example = "a Python int" if integer else "a float, a NumPy scalar or a one-element real tensor"
+    raise ValueError(f"{name} must be {kind}, got {value!r} ({problem}); pass {example}")
 
 
 def check_positive(name: str, value: Any) -> float:
-    if not is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    number = as_number(name, value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}; pass a positive value")
+    return number
 
 
 def check_beta(value: Any) -> float:
-    if not is_real(value) or not 0 < value <= 1:
+    number = as_number("beta", value)
+    if not 0 < number <= 1:
         raise ValueError(f"beta must be in (0, 1], got {value!r} (the paper uses 4/steps_per_epoch)")
-    return float(value)
+    return number
 
 
 def check_weight_decay(value: Any, where: str) -> float:
-    if not is_real(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"weight_decay{where} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    number = as_number(f"weight_decay{where}", value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"weight_decay{where} must be a finite number >= 0, got {value!r}; pass 0 for none")
+    return number
+
+
+def check_steps_per_epoch(value: Any) -> int | None:
+    """``steps_per_epoch`` as a positive int, or None."""
+    if value is None:
+        return None
+    steps = as_number("steps_per_epoch", value, integer=True)
+    if steps <= 0:
+        raise ValueError(f"steps_per_epoch must be a positive int or None, got {value!r}; pass len(loader)")
+    return steps
 
 
 def empty_control_state(epoch: int) -> dict[str, Any]:
@@ -204,3 +250,15 @@ def check_param_state(state_dict: dict[str, Any], param_groups: list[dict[str, A
                     )
                 copies.append((p, state_key, value))
     return copies
+
+
+def pack(param_groups: list[dict[str, Any]], state: dict[torch.Tensor, Any]) -> dict[str, Any]:
+    """torch.optim's state-dict layout (without its hooks, which ``BB.state_dict`` runs around the whole dict):
+    each parameter as its index in group order, the state keyed by that index."""
+    index: dict[int, int] = {}
+    groups = []
+    for group in param_groups:
+        packed = {key: value for key, value in group.items() if key != "params"}
+        packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
+        groups.append(packed)
+    return {"state": {index[id(p)]: value for p, value in state.items()}, "param_groups": groups}

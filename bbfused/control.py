@@ -198,9 +198,10 @@ class SafeguardedControl:
             last = totals[3] / world
         return totals[0] / totals[1], totals[1] == steps, initial, last
 
-    def diverged(self, sums: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whether the epoch that ``sums`` (:data:`SUMS`) measured diverged, and whether it was a good epoch that
-        raised the mean loss (bool device tensors); updates the loss references."""
+    def diverged(self, sums: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Whether the epoch that ``sums`` (:data:`SUMS`) measured diverged, whether it was a good epoch that
+        raised the mean loss (bool device tensors), and the new loss references (attribute name -> value), which
+        the caller sets once the epoch end has gone through."""
         delta_sq, param_sq, ema_sq = sums[0], sums[2], sums[3]
         limit = WEIGHT_GROWTH * self.snapshot_sq_norm.clamp(min=self.weight_floor)
         # NaN fails every comparison: "not <=" catches it along with growth past the limit.
@@ -219,14 +220,16 @@ class SafeguardedControl:
         loss_bad = complete & (~torch.isfinite(mean) | ~torch.isfinite(last) | stuck | wrecked(mean) | wrecked(last))
         accept_anyway = self.loss_rollback & ~weights_bad & torch.isfinite(mean) & torch.isfinite(last) & ~stuck
         diverged = weights_bad | (loss_bad & ~accept_anyway)
-        self.loss_rollback = diverged & ~weights_bad
         good_loss = complete & ~diverged
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
-        self.best_loss = torch.where(lower | (accept_anyway & good_loss), mean, best)
         rose = good_loss & (mean > self.last_loss)
-        self.last_loss = torch.where(diverged, self.last_loss, torch.where(good_loss, mean, _nan(self.device)))
-        self.snapshot_sq_norm = torch.where(diverged, self.snapshot_sq_norm, param_sq)
-        return diverged, rose
+        references = {
+            "loss_rollback": diverged & ~weights_bad,
+            "best_loss": torch.where(lower | (accept_anyway & good_loss), mean, best),
+            "last_loss": torch.where(diverged, self.last_loss, torch.where(good_loss, mean, _nan(self.device))),
+            "snapshot_sq_norm": torch.where(diverged, self.snapshot_sq_norm, param_sq),
+        }
+        return diverged, rose, references
 
     def next_rate(
         self,
@@ -256,14 +259,19 @@ class SafeguardedControl:
     def close_epoch(
         self, buffers: EpochBuffers, lr: torch.Tensor, epoch: int, steps: int, taus: tuple[float, float, float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Measure, decide, commit: the next rate and whether the epoch was rolled back (device tensors)."""
+        """Measure, decide, commit: the next rate and whether the epoch was rolled back (device tensors).
+
+        Repeatable after an exception: the decision writes nothing, the commit passes are copies that give the same
+        result when run twice, and the control's state changes only at the end (``BB`` keeps the measured sums)."""
         sums = buffers.measure()
-        diverged, rose = self.diverged(sums, steps)
+        diverged, rose, references = self.diverged(sums, steps)
         new_lr = self.next_rate(sums, diverged, rose, lr, epoch, steps, taus)
-        self.lr_cap = torch.where(diverged, torch.minimum(self.lr_cap, lr * CAP), self.lr_cap)
-        self.good_lr = torch.where(diverged, self.good_lr, lr)
         buffers.commit(diverged)
         self._commit_model_buffers(diverged)
+        for name, value in references.items():
+            setattr(self, name, value)
+        self.lr_cap = torch.where(diverged, torch.minimum(self.lr_cap, lr * CAP), self.lr_cap)
+        self.good_lr = torch.where(diverged, self.good_lr, lr)
         # After a rollback prev_ema holds the diverged epoch's averages: the next epoch has no estimate.
         self.has_snapshot = ~diverged
         self.rolled_back.append(diverged)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from . import checkpoint
 from .backends import BACKEND_NAMES, Backend, load_backend
-from .buffers import FlatBuffer, state_dtype, warn_replaced_gradients
+from .buffers import FlatBuffer, check_no_shared_memory, state_dtype, warn_replaced_gradients
 from .checkpoint import check_beta as _check_beta
 from .checkpoint import check_positive as _check_positive
+from .checkpoint import check_steps_per_epoch as _check_steps_per_epoch
 from .checkpoint import check_weight_decay as _check_weight_decay
-from .checkpoint import is_int as _is_int
 from .checkpoint import is_real as _is_real
 from .control import EpochBuffers, PaperControl, SafeguardedControl
+from .diagnostics import warn
+from .distributed import check_steps_per_epoch_agree
+from .interrupts import deferred_sigint
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -53,13 +56,14 @@ class BB(torch.optim.Optimizer):
     gradient value that is inf or NaN leaves its element unchanged in that step (:attr:`skipped_gradient_values`).
     Per step this costs one scalar add on the device (the loss) and the per-element finiteness check; the epoch end
     is two passes over the buffers without host sync (``benchmarks/results/2026-12-02_cpu_rate_control.md``);
-    under torch.distributed the loss sums are all-reduced once per epoch so every rank decides alike.
+    under torch.distributed the loss sums are all-reduced once per epoch so every rank decides alike (the first
+    step checks, with one all-gather, that every rank has the same ``steps_per_epoch``).
     Unprotected without a loss: a network wrecked without growing its weights (BatchNorm networks) is not
     seen; pass ``loss=`` (or a closure that returns it) in every step. ``safeguard=False`` is the paper's
     method exactly (eq. 13, fallback τ_0/(k+2)). The robustness suite's results:
     ``benchmarks/results/robustness.md``.
 
-    Args:
+    Args (numbers may be Python or NumPy scalars or one-element real tensors, read once, as torch.optim takes lr):
         params: parameters or parameter groups, as for torch.optim. Groups may set ``weight_decay``.
             The learning rate is global: a per-group ``lr`` is ignored, and after construction every
             group's ``"lr"`` holds the current η̂ as a float64 0-dim tensor on the parameters' device.
@@ -82,10 +86,19 @@ class BB(torch.optim.Optimizer):
     * :meth:`zero_grad` always zeroes the gradient buffer in place (one fill per buffer) whatever
       ``set_to_none`` says; with ``set_to_none=True`` (default) a parameter that gets no gradient from
       backward before the next step is skipped by it (frozen or unused), as torch.optim does.
-    * A gradient replaced by another tensor (``model.zero_grad(set_to_none=True)``, DDP
+    * A gradient replaced by another tensor (``model.zero_grad(set_to_none=True)``, ``p.grad.data = t``, DDP
       ``gradient_as_bucket_view=True``) is copied back in, with one warning. A gradient written into
       ``p.grad`` in place without backward counts too, except in a step driven by GradScaler.
-    * Build the optimizer after ``model.to(...)``: a parameter re-allocated afterwards raises an error.
+    * Build the optimizer after ``model.to(...)``: a parameter re-allocated afterwards (``p.data = t``
+      included) raises an error.
+    * Parameters that share memory (a view of another parameter, an expanded tensor) are refused: the flat
+      buffer would untie them.
+    * ``copy.deepcopy((model, opt))``, or pickling both in one object, gives an optimizer that drives the
+      copied model over buffers of its own and continues exactly as the original (hooks are not copied, as in
+      torch.optim).
+
+    The epoch end is all or nothing: a Ctrl-C waits until it is done; after another exception in it the epoch
+    stays open and the next :meth:`zero_grad`, :meth:`step` or :meth:`state_dict` closes it, with the same result.
 
     Works with ``torch.amp.GradScaler``: the step unscales the gradients itself and skips the update
     (the step still counts towards the epoch) when the scaler found an inf, without host syncs.
@@ -108,8 +121,7 @@ class BB(torch.optim.Optimizer):
         safeguard: bool = True,
     ) -> None:
         lr = _check_positive("lr", lr)
-        if steps_per_epoch is not None and (not _is_int(steps_per_epoch) or steps_per_epoch <= 0):
-            raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+        steps_per_epoch = _check_steps_per_epoch(steps_per_epoch)
         if beta is None:
             if steps_per_epoch is None:
                 raise ValueError(
@@ -157,19 +169,19 @@ class BB(torch.optim.Optimizer):
         # The rate control: the paper's eq. 13, or the safeguarded policy (bbfused.control) that owns the rollback.
         control_class = SafeguardedControl if safeguard else PaperControl
         self._control = control_class(devices[0], numel)
-        self._epoch_buffers = EpochBuffers(
-            measure=self._measure_epoch,
-            commit=self._commit_epoch,
-            paper_pass=self._paper_epoch_pass,
-            snapshot_params=self._snapshot_params,
-            sq_norm=self._sq_norm,
-        )
+        self._epoch_buffers = self._make_epoch_buffers()
         # With the default rate control, a gradient value that is not finite skips its element's update (the
         # weights stay finite: one bad value does not cost the epoch); counted per device, read on demand.
         self._nonfinite = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices} if safeguard else {}
         self._lr_history: list[torch.Tensor] = []
         self._epoch = 0
         self._step_in_epoch = 0
+        # Set while an epoch end runs; still set after an exception in it, so that the next step() finishes it.
+        self._closing = False
+        # Each buffer's epoch-end pass result, kept until the epoch has closed: a finished epoch end that is run
+        # again must not repeat a pass (it zeroes the gradient averages).
+        self._epoch_pass_sums: dict[int, torch.Tensor] = {}
+        self._ranks_checked = False
         self._warned_replaced = False
         ignored = {g["lr"] for g in self.param_groups} - {lr}
         # Each group shows η̂ in a tensor of its own that BB writes and never reads, so a scheduler or a user
@@ -178,16 +190,66 @@ class BB(torch.optim.Optimizer):
         self._group_lr_versions: list[int] = []
         self._warned_group_lr = False
         self._publish_lr()
+        self._index_state()
+        if ignored:
+            warn(
+                f"bbfused.BB uses one global learning rate: the per-group lr {sorted(ignored)} is ignored "
+                f"(lr={lr} is used for every group)"
+            )
+
+    def _index_state(self) -> None:
+        """``self.state[p]``: parameter p's slices of the state buffers, as torch.optim keeps state per parameter."""
+        self.state = defaultdict(dict)
         for buffer in self._buffers:
             for index, p in enumerate(buffer.params):
                 self.state[p] = buffer.state_views(index)
-        if ignored:
-            warnings.warn(
-                f"bbfused.BB uses one global learning rate: the per-group lr {sorted(ignored)} is ignored "
-                f"(lr={lr} is used for every group)",
-                UserWarning,
-                stacklevel=2,
-            )
+
+    def _make_epoch_buffers(self) -> EpochBuffers:
+        return EpochBuffers(
+            measure=self._measure_epoch,
+            commit=self._commit_epoch,
+            paper_pass=self._paper_epoch_pass,
+            snapshot_params=self._snapshot_params,
+            sq_norm=self._sq_norm,
+        )
+
+    # ----------------------------------------------------------------- copies
+    # torch.optim copies only defaults, state and param_groups; BB's flat buffers, rate control and counters must
+    # travel too, and its parameters must end up as views of the copy's buffers.
+    _NOT_COPIED = (
+        "state",  # views of the buffers, rebuilt from them
+        "_backends",  # rebuilt by name on the copy's side
+        "_epoch_buffers",  # bound methods of this optimizer
+        # Hooks stay with the original, as torch.optim's copies drop them.
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but what the copy rebuilds. Copy the model together with the optimizer
+        (``copy.deepcopy((model, opt))``, or pickle both in one object) so that the copy drives the copied model;
+        the copied parameters become views of the copy's buffers, and the copy continues exactly as the original."""
+        state = {key: value for key, value in self.__dict__.items() if key not in self._NOT_COPIED}
+        state["_active_backends"] = {device: backend.name for device, backend in self._backends.items()}
+        state["_group_lrs_were_intact"] = self._group_lrs_intact()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        active = state.pop("_active_backends")
+        intact = state.pop("_group_lrs_were_intact")
+        super().__setstate__(state)  # torch.optim's part: empty hook tables, the step hooks' wrapper
+        self._backends = {device: load_backend(name, device) for device, name in active.items()}
+        self._epoch_buffers = self._make_epoch_buffers()
+        self._index_state()
+        if intact:
+            self._publish_lr()  # the copied tensors' version counters start afresh
+        else:
+            self._group_lr_versions = [-1] * len(self._group_lrs)  # the copy warns too
 
     # ----------------------------------------------------------------- construction checks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -206,7 +268,7 @@ class BB(torch.optim.Optimizer):
 
     def _check_params(self) -> None:
         for group_index, group in enumerate(self.param_groups):
-            _check_weight_decay(group["weight_decay"], f" of param_groups[{group_index}]")
+            group["weight_decay"] = _check_weight_decay(group["weight_decay"], f" of param_groups[{group_index}]")
             for p, name in zip(group["params"], self._param_names(group_index)):
                 where = f"parameter {name} (shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
                 if p.dtype not in _SUPPORTED_DTYPES:
@@ -220,6 +282,9 @@ class BB(torch.optim.Optimizer):
                     raise TypeError(f"{where} is sparse; BB needs dense parameters")
                 if p.grad is not None and p.grad.is_sparse:
                     raise TypeError(f"{where} has a sparse gradient; BB needs dense gradients")
+        params = [p for group in self.param_groups for p in group["params"]]
+        names = [name for index in range(len(self.param_groups)) for name in self._param_names(index)]
+        check_no_shared_memory(params, names)
 
     # ----------------------------------------------------------------- public state
     @property
@@ -287,6 +352,10 @@ class BB(torch.optim.Optimizer):
     # ----------------------------------------------------------------- the update
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient buffer in place; see the class docstring for ``set_to_none``."""
+        if self._closing:
+            # An epoch end an exception interrupted: finish it before the next forward pass moves the model's
+            # buffers (BatchNorm statistics) that it snapshots.
+            self._close_epoch()
         for buffer in self._buffers:
             buffer.zero_grad(set_to_none)
 
@@ -299,6 +368,11 @@ class BB(torch.optim.Optimizer):
         ``loss``: this step's training loss (a one-element floating-point tensor, or a number), so that the
         safeguard can watch the epoch's mean loss (see the class docstring); without it, a closure's return value
         serves when it is one. Read on the device only: no sync. Returns the closure's return value."""
+        if self._closing:
+            self._close_epoch()  # an epoch end an exception interrupted, if zero_grad() did not finish it
+        if not self._ranks_checked:
+            check_steps_per_epoch_agree(self.steps_per_epoch, self._lr_tensor.device)
+            self._ranks_checked = True
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -316,12 +390,10 @@ class BB(torch.optim.Optimizer):
         if not self._group_lrs_intact():
             if not self._warned_group_lr:
                 self._warned_group_lr = True
-                warnings.warn(
+                warn(
                     "bbfused.BB sets one global learning rate itself: a change to param_groups[...]['lr'] (for "
                     "example by a torch.optim.lr_scheduler) is ignored, and the groups show BB's rate again. "
-                    "Remove the scheduler. This warning is shown once.",
-                    UserWarning,
-                    stacklevel=2,
+                    "Remove the scheduler. This warning is shown once."
                 )
             self._publish_lr()
         # Set by torch.amp.GradScaler around this call (see _step_supports_amp_scaling).
@@ -378,18 +450,27 @@ class BB(torch.optim.Optimizer):
         self._close_epoch()
 
     def _close_epoch(self) -> None:
-        """Close the epoch through the rate control (bbfused.control): no host sync."""
-        taus = (self.tau0, self.tau_min, self.tau_max)
-        new_lr, _ = self._control.close_epoch(
-            self._epoch_buffers, self._lr_tensor, self._epoch, self._step_in_epoch, taus
-        )
-        self._lr_history.append(self._lr_tensor.clone())
-        if new_lr is not None:
-            for lr_tensor in self._lr_tensors.values():
-                lr_tensor.copy_(_on(new_lr, lr_tensor.device))
-            self._publish_lr()
-        self._epoch += 1
-        self._step_in_epoch = 0
+        """Close the epoch through the rate control (bbfused.control): no host sync.
+
+        All or nothing: a Ctrl-C waits until the epoch has closed, and after any other exception the counters
+        still describe the open epoch and ``_closing`` stays set, so the next step() (or state_dict()) runs the
+        epoch end again. That is exact: each buffer's pass runs once (its sums are kept), the control decides
+        without writing, its commit pass may run twice, and its state changes last."""
+        self._closing = True
+        with deferred_sigint():
+            taus = (self.tau0, self.tau_min, self.tau_max)
+            new_lr, _ = self._control.close_epoch(
+                self._epoch_buffers, self._lr_tensor, self._epoch, self._step_in_epoch, taus
+            )
+            self._lr_history.append(self._lr_tensor.clone())
+            if new_lr is not None:
+                for lr_tensor in self._lr_tensors.values():
+                    lr_tensor.copy_(_on(new_lr, lr_tensor.device))
+                self._publish_lr()
+            self._epoch += 1
+            self._step_in_epoch = 0
+            self._epoch_pass_sums = {}
+            self._closing = False
 
     # ----------------------------------------------------------------- the epoch-end passes the control runs
     def _per_buffer_sum(self, sums: list[torch.Tensor]) -> torch.Tensor:
@@ -397,15 +478,20 @@ class BB(torch.optim.Optimizer):
         master = self._lr_tensor.device
         return torch.stack([_on(s, master) for s in sums]).sum(0)
 
+    def _epoch_pass(self, kind: str) -> torch.Tensor:
+        """The sums of backend pass ``kind`` ("epoch_end" or "epoch_measure") over every buffer. Each buffer's
+        result is kept until the epoch closes: the pass zeroes the gradient averages, so it must not run twice."""
+        for index, b in enumerate(self._buffers):
+            if index not in self._epoch_pass_sums:
+                run = getattr(self._backends[b.device], kind)
+                self._epoch_pass_sums[index] = run(b.param, b.ema, b.prev_params, b.prev_ema)
+        return self._per_buffer_sum([self._epoch_pass_sums[index] for index in range(len(self._buffers))])
+
     def _paper_epoch_pass(self) -> torch.Tensor:
-        return self._per_buffer_sum(
-            [self._backends[b.device].epoch_end(b.param, b.ema, b.prev_params, b.prev_ema) for b in self._buffers]
-        )
+        return self._epoch_pass("epoch_end")
 
     def _measure_epoch(self) -> torch.Tensor:
-        return self._per_buffer_sum(
-            [self._backends[b.device].epoch_measure(b.param, b.ema, b.prev_params, b.prev_ema) for b in self._buffers]
-        )
+        return self._epoch_pass("epoch_measure")
 
     def _commit_epoch(self, rolled_back: torch.Tensor) -> None:
         for b in self._buffers:
@@ -441,8 +527,13 @@ class BB(torch.optim.Optimizer):
         (views of the live buffers, as torch.optim returns live state), plus a ``"bb"`` entry (format:
         ``bbfused.checkpoint``) with the epoch, the step within it, η̂, the history, the hyper-parameters and the
         rate control's state (``safeguard`` itself is the constructor's choice, not saved). Independent of backend
-        and device."""
-        state_dict = super().state_dict()
+        and device. An epoch end an exception interrupted is finished first. The ``register_state_dict_pre_hook``
+        and ``_post_hook`` hooks run as in torch.optim, around the whole dict."""
+        if self._closing:
+            self._close_epoch()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = checkpoint.pack(self.param_groups, self.state)
         lr = self.lr
         for group in state_dict["param_groups"]:
             group["lr"] = lr
@@ -460,10 +551,22 @@ class BB(torch.optim.Optimizer):
             "tau_max": self.tau_max,
             **control,
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` from any backend or device; everything is checked before writing."""
+        """Restore a :meth:`state_dict` from any backend or device; everything is checked before writing. Hooks
+        registered with ``register_load_state_dict_pre_hook`` (which may return a replacement dict) run first, those
+        of ``register_load_state_dict_post_hook`` after loading, as in torch.optim."""
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # shallow copy: a pre-hook may edit it in place, as in torch.optim
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         bb = checkpoint.read_bb(state_dict)
         steps = bb["steps_per_epoch"]
         if (steps is None) != (self.steps_per_epoch is None):
@@ -483,6 +586,7 @@ class BB(torch.optim.Optimizer):
             self._publish_lr()
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
+            group["weight_decay"] = _check_weight_decay(group["weight_decay"], "")  # checked above: a float now
         self._epoch = bb["epoch"]
         self._step_in_epoch = bb["step_in_epoch"]
         self._lr_history = [
@@ -492,6 +596,11 @@ class BB(torch.optim.Optimizer):
         self.beta = bb["beta"]
         self.tau0, self.tau_min, self.tau_max = bb["tau0"], bb["tau_min"], bb["tau_max"]
         self._control.load_state_dict(bb, self._epoch, self._epoch_buffers)
+        self._closing = False
+        self._epoch_pass_sums = {}
+        self._ranks_checked = False  # the loaded steps_per_epoch is checked across ranks at the next step
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def _as_groups(params: Any) -> list[dict[str, Any]]:

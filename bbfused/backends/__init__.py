@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import torch
 
+from ..diagnostics import warn
 from .base import Backend
 
 # name -> module (relative to this package) holding the backend class and ``unavailable_reason(device)``.
@@ -45,11 +45,10 @@ def load_backend(name: str, device: torch.device) -> Backend:
         reason = unavailable_reason(fastest, device)
         if reason is None:
             return _instantiate(fastest)
-        warnings.warn(
+        warn(
             f"bbfused: the {fastest} backend is unavailable on {device} ({reason}); using the slower eager "
             f"backend. Pass backend='eager' to silence this warning.",
             RuntimeWarning,
-            stacklevel=3,
         )
         return _instantiate("eager")
     reason = unavailable_reason(name, device)
