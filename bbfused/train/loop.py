@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import Data, Shard
+from ..interrupts import deferred_sigint
 from ..optimizer import BB
 from .options import AMP_DTYPES, UsageError, saved_settings
 from .outputs import (
@@ -28,7 +29,6 @@ from .outputs import (
     LATEST,
     LOG,
     PLOT,
-    deferred_interrupts,
     plot_history,
     rng_state,
     save_checkpoints,
@@ -344,7 +344,7 @@ class Training:
 
     def _write_outputs(self, rng_states: list[dict[str, Any]], improved: bool) -> None:
         out = self.args.output_dir
-        with deferred_interrupts():
+        with deferred_sigint():  # a Ctrl-C lands between the epochs' files, not inside them
             save_checkpoints(out, self.checkpoint(rng_states), improved)
             self.saved_epoch = len(self.history)
             write_log(out / LOG, self.history)
