@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from runs import RESULTS, RUNS  # noqa: E402
 
+from bbfused.train.options import bb_default  # noqa: E402
+
 REPORT = RESULTS / "paper_mnist.md"
 MODELS = {"mlp": "MLP", "lenet": "LeNet-5", "resnet18": "ResNet-18"}
 LABELS = {
@@ -227,9 +229,10 @@ def loss_table(records: list[dict], threshold: float = 2.5, largest: int = 3) ->
     )
 
 
-def fallback_epochs(record: dict, tau0: float = 1.0) -> int:
-    """How many epochs ran at the rule's fallback: epoch e >= 2 (0-based) used τ0/(e+1), set after epoch k = e-1.
-    An epoch after a rollback (rate = the diverged one / 10) does not count."""
+def fallback_epochs(record: dict) -> int:
+    """How many epochs ran at the rule's fallback: epoch e >= 2 (0-based) used τ0/(e+1), set after epoch k = e-1
+    (τ0: BB's default; these runs do not set it). An epoch after a rollback does not count."""
+    tau0 = bb_default("tau0")
     return sum(
         math.isclose(epoch["lr"], tau0 / (e + 1), rel_tol=1e-9) for e, epoch in enumerate(record["history"]) if e >= 2
     )
