@@ -22,6 +22,20 @@ from .distributed import check_steps_per_epoch_agree
 from .interrupts import deferred_sigint
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_EAGER_REASON = (
+    "bbfused.BB steps run eagerly: they are fused kernels already, and their epoch counting is host-side state a "
+    "compiled graph would freeze. Compile the model (or the forward and backward) and call opt.step() and "
+    "opt.zero_grad() outside a fullgraph=True region"
+)
+
+
+def _eager_under_compile(method: Callable) -> Callable:
+    """Keep ``method`` out of torch.compile's graphs: a compiled training step calls it eagerly (a graph break),
+    and fullgraph=True fails with :data:`_EAGER_REASON`."""
+    try:
+        return torch.compiler.disable(method, reason=_EAGER_REASON)
+    except TypeError:  # a torch whose disable() takes no reason
+        return torch.compiler.disable(method)
 
 
 class BB(torch.optim.Optimizer):
@@ -350,6 +364,7 @@ class BB(torch.optim.Optimizer):
         return self._step_in_epoch
 
     # ----------------------------------------------------------------- the update
+    @_eager_under_compile
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient buffer in place; see the class docstring for ``set_to_none``."""
         if self._closing:
@@ -359,6 +374,7 @@ class BB(torch.optim.Optimizer):
         for buffer in self._buffers:
             buffer.zero_grad(set_to_none)
 
+    @_eager_under_compile
     @torch.no_grad()
     def step(  # type: ignore[override]
         self, closure: Callable[[], Any] | None = None, *, loss: torch.Tensor | float | None = None
