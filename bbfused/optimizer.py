@@ -80,7 +80,8 @@ class BB(torch.optim.Optimizer):
     Args (numbers may be Python or NumPy scalars or one-element real tensors, read once, as torch.optim takes lr):
         params: parameters or parameter groups, as for torch.optim. Groups may set ``weight_decay``.
             The learning rate is global: a per-group ``lr`` is ignored, and after construction every
-            group's ``"lr"`` holds the current η̂ as a float64 0-dim tensor on the parameters' device.
+            group's ``"lr"`` holds the current η̂ as a Python float, updated at every epoch end (the one host
+            read of the rate per epoch; :attr:`lr_tensor` reads it without any).
             Writing a group's ``"lr"`` later (e.g. an LR scheduler) changes nothing: one warning, and the
             groups show η̂ again.
         lr: the initial learning rate η̂_0 (and η̂_1 in the paper's method; the default lifts it into the
@@ -198,10 +199,9 @@ class BB(torch.optim.Optimizer):
         self._ranks_checked = False
         self._warned_replaced = False
         ignored = {g["lr"] for g in self.param_groups} - {lr}
-        # Each group shows η̂ in a tensor of its own that BB writes and never reads, so a scheduler or a user
-        # writing group["lr"] cannot change the rate; step() notices and says so (see _publish_lr).
-        self._group_lrs = [self._lr_tensor.clone() for _ in self.param_groups]
-        self._group_lr_versions: list[int] = []
+        # Each group shows η̂ as a Python float that BB writes and never reads, so a scheduler or a user writing
+        # group["lr"] cannot change the rate; step() notices and says so (see _publish_lr).
+        self._shown_lr = lr
         self._warned_group_lr = False
         self._publish_lr()
         self._index_state()
@@ -261,16 +261,17 @@ class BB(torch.optim.Optimizer):
         self._epoch_buffers = self._make_epoch_buffers()
         self._index_state()
         if intact:
-            self._publish_lr()  # the copied tensors' version counters start afresh
-        else:
-            self._group_lr_versions = [-1] * len(self._group_lrs)  # the copy warns too
+            self._show_lr()  # a pickled copy's groups hold equal floats, not the shown one: the copy would warn
 
     # ----------------------------------------------------------------- construction checks
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not self._building:
             raise RuntimeError(
                 "bbfused.BB cannot add parameter groups after construction (its buffers and learning rate "
-                "cover a fixed set of parameters); pass every group to the constructor"
+                "cover a fixed set of parameters); pass every group to the constructor. To unfreeze layers "
+                "later, build BB over all parameters, frozen ones included (a parameter without a gradient is "
+                "left untouched), and set requires_grad=True when it is time (with Lightning's BaseFinetuning: "
+                "self.make_trainable(modules) instead of self.unfreeze_and_add_param_group(...))"
             )
         super().add_param_group(param_group)
 
@@ -411,7 +412,7 @@ class BB(torch.optim.Optimizer):
                     "example by a torch.optim.lr_scheduler) is ignored, and the groups show BB's rate again. "
                     "Remove the scheduler. This warning is shown once."
                 )
-            self._publish_lr()
+            self._show_lr()
         # Set by torch.amp.GradScaler around this call (see _step_supports_amp_scaling).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -466,7 +467,8 @@ class BB(torch.optim.Optimizer):
         self._close_epoch()
 
     def _close_epoch(self) -> None:
-        """Close the epoch through the rate control (bbfused.control): no host sync.
+        """Close the epoch through the rate control (bbfused.control): no host sync but the one read of the new
+        rate that param_groups show (:meth:`_publish_lr`).
 
         All or nothing: a Ctrl-C waits until the epoch has closed, and after any other exception the counters
         still describe the open epoch and ``_closing`` stays set, so the next step() (or state_dict()) runs the
@@ -518,18 +520,23 @@ class BB(torch.optim.Optimizer):
             buffer.prev_params.copy_(buffer.param)
 
     def _publish_lr(self) -> None:
-        """Show the current η̂ in every group's "lr" (a device copy, no sync) and remember what was written."""
-        for group, group_lr in zip(self.param_groups, self._group_lrs):
-            group_lr.copy_(self._lr_tensor)
-            group["lr"] = group_lr
-        self._group_lr_versions = [group_lr._version for group_lr in self._group_lrs]
+        """Show the current η̂ in every group's "lr" as a Python float.
+
+        A float, not a tensor: learning-rate monitors (Lightning's, Hugging Face's) log ``group["lr"]`` and keep it;
+        a live tensor updated in place would rewrite their history and warns when they copy it. Reading the rate
+        synchronises with the device, so this runs only where the rate changes (epoch ends, loading, construction),
+        never in a step; ``lr_tensor`` stays the sync-free way to read it."""
+        self._shown_lr = float(self._lr_tensor)
+        self._show_lr()
+
+    def _show_lr(self) -> None:
+        """Put the float last published back into every group (after a scheduler wrote there), without a sync."""
+        for group in self.param_groups:
+            group["lr"] = self._shown_lr
 
     def _group_lrs_intact(self) -> bool:
-        """Whether every group's "lr" is still the tensor BB wrote, unmodified (host-side checks only)."""
-        return all(
-            group["lr"] is group_lr and group_lr._version == version
-            for group, group_lr, version in zip(self.param_groups, self._group_lrs, self._group_lr_versions)
-        )
+        """Whether every group's "lr" is still the float object BB wrote (host-side checks only)."""
+        return all(group["lr"] is self._shown_lr for group in self.param_groups)
 
     def _sq_norm(self, name: str) -> torch.Tensor:
         """‖·‖² of buffer ``name`` ("param", "prev_params" or "ema") over every buffer: float64 on the master device."""

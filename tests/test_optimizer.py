@@ -627,3 +627,13 @@ def test_load_state_dict_rejects_complex_state() -> None:
     state["state"][0]["ema"] = state["state"][0]["ema"].to(torch.complex64)
     with pytest.raises(ValueError, match="real floating-point tensor"):
         _model_and_opt()[1].load_state_dict(state)
+
+
+def test_groups_show_the_rate_as_a_float_that_monitors_can_keep() -> None:
+    model, opt = _model_and_opt()
+    kept = [opt.param_groups[0]["lr"]]  # what a learning-rate monitor stores
+    for start in range(0, 12, 4):
+        _train_steps(model, opt, start, 4)
+        kept.append(opt.param_groups[0]["lr"])
+    assert all(type(lr) is float for lr in kept)
+    assert kept == [0.2, *opt.lr_history[1:], opt.lr]  # each entry keeps its epoch's rate

@@ -368,7 +368,8 @@ def test_bad_inputs_raise_before_writing() -> None:
 # ------------------------------------------------------------------------------------------ CUDA only
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only with CUDA")
 def test_no_host_sync_in_step_and_epoch_end() -> None:
-    """Training with GradScaler through several epoch ends: any synchronising CUDA call raises."""
+    """Training with GradScaler through several epoch ends: a synchronising CUDA call in a step that does not close
+    the epoch raises."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).cuda()
     opt = BB(model.parameters(), lr=0.05, steps_per_epoch=3, weight_decay=1e-4, backend="triton")
@@ -388,13 +389,17 @@ def test_no_host_sync_in_step_and_epoch_end() -> None:
     # Tensors made beforehand: copying from the host synchronises.
     step_args = [*step_inputs(BLOCK + 5, torch.bfloat16), opt.lr_tensor, 1e-3, 0.5, scalar(4.0), scalar(0.0)]
     epoch_end_args = epoch_end_inputs(BLOCK + 5, torch.bfloat16)
-    torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(9):
+            # A step that closes the epoch reads the new rate once, for param_groups' "lr" (a float); no other.
+            closes = opt.step_in_epoch + 1 == opt.steps_per_epoch
+            torch.cuda.set_sync_debug_mode("default" if closes else "error")
             train_step()
+        torch.cuda.set_sync_debug_mode("error")
         backend.step(*step_args)
         backend.epoch_end(*epoch_end_args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert isinstance(opt.param_groups[0]["lr"], float) and opt.param_groups[0]["lr"] == opt.lr
     assert opt.epoch == epoch_before + 3
     assert all(map(math.isfinite, opt.lr_history))

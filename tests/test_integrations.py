@@ -1,0 +1,290 @@
+"""bbfused.integrations with the real clients: the README's snippets run as they are, on tiny data."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import warnings
+
+import pytest
+import torch
+
+from bbfused import BB, GradientReplacedWarning
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _snippet(name: str) -> str:
+    found = re.search(rf"<!-- snippet: {name} -->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert found, f"README has no snippet {name!r}"
+    return found.group(1)
+
+
+def _digits(n: int = 128, features: int = 784, seed: int = 0) -> torch.utils.data.TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=generator)
+    x = torch.randn(n, features, generator=generator) * 0.5 + torch.nn.functional.one_hot(y, features).float()
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def _bb_warnings(caught) -> list[str]:
+    bad = ("To copy construct", "sets one global learning rate", "Remove the scheduler")
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, GradientReplacedWarning) or any(b in str(w.message) for b in bad)
+    ]
+
+
+# ------------------------------------------------------------------------------------------- Lightning
+@pytest.fixture
+def lightning_run(tmp_path, monkeypatch):
+    L = pytest.importorskip("lightning")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"dataset": _digits()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(_snippet("lightning"), "README:lightning", "exec"), namespace)
+    return L, namespace, caught
+
+
+def test_lightning_snippet_epochs_loss_and_monitor(lightning_run) -> None:
+    L, ns, caught = lightning_run
+    opt = ns["trainer"].optimizers[0]
+    assert isinstance(opt, BB)
+    # 128 samples / 32 = 4 batches, accumulate 2: 2 optimizer steps per epoch, 3 BB epochs in 3 Lightning epochs
+    assert opt.steps_per_epoch == 2 and opt.epoch == 3 and opt.step_in_epoch == 0
+    assert _bb_warnings(caught) == []
+    # The monitor kept plain floats, one per logged step, each the rate BB used then.
+    logged = next(iter(ns["monitor"].lrs.values()))
+    assert logged and all(type(lr) is float for lr in logged)
+    assert set(logged) <= set(opt.lr_history) | {opt.lr}
+    # The loss reached the rate control: its initial and best epoch losses are set.
+    bb = opt.state_dict()["bb"]
+    assert bb["initial_loss"] is not None and bb["best_loss"] is not None
+    assert 1.0 < bb["initial_loss"] < 4.0  # a 10-class cross-entropy at start, not a sum or a scaled value
+
+
+def _tiny_module(L, accumulate: int, steps: int | None, seen: list, only_trainable: bool = False):
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(784, 10)
+            self.micro = []
+
+        def training_step(self, batch, batch_idx):
+            loss = torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            self.micro.append(loss.detach().float().item())
+            return loss
+
+        def configure_optimizers(self):
+            from bbfused.integrations.lightning import steps_per_epoch
+
+            params = [p for p in self.parameters() if p.requires_grad or not only_trainable]
+            opt = BB(params, lr=0.1, steps_per_epoch=steps or steps_per_epoch(self.trainer))
+            opt._control.add_loss = lambda loss, add=opt._control.add_loss: (seen.append(float(loss)), add(loss))[1]
+            return opt
+
+    return Tiny()
+
+
+def _fit(L, module, tmp_path, **kwargs):
+    from bbfused.integrations.lightning import BBCallback
+
+    trainer = L.Trainer(
+        max_epochs=kwargs.pop("max_epochs", 1),
+        callbacks=[BBCallback()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(_digits(), batch_size=32))
+    return trainer
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_lightning_step_loss_is_the_mean_of_the_micro_batches(tmp_path, precision) -> None:
+    L = pytest.importorskip("lightning")
+    seen: list[float] = []
+    module = _tiny_module(L, 2, None, seen)
+    kwargs = {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}
+    if precision != "32":
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+    _fit(L, module, tmp_path, **kwargs)
+    expected = [(a + b) / 2 for a, b in zip(module.micro[::2], module.micro[1::2])]
+    assert seen == pytest.approx(expected, rel=1e-5)
+
+
+def test_lightning_amp_clipping_unscales_before_clipping(tmp_path) -> None:
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    norms = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            norms.append(float(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).norm()))
+
+    from bbfused.integrations.lightning import BBCallback
+
+    module = _tiny_module(L, 1, None, [])
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[BBCallback(), Probe()],
+        plugins=[plugin],
+        gradient_clip_val=0.01,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(_digits(), batch_size=32))
+    assert len(norms) == 4 and all(n <= 0.01 * 1.001 for n in norms)  # clipped, after unscaling
+    assert module.net.weight.isfinite().all()
+
+
+def test_lightning_wrong_steps_per_epoch_names_the_fix(tmp_path) -> None:
+    L = pytest.importorskip("lightning")
+    module = _tiny_module(L, 2, 4, [])  # len(loader) = 4 batches, but 2 optimizer steps an epoch
+    with pytest.raises(ValueError, match=r"steps_per_epoch=4.*2 optimizer steps.*steps_per_epoch\(self.trainer\)"):
+        _fit(L, module, tmp_path, accumulate_grad_batches=2)
+
+
+def test_lightning_finetuning_unfreezes_without_adding_a_group(tmp_path) -> None:
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class Unfreeze(BaseFinetuning):
+        def __init__(self, add_group: bool):
+            super().__init__()
+            self.add_group = add_group
+
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.net[0])
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            if epoch == 1 and self.add_group:
+                self.unfreeze_and_add_param_group(pl_module.net[0], optimizer)
+            elif epoch == 1:
+                self.make_trainable(pl_module.net[0])
+
+    def module(only_trainable=False):
+        m = _tiny_module(L, 1, None, [], only_trainable)
+        m.net = torch.nn.Sequential(torch.nn.Linear(784, 16), torch.nn.Linear(16, 10))
+        return m
+
+    m = module()
+    frozen = m.net[0].weight.detach().clone()
+    from bbfused.integrations.lightning import BBCallback
+
+    def fit(m, callback):
+        trainer = L.Trainer(
+            max_epochs=2,
+            callbacks=[BBCallback(), callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(m, torch.utils.data.DataLoader(_digits(), batch_size=32))
+
+    fit(m, Unfreeze(add_group=False))
+    assert not torch.equal(m.net[0].weight, frozen)  # trained in epoch 1 once trainable
+    with pytest.raises(RuntimeError, match=r"make_trainable"):
+        fit(module(only_trainable=True), Unfreeze(add_group=True))  # the usual recipe: BB over the head only
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face
+class _HFClassifier(torch.nn.Module):
+    """The smallest model Trainer accepts: forward(x, labels) returns a dict with the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(784, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 10))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class _DictDataset(torch.utils.data.Dataset):
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __getitem__(self, i):
+        x, y = self.tensors[i]
+        return {"x": x, "labels": y}
+
+
+def test_huggingface_snippet(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = _HFClassifier()
+    micro: list[float] = []
+    original_forward = model.forward
+
+    def forward(x, labels=None):
+        out = original_forward(x, labels)
+        micro.append(float(out["loss"]))
+        return out
+
+    model.forward = forward
+    namespace = {"model": model, "dataset": _DictDataset(_digits())}
+    code = _snippet("huggingface").replace("trainer.train()", "")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "README:huggingface", "exec"), namespace)
+        trainer = namespace["trainer"]
+        trainer.args.logging_steps = 1
+        trainer.train()
+    opt = trainer.optimizer.optimizer if not isinstance(trainer.optimizer, BB) else trainer.optimizer
+    assert isinstance(opt, BB) and opt.steps_per_epoch == 2 and opt.epoch == 3
+    assert _bb_warnings(caught) == []
+    # Decay where Trainer decays: the Linear weights; no decay on biases and the LayerNorm.
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays[id(model.net[0].weight)] == 5e-4 and decays[id(model.net[1].weight)] == 0.0
+    assert decays[id(model.net[0].bias)] == 0.0
+    # The logged learning rate is BB's: each step's the rate of its epoch.
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    epochs = [opt.lr_history[step // 2] for step in range(6)]
+    assert logged == pytest.approx(epochs)
+    # The loss reached the rate control (10 classes: about ln 10 at the start).
+    bb = opt.state_dict()["bb"]
+    assert bb["initial_loss"] == pytest.approx((micro[0] + micro[1]) / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- timm
+def test_timm_snippet_keeps_timm_groups(monkeypatch) -> None:
+    timm = pytest.importorskip("timm")
+    namespace = {"loader": [None] * 3}
+    exec(compile(_snippet("timm"), "README:timm", "exec"), namespace)
+    opt, model = namespace["opt"], namespace["model"]
+    assert isinstance(opt, BB) and opt.steps_per_epoch == 3
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays[id(model.conv1.weight)] == 1e-4
+    assert decays[id(model.bn1.weight)] == 0.0 and decays[id(model.fc.bias)] == 0.0
+    assert len(decays) == len(list(model.parameters()))
+    from bbfused.integrations.timm import register
+
+    register()  # again: no second entry, no warning
+    x = torch.randn(2, 3, 32, 32)
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="layer_decay"):
+        timm.optim.create_optimizer_v2(model, opt="bb", lr=0.1, layer_decay=0.7, steps_per_epoch=3)
+    linear = torch.nn.Linear(3, 2, bias=False)  # no 1-d parameter: timm's no-decay group is empty
+    assert len(timm.optim.create_optimizer_v2(linear, opt="bb", lr=0.1, steps_per_epoch=3).param_groups) == 1
