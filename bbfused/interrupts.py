@@ -18,10 +18,20 @@ def deferred_sigint() -> Iterator[None]:
         yield
         return
     received: list[tuple[int, FrameType | None]] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if received:  # a second Ctrl-C: the body may be stuck (e.g. in a collective); let it through
+            previous(signum, frame)
+        received.append((signum, frame))
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
-    finally:
+    except BaseException as error:
         signal.signal(signal.SIGINT, previous)
+        if received and not isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt from error  # the interrupt is not lost behind the body's own failure
+        raise
+    signal.signal(signal.SIGINT, previous)
     if received:
         previous(*received[0])

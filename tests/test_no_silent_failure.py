@@ -1,4 +1,4 @@
-"""Misuse that used to fail silently (issue 13): copies, hooks, tensor hyper-parameters, warnings that point at the
+"""Misuse that must not fail silently: copies, hooks, tensor hyper-parameters, warnings that point at the
 caller, gradients and parameters swapped behind the buffers' back, aliased parameters, an interrupted epoch end and
 ranks that disagree on the epoch length."""
 

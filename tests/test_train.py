@@ -317,7 +317,7 @@ def test_existing_run_is_not_overwritten(mlp_checkpoint, tmp_path, capsys):
     other = tmp_path / "other.pth"
     other.write_bytes(before)
     err = run_bad([*TINY, "--epochs", "2", "--resume", str(other), "--output-dir", str(mlp_checkpoint)], capsys)
-    assert "already holds a run" in err
+    assert "overwrite its checkpoint.pth" in err
     assert (mlp_checkpoint / "checkpoint.pth").read_bytes() == before
 
 

@@ -275,3 +275,26 @@ def test_figure_marks_rolled_back_epochs_and_has_integer_ticks():
         assert len(marks) == 1 and list(marks[0].get_xdata()) == [2]
         ticks = [t for t in axes.get_xticks() if 1 <= t <= 3]
         assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+@pytest.mark.parametrize("option", [["--lr", "0.01"], ["--weight-decay", "0"], ["--seed", "3"], ["--tau-max", "5"]])
+def test_resume_refuses_settings_it_would_ignore(one_epoch, tmp_path, capsys, option):
+    """The checkpoint restores the optimizer state and the random numbers: a changed value would do nothing."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    assert main(["--resume", str(run / "checkpoint.pth"), "--epochs", "2", *option]) == 2
+    err = capsys.readouterr().err
+    assert f"so {option[0]} " in err and "(saved " in err
+    assert "would be ignored" in err and "start a new run" in err
+    assert [r["epoch"] for r in read_log(run)] == [1]
+
+
+def test_resume_from_best_in_its_own_folder_is_refused(one_epoch, tmp_path, capsys):
+    """Continuing from best.pth there would overwrite checkpoint.pth's later epochs; a new folder is fine."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    before = (run / "checkpoint.pth").read_bytes()
+    assert main(["--resume", str(run / "best.pth"), "--epochs", "2"]) == 2
+    assert "overwrite its checkpoint.pth" in capsys.readouterr().err
+    assert (run / "checkpoint.pth").read_bytes() == before
+    branch = tmp_path / "branch"
+    assert main(["--resume", str(run / "best.pth"), "--epochs", "2", "--output-dir", str(branch)]) == 0
+    assert [r["epoch"] for r in read_log(branch)] == [1, 2]

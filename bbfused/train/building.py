@@ -18,7 +18,7 @@ from ..data import Data, DataError, Shard, check_image_folder, folder_data, mnis
 from ..models import build_model, is_shallow, torchvision_model_names
 from ..optimizer import BB
 from .loop import Training
-from .options import OPTIMIZERS, UsageError, resume_settings
+from .options import OPTIMIZERS, UsageError
 from .outputs import (
     LOG,
     check_free_space,
@@ -29,6 +29,8 @@ from .outputs import (
     write_log,
 )
 
+# Tensors of optimizer state per parameter tensor, for the checkpoint size before the first step.
+STATE_SLOTS = {"bb": 4, "sgd": 1, "nag": 1, "adam": 2, "amsgrad": 3, "adagrad": 1, "rmsprop": 2}
 # A model with more parameters than this on images at least this large is a GPU-sized job on a CPU.
 GPU_SIZED_PARAMETERS = 5_000_000
 GPU_SIZED_IMAGE = 128
@@ -128,21 +130,6 @@ def gpu_size_hint(args: argparse.Namespace, model: nn.Module, device: torch.devi
     )
 
 
-def _check_resume(checkpoint: dict[str, Any], args: argparse.Namespace) -> None:
-    path = args.resume
-    saved = checkpoint["args"]
-    for option in ("model", "optimizer"):
-        if saved[option] != getattr(args, option):
-            raise UsageError(
-                f"--resume {path} is a checkpoint of --{option} {saved[option]}, but this run has --{option} "
-                f"{getattr(args, option)}; resume with --{option} {saved[option]} or start a new run"
-            )
-    if checkpoint["epoch"] >= args.epochs:
-        raise UsageError(
-            f"--resume {path} has already trained {checkpoint['epoch']} epochs; pass --epochs above that to continue"
-        )
-
-
 def prepare(args: argparse.Namespace) -> Training:
     """Check the inputs, then build data, model and optimizer (and restore ``args.resume``, whose saved
     settings the run takes unless an option typed on the command line overrides one). Everything that can be
@@ -151,12 +138,9 @@ def prepare(args: argparse.Namespace) -> Training:
         check_output_dir(args.output_dir, args.resume)
         if args.resume is not None:
             remove_stale_temporaries(args.output_dir)  # a killed run's; they hold space the resume needs
-    checkpoint = None
-    if args.resume is not None:
+    checkpoint = getattr(args, "resumed_checkpoint", None)
+    if args.resume is not None and checkpoint is None:  # settings built without parse_args
         checkpoint = load_checkpoint(args.resume)
-        args, changed = resume_settings(args, checkpoint["args"])
-        args.overridden = changed
-        _check_resume(checkpoint, args)
     if args.data not in ("mnist", "synthetic"):
         check_image_folder(Path(args.data))
     shard, device = init_distributed(args.device)
@@ -210,7 +194,10 @@ def _build(args: argparse.Namespace, shard: Shard, device: torch.device, checkpo
     for change in getattr(args, "overridden", []):
         training.notes.append(f"note: resuming with {change}")
     if args.output_dir is not None and shard.rank == 0:
-        check_free_space(args.output_dir, state_bytes([model.state_dict(), optimizer.state_dict()]))
+        # torch's optimizers create their state at the first step: count it from the parameters instead.
+        parameter_bytes = state_bytes([p for group in groups for p in group["params"]])
+        optimizer_bytes = max(state_bytes(optimizer.state_dict()), STATE_SLOTS[args.optimizer] * parameter_bytes)
+        check_free_space(args.output_dir, state_bytes(model.state_dict()) + optimizer_bytes)
     if checkpoint is not None:
         training.restore(checkpoint, args.resume)  # last: it restores the random number generators
         if shard.rank == 0 and args.output_dir is not None:

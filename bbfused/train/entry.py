@@ -71,7 +71,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(f"bbfused-train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except Interrupted as interrupted:
-        print(f"bbfused-train: {interrupted}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # only the main process writes, so only it knows what was saved
+            print(f"bbfused-train: {interrupted}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:  # before training started
         print("bbfused-train: interrupted before training started; nothing was written", file=sys.stderr, flush=True)

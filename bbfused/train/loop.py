@@ -298,7 +298,8 @@ class Training:
             lines.append(f"BB rolled back epoch(s) {', '.join(map(str, rolled_back))} (diverged; weights restored)")
         out = self.args.output_dir
         if out is not None:
-            lines.append(f"outputs in {out}: {LATEST} (last epoch), {BEST} (epoch {self.best_epoch}), {LOG}, {PLOT}")
+            best = f"{BEST} (epoch {self.best_epoch}), " if self.best_epoch is not None else ""
+            lines.append(f"outputs in {out}: {LATEST} (last epoch), {best}{LOG}, {PLOT}")
         return "\n".join(lines)
 
     def close(self) -> None:

@@ -28,7 +28,13 @@ DEFAULT_LR = {"bb": 0.1, "sgd": 0.1, "nag": 0.1, "adam": 1e-3, "amsgrad": 1e-3, 
 MOMENTUM_OPTIMIZERS = ("sgd", "nag")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Options that are about this invocation, not the run: never saved as a run's settings nor taken from one.
-INVOCATION_OPTIONS = ("resume", "output_dir", "given_options")
+INVOCATION_OPTIONS = ("resume", "output_dir", "given_options", "overridden", "resumed_checkpoint")
+# Settings a resume cannot change: the checkpoint's model, optimizer state and random number generators restore
+# them, so a value typed here would be ignored.
+RESUME_FIXED = (
+    "lr", "weight_decay", "momentum", "no_decay_norm_bias", "tau_min", "tau_max", "tau0", "beta", "bb_safeguard",
+    "dropout", "seed",
+)  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -154,8 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=non_negative_int, default=0, help="(default: 0)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="mixed precision (fp16 uses GradScaler)")
-    run.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and images")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="channels-last memory format for model and images",
+    )
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     run.add_argument(
         "--resume",
         type=Path,
@@ -188,13 +199,22 @@ def given_options(argv: list[str]) -> frozenset[str]:
 
 
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
-    """Parse and resolve the command line (argparse exits with code 2 on a malformed one). ``given_options``
-    records which options were typed, so that ``--resume`` can take the others from the saved run."""
+    """Parse and resolve the command line (argparse exits with code 2 on a malformed one). With ``--resume`` the
+    saved run's settings fill in every option not typed here (:func:`resume_settings`) before the defaults and
+    checks of :func:`resolve_args`; the loaded checkpoint travels along as ``args.resumed_checkpoint``."""
     import sys
 
+    from .outputs import load_checkpoint
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = resolve_args(build_parser().parse_args(argv))
-    args.given_options = given_options(argv)
+    raw = build_parser().parse_args(argv)
+    given = given_options(argv)
+    checkpoint, changed = None, []
+    if raw.resume is not None:
+        checkpoint = load_checkpoint(raw.resume)
+        raw, changed = resume_settings(raw, given, checkpoint)
+    args = resolve_args(raw)
+    args.given_options, args.overridden, args.resumed_checkpoint = given, changed, checkpoint
     return args
 
 
@@ -284,22 +304,40 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def resume_settings(args: argparse.Namespace, saved: dict[str, Any]) -> tuple[argparse.Namespace, list[str]]:
+def resume_settings(
+    args: argparse.Namespace, given: frozenset[str], checkpoint: dict[str, Any]
+) -> tuple[argparse.Namespace, list[str]]:
     """The settings a resumed run trains with: the saved run's, except the options typed on this command line
-    (``args.given_options``). Returns them and one "--flag new (saved old)" entry per setting a typed option
-    changed."""
-    given = getattr(args, "given_options", frozenset())
+    (``given``; the device is never taken from the checkpoint). Returns them, unresolved, and one "--flag new
+    (saved old)" entry per setting a typed option changed. Raises UsageError for a checkpoint of another model
+    or optimizer, an option the resume would ignore (:data:`RESUME_FIXED`) and a run already trained as far."""
+    path, saved = args.resume, checkpoint["args"]
+    for option in ("model", "optimizer"):
+        if option in given and getattr(args, option) != saved[option]:
+            raise UsageError(
+                f"--resume {path} is a checkpoint of --{option} {saved[option]}, but this run has --{option} "
+                f"{getattr(args, option)}; resume with --{option} {saved[option]} or start a new run"
+            )
     merged = argparse.Namespace(**vars(args))
-    changed = []
+    changed, fixed = [], []
+    # Settings that follow from the data source: a resume on other data takes their defaults for it.
+    data_derived = ("image_size", "workers") if "data" in given and args.data != saved["data"] else ()
     for key, value in saved.items():
-        if key in INVOCATION_OPTIONS or not hasattr(args, key):
+        if key in INVOCATION_OPTIONS or key in ("device", *data_derived) or not hasattr(args, key):
             continue
         current = getattr(args, key)
-        if key in given:
-            if current != value and not (isinstance(current, Path) and str(current) == value):
-                changed.append(f"{_flag(key)} {current} (saved {value})")
-        else:
-            setattr(merged, key, value)
-    if "device" not in given:
-        merged.device = args.device  # the saved run's device may not exist here; the default resolves again
+        if key not in given:
+            setattr(merged, key, Path(value) if isinstance(current, Path) and value is not None else value)
+        elif current != value and not (isinstance(current, Path) and str(current) == value):
+            (fixed if key in RESUME_FIXED else changed).append(f"{_flag(key)} {current} (saved {value})")
+    if fixed:
+        raise UsageError(
+            f"--resume {path} restores the saved model, optimizer state and random numbers, so {', '.join(fixed)} "
+            f"would be ignored; leave {'it' if len(fixed) == 1 else 'them'} out, or start a new run to change "
+            f"{'it' if len(fixed) == 1 else 'them'}"
+        )
+    if checkpoint["epoch"] >= merged.epochs:
+        raise UsageError(
+            f"--resume {path} has already trained {checkpoint['epoch']} epochs; pass --epochs above that to continue"
+        )
     return merged, changed

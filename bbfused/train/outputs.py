@@ -55,6 +55,12 @@ def check_output_dir(path: Path, resume: Path | None) -> None:
         raise UsageError(
             f"--output-dir {path} is not writable ({existing}: {error.strerror}); choose a folder you can write to"
         ) from None
+    latest = path / LATEST
+    if resume is not None and latest.is_file() and latest.resolve() != resume.resolve():
+        raise UsageError(
+            f"--resume {resume} would continue in {path} and overwrite its {LATEST} (and the log's later epochs); "
+            f"continue from it in a new folder with --output-dir NEW, or resume {latest}"
+        )
     previous = [name for name in (LATEST, BEST, LOG) if (path / name).exists()]
     if previous and (resume is None or resume.resolve().parent != path.resolve()):
         raise UsageError(
@@ -112,13 +118,23 @@ def _out_of_space(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("unexpected pos" in str(error) or "No space left" in str(error))
 
 
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder and rename it: a crash never leaves a half-written
     ``path``, and the temporary file is removed on any failure. A full disk raises OutputError."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         write(temporary)
+        _fsync(temporary)  # the data reaches the disk before the rename makes it the file
         os.replace(temporary, path)
+        _fsync(path.parent)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if _out_of_space(error):
