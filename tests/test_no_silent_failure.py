@@ -467,8 +467,12 @@ def test_ctrl_c_during_the_epoch_end_waits_for_it(monkeypatch) -> None:
     backend = opt._backends[torch.device("cpu")]
     measure = backend.epoch_measure
 
+    sent = []
+
     def measure_and_ctrl_c(*args):
-        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: still inside the epoch end
+        if not sent:  # one Ctrl-C (a second one passes through: the user insists)
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: still inside the epoch end
         return measure(*args)
 
     monkeypatch.setattr(backend, "epoch_measure", measure_and_ctrl_c)
@@ -534,3 +538,21 @@ def test_interrupted_epoch_end_is_finished_by_the_next_step_alone(monkeypatch) -
     interrupted, uninterrupted = run(True), run(False)
     assert interrupted_at == [2 * STEPS - 1] and len(uninterrupted[1]) == 3
     assert torch.equal(interrupted[0], uninterrupted[0]) and interrupted[1:] == uninterrupted[1:]
+
+
+def test_second_ctrl_c_passes_through_and_a_held_one_is_not_lost() -> None:
+    from bbfused.interrupts import deferred_sigint
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with deferred_sigint():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the second one is delivered at once
+            reached.append(True)
+    assert not reached and raised.value.__cause__ is None
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with deferred_sigint():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise RuntimeError("the held work failed")
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
