@@ -88,12 +88,13 @@ def _tiny_module(L, accumulate: int, steps: int | None, seen: list, only_trainab
     return Tiny()
 
 
-def _fit(L, module, tmp_path, **kwargs):
+def _fit(L, module, tmp_path, callbacks=(), **kwargs):
+    """Fit ``module`` on the digits with BBCallback first, then ``callbacks``; quiet, nothing written."""
     from bbfused.integrations.lightning import BBCallback
 
     trainer = L.Trainer(
         max_epochs=kwargs.pop("max_epochs", 1),
-        callbacks=[BBCallback()],
+        callbacks=[BBCallback(), *callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -130,22 +131,9 @@ def test_lightning_amp_clipping_unscales_before_clipping(tmp_path) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             norms.append(float(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).norm()))
 
-    from bbfused.integrations.lightning import BBCallback
-
     module = _tiny_module(L, 1, None, [])
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    trainer = L.Trainer(
-        max_epochs=1,
-        callbacks=[BBCallback(), Probe()],
-        plugins=[plugin],
-        gradient_clip_val=0.01,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(_digits(), batch_size=32))
+    _fit(L, module, tmp_path, callbacks=[Probe()], plugins=[plugin], gradient_clip_val=0.01)
     assert len(norms) == 4 and all(n <= 0.01 * 1.001 for n in norms)  # clipped, after unscaling
     assert module.net.weight.isfinite().all()
 
@@ -182,19 +170,9 @@ def test_lightning_finetuning_unfreezes_without_adding_a_group(tmp_path) -> None
 
     m = module()
     frozen = m.net[0].weight.detach().clone()
-    from bbfused.integrations.lightning import BBCallback
 
     def fit(m, callback):
-        trainer = L.Trainer(
-            max_epochs=2,
-            callbacks=[BBCallback(), callback],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(m, torch.utils.data.DataLoader(_digits(), batch_size=32))
+        _fit(L, m, tmp_path, callbacks=[callback], max_epochs=2)
 
     fit(m, Unfreeze(add_group=False))
     assert not torch.equal(m.net[0].weight, frozen)  # trained in epoch 1 once trainable

@@ -443,13 +443,19 @@ def test_interrupted_epoch_end_is_finished_exactly(monkeypatch, pass_name: str, 
     _same_run(reference_model, reference, model, opt)
 
 
-def test_interrupted_rate_control_closes_the_epoch_at_the_next_step(monkeypatch) -> None:
+def _reference_and_run_into_epoch_two():
+    """An uninterrupted reference two epochs and a step long, and a fresh run one step into epoch 1 (0-based)."""
     reference_model = _model()
     reference = _optimizer(reference_model)
     _train(reference_model, reference, 0, 2 * STEPS + 1)
     model = _model()
     opt = _optimizer(model)
     _train(model, opt, 0, STEPS + 1)
+    return reference_model, reference, model, opt
+
+
+def test_interrupted_rate_control_closes_the_epoch_at_the_next_step(monkeypatch) -> None:
+    reference_model, reference, model, opt = _reference_and_run_into_epoch_two()
     monkeypatch.setattr(opt._control, "close_epoch", _InterruptOnce(opt._control.close_epoch, 1, False))
     with pytest.raises(KeyboardInterrupt):
         _train(model, opt, STEPS + 1, STEPS - 1)
@@ -458,12 +464,7 @@ def test_interrupted_rate_control_closes_the_epoch_at_the_next_step(monkeypatch)
 
 
 def test_ctrl_c_during_the_epoch_end_waits_for_it(monkeypatch) -> None:
-    reference_model = _model()
-    reference = _optimizer(reference_model)
-    _train(reference_model, reference, 0, 2 * STEPS + 1)
-    model = _model()
-    opt = _optimizer(model)
-    _train(model, opt, 0, STEPS + 1)
+    reference_model, reference, model, opt = _reference_and_run_into_epoch_two()
     backend = opt._backends[torch.device("cpu")]
     measure = backend.epoch_measure
 
