@@ -153,14 +153,9 @@ def _strict(value: Any) -> Any:
 
 def write_log(path: Path, history: list[dict[str, Any]]) -> None:
     """The epochs as JSON lines, one object per epoch; a value that is not finite is ``null`` (strict JSON)."""
-
-    def lines() -> str:
-        return "".join(
-            json.dumps({key: _strict(value) for key, value in record.items()}, allow_nan=False) + "\n"
-            for record in history
-        )
-
-    text = lines()
+    text = "".join(
+        json.dumps({key: _strict(value) for key, value in record.items()}, allow_nan=False) + "\n" for record in history
+    )
     atomic_write(path, lambda p: p.write_text(text))
 
 
