@@ -298,3 +298,14 @@ def test_resume_from_best_in_its_own_folder_is_refused(one_epoch, tmp_path, caps
     branch = tmp_path / "branch"
     assert main(["--resume", str(run / "best.pth"), "--epochs", "2", "--output-dir", str(branch)]) == 0
     assert [r["epoch"] for r in read_log(branch)] == [1, 2]
+
+
+def test_resume_set_by_hand_is_checked_against_the_checkpoint(one_epoch, tmp_path):
+    """Settings built without parse_args (args.resume set afterwards) still get the resume checks."""
+    from bbfused.train import UsageError, prepare
+
+    run = copy_run(one_epoch, tmp_path / "run")
+    args = parse_args([*TINY, "--epochs", "2", "--model", "lenet"])
+    args.resume, args.output_dir = run / "checkpoint.pth", run
+    with pytest.raises(UsageError, match="is a checkpoint of --model mlp, but this run has --model lenet"):
+        prepare(args)

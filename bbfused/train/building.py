@@ -18,7 +18,7 @@ from ..data import Data, DataError, Shard, check_image_folder, folder_data, mnis
 from ..models import build_model, is_shallow, torchvision_model_names
 from ..optimizer import BB
 from .loop import Training
-from .options import OPTIMIZERS, UsageError
+from .options import OPTIMIZERS, UsageError, resume_settings
 from .outputs import (
     LOG,
     check_free_space,
@@ -139,8 +139,10 @@ def prepare(args: argparse.Namespace) -> Training:
         if args.resume is not None:
             remove_stale_temporaries(args.output_dir)  # a killed run's; they hold space the resume needs
     checkpoint = getattr(args, "resumed_checkpoint", None)
-    if args.resume is not None and checkpoint is None:  # settings built without parse_args
+    if args.resume is not None and checkpoint is None:
+        # Settings built without parse_args: every one counts as typed, and is checked against the checkpoint.
         checkpoint = load_checkpoint(args.resume)
+        resume_settings(args, frozenset(vars(args)), checkpoint)
     if args.data not in ("mnist", "synthetic"):
         check_image_folder(Path(args.data))
     shard, device = init_distributed(args.device)
