@@ -1,6 +1,6 @@
 """Flat multi-tensor buffers: the parameters of one group on one (device, dtype), packed end to end.
 
-Every parameter's ``.data`` and ``.grad`` become views of a slice of a flat 1-D buffer, so a fused backend
+Every parameter's ``.data`` and ``.grad`` become aliases of a slice of a flat 1-D buffer, so a fused backend
 updates all of them with one launch per buffer. The optimizer state (EMA and the two epoch-end snapshots)
 lives in flat buffers with the same layout. Each slice starts on a 16-element boundary (aligned vector
 loads); the padding between slices is zero in every buffer and stays zero under the update.
@@ -35,13 +35,18 @@ def _layout_strides(tensor: torch.Tensor) -> tuple[int, ...]:
 
 
 def _alias(flat: torch.Tensor, offset: int, size: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
-    """A tensor over ``flat``'s storage at element ``offset`` with a version counter of its own.
+    """A dense tensor over elements ``[offset, offset + numel)`` of ``flat``, on a storage of its own.
 
-    An autograd view would share the buffer's version counter; an alias made with ``set_`` counts only the
-    in-place writes to its own slice, which tells which gradients were written since ``zero_grad``.
+    The storage is a slice of ``flat``'s (same memory, keeps ``flat`` alive) covering exactly these elements, so
+    ``torch.save`` and safetensors see one parameter's bytes, not the whole buffer. Unlike an autograd view it has
+    a version counter of its own: it counts only the in-place writes to this slice, which tells which gradients
+    were written since ``zero_grad``.
     """
+    itemsize = flat.element_size()
+    start = (flat.storage_offset() + offset) * itemsize
+    storage = flat.untyped_storage()[start : start + size.numel() * itemsize]
     alias = torch.empty(0, dtype=flat.dtype, device=flat.device)
-    return alias.set_(flat.untyped_storage(), flat.storage_offset() + offset, size, stride)
+    return alias.set_(storage, 0, size, stride)
 
 
 def _mark_written(buffer_ref: weakref.ref, index: int, param: torch.Tensor) -> None:
@@ -95,7 +100,7 @@ class FlatBuffer:
         self.written = [p.grad is not None for p in params]
         with torch.no_grad():
             for i, p in enumerate(params):
-                data = self.view(self.param, i)
+                data = _alias(self.param, self.offsets[i], p.shape, self.strides[i])
                 data.copy_(p.data)
                 p.data = data
                 grad = _alias(self.grad, self.offsets[i], p.shape, self.strides[i])
@@ -175,8 +180,8 @@ class FlatBuffer:
         view = self.grad_views[index]
         if view.data_ptr() != self.grad_ptrs[index] or view.shape != self.params[index].shape:
             with torch.no_grad():
-                offset = self.grad.storage_offset() + self.offsets[index]
-                view.set_(self.grad.untyped_storage(), offset, self.params[index].shape, self.strides[index])
+                alias = _alias(self.grad, self.offsets[index], self.params[index].shape, self.strides[index])
+                view.set_(alias.untyped_storage(), 0, alias.shape, alias.stride())
 
     def adopt_replaced_gradients(self) -> bool:
         """Copy gradients that replaced the flat views back into the buffer and restore the views.
@@ -302,7 +307,7 @@ def check_no_shared_memory(params: list[torch.Tensor], names: list[str]) -> None
     another parameter's (a view of it): packed into a flat buffer each copy would become an independent value,
     silently untying what the model ties. Parameters that only share a storage without overlapping (the views of
     a flat buffer a checkpoint was saved from) are fine."""
-    spans: dict[tuple[torch.device, int], list[tuple[int, int, int]]] = {}
+    spans: dict[torch.device, list[tuple[int, int, int]]] = {}
     for index, p in enumerate(params):
         if p.numel() == 0:
             continue
@@ -315,7 +320,8 @@ def check_no_shared_memory(params: list[torch.Tensor], names: list[str]) -> None
             )
         start = p.data_ptr()
         end = start + _extent(p) * p.element_size()
-        spans.setdefault((p.device, p.untyped_storage().data_ptr()), []).append((start, end, index))
+        # By device, not storage: two storages can cover the same memory (a storage slice, NumPy, DLPack).
+        spans.setdefault(p.device, []).append((start, end, index))
     for storage_spans in spans.values():
         active: list[tuple[int, int]] = []  # (end, index) of the spans seen so far that may reach further
         for start, end, second in sorted(storage_spans):
@@ -333,7 +339,7 @@ def check_no_shared_memory(params: list[torch.Tensor], names: list[str]) -> None
 
 
 def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors on one storage with overlapping address ranges have an element in common."""
+    """Whether two tensors with overlapping address ranges have an element in common."""
     if a.element_size() != b.element_size() or (b.data_ptr() - a.data_ptr()) % a.element_size():
         return True  # reinterpreted bytes: treat any overlap as shared
     shift = (b.data_ptr() - a.data_ptr()) // a.element_size()

@@ -333,8 +333,9 @@ def test_parameter_data_swapped_raises_naming_the_fix() -> None:
         (lambda: _viewed(lambda base: base[1]), r"\[0\] and .*\[1\] share memory .*one Parameter object"),
         (lambda: _viewed(lambda base: base.t()), r"share memory"),
         (lambda: _viewed(lambda base: base.flatten()[5:]), r"share memory"),
+        (lambda: _numpy_aliases(), r"\[0\] and .*\[1\] share memory"),
     ],
-    ids=["expanded", "expanded-transposed", "row-view", "transposed-view", "overlapping-slice"],
+    ids=["expanded", "expanded-transposed", "row-view", "transposed-view", "overlapping-slice", "two-storages"],
 )
 def test_parameters_that_share_memory_raise_before_writing(make, match) -> None:
     params = make()
@@ -342,6 +343,12 @@ def test_parameters_that_share_memory_raise_before_writing(make, match) -> None:
     with pytest.raises(ValueError, match=match):
         BB(params, lr=0.1, steps_per_epoch=3, backend="eager")
     assert [p.data_ptr() for p in params] == pointers and all(p.grad is None for p in params)
+
+
+def _numpy_aliases():
+    """Two parameters on different storages over the same memory (two tensors made from one NumPy array)."""
+    values = np.arange(6, dtype=np.float32)
+    return [torch.nn.Parameter(torch.from_numpy(values)), torch.nn.Parameter(torch.from_numpy(values[2:]))]
 
 
 def _viewed(view):
@@ -557,3 +564,79 @@ def test_second_ctrl_c_passes_through_and_a_held_one_is_not_lost() -> None:
             raise RuntimeError("the held work failed")
     assert isinstance(raised.value.__cause__, RuntimeError)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _saved(obj) -> bytes:
+    stream = io.BytesIO()
+    torch.save(obj, stream)
+    return stream.getvalue()
+
+
+def _wide_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(300, 10))
+    model[1].to(memory_format=torch.channels_last)
+    return model
+
+
+def test_each_parameter_owns_a_storage_of_exactly_its_bytes() -> None:
+    """Saving a sub-module saves its own values only, as it would without BB (not the whole flat buffer)."""
+    model = _wide_model()
+    reference = copy.deepcopy(model)
+    _optimizer(model)
+    for p in model.parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    assert model[1].weight.is_contiguous(memory_format=torch.channels_last)
+    for module, plain in ((model[2], reference[2]), (model[1], reference[1]), (model, reference)):
+        assert len(_saved(module.state_dict())) <= len(_saved(plain.state_dict())) + 512
+    loaded = torch.load(io.BytesIO(_saved(model[2].state_dict())), weights_only=True)
+    assert set(loaded) == {"weight", "bias"} and torch.equal(loaded["weight"], model[2].weight.detach())
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_parameters_and_gradients_still_drive_the_buffers(backend: str) -> None:
+    """The per-parameter storages are the flat buffers' memory: a step through the buffers moves the parameters,
+    and backward writes into the flat gradient buffer. Same trajectory as an optimizer over a copy of the model."""
+    model, twin = _model(), _model()
+    opt, twin_opt = _optimizer(model, backend=backend), _optimizer(twin, backend="eager")
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, 0, STEPS + 2)
+    _train(twin, twin_opt, 0, STEPS + 2)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    buffer = opt._buffers[0]
+    assert torch.equal(buffer.view(buffer.param, 0), buffer.params[0].detach())
+    assert torch.equal(buffer.view(buffer.grad, 0), buffer.params[0].grad)
+
+
+def test_safetensors_save_and_load_model_round_trip(tmp_path) -> None:
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = _wide_model()
+    opt = _optimizer(model)
+    _train_wide(model, opt)
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_model(model, str(path))
+    fresh = _wide_model()
+    safetensors_torch.load_model(fresh, str(path))
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    sub = tmp_path / "head.safetensors"
+    safetensors_torch.save_model(model[2], str(sub))
+    assert sub.stat().st_size < 2 * 300 * 10 * 4
+    # Loading into the model BB drives writes through to the optimizer's buffer (copied in place).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    safetensors_torch.load_model(model, str(path))
+    buffer = opt._buffers[0]
+    assert torch.equal(buffer.view(buffer.param, 0), fresh[0].weight.detach())
+
+
+def _train_wide(model: torch.nn.Module, opt: BB) -> None:
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model[2](model[0](x)).square().mean()
+        loss.backward()
+        opt.step(loss=loss)
