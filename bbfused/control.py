@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .rule import bb_learning_rate, bb_ratio
+from .rule import bb_learning_rate, bb_ratio, epoch_bound
 
 # How far one epoch may move the rate: at most doubled, at most divided by ten.
 RATE_GROWTH_LIMIT = 2.0
@@ -69,20 +69,21 @@ SUMS = ("delta_sq_norm", "delta_dot_y", "param_sq_norm", "ema_sq_norm")
 class EpochBuffers:
     """What the control may do to the optimizer's flat buffers at an epoch end, as callables ``BB`` provides.
 
-    ``measure()``: float64 (4,) on the master device, :data:`SUMS` over every buffer; in the same pass
+    ``measure(enabled)``: float64 (4,) on the master device, :data:`SUMS` over every buffer; in the same pass
     prev_ema ← g, g ← 0 (prev_params stays, for a rollback).
-    ``commit(rolled_back)``: the second pass, a copy: prev_params ← θ, or θ ← prev_params when ``rolled_back``
-    (a bool device tensor) is true.
-    ``paper_pass()``: the paper's single pass (sums of Δθ, then snapshots and g ← 0): float64 (2,).
+    ``commit(rolled_back, enabled)``: the second pass, a copy: prev_params ← θ, or θ ← prev_params when
+    ``rolled_back`` (a bool device tensor) is true.
+    ``paper_pass(enabled)``: the paper's single pass (sums of Δθ, then snapshots and g ← 0): float64 (2,).
+    ``enabled``: None, or a bool device tensor that lets the pass write only when true (a captured step).
     ``snapshot_params()``: prev_params ← θ (the point a diverged epoch 0 returns to).
     ``sq_norm(name)``: ‖buffer name‖² over every buffer, float64 on the master device.
     """
 
     def __init__(
         self,
-        measure: Callable[[], torch.Tensor],
-        commit: Callable[[torch.Tensor], None],
-        paper_pass: Callable[[], torch.Tensor],
+        measure: Callable[[torch.Tensor | None], torch.Tensor],
+        commit: Callable[[torch.Tensor, torch.Tensor | None], None],
+        paper_pass: Callable[[torch.Tensor | None], torch.Tensor],
         snapshot_params: Callable[[], None],
         sq_norm: Callable[[str], torch.Tensor],
     ) -> None:
@@ -106,14 +107,23 @@ class PaperControl:
         pass
 
     def close_epoch(
-        self, buffers: EpochBuffers, lr: torch.Tensor, epoch: int, steps: int, taus: tuple[float, float, float]
+        self,
+        buffers: EpochBuffers,
+        lr: torch.Tensor,
+        epoch: int | torch.Tensor,
+        steps: int,
+        taus: tuple[float, float, float],
+        at_end: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, None]:
         """The epoch-end pass and the next rate (None: unchanged), and whether the epoch was rolled back (None:
-        never)."""
-        sums = buffers.paper_pass()
-        if epoch < 1:
-            return None, None
-        return bb_learning_rate(sums, steps, epoch, *taus), None
+        never). ``at_end`` (a captured step; ``epoch`` is then a device tensor): a bool device tensor, the pass
+        writes only where it is true and the caller applies the rate only then."""
+        sums = buffers.paper_pass(at_end)
+        if at_end is None:
+            if epoch < 1:
+                return None, None
+            return bb_learning_rate(sums, steps, epoch, *taus), None
+        return torch.where(epoch >= 1, bb_learning_rate(sums, steps, epoch, *taus), lr), None
 
     def load_state_dict(self, state: dict[str, Any], epoch: int, buffers: EpochBuffers) -> None:
         pass
@@ -124,8 +134,8 @@ def _nan(device: torch.device) -> torch.Tensor:
 
 
 class SafeguardedControl:
-    """The default policy (see the module docstring). All state is on the master device, except the count of
-    steps that gave a loss in the current epoch (host-side, as the step count is)."""
+    """The default policy (see the module docstring). All state is on the master device, in tensors that an epoch
+    end updates in place when it is captured in a CUDA graph (``at_end`` given)."""
 
     def __init__(self, device: torch.device, numel: int) -> None:
         self.device = device
@@ -136,11 +146,11 @@ class SafeguardedControl:
         self.lr_cap = torch.tensor(math.inf, dtype=torch.float64, device=device)
         self.good_lr = _nan(device)  # the rate of the last epoch that was not rolled back
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.loss_steps = 0
+        self.loss_steps = torch.zeros((), dtype=torch.float64, device=device)
         self.initial_loss = _nan(device)  # the first step's loss
         self.best_loss = _nan(device)  # the lowest mean loss of a good epoch whose every step gave one
         self.last_loss = _nan(device)  # the mean loss of the last good epoch (NaN: it did not give one each step)
-        self.last_step_loss = _nan(device)  # the loss of the epoch's last step (a reference, not a copy)
+        self.last_step_loss = _nan(device)  # the loss of the epoch's last step
         # Whether the last epoch was rolled back by a loss test alone: a second one in a row means the snapshot
         # itself is no better (its own loss is high: the damage came in the previous epoch's last steps).
         self.loss_rollback = torch.tensor(False, device=device)
@@ -155,11 +165,17 @@ class SafeguardedControl:
         self.model_buffers = tensors
         self.model_buffer_snapshots = [t.detach().clone() for t in tensors]
 
-    def _commit_model_buffers(self, rolled_back: torch.Tensor) -> None:
+    def _commit_model_buffers(self, rolled_back: torch.Tensor, at_end: torch.Tensor | None) -> None:
         for live, snapshot in zip(self.model_buffers, self.model_buffer_snapshots):
-            flag = rolled_back.to(live.device, non_blocking=live.device.type == "cuda")
+            flag = rolled_back if at_end is None else rolled_back & at_end
+            flag = flag.to(live.device, non_blocking=live.device.type == "cuda")
             torch.where(flag, snapshot, live, out=live)
-            snapshot.copy_(live)
+            if at_end is None:
+                snapshot.copy_(live)
+            else:
+                torch.where(
+                    at_end.to(live.device, non_blocking=live.device.type == "cuda"), live, snapshot, out=snapshot
+                )
 
     # ------------------------------------------------------------------ per step
     def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
@@ -173,8 +189,8 @@ class SafeguardedControl:
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum.add_(loss)
-        self.loss_steps += 1
-        self.last_step_loss = loss
+        self.loss_steps.add_(1)
+        self.last_step_loss.copy_(loss)
 
     # ------------------------------------------------------------------ epoch end
     def _epoch_loss(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,9 +200,9 @@ class SafeguardedControl:
         totals = torch.stack(
             [
                 self.loss_sum,
-                torch.full_like(self.loss_sum, self.loss_steps),
+                self.loss_steps,
                 torch.nan_to_num(self.initial_loss),
-                self.last_step_loss.to(self.loss_sum.dtype),
+                self.last_step_loss,
             ]
         )
         initial, last = self.initial_loss, totals[3]
@@ -226,7 +242,9 @@ class SafeguardedControl:
         references = {
             "loss_rollback": diverged & ~weights_bad,
             "best_loss": torch.where(lower | (accept_anyway & good_loss), mean, best),
-            "last_loss": torch.where(diverged, self.last_loss, torch.where(good_loss, mean, _nan(self.device))),
+            "last_loss": torch.where(
+                diverged, self.last_loss, torch.where(good_loss, mean, torch.full_like(mean, math.nan))
+            ),
             "snapshot_sq_norm": torch.where(diverged, self.snapshot_sq_norm, param_sq),
         }
         return diverged, rose, references
@@ -237,47 +255,63 @@ class SafeguardedControl:
         diverged: torch.Tensor,
         rose: torch.Tensor,
         lr: torch.Tensor,
-        epoch: int,
+        epoch: int | torch.Tensor,
         steps: int,
         taus: tuple[float, float, float],
     ) -> torch.Tensor:
         """The rate of the epoch after ``epoch`` (``rose``: its mean loss rose, so the rate may not grow)."""
         _, tau_min, tau_max = taus
-        divisor = epoch + 2
-        upper = torch.clamp(self.lr_cap, max=tau_max / divisor)
+        ceiling = epoch_bound(tau_max, epoch, lr)
+        upper = torch.minimum(self.lr_cap, ceiling)
         estimate = bb_ratio(sums, steps)
         usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot & (epoch >= 1)
         estimate = torch.where(usable, estimate, lr)
         growth = torch.where(rose, torch.full_like(lr, LOSS_BRAKE), torch.full_like(lr, RATE_GROWTH_LIMIT))
         estimate = torch.minimum(torch.maximum(estimate, lr * RATE_SHRINK_LIMIT), lr * growth)
         # Epoch 0 (and a good epoch right after a rolled-back one) has no estimate: the rate stays, within bounds.
-        kept = torch.minimum(torch.maximum(estimate, torch.full_like(lr, tau_min / divisor)), upper)
+        kept = torch.minimum(torch.maximum(estimate, epoch_bound(tau_min, epoch, lr)), upper)
         backed_off = torch.where(torch.isnan(self.good_lr), lr * BACKOFF, torch.minimum(self.good_lr, lr * CAP))
-        backed_off = torch.clamp(backed_off, max=tau_max / divisor)
+        backed_off = torch.minimum(backed_off, ceiling)
         return torch.where(diverged, backed_off, kept)
 
     def close_epoch(
-        self, buffers: EpochBuffers, lr: torch.Tensor, epoch: int, steps: int, taus: tuple[float, float, float]
+        self,
+        buffers: EpochBuffers,
+        lr: torch.Tensor,
+        epoch: int | torch.Tensor,
+        steps: int,
+        taus: tuple[float, float, float],
+        at_end: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Measure, decide, commit: the next rate and whether the epoch was rolled back (device tensors).
 
         Repeatable after an exception: the decision writes nothing, the commit passes are copies that give the same
-        result when run twice, and the control's state changes only at the end (``BB`` keeps the measured sums)."""
-        sums = buffers.measure()
+        result when run twice, and the control's state changes only at the end (``BB`` keeps the measured sums).
+        ``at_end`` (a step captured in a CUDA graph, where this runs at every step): a bool device tensor; the
+        passes and the state change only where it is true, and every state tensor is updated in place."""
+        sums = buffers.measure(at_end)
         diverged, rose, references = self.diverged(sums, steps)
         new_lr = self.next_rate(sums, diverged, rose, lr, epoch, steps, taus)
-        buffers.commit(diverged)
-        self._commit_model_buffers(diverged)
-        for name, value in references.items():
-            setattr(self, name, value)
-        self.lr_cap = torch.where(diverged, torch.minimum(self.lr_cap, lr * CAP), self.lr_cap)
-        self.good_lr = torch.where(diverged, self.good_lr, lr)
+        buffers.commit(diverged, at_end)
+        self._commit_model_buffers(diverged, at_end)
+        references["lr_cap"] = torch.where(diverged, torch.minimum(self.lr_cap, lr * CAP), self.lr_cap)
+        references["good_lr"] = torch.where(diverged, self.good_lr, lr)
         # After a rollback prev_ema holds the diverged epoch's averages: the next epoch has no estimate.
-        self.has_snapshot = ~diverged
-        self.rolled_back.append(diverged)
-        self.loss_sum.zero_()
-        self.loss_steps = 0
-        self.last_step_loss = _nan(self.device)
+        references["has_snapshot"] = ~diverged
+        for name, value in references.items():
+            if at_end is None:
+                setattr(self, name, value)
+            else:
+                torch.where(at_end, value, getattr(self, name), out=getattr(self, name))
+        if at_end is None:
+            self.rolled_back.append(diverged)
+            self.loss_sum.zero_()
+            self.loss_steps.zero_()
+            self.last_step_loss.fill_(math.nan)
+        else:
+            self.loss_sum.masked_fill_(at_end, 0.0)
+            self.loss_steps.masked_fill_(at_end, 0.0)
+            self.last_step_loss.masked_fill_(at_end, math.nan)
         return new_lr, diverged
 
     # ------------------------------------------------------------------ checkpoints
@@ -296,7 +330,7 @@ class SafeguardedControl:
             "lr_cap": float(self.lr_cap),
             "rolled_back_epochs": self.rolled_back_epochs,
             "loss_sum": float(self.loss_sum),
-            "loss_steps": self.loss_steps,
+            "loss_steps": int(self.loss_steps),
             "initial_loss": number_or_none(self.initial_loss),
             "best_loss": number_or_none(self.best_loss),
             "last_loss": number_or_none(self.last_loss),
@@ -313,7 +347,7 @@ class SafeguardedControl:
         rolled_back = set(state["rolled_back_epochs"])
         self.rolled_back = [torch.tensor(e in rolled_back, device=device) for e in range(epoch)]
         self.loss_sum.fill_(state["loss_sum"])
-        self.loss_steps = state["loss_steps"]
+        self.loss_steps.fill_(state["loss_steps"])
         self.loss_rollback = torch.tensor(state["loss_rollback"], device=device)
         for name in ("initial_loss", "best_loss", "last_loss", "good_lr"):
             value = state[name]

@@ -11,6 +11,7 @@ import torch
 from . import checkpoint
 from .backends import BACKEND_NAMES, Backend, load_backend
 from .buffers import FlatBuffer, check_no_shared_memory, state_dtype, warn_replaced_gradients
+from .capture import DeviceEpochs
 from .checkpoint import check_beta as _check_beta
 from .checkpoint import check_positive as _check_positive
 from .checkpoint import check_steps_per_epoch as _check_steps_per_epoch
@@ -94,6 +95,15 @@ class BB(torch.optim.Optimizer):
             (use tau_min=1/3, tau_max=3 for shallow networks).
         backend: "eager" (reference), "triton" (CUDA), "cpp" (CPU) or "auto" (fastest for the device).
         safeguard: the default rate control (see above); False for the paper's method exactly.
+        capturable: let a whole training step, ``step()`` with its epoch end included, be captured in a CUDA
+            graph and replayed. The step and epoch counts live on the device and the epoch end runs inside every
+            step as kernels that act only at the epoch's last step, so nothing depends on host state a replay
+            cannot update. Needs ``steps_per_epoch``; run at least one step eagerly before capturing (the first
+            step records where a diverged epoch 0 returns to, as graph warm-up does anyway); give the loss as a
+            tensor; every parameter is stepped each step (one without a gradient sees a zero one, so weight decay
+            and the EMA move it); each group's ``"lr"`` is :attr:`lr_tensor` itself, not a float; the safeguard's
+            loss sums are all-reduced at every step under torch.distributed. :attr:`epoch` and the histories
+            are read from the device (one sync). Default False (the host counts, at no cost).
 
     Parameters and gradients are packed into flat buffers: after construction each ``p.data`` and
     ``p.grad`` is a view of the optimizer's buffers (same Parameter objects, same strides). Hence:
@@ -134,6 +144,7 @@ class BB(torch.optim.Optimizer):
         tau_max: float = 10.0,
         backend: str = "auto",
         safeguard: bool = True,
+        capturable: bool = False,
     ) -> None:
         lr = _check_positive("lr", lr)
         steps_per_epoch = _check_steps_per_epoch(steps_per_epoch)
@@ -154,6 +165,14 @@ class BB(torch.optim.Optimizer):
         if not isinstance(safeguard, bool):
             raise TypeError(f"safeguard must be True or False, got {safeguard!r}")
         self.safeguard = safeguard
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        if capturable and steps_per_epoch is None:
+            raise ValueError(
+                "capturable=True needs steps_per_epoch: a captured step counts its epoch on the device and closes it "
+                "there, while end_epoch() is a host call a graph replay never makes. Pass steps_per_epoch=T"
+            )
+        self.capturable = capturable
         if backend not in BACKEND_NAMES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
         self.steps_per_epoch = steps_per_epoch
@@ -191,6 +210,10 @@ class BB(torch.optim.Optimizer):
         self._lr_history: list[torch.Tensor] = []
         self._epoch = 0
         self._step_in_epoch = 0
+        # capturable: the counts and histories on the device (the host fields above are filled from them on
+        # demand), and whether the first step, which runs eagerly, is still to come.
+        self._device_epochs = DeviceEpochs(devices[0]) if capturable else None
+        self._first_step_pending = True
         # Set while an epoch end runs; still set after an exception in it, so that the next step() finishes it.
         self._closing = False
         # Each buffer's epoch-end pass result, kept until the epoch has closed: a finished epoch end that is run
@@ -315,6 +338,7 @@ class BB(torch.optim.Optimizer):
     @property
     def lr_history(self) -> list[float]:
         """The learning rate each completed epoch used, epoch 0 first (reading it synchronises)."""
+        self._read_device_epochs()
         if not self._lr_history:
             return []
         return torch.stack(self._lr_history).tolist()
@@ -322,6 +346,7 @@ class BB(torch.optim.Optimizer):
     @property
     def rolled_back_epochs(self) -> list[int]:
         """The epochs (0-based) the safeguard found diverged and rolled back (reading it synchronises)."""
+        self._read_device_epochs()
         return self._control.rolled_back_epochs if self.safeguard else []
 
     @property
@@ -341,7 +366,7 @@ class BB(torch.optim.Optimizer):
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"track_buffers() takes the model (a torch.nn.Module), got {type(model).__name__}")
-        if self._epoch or self._step_in_epoch:
+        if self.epoch or self.step_in_epoch:
             raise RuntimeError(
                 "track_buffers() must be called before the first step (and before load_state_dict when resuming); "
                 "call it right after building the optimizer"
@@ -357,12 +382,22 @@ class BB(torch.optim.Optimizer):
     @property
     def epoch(self) -> int:
         """The index of the current epoch (the number of completed epochs)."""
+        self._read_device_epochs()
         return self._epoch
 
     @property
     def step_in_epoch(self) -> int:
         """How many steps of the current epoch have been taken."""
+        self._read_device_epochs()
         return self._step_in_epoch
+
+    def _read_device_epochs(self) -> None:
+        """capturable: fill the host's counts and histories from the device's (one sync); else nothing."""
+        if self._device_epochs is None:
+            return
+        self._epoch, self._step_in_epoch, self._lr_history, rolled_back = self._device_epochs.read()
+        if self.safeguard:
+            self._control.rolled_back = rolled_back
 
     # ----------------------------------------------------------------- the update
     @_eager_under_compile
@@ -387,6 +422,12 @@ class BB(torch.optim.Optimizer):
         serves when it is one. Read on the device only: no sync. Returns the closure's return value."""
         if self._closing:
             self._close_epoch()  # an epoch end an exception interrupted, if zero_grad() did not finish it
+        if self.capturable and self._first_step_pending and _capturing():
+            raise RuntimeError(
+                "BB(capturable=True): run at least one step() eagerly before capturing it in a CUDA graph (the "
+                "warm-up iterations torch.cuda.graph needs anyway): the first step records where a diverged first "
+                "epoch returns to and checks the ranks, host work a replay would never repeat"
+            )
         if not self._ranks_checked:
             check_steps_per_epoch_agree(self.steps_per_epoch, self._lr_tensor.device)
             self._ranks_checked = True
@@ -416,14 +457,18 @@ class BB(torch.optim.Optimizer):
         # Set by torch.amp.GradScaler around this call (see _step_supports_amp_scaling).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if self._epoch == 0 and self._step_in_epoch == 0:
+        first = self._first_step_pending if self.capturable else self._epoch == 0 and self._step_in_epoch == 0
+        if first:
             self._control.first_step(self._epoch_buffers, watched)
+            self._first_step_pending = False
         if watched is not None:
             self._control.add_loss(watched)
         for buffer in self._buffers:
             backend = self._backends[buffer.device]
             weight_decay = self.param_groups[buffer.group_index]["weight_decay"]
-            for start, end in buffer.ranges_with_gradients(count_in_place_writes=found_inf is None):
+            # A captured step cannot choose its ranges on the host at replay: it steps the whole buffer.
+            ranges = [(0, buffer.numel)] if self.capturable else None
+            for start, end in ranges or buffer.ranges_with_gradients(count_in_place_writes=found_inf is None):
                 backend.step(
                     buffer.param[start:end],
                     buffer.grad[start:end],
@@ -435,6 +480,9 @@ class BB(torch.optim.Optimizer):
                     _on(found_inf, buffer.device),
                     self._nonfinite.get(buffer.device),
                 )
+        if self.capturable:
+            self._close_epoch_on_device()
+            return closure_loss
         self._step_in_epoch += 1
         if self._step_in_epoch == self.steps_per_epoch:
             self._close_epoch()
@@ -446,6 +494,11 @@ class BB(torch.optim.Optimizer):
         if isinstance(loss, torch.Tensor) and loss.is_floating_point() and loss.numel() == 1:
             return _on(loss.detach().reshape(()), self._lr_tensor.device)
         if _is_real(loss):
+            if self.capturable:
+                raise TypeError(
+                    f"BB(capturable=True) takes the loss as a tensor, got the number {loss!r}: a number would be "
+                    f"fixed in a captured graph. Pass the loss tensor itself (loss=loss, not loss.item())"
+                )
             return torch.tensor(float(loss), dtype=torch.float64, device=self._lr_tensor.device)
         if name is None or loss is None:
             return None
@@ -490,30 +543,55 @@ class BB(torch.optim.Optimizer):
             self._epoch_pass_sums = {}
             self._closing = False
 
+    def _close_epoch_on_device(self) -> None:
+        """capturable: count the step and run the epoch end, acting only if this was the epoch's last step.
+
+        Kernels only, every step, with device counters: what a CUDA graph replays. The passes are launched with a
+        flag and exit at once before the epoch's last step; the control's decisions are a few scalar kernels."""
+        epochs = self._device_epochs
+        at_end = epochs.advance(self.steps_per_epoch)
+        taus = (self.tau0, self.tau_min, self.tau_max)
+        lr = self._lr_tensor
+        new_lr, rolled_back = self._control.close_epoch(
+            self._epoch_buffers, lr, epochs.epoch, self.steps_per_epoch, taus, at_end=at_end
+        )
+        next_lr = torch.where(at_end, new_lr, lr)
+        epochs.close(at_end, lr, rolled_back)
+        for lr_tensor in self._lr_tensors.values():
+            lr_tensor.copy_(_on(next_lr, lr_tensor.device))
+
     # ----------------------------------------------------------------- the epoch-end passes the control runs
     def _per_buffer_sum(self, sums: list[torch.Tensor]) -> torch.Tensor:
         """Partial sums of every buffer added on the master device in a fixed order: the same bits every run."""
         master = self._lr_tensor.device
         return torch.stack([_on(s, master) for s in sums]).sum(0)
 
-    def _epoch_pass(self, kind: str) -> torch.Tensor:
+    def _epoch_pass(self, kind: str, enabled: torch.Tensor | None) -> torch.Tensor:
         """The sums of backend pass ``kind`` ("epoch_end" or "epoch_measure") over every buffer. Each buffer's
-        result is kept until the epoch closes: the pass zeroes the gradient averages, so it must not run twice."""
+        result is kept until the epoch closes: the pass zeroes the gradient averages, so it must not run twice.
+        ``enabled`` (a captured step): the passes act only where the device flag is set, nothing is kept."""
+        if enabled is not None:
+            sums = []
+            for b in self._buffers:
+                run = getattr(self._backends[b.device], kind)
+                sums.append(run(b.param, b.ema, b.prev_params, b.prev_ema, _on(enabled, b.device)))
+            return self._per_buffer_sum(sums)
         for index, b in enumerate(self._buffers):
             if index not in self._epoch_pass_sums:
                 run = getattr(self._backends[b.device], kind)
                 self._epoch_pass_sums[index] = run(b.param, b.ema, b.prev_params, b.prev_ema)
         return self._per_buffer_sum([self._epoch_pass_sums[index] for index in range(len(self._buffers))])
 
-    def _paper_epoch_pass(self) -> torch.Tensor:
-        return self._epoch_pass("epoch_end")
+    def _paper_epoch_pass(self, enabled: torch.Tensor | None = None) -> torch.Tensor:
+        return self._epoch_pass("epoch_end", enabled)
 
-    def _measure_epoch(self) -> torch.Tensor:
-        return self._epoch_pass("epoch_measure")
+    def _measure_epoch(self, enabled: torch.Tensor | None = None) -> torch.Tensor:
+        return self._epoch_pass("epoch_measure", enabled)
 
-    def _commit_epoch(self, rolled_back: torch.Tensor) -> None:
+    def _commit_epoch(self, rolled_back: torch.Tensor, enabled: torch.Tensor | None = None) -> None:
         for b in self._buffers:
-            self._backends[b.device].epoch_commit(b.param, b.prev_params, _on(rolled_back, b.device))
+            flag = None if enabled is None else _on(enabled, b.device)
+            self._backends[b.device].epoch_commit(b.param, b.prev_params, _on(rolled_back, b.device), flag)
 
     def _snapshot_params(self) -> None:
         for buffer in self._buffers:
@@ -525,8 +603,9 @@ class BB(torch.optim.Optimizer):
         A float, not a tensor: learning-rate monitors (Lightning's, Hugging Face's) log ``group["lr"]`` and keep it;
         a live tensor updated in place would rewrite their history and warns when they copy it. Reading the rate
         synchronises with the device, so this runs only where the rate changes (epoch ends, loading, construction),
-        never in a step; ``lr_tensor`` stays the sync-free way to read it."""
-        self._shown_lr = float(self._lr_tensor)
+        never in a step; ``lr_tensor`` stays the sync-free way to read it. capturable: the groups show ``lr_tensor``
+        itself (a captured step cannot write a float)."""
+        self._shown_lr = self._lr_tensor if self.capturable else float(self._lr_tensor)
         self._show_lr()
 
     def _show_lr(self) -> None:
@@ -554,6 +633,7 @@ class BB(torch.optim.Optimizer):
         and ``_post_hook`` hooks run as in torch.optim, around the whole dict."""
         if self._closing:
             self._close_epoch()
+        self._read_device_epochs()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = checkpoint.pack(self.param_groups, self.state)
@@ -619,6 +699,10 @@ class BB(torch.optim.Optimizer):
         self.beta = bb["beta"]
         self.tau0, self.tau_min, self.tau_max = bb["tau0"], bb["tau_min"], bb["tau_max"]
         self._control.load_state_dict(bb, self._epoch, self._epoch_buffers)
+        if self._device_epochs is not None:
+            rolled_back = bb["rolled_back_epochs"] if self.safeguard else []
+            self._device_epochs.load(self._epoch, self._step_in_epoch, bb["lr_history"], rolled_back)
+        self._first_step_pending = self._epoch == 0 and self._step_in_epoch == 0
         self._closing = False
         self._epoch_pass_sums = {}
         self._ranks_checked = False  # the loaded steps_per_epoch is checked across ranks at the next step
@@ -663,6 +747,11 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
                 )
             seen[id(p)] = name
     return groups
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _norm(flat: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,18 @@ def bb_ratio(sums: torch.Tensor, steps: int) -> torch.Tensor:
     return sums[0] / (steps * sums[1].abs())
 
 
+def epoch_bound(tau: float, epoch: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """τ/(k+2) for epoch ``k`` as a float64 tensor like ``like``; ``epoch`` may be a device tensor (a step captured
+    in a CUDA graph counts epochs on the device). Both give the same bits: one float64 division."""
+    if isinstance(epoch, torch.Tensor):
+        return tau / (epoch + 2).to(torch.float64)
+    return torch.full_like(like, tau / (epoch + 2))
+
+
 def bb_learning_rate(
     sums: torch.Tensor,
     steps: int,
-    epoch: int,
+    epoch: int | torch.Tensor,
     tau0: float,
     tau_min: float,
     tau_max: float,
@@ -34,7 +42,6 @@ def bb_learning_rate(
     included, gives τ_0/(k+2). Returns a float64 0-dim tensor on ``sums.device``.
     """
     ratio = bb_ratio(sums, steps)
-    divisor = epoch + 2
     # NaN fails both comparisons and 0 fails the lower bound (tau_min > 0), so they take the fallback.
-    inside = (ratio >= tau_min / divisor) & (ratio <= tau_max / divisor)
-    return torch.where(inside, ratio, torch.full_like(ratio, tau0 / divisor))
+    inside = (ratio >= epoch_bound(tau_min, epoch, ratio)) & (ratio <= epoch_bound(tau_max, epoch, ratio))
+    return torch.where(inside, ratio, epoch_bound(tau0, epoch, ratio))

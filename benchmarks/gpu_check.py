@@ -1,7 +1,8 @@
 """GPU check of the Triton backend, for a session with one CUDA GPU (about 3 minutes on an H200).
 
-1. Correctness on the GPU: pytest over ``tests/test_backends.py -k triton`` and ``tests/test_triton_backend.py``
-   (kernels compiled, not interpreted; this includes the ``torch.cuda.set_sync_debug_mode("error")`` test).
+1. Correctness on the GPU: pytest over ``tests/test_backends.py -k triton``, ``tests/test_triton_backend.py`` and
+   ``tests/test_capture.py -k "triton or cuda_graph"`` (kernels compiled, not interpreted; this includes the
+   ``torch.cuda.set_sync_debug_mode("error")`` test and a whole training step replayed from a CUDA graph).
 2. No host sync at full size: ResNet-50 steps and epoch ends with GradScaler tensors under
    ``set_sync_debug_mode("error")``.
 3. int64 offsets at real size: one fp32 buffer of 2**31 + 1000 elements (about 52 GB of GPU memory),
@@ -72,9 +73,10 @@ class Report:
 
 # ----------------------------------------------------------------------------------------------- checks
 def run_tests(report: Report) -> None:
-    # -k matches module names too: every test of test_triton_backend.py, and test_backends.py's triton cases.
-    command = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", "triton"]
-    command += ["tests/test_backends.py", "tests/test_triton_backend.py"]
+    # -k matches module names too: every test of test_triton_backend.py, the other files' triton cases, and the
+    # CUDA-graph replay of a whole training step.
+    command = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", "triton or cuda_graph"]
+    command += ["tests/test_backends.py", "tests/test_triton_backend.py", "tests/test_capture.py"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("TRITON_INTERPRET", None)
     start = time.perf_counter()

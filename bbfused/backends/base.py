@@ -45,11 +45,16 @@ class Backend(Protocol):
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Epoch-end pass over n elements; returns float64 (2,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev)]``.
 
         In the same pass: prev_params ← θ, prev_ema ← g, g ← 0. Deterministic: the same inputs give the
         same bits. prev_params has the parameter dtype, prev_ema the ema dtype.
+
+        ``enabled`` (every pass): None runs the pass; a bool 0-dim tensor on the device runs it only when true,
+        read there (no host sync): false writes nothing and returns zeros. A step captured in a CUDA graph
+        carries its epoch end this way (``BB(capturable=True)``).
         """
         ...
 
@@ -59,13 +64,20 @@ class Backend(Protocol):
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The safeguarded epoch end's first pass: float64 (4,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev),
         ‖θ‖², ‖g‖²]`` (the last two may be summed in the state dtype); in the same pass prev_ema ← g, g ← 0.
         prev_params is not written: a rollback restores it. Deterministic."""
         ...
 
-    def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
+    def epoch_commit(
+        self,
+        param: torch.Tensor,
+        prev_params: torch.Tensor,
+        rolled_back: torch.Tensor,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
         """The second pass, a copy: prev_params ← θ, or θ ← prev_params when ``rolled_back`` (a bool 0-dim tensor
         on the device, read there: no host sync)."""
         ...

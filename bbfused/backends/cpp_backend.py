@@ -169,7 +169,10 @@ class CppBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if _skipped(enabled):
+            return torch.zeros(2, dtype=torch.float64)
         return torch.ops.bbfused.cpp_epoch_end(param, ema, prev_params, prev_ema)
 
     def epoch_measure(
@@ -178,8 +181,23 @@ class CppBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if _skipped(enabled):
+            return torch.zeros(4, dtype=torch.float64)
         return torch.ops.bbfused.cpp_epoch_measure(param, ema, prev_params, prev_ema)
 
-    def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
-        torch.ops.bbfused.cpp_epoch_commit(param, prev_params, rolled_back)
+    def epoch_commit(
+        self,
+        param: torch.Tensor,
+        prev_params: torch.Tensor,
+        rolled_back: torch.Tensor,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
+        if not _skipped(enabled):
+            torch.ops.bbfused.cpp_epoch_commit(param, prev_params, rolled_back)
+
+
+def _skipped(enabled: torch.Tensor | None) -> bool:
+    """A pass turned off by its flag. The kernels run on CPU tensors, so reading the flag costs no device sync."""
+    return enabled is not None and not bool(enabled)

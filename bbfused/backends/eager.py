@@ -50,14 +50,15 @@ class EagerBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         delta_theta = param.double() - prev_params.double()
         delta_ema = ema.double() - prev_ema.double()
         sums = torch.stack([torch.dot(delta_theta, delta_theta), torch.dot(delta_theta, delta_ema)])
-        prev_params.copy_(param)
-        prev_ema.copy_(ema)
-        ema.zero_()
-        return sums
+        _write_if(enabled, prev_params, param)
+        _write_if(enabled, prev_ema, ema)
+        _write_if(enabled, ema, torch.zeros_like(ema))
+        return _sums_if(enabled, sums)
 
     def epoch_measure(
         self,
@@ -65,6 +66,7 @@ class EagerBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         theta = param.double()
         g = ema.double()
@@ -78,14 +80,35 @@ class EagerBackend:
                 torch.dot(g, g),
             ]
         )
-        prev_ema.copy_(ema)
-        ema.zero_()
-        return sums
+        _write_if(enabled, prev_ema, ema)
+        _write_if(enabled, ema, torch.zeros_like(ema))
+        return _sums_if(enabled, sums)
 
-    def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
+    def epoch_commit(
+        self,
+        param: torch.Tensor,
+        prev_params: torch.Tensor,
+        rolled_back: torch.Tensor,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
         flag = rolled_back.reshape(())
+        if enabled is not None:
+            flag = flag & enabled.reshape(())
         torch.where(flag, prev_params, param, out=param)
-        prev_params.copy_(param)
+        _write_if(enabled, prev_params, param)
+
+
+def _write_if(enabled: torch.Tensor | None, target: torch.Tensor, value: torch.Tensor) -> None:
+    """target ← value, or (``enabled`` given) only where the flag on the device is set: no host read."""
+    if enabled is None:
+        target.copy_(value)
+    else:
+        torch.where(enabled.reshape(()), value, target, out=target)
+
+
+def _sums_if(enabled: torch.Tensor | None, sums: torch.Tensor) -> torch.Tensor:
+    """A disabled pass returns zeros, as the fused backends do."""
+    return sums if enabled is None else torch.where(enabled.reshape(()), sums, torch.zeros_like(sums))
 
 
 def unavailable_reason(device: torch.device) -> str | None:

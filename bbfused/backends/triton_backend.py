@@ -153,6 +153,17 @@ def _step_kernel(
 
 
 @triton.jit
+def _enabled(enabled_ptr, HAS_ENABLED: tl.constexpr):
+    """Whether an epoch-end launch does its work: always, or (HAS_ENABLED) when the flag on the device is set, so
+    that a step captured in a CUDA graph can carry the epoch end and replay it only at the epoch's last step."""
+    if HAS_ENABLED:
+        go = tl.load(enabled_ptr) != 0
+    else:
+        go = tl.full((), 1, tl.int1)
+    return go
+
+
+@triton.jit
 def _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask):
     """The epoch end over the elements ``offsets`` (``mask`` as in _step_block); returns their two sums."""
     theta = _load(param_ptr + offsets, mask)
@@ -172,25 +183,29 @@ def _epoch_end_kernel(
     prev_params_ptr,
     prev_ema_ptr,
     partials_ptr,
+    enabled_ptr,
     n_elements,
+    HAS_ENABLED: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """This block's ‖Δθ‖² and Δθᵀy into slots [pid] and [num_programs + pid]; θ_prev ← θ, g_prev ← g, g ← 0.
 
     The differences and sums are float64 (the eager reference's precision); each program writes its own
-    slots, so the result does not depend on scheduling (no atomics).
+    slots, so the result does not depend on scheduling (no atomics). With HAS_ENABLED, a zero flag at
+    enabled_ptr makes the launch write nothing (a captured step's epoch end, see _enabled).
     """
-    start = _block_start(USE_INT64, BLOCK)
-    offsets = start + tl.arange(0, BLOCK)
-    if n_elements - start >= BLOCK:  # as in _step_kernel
-        sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
-    else:
-        mask = offsets < n_elements
-        sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
-    pid = tl.program_id(0)
-    tl.store(partials_ptr + pid, sq_norm)
-    tl.store(partials_ptr + tl.num_programs(0) + pid, dot)
+    if _enabled(enabled_ptr, HAS_ENABLED):
+        start = _block_start(USE_INT64, BLOCK)
+        offsets = start + tl.arange(0, BLOCK)
+        if n_elements - start >= BLOCK:  # as in _step_kernel
+            sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
+        else:
+            mask = offsets < n_elements
+            sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
+        pid = tl.program_id(0)
+        tl.store(partials_ptr + pid, sq_norm)
+        tl.store(partials_ptr + tl.num_programs(0) + pid, dot)
 
 
 @triton.jit
@@ -218,25 +233,29 @@ def _epoch_measure_kernel(
     prev_params_ptr,
     prev_ema_ptr,
     partials_ptr,
+    enabled_ptr,
     n_elements,
+    HAS_ENABLED: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """This block's ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · num_programs + pid] (no atomics: deterministic);
-    g_prev ← g, g ← 0. θ_prev is left for the second pass (a rollback restores it)."""
-    start = _block_start(USE_INT64, BLOCK)
-    offsets = start + tl.arange(0, BLOCK)
-    if n_elements - start >= BLOCK:  # as in _step_kernel
-        a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
-    else:
-        mask = offsets < n_elements
-        a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    tl.store(partials_ptr + pid, a)
-    tl.store(partials_ptr + programs + pid, b)
-    tl.store(partials_ptr + 2 * programs + pid, c)
-    tl.store(partials_ptr + 3 * programs + pid, d)
+    g_prev ← g, g ← 0. θ_prev is left for the second pass (a rollback restores it). HAS_ENABLED: as in
+    _epoch_end_kernel."""
+    if _enabled(enabled_ptr, HAS_ENABLED):
+        start = _block_start(USE_INT64, BLOCK)
+        offsets = start + tl.arange(0, BLOCK)
+        if n_elements - start >= BLOCK:  # as in _step_kernel
+            a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
+        else:
+            mask = offsets < n_elements
+            a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        tl.store(partials_ptr + pid, a)
+        tl.store(partials_ptr + programs + pid, b)
+        tl.store(partials_ptr + 2 * programs + pid, c)
+        tl.store(partials_ptr + 3 * programs + pid, d)
 
 
 @triton.jit
@@ -252,19 +271,23 @@ def _epoch_commit_kernel(
     param_ptr,
     prev_params_ptr,
     rolled_back_ptr,
+    enabled_ptr,
     n_elements,
+    HAS_ENABLED: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The second pass, a copy: θ_prev ← θ, or θ ← θ_prev when the rollback flag (read on the device) is set."""
-    restore = tl.load(rolled_back_ptr) != 0
-    start = _block_start(USE_INT64, BLOCK)
-    offsets = start + tl.arange(0, BLOCK)
-    if n_elements - start >= BLOCK:
-        _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, None)
-    else:
-        mask = offsets < n_elements
-        _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, mask)
+    """The second pass, a copy: θ_prev ← θ, or θ ← θ_prev when the rollback flag (read on the device) is set.
+    HAS_ENABLED: as in _epoch_end_kernel."""
+    if _enabled(enabled_ptr, HAS_ENABLED):
+        restore = tl.load(rolled_back_ptr) != 0
+        start = _block_start(USE_INT64, BLOCK)
+        offsets = start + tl.arange(0, BLOCK)
+        if n_elements - start >= BLOCK:
+            _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, None)
+        else:
+            mask = offsets < n_elements
+            _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, mask)
 
 
 # Whether triton.jit built the kernels for the interpreter: TRITON_INTERPRET=1 counts only if it was set
@@ -304,19 +327,24 @@ def _check_flat(operation: str, tensors: dict[str, torch.Tensor], dtypes: dict[s
             )
 
 
-def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev_ema) -> torch.Tensor:
+def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev_ema, enabled) -> torch.Tensor:
     """Launch an epoch-end ``kernel`` that writes ``rows`` per-block float64 partials; their sums, (rows,).
 
-    Summing a fixed-length float64 tensor gives the same bits every run; an empty buffer sums to zeros."""
+    Summing a fixed-length float64 tensor gives the same bits every run; an empty buffer sums to zeros. With
+    ``enabled`` false the partials are left as they were (zeros) and nothing else is written."""
     state = state_dtype(param.dtype)
     _check_flat(
         operation,
         {"param": param, "ema": ema, "prev_params": prev_params, "prev_ema": prev_ema},
         {"param": param.dtype, "ema": state, "prev_params": param.dtype, "prev_ema": state},
     )
+    if enabled is not None:
+        _check_scalar(operation, "enabled", enabled, param.device)
     n_elements = param.numel()
     programs = triton.cdiv(n_elements, BLOCK_SIZE)
-    partials = torch.empty((rows, programs), dtype=torch.float64, device=param.device)
+    partials = (torch.empty if enabled is None else torch.zeros)(
+        (rows, programs), dtype=torch.float64, device=param.device
+    )
     if programs:
         with _on_device(param.device):
             kernel[(programs,)](
@@ -325,7 +353,9 @@ def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev
                 prev_params,
                 prev_ema,
                 partials,
+                enabled,
                 n_elements,
+                HAS_ENABLED=enabled is not None,
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
                 num_warps=NUM_WARPS,
@@ -401,12 +431,13 @@ class TritonBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One launch writing per-block float64 partials, summed in a fixed order on the device.
 
         Returns float64 (2,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev)]`` without synchronising.
         """
-        return _epoch_sums(_epoch_end_kernel, 2, "epoch_end", param, ema, prev_params, prev_ema)
+        return _epoch_sums(_epoch_end_kernel, 2, "epoch_end", param, ema, prev_params, prev_ema, enabled)
 
     def epoch_measure(
         self,
@@ -414,11 +445,18 @@ class TritonBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One launch writing per-block float64 partials, summed in a fixed order on the device (no sync)."""
-        return _epoch_sums(_epoch_measure_kernel, 4, "epoch_measure", param, ema, prev_params, prev_ema)
+        return _epoch_sums(_epoch_measure_kernel, 4, "epoch_measure", param, ema, prev_params, prev_ema, enabled)
 
-    def epoch_commit(self, param: torch.Tensor, prev_params: torch.Tensor, rolled_back: torch.Tensor) -> None:
+    def epoch_commit(
+        self,
+        param: torch.Tensor,
+        prev_params: torch.Tensor,
+        rolled_back: torch.Tensor,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
         """One launch; the rollback flag is read on the device."""
         _check_flat(
             "epoch_commit",
@@ -426,6 +464,8 @@ class TritonBackend:
             {"param": param.dtype, "prev_params": param.dtype},
         )
         _check_scalar("epoch_commit", "rolled_back", rolled_back, param.device)
+        if enabled is not None:
+            _check_scalar("epoch_commit", "enabled", enabled, param.device)
         n_elements = param.numel()
         if n_elements == 0:
             return
@@ -434,7 +474,9 @@ class TritonBackend:
                 param,
                 prev_params,
                 rolled_back,
+                enabled,
                 n_elements,
+                HAS_ENABLED=enabled is not None,
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
                 num_warps=NUM_WARPS,

@@ -1,0 +1,263 @@
+"""``BB(capturable=True)``: a training step whose epoch end is device work, so that a CUDA graph can replay it.
+
+On the CPU: the capturable step follows the host-counted trajectory bit for bit (rollbacks included), reads
+nothing back to the host after its first call, and leaves every piece of host state and every state tensor's
+identity unchanged, which is what a graph replay (kernels only, no Python) needs. With CUDA: a real capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+from test_control import BACKENDS
+
+import bbfused.optimizer
+from bbfused import BB
+from bbfused.backends.eager import EagerBackend
+
+STEPS = 5
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+
+
+def _build(model: torch.nn.Module, capturable: bool, safeguard: bool, backend: str, lr: float) -> BB:
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 1e-3},
+        {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")]},
+    ]
+    opt = BB(groups, lr=lr, steps_per_epoch=STEPS, backend=backend, safeguard=safeguard, capturable=capturable)
+    opt.track_buffers(model)
+    return opt
+
+
+def _step(model: torch.nn.Module, opt: BB, step: int) -> None:
+    x, y = _batch(step)
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step(loss=loss)
+
+
+def _run(capturable: bool, safeguard: bool, backend: str, lr: float, steps: int) -> tuple[torch.nn.Module, BB]:
+    model = _model()
+    opt = _build(model, capturable, safeguard, backend, lr)
+    for step in range(steps):
+        _step(model, opt, step)
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("safeguard", [True, False])
+@pytest.mark.parametrize("lr", [0.3, 30.0])
+def test_capturable_step_follows_the_host_counted_trajectory(backend: str, safeguard: bool, lr: float) -> None:
+    """Same weights, BatchNorm statistics, rates, rollbacks and checkpoint after 6 epochs and 2 steps; η0 = 30
+    makes the safeguard roll epochs back (the device-side rollback and history are exercised)."""
+    steps = 6 * STEPS + 2
+    model, opt = _run(False, safeguard, backend, lr, steps)
+    captured_model, captured = _run(True, safeguard, backend, lr, steps)
+    for a, b in zip(model.state_dict().values(), captured_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert captured.lr_history == opt.lr_history and len(opt.lr_history) == 6
+    assert captured.rolled_back_epochs == opt.rolled_back_epochs
+    if safeguard and lr > 1:
+        assert opt.rolled_back_epochs, "the large rate was meant to trigger a rollback"
+    assert (captured.epoch, captured.step_in_epoch) == (opt.epoch, opt.step_in_epoch) == (6, 2)
+    assert captured.lr == opt.lr
+    saved, captured_saved = opt.state_dict(), captured.state_dict()
+    buffers, captured_buffers = saved["bb"].pop("model_buffers", []), captured_saved["bb"].pop("model_buffers", [])
+    assert saved["bb"] == captured_saved["bb"]
+    assert all(torch.equal(a, b) for a, b in zip(buffers, captured_buffers))
+    for a, b in zip(saved["state"].values(), captured_saved["state"].values()):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_checkpoints_move_between_capturable_and_host_counted(safeguard: bool) -> None:
+    """A capturable run saved mid-epoch resumes in either mode, and a host-counted one in a capturable
+    optimizer; all continue exactly as the uninterrupted run."""
+    total, cut = 4 * STEPS + 1, 2 * STEPS + 3
+    reference_model, reference = _run(False, safeguard, "eager", 30.0, total)
+    for saving, resuming in ((True, False), (False, True), (True, True)):
+        model, opt = _run(saving, safeguard, "eager", 30.0, cut)
+        saved = copy.deepcopy(opt.state_dict())
+        resumed = _build(model, resuming, safeguard, "eager", 0.1)
+        resumed.load_state_dict(saved)
+        for step in range(cut, total):
+            _step(model, resumed, step)
+        assert resumed.lr_history == reference.lr_history
+        assert resumed.rolled_back_epochs == reference.rolled_back_epochs
+        assert (resumed.epoch, resumed.step_in_epoch) == (reference.epoch, reference.step_in_epoch)
+        for a, b in zip(model.state_dict().values(), reference_model.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Make every way of reading a tensor's value on the host raise (a device sync, and a graph breaker)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    names = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _tensor_state(opt: BB) -> dict[str, tuple[int, int]]:
+    """Every state tensor the optimizer, its rate control and its device counters hold: identity and address."""
+    owners = {"opt": vars(opt), "control": vars(opt._control), "epochs": vars(opt._device_epochs)}
+    found = {}
+    for owner, attributes in owners.items():
+        for name, value in attributes.items():
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            for index, tensor in enumerate(values):
+                if isinstance(tensor, torch.Tensor):
+                    found[f"{owner}.{name}[{index}]"] = (id(tensor), tensor.data_ptr())
+    return found
+
+
+def _host_state(opt: BB) -> dict[str, object]:
+    """The host-side values a replay could not update (everything but tensors and the parameter groups' lr)."""
+    skip = {"state", "param_groups", "_buffers", "_backends", "_epoch_buffers"}
+    state = {}
+    for owner, attributes in (("opt", vars(opt)), ("control", vars(opt._control))):
+        for name, value in attributes.items():
+            if name in skip or isinstance(value, torch.Tensor) or callable(value):
+                continue
+            if isinstance(value, (list, dict)) and any(
+                isinstance(v, torch.Tensor) for v in (value.values() if isinstance(value, dict) else value)
+            ):
+                state[f"{owner}.{name}"] = len(value)
+                continue
+            plain = isinstance(value, (int, float, str, tuple, list, dict, type(None)))
+            state[f"{owner}.{name}"] = copy.copy(value) if plain else id(value)
+    return state
+
+
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_capturable_steps_read_nothing_on_the_host_and_change_only_tensors_in_place(safeguard: bool) -> None:
+    """After the first (eager) step, 3 epochs of steps, their epoch ends and rollbacks included, never read a tensor
+    on the host, change no host-side state and re-bind no state tensor: replaying the recorded kernels alone does
+    what calling step() does."""
+    model = _model()
+    opt = _build(model, True, safeguard, "eager", 30.0)
+    _step(model, opt, 0)
+    tensors, host = _tensor_state(opt), _host_state(opt)
+    with _no_host_reads():
+        for step in range(1, 3 * STEPS + 1):
+            _step(model, opt, step)
+            assert _tensor_state(opt) == tensors
+            assert _host_state(opt) == host
+    assert opt.epoch == 3 and opt.step_in_epoch == 1
+    assert opt.param_groups[0]["lr"] is opt.lr_tensor
+    if safeguard:
+        assert opt.rolled_back_epochs  # the device-side rollback ran inside those steps
+
+
+def test_capturable_bad_inputs_name_the_fix(monkeypatch) -> None:
+    model = _model()
+    with pytest.raises(ValueError, match=r"capturable=True needs steps_per_epoch.*Pass steps_per_epoch=T"):
+        BB(model.parameters(), lr=0.1, capturable=True, beta=0.5)
+    with pytest.raises(TypeError, match=r"capturable must be True or False, got 1"):
+        BB(model.parameters(), lr=0.1, steps_per_epoch=3, capturable=1)
+    opt = _build(model, True, True, "eager", 0.1)
+    x, y = _batch(0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"takes the loss as a tensor, got the number 2.5.*loss=loss, not"):
+        opt.step(loss=2.5)
+    monkeypatch.setattr(bbfused.optimizer, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"run at least one step\(\) eagerly before capturing"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    monkeypatch.undo()
+    opt.step()
+    monkeypatch.setattr(bbfused.optimizer, "_capturing", lambda: True)
+    opt.step()  # warmed up: a capture may begin
+    assert opt.step_in_epoch == 2
+
+
+@pytest.mark.parametrize("backend", [EagerBackend(), *BACKENDS], ids=lambda b: b.name)
+def test_epoch_passes_with_a_false_flag_write_nothing(backend) -> None:
+    """The flag a captured step hands the passes: false writes nothing; true is the unflagged pass."""
+    generator = torch.Generator().manual_seed(3)
+    n = 1037
+    buffers = [torch.randn(n, generator=generator) for _ in range(4)]
+    for name in ("epoch_end", "epoch_measure"):
+        off = [b.clone() for b in buffers]
+        sums = getattr(backend, name)(*off, torch.tensor(False))
+        assert all(torch.equal(a, b) for a, b in zip(off, buffers)) and not sums.any()
+        on, plain = [b.clone() for b in buffers], [b.clone() for b in buffers]
+        assert torch.equal(getattr(backend, name)(*on, torch.tensor(True)), getattr(backend, name)(*plain))
+        assert all(torch.equal(a, b) for a, b in zip(on, plain))
+    for rolled_back in (True, False):
+        off = [b.clone() for b in buffers]
+        backend.epoch_commit(off[0], off[2], torch.tensor(rolled_back), torch.tensor(False))
+        assert all(torch.equal(a, b) for a, b in zip(off, buffers))
+        on, plain = [b.clone() for b in buffers], [b.clone() for b in buffers]
+        backend.epoch_commit(on[0], on[2], torch.tensor(rolled_back), torch.tensor(True))
+        backend.epoch_commit(plain[0], plain[2], torch.tensor(rolled_back))
+        assert all(torch.equal(a, b) for a, b in zip(on, plain))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_whole_training_step_replays_in_a_cuda_graph(safeguard: bool) -> None:
+    """Forward, backward and step() (epoch ends included) captured once and replayed for 4 epochs follow the same
+    steps run eagerly with the same optimizer settings."""
+    device = torch.device("cuda")
+    batches = [tuple(t.to(device) for t in _batch(step)) for step in range(4 * STEPS + 1)]
+
+    def make() -> tuple[torch.nn.Module, BB]:
+        model = _model().to(device)
+        return model, _build(model, True, safeguard, "triton", 0.3)
+
+    def train_step(model, opt, x, y) -> None:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+
+    model, opt = make()
+    for x, y in batches:
+        train_step(model, opt, x, y)
+
+    graphed_model, graphed = make()
+    static_x, static_y = (t.clone() for t in batches[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        train_step(graphed_model, graphed, static_x, static_y)  # warm-up: the first step, eagerly
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    static_x.copy_(batches[1][0]), static_y.copy_(batches[1][1])
+    with torch.cuda.graph(graph):
+        train_step(graphed_model, graphed, static_x, static_y)  # capturing runs nothing: replay step 1 too
+    for x, y in batches[1:]:
+        static_x.copy_(x), static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert (graphed.epoch, graphed.step_in_epoch) == (opt.epoch, opt.step_in_epoch) == (4, 1)
+    assert graphed.rolled_back_epochs == opt.rolled_back_epochs
+    torch.testing.assert_close(torch.tensor(graphed.lr_history), torch.tensor(opt.lr_history), rtol=1e-5, atol=0)
+    for a, b in zip(graphed_model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not math.isnan(graphed.lr)
