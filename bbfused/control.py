@@ -134,11 +134,13 @@ def _nan(device: torch.device) -> torch.Tensor:
 
 
 class SafeguardedControl:
-    """The default policy (see the module docstring). All state is on the master device, in tensors that an epoch
-    end updates in place when it is captured in a CUDA graph (``at_end`` given)."""
+    """The default policy (see the module docstring). All state is on the master device, except the count of
+    steps that gave a loss in the current epoch (host-side, as the step count is). ``capturable``: that count is a
+    device tensor too, and every state tensor is updated in place (a step captured in a CUDA graph)."""
 
-    def __init__(self, device: torch.device, numel: int) -> None:
+    def __init__(self, device: torch.device, numel: int, capturable: bool = False) -> None:
         self.device = device
+        self.capturable = capturable
         self.weight_floor = WEIGHT_FLOOR * numel
         # Whether prev_params / prev_ema hold a good epoch end the rule may compare with.
         self.has_snapshot = torch.tensor(False, device=device)
@@ -146,11 +148,11 @@ class SafeguardedControl:
         self.lr_cap = torch.tensor(math.inf, dtype=torch.float64, device=device)
         self.good_lr = _nan(device)  # the rate of the last epoch that was not rolled back
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.loss_steps = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_steps: int | torch.Tensor = torch.zeros((), dtype=torch.float64, device=device) if capturable else 0
         self.initial_loss = _nan(device)  # the first step's loss
         self.best_loss = _nan(device)  # the lowest mean loss of a good epoch whose every step gave one
         self.last_loss = _nan(device)  # the mean loss of the last good epoch (NaN: it did not give one each step)
-        self.last_step_loss = _nan(device)  # the loss of the epoch's last step
+        self.last_step_loss = _nan(device)  # the loss of the epoch's last step (a copy only when capturable)
         # Whether the last epoch was rolled back by a loss test alone: a second one in a row means the snapshot
         # itself is no better (its own loss is high: the damage came in the previous epoch's last steps).
         self.loss_rollback = torch.tensor(False, device=device)
@@ -188,9 +190,15 @@ class SafeguardedControl:
             self.initial_loss.copy_(loss)
 
     def add_loss(self, loss: torch.Tensor) -> None:
+        # One kernel per step; the count and the last loss cost more only where a graph replay needs them on the
+        # device.
         self.loss_sum.add_(loss)
-        self.loss_steps.add_(1)
-        self.last_step_loss.copy_(loss)
+        if self.capturable:
+            self.loss_steps.add_(1)
+            self.last_step_loss.copy_(loss)
+        else:
+            self.loss_steps += 1
+            self.last_step_loss = loss
 
     # ------------------------------------------------------------------ epoch end
     def _epoch_loss(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,9 +208,11 @@ class SafeguardedControl:
         totals = torch.stack(
             [
                 self.loss_sum,
-                self.loss_steps,
+                torch.full_like(self.loss_sum, self.loss_steps)
+                if isinstance(self.loss_steps, int)
+                else self.loss_steps,
                 torch.nan_to_num(self.initial_loss),
-                self.last_step_loss,
+                self.last_step_loss.to(self.loss_sum.dtype),
             ]
         )
         initial, last = self.initial_loss, totals[3]
@@ -306,8 +316,8 @@ class SafeguardedControl:
         if at_end is None:
             self.rolled_back.append(diverged)
             self.loss_sum.zero_()
-            self.loss_steps.zero_()
-            self.last_step_loss.fill_(math.nan)
+            self.loss_steps = 0
+            self.last_step_loss = _nan(self.device)
         else:
             self.loss_sum.masked_fill_(at_end, 0.0)
             self.loss_steps.masked_fill_(at_end, 0.0)
@@ -347,7 +357,10 @@ class SafeguardedControl:
         rolled_back = set(state["rolled_back_epochs"])
         self.rolled_back = [torch.tensor(e in rolled_back, device=device) for e in range(epoch)]
         self.loss_sum.fill_(state["loss_sum"])
-        self.loss_steps.fill_(state["loss_steps"])
+        if self.capturable:
+            self.loss_steps.fill_(state["loss_steps"])
+        else:
+            self.loss_steps = state["loss_steps"]
         self.loss_rollback = torch.tensor(state["loss_rollback"], device=device)
         for name in ("initial_loss", "best_loss", "last_loss", "good_lr"):
             value = state[name]

@@ -201,8 +201,9 @@ class BB(torch.optim.Optimizer):
         self._lr_tensor = self._lr_tensors[devices[0]]
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
         # The rate control: the paper's eq. 13, or the safeguarded policy (bbfused.control) that owns the rollback.
-        control_class = SafeguardedControl if safeguard else PaperControl
-        self._control = control_class(devices[0], numel)
+        self._control = (
+            SafeguardedControl(devices[0], numel, capturable) if safeguard else PaperControl(devices[0], numel)
+        )
         self._epoch_buffers = self._make_epoch_buffers()
         # With the default rate control, a gradient value that is not finite skips its element's update (the
         # weights stay finite: one bad value does not cost the epoch); counted per device, read on demand.
