@@ -171,7 +171,7 @@ def test_int64_offsets_chosen_exactly_when_needed() -> None:
 
 
 # ------------------------------------------------------------------------------------------ specialization
-CONSTEXPRS = {"HAS_SCALE", "HAS_FOUND_INF", "SKIP_NONFINITE", "USE_INT64", "BLOCK"}
+CONSTEXPRS = {"HAS_SCALE", "HAS_FOUND_INF", "SKIP_NONFINITE", "HAS_ENABLED", "USE_INT64", "BLOCK"}
 
 
 def specialization_binder(kernel, specialize_n: bool = False):
@@ -245,10 +245,18 @@ kernels = {
              {"HAS_SCALE": True, "HAS_FOUND_INF": True, "SKIP_NONFINITE": False}),
     "step_skipping_nonfinite": (tb._step_kernel, step_pointers, step_scalars,
              {"HAS_SCALE": True, "HAS_FOUND_INF": True, "SKIP_NONFINITE": True}),
-    "epoch_end": (tb._epoch_end_kernel, [param, ema, param, ema, "fp64"], {"n_elements": "i32"}, {}),
-    "epoch_measure": (tb._epoch_measure_kernel, [param, ema, param, ema, "fp64"], {"n_elements": "i32"}, {}),
-    "epoch_commit": (tb._epoch_commit_kernel, [param, param, "i1"], {"n_elements": "i32"}, {}),
 }
+# Each epoch-end kernel plain, and flagged as a captured step launches it (the flag is one scalar load).
+for flagged in (False, True):
+    suffix = "_flagged" if flagged else ""
+    kernels |= {
+        "epoch_end" + suffix: (tb._epoch_end_kernel, [param, ema, param, ema, "fp64", "i1"],
+                               {"n_elements": "i32"}, {"HAS_ENABLED": flagged}),
+        "epoch_measure" + suffix: (tb._epoch_measure_kernel, [param, ema, param, ema, "fp64", "i1"],
+                                   {"n_elements": "i32"}, {"HAS_ENABLED": flagged}),
+        "epoch_commit" + suffix: (tb._epoch_commit_kernel, [param, param, "i1", "i1"],
+                                  {"n_elements": "i32"}, {"HAS_ENABLED": flagged}),
+    }
 report = {}
 for name, (kernel, pointers, scalars, flags) in kernels.items():
     names = kernel.arg_names
@@ -274,7 +282,8 @@ SIGNATURE_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16:
 def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
     """Step: read θ, grad, g and write θ, g (also when skipping non-finite values: the count is per block);
     epoch end: read θ, g, θprev, gprev and write θprev, gprev, g; the default's epoch end: read θ, g, θprev,
-    gprev and write gprev, g, then one copy (θ → θprev, or back: both branches are in the code).
+    gprev and write gprev, g, then one copy (θ → θprev, or back: both branches are in the code). The flagged
+    epoch-end kernels a captured step launches compile to the same accesses behind one scalar flag load.
 
     Checked on the compiled kernels (sm_90): in the Triton IR, each of the two paths (full block, partial
     block) has exactly these block accesses; in the PTX, the full-block path moves exactly these bytes per
@@ -300,13 +309,14 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
         "epoch_measure": {"loads": [p, e, p, e], "stores": [e, e]},
         "epoch_commit": {"loads": [p, p], "stores": [p, p]},
     }
+    expected |= {f"{name}_flagged": accesses for name, accesses in expected.items() if name.startswith("epoch")}
     threads = tb.NUM_WARPS * 32
     size = {p: dtype.itemsize, e: ema.itemsize}
     for kernel, accesses in expected.items():
         for kind, types in accesses.items():
             assert report[kernel][kind] == types + types, (kernel, kind)  # full-block path, then partial
             # The commit's two branches copy opposite ways; the PTX selects the pointers: one load, one store.
-            moved = types[:1] if kernel == "epoch_commit" else types
+            moved = types[:1] if kernel.startswith("epoch_commit") else types
             per_element = sum(size[t] for t in moved)
             vector_bytes = report[kernel][f"vector_{kind[:-1]}_bytes"] * threads / tb.BLOCK_SIZE
             assert vector_bytes == per_element, (kernel, kind)
