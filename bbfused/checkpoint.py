@@ -252,13 +252,15 @@ def check_param_state(state_dict: dict[str, Any], param_groups: list[dict[str, A
     return copies
 
 
-def pack(param_groups: list[dict[str, Any]], state: dict[torch.Tensor, Any]) -> dict[str, Any]:
+def pack(param_groups: list[dict[str, Any]], state: dict[Any, Any]) -> dict[str, Any]:
     """torch.optim's state-dict layout (without its hooks, which ``BB.state_dict`` runs around the whole dict):
-    each parameter as its index in group order, the state keyed by that index."""
+    each parameter as its index in group order, the state keyed by that index. A key of ``state`` that is not a
+    tensor (what a state-dict pre hook may add) is kept as it is, as torch.optim keeps it."""
     index: dict[int, int] = {}
     groups = []
     for group in param_groups:
         packed = {key: value for key, value in group.items() if key != "params"}
         packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
         groups.append(packed)
-    return {"state": {index[id(p)]: value for p, value in state.items()}, "param_groups": groups}
+    packed_state = {(index[id(key)] if isinstance(key, torch.Tensor) else key): value for key, value in state.items()}
+    return {"state": packed_state, "param_groups": groups}

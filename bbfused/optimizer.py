@@ -685,6 +685,11 @@ class BB(torch.optim.Optimizer):
         with torch.no_grad():
             for p, state_key, value in copies:
                 self.state[p][state_key].copy_(value)
+        # Entries of the saved state that belong to no parameter (a state-dict pre hook's) come back, as in torch.optim.
+        saved_params = {key for saved in state_dict["param_groups"] for key in saved["params"]}
+        for key, value in state_dict["state"].items():
+            if key not in saved_params:
+                self.state[key] = value
             for lr_tensor in self._lr_tensors.values():
                 lr_tensor.fill_(bb["lr"])
             self._publish_lr()

@@ -337,6 +337,28 @@ def test_load_state_dict_rejects_other_models_before_writing() -> None:
         grouped.load_state_dict(plain)
 
 
+def test_state_entries_that_are_not_parameters_round_trip_as_in_torch_optim() -> None:
+    """torch.optim keeps an ``opt.state`` entry that is no parameter (what a state-dict pre hook adds) in the state
+    dict under its own key, and load_state_dict puts it back: BB does what torch.optim.SGD does."""
+    results = []
+    for make in (
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        lambda params: BB(params, lr=0.1, steps_per_epoch=4, backend="eager"),
+    ):
+        model = torch.nn.Linear(3, 2)
+        opt = make(list(model.parameters()))
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        opt.state["note"] = {"epoch": 3}
+        state = opt.state_dict()
+        fresh = make(list(torch.nn.Linear(3, 2).parameters()))
+        fresh.load_state_dict(state)
+        results.append((sorted(state["state"], key=str), state["state"]["note"], fresh.state["note"]))
+    (sgd_keys, *sgd_note), (bb_keys, *bb_note) = results
+    assert bb_note == sgd_note == [{"epoch": 3}, {"epoch": 3}]
+    assert (sgd_keys, bb_keys) == (["note"], [0, 1, "note"])  # SGD without momentum keeps no state per parameter
+
+
 # ------------------------------------------------------------------------------------ flat buffers
 def test_parameters_and_gradients_are_views_of_flat_buffers() -> None:
     conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
