@@ -685,14 +685,14 @@ class BB(torch.optim.Optimizer):
         with torch.no_grad():
             for p, state_key, value in copies:
                 self.state[p][state_key].copy_(value)
+            for lr_tensor in self._lr_tensors.values():
+                lr_tensor.fill_(bb["lr"])
+            self._publish_lr()
         # Entries of the saved state that belong to no parameter (a state-dict pre hook's) come back, as in torch.optim.
         saved_params = {key for saved in state_dict["param_groups"] for key in saved["params"]}
         for key, value in state_dict["state"].items():
             if key not in saved_params:
                 self.state[key] = value
-            for lr_tensor in self._lr_tensors.values():
-                lr_tensor.fill_(bb["lr"])
-            self._publish_lr()
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
             group["weight_decay"] = _check_weight_decay(group["weight_decay"], "")  # checked above: a float now
