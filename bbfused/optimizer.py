@@ -272,18 +272,22 @@ class BB(torch.optim.Optimizer):
         (``copy.deepcopy((model, opt))``, or pickle both in one object) so that the copy drives the copied model;
         the copied parameters become views of the copy's buffers, and the copy continues exactly as the original."""
         state = {key: value for key, value in self.__dict__.items() if key not in self._NOT_COPIED}
+        # Entries of opt.state that belong to no parameter (a state-dict hook's) travel, as torch.optim copies them.
+        state["_state_extras"] = {key: value for key, value in self.state.items() if not isinstance(key, torch.Tensor)}
         state["_active_backends"] = {device: backend.name for device, backend in self._backends.items()}
         state["_group_lrs_were_intact"] = self._group_lrs_intact()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
+        extras = state.pop("_state_extras", {})
         active = state.pop("_active_backends")
         intact = state.pop("_group_lrs_were_intact")
         super().__setstate__(state)  # torch.optim's part: empty hook tables, the step hooks' wrapper
         self._backends = {device: load_backend(name, device) for device, name in active.items()}
         self._epoch_buffers = self._make_epoch_buffers()
         self._index_state()
+        self.state.update(extras)
         if intact:
             self._show_lr()  # a pickled copy's groups hold equal floats, not the shown one: the copy would warn
 

@@ -105,6 +105,19 @@ def test_copy_of_model_and_optimizer_continues_exactly(make_copy, safeguard: boo
     _same_run(model, opt, twin_model, twin)
 
 
+@pytest.mark.parametrize(
+    "make_copy", [copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))], ids=["deepcopy", "pickle"]
+)
+def test_copy_keeps_state_entries_that_are_not_parameters(make_copy) -> None:
+    """What a state-dict hook keeps in opt.state under its own key survives a copy, as with torch.optim."""
+    model = _model()
+    opt = _optimizer(model)
+    opt.state["ema_decay"] = {"value": 0.999}
+    _, copied = make_copy((model, opt))
+    assert copied.state["ema_decay"] == {"value": 0.999}
+    assert len(copied.state) == len(opt.state) and copied.state_dict()["state"]["ema_decay"] == {"value": 0.999}
+
+
 def test_copy_keeps_which_gradients_count_and_drops_hooks() -> None:
     model = torch.nn.Linear(3, 2)
     opt = BB(model.parameters(), lr=0.5, steps_per_epoch=10, backend="eager")
