@@ -5,6 +5,11 @@ Version 2 (current) adds the rate control's state: the initial loss, the best an
 last epoch was rolled back by a loss test, and the snapshots of the model buffers BB tracks. Version 1
 state dicts, with or without the safeguard's keys, are upgraded on load by :func:`upgrade`; every value is
 checked before the optimizer writes anything.
+
+``join_epochs`` (per parameter group, the first epoch whose end's rate estimate includes it; see
+``BB.add_param_group``) came with adding groups after construction. It is optional within version 2: a state dict
+without it was saved before groups could be added, so every group is a constructor's group, in the estimate from
+the start (all 0).
 """
 
 from __future__ import annotations
@@ -151,6 +156,20 @@ def read_bb(state_dict: Any) -> dict[str, Any]:
         raise ValueError(f"corrupt state dict: the 'bb' entry lacks {', '.join(missing)}")
     check_schedule(bb)
     check_control(bb)
+    return check_join_epochs(bb, len(state_dict["param_groups"]))
+
+
+def check_join_epochs(bb: dict[str, Any], groups: int) -> dict[str, Any]:
+    """``bb`` with a checked ``join_epochs`` for ``groups`` parameter groups (a new dict when it had none)."""
+    if "join_epochs" not in bb:
+        return {**bb, "join_epochs": [0] * groups}
+    join_epochs = bb["join_epochs"]
+    if not isinstance(join_epochs, list) or any(not is_int(e) or e < 0 for e in join_epochs):
+        raise ValueError(f"corrupt state dict: join_epochs must be a list of ints >= 0, got {join_epochs!r}")
+    if len(join_epochs) != groups:
+        raise ValueError(
+            f"corrupt state dict: join_epochs lists {len(join_epochs)} parameter groups, param_groups {groups}"
+        )
     return bb
 
 
@@ -227,14 +246,16 @@ def check_param_state(state_dict: dict[str, Any], param_groups: list[dict[str, A
     if len(saved_groups) != len(param_groups):
         raise ValueError(
             f"the state dict has {len(saved_groups)} parameter groups, this optimizer {len(param_groups)}; "
-            f"build the optimizer with the same groups as the saved one"
+            f"build the optimizer with the same groups as the saved one, and add the groups it added "
+            f"(add_param_group) before load_state_dict()"
         )
     copies = []
     for group_index, (group, saved) in enumerate(zip(param_groups, saved_groups)):
         if len(group["params"]) != len(saved["params"]):
             raise ValueError(
                 f"param_groups[{group_index}] has {len(group['params'])} parameters, the state dict "
-                f"{len(saved['params'])}; build the optimizer over the same model as the saved one"
+                f"{len(saved['params'])}; build the optimizer over the same model as the saved one (with the same "
+                f"groups, added ones included)"
             )
         check_weight_decay(saved["weight_decay"], f" of the saved param_groups[{group_index}]")
         for p, key, name in zip(group["params"], saved["params"], names(group_index)):

@@ -103,6 +103,9 @@ class PaperControl:
     def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
         pass
 
+    def add_params(self, numel: int, snapshot_sq_norm: torch.Tensor) -> None:
+        pass
+
     def add_loss(self, loss: torch.Tensor) -> None:
         pass
 
@@ -141,6 +144,7 @@ class SafeguardedControl:
     def __init__(self, device: torch.device, numel: int, capturable: bool = False) -> None:
         self.device = device
         self.capturable = capturable
+        self.numel = numel
         self.weight_floor = WEIGHT_FLOOR * numel
         # Whether prev_params / prev_ema hold a good epoch end the rule may compare with.
         self.has_snapshot = torch.tensor(False, device=device)
@@ -188,6 +192,14 @@ class SafeguardedControl:
         # updated BatchNorm's running statistics by now.
         if loss is not None:
             self.initial_loss.copy_(loss)
+
+    def add_params(self, numel: int, snapshot_sq_norm: torch.Tensor) -> None:
+        """``numel`` parameters were added (``BB.add_param_group``) with their snapshot taken now, whose ‖·‖² is
+        ``snapshot_sq_norm``: the weight growth test compares the next epoch end's ‖θ‖², which includes them, with a
+        reference and a floor that include them too (before the first step, first_step() takes the reference)."""
+        self.numel += numel
+        self.weight_floor = WEIGHT_FLOOR * self.numel
+        self.snapshot_sq_norm = self.snapshot_sq_norm + snapshot_sq_norm
 
     def add_loss(self, loss: torch.Tensor) -> None:
         # One kernel per step; the count and the last loss cost more only where a graph replay needs them on the

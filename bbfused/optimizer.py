@@ -19,7 +19,7 @@ from .checkpoint import check_weight_decay as _check_weight_decay
 from .checkpoint import is_real as _is_real
 from .control import EpochBuffers, PaperControl, SafeguardedControl
 from .diagnostics import warn
-from .distributed import check_steps_per_epoch_agree
+from .distributed import check_ranks_agree
 from .interrupts import deferred_sigint
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -49,7 +49,8 @@ class BB(torch.optim.Optimizer):
         g ← g + β·(d − g)           (gradient EMA, restarted from 0 at every epoch start)
 
     η̂_0 = η̂_1 = ``lr``. At the end of every epoch k ≥ 1, with Δθ = θ_{k,T} − θ_{k−1,T} and
-    y = g_{k,T} − g_{k−1,T} taken from epoch-end snapshots and summed over all parameters of all groups::
+    y = g_{k,T} − g_{k−1,T} taken from epoch-end snapshots and summed over all parameters of all groups (a group
+    added later from the epoch end at which it has a full epoch of history, see :meth:`add_param_group`)::
 
         η = ‖Δθ‖² / (T·|Δθᵀy|),    η̂_{k+1} = η if τ_min/(k+2) ≤ η ≤ τ_max/(k+2) else τ_0/(k+2)
 
@@ -72,7 +73,7 @@ class BB(torch.optim.Optimizer):
     Per step this costs one scalar add on the device (the loss) and the per-element finiteness check; the epoch end
     is two passes over the buffers without host sync (``benchmarks/results/2026-12-02_cpu_rate_control.md``);
     under torch.distributed the loss sums are all-reduced once per epoch so every rank decides alike (the first
-    step checks, with one all-gather, that every rank has the same ``steps_per_epoch``).
+    step checks, with one all-gather, that every rank has the same ``steps_per_epoch`` and groups of the same sizes).
     Unprotected without a loss: a network wrecked without growing its weights (BatchNorm networks) is not
     seen; pass ``loss=`` (or a closure that returns it) in every step. ``safeguard=False`` is the paper's
     method exactly (eq. 13, fallback τ_0/(k+2)). The robustness suite's results:
@@ -103,7 +104,8 @@ class BB(torch.optim.Optimizer):
             tensor; every parameter is stepped each step (one without a gradient sees a zero one, so weight decay
             and the EMA move it); each group's ``"lr"`` is :attr:`lr_tensor` itself, not a float; the safeguard's
             loss sums are all-reduced at every step under torch.distributed. :attr:`epoch` and the histories
-            are read from the device (one sync). Default False (the host counts, at no cost).
+            are read from the device (one sync). After :meth:`add_param_group`, capture the step again (the graph
+            holds the old buffers). Default False (the host counts, at no cost).
 
     Parameters and gradients are packed into flat buffers: after construction each ``p.data`` and
     ``p.grad`` is a view of the optimizer's buffers (same Parameter objects, same strides). Hence:
@@ -118,6 +120,10 @@ class BB(torch.optim.Optimizer):
       included) raises an error.
     * Parameters that share memory (a view of another parameter, an expanded tensor) are refused: the flat
       buffer would untie them.
+    * :meth:`add_param_group` adds a group at any time (mid-epoch too), packed and checked as the constructor's
+      groups. Its EMA starts at 0 and its snapshot (what a rollback returns it to) is its value at the add; it
+      enters the BB estimate once it has a full epoch of history (before the first step: at once, exactly as a
+      constructor's group). Groups appended to ``param_groups`` directly are added the same way at the next call.
     * ``copy.deepcopy((model, opt))``, or pickling both in one object, gives an optimizer that drives the
       copied model over buffers of its own and continues exactly as the original (hooks are not copied, as in
       torch.optim).
@@ -186,15 +192,8 @@ class BB(torch.optim.Optimizer):
         devices = list(dict.fromkeys(p.device for group in self.param_groups for p in group["params"]))
         self._backends: dict[torch.device, Backend] = {d: load_backend(backend, d) for d in devices}
         self._buffers: list[FlatBuffer] = []
-        for group_index, group in enumerate(self.param_groups):
-            by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-            for i, p in enumerate(group["params"]):
-                by_kind.setdefault((p.device, p.dtype), []).append(i)
-            names = self._param_names(group_index)
-            for indices in by_kind.values():
-                self._buffers.append(
-                    FlatBuffer([group["params"][i] for i in indices], [names[i] for i in indices], group_index)
-                )
+        for group_index in range(len(self.param_groups)):
+            self._buffers.extend(self._pack_group(group_index))
         self.backend = backend
         # One float64 learning-rate tensor per device; the first is the master the BB rule writes.
         self._lr_tensors = {d: torch.tensor(lr, dtype=torch.float64, device=d) for d in devices}
@@ -205,6 +204,10 @@ class BB(torch.optim.Optimizer):
             SafeguardedControl(devices[0], numel, capturable) if safeguard else PaperControl(devices[0], numel)
         )
         self._epoch_buffers = self._make_epoch_buffers()
+        # Per group, the first epoch whose end's rate estimate includes the group: 0 for the constructor's groups, later
+        # for a group added after the first step (see add_param_group). Saved in state_dict()["bb"]["join_epochs"].
+        self._join_epochs = [0] * len(self.param_groups)
+        self._remember_groups()
         # With the default rate control, a gradient value that is not finite skips its element's update (the
         # weights stay finite: one bad value does not cost the epoch); counted per device, read on demand.
         self._nonfinite = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices} if safeguard else {}
@@ -234,6 +237,50 @@ class BB(torch.optim.Optimizer):
                 f"bbfused.BB uses one global learning rate: the per-group lr {sorted(ignored)} is ignored "
                 f"(lr={lr} is used for every group)"
             )
+
+    def _pack_group(self, group_index: int) -> list[FlatBuffer]:
+        """Group ``group_index``'s parameters packed into flat buffers, one per (device, dtype), in first-seen order:
+        from here on each parameter's ``.data`` and ``.grad`` are views of them."""
+        group = self.param_groups[group_index]
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(group["params"]):
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        names = self._param_names(group_index)
+        return [
+            FlatBuffer([group["params"][i] for i in indices], [names[i] for i in indices], group_index)
+            for indices in by_kind.values()
+        ]
+
+    def _remember_groups(self) -> None:
+        """Note the groups packed so far (the list and each group's parameters), so that groups put into
+        ``param_groups`` without :meth:`add_param_group` are noticed (:meth:`_adopt_assigned_groups`)."""
+        self._groups_seen = self.param_groups
+        self._group_params = [[id(p) for p in group["params"]] for group in self.param_groups]
+
+    def _adopt_assigned_groups(self) -> None:
+        """Add the groups appended to ``param_groups``, or found at its end after it was assigned a new list, as
+        :meth:`add_param_group` adds them. Lightning's BaseFinetuning, resuming a run, assigns ``param_groups`` a list
+        rebuilt from its checkpoint: this optimizer's groups (new dicts over the same parameters) followed by the
+        groups it added before. Two host-side comparisons when nothing changed (every step)."""
+        groups = self.param_groups
+        packed = len(self._group_params)
+        if groups is self._groups_seen and len(groups) == packed:
+            return
+        kept = [[id(p) for p in group["params"]] for group in groups[:packed]]
+        if kept != self._group_params:
+            raise RuntimeError(
+                f"bbfused.BB: param_groups no longer starts with the {packed} groups whose parameters BB packed into "
+                f"its buffers (a group was removed, reordered or given other parameters). Groups can only be added, "
+                f"with add_param_group(); build a new optimizer for another set of parameters"
+            )
+        for index, group in enumerate(groups[:packed]):
+            group["weight_decay"] = _check_weight_decay(group.get("weight_decay"), f" of param_groups[{index}]")
+        added = groups[packed:]
+        del groups[packed:]
+        self._groups_seen = groups
+        self._show_lr()  # a new list's dicts hold the lr they were saved with, which no scheduler wrote
+        for group in added:
+            self.add_param_group(group)
 
     def _index_state(self) -> None:
         """``self.state[p]``: parameter p's slices of the state buffers, as torch.optim keeps state per parameter."""
@@ -288,20 +335,90 @@ class BB(torch.optim.Optimizer):
         self._epoch_buffers = self._make_epoch_buffers()
         self._index_state()
         self.state.update(extras)
+        self._remember_groups()  # the copy's parameters are other objects
+        self.__dict__.setdefault("_join_epochs", [0] * len(self.param_groups))  # pickled before groups could be added
         if intact:
             self._show_lr()  # a pickled copy's groups hold equal floats, not the shown one: the copy would warn
 
-    # ----------------------------------------------------------------- construction checks
+    # ----------------------------------------------------------------- parameter groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not self._building:
-            raise RuntimeError(
-                "bbfused.BB cannot add parameter groups after construction (its buffers and learning rate "
-                "cover a fixed set of parameters); pass every group to the constructor. To unfreeze layers "
-                "later, build BB over all parameters, frozen ones included (a parameter without a gradient is "
-                "left untouched), and set requires_grad=True when it is time (with Lightning's BaseFinetuning: "
-                "self.make_trainable(modules) instead of self.unfreeze_and_add_param_group(...))"
-            )
+        """Add a parameter group, as torch.optim does (e.g. to train layers unfrozen later), at any point of a run.
+
+        The group is checked as the constructor's groups are (torch.optim's checks, then BB's: dtype, no parameter
+        twice, no shared memory, ``weight_decay``), its options not given take the constructor's defaults, and a
+        ``"lr"`` of its own is ignored (one global rate). Its parameters are packed into flat buffers of their own
+        (``p.data`` and ``p.grad`` become views) and take part from the next :meth:`step` on, gradients already
+        computed included. Their EMA starts at 0 and their epoch-start snapshot (what a rolled-back epoch returns them
+        to) is their value now. Before the first step the group is exactly one passed to the constructor; later it
+        enters the BB estimate once it has a full epoch of history: from the end of the next epoch when added at an
+        epoch start, of the one after when added mid-epoch (until then the epoch ends only take its snapshots; the
+        weight and gradient checks of the safeguard cover it from the first epoch end on).
+
+        Under torch.distributed every rank must add the same groups at the same step, as every rank builds BB with
+        the same groups: the next step checks, with one all-gather, that the ranks' groups agree.
+        """
+        if self._building:
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        if "params" not in param_group:
+            raise ValueError("param_group must have a 'params' entry: {'params': [...], 'weight_decay': ...}")
+        self._adopt_assigned_groups()
+        if self._closing:
+            self._close_epoch()  # an epoch end an exception interrupted: finish it over the groups it began with
+        group_index = len(self.param_groups)
+        # BB's list checks (ordered, not empty, no parameter twice in it) on the list torch.optim will take: a
+        # generator must be read once.
+        param_group["params"] = _as_groups([param_group], group_index)[0]["params"]
+        given_lr = param_group.get("lr")
+        # torch.optim's checks (tensors, leaves, names, a parameter already in another group), then it appends the
+        # group with the defaults filled in: the constructor's, from self.defaults.
         super().add_param_group(param_group)
+        try:
+            self._check_group(group_index)
+            self._check_no_shared_memory()
+            new_devices = list(dict.fromkeys(p.device for p in param_group["params"]) - self._backends.keys())
+            # Backends first, as in the constructor: an unavailable one raises before a parameter is re-pointed.
+            backends = {device: load_backend(self.backend, device) for device in new_devices}
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self._backends.update(backends)
+        for device in new_devices:
+            self._lr_tensors[device] = _on(self._lr_tensor, device).clone()
+            if self.safeguard:
+                self._nonfinite[device] = torch.zeros((), dtype=torch.int64, device=device)
+        buffers = self._pack_group(group_index)
+        with torch.no_grad():
+            for buffer in buffers:
+                buffer.prev_params.copy_(buffer.param)  # the point a rollback of this epoch returns the group to
+        self._buffers.extend(buffers)
+        for buffer in buffers:
+            for index, p in enumerate(buffer.params):
+                self.state[p] = buffer.state_views(index)
+        numel = sum(p.numel() for p in param_group["params"])
+        self._control.add_params(numel, self._sq_norm("prev_params", buffers))
+        self._join_epochs.append(self._join_epoch())
+        self._group_params.append([id(p) for p in param_group["params"]])
+        self._ranks_checked = False  # the next step checks that every rank added the same groups
+        param_group["lr"] = self._shown_lr  # the rate BB shows in every group, not the constructor's lr
+        shown = self.lr if self.capturable else self._shown_lr
+        if given_lr is not None and not (_is_real(given_lr) and float(given_lr) == shown):
+            warn(
+                f"bbfused.BB uses one global learning rate: the added group's lr {given_lr} is ignored (every group "
+                f"uses BB's rate, now {shown})"
+            )
+
+    def _join_epoch(self) -> int:
+        """The first epoch whose end's rate estimate includes a group added now: the first epoch end at which its
+        snapshot of the previous epoch end and the EMA it compares with each cover a whole epoch."""
+        epoch, step_in_epoch = self.epoch, self.step_in_epoch
+        if step_in_epoch > 0:
+            return epoch + 2  # the EMA of the rest of this epoch is partial: its first full one is the next
+        if epoch == 0:
+            return 0  # before the first step: as a group passed to the constructor
+        return epoch + 1
 
     def _param_names(self, group_index: int) -> list[str]:
         group = self.param_groups[group_index]
@@ -310,21 +427,30 @@ class BB(torch.optim.Optimizer):
         return [f"param_groups[{group_index}]['params'][{i}]" for i in range(len(group["params"]))]
 
     def _check_params(self) -> None:
-        for group_index, group in enumerate(self.param_groups):
-            group["weight_decay"] = _check_weight_decay(group["weight_decay"], f" of param_groups[{group_index}]")
-            for p, name in zip(group["params"], self._param_names(group_index)):
-                where = f"parameter {name} (shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
-                if p.dtype not in _SUPPORTED_DTYPES:
-                    raise TypeError(
-                        f"{where}: BB optimizes real floating-point parameters (float64, float32, float16, "
-                        f"bfloat16); convert it or leave it out of the optimizer"
-                    )
-                if p.is_meta:
-                    raise ValueError(f"{where} is on the meta device; materialize the model before building BB")
-                if p.is_sparse:
-                    raise TypeError(f"{where} is sparse; BB needs dense parameters")
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError(f"{where} has a sparse gradient; BB needs dense gradients")
+        for group_index in range(len(self.param_groups)):
+            self._check_group(group_index)
+        self._check_no_shared_memory()
+
+    def _check_group(self, group_index: int) -> None:
+        """Raise unless group ``group_index``'s options and parameters are ones BB can take; stores its
+        ``weight_decay`` as a float."""
+        group = self.param_groups[group_index]
+        group["weight_decay"] = _check_weight_decay(group["weight_decay"], f" of param_groups[{group_index}]")
+        for p, name in zip(group["params"], self._param_names(group_index)):
+            where = f"parameter {name} (shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"{where}: BB optimizes real floating-point parameters (float64, float32, float16, "
+                    f"bfloat16); convert it or leave it out of the optimizer"
+                )
+            if p.is_meta:
+                raise ValueError(f"{where} is on the meta device; materialize the model before building BB")
+            if p.is_sparse:
+                raise TypeError(f"{where} is sparse; BB needs dense parameters")
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError(f"{where} has a sparse gradient; BB needs dense gradients")
+
+    def _check_no_shared_memory(self) -> None:
         params = [p for group in self.param_groups for p in group["params"]]
         names = [name for index in range(len(self.param_groups)) for name in self._param_names(index)]
         check_no_shared_memory(params, names)
@@ -408,6 +534,7 @@ class BB(torch.optim.Optimizer):
     @_eager_under_compile
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient buffer in place; see the class docstring for ``set_to_none``."""
+        self._adopt_assigned_groups()
         if self._closing:
             # An epoch end an exception interrupted: finish it before the next forward pass moves the model's
             # buffers (BatchNorm statistics) that it snapshots.
@@ -425,6 +552,7 @@ class BB(torch.optim.Optimizer):
         ``loss``: this step's training loss (a one-element floating-point tensor, or a number), so that the
         safeguard can watch the epoch's mean loss (see the class docstring); without it, a closure's return value
         serves when it is one. Read on the device only: no sync. Returns the closure's return value."""
+        self._adopt_assigned_groups()
         if self._closing:
             self._close_epoch()  # an epoch end an exception interrupted, if zero_grad() did not finish it
         if self.capturable and self._first_step_pending and _capturing():
@@ -434,7 +562,8 @@ class BB(torch.optim.Optimizer):
                 "epoch returns to and checks the ranks, host work a replay would never repeat"
             )
         if not self._ranks_checked:
-            check_steps_per_epoch_agree(self.steps_per_epoch, self._lr_tensor.device)
+            group_numels = [sum(p.numel() for p in group["params"]) for group in self.param_groups]
+            check_ranks_agree(self.steps_per_epoch, group_numels, self._lr_tensor.device)
             self._ranks_checked = True
         closure_loss = None
         if closure is not None:
@@ -579,13 +708,28 @@ class BB(torch.optim.Optimizer):
             sums = []
             for b in self._buffers:
                 run = getattr(self._backends[b.device], kind)
-                sums.append(run(b.param, b.ema, b.prev_params, b.prev_ema, _on(enabled, b.device)))
+                buffer_sums = run(b.param, b.ema, b.prev_params, b.prev_ema, _on(enabled, b.device))
+                join = self._join_epochs[b.group_index]
+                if join > 0:  # as _rule_sums, against the epoch counted on the device
+                    joined = self._device_epochs.epoch.to(buffer_sums.device) >= join
+                    buffer_sums = torch.where(joined, buffer_sums, _without_rule_sums(buffer_sums))
+                sums.append(buffer_sums)
             return self._per_buffer_sum(sums)
         for index, b in enumerate(self._buffers):
             if index not in self._epoch_pass_sums:
                 run = getattr(self._backends[b.device], kind)
                 self._epoch_pass_sums[index] = run(b.param, b.ema, b.prev_params, b.prev_ema)
-        return self._per_buffer_sum([self._epoch_pass_sums[index] for index in range(len(self._buffers))])
+        return self._per_buffer_sum([self._rule_sums(index) for index in range(len(self._buffers))])
+
+    def _rule_sums(self, index: int) -> torch.Tensor:
+        """Buffer ``index``'s pass sums as the epoch end uses them. A group added later than the constructor's has
+        no full epoch of history before its join epoch (its snapshots and EMA began mid-way): its ‖Δθ‖² and Δθᵀy
+        (the first two sums) would mix part of an epoch, or a gradient with no previous one, into the estimate, so
+        they count as 0 until then; its weight and gradient norms count from the start."""
+        sums = self._epoch_pass_sums[index]
+        if self._join_epochs[self._buffers[index].group_index] <= self._epoch:
+            return sums
+        return _without_rule_sums(sums)
 
     def _paper_epoch_pass(self, enabled: torch.Tensor | None = None) -> torch.Tensor:
         return self._epoch_pass("epoch_end", enabled)
@@ -622,10 +766,11 @@ class BB(torch.optim.Optimizer):
         """Whether every group's "lr" is still the float object BB wrote (host-side checks only)."""
         return all(group["lr"] is self._shown_lr for group in self.param_groups)
 
-    def _sq_norm(self, name: str) -> torch.Tensor:
-        """‖·‖² of buffer ``name`` ("param", "prev_params" or "ema") over every buffer: float64 on the master device."""
+    def _sq_norm(self, name: str, buffers: list[FlatBuffer] | None = None) -> torch.Tensor:
+        """‖·‖² of buffer ``name`` ("param", "prev_params" or "ema") over ``buffers`` (default: every buffer): float64
+        on the master device."""
         master = self._lr_tensor.device
-        norms = [_norm(getattr(b, name)) for b in self._buffers]
+        norms = [_norm(getattr(b, name)) for b in (self._buffers if buffers is None else buffers)]
         return torch.stack([_on(n, master) for n in norms]).square().sum()
 
     # ----------------------------------------------------------------- checkpoints
@@ -636,6 +781,7 @@ class BB(torch.optim.Optimizer):
         rate control's state (``safeguard`` itself is the constructor's choice, not saved). Independent of backend
         and device. An epoch end an exception interrupted is finished first. The ``register_state_dict_pre_hook``
         and ``_post_hook`` hooks run as in torch.optim, around the whole dict."""
+        self._adopt_assigned_groups()
         if self._closing:
             self._close_epoch()
         self._read_device_epochs()
@@ -657,6 +803,7 @@ class BB(torch.optim.Optimizer):
             "tau0": self.tau0,
             "tau_min": self.tau_min,
             "tau_max": self.tau_max,
+            "join_epochs": list(self._join_epochs),
             **control,
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -669,6 +816,7 @@ class BB(torch.optim.Optimizer):
         """Restore a :meth:`state_dict` from any backend or device; everything is checked before writing. Hooks
         registered with ``register_load_state_dict_pre_hook`` (which may return a replacement dict) run first, those
         of ``register_load_state_dict_post_hook`` after loading, as in torch.optim."""
+        self._adopt_assigned_groups()
         if isinstance(state_dict, Mapping):
             state_dict = dict(state_dict)  # shallow copy: a pre-hook may edit it in place, as in torch.optim
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -708,6 +856,7 @@ class BB(torch.optim.Optimizer):
         self.steps_per_epoch = steps
         self.beta = bb["beta"]
         self.tau0, self.tau_min, self.tau_max = bb["tau0"], bb["tau_min"], bb["tau_max"]
+        self._join_epochs = list(bb["join_epochs"])
         self._control.load_state_dict(bb, self._epoch, self._epoch_buffers)
         if self._device_epochs is not None:
             rolled_back = bb["rolled_back_epochs"] if self.safeguard else []
@@ -720,8 +869,9 @@ class BB(torch.optim.Optimizer):
             post_hook(self)
 
 
-def _as_groups(params: Any) -> list[dict[str, Any]]:
-    """torch.optim's ``params`` argument as a list of groups, checked for empty lists and duplicates.
+def _as_groups(params: Any, first_index: int = 0) -> list[dict[str, Any]]:
+    """torch.optim's ``params`` argument as a list of groups, checked for empty lists and duplicates; the groups
+    are named from ``param_groups[first_index]`` on (add_param_group checks the group it adds).
 
     torch.optim would reject a parameter shared by two groups without naming it, and only warn about a
     duplicate inside one group; here both are errors that say which parameter.
@@ -743,7 +893,7 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
         for group in groups
     ]
     seen: dict[int, str] = {}
-    for group_index, group in enumerate(groups):
+    for group_index, group in enumerate(groups, first_index):
         if not group["params"]:
             raise ValueError(f"param_groups[{group_index}] has no parameters; drop it or give it some")
         for i, entry in enumerate(group["params"]):
@@ -757,6 +907,11 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
                 )
             seen[id(p)] = name
     return groups
+
+
+def _without_rule_sums(sums: torch.Tensor) -> torch.Tensor:
+    """Epoch-pass sums with the BB rule's two (‖Δθ‖², Δθᵀy) zeroed and the norms kept."""
+    return torch.cat([torch.zeros_like(sums[:2]), sums[2:]])
 
 
 def _capturing() -> bool:

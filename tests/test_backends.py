@@ -136,6 +136,39 @@ def test_trajectory_matches_eager(backend: str, dtype: torch.dtype, safeguard: b
         torch.testing.assert_close(pf, pe, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS_ON_DEVICE)
+@pytest.mark.parametrize("safeguard", [True, False], ids=["default", "paper"])
+def test_group_added_mid_epoch_matches_eager(backend: str, safeguard: bool) -> None:
+    """A group added in the middle of epoch 1 gets buffers of its own, which the fused step and epoch passes run
+    over as over the constructor's; it joins the estimate at the end of epoch 3."""
+    shapes = SIZES["several"] + [(1000 + 37,)]
+    results = []
+    for name in ("eager", backend):
+        params = make_params(shapes, torch.float32)
+        opt = BB(params[:3], lr=0.2, steps_per_epoch=4, backend=name, safeguard=safeguard)
+        curvature = [torch.linspace(0.5, 2.0, p.numel(), dtype=torch.float64).reshape(p.shape) for p in params]
+        generator = torch.Generator().manual_seed(0)
+        for step in range(6 * 4):
+            if step == 6:
+                opt.add_param_group({"params": params[3:], "weight_decay": 1e-3})
+            active = len(params) if step >= 6 else 3
+            opt.zero_grad()
+            loss = 0
+            for p, c in zip(params[:active], curvature):
+                noise = 0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                theta = p.double()
+                loss = loss + (0.5 * c.to(DEVICE) * theta * theta + noise.to(DEVICE) * theta).sum()
+            loss.backward()
+            opt.step()
+        assert len(opt._buffers) == 2 and opt.state_dict()["bb"]["join_epochs"] == [0, 3]
+        results.append((opt, params))
+    (eager, eager_params), (fused, fused_params) = results
+    assert len(set(eager.lr_history[2:])) > 1  # the rule ran
+    torch.testing.assert_close(torch.tensor(fused.lr_history), torch.tensor(eager.lr_history), rtol=1e-5, atol=0)
+    assert_state_close(eager, fused, eager_params, fused_params, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(fused_params[-1].detach(), make_params(shapes, torch.float32)[-1].detach())
+
+
 def run_training_with_backward(opt: BB, params, epochs: int, steps: int, seed: int = 0) -> None:
     """A noisy quadratic through autograd: loss = ½ Σ c·θ² + noise·θ, so grad = c·θ + noise."""
     curvature = [torch.linspace(0.5, 2.0, p.numel(), dtype=torch.float64).reshape(p.shape) for p in params]

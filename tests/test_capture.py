@@ -261,3 +261,28 @@ def test_whole_training_step_replays_in_a_cuda_graph(safeguard: bool) -> None:
     for a, b in zip(graphed_model.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert not math.isnan(graphed.lr)
+
+
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_group_added_mid_run_joins_the_estimate_as_with_host_counts(safeguard: bool) -> None:
+    """A group added mid-epoch (the model's last layer, frozen until then) joins the rule at the same epoch end,
+    counted on the device, as with the host's counts: the same rates and weights over 5 epochs."""
+    results = []
+    for capturable in (False, True):
+        model = _model()
+        head = list(model[3].parameters())
+        for p in head:
+            p.requires_grad_(False)
+        body = [p for p in model.parameters() if p.requires_grad]
+        opt = BB(body, lr=0.3, steps_per_epoch=STEPS, backend="eager", safeguard=safeguard, capturable=capturable)
+        for step in range(5 * STEPS):
+            if step == STEPS + 2:
+                for p in head:
+                    p.requires_grad_(True)
+                opt.add_param_group({"params": head})
+            _step(model, opt, step)
+        results.append((model, opt))
+    (model, opt), (captured_model, captured) = results
+    assert captured.lr_history == opt.lr_history and len(set(opt.lr_history[3:])) > 1
+    for a, b in zip(model.parameters(), captured_model.parameters()):
+        assert torch.equal(a, b)

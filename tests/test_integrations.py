@@ -89,9 +89,11 @@ def _tiny_module(L, accumulate: int, steps: int | None, seen: list, only_trainab
 
 
 def _fit(L, module, tmp_path, callbacks=(), **kwargs):
-    """Fit ``module`` on the digits with BBCallback first, then ``callbacks``; quiet, nothing written."""
+    """Fit ``module`` on the digits with BBCallback first, then ``callbacks``; quiet, nothing written (but what
+    the test saves); ``ckpt_path`` resumes."""
     from bbfused.integrations.lightning import BBCallback
 
+    ckpt_path = kwargs.pop("ckpt_path", None)
     trainer = L.Trainer(
         max_epochs=kwargs.pop("max_epochs", 1),
         callbacks=[BBCallback(), *callbacks],
@@ -102,7 +104,7 @@ def _fit(L, module, tmp_path, callbacks=(), **kwargs):
         default_root_dir=tmp_path,
         **kwargs,
     )
-    trainer.fit(module, torch.utils.data.DataLoader(_digits(), batch_size=32))
+    trainer.fit(module, torch.utils.data.DataLoader(_digits(), batch_size=32), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -145,7 +147,10 @@ def test_lightning_wrong_steps_per_epoch_names_the_fix(tmp_path) -> None:
         _fit(L, module, tmp_path, accumulate_grad_batches=2)
 
 
-def test_lightning_finetuning_unfreezes_without_adding_a_group(tmp_path) -> None:
+def test_lightning_finetuning_adds_the_unfrozen_group(tmp_path) -> None:
+    """BaseFinetuning.unfreeze_and_add_param_group adds the body to a BB over the head at the start of epoch 1. Until
+    the end of epoch 1 that is what BB over every parameter with the body unfrozen by make_trainable does (the added
+    group joins the BB estimate one epoch end later): the weights after two epochs are the same bits."""
     L = pytest.importorskip("lightning")
     from lightning.pytorch.callbacks import BaseFinetuning
 
@@ -163,21 +168,65 @@ def test_lightning_finetuning_unfreezes_without_adding_a_group(tmp_path) -> None
             elif epoch == 1:
                 self.make_trainable(pl_module.net[0])
 
-    def module(only_trainable=False):
+    def module(only_trainable):
         m = _tiny_module(L, 1, None, [], only_trainable)
+        torch.manual_seed(0)
         m.net = torch.nn.Sequential(torch.nn.Linear(784, 16), torch.nn.Linear(16, 10))
         return m
 
-    m = module()
-    frozen = m.net[0].weight.detach().clone()
+    results = {}
+    for add_group in (False, True):
+        m = module(only_trainable=add_group)
+        frozen = m.net[0].weight.detach().clone()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = _fit(L, m, tmp_path, callbacks=[Unfreeze(add_group)], max_epochs=2)
+        opt = trainer.optimizers[0]
+        assert not torch.equal(m.net[0].weight, frozen)  # trained in epoch 1 once unfrozen
+        results[add_group] = [p.detach().clone() for p in m.net.parameters()], opt
+    (built_weights, built), (added_weights, added) = results[False], results[True]
+    assert len(built.param_groups) == 1 and len(added.param_groups) == 2
+    assert added.param_groups[1]["lr"] == added.lr and added.state_dict()["bb"]["join_epochs"] == [0, 2]
+    # Lightning asks for the first group's lr / 10; BB keeps one rate and says so.
+    assert any("the added group's lr" in str(w.message) for w in caught)
+    assert added.lr_history == built.lr_history
+    for p, q in zip(added_weights, built_weights):
+        assert torch.equal(p, q)
 
-    def fit(m, callback):
-        _fit(L, m, tmp_path, callbacks=[callback], max_epochs=2)
 
-    fit(m, Unfreeze(add_group=False))
-    assert not torch.equal(m.net[0].weight, frozen)  # trained in epoch 1 once trainable
-    with pytest.raises(RuntimeError, match=r"make_trainable"):
-        fit(module(only_trainable=True), Unfreeze(add_group=True))  # the usual recipe: BB over the head only
+def test_lightning_finetuning_resumes_with_the_added_group(tmp_path) -> None:
+    """Resuming, BaseFinetuning assigns optimizer.param_groups the groups it saved, the added one included, before
+    the optimizer state is loaded: BB adds that group and the resumed run continues as the uninterrupted one."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class Unfreeze(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.net[0])
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            if epoch == 1:
+                self.unfreeze_and_add_param_group(pl_module.net[0], optimizer)
+            elif epoch > 1:  # resumed: freeze_before_training froze it again, and the group is back already
+                self.make_trainable(pl_module.net[0])
+
+    def module():
+        m = _tiny_module(L, 1, None, [], only_trainable=True)
+        torch.manual_seed(0)
+        m.net = torch.nn.Sequential(torch.nn.Linear(784, 16), torch.nn.Linear(16, 10))
+        return m
+
+    first = module()
+    _fit(L, first, tmp_path, callbacks=[Unfreeze()], max_epochs=2).save_checkpoint(tmp_path / "two.ckpt")
+    uninterrupted = module()
+    reference = _fit(L, uninterrupted, tmp_path, callbacks=[Unfreeze()], max_epochs=4).optimizers[0]
+    resumed = module()
+    trainer = _fit(L, resumed, tmp_path, callbacks=[Unfreeze()], max_epochs=4, ckpt_path=tmp_path / "two.ckpt")
+    opt = trainer.optimizers[0]
+    assert len(opt.param_groups) == 2 and opt.state_dict()["bb"]["join_epochs"] == [0, 2]
+    assert opt.lr_history == reference.lr_history
+    for p, q in zip(resumed.parameters(), uninterrupted.parameters()):
+        assert torch.equal(p, q)
 
 
 # ------------------------------------------------------------------------------------------- Hugging Face

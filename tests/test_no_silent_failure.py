@@ -536,6 +536,37 @@ def test_ranks_with_different_steps_per_epoch_raise_on_every_rank(tmp_path) -> N
         assert "(4 on rank 0; 5 on rank 1)" in message and "DistributedSampler" in message
 
 
+def _ranks_adding_groups(rank: int, world: int, init_file: str, results: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = BB([p], lr=0.1, steps_per_epoch=4, backend="eager")
+        opt.zero_grad()
+        opt.step()
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})  # the same group on both ranks
+        opt.step()
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2 + rank))]})  # not the same
+        try:
+            opt.step()
+            message = "no error"
+        except RuntimeError as error:
+            message = str(error)
+        with open(os.path.join(results, f"rank{rank}.txt"), "w") as file:
+            file.write(f"{opt.step_in_epoch} {message}")
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_add_different_groups_raise_on_every_rank(tmp_path) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_ranks_adding_groups, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("2 bbfused.BB: the parameter groups differ between the ranks"), message
+        assert "(3 groups of 7 elements in all on rank 0; 3 groups of 8 elements in all on rank 1)" in message
+
+
 def test_interrupted_epoch_end_is_finished_by_the_next_step_alone(monkeypatch) -> None:
     """A loop without zero_grad() (gradients written in place): the next step() closes the epoch first."""
 

@@ -554,10 +554,17 @@ def test_sparse_gradients_raise_before_writing() -> None:
         BB([sparse_param], lr=0.1, steps_per_epoch=3, backend="eager")
 
 
-def test_add_param_group_after_construction_raises() -> None:
-    opt = BB(_param(), lr=0.1, steps_per_epoch=3, backend="eager")
-    with pytest.raises(RuntimeError, match="pass every group to the constructor"):
-        opt.add_param_group({"params": _param()})
+def test_add_param_group_after_construction_adds_a_group_that_steps() -> None:
+    """More in tests/test_add_param_group.py (when the group joins the BB estimate, rollbacks, checkpoints)."""
+    first, added = _param(), _param()
+    opt = BB(first, lr=0.1, steps_per_epoch=3, weight_decay=0.5, backend="eager")
+    opt.add_param_group({"params": added})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["weight_decay"] == 0.5
+    for p in first + added:
+        p.grad.fill_(2.0)
+    opt.step()
+    for p in first + added:
+        torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * (2.0 + 0.5)))
 
 
 def test_per_group_lr_is_ignored_with_a_warning() -> None:
