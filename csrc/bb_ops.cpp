@@ -101,12 +101,8 @@ void check_epoch_end_args(const at::Tensor& param, const at::Tensor& ema, const 
   check_flat(prev_ema, "prev_ema", n, op);
 }
 
-// d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over [begin, end).
-// Without a GradScaler (kScaled false) the division is compiled out: a vector division per element costs as
-// much as the memory traffic on one core. kSkip (the default rate control): an element whose d is not finite
-// keeps θ and g (one bad gradient value must not turn the weights into NaN); returns how many were skipped.
-// Finiteness and selection on the bit patterns: integer ops that GCC vectorizes, where a float comparison with
-// NaN and a select (trapping math) keep the loop scalar and the step 2-3x slower.
+// Finiteness on the bit patterns (exponent all ones): integer ops that GCC vectorizes, where a float comparison
+// with NaN (trapping math) keeps the loop scalar.
 template <typename T>
 struct FloatBits;
 template <>
@@ -136,21 +132,6 @@ inline T from_bits(typename FloatBits<T>::type b) {
   return x;
 }
 
-// 1 when x is inf or NaN (its exponent bits are all ones), else 0.
-template <typename T>
-inline typename FloatBits<T>::type nonfinite_bit(T x) {
-  using U = typename FloatBits<T>::type;
-  constexpr U kExponentMask = (U{1} << FloatBits<T>::kExponent) - 1;
-  const U exponent = (bits_of(x) >> FloatBits<T>::kMantissa) & kExponentMask;
-  return (exponent + 1) >> FloatBits<T>::kExponent;
-}
-
-// ``keep`` all ones: a; all zeros: b.
-template <typename T>
-inline T select_bits(typename FloatBits<T>::type keep, T a, T b) {
-  return from_bits<T>((bits_of(a) & keep) | (bits_of(b) & ~keep));
-}
-
 // d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over [begin, end).
 // Without a GradScaler (kScaled false) the division is compiled out: a vector division per element costs as
 // much as the memory traffic on one core. kSkip (the default rate control): an element whose d is not finite
@@ -170,17 +151,20 @@ int64_t step_range(scalar_t* __restrict__ param, const scalar_t* __restrict__ gr
       const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / scale : static_cast<opmath_t>(grad[i]);
       const opmath_t d = g + weight_decay * theta;
       const opmath_t e = ema[i];
-      const opmath_t new_theta = theta - lr * d;
-      const opmath_t new_ema = e + beta * (d - e);
       if constexpr (kSkip) {
-        const bits_t bad = nonfinite_bit(d);
-        const bits_t keep = bad - 1;  // all ones when d is finite
-        param[i] = static_cast<scalar_t>(select_bits(keep, new_theta, theta));
-        ema[i] = select_bits(keep, new_ema, e);
-        count += bad;
+        // A non-finite d steps with d = 0 and β = 0 instead: θ and g come out unchanged. Zeroing is an AND with
+        // the inverted "exponent all ones" mask, cheaper than selecting between two results.
+        constexpr bits_t kExponentBits = ((bits_t{1} << FloatBits<opmath_t>::kExponent) - 1)
+                                         << FloatBits<opmath_t>::kMantissa;
+        const bits_t bad = -static_cast<bits_t>((bits_of(d) & kExponentBits) == kExponentBits);
+        const opmath_t kept_d = from_bits<opmath_t>(bits_of(d) & ~bad);
+        const opmath_t kept_beta = from_bits<opmath_t>(bits_of(beta) & ~bad);
+        param[i] = static_cast<scalar_t>(theta - lr * kept_d);
+        ema[i] = e + kept_beta * (kept_d - e);
+        count -= bad;  // bad is all ones (-1) for a skipped element
       } else {
-        param[i] = static_cast<scalar_t>(new_theta);
-        ema[i] = new_ema;
+        param[i] = static_cast<scalar_t>(theta - lr * d);
+        ema[i] = e + beta * (d - e);
       }
     }
     skipped += static_cast<int64_t>(count);
