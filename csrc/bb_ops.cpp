@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -190,9 +191,10 @@ __attribute__((target("avx2"))) int64_t step_range_avx2(scalar_t* __restrict__ p
 }
 #endif
 
+// BBFUSED_CPU_BASELINE=1 in the environment keeps the baseline loop (the tests compare both).
 bool cpu_has_avx2() {
 #ifdef BBFUSED_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = __builtin_cpu_supports("avx2") && std::getenv("BBFUSED_CPU_BASELINE") == nullptr;
   return has;
 #else
   return false;

@@ -3,7 +3,11 @@ registration, input checks, and what happens without a compiler, without ninja, 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +211,54 @@ def test_library_loads_once_per_process(fresh_load, monkeypatch) -> None:
         thread.join()
     assert cpp_backend.unavailable_reason(CPU) is None
     assert len(calls) == 1
+
+
+BASELINE_SCRIPT = """
+import sys, torch
+from bbfused.backends import load_backend
+backend = load_backend("cpp", torch.device("cpu"))
+inputs = torch.load(sys.argv[1])
+for case in inputs:
+    backend.step(*case["args"])
+torch.save([[case["args"][i] for i in (0, 2, -1)] for case in inputs], sys.argv[2])
+"""
+
+
+def _step_cases() -> list[dict]:
+    generator = torch.Generator().manual_seed(11)
+    cases = []
+    for dtype in DTYPES:
+        for scale in (None, torch.tensor(4.0)):
+            param, grad = (torch.randn(N, generator=generator).to(dtype) for _ in range(2))
+            grad[[3, 1000, N - 1]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+            ema = torch.randn(N, generator=generator, dtype=state_dtype(dtype))
+            lr = torch.tensor(0.05, dtype=torch.float64)
+            count = torch.zeros((), dtype=torch.int64)
+            cases.append({"args": [param, grad, ema, lr, 1e-2, 0.25, scale, None, count]})
+    return cases
+
+
+def test_baseline_and_avx2_step_loops_give_the_same_bits(tmp_path) -> None:
+    """The step loop is compiled twice on x86-64 (the baseline ISA and an AVX2 clone chosen at run time); both,
+    run on the same inputs (non-finite gradients and a GradScaler scale included), give the eager reference's bits.
+    The baseline runs in a subprocess with BBFUSED_CPU_BASELINE=1."""
+    cases = _step_cases()
+    torch.save(cases, tmp_path / "in.pt")
+    env = dict(os.environ, BBFUSED_CPU_BASELINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
+    subprocess.run(
+        [sys.executable, "-c", BASELINE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    baseline = torch.load(tmp_path / "out.pt")
+    fused, eager = load_backend("cpp", CPU), EagerBackend()
+    for case, from_baseline in zip(cases, baseline):
+        here = [a.clone() if isinstance(a, torch.Tensor) else a for a in case["args"]]
+        reference = [a.clone() if isinstance(a, torch.Tensor) else a for a in case["args"]]
+        fused.step(*here)
+        eager.step(*reference)
+        for index, from_baseline_loop in zip((0, 2, -1), from_baseline):  # θ, the EMA, the skipped count
+            assert torch.equal(here[index], reference[index]) and torch.equal(here[index], from_baseline_loop)
+        assert int(here[-1]) == 3
