@@ -43,8 +43,9 @@ class DeviceEpochs:
         epoch, step = int(self.epoch), int(self.step)
         if epoch > HISTORY_CAPACITY:
             raise RuntimeError(
-                f"BB(capturable=True) keeps the rate history of {HISTORY_CAPACITY} epochs on the device and this "
-                f"run has {epoch}: save and resume it with a new optimizer (load_state_dict) to go on"
+                f"BB(capturable=True) records the rates of at most {HISTORY_CAPACITY} epochs on the device and this "
+                f"run has {epoch}: its history is lost. Runs that long need capturable=False (or a state dict saved "
+                f"before epoch {HISTORY_CAPACITY}, loaded into a capturable=False optimizer)"
             )
         return epoch, step, list(self.lr_history[:epoch].unbind()), list(self.rolled_back[:epoch].unbind())
 

@@ -187,7 +187,7 @@ class SafeguardedControl:
     def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
         """Before the run's first update: the point a diverged epoch 0 returns to, and the initial loss."""
         buffers.snapshot_params()
-        self.snapshot_sq_norm = buffers.sq_norm("prev_params")
+        self.snapshot_sq_norm.copy_(buffers.sq_norm("prev_params"))
         # The model buffers' snapshot stays the one track_buffers() took: the first forward pass has already
         # updated BatchNorm's running statistics by now.
         if loss is not None:
@@ -199,7 +199,7 @@ class SafeguardedControl:
         reference and a floor that include them too (before the first step, first_step() takes the reference)."""
         self.numel += numel
         self.weight_floor = WEIGHT_FLOOR * self.numel
-        self.snapshot_sq_norm = self.snapshot_sq_norm + snapshot_sq_norm
+        self.snapshot_sq_norm.add_(snapshot_sq_norm)
 
     def add_loss(self, loss: torch.Tensor) -> None:
         # One kernel per step; the count and the last loss cost more only where a graph replay needs them on the
@@ -362,10 +362,11 @@ class SafeguardedControl:
         }
 
     def load_state_dict(self, state: dict[str, Any], epoch: int, buffers: EpochBuffers) -> None:
-        """Load a checked state (``bbfused.checkpoint`` validates and upgrades it first)."""
+        """Load a checked state (``bbfused.checkpoint`` validates and upgrades it first), into the state tensors in
+        place: a step captured in a CUDA graph before loading goes on with the loaded state."""
         device = self.device
-        self.has_snapshot = torch.tensor(state["has_snapshot"], device=device)
-        self.lr_cap = torch.tensor(state["lr_cap"], dtype=torch.float64, device=device)
+        self.has_snapshot.fill_(state["has_snapshot"])
+        self.lr_cap.fill_(state["lr_cap"])
         rolled_back = set(state["rolled_back_epochs"])
         self.rolled_back = [torch.tensor(e in rolled_back, device=device) for e in range(epoch)]
         self.loss_sum.fill_(state["loss_sum"])
@@ -373,11 +374,11 @@ class SafeguardedControl:
             self.loss_steps.fill_(state["loss_steps"])
         else:
             self.loss_steps = state["loss_steps"]
-        self.loss_rollback = torch.tensor(state["loss_rollback"], device=device)
+        self.loss_rollback.fill_(state["loss_rollback"])
         for name in ("initial_loss", "best_loss", "last_loss", "good_lr"):
             value = state[name]
-            setattr(self, name, torch.tensor(math.nan if value is None else value, dtype=torch.float64, device=device))
+            getattr(self, name).fill_(math.nan if value is None else value)
         # Checked against the tracked buffers already; none saved (an older state dict) keeps the current copies.
         for snapshot, value in zip(self.model_buffer_snapshots, state["model_buffers"]):
             snapshot.copy_(value)
-        self.snapshot_sq_norm = buffers.sq_norm("prev_params")
+        self.snapshot_sq_norm.copy_(buffers.sq_norm("prev_params"))

@@ -108,7 +108,8 @@ class BB(torch.optim.Optimizer):
             holds the old buffers). Default False (the host counts, at no cost).
 
     Parameters and gradients are packed into flat buffers: after construction each ``p.data`` and
-    ``p.grad`` is a view of the optimizer's buffers (same Parameter objects, same strides). Hence:
+    ``p.grad`` is an alias of a slice of the optimizer's buffers, on a storage of its own that covers that slice
+    (same Parameter objects, same strides; ``torch.save`` of a sub-module writes only its values). Hence:
 
     * :meth:`zero_grad` always zeroes the gradient buffer in place (one fill per buffer) whatever
       ``set_to_none`` says; with ``set_to_none=True`` (default) a parameter that gets no gradient from
@@ -555,11 +556,12 @@ class BB(torch.optim.Optimizer):
         self._adopt_assigned_groups()
         if self._closing:
             self._close_epoch()  # an epoch end an exception interrupted, if zero_grad() did not finish it
-        if self.capturable and self._first_step_pending and _capturing():
+        if self.capturable and (self._first_step_pending or not self._ranks_checked) and _capturing():
             raise RuntimeError(
                 "BB(capturable=True): run at least one step() eagerly before capturing it in a CUDA graph (the "
-                "warm-up iterations torch.cuda.graph needs anyway): the first step records where a diverged first "
-                "epoch returns to and checks the ranks, host work a replay would never repeat"
+                "warm-up iterations torch.cuda.graph needs anyway), after building, load_state_dict() and "
+                "add_param_group() alike: that step records where a diverged first epoch returns to and checks the "
+                "ranks, host work a replay would never repeat"
             )
         if not self._ranks_checked:
             group_numels = [sum(p.numel() for p in group["params"]) for group in self.param_groups]

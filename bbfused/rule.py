@@ -19,9 +19,10 @@ def bb_ratio(sums: torch.Tensor, steps: int) -> torch.Tensor:
 
 def epoch_bound(tau: float, epoch: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """τ/(k+2) for epoch ``k`` as a float64 tensor like ``like``; ``epoch`` may be a device tensor (a step captured
-    in a CUDA graph counts epochs on the device). Both give the same bits: one float64 division."""
+    in a CUDA graph counts epochs on the device). Both give the same bits: one float64 division (a Python number
+    divided by a tensor would multiply by the tensor's reciprocal instead, rounding twice)."""
     if isinstance(epoch, torch.Tensor):
-        return tau / (epoch + 2).to(torch.float64)
+        return torch.full_like(like, tau) / (epoch + 2).to(torch.float64)
     return torch.full_like(like, tau / (epoch + 2))
 
 

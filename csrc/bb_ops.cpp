@@ -156,15 +156,14 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
       const opmath_t d = g + weight_decay * theta;
       const opmath_t e = ema[i];
       if constexpr (kSkip) {
-        // A non-finite d steps with d = 0 and β = 0 instead: θ and g come out unchanged. Zeroing is an AND with
-        // the inverted "exponent all ones" mask, cheaper than selecting between two results.
+        // A non-finite d steps θ with d = 0 instead (θ − lr·0 keeps every bit of θ; zeroing is an AND with the
+        // inverted "exponent all ones" mask, cheaper than selecting between two results) and keeps g's bits.
         constexpr bits_t kExponentBits = ((bits_t{1} << FloatBits<opmath_t>::kExponent) - 1)
                                          << FloatBits<opmath_t>::kMantissa;
         const bits_t bad = -static_cast<bits_t>((bits_of(d) & kExponentBits) == kExponentBits);
         const opmath_t kept_d = from_bits<opmath_t>(bits_of(d) & ~bad);
-        const opmath_t kept_beta = from_bits<opmath_t>(bits_of(beta) & ~bad);
         param[i] = static_cast<scalar_t>(theta - lr * kept_d);
-        ema[i] = e + kept_beta * (kept_d - e);
+        ema[i] = from_bits<opmath_t>((bits_of(e + beta * (kept_d - e)) & ~bad) | (bits_of(e) & bad));
         count -= bad;  // bad is all ones (-1) for a skipped element
       } else {
         param[i] = static_cast<scalar_t>(theta - lr * d);

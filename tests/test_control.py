@@ -326,6 +326,36 @@ def test_fused_step_skips_nonfinite_values_like_eager(backend, dtype: torch.dtyp
     assert torch.equal(e, e_ref)
 
 
+_BITS = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_skipped_elements_keep_every_bit(backend, dtype: torch.dtype, weight_decay: float) -> None:
+    """A skipped element keeps its weight's and its average's exact bits, signed zeros, infinities and NaN
+    included, as the eager reference's selection does (the fused kernels compute the skip differently)."""
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    ema = torch.tensor([0.0, -0.0, 0.25, math.inf, -math.inf, math.nan], dtype=state)
+    param = torch.tensor([1.0, -0.0, 2.0, 3.0, -1.0, 0.5]).to(dtype)
+    grad = torch.tensor([math.nan, math.inf, -math.inf, math.nan, math.inf, math.nan]).to(dtype)
+    results = []
+    for implementation in (EagerBackend(), backend):
+        p, e, count = param.clone(), ema.clone(), torch.zeros((), dtype=torch.int64)
+        implementation.step(p, grad, e, torch.tensor(0.1, dtype=torch.float64), weight_decay, 0.25, None, None, count)
+        results.append((p.view(_BITS[dtype]), e.view(_BITS[state]), int(count)))
+    (p_ref, e_ref, count_ref), (p, e, count) = results
+    assert torch.equal(p, p_ref) and torch.equal(p_ref, param.view(_BITS[dtype]))
+    assert torch.equal(e, e_ref) and torch.equal(e_ref, ema.view(_BITS[state]))
+    assert count == count_ref == 6
+
+
 def test_training_command_reports_skipped_gradient_values() -> None:
     from bbfused.train import format_record
 
