@@ -122,11 +122,14 @@ def _no_host_reads():
 
 
 def _tensor_state(opt: BB) -> dict[str, tuple[int, int]]:
-    """Every state tensor the optimizer, its rate control and its device counters hold: identity and address."""
+    """Every state tensor the optimizer, its rate control and its device counters hold: identity and address. The
+    histories' host copies, filled from the device when read, are not state a replay updates."""
     owners = {"opt": vars(opt), "control": vars(opt._control), "epochs": vars(opt._device_epochs)}
     found = {}
     for owner, attributes in owners.items():
         for name, value in attributes.items():
+            if (owner, name) in {("opt", "_lr_history"), ("control", "rolled_back")}:
+                continue
             values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
             for index, tensor in enumerate(values):
                 if isinstance(tensor, torch.Tensor):
@@ -168,6 +171,8 @@ def test_capturable_steps_read_nothing_on_the_host_and_change_only_tensors_in_pl
             assert _host_state(opt) == host
     assert opt.epoch == 3 and opt.step_in_epoch == 1
     assert opt.param_groups[0]["lr"] is opt.lr_tensor
+    opt.load_state_dict(opt.state_dict())  # a graph captured before loading must go on with the loaded state
+    assert _tensor_state(opt) == tensors
     if safeguard:
         assert opt.rolled_back_epochs  # the device-side rollback ran inside those steps
 
@@ -193,6 +198,11 @@ def test_capturable_bad_inputs_name_the_fix(monkeypatch) -> None:
     monkeypatch.setattr(bbfused.optimizer, "_capturing", lambda: True)
     opt.step()  # warmed up: a capture may begin
     assert opt.step_in_epoch == 2
+    monkeypatch.undo()
+    opt.load_state_dict(opt.state_dict())
+    monkeypatch.setattr(bbfused.optimizer, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"after building, load_state_dict\(\) and add_param_group\(\) alike"):
+        opt.step()
 
 
 @pytest.mark.parametrize("backend", [EagerBackend(), *BACKENDS], ids=lambda b: b.name)
@@ -200,21 +210,23 @@ def test_epoch_passes_with_a_false_flag_write_nothing(backend) -> None:
     """The flag a captured step hands the passes: false writes nothing; true is the unflagged pass."""
     generator = torch.Generator().manual_seed(3)
     n = 1037
-    buffers = [torch.randn(n, generator=generator) for _ in range(4)]
+    device = "cuda" if backend.name == "triton" and torch.cuda.is_available() else "cpu"
+    buffers = [torch.randn(n, generator=generator).to(device) for _ in range(4)]
+    flag = {value: torch.tensor(value, device=device) for value in (True, False)}
     for name in ("epoch_end", "epoch_measure"):
         off = [b.clone() for b in buffers]
-        sums = getattr(backend, name)(*off, torch.tensor(False))
+        sums = getattr(backend, name)(*off, flag[False])
         assert all(torch.equal(a, b) for a, b in zip(off, buffers)) and not sums.any()
         on, plain = [b.clone() for b in buffers], [b.clone() for b in buffers]
-        assert torch.equal(getattr(backend, name)(*on, torch.tensor(True)), getattr(backend, name)(*plain))
+        assert torch.equal(getattr(backend, name)(*on, flag[True]), getattr(backend, name)(*plain))
         assert all(torch.equal(a, b) for a, b in zip(on, plain))
     for rolled_back in (True, False):
         off = [b.clone() for b in buffers]
-        backend.epoch_commit(off[0], off[2], torch.tensor(rolled_back), torch.tensor(False))
+        backend.epoch_commit(off[0], off[2], flag[rolled_back], flag[False])
         assert all(torch.equal(a, b) for a, b in zip(off, buffers))
         on, plain = [b.clone() for b in buffers], [b.clone() for b in buffers]
-        backend.epoch_commit(on[0], on[2], torch.tensor(rolled_back), torch.tensor(True))
-        backend.epoch_commit(plain[0], plain[2], torch.tensor(rolled_back))
+        backend.epoch_commit(on[0], on[2], flag[rolled_back], flag[True])
+        backend.epoch_commit(plain[0], plain[2], flag[rolled_back])
         assert all(torch.equal(a, b) for a, b in zip(on, plain))
 
 
@@ -286,3 +298,26 @@ def test_group_added_mid_run_joins_the_estimate_as_with_host_counts(safeguard: b
     assert captured.lr_history == opt.lr_history and len(set(opt.lr_history[3:])) > 1
     for a, b in zip(model.parameters(), captured_model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_capturable_rates_match_at_every_epoch_bound(safeguard: bool) -> None:
+    """τ/(k+2) is one float64 division with the epoch counted on the host or on the device: float64 weights and the
+    rate history agree over 25 epochs whose rates sit on the bounds, at epochs where τ · (1/(k+2)) would round
+    differently (τ = 0.1 at k = 3, 5, 8, 12, 18; τ = 0.3 at k = 5, 11, 12, 17, 19, 24)."""
+    results = []
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        theta = torch.nn.Parameter(torch.randn(32, dtype=torch.float64))
+        opt = BB([theta], lr=1.0, steps_per_epoch=3, backend="eager", safeguard=safeguard, capturable=capturable,
+                 tau0=0.1, tau_min=0.1, tau_max=0.3)  # fmt: skip
+        for _ in range(75):
+            opt.zero_grad()
+            loss = (theta.square() * torch.linspace(0.1, 3.0, 32, dtype=torch.float64)).sum()
+            loss.backward()
+            opt.step(loss=loss)
+        results.append((theta.detach().clone(), opt.lr_history))
+    (theta, history), (captured_theta, captured_history) = results
+    assert captured_history == history and torch.equal(captured_theta, theta)
+    rounding_apart = {0.1 / (k + 2) for k in (3, 5, 8, 12, 18)} | {0.3 / (k + 2) for k in (5, 11, 12, 17, 19, 24)}
+    assert sum(rate in rounding_apart for rate in history) >= 3
