@@ -99,8 +99,9 @@ class BB(torch.optim.Optimizer):
         capturable: let a whole training step, ``step()`` with its epoch end included, be captured in a CUDA
             graph and replayed. The step and epoch counts live on the device and the epoch end runs inside every
             step as kernels that act only at the epoch's last step, so nothing depends on host state a replay
-            cannot update. Needs ``steps_per_epoch``; run at least one step eagerly before capturing (the first
-            step records where a diverged epoch 0 returns to, as graph warm-up does anyway); give the loss as a
+            cannot update. Needs ``steps_per_epoch``; run at least one step eagerly before capturing, and again after
+            :meth:`load_state_dict` or :meth:`add_param_group` (host work: where a diverged epoch 0 returns to,
+            the ranks' check; graph warm-up does it anyway); give the loss as a
             tensor; every parameter is stepped each step (one without a gradient sees a zero one, so weight decay
             and the EMA move it); each group's ``"lr"`` is :attr:`lr_tensor` itself, not a float; the safeguard's
             loss sums are all-reduced at every step under torch.distributed. :attr:`epoch` and the histories
