@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from test_control import BACKENDS
 
 import bbfused.optimizer
@@ -321,3 +324,39 @@ def test_capturable_rates_match_at_every_epoch_bound(safeguard: bool) -> None:
     assert captured_history == history and torch.equal(captured_theta, theta)
     rounding_apart = {0.1 / (k + 2) for k in (3, 5, 8, 12, 18)} | {0.3 / (k + 2) for k in (5, 11, 12, 17, 19, 24)}
     assert sum(rate in rounding_apart for rate in history) >= 3
+
+
+def _ranks_capturable_and_not(rank: int, world: int, init_file: str, results: str) -> None:
+    """Each rank trains one DDP model with and one without capturable (η0 = 5: rollbacks) and records both."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        runs = {}
+        for capturable in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            opt = BB(model.parameters(), lr=5.0, steps_per_epoch=4, backend="eager", capturable=capturable)
+            for step in range(20):
+                x, y = _batch(10 * step + rank)
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(ddp(x), y)
+                loss.backward()
+                opt.step(loss=loss)
+            weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+            runs[str(capturable)] = {"lr": opt.lr_history, "rolled_back": opt.rolled_back_epochs, "weights": weights}
+        with open(os.path.join(results, f"rank{rank}.json"), "w") as file:
+            json.dump(runs, file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_capturable_under_torch_distributed_decides_as_the_host_counted(tmp_path) -> None:
+    """Two gloo ranks: the capturable step all-reduces the loss sums at every step (flag-gated use) and decides
+    exactly as the host-counted one, rollbacks included, on both ranks."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_ranks_capturable_and_not, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for runs in ranks:
+        assert runs["True"] == runs["False"]
+        assert runs["True"]["rolled_back"] and len(runs["True"]["lr"]) == 5
+    assert ranks[0]["True"]["lr"] == ranks[1]["True"]["lr"]
