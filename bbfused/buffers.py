@@ -180,8 +180,7 @@ class FlatBuffer:
         view = self.grad_views[index]
         if view.data_ptr() != self.grad_ptrs[index] or view.shape != self.params[index].shape:
             with torch.no_grad():
-                alias = _alias(self.grad, self.offsets[index], self.params[index].shape, self.strides[index])
-                view.set_(alias.untyped_storage(), 0, alias.shape, alias.stride())
+                view.set_(_alias(self.grad, self.offsets[index], self.params[index].shape, self.strides[index]))
 
     def adopt_replaced_gradients(self) -> bool:
         """Copy gradients that replaced the flat views back into the buffer and restore the views.

@@ -707,32 +707,31 @@ class BB(torch.optim.Optimizer):
         """The sums of backend pass ``kind`` ("epoch_end" or "epoch_measure") over every buffer. Each buffer's
         result is kept until the epoch closes: the pass zeroes the gradient averages, so it must not run twice.
         ``enabled`` (a captured step): the passes act only where the device flag is set, nothing is kept."""
-        if enabled is not None:
-            sums = []
-            for b in self._buffers:
-                run = getattr(self._backends[b.device], kind)
-                buffer_sums = run(b.param, b.ema, b.prev_params, b.prev_ema, _on(enabled, b.device))
-                join = self._join_epochs[b.group_index]
-                if join > 0:  # as _rule_sums, against the epoch counted on the device
-                    joined = self._device_epochs.epoch.to(buffer_sums.device) >= join
-                    buffer_sums = torch.where(joined, buffer_sums, _without_rule_sums(buffer_sums))
-                sums.append(buffer_sums)
-            return self._per_buffer_sum(sums)
+        sums = []
         for index, b in enumerate(self._buffers):
-            if index not in self._epoch_pass_sums:
-                run = getattr(self._backends[b.device], kind)
-                self._epoch_pass_sums[index] = run(b.param, b.ema, b.prev_params, b.prev_ema)
-        return self._per_buffer_sum([self._rule_sums(index) for index in range(len(self._buffers))])
+            run = getattr(self._backends[b.device], kind)
+            if enabled is not None:
+                buffer_sums = run(b.param, b.ema, b.prev_params, b.prev_ema, _on(enabled, b.device))
+            else:
+                if index not in self._epoch_pass_sums:
+                    self._epoch_pass_sums[index] = run(b.param, b.ema, b.prev_params, b.prev_ema)
+                buffer_sums = self._epoch_pass_sums[index]
+            sums.append(self._rule_sums(b, buffer_sums))
+        return self._per_buffer_sum(sums)
 
-    def _rule_sums(self, index: int) -> torch.Tensor:
-        """Buffer ``index``'s pass sums as the epoch end uses them. A group added later than the constructor's has
-        no full epoch of history before its join epoch (its snapshots and EMA began mid-way): its ‖Δθ‖² and Δθᵀy
-        (the first two sums) would mix part of an epoch, or a gradient with no previous one, into the estimate, so
-        they count as 0 until then; its weight and gradient norms count from the start."""
-        sums = self._epoch_pass_sums[index]
-        if self._join_epochs[self._buffers[index].group_index] <= self._epoch:
+    def _rule_sums(self, buffer: FlatBuffer, sums: torch.Tensor) -> torch.Tensor:
+        """``buffer``'s pass sums as the epoch end uses them. A group added later than the constructor's has no full
+        epoch of history before its join epoch (its snapshots and EMA began mid-way): its ‖Δθ‖² and Δθᵀy (the first
+        two sums) would mix part of an epoch, or a gradient with no previous one, into the estimate, so they count
+        as 0 until then; its weight and gradient norms count from the start. capturable: the epoch is the one
+        counted on the device, and the choice is made there."""
+        join = self._join_epochs[buffer.group_index]
+        if join == 0:
             return sums
-        return _without_rule_sums(sums)
+        if self.capturable:
+            joined = self._device_epochs.epoch.to(sums.device) >= join
+            return torch.where(joined, sums, _without_rule_sums(sums))
+        return sums if join <= self._epoch else _without_rule_sums(sums)
 
     def _paper_epoch_pass(self, enabled: torch.Tensor | None = None) -> torch.Tensor:
         return self._epoch_pass("epoch_end", enabled)
@@ -742,8 +741,8 @@ class BB(torch.optim.Optimizer):
 
     def _commit_epoch(self, rolled_back: torch.Tensor, enabled: torch.Tensor | None = None) -> None:
         for b in self._buffers:
-            flag = None if enabled is None else _on(enabled, b.device)
-            self._backends[b.device].epoch_commit(b.param, b.prev_params, _on(rolled_back, b.device), flag)
+            backend = self._backends[b.device]
+            backend.epoch_commit(b.param, b.prev_params, _on(rolled_back, b.device), _on(enabled, b.device))
 
     def _snapshot_params(self) -> None:
         for buffer in self._buffers:

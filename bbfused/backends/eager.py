@@ -57,7 +57,7 @@ class EagerBackend:
         sums = torch.stack([torch.dot(delta_theta, delta_theta), torch.dot(delta_theta, delta_ema)])
         _write_if(enabled, prev_params, param)
         _write_if(enabled, prev_ema, ema)
-        _write_if(enabled, ema, torch.zeros_like(ema))
+        _zero_if(enabled, ema)
         return _sums_if(enabled, sums)
 
     def epoch_measure(
@@ -81,7 +81,7 @@ class EagerBackend:
             ]
         )
         _write_if(enabled, prev_ema, ema)
-        _write_if(enabled, ema, torch.zeros_like(ema))
+        _zero_if(enabled, ema)
         return _sums_if(enabled, sums)
 
     def epoch_commit(
@@ -104,6 +104,14 @@ def _write_if(enabled: torch.Tensor | None, target: torch.Tensor, value: torch.T
         target.copy_(value)
     else:
         torch.where(enabled.reshape(()), value, target, out=target)
+
+
+def _zero_if(enabled: torch.Tensor | None, target: torch.Tensor) -> None:
+    """target ← 0, or (``enabled`` given) only where the flag on the device is set: no host read."""
+    if enabled is None:
+        target.zero_()
+    else:
+        target.masked_fill_(enabled.reshape(()), 0)
 
 
 def _sums_if(enabled: torch.Tensor | None, sums: torch.Tensor) -> torch.Tensor:
