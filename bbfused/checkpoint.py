@@ -285,3 +285,9 @@ def pack(param_groups: list[dict[str, Any]], state: dict[Any, Any]) -> dict[str,
         groups.append(packed)
     packed_state = {(index[id(key)] if isinstance(key, torch.Tensor) else key): value for key, value in state.items()}
     return {"state": packed_state, "param_groups": groups}
+
+
+def saved_steps_per_epoch(state_dict: dict[str, Any]) -> int | None:
+    """The ``steps_per_epoch`` a ``BB.state_dict()`` was saved with (None: epochs ended by ``end_epoch()``);
+    raises ValueError when ``state_dict`` is not one."""
+    return read_bb(state_dict)["steps_per_epoch"]
