@@ -1,0 +1,43 @@
+"""Every golden trajectory (``tests/golden.py``) is reproduced bit for bit.
+
+On a CPU or torch build whose float32 products round differently from the one that recorded them (a different
+numerics fingerprint), the weights' bits cannot match; the rates, rollbacks and counts are then compared to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from golden import GOLDEN_FILE, numerics_fingerprint, scenarios
+
+GOLDEN = json.loads(GOLDEN_FILE.read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(scenarios()))
+def test_trajectory_is_unchanged(name):
+    expected = GOLDEN["runs"][name]
+    got = scenarios()[name]()
+    assert got["rolled_back_epochs"] == expected["rolled_back_epochs"]
+    if numerics_fingerprint() == GOLDEN["numerics"]:
+        assert got == expected
+        return
+    for key in ("lr_history",):
+        values = [float.fromhex(v) for v in got[key]]
+        assert values == [pytest.approx(float.fromhex(v), rel=1e-5) for v in expected[key]]
+    assert math.isclose(float.fromhex(got["last_loss"]), float.fromhex(expected["last_loss"]), rel_tol=1e-3)
+
+
+def test_every_scenario_is_recorded():
+    assert sorted(GOLDEN["runs"]) == sorted(scenarios())
