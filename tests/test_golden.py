@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-
 from golden import GOLDEN_FILE, numerics_fingerprint, scenarios
 
 GOLDEN = json.loads(GOLDEN_FILE.read_text())
