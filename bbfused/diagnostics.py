@@ -15,8 +15,17 @@ import torch
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 # The optimizer's own modules (by __name__); the training command is a caller like any other.
-_INTERNAL_MODULES = ("bbfused.optimizer", "bbfused.buffers", "bbfused.checkpoint", "bbfused.control", "bbfused.rule")
-_INTERNAL_PACKAGES = ("bbfused.backends", "bbfused.diagnostics")
+_INTERNAL_MODULES = (
+    "bbfused.optimizer",
+    "bbfused.buffers",
+    "bbfused.buffer_set",
+    "bbfused.checkpoint",
+    "bbfused.clock",
+    "bbfused.groups",
+    "bbfused.rule",
+    "bbfused.shown_rate",
+)
+_INTERNAL_PACKAGES = ("bbfused.backends", "bbfused.control", "bbfused.diagnostics")
 
 
 def _internal(frame) -> bool:

@@ -20,11 +20,10 @@ def _fingerprint(group_numels: list[int]) -> int:
     return value
 
 
-def check_ranks_agree(steps_per_epoch: int | None, group_numels: list[int], device: torch.device) -> None:
+def check_ranks_agree(steps_per_epoch: int | None, param_groups: list[dict[str, Any]], device: torch.device) -> None:
     """Under an initialized default process group, raise on every rank unless all ranks have the same
-    ``steps_per_epoch`` and parameter groups of the same sizes (``group_numels``: the elements of each group, in
-    order). One all-gather and a host sync; BB calls it at its first step and at the first step after an
-    ``add_param_group``, which every rank must call alike.
+    ``steps_per_epoch`` and parameter groups of the same sizes. One all-gather and a host sync; BB calls it at its
+    first step and at the first step after an ``add_param_group``, which every rank must call alike.
 
     Ranks that end their epochs at different steps drift apart (each sets its own rate) or, with the rate control's
     epoch-end all-reduce, wait in collectives the others never call. Ranks whose groups differ (a group added on some
@@ -33,6 +32,7 @@ def check_ranks_agree(steps_per_epoch: int | None, group_numels: list[int], devi
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    group_numels = [sum(p.numel() for p in group["params"]) for group in param_groups]
     steps = 0 if steps_per_epoch is None else steps_per_epoch
     mine = torch.tensor(
         [steps, len(group_numels), sum(group_numels), _fingerprint(group_numels)], dtype=torch.int64, device=device

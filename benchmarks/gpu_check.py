@@ -165,7 +165,7 @@ def check_int64(report: Report) -> None:
     backend = tb.TritonBackend()
     results = {}
     start = time.perf_counter()
-    backend.step(param, grad, ema, lr, 0.0, 1.0, None, None)  # θ = -grad/2, g = grad: exact in fp32
+    backend.step(param, grad, ema, lr=lr, weight_decay=0.0, beta=1.0)  # θ = -grad/2, g = grad: exact in fp32
     results["θ after step"] = torch.equal(param, grad * -0.5)
     results["g after step"] = torch.equal(ema, grad)
     prev_params, prev_ema = torch.zeros_like(grad), torch.zeros_like(grad)

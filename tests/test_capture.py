@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 from test_control import BACKENDS
 
-import bbfused.optimizer
+import bbfused.clock
 from bbfused import BB
 from bbfused.backends.eager import EagerBackend
 
@@ -127,12 +127,17 @@ def _no_host_reads():
 def _tensor_state(opt: BB) -> dict[str, tuple[int, int]]:
     """Every state tensor the optimizer, its rate control and its device counters hold: identity and address. The
     histories' host copies, filled from the device when read, are not state a replay updates."""
-    owners = {"opt": vars(opt), "control": vars(opt._control), "epochs": vars(opt._device_epochs)}
+    owners = {
+        "opt": vars(opt),
+        "control": vars(opt._control),
+        "epochs": vars(opt._clock),
+        "buffers": vars(opt._buffers),
+    }
+    if hasattr(opt._control, "loss"):
+        owners["loss"] = vars(opt._control.loss)
     found = {}
     for owner, attributes in owners.items():
         for name, value in attributes.items():
-            if (owner, name) in {("opt", "_lr_history"), ("control", "rolled_back")}:
-                continue
             values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
             for index, tensor in enumerate(values):
                 if isinstance(tensor, torch.Tensor):
@@ -144,7 +149,7 @@ def _host_state(opt: BB) -> dict[str, object]:
     """The host-side values a replay could not update (everything but tensors and the parameter groups' lr)."""
     skip = {"state", "param_groups", "_buffers", "_backends", "_epoch_buffers"}
     state = {}
-    for owner, attributes in (("opt", vars(opt)), ("control", vars(opt._control))):
+    for owner, attributes in (("opt", vars(opt)), ("control", vars(opt._control)), ("epochs", vars(opt._clock))):
         for name, value in attributes.items():
             if name in skip or isinstance(value, torch.Tensor) or callable(value):
                 continue
@@ -192,18 +197,18 @@ def test_capturable_bad_inputs_name_the_fix(monkeypatch) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TypeError, match=r"takes the loss as a tensor, got the number 2.5.*loss=loss, not"):
         opt.step(loss=2.5)
-    monkeypatch.setattr(bbfused.optimizer, "_capturing", lambda: True)
+    monkeypatch.setattr(bbfused.clock, "_capturing", lambda: True)
     with pytest.raises(RuntimeError, match=r"run at least one step\(\) eagerly before capturing"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     monkeypatch.undo()
     opt.step()
-    monkeypatch.setattr(bbfused.optimizer, "_capturing", lambda: True)
+    monkeypatch.setattr(bbfused.clock, "_capturing", lambda: True)
     opt.step()  # warmed up: a capture may begin
     assert opt.step_in_epoch == 2
     monkeypatch.undo()
     opt.load_state_dict(opt.state_dict())
-    monkeypatch.setattr(bbfused.optimizer, "_capturing", lambda: True)
+    monkeypatch.setattr(bbfused.clock, "_capturing", lambda: True)
     with pytest.raises(RuntimeError, match=r"after building, load_state_dict\(\) and add_param_group\(\) alike"):
         opt.step()
 
@@ -218,17 +223,17 @@ def test_epoch_passes_with_a_false_flag_write_nothing(backend) -> None:
     flag = {value: torch.tensor(value, device=device) for value in (True, False)}
     for name in ("epoch_end", "epoch_measure"):
         off = [b.clone() for b in buffers]
-        sums = getattr(backend, name)(*off, flag[False])
+        sums = getattr(backend, name)(*off, enabled=flag[False])
         assert all(torch.equal(a, b) for a, b in zip(off, buffers)) and not sums.any()
         on, plain = [b.clone() for b in buffers], [b.clone() for b in buffers]
-        assert torch.equal(getattr(backend, name)(*on, flag[True]), getattr(backend, name)(*plain))
+        assert torch.equal(getattr(backend, name)(*on, enabled=flag[True]), getattr(backend, name)(*plain))
         assert all(torch.equal(a, b) for a, b in zip(on, plain))
     for rolled_back in (True, False):
         off = [b.clone() for b in buffers]
-        backend.epoch_commit(off[0], off[2], flag[rolled_back], flag[False])
+        backend.epoch_commit(off[0], off[2], flag[rolled_back], enabled=flag[False])
         assert all(torch.equal(a, b) for a, b in zip(off, buffers))
         on, plain = [b.clone() for b in buffers], [b.clone() for b in buffers]
-        backend.epoch_commit(on[0], on[2], flag[rolled_back], flag[True])
+        backend.epoch_commit(on[0], on[2], flag[rolled_back], enabled=flag[True])
         backend.epoch_commit(plain[0], plain[2], flag[rolled_back])
         assert all(torch.equal(a, b) for a, b in zip(on, plain))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backend_calls import backend_step
 
 from bbfused import BB
 from bbfused.backends import BackendUnavailableError, cpp_backend, load_backend
@@ -49,7 +50,7 @@ def fresh_load(monkeypatch):
 def run_step(dtype: torch.dtype, grad_scale: torch.Tensor | None) -> list[torch.Tensor]:
     param, grad, ema = random_buffers([dtype, dtype, state_dtype(dtype)])
     lr = torch.tensor(0.05, dtype=torch.float64)
-    cpp_backend.CppBackend().step(param, grad, ema, lr, 1e-2, 0.1, grad_scale, torch.zeros(()))
+    backend_step(cpp_backend.CppBackend(), param, grad, ema, lr, 1e-2, 0.1, grad_scale, torch.zeros(()))
     return [param, ema]
 
 
@@ -66,7 +67,7 @@ def test_step_same_bits_on_one_and_two_threads(dtype: torch.dtype, scale: float 
     # And the values are the reference's.
     param, grad, ema = random_buffers([dtype, dtype, state_dtype(dtype)])
     lr = torch.tensor(0.05, dtype=torch.float64)
-    EagerBackend().step(param, grad, ema, lr, 1e-2, 0.1, grad_scale, torch.zeros(()))
+    backend_step(EagerBackend(), param, grad, ema, lr, 1e-2, 0.1, grad_scale, torch.zeros(()))
     tolerance = {} if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(results[0][0], param, **tolerance)
     torch.testing.assert_close(results[0][1], ema, **tolerance)
@@ -128,7 +129,7 @@ def test_torch_compile_traces_the_ops() -> None:
     backend = load_backend("cpp", CPU)
 
     def step_and_epoch_end(param, grad, ema, lr, prev_params, prev_ema):
-        backend.step(param, grad, ema, lr, 0.01, 0.1, None, None)
+        backend_step(backend, param, grad, ema, lr, 0.01, 0.1)
         return backend.epoch_end(param, ema, prev_params, prev_ema)
 
     compiled = torch.compile(step_and_epoch_end, backend="aot_eager", fullgraph=True)
@@ -175,7 +176,7 @@ def test_explicit_cpp_without_compiler_says_what_is_missing(fresh_load, monkeypa
         BB([torch.nn.Parameter(torch.zeros(3))], steps_per_epoch=2, backend="cpp")
     with pytest.warns(RuntimeWarning, match="cpp backend is unavailable.*no C\\+\\+ compiler"):
         opt = BB([torch.nn.Parameter(torch.zeros(3))], steps_per_epoch=2, backend="auto")
-    assert opt._backends[CPU].name == "eager"
+    assert opt._buffers.backends[CPU].name == "eager"
 
 
 def test_explicit_cpp_without_ninja_says_what_is_missing(fresh_load, monkeypatch) -> None:
@@ -218,8 +219,9 @@ import sys, torch
 from bbfused.backends import load_backend
 backend = load_backend("cpp", torch.device("cpu"))
 inputs = torch.load(sys.argv[1])
+names = ("lr", "weight_decay", "beta", "grad_scale", "found_inf", "nonfinite")
 for case in inputs:
-    backend.step(*case["args"])
+    backend.step(*case["args"][:3], **dict(zip(names, case["args"][3:])))
 torch.save([[case["args"][i] for i in (0, 2, -1)] for case in inputs], sys.argv[2])
 """
 
@@ -257,8 +259,8 @@ def test_baseline_and_avx2_step_loops_give_the_same_bits(tmp_path) -> None:
     for case, from_baseline in zip(cases, baseline):
         here = [a.clone() if isinstance(a, torch.Tensor) else a for a in case["args"]]
         reference = [a.clone() if isinstance(a, torch.Tensor) else a for a in case["args"]]
-        fused.step(*here)
-        eager.step(*reference)
+        backend_step(fused, *here)
+        backend_step(eager, *reference)
         for index, from_baseline_loop in zip((0, 2, -1), from_baseline):  # θ, the EMA, the skipped count
             assert torch.equal(here[index], reference[index]) and torch.equal(here[index], from_baseline_loop)
         assert int(here[-1]) == 3

@@ -445,7 +445,7 @@ def test_interrupted_epoch_end_is_finished_exactly(monkeypatch, pass_name: str, 
     model, opt = _two_buffer_run(safeguard)
     assert len(opt._buffers) == 4
     _train_mixed(model, opt, 0, STEPS + 1)  # epoch 1 is the first with a BB estimate
-    backend = opt._backends[torch.device("cpu")]
+    backend = opt._buffers.backends[torch.device("cpu")]
     interrupt = _InterruptOnce(getattr(backend, pass_name), call, after)
     monkeypatch.setattr(backend, pass_name, interrupt)
     with pytest.raises(KeyboardInterrupt):
@@ -485,7 +485,7 @@ def test_interrupted_rate_control_closes_the_epoch_at_the_next_step(monkeypatch)
 
 def test_ctrl_c_during_the_epoch_end_waits_for_it(monkeypatch) -> None:
     reference_model, reference, model, opt = _reference_and_run_into_epoch_two()
-    backend = opt._backends[torch.device("cpu")]
+    backend = opt._buffers.backends[torch.device("cpu")]
     measure = backend.epoch_measure
 
     sent = []

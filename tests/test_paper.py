@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bbfused import BB, checkpoint, control
+from bbfused import BB, checkpoint
+from bbfused.control import safeguard as safeguard_control
 from bbfused.train import UsageError, format_record, parse_args, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def test_lenet_dying_in_epoch_0_without_nan_is_rolled_back() -> None:
     record = paper.run_epoch(0)
     assert record["train_loss"] == pytest.approx(math.log(10), abs=0.05) and record["test_acc1"] < 15.0
     assert all(torch.isfinite(p).all() for p in paper.model.parameters())
-    assert param_sq_norm(paper.model) / initial_sq_norm > control.WEIGHT_GROWTH  # the weight test catches it
+    assert param_sq_norm(paper.model) / initial_sq_norm > safeguard_control.WEIGHT_GROWTH  # the weight test catches it
 
     safe = mnist_run(1.0, True, model="lenet")
     initial = [p.detach().clone() for p in safe.model.parameters()]
@@ -199,7 +200,9 @@ def test_loss_tensors_on_the_device_roll_back_on_every_backend(backend: str) -> 
     losses = [first, [torch.tensor([3.0], device=DEVICE)] * 10]
     after = reported_loss_epochs(safe, theta, losses)
     assert torch.equal(after[1], after[0]) and safe.rolled_back_epochs == [1]
-    assert safe.lr == pytest.approx(0.1 * control.CAP)  # the last good rate, at most CAP times the one that diverged
+    assert safe.lr == pytest.approx(
+        0.1 * safeguard_control.CAP
+    )  # the last good rate, at most CAP times the one that diverged
 
 
 def test_loss_check_needs_every_step_and_a_reference() -> None:
@@ -404,7 +407,7 @@ def test_checkpoint_after_a_rollback_loses_nothing() -> None:
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     assert saved["opt"]["bb"]["has_snapshot"] is False
-    assert saved["opt"]["bb"]["lr_cap"] == 3.0 * control.CAP  # a fraction of the rate that diverged
+    assert saved["opt"]["bb"]["lr_cap"] == 3.0 * safeguard_control.CAP  # a fraction of the rate that diverged
     assert saved["opt"]["bb"]["rolled_back_epochs"] == [0]
     resumed, theta = quadratic_bb(0.5, safeguard=True)
     with torch.no_grad():

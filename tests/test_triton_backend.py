@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backend_calls import backend_step
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -64,7 +65,7 @@ def scalar(value: float) -> torch.Tensor:
 
 
 def run_step(backend, inputs, lr=0.05, weight_decay=1e-2, beta=0.4, grad_scale=None, found_inf=None) -> None:
-    backend.step(*inputs, lr_tensor(lr), weight_decay, beta, grad_scale, found_inf)
+    backend_step(backend, *inputs, lr_tensor(lr), weight_decay, beta, grad_scale, found_inf)
 
 
 # ------------------------------------------------------------------------------------------ block edges
@@ -358,7 +359,7 @@ def test_bad_inputs_raise_before_writing() -> None:
         "length": lambda: run_step(backend, [param, grad[:39], ema]),
         "dtype": lambda: run_step(backend, [param, grad, ema.double()]),
         "contiguous": lambda: run_step(backend, [param[::2], grad[::2], ema[::2]]),
-        "lr": lambda: backend.step(param, grad, ema, lr_tensor(0.1).expand(2), 0.0, 0.5, None, None),
+        "lr": lambda: backend_step(backend, param, grad, ema, lr_tensor(0.1).expand(2), 0.0, 0.5),
         "epoch_end": lambda: backend.epoch_end(param, ema, grad, ema.half()),
     }
     messages = {
@@ -406,7 +407,7 @@ def test_no_host_sync_in_step_and_epoch_end() -> None:
             torch.cuda.set_sync_debug_mode("default" if closes else "error")
             train_step()
         torch.cuda.set_sync_debug_mode("error")
-        backend.step(*step_args)
+        backend_step(backend, *step_args)
         backend.epoch_end(*epoch_end_args)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -7,7 +7,7 @@ import importlib
 import torch
 
 from ..diagnostics import warn
-from .base import Backend
+from .base import Backend, BackendUnavailableError
 
 # name -> module (relative to this package) holding the backend class and ``unavailable_reason(device)``.
 _MODULES = {
@@ -18,10 +18,6 @@ _MODULES = {
 BACKEND_NAMES = ("auto", *_MODULES)
 # What "auto" tries first for each device type; eager is the last resort everywhere.
 _FASTEST = {"cuda": "triton", "cpu": "cpp"}
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why and what to do."""
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:

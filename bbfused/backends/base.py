@@ -11,6 +11,10 @@ from typing import Protocol
 import torch
 
 
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and what to do."""
+
+
 class Backend(Protocol):
     """One implementation of the fused step and epoch end."""
 
@@ -21,11 +25,12 @@ class Backend(Protocol):
         param: torch.Tensor,
         grad: torch.Tensor,
         ema: torch.Tensor,
+        *,
         lr: torch.Tensor,
         weight_decay: float,
         beta: float,
-        grad_scale: torch.Tensor | None,
-        found_inf: torch.Tensor | None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
         nonfinite: torch.Tensor | None = None,
     ) -> None:
         """One SGD step with L2 weight decay and the gradient EMA, in place, over n elements.
@@ -45,6 +50,7 @@ class Backend(Protocol):
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Epoch-end pass over n elements; returns float64 (2,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev)]``.
@@ -64,6 +70,7 @@ class Backend(Protocol):
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The safeguarded epoch end's first pass: float64 (4,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev),
@@ -76,6 +83,7 @@ class Backend(Protocol):
         param: torch.Tensor,
         prev_params: torch.Tensor,
         rolled_back: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> None:
         """The second pass, a copy: prev_params ← θ, or θ ← prev_params when ``rolled_back`` (a bool 0-dim tensor

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .base import BackendUnavailableError
+
 # Shared with setup.py's ahead-of-time build. Portable: no -march=native (see csrc/bb_ops.cpp on vectors).
 CXX_FLAGS = ("-O3", "-fopenmp")
 LD_FLAGS = ("-fopenmp",)
@@ -145,8 +147,6 @@ class CppBackend:
     def __init__(self) -> None:
         reason = ensure_loaded()
         if reason is not None:
-            from . import BackendUnavailableError
-
             raise BackendUnavailableError(f"backend='cpp' cannot run: {reason}")
 
     def step(
@@ -154,11 +154,12 @@ class CppBackend:
         param: torch.Tensor,
         grad: torch.Tensor,
         ema: torch.Tensor,
+        *,
         lr: torch.Tensor,
         weight_decay: float,
         beta: float,
-        grad_scale: torch.Tensor | None,
-        found_inf: torch.Tensor | None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
         nonfinite: torch.Tensor | None = None,
     ) -> None:
         torch.ops.bbfused.cpp_step(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite)
@@ -169,6 +170,7 @@ class CppBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if _skipped(enabled):
@@ -181,6 +183,7 @@ class CppBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if _skipped(enabled):
@@ -192,6 +195,7 @@ class CppBackend:
         param: torch.Tensor,
         prev_params: torch.Tensor,
         rolled_back: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> None:
         if not _skipped(enabled):

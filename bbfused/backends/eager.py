@@ -13,11 +13,12 @@ class EagerBackend:
         param: torch.Tensor,
         grad: torch.Tensor,
         ema: torch.Tensor,
+        *,
         lr: torch.Tensor,
         weight_decay: float,
         beta: float,
-        grad_scale: torch.Tensor | None,
-        found_inf: torch.Tensor | None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
         nonfinite: torch.Tensor | None = None,
     ) -> None:
         theta = param.to(ema.dtype)
@@ -50,6 +51,7 @@ class EagerBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         delta_theta = param.double() - prev_params.double()
@@ -66,6 +68,7 @@ class EagerBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         theta = param.double()
@@ -89,6 +92,7 @@ class EagerBackend:
         param: torch.Tensor,
         prev_params: torch.Tensor,
         rolled_back: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> None:
         flag = rolled_back.reshape(())

@@ -381,11 +381,12 @@ class TritonBackend:
         param: torch.Tensor,
         grad: torch.Tensor,
         ema: torch.Tensor,
+        *,
         lr: torch.Tensor,
         weight_decay: float,
         beta: float,
-        grad_scale: torch.Tensor | None,
-        found_inf: torch.Tensor | None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
         nonfinite: torch.Tensor | None = None,
     ) -> None:
         """One launch over n elements; reads lr, grad_scale and found_inf on the device (no host sync)."""
@@ -431,6 +432,7 @@ class TritonBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One launch writing per-block float64 partials, summed in a fixed order on the device.
@@ -445,6 +447,7 @@ class TritonBackend:
         ema: torch.Tensor,
         prev_params: torch.Tensor,
         prev_ema: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One launch writing per-block float64 partials, summed in a fixed order on the device (no sync)."""
@@ -455,6 +458,7 @@ class TritonBackend:
         param: torch.Tensor,
         prev_params: torch.Tensor,
         rolled_back: torch.Tensor,
+        *,
         enabled: torch.Tensor | None = None,
     ) -> None:
         """One launch; the rollback flag is read on the device."""

@@ -1,0 +1,253 @@
+"""Every flat buffer of an optimizer, with what each device needs to run them: its backend, its copy of the learning
+rate and its count of skipped gradient values.
+
+A :class:`BufferSet` runs the step over every buffer and the epoch end's passes (the rate controls call them
+through :class:`EpochBuffers`): each pass over every buffer, the rule's sums of a group that joined late masked
+until its join epoch, and the per-buffer sums added in a fixed order on the master device, so every run gives the
+same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .backends import Backend, load_backend
+from .buffers import FlatBuffer, state_dtype, warn_replaced_gradients
+from .clock import EpochClock, choose
+from .devices import on as _on
+
+
+class EpochBuffers(Protocol):
+    """What a rate control may do to the buffers at an epoch end (:class:`BufferSet` implements it)."""
+
+    def measure(self, clock: EpochClock) -> torch.Tensor:
+        """float64 (4,) on the master device: ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² over every buffer; in the same pass
+        prev_ema ← g, g ← 0 (prev_params stays, for a rollback)."""
+
+    def commit(self, rolled_back: torch.Tensor, clock: EpochClock) -> None:
+        """The second pass: prev_params ← θ, or θ ← prev_params where ``rolled_back`` (a bool device tensor)."""
+
+    def paper_pass(self, clock: EpochClock) -> torch.Tensor:
+        """The paper's single pass: float64 (2,) ‖Δθ‖², Δθᵀy; prev_params ← θ, prev_ema ← g, g ← 0."""
+
+    def snapshot_params(self) -> None:
+        """prev_params ← θ (the point a diverged epoch 0 returns to)."""
+
+    def sq_norm(self, name: str, buffers: Sequence[FlatBuffer] | None = None) -> torch.Tensor:
+        """‖buffer ``name``‖² over ``buffers`` (default every buffer), float64 on the master device."""
+
+
+class BufferSet:
+    """The optimizer's flat buffers (a sequence of :class:`FlatBuffer`, in packing order) and their devices."""
+
+    def __init__(self, backend: str, lr: float, skip_nonfinite: bool) -> None:
+        self.backend_name = backend
+        self.skip_nonfinite = skip_nonfinite
+        self.buffers: list[FlatBuffer] = []
+        self.backends: dict[torch.device, Backend] = {}
+        # One float64 learning-rate tensor per device; the first is the master the rate control writes.
+        self.lrs: dict[torch.device, torch.Tensor] = {}
+        # With skip_nonfinite, per device the count of gradient values that were not finite (read on demand).
+        self.nonfinite: dict[torch.device, torch.Tensor] = {}
+        # Per group, the first epoch whose end's rate estimate includes it (see BB.add_param_group).
+        self.join_epochs: list[int] = []
+        self._initial_lr = lr
+        # Each buffer's epoch-end pass result, kept until the epoch has closed: a finished epoch end that is run
+        # again after an exception must not repeat a pass (it zeroes the gradient averages).
+        self._kept_sums: dict[tuple[str, int], torch.Tensor] = {}
+        self._warned_replaced = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Backends travel by name and are loaded again on the copy's side."""
+        state = dict(self.__dict__)
+        state["backends"] = {device: backend.name for device, backend in self.backends.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.backends = {device: load_backend(name, device) for device, name in state["backends"].items()}
+
+    # ------------------------------------------------------------------ building
+    def add_devices(self, devices: Sequence[torch.device]) -> None:
+        """Load the backend of each new device (raising before anything changes when one is unavailable) and
+        give it its copy of the rate and its counter."""
+        new = [d for d in dict.fromkeys(devices) if d not in self.backends]
+        backends = {d: load_backend(self.backend_name, d) for d in new}
+        for device, backend in backends.items():
+            self.backends[device] = backend
+            rate = self._initial_lr if not self.lrs else self.lr
+            self.lrs[device] = torch.as_tensor(rate, dtype=torch.float64).to(device).clone()
+            if self.skip_nonfinite:
+                self.nonfinite[device] = torch.zeros((), dtype=torch.int64, device=device)
+
+    def pack(
+        self, group: dict[str, Any], names: list[str], group_index: int, join_epoch: int, snapshot: bool = False
+    ) -> list[FlatBuffer]:
+        """Pack the group's parameters into flat buffers, one per (device, dtype), in first-seen order: from here
+        on each parameter's ``.data`` and ``.grad`` are views of them. ``snapshot``: prev_params ← θ. Returns the
+        new buffers."""
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(group["params"]):
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        packed = [
+            FlatBuffer([group["params"][i] for i in indices], [names[i] for i in indices], group_index)
+            for indices in by_kind.values()
+        ]
+        if snapshot:
+            with torch.no_grad():
+                for buffer in packed:
+                    buffer.prev_params.copy_(buffer.param)
+        self.buffers.extend(packed)
+        self.join_epochs.append(join_epoch)
+        return packed
+
+    # ------------------------------------------------------------------ the sequence of buffers
+    def __iter__(self) -> Iterator[FlatBuffer]:
+        return iter(self.buffers)
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def __getitem__(self, index: int) -> FlatBuffer:
+        return self.buffers[index]
+
+    @property
+    def master(self) -> torch.device:
+        return next(iter(self.lrs))
+
+    @property
+    def lr(self) -> torch.Tensor:
+        """The learning rate as a float64 0-dim tensor on the master device."""
+        return self.lrs[self.master]
+
+    def set_lr(self, value: torch.Tensor | float) -> None:
+        for lr in self.lrs.values():
+            if isinstance(value, torch.Tensor):
+                lr.copy_(_on(value, lr.device))
+            else:
+                lr.fill_(value)
+
+    def state_views(self) -> Iterator[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]]:
+        """Each parameter with its optimizer state, as tensors shaped like it (views of the buffers)."""
+        for buffer in self.buffers:
+            for index, p in enumerate(buffer.params):
+                yield p, buffer.state_views(index)
+
+    def numel(self) -> int:
+        return sum(p.numel() for buffer in self.buffers for p in buffer.params)
+
+    def skipped_values(self) -> int:
+        """How many gradient values were skipped for not being finite (reading it synchronises)."""
+        return int(sum(int(count) for count in self.nonfinite.values()))
+
+    # ------------------------------------------------------------------ the step
+    def zero_grad(self, set_to_none: bool) -> None:
+        for buffer in self.buffers:
+            buffer.zero_grad(set_to_none)
+
+    def adopt_gradients(self) -> None:
+        """Raise if a parameter was re-allocated; copy gradients that replaced the flat views back in (one
+        warning)."""
+        for buffer in self.buffers:
+            buffer.check()
+        replaced = [buffer.adopt_replaced_gradients() for buffer in self.buffers]
+        if any(replaced) and not self._warned_replaced:
+            self._warned_replaced = True
+            warn_replaced_gradients()
+
+    def step(
+        self,
+        weight_decays: Sequence[float],
+        beta: float,
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+        whole_buffers: bool,
+    ) -> None:
+        """One update of every parameter with a gradient (every parameter with ``whole_buffers``).
+        ``weight_decays``: per group."""
+        for buffer in self.buffers:
+            device = buffer.device
+            backend = self.backends[device]
+            if whole_buffers:
+                ranges = [(0, buffer.numel)]
+            else:
+                ranges = buffer.ranges_with_gradients(count_in_place_writes=found_inf is None)
+            for start, end in ranges:
+                backend.step(
+                    buffer.param[start:end],
+                    buffer.grad[start:end],
+                    buffer.ema[start:end],
+                    lr=self.lrs[device],
+                    weight_decay=weight_decays[buffer.group_index],
+                    beta=beta,
+                    grad_scale=_on(grad_scale, device),
+                    found_inf=_on(found_inf, device),
+                    nonfinite=self.nonfinite.get(device),
+                )
+
+    # ------------------------------------------------------------------ the epoch end (EpochBuffers)
+    def measure(self, clock: EpochClock) -> torch.Tensor:
+        return self._pass("epoch_measure", clock)
+
+    def paper_pass(self, clock: EpochClock) -> torch.Tensor:
+        return self._pass("epoch_end", clock)
+
+    def commit(self, rolled_back: torch.Tensor, clock: EpochClock) -> None:
+        for buffer in self.buffers:
+            self.backends[buffer.device].epoch_commit(
+                buffer.param,
+                buffer.prev_params,
+                _on(rolled_back, buffer.device),
+                enabled=_on(clock.gate, buffer.device),
+            )
+
+    def snapshot_params(self) -> None:
+        for buffer in self.buffers:
+            buffer.prev_params.copy_(buffer.param)
+
+    def sq_norm(self, name: str, buffers: Sequence[FlatBuffer] | None = None) -> torch.Tensor:
+        norms = [_norm(getattr(b, name)) for b in (self.buffers if buffers is None else buffers)]
+        return torch.stack([_on(n, self.master) for n in norms]).square().sum()
+
+    def epoch_closed(self) -> None:
+        """The epoch end went through: its kept pass results are spent."""
+        self._kept_sums = {}
+
+    def _pass(self, kind: str, clock: EpochClock) -> torch.Tensor:
+        """The sums of backend pass ``kind`` over every buffer, added in buffer order on the master device. Under a
+        host clock each buffer's result is kept until the epoch closes (the pass must not run twice); under a
+        device clock the pass is gated and nothing is kept."""
+        sums = []
+        for index, buffer in enumerate(self.buffers):
+            run = getattr(self.backends[buffer.device], kind)
+            args = (buffer.param, buffer.ema, buffer.prev_params, buffer.prev_ema)
+            if clock.gate is not None:
+                buffer_sums = run(*args, enabled=_on(clock.gate, buffer.device))
+            else:
+                if (kind, index) not in self._kept_sums:
+                    self._kept_sums[kind, index] = run(*args)
+                buffer_sums = self._kept_sums[kind, index]
+            sums.append(self._rule_sums(buffer, buffer_sums, clock))
+        return torch.stack([_on(s, self.master) for s in sums]).sum(0)
+
+    def _rule_sums(self, buffer: FlatBuffer, sums: torch.Tensor, clock: EpochClock) -> torch.Tensor:
+        """``buffer``'s pass sums as the epoch end uses them. A group added later than the constructor's has no full
+        epoch of history before its join epoch (its snapshots and EMA began mid-way): its ‖Δθ‖² and Δθᵀy (the first
+        two sums) would mix part of an epoch, or a gradient with no previous one, into the estimate, so they count
+        as 0 until then; its weight and gradient norms count from the start."""
+        join = self.join_epochs[buffer.group_index]
+        if join == 0:
+            return sums
+        return choose(clock.reached(join), sums, torch.cat([torch.zeros_like(sums[:2]), sums[2:]]))
+
+
+def _norm(flat: torch.Tensor) -> torch.Tensor:
+    """‖flat‖ as a float64 0-dim tensor, accumulated in the state dtype.
+
+    A float64 upcast of a float32 buffer would cost a full conversion pass (30x slower on CPU); the safeguard
+    compares norms against a growth bound, and an overflow to inf reads as diverged, as it should.
+    """
+    return torch.linalg.vector_norm(flat, dtype=state_dtype(flat.dtype)).double()

@@ -1,0 +1,325 @@
+"""The epoch clock: where BB counts its steps and epochs and keeps their histories, on the host or on the device.
+
+Two implementations of one interface:
+
+* :class:`HostClock` (the default): Python counters; an epoch end runs once, after the epoch's last step, and its
+  decisions are written directly.
+* :class:`DeviceClock` (``BB(capturable=True)``): a CUDA graph replays kernels, not Python, so host counters would
+  stay frozen at their values during capture. Here the counts and histories are device tensors the captured step
+  updates in place; the epoch end runs inside every step, gated by :attr:`DeviceClock.gate` (true at the epoch's
+  last step), and every decision is written through :meth:`DeviceClock.commit`. The host reads the counts (one
+  sync) only when asked.
+
+The rate controls and the buffers write through the clock (``commit``, ``select``, ``gate``), so neither knows
+which clock runs. Each clock also makes the per-epoch loss meter of its kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Union
+
+import torch
+
+from .devices import on as _on
+from .interrupts import deferred_sigint
+
+# Epochs the device-side histories hold (64 Ki epochs: 576 KiB per device, allocated once).
+HISTORY_CAPACITY = 1 << 16
+
+Flag = Union[bool, torch.Tensor]
+
+
+def choose(flag: Flag, when_true: torch.Tensor, when_false: torch.Tensor) -> torch.Tensor:
+    """``when_true`` where ``flag`` holds, else ``when_false``: decided on the host for a bool, on the device (no
+    sync) for a bool tensor."""
+    if isinstance(flag, torch.Tensor):
+        return torch.where(flag.to(when_true.device), when_true, when_false)
+    return when_true if flag else when_false
+
+
+def nan(device: torch.device) -> torch.Tensor:
+    return torch.tensor(math.nan, dtype=torch.float64, device=device)
+
+
+class HostLossMeter:
+    """The epoch's loss sum on the device (one add per step), its count and last loss held on the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.last = nan(device)  # the step's own loss tensor: kept by reference, never written
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum.add_(loss)
+        self.steps += 1
+        self.last = loss
+
+    def steps_tensor(self) -> torch.Tensor:
+        return torch.full_like(self.sum, self.steps)
+
+    def reset(self, clock: HostClock) -> None:
+        self.sum.zero_()
+        self.steps = 0
+        self.last = nan(self.device)
+
+    def load(self, loss_sum: float, steps: int) -> None:
+        self.sum.fill_(loss_sum)
+        self.steps = steps
+
+
+class DeviceLossMeter:
+    """The epoch's loss sum, count and last loss as device tensors updated in place (three kernels a step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = torch.zeros((), dtype=torch.float64, device=device)
+        self.last = nan(device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum.add_(loss)
+        self.steps.add_(1)
+        self.last.copy_(loss)
+
+    def steps_tensor(self) -> torch.Tensor:
+        return self.steps
+
+    def reset(self, clock: DeviceClock) -> None:
+        self.sum.masked_fill_(clock.gate, 0.0)
+        self.steps.masked_fill_(clock.gate, 0.0)
+        self.last.masked_fill_(clock.gate, math.nan)
+
+    def load(self, loss_sum: float, steps: int) -> None:
+        self.sum.fill_(loss_sum)
+        self.steps.fill_(steps)
+
+
+class HostClock:
+    """Steps and epochs counted in Python; the epoch end runs after the epoch's last step only."""
+
+    gate = None  # every pass and decision of an epoch end applies
+
+    def __init__(self, steps_per_epoch: int | None, device: torch.device) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        self.device = device
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.first_step_pending = True
+        self._lr_history: list[torch.Tensor] = []
+        self._rolled_back: list[torch.Tensor] = []
+
+    # ---- the step
+    def loss_meter(self, device: torch.device) -> HostLossMeter:
+        return HostLossMeter(device)
+
+    def check_loss_number(self, loss: object) -> None:
+        """A loss given as a Python number is fine here."""
+
+    def check_capture(self, ranks_checked: bool) -> None:
+        """Nothing to check: a host-counted step is never meant to be captured."""
+
+    def steps_whole_buffers(self) -> bool:
+        """Whether each step must run over whole buffers: no, the host picks the ranges with gradients."""
+        return False
+
+    def advance(self) -> bool:
+        """Count a step; whether the epoch ends now."""
+        self.first_step_pending = False
+        self.step_in_epoch += 1
+        return self.step_in_epoch == self.steps_per_epoch
+
+    @contextlib.contextmanager
+    def epoch_end(self) -> Iterator[None]:
+        """Around an epoch end: a Ctrl-C waits until it is done (it must not stop half-way)."""
+        with deferred_sigint():
+            yield
+
+    # ---- what an epoch end reads and writes
+    @property
+    def rule_epoch(self) -> int:
+        """The closing epoch's index as the BB rule takes it."""
+        return self.epoch
+
+    @property
+    def closing_steps(self) -> int:
+        """T: the steps the closing epoch took."""
+        return self.step_in_epoch
+
+    def reached(self, epoch: int) -> Flag:
+        """Whether the closing epoch is ``epoch`` or later."""
+        return self.epoch >= epoch
+
+    def commit(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        target.copy_(value)
+
+    def select(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return new
+
+    def record(self, lr: torch.Tensor, rolled_back: torch.Tensor | None) -> None:
+        """Close the epoch that ran at rate ``lr`` (rolled back or not; None: never judged) and start the next."""
+        self._lr_history.append(lr.clone())
+        if rolled_back is not None:
+            self._rolled_back.append(rolled_back)
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+    def shown_rate(self, lr: torch.Tensor) -> float:
+        """The rate as the parameter groups show it: a Python float (one read of the rate)."""
+        return float(lr)
+
+    # ---- reading and loading
+    def lr_history(self) -> list[float]:
+        return torch.stack(self._lr_history).tolist() if self._lr_history else []
+
+    def rolled_back_epochs(self) -> list[int]:
+        return torch.stack(self._rolled_back).nonzero().flatten().tolist() if self._rolled_back else []
+
+    def counts(self) -> tuple[int, int]:
+        return self.epoch, self.step_in_epoch
+
+    def load(
+        self, epoch: int, step: int, lr_history: list[float], rolled_back: list[int], steps_per_epoch: int | None
+    ) -> None:
+        """Set from a checked checkpoint (``rolled_back``: the rolled-back epochs' indices)."""
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch, self.step_in_epoch = epoch, step
+        self._lr_history = [torch.tensor(rate, dtype=torch.float64, device=self.device) for rate in lr_history]
+        flagged = set(rolled_back)
+        self._rolled_back = [torch.tensor(e in flagged, device=self.device) for e in range(epoch)]
+        self.first_step_pending = epoch == 0 and step == 0
+
+
+class DeviceClock:
+    """Steps and epochs counted on the device; the epoch end runs in every step, acting only at the epoch's last."""
+
+    def __init__(self, steps_per_epoch: int, device: torch.device) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        self.device = device
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
+        self.gate = torch.zeros((), dtype=torch.bool, device=device)
+        self._lr_history = torch.full((HISTORY_CAPACITY,), math.nan, dtype=torch.float64, device=device)
+        self._rolled_back = torch.zeros(HISTORY_CAPACITY, dtype=torch.bool, device=device)
+        # The first step records host-side state a replay never updates (where a diverged epoch 0 returns to, the
+        # ranks' check): it must run eagerly.
+        self.first_step_pending = True
+
+    # ---- the step
+    def loss_meter(self, device: torch.device) -> DeviceLossMeter:
+        return DeviceLossMeter(device)
+
+    def check_loss_number(self, loss: object) -> None:
+        raise TypeError(
+            f"BB(capturable=True) takes the loss as a tensor, got the number {loss!r}: a number would be fixed in a "
+            f"captured graph. Pass the loss tensor itself (loss=loss, not loss.item())"
+        )
+
+    def check_capture(self, ranks_checked: bool) -> None:
+        if (self.first_step_pending or not ranks_checked) and _capturing():
+            raise RuntimeError(
+                "BB(capturable=True): run at least one step() eagerly before capturing it in a CUDA graph (the "
+                "warm-up iterations torch.cuda.graph needs anyway), after building, load_state_dict() and "
+                "add_param_group() alike: that step records where a diverged first epoch returns to and checks the "
+                "ranks, host work a replay would never repeat"
+            )
+
+    def steps_whole_buffers(self) -> bool:
+        """A captured step cannot choose its ranges on the host at replay: it steps whole buffers."""
+        return True
+
+    def advance(self) -> bool:
+        """Count a step and set :attr:`gate` to whether it was the epoch's last; the epoch end always runs."""
+        self.first_step_pending = False
+        self.step.add_(1)
+        torch.eq(self.step, self.steps_per_epoch, out=self.gate)
+        return True
+
+    @contextlib.contextmanager
+    def epoch_end(self) -> Iterator[None]:
+        """Kernels only, every step: nothing to hold back."""
+        yield
+
+    # ---- what an epoch end reads and writes
+    @property
+    def rule_epoch(self) -> torch.Tensor:
+        return self.epoch
+
+    @property
+    def closing_steps(self) -> int:
+        return self.steps_per_epoch
+
+    def reached(self, epoch: int) -> Flag:
+        return self.epoch >= epoch
+
+    def commit(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        torch.where(_on(self.gate, target.device), value, target, out=target)
+
+    def select(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(_on(self.gate, new.device), new, old)
+
+    def record(self, lr: torch.Tensor, rolled_back: torch.Tensor | None) -> None:
+        index = self.epoch.clamp(max=HISTORY_CAPACITY - 1).reshape(1)
+        at_end = self.gate
+        self._lr_history.index_put_((index,), torch.where(at_end, lr, self._lr_history.index_select(0, index)))
+        if rolled_back is not None:
+            self._rolled_back.index_put_((index,), rolled_back & at_end | self._rolled_back.index_select(0, index))
+        self.epoch.add_(at_end.to(torch.int64))
+        self.step.masked_fill_(at_end, 0)
+
+    def shown_rate(self, lr: torch.Tensor) -> torch.Tensor:
+        """The rate tensor itself: a captured step cannot write a float."""
+        return lr
+
+    # ---- reading and loading
+    def counts(self) -> tuple[int, int]:
+        """The epoch and the step in it (one sync)."""
+        epoch, step = int(self.epoch), int(self.step)
+        if epoch > HISTORY_CAPACITY:
+            raise RuntimeError(
+                f"BB(capturable=True) records the rates of at most {HISTORY_CAPACITY} epochs on the device and this "
+                f"run has {epoch}: its history is lost. Runs that long need capturable=False (or a state dict saved "
+                f"before epoch {HISTORY_CAPACITY}, loaded into a capturable=False optimizer)"
+            )
+        return epoch, step
+
+    def lr_history(self) -> list[float]:
+        epoch, _ = self.counts()
+        return self._lr_history[:epoch].tolist()
+
+    def rolled_back_epochs(self) -> list[int]:
+        epoch, _ = self.counts()
+        return self._rolled_back[:epoch].nonzero().flatten().tolist()
+
+    def load(
+        self, epoch: int, step: int, lr_history: list[float], rolled_back: list[int], steps_per_epoch: int | None
+    ) -> None:
+        """Set from a checked checkpoint, in place; raises before writing anything when it does not fit."""
+        if epoch > HISTORY_CAPACITY:
+            raise ValueError(
+                f"the state dict has {epoch} epochs; BB(capturable=True) keeps at most {HISTORY_CAPACITY} on the "
+                f"device: resume it with capturable=False"
+            )
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch.fill_(epoch)
+        self.step.fill_(step)
+        self._lr_history.fill_(math.nan)
+        self._lr_history[:epoch] = torch.tensor(lr_history, dtype=torch.float64)
+        self._rolled_back.zero_()
+        if rolled_back:
+            self._rolled_back[torch.tensor(rolled_back, dtype=torch.int64)] = True
+        self.first_step_pending = epoch == 0 and step == 0
+
+
+EpochClock = Union[HostClock, DeviceClock]
+
+
+def make_clock(capturable: bool, steps_per_epoch: int | None, device: torch.device) -> EpochClock:
+    return DeviceClock(steps_per_epoch, device) if capturable else HostClock(steps_per_epoch, device)
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
