@@ -5,9 +5,10 @@ and take back typed records (:class:`RunState`, :class:`ControlState`); :func:`e
 ``"bb"`` dict and :func:`read` checks a saved one completely and returns the records, so that a load that fails
 has written nothing.
 
-Version 2 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
-``loss_reference``, the last good epoch's mean loss, becomes the best and the last mean loss), and entries written
-before groups could be added have no ``join_epochs`` (every group was a constructor's group: all 0).
+Version 3 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
+``loss_reference``, the last good epoch's mean loss, becomes the best and the last mean loss), entries written
+before groups could be added have no ``join_epochs`` (every group was a constructor's group: all 0), and version 2
+had no multiplier (a scheduler's writes were ignored: the rate applied was the rule's).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from .arguments import check_beta, check_positive, check_weight_decay, is_int, is_real
 
-VERSION = 2
+VERSION = 3
 ENTRY = "bb"
 # Per-parameter state, shaped like the parameter.
 STATE_KEYS = ("ema", "prev_params", "prev_ema")
@@ -57,7 +58,9 @@ class RunState:
 
     epoch: int
     step_in_epoch: int
-    lr: float
+    lr: float  # the rate the next step applies: rule_lr times lr_multiplier
+    rule_lr: float  # the rate the rate control set
+    lr_multiplier: float  # what writes to the groups' "lr" (an lr_scheduler's) made of it; 1 without
     lr_history: list[float]
     rolled_back_epochs: list[int]
     steps_per_epoch: int | None
@@ -74,7 +77,7 @@ _CONTROL_KEYS = tuple(f.name for f in dataclasses.fields(ControlState))
 # The rate control's keys (its state and the rollback history), which version 1 did not have.
 CONTROL_KEYS = ("rolled_back_epochs", *_CONTROL_KEYS)
 # The keys introduced after version 1; an entry without them takes the values of a run that never rolled back.
-_ADDED_LATER = ("join_epochs", *CONTROL_KEYS)
+_ADDED_LATER = ("join_epochs", "lr_multiplier", *CONTROL_KEYS)
 
 
 def entry(run: RunState) -> dict[str, Any]:
@@ -85,15 +88,16 @@ def entry(run: RunState) -> dict[str, Any]:
 
 def upgrade(bb: dict[str, Any], groups: int) -> dict[str, Any]:
     """An older ``"bb"`` entry as the current version (a new dict); the current one unchanged."""
-    if bb.get("version") == VERSION and "join_epochs" in bb:
+    if bb.get("version") == VERSION:
         return bb
     epoch = bb["epoch"] if is_int(bb.get("epoch")) else 0
     defaults = {
         **dataclasses.asdict(ControlState.empty(epoch)),
         "rolled_back_epochs": [],
         "join_epochs": [0] * groups,
+        "lr_multiplier": 1.0,
     }
-    upgraded = {**{key: defaults[key] for key in _ADDED_LATER}, **bb, "version": VERSION}
+    upgraded = {**{key: defaults[key] for key in _ADDED_LATER}, "rule_lr": bb.get("lr"), **bb, "version": VERSION}
     if "loss_reference" in upgraded:
         upgraded["best_loss"] = upgraded["last_loss"] = upgraded.pop("loss_reference")
     return upgraded
@@ -103,9 +107,9 @@ def read(state_dict: Any) -> RunState:
     """The ``"bb"`` entry of ``state_dict`` as records, checked; raises ValueError naming the problem."""
     bb = state_dict.get(ENTRY) if isinstance(state_dict, dict) else None
     version = bb.get("version") if isinstance(bb, dict) else None
-    if not isinstance(bb, dict) or version not in (1, VERSION) or not {"state", "param_groups"} <= state_dict.keys():
+    if not isinstance(bb, dict) or version not in (1, 2, VERSION) or not {"state", "param_groups"} <= state_dict.keys():
         raise ValueError(
-            f"not a bbfused.BB state dict (version 1 or {VERSION}; found version {version!r}); load a checkpoint "
+            f"not a bbfused.BB state dict (versions 1 to {VERSION}; found version {version!r}); load a checkpoint "
             f"saved from BB.state_dict()"
         )
     bb = upgrade(bb, len(state_dict["param_groups"]))
@@ -137,10 +141,13 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
     history = bb["lr_history"]
     if not isinstance(history, list) or len(history) != epoch:
         raise ValueError(f"corrupt state dict: lr_history must list the {epoch} completed epochs' rates")
-    if any(not is_real(rate) or not math.isfinite(rate) or rate <= 0 for rate in history):
-        bad = next(rate for rate in history if not is_real(rate) or not math.isfinite(rate) or rate <= 0)
-        raise ValueError(f"corrupt state dict: lr_history must hold finite rates > 0, found {bad!r}")
-    check_positive("the saved lr", bb["lr"])
+    bad = [rate for rate in history if not _is_rate(rate)]
+    if bad:
+        raise ValueError(f"corrupt state dict: lr_history must hold finite rates >= 0, found {bad[0]!r}")
+    for name in ("lr", "lr_multiplier"):
+        if not _is_rate(bb[name]):
+            raise ValueError(f"corrupt state dict: {name} must be a finite number >= 0, got {bb[name]!r}")
+    check_positive("the saved rule_lr", bb["rule_lr"])
     check_beta(bb["beta"])
     for name in ("tau0", "tau_min", "tau_max"):
         check_positive(f"the saved {name}", bb[name])
@@ -162,6 +169,10 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
         raise ValueError(
             f"corrupt state dict: rolled_back_epochs must be increasing epochs in [0, {epoch}), got {rolled_back!r}"
         )
+
+
+def _is_rate(value: Any) -> bool:
+    return is_real(value) and math.isfinite(value) and value >= 0
 
 
 def _check_control(bb: dict[str, Any]) -> None:

@@ -100,8 +100,7 @@ class BB(torch.optim.Optimizer):
         self._packed = PackedGroups(self.param_groups)
         self._closing = False  # set while an epoch end runs; still set after an exception in it
         self._ranks_checked = False
-        self._shown = ShownRate(lr)
-        self._shown.publish(self._buffers.lr, self._clock, self.param_groups)
+        self._shown = ShownRate(self._buffers, self._clock, self.param_groups)
         self._index_state()
         self.register_state_dict_post_hook(_add_bb_entry, prepend=True)
         if ignored:
@@ -188,11 +187,12 @@ class BB(torch.optim.Optimizer):
     @property
     def lr(self) -> float:
         """The learning rate the next step uses (reading it synchronises with the device)."""
-        return float(self._buffers.lr)
+        return float(self.lr_tensor)
 
     @property
     def lr_tensor(self) -> torch.Tensor:
         """The learning rate as a float64 0-dim device tensor, updated in place (no sync to read)."""
+        self._shown.take_writes(self.param_groups)  # a scheduler's write since the last step
         return self._buffers.lr
 
     @property
@@ -267,7 +267,7 @@ class BB(torch.optim.Optimizer):
         given, name = (loss, "loss") if loss is not None else (closure_loss, None)
         watched = watched_loss(given, name, self._buffers.master, self._clock.check_loss_number)
         self._buffers.adopt_gradients()
-        self._shown.restore(self.param_groups)
+        self._shown.take_writes(self.param_groups)
         if self._clock.first_step_pending:
             self._control.first_step(self._buffers, watched)
         if watched is not None:
@@ -312,13 +312,12 @@ class BB(torch.optim.Optimizer):
         again, with the same result: each buffer's pass runs once, the control writes its state last."""
         self._closing = True
         with self._clock.epoch_end():
-            lr = self._buffers.lr
+            base = self._shown.base
             taus = (self.tau0, self.tau_min, self.tau_max)
-            new_lr, rolled_back = self._control.close_epoch(self._buffers, lr, self._clock, taus)
-            next_lr = self._clock.select(new_lr, lr)
-            self._clock.record(lr, rolled_back)
-            self._buffers.set_lr(next_lr)
-            self._shown.publish(self._buffers.lr, self._clock, self.param_groups)
+            new_base, rolled_back = self._control.close_epoch(self._buffers, base, self._clock, taus)
+            next_base = self._clock.select(new_base, base)
+            self._clock.record(self._buffers.lr, rolled_back)
+            self._shown.set_base(next_base, self.param_groups)
             self._buffers.epoch_closed()
             self._closing = False
 
@@ -340,6 +339,8 @@ class BB(torch.optim.Optimizer):
             epoch=epoch,
             step_in_epoch=step,
             lr=rate,
+            rule_lr=float(self._shown.base),
+            lr_multiplier=float(self._shown.multiplier),
             lr_history=self.lr_history,
             rolled_back_epochs=self.rolled_back_epochs,
             steps_per_epoch=self.steps_per_epoch,
@@ -377,7 +378,6 @@ class BB(torch.optim.Optimizer):
         with torch.no_grad():
             for p, key, value in copies:
                 self.state[p][key].copy_(value)
-        self._buffers.set_lr(run.lr)
         # Entries of the saved state that belong to no parameter (a state-dict pre hook's) come back, as in torch.optim.
         saved_params = {key for saved in state_dict["param_groups"] for key in saved["params"]}
         self.state.update({key: value for key, value in state_dict["state"].items() if key not in saved_params})
@@ -388,7 +388,7 @@ class BB(torch.optim.Optimizer):
         self.tau0, self.tau_min, self.tau_max = run.tau0, run.tau_min, run.tau_max
         self._buffers.join_epochs = list(run.join_epochs)
         self._control.load_state(run.control, self._buffers)
-        self._shown.publish(self._buffers.lr, self._clock, self.param_groups)
+        self._shown.load(run.lr, run.rule_lr, run.lr_multiplier, self.param_groups)
         self._closing = False
         self._buffers.epoch_closed()
         self._ranks_checked = False  # the loaded steps_per_epoch is checked across ranks at the next step

@@ -1,11 +1,15 @@
-"""The learning rate BB shows in every parameter group's ``"lr"``.
+"""The learning rate the kernels apply, and how every parameter group's ``"lr"`` shows it.
 
-BB has one global rate and sets it itself. Each group shows it as a Python float that BB writes and never reads:
-learning-rate monitors (Lightning's, Hugging Face's) log ``group["lr"]`` and keep it, and a live tensor updated in
-place would rewrite their history (and warns when they copy it). Reading the rate synchronises with the device, so
-it is published only where it changes (epoch ends, loading, construction), never in a step. A captured step cannot
-write a float: there the groups show the rate tensor itself. A scheduler (or a user) writing ``group["lr"]``
-changes nothing: one warning, and the groups show BB's rate again.
+The applied rate is the rate control's rate times a multiplier that is 1 until something writes the groups' ``"lr"``
+(a ``torch.optim.lr_scheduler``, a user): such a write w, over the rate shown s, multiplies the multiplier by w / s,
+so a scheduler scales BB's rate as it would scale a constant one (as Prodigy's and D-Adaptation's ``lr`` do), and
+the groups, ``get_last_lr()`` and the logs show the rate actually applied.
+
+Each group shows the rate as a Python float that BB writes and never reads: learning-rate monitors (Lightning's,
+Hugging Face's) log ``group["lr"]`` and keep it, and a live tensor updated in place would rewrite their history.
+Reading the rate synchronises with the device, so it is published only where it changes (epoch ends, loading,
+construction); a write is taken over without a sync (the value written is the rate applied from then on). A
+captured step cannot write a float: there the groups show the rate tensor itself.
 """
 
 from __future__ import annotations
@@ -14,18 +18,37 @@ from typing import Any
 
 import torch
 
+from .arguments import is_real
+from .buffer_set import BufferSet
 from .clock import EpochClock
 from .diagnostics import warn
 
 
 class ShownRate:
-    def __init__(self, value: float | torch.Tensor) -> None:
-        self.value = value
-        self._warned = False
+    """The control's rate (``base``, on the master device), the multiplier, and the value the groups show."""
 
-    def publish(self, lr: torch.Tensor, clock: EpochClock, param_groups: list[dict[str, Any]]) -> None:
-        """Show ``lr`` (the rate tensor) in every group."""
-        self.value = clock.shown_rate(lr)
+    def __init__(self, buffers: BufferSet, clock: EpochClock, param_groups: list[dict[str, Any]]) -> None:
+        self.buffers = buffers
+        self.clock = clock
+        self.base = buffers.lr.clone()
+        self.multiplier = torch.ones((), dtype=torch.float64, device=buffers.master)
+        self.value: float | torch.Tensor = clock.shown_rate(buffers.lr)
+        self._warned = False
+        self.show(param_groups)
+
+    def set_base(self, rate: torch.Tensor, param_groups: list[dict[str, Any]]) -> None:
+        """The control's new rate: apply it times the multiplier, and show it."""
+        self.base.copy_(rate)
+        self.buffers.set_lr(self.base * self.multiplier)
+        self.value = self.clock.shown_rate(self.buffers.lr)
+        self.show(param_groups)
+
+    def load(self, applied: float, base: float, multiplier: float, param_groups: list[dict[str, Any]]) -> None:
+        """Apply a saved rate, the control's rate and the multiplier."""
+        self.multiplier.fill_(multiplier)
+        self.base.fill_(base)
+        self.buffers.set_lr(applied)
+        self.value = self.clock.shown_rate(self.buffers.lr)
         self.show(param_groups)
 
     def show(self, param_groups: list[dict[str, Any]]) -> None:
@@ -37,15 +60,29 @@ class ShownRate:
         """Whether every group's "lr" is still the object BB wrote (host-side checks only)."""
         return all(group["lr"] is self.value for group in param_groups)
 
-    def restore(self, param_groups: list[dict[str, Any]]) -> None:
-        """Undo writes to the groups' "lr" since the last call, with one warning in the optimizer's life."""
+    def take_writes(self, param_groups: list[dict[str, Any]]) -> None:
+        """Apply what was written into the groups' "lr" since the last call as a change of the multiplier."""
         if self.intact(param_groups):
             return
-        if not self._warned:
-            self._warned = True
-            warn(
-                "bbfused.BB sets one global learning rate itself: a change to param_groups[...]['lr'] (for "
-                "example by a torch.optim.lr_scheduler) is ignored, and the groups show BB's rate again. "
-                "Remove the scheduler. This warning is shown once."
+        written = [group["lr"] for group in param_groups if group["lr"] is not self.value]
+        values = [float(w) if isinstance(w, torch.Tensor) else w for w in written]
+        if any(not is_real(v) or not v >= 0 or v == float("inf") for v in values):
+            bad = next(w for w, v in zip(written, values) if not is_real(v) or not v >= 0 or v == float("inf"))
+            self.show(param_groups)
+            raise ValueError(
+                f"param_groups[...]['lr'] was set to {bad!r}; BB takes a finite number >= 0 there, which scales its "
+                f"rate (as an lr_scheduler's factor). The groups show BB's rate again"
             )
+        if len(set(values)) > 1 or len(written) < len(param_groups):
+            if not self._warned:
+                self._warned = True
+                warn(
+                    f"bbfused.BB has one global learning rate, but the parameter groups' lr were set to different "
+                    f"values ({sorted(set(values))}); the first one written scales every group's rate"
+                )
+        # The value written is the rate applied from now on: the multiplier makes the control's rate that value.
+        self.multiplier.copy_(torch.as_tensor(values[0], dtype=torch.float64) / self.base)
+        self.buffers.set_lr(self.base * self.multiplier)
+        first = written[0]
+        self.value = first if not isinstance(first, torch.Tensor) else self.clock.shown_rate(self.buffers.lr)
         self.show(param_groups)

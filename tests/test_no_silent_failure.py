@@ -270,8 +270,8 @@ def test_every_warning_points_at_the_callers_line() -> None:
             backend="eager",
         )
     )
-    opt = BB(model.parameters(), lr=0.1, steps_per_epoch=3, backend="eager")
-    torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5)  # writes the groups' lr: BB warns at the next step
+    opt = BB([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1, steps_per_epoch=3, backend="eager")
+    opt.param_groups[1]["lr"] = 0.5  # one group's rate: BB warns at the next step that it has one
     model.zero_grad(set_to_none=True)
     model(torch.ones(1, 3)).sum().backward()  # a gradient that replaced BB's view
     caught += _caught(lambda: opt.step())

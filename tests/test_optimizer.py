@@ -607,21 +607,39 @@ def test_group_params_forms() -> None:
         BB([{"params": {torch.nn.Parameter(torch.ones(2))}}], lr=0.1, steps_per_epoch=3, backend="eager")
 
 
-def test_lr_scheduler_cannot_change_the_rate() -> None:
+def test_lr_scheduler_scales_the_rate() -> None:
+    """A scheduler's writes to the groups' lr scale BB's rate: the value written is the rate applied from the next
+    step on, and the groups, get_last_lr() and lr show it; BB's own rate changes then carry the factor along."""
     model, opt = _model_and_opt()
     scheduler = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=3)
-    assert opt.lr == 0.2  # the scheduler wrote its own value into the groups, not into BB's rate
-    with pytest.warns(UserWarning, match="sets one global learning rate itself"):
-        _train_steps(model, opt, 0, 1)
-    scheduler.step()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # shown once
-        _train_steps(model, opt, 1, 1)
-    assert opt.lr == 0.2 and [float(g["lr"]) for g in opt.param_groups] == [0.2, 0.2]
+    assert scheduler.get_last_lr() == [pytest.approx(0.002)] * 2
+    _train_steps(model, opt, 0, 1)
+    assert opt.lr == pytest.approx(0.002) and [g["lr"] for g in opt.param_groups] == scheduler.get_last_lr()
+    scheduler.step()  # factor 0.01 + 0.99 / 3
+    _train_steps(model, opt, 1, 3)  # the epoch ends: BB's rule sets its next rate, the factor stays
+    factor = 0.01 + 0.99 / 3
+    assert opt.lr_history == [pytest.approx(0.2 * factor)]
+    assert opt.lr == pytest.approx(factor * opt.state_dict()["bb"]["rule_lr"])
+    assert opt.state_dict()["bb"]["lr_multiplier"] == pytest.approx(factor)
+    assert [g["lr"] for g in opt.param_groups] == [opt.lr, opt.lr]
+    # The first step ran at 0.002: exactly a run whose rate is 0.002 from the start.
     reference_model, reference = _model_and_opt()
-    _train_steps(reference_model, reference, 0, 2)
-    for p, q in zip(model.parameters(), reference_model.parameters()):
-        assert torch.equal(p, q)
+    with torch.no_grad():
+        reference.param_groups[0]["lr"] = reference.param_groups[1]["lr"] = 0.002
+    _train_steps(reference_model, reference, 0, 1)
+    fresh_model, fresh = _model_and_opt()
+    torch.optim.lr_scheduler.LinearLR(fresh, start_factor=0.01, total_iters=3)
+    _train_steps(fresh_model, fresh, 0, 1)
+    for p, q in zip(fresh_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=0)
+
+
+def test_lr_written_badly_is_refused_and_shown_again() -> None:
+    model, opt = _model_and_opt()
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"set to nan; BB takes a finite number >= 0"):
+        _train_steps(model, opt, 0, 1)
+    assert [g["lr"] for g in opt.param_groups] == [0.2, 0.2] and opt.lr == 0.2
 
 
 @pytest.mark.parametrize(
