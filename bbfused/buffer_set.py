@@ -220,9 +220,11 @@ class BufferSet:
             self.backends[buffer.device].epoch_commit(buffer.param, buffer.prev_params, flag, enabled=gate)
             if buffer.momentum is not None:
                 # The rolled-back epoch's direction must not carry on from the restored weights. A fill through a
-                # mask on the device: no host read of either flag.
+                # mask on the device: no host read of either flag. On the CPU reading it costs no sync, and skips
+                # a pass over the buffer that a mask that is not set still makes.
                 restart = flag.reshape(()) if gate is None else flag.reshape(()) & gate.reshape(())
-                buffer.momentum.masked_fill_(restart, 0)
+                if buffer.device.type != "cpu" or bool(restart):
+                    buffer.momentum.masked_fill_(restart, 0)
 
     def snapshot_params(self) -> None:
         for buffer in self.buffers:
