@@ -28,7 +28,8 @@ class EpochBuffers(Protocol):
         prev_ema ← g, g ← 0 (prev_params stays, for a rollback)."""
 
     def commit(self, rolled_back: torch.Tensor, clock: EpochClock) -> None:
-        """The second pass: prev_params ← θ, or θ ← prev_params where ``rolled_back`` (a bool device tensor)."""
+        """The second pass: prev_params ← θ, or θ ← prev_params where ``rolled_back`` (a bool device tensor);
+        a rolled-back epoch's momentum is zeroed."""
 
     def paper_pass(self, clock: EpochClock) -> torch.Tensor:
         """The paper's single pass: float64 (2,) ‖Δθ‖², Δθᵀy; prev_params ← θ, prev_ema ← g, g ← 0."""
@@ -43,9 +44,18 @@ class EpochBuffers(Protocol):
 class BufferSet:
     """The optimizer's flat buffers (a sequence of :class:`FlatBuffer`, in packing order) and their devices."""
 
-    def __init__(self, backend: str, lr: float, skip_nonfinite: bool) -> None:
+    def __init__(
+        self, backend: str, lr: float, skip_nonfinite: bool, momentum: float = 0.0, nesterov: bool = False
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r} (the old direction's weight; 0.9 is usual)")
+        if nesterov and momentum == 0.0:
+            raise ValueError("nesterov=True needs a momentum > 0")
         self.backend_name = backend
         self.skip_nonfinite = skip_nonfinite
+        # Heavy-ball momentum in its EMA form (see base.Backend.step); 0: none, and no momentum buffers.
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
         self.buffers: list[FlatBuffer] = []
         self.backends: dict[torch.device, Backend] = {}
         # One float64 learning-rate tensor per device; the first is the master the rate control writes.
@@ -93,7 +103,12 @@ class BufferSet:
         for i, p in enumerate(group["params"]):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
         packed = [
-            FlatBuffer([group["params"][i] for i in indices], [names[i] for i in indices], group_index)
+            FlatBuffer(
+                [group["params"][i] for i in indices],
+                [names[i] for i in indices],
+                group_index,
+                momentum=self.momentum > 0,
+            )
             for indices in by_kind.values()
         ]
         if snapshot:
@@ -186,6 +201,9 @@ class BufferSet:
                     grad_scale=_on(grad_scale, device),
                     found_inf=_on(found_inf, device),
                     nonfinite=self.nonfinite.get(device),
+                    momentum_buffer=None if buffer.momentum is None else buffer.momentum[start:end],
+                    momentum=self.momentum,
+                    nesterov=self.nesterov,
                 )
 
     # ------------------------------------------------------------------ the epoch end (EpochBuffers)
@@ -197,12 +215,16 @@ class BufferSet:
 
     def commit(self, rolled_back: torch.Tensor, clock: EpochClock) -> None:
         for buffer in self.buffers:
-            self.backends[buffer.device].epoch_commit(
-                buffer.param,
-                buffer.prev_params,
-                _on(rolled_back, buffer.device),
-                enabled=_on(clock.gate, buffer.device),
-            )
+            flag = _on(rolled_back, buffer.device)
+            gate = _on(clock.gate, buffer.device)
+            self.backends[buffer.device].epoch_commit(buffer.param, buffer.prev_params, flag, enabled=gate)
+            if buffer.momentum is not None:
+                # The rolled-back epoch's direction must not carry on from the restored weights. A fill through a
+                # mask on the device: no host read of either flag. On the CPU reading it costs no sync, and skips
+                # a pass over the buffer that a mask that is not set still makes.
+                restart = flag.reshape(()) if gate is None else flag.reshape(()) & gate.reshape(())
+                if buffer.device.type != "cpu" or bool(restart):
+                    buffer.momentum.masked_fill_(restart, 0)
 
     def snapshot_params(self) -> None:
         for buffer in self.buffers:

@@ -1,9 +1,9 @@
 """Flat multi-tensor buffers: the parameters of one group on one (device, dtype), packed end to end.
 
 Every parameter's ``.data`` and ``.grad`` become aliases of a slice of a flat 1-D buffer, so a fused backend
-updates all of them with one launch per buffer. The optimizer state (EMA and the two epoch-end snapshots)
-lives in flat buffers with the same layout. Each slice starts on a 16-element boundary (aligned vector
-loads); the padding between slices is zero in every buffer and stays zero under the update.
+updates all of them with one launch per buffer. The optimizer state (EMA, the two epoch-end snapshots and, with
+momentum, the momentum buffer) lives in flat buffers with the same layout. Each slice starts on a 16-element
+boundary (aligned vector loads); the padding between slices is zero in every buffer and stays zero under the update.
 """
 
 from __future__ import annotations
@@ -70,11 +70,14 @@ class FlatBuffer:
     """The parameters of one group on one (device, dtype) and their optimizer state, as flat buffers.
 
     Buffers (all 1-D, ``numel`` elements): ``param`` and ``grad`` in the parameter dtype, ``ema`` and
-    ``prev_ema`` in ``state_dtype(dtype)``, ``prev_params`` in the parameter dtype.
-    ``offsets[i]`` is where parameter i's slice starts.
+    ``prev_ema`` in ``state_dtype(dtype)``, ``prev_params`` in the parameter dtype; with ``momentum``, the
+    momentum buffer ``momentum`` in ``state_dtype(dtype)`` (else None). ``offsets[i]`` is where parameter i's
+    slice starts.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], names: list[str], group_index: int) -> None:
+    def __init__(
+        self, params: list[torch.nn.Parameter], names: list[str], group_index: int, momentum: bool = False
+    ) -> None:
         self.params = params
         self.names = names
         self.group_index = group_index
@@ -93,6 +96,7 @@ class FlatBuffer:
         self.prev_params = torch.zeros(numel, **new)
         self.ema = torch.zeros(numel, dtype=state_dtype(self.dtype), device=self.device)
         self.prev_ema = torch.zeros_like(self.ema)
+        self.momentum = torch.zeros_like(self.ema) if momentum else None
         self.grad_views: list[torch.Tensor] = []
         # written[i]: parameter i got a gradient since the last zero_grad, from backward (a hook) or by
         # assigning p.grad. zeroed_versions[i]: its gradient view's version then, to see in-place writes.
@@ -121,14 +125,15 @@ class FlatBuffer:
         state. The parameter buffer, the views and the hooks are rebuilt around the copied parameters."""
         in_place = [view._version != version for view, version in zip(self.grad_views, self.zeroed_versions)]
         state = {name: getattr(self, name) for name in ("params", "names", "group_index", "written")}
-        state.update({name: getattr(self, name) for name in ("grad", "ema", "prev_params", "prev_ema")})
-        return state | {"written_in_place": in_place}
+        state.update({name: getattr(self, name) for name in self._state_buffers()})
+        return state | {"grad": self.grad, "written_in_place": in_place}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copied Parameter holds its own values (deepcopy clones them, pickle restores them): pack those afresh.
-        self.__init__(state["params"], state["names"], state["group_index"])
+        # A state without "momentum" comes from a buffer without one.
+        self.__init__(state["params"], state["names"], state["group_index"], momentum="momentum" in state)
         with torch.no_grad():
-            for name in ("grad", "ema", "prev_params", "prev_ema"):
+            for name in ("grad", *self._state_buffers()):
                 getattr(self, name).copy_(state[name])
         self.written = list(state["written"])
         # An in-place write to a gradient since zero_grad is told by its view's version: keep that difference.
@@ -261,9 +266,17 @@ class FlatBuffer:
             self.zeroed_versions[i] = view._version
         self.register_hooks()
 
+    def _state_buffers(self) -> tuple[str, ...]:
+        """The names of the optimizer-state buffers this one has."""
+        return ("ema", "prev_params", "prev_ema") + (("momentum",) if self.momentum is not None else ())
+
     def state_views(self, index: int) -> dict[str, torch.Tensor]:
-        """Parameter ``index``'s optimizer state as tensors shaped like the parameter (views, no copies)."""
-        return {name: self.view(getattr(self, name), index) for name in ("ema", "prev_params", "prev_ema")}
+        """Parameter ``index``'s optimizer state as tensors shaped like the parameter (views, no copies): "ema",
+        "prev_params", "prev_ema", and with momentum "momentum_buffer" (torch.optim.SGD's name for it)."""
+        views = {name: self.view(getattr(self, name), index) for name in ("ema", "prev_params", "prev_ema")}
+        if self.momentum is not None:
+            views["momentum_buffer"] = self.view(self.momentum, index)
+        return views
 
 
 def warn_replaced_gradients() -> None:

@@ -4,12 +4,15 @@ For every parameter set (model shapes) and dtype, each implementation is built o
 parameters, with random gradients set once (never zeros; backward and zero_grad are not timed):
 
 * ``bb-<backend>``: ``bbfused.BB`` with each available backend (eager, triton, cpp), step and epoch end;
+* ``bb-<backend>-momentum``: the same with heavy-ball momentum 0.9 fused into the step;
 * ``sgd-forloop``, ``sgd-foreach``, ``sgd-fused``: ``torch.optim.SGD(momentum=0.9, weight_decay)``.
 
 Bytes moved per element (each input read once, each output written once; p = parameter dtype size,
 e = EMA size, 4 for fp32 and bf16 parameters):
 
 * BB step: read θ, grad, ema; write θ, ema = 3p + 2e  (fp32: 20 B, bf16: 14 B)
+* BB step with momentum: read θ, grad, ema, m; write θ, ema, m = 3p + 4e  (fp32: 28 B, bf16: 22 B; the momentum
+  buffer has the EMA's dtype)
 * BB epoch end: read θ, θprev, g, gprev; write θprev, gprev, g = 3p + 4e  (fp32: 28 B, bf16: 22 B)
   BB is timed paper-exact (``safeguard=False``): the kernels alone. ``--safeguard`` times BB's default, whose
   epoch end is two passes (bbfused.control): one measuring (read θ, θprev, g, gprev: ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖²),
@@ -37,6 +40,7 @@ import functools
 import gc
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -51,6 +55,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from unittest import mock
 
 import torch
 from shapes import PARAMETER_SETS, Shapes, parameter_set
@@ -60,7 +65,9 @@ if importlib.util.find_spec("bbfused") is None and (REPO_ROOT / "bbfused").is_di
     sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing: use the checkout's package
 try:
     import bbfused
+    import bbfused.optimizer
     from bbfused.backends import BACKEND_NAMES, unavailable_reason
+    from bbfused.buffer_set import BufferSet
     from bbfused.buffers import state_dtype
 except ImportError as error:
     raise SystemExit(f"cannot import bbfused ({error}): install the package (pip install -e .)") from error
@@ -71,7 +78,9 @@ SGD_FORMS = {  # implementation name -> torch.optim.SGD keyword arguments choosi
     "sgd-foreach": {"foreach": True},
     "sgd-fused": {"fused": True},
 }
-BB_IMPLS = tuple(f"bb-{name}" for name in BACKEND_NAMES if name != "auto")
+MOMENTUM_SUFFIX = "-momentum"  # bb-<backend>-momentum: BB with momentum fused into the step
+_BB_PLAIN = tuple(f"bb-{name}" for name in BACKEND_NAMES if name != "auto")
+BB_IMPLS = (*_BB_PLAIN, *(impl + MOMENTUM_SUFFIX for impl in _BB_PLAIN))
 IMPLS = (*BB_IMPLS, *SGD_FORMS)
 FUSED_IMPL = {"cuda": "bb-triton", "cpu": "bb-cpp"}  # the fused backend each device type's targets are about
 EAGER_BASELINE = "bb-eager"
@@ -108,6 +117,16 @@ def default_out_prefix(device_type: str, quick: bool, date: datetime.date | None
     return output_root() / f"{date.isoformat()}_{device_type}{'_quick' if quick else ''}"
 
 
+def backend_of(impl: str) -> str:
+    """The bbfused backend of a BB implementation: ``bb-cpp-momentum`` -> ``cpp``."""
+    return impl.removeprefix("bb-").removesuffix(MOMENTUM_SUFFIX)
+
+
+def has_momentum(impl: str) -> bool:
+    """Whether a BB implementation runs with momentum (torch's SGD always does)."""
+    return impl.endswith(MOMENTUM_SUFFIX)
+
+
 # ----------------------------------------------------------------------------------------------- bytes
 def bytes_per_element(impl: str, op: str, dtype: torch.dtype, safeguard: bool = False) -> int:
     """The fewest bytes one parameter element costs ``impl``'s ``op`` (see the module docstring)."""
@@ -116,7 +135,7 @@ def bytes_per_element(impl: str, op: str, dtype: torch.dtype, safeguard: bool = 
         return 5 * p
     e = torch.empty((), dtype=state_dtype(dtype)).element_size()
     if op == "step":
-        return 3 * p + 2 * e
+        return 3 * p + (4 if has_momentum(impl) else 2) * e
     return 3 * p + 4 * e + (p + e if safeguard else 0)
 
 
@@ -250,16 +269,16 @@ def build_optimizer(impl: str, params: list[torch.nn.Parameter], safeguard: bool
     if impl in SGD_FORMS:
         return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **SGD_FORMS[impl])
     # steps_per_epoch=None: a timed step never closes an epoch; the epoch end is timed on its own.
-    backend = impl.removeprefix("bb-")
-    return bbfused.BB(
-        params,
-        lr=LR,
-        steps_per_epoch=None,
-        beta=BETA,
-        weight_decay=WEIGHT_DECAY,
-        backend=backend,
-        safeguard=safeguard,
+    options = dict(
+        lr=LR, steps_per_epoch=None, beta=BETA, weight_decay=WEIGHT_DECAY, backend=backend_of(impl), safeguard=safeguard
     )
+    if not has_momentum(impl):
+        return bbfused.BB(params, **options)
+    if "momentum" in inspect.signature(bbfused.BB).parameters:
+        return bbfused.BB(params, momentum=MOMENTUM, **options)
+    # A BB without a momentum argument still runs the fused momentum step when its buffer set is built with one.
+    with mock.patch.object(bbfused.optimizer, "BufferSet", functools.partial(BufferSet, momentum=MOMENTUM)):
+        return bbfused.BB(params, **options)
 
 
 def check_updates(params: list[torch.nn.Parameter], step: Callable[[], object]) -> None:
@@ -311,8 +330,8 @@ def available_impls(device: torch.device) -> tuple[list[str], dict[str, str]]:
     """The implementations that can run on ``device`` and, for the others, why not."""
     available, skipped = [], {}
     for impl in IMPLS:
-        backend = impl.removeprefix("bb-")
-        if impl == "bb-triton" and device.type == "cpu":
+        backend = backend_of(impl)
+        if backend == "triton" and device.type == "cpu":
             reason = "on the CPU Triton runs only in its interpreter (TRITON_INTERPRET=1), which is not worth timing"
         elif impl in BB_IMPLS:
             reason = unavailable_reason(backend, device)
@@ -375,7 +394,8 @@ def add_ratios(rows: list[Row], copy_gb_per_s: float) -> None:
     by_key = {(r.set, r.dtype, r.impl, r.op): r for r in rows}
     for r in rows:
         r.pct_of_copy = 100 * r.gb_per_s / copy_gb_per_s
-        eager = by_key.get((r.set, r.dtype, EAGER_BASELINE, r.op))
+        eager_impl = EAGER_BASELINE + (MOMENTUM_SUFFIX if has_momentum(r.impl) else "")
+        eager = by_key.get((r.set, r.dtype, eager_impl, r.op))
         if eager is not None:
             r.x_faster_than_eager = eager.median_ms / r.median_ms
         sgd = by_key.get((r.set, r.dtype, SGD_BASELINE, "step"))
@@ -430,12 +450,18 @@ def evaluate_targets(rows: list[Row], device: torch.device) -> list[Target]:
     by_key = {(r.set, r.dtype, r.impl, r.op): r for r in rows}
     targets: list[Target] = []
     for r in rows:
-        if r.impl != fused:
+        if r.impl not in (fused, fused + MOMENTUM_SUFFIX):
             continue
         where = f"{r.set} {r.dtype} {r.op}"
         sgd = by_key.get((r.set, r.dtype, SGD_BASELINE, "step"))
         floor = r.bytes_per_element / sgd.bytes_per_element if sgd else None
         bytes_floor = f"bytes floor {floor:.2f}x (the bytes it must move over torch's)" if floor else ""
+        if has_momentum(r.impl):
+            # Both with momentum, BB moves more bytes (its EMA and momentum buffer): the bound is that ratio.
+            if r.op == "step" and r.time_over_sgd_fused is not None and floor is not None:
+                name = "Step time with momentum against torch's fused SGD, bound: the bytes floor"
+                targets.append(Target(name, where, r.time_over_sgd_fused, round(floor, 2), False))
+            continue
         if r.op == "step" and r.time_over_sgd_fused is not None:
             name = "Step time against torch's fused SGD"
             targets.append(Target(name, where, r.time_over_sgd_fused, 1.0, False, bytes_floor))
@@ -840,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if fused in not_timed:
             report.end_to_end = [EndToEnd(f"bb ({fused})", "", error=not_timed[fused])]
         else:
-            report.end_to_end = end_to_end(device, fused.removeprefix("bb-"), report.recipe)
+            report.end_to_end = end_to_end(device, backend_of(fused), report.recipe)
     report.conditions["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     print(format_report(report, markdown=False))

@@ -2,8 +2,7 @@
 // (measure, then commit or roll back), one pass over the flat buffers each.
 //
 // Registered as the PyTorch custom ops bbfused::cpp_step, cpp_epoch_end, cpp_epoch_measure and cpp_epoch_commit
-// (CPU and Meta kernels),
-// so torch.compile sees their schemas. The contract is bbfused/backends/base.py; the reference is the
+// (CPU and Meta kernels), so torch.compile sees their schemas. The contract is bbfused/backends/base.py; the reference is the
 // eager backend. Arithmetic is in float32 (float64 for float64 parameters); epoch-end sums in float64.
 //
 // Vectorization: the step is a plain loop over __restrict__ pointers that GCC vectorizes at -O3 for the
@@ -66,7 +65,8 @@ void check_scalar(const at::Tensor& t, const char* name, at::ScalarType dtype, c
 // written.
 void check_step_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::Tensor>& nonfinite) {
+                     const std::optional<at::Tensor>& nonfinite, const std::optional<at::Tensor>& momentum_buffer,
+                     double momentum, bool nesterov) {
   constexpr const char* op = "bbfused::cpp_step";
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op,
               ": param must be float32, float64, bfloat16 or float16, got ", param.scalar_type());
@@ -82,6 +82,15 @@ void check_step_args(const at::Tensor& param, const at::Tensor& grad, const at::
   if (grad_scale.has_value()) check_scalar(*grad_scale, "grad_scale", at::kFloat, op);
   if (found_inf.has_value()) check_scalar(*found_inf, "found_inf", at::kFloat, op);
   if (nonfinite.has_value()) check_scalar(*nonfinite, "nonfinite", at::kLong, op);
+  if (momentum_buffer.has_value()) {
+    TORCH_CHECK(momentum_buffer->scalar_type() == ema.scalar_type(), op, ": momentum_buffer must be ",
+                ema.scalar_type(), " (the EMA's dtype) for ", param.scalar_type(), " parameters, got ",
+                momentum_buffer->scalar_type());
+    check_flat(*momentum_buffer, "momentum_buffer", n, op);
+  } else {
+    TORCH_CHECK(momentum == 0.0 && !nesterov, op, ": momentum=", momentum, ", nesterov=", nesterov,
+                " needs a momentum_buffer to keep the momentum in; without one pass momentum=0 and nesterov=False");
+  }
 }
 
 void check_epoch_end_args(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
@@ -133,17 +142,34 @@ inline T from_bits(typename FloatBits<T>::type b) {
   return x;
 }
 
+// Which update direction the step takes: d itself, or d through heavy-ball momentum (plain or Nesterov).
+enum class Momentum { kNone, kHeavyBall, kNesterov };
+
+// The step's scalars, each rounded once to the arithmetic dtype as the eager reference rounds them.
+template <typename opmath_t>
+struct StepScalars {
+  opmath_t lr;
+  opmath_t weight_decay;
+  opmath_t beta;
+  opmath_t scale;       // the GradScaler scale the gradient is divided by (kScaled)
+  opmath_t momentum;    // μ (Nesterov)
+  opmath_t complement;  // 1 − μ, taken in double before the rounding (any momentum)
+};
+
 // d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over [begin, end).
 // Without a GradScaler (kScaled false) the division is compiled out: a vector division per element costs as
 // much as the memory traffic on one core. kSkip (the default rate control): an element whose d is not finite
 // keeps θ and g (one bad gradient value must not turn the weights into NaN); returns how many were skipped.
-template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip>
+// With momentum: m ← m + (1 − μ)·(d − m) and θ steps along m, or (Nesterov) along (1 − μ)·d + μ·m; a skipped
+// element keeps m too. Each line is one rounding per operation, in eager's order.
+template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum>
 __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ param,
                                                          const scalar_t* __restrict__ grad,
-                                                         opmath_t* __restrict__ ema, int64_t begin, int64_t end,
-                                                         opmath_t lr, opmath_t weight_decay, opmath_t beta,
-                                                         opmath_t scale) {
+                                                         opmath_t* __restrict__ ema,
+                                                         opmath_t* __restrict__ momentum_buffer, int64_t begin,
+                                                         int64_t end, const StepScalars<opmath_t> s) {
   using bits_t = typename FloatBits<opmath_t>::type;
+  constexpr bool kHasMomentum = kMomentum != Momentum::kNone;
   // The count has the lanes' integer width (it vectorizes with them), so it is taken over spans it cannot overflow.
   constexpr int64_t kCountSpan = int64_t{1} << 31;
   int64_t skipped = 0;
@@ -152,22 +178,36 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
     bits_t count = 0;
     for (int64_t i = start; i < stop; ++i) {
       const opmath_t theta = static_cast<opmath_t>(param[i]);
-      const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / scale : static_cast<opmath_t>(grad[i]);
-      const opmath_t d = g + weight_decay * theta;
+      const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / s.scale : static_cast<opmath_t>(grad[i]);
+      const opmath_t d = g + s.weight_decay * theta;
       const opmath_t e = ema[i];
+      opmath_t m = 0;
+      opmath_t new_m = 0;
+      opmath_t direction = d;
+      if constexpr (kHasMomentum) {
+        m = momentum_buffer[i];
+        new_m = m + s.complement * (d - m);
+        direction = kMomentum == Momentum::kNesterov ? s.complement * d + s.momentum * new_m : new_m;
+      }
       if constexpr (kSkip) {
-        // A non-finite d steps θ with d = 0 instead (θ − lr·0 keeps every bit of θ; zeroing is an AND with the
-        // inverted "exponent all ones" mask, cheaper than selecting between two results) and keeps g's bits.
+        // A non-finite d steps θ with a zero direction instead (θ − lr·0 keeps every bit of θ; zeroing is an AND
+        // with the inverted "exponent all ones" mask, cheaper than selecting between two results) and keeps the
+        // bits of g and m.
         constexpr bits_t kExponentBits = ((bits_t{1} << FloatBits<opmath_t>::kExponent) - 1)
                                          << FloatBits<opmath_t>::kMantissa;
         const bits_t bad = -static_cast<bits_t>((bits_of(d) & kExponentBits) == kExponentBits);
         const opmath_t kept_d = from_bits<opmath_t>(bits_of(d) & ~bad);
-        param[i] = static_cast<scalar_t>(theta - lr * kept_d);
-        ema[i] = from_bits<opmath_t>((bits_of(e + beta * (kept_d - e)) & ~bad) | (bits_of(e) & bad));
+        const opmath_t kept_direction = kHasMomentum ? from_bits<opmath_t>(bits_of(direction) & ~bad) : kept_d;
+        param[i] = static_cast<scalar_t>(theta - s.lr * kept_direction);
+        ema[i] = from_bits<opmath_t>((bits_of(e + s.beta * (kept_d - e)) & ~bad) | (bits_of(e) & bad));
+        if constexpr (kHasMomentum) {
+          momentum_buffer[i] = from_bits<opmath_t>((bits_of(new_m) & ~bad) | (bits_of(m) & bad));
+        }
         count -= bad;  // bad is all ones (-1) for a skipped element
       } else {
-        param[i] = static_cast<scalar_t>(theta - lr * d);
-        ema[i] = e + beta * (d - e);
+        param[i] = static_cast<scalar_t>(theta - s.lr * direction);
+        ema[i] = e + s.beta * (d - e);
+        if constexpr (kHasMomentum) momentum_buffer[i] = new_m;
       }
     }
     skipped += static_cast<int64_t>(count);
@@ -180,13 +220,13 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
 // every backend must give the eager reference's bits.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BBFUSED_HAVE_AVX2_CLONE 1
-template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip>
+template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum>
 __attribute__((target("avx2"))) int64_t step_range_avx2(scalar_t* __restrict__ param,
                                                         const scalar_t* __restrict__ grad,
-                                                        opmath_t* __restrict__ ema, int64_t begin, int64_t end,
-                                                        opmath_t lr, opmath_t weight_decay, opmath_t beta,
-                                                        opmath_t scale) {
-  return step_range<scalar_t, opmath_t, kScaled, kSkip>(param, grad, ema, begin, end, lr, weight_decay, beta, scale);
+                                                        opmath_t* __restrict__ ema,
+                                                        opmath_t* __restrict__ momentum_buffer, int64_t begin,
+                                                        int64_t end, const StepScalars<opmath_t> s) {
+  return step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum>(param, grad, ema, momentum_buffer, begin, end, s);
 }
 #endif
 
@@ -202,43 +242,67 @@ bool cpu_has_avx2() {
 
 void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
               double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite) {
-  check_step_args(param, grad, ema, lr, grad_scale, found_inf, nonfinite);
+              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
+              const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov) {
+  check_step_args(param, grad, ema, lr, grad_scale, found_inf, nonfinite, momentum_buffer, momentum, nesterov);
   // GradScaler's inf check: the flag is on the CPU, so reading it costs no device sync.
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;
   const double lr_value = *lr.const_data_ptr<double>();
   const int64_t n = param.numel();
+  const Momentum mode = !momentum_buffer.has_value() ? Momentum::kNone
+                        : nesterov                   ? Momentum::kNesterov
+                                                     : Momentum::kHeavyBall;
   std::atomic<int64_t> skipped{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "bbfused::cpp_step", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* param_data = param.data_ptr<scalar_t>();
     const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
     opmath_t* ema_data = ema.data_ptr<opmath_t>();
-    // Scalars rounded to the arithmetic dtype, as the eager reference does.
-    const auto rate = static_cast<opmath_t>(lr_value);
-    const auto decay = static_cast<opmath_t>(weight_decay);
-    const auto ema_factor = static_cast<opmath_t>(beta);
-    const auto scale = grad_scale.has_value() ? static_cast<opmath_t>(*grad_scale->const_data_ptr<float>()) : 1;
+    opmath_t* momentum_data = momentum_buffer.has_value() ? momentum_buffer->data_ptr<opmath_t>() : nullptr;
+    // Scalars rounded to the arithmetic dtype, as the eager reference does; 1 − μ first in double, as eager's
+    // Python float.
+    const StepScalars<opmath_t> scalars{
+        static_cast<opmath_t>(lr_value),
+        static_cast<opmath_t>(weight_decay),
+        static_cast<opmath_t>(beta),
+        grad_scale.has_value() ? static_cast<opmath_t>(*grad_scale->const_data_ptr<float>()) : opmath_t{1},
+        static_cast<opmath_t>(momentum),
+        static_cast<opmath_t>(1.0 - momentum),
+    };
     // Elementwise: how the range is split over threads does not change a bit.
     at::parallel_for(0, n, kStepGrain, [&](int64_t begin, int64_t end) {
       int64_t count = 0;
-      const auto run = [&](auto scaled, auto skip) {
+      const auto run = [&](auto scaled, auto skip, auto with_momentum) {
         constexpr bool kScaled = decltype(scaled)::value;
         constexpr bool kSkip = decltype(skip)::value;
+        constexpr Momentum kMomentum = decltype(with_momentum)::value;
 #ifdef BBFUSED_HAVE_AVX2_CLONE
         if (cpu_has_avx2()) {
-          count = step_range_avx2<scalar_t, opmath_t, kScaled, kSkip>(param_data, grad_data, ema_data, begin, end,
-                                                                      rate, decay, ema_factor, scale);
+          count = step_range_avx2<scalar_t, opmath_t, kScaled, kSkip, kMomentum>(param_data, grad_data, ema_data,
+                                                                                 momentum_data, begin, end, scalars);
           return;
         }
 #endif
-        count = step_range<scalar_t, opmath_t, kScaled, kSkip>(param_data, grad_data, ema_data, begin, end, rate,
-                                                               decay, ema_factor, scale);
+        count = step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum>(param_data, grad_data, ema_data,
+                                                                          momentum_data, begin, end, scalars);
+      };
+      // The runtime choices as compile-time constants: each combination is a loop of its own.
+      const auto with_momentum = [&](auto scaled, auto skip) {
+        switch (mode) {
+          case Momentum::kNone:
+            return run(scaled, skip, std::integral_constant<Momentum, Momentum::kNone>{});
+          case Momentum::kHeavyBall:
+            return run(scaled, skip, std::integral_constant<Momentum, Momentum::kHeavyBall>{});
+          case Momentum::kNesterov:
+            return run(scaled, skip, std::integral_constant<Momentum, Momentum::kNesterov>{});
+        }
       };
       if (grad_scale.has_value()) {
-        nonfinite.has_value() ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
+        nonfinite.has_value() ? with_momentum(std::true_type{}, std::true_type{})
+                              : with_momentum(std::true_type{}, std::false_type{});
       } else {
-        nonfinite.has_value() ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
+        nonfinite.has_value() ? with_momentum(std::false_type{}, std::true_type{})
+                              : with_momentum(std::false_type{}, std::false_type{});
       }
       if (count) skipped += count;
     });
@@ -248,7 +312,8 @@ void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
 
 void step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite) {}
+               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
+               const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov) {}
 
 // One chunk of the epoch end: its float64 partials [Σ Δθ², Σ Δθ·Δg] into sums[0..1]; in the same pass
 // prev_params ← θ, prev_ema ← g, g ← 0.
@@ -424,7 +489,8 @@ void epoch_commit_meta(const at::Tensor& param, const at::Tensor& prev_params, c
 TORCH_LIBRARY_FRAGMENT(bbfused, m) {
   m.def(
       "cpp_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, float beta, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)? nonfinite=None) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)? nonfinite=None, Tensor(d!)? momentum_buffer=None, "
+      "float momentum=0.0, bool nesterov=False) -> ()");
   m.def("cpp_epoch_end(Tensor param, Tensor(a!) ema, Tensor(b!) prev_params, Tensor(c!) prev_ema) -> Tensor");
   m.def("cpp_epoch_measure(Tensor param, Tensor(a!) ema, Tensor prev_params, Tensor(b!) prev_ema) -> Tensor");
   m.def("cpp_epoch_commit(Tensor(a!) param, Tensor(b!) prev_params, Tensor rolled_back) -> ()");

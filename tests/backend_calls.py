@@ -5,7 +5,21 @@ from __future__ import annotations
 import torch
 
 
-def backend_step(backend, param, grad, ema, lr, weight_decay, beta, grad_scale=None, found_inf=None, nonfinite=None):
+def backend_step(
+    backend,
+    param,
+    grad,
+    ema,
+    lr,
+    weight_decay,
+    beta,
+    grad_scale=None,
+    found_inf=None,
+    nonfinite=None,
+    momentum_buffer=None,
+    momentum=0.0,
+    nesterov=False,
+):
     backend.step(
         param,
         grad,
@@ -16,6 +30,9 @@ def backend_step(backend, param, grad, ema, lr, weight_decay, beta, grad_scale=N
         grad_scale=grad_scale,
         found_inf=found_inf,
         nonfinite=nonfinite,
+        momentum_buffer=momentum_buffer,
+        momentum=momentum,
+        nesterov=nesterov,
     )
 
 

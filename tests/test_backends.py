@@ -319,3 +319,91 @@ def test_checkpoint_moves_between_backends(backend: str) -> None:
         torch.testing.assert_close(torch.tensor(resumed.lr_history), torch.tensor(opt.lr_history), rtol=1e-5, atol=0)
         for p, q in zip(resumed_params, params):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ momentum
+# Element counts: zero, one, odd, and several threads' worth of cpp work with a ragged tail (not for the slow Triton
+# interpreter; its block edges are test_triton_backend.py's).
+MOMENTUM_CASES = [
+    (backend, n)
+    for backend in BACKENDS_ON_DEVICE
+    for n in (0, 1, 1000 + 37, 2 * 2**15 + 37)
+    if not (backend == "triton" and DEVICE.type == "cpu" and n > 2**15)
+]
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def momentum_inputs(n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """param, grad, ema, momentum buffer: all random (m ≠ 0 tests (1 − μ)·(d − m) with both terms)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    return [
+        torch.randn(n, generator=generator, dtype=torch.float64).to(DEVICE, t) for t in (dtype, dtype, state, state)
+    ]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(BITS[a.element_size()]), b.view(BITS[b.element_size()]))
+
+
+def momentum_steps(backend, inputs, *, nesterov: bool, amp: str, steps: int = 3) -> None:
+    """``steps`` steps with momentum 0.9 on the same gradient (m carries from one to the next)."""
+    param, grad, ema, momentum_buffer = inputs
+    grad_scale = torch.tensor(1024.0, device=DEVICE) if amp != "plain" else None
+    found_inf = torch.tensor(0.0, device=DEVICE) if amp != "plain" else None
+    if grad_scale is not None:
+        grad = grad * 1024  # as GradScaler scales (a power of two: exact in every dtype)
+    for step in range(steps):
+        backend.step(
+            param,
+            grad,
+            ema,
+            lr=torch.tensor(0.05, dtype=torch.float64, device=DEVICE),
+            weight_decay=1e-2,
+            beta=0.25,
+            grad_scale=grad_scale,
+            found_inf=found_inf if amp != "found_inf" or step < steps - 1 else torch.ones((), device=DEVICE),
+            momentum_buffer=momentum_buffer,
+            momentum=0.9,
+            nesterov=nesterov,
+        )
+
+
+@pytest.mark.parametrize(("backend", "n"), MOMENTUM_CASES)
+@pytest.mark.parametrize("dtype", list(STEP_TOLERANCE), ids=str)
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy_ball", "nesterov"])
+@pytest.mark.parametrize("amp", ["plain", "scaled", "found_inf"])
+def test_momentum_step_matches_eager(backend: str, dtype: torch.dtype, n: int, nesterov: bool, amp: str) -> None:
+    """Three steps with momentum, against the eager reference: fp32 and fp64 bit for bit (θ, g and m), and 16-bit
+    parameters too on cpp; Triton's 16-bit stores (truncated by the interpreter) within the one-step tolerance per
+    step. "found_inf": the last step has found_inf set and writes nothing."""
+    eager_inputs, fused_inputs, original = (momentum_inputs(n, dtype) for _ in range(3))
+    steps = 3
+    momentum_steps(load_backend("eager", DEVICE), eager_inputs, nesterov=nesterov, amp=amp, steps=steps)
+    momentum_steps(load_backend(backend, DEVICE), fused_inputs, nesterov=nesterov, amp=amp, steps=steps)
+    exact = dtype in (torch.float32, torch.float64) or backend == "cpp"
+    tolerance = {key: steps * value for key, value in STEP_TOLERANCE[dtype].items()}
+    for name, got, want, before in zip(("param", "grad", "ema", "momentum"), fused_inputs, eager_inputs, original):
+        if exact or name == "grad":
+            assert same_bits(got, want), name
+        else:
+            torch.testing.assert_close(got, want, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+        if n and name != "grad":
+            assert not torch.equal(got, before), name  # the steps moved it: not two untouched copies compared
+
+
+@pytest.mark.parametrize("backend", ["eager", *BACKENDS_ON_DEVICE])
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy_ball", "nesterov"])
+def test_momentum_step_values(backend: str, nesterov: bool) -> None:
+    """The formulas on numbers exact in binary: μ = 0.75, θ = 1, grad = 2.5, m = 0.5, g = 0, lr = 0.5, β = 0.5.
+    m ← 0.5 + 0.25·(2.5 − 0.5) = 1; heavy ball θ ← 1 − 0.5·1 = 0.5; Nesterov θ ← 1 − 0.5·(0.25·2.5 + 0.75·1)
+    = 0.3125; g ← 0 + 0.5·(2.5 − 0) = 1.25. Without a buffer, momentum must be 0."""
+    param, grad, ema, m = (torch.tensor([v], device=DEVICE) for v in (1.0, 2.5, 0.0, 0.5))
+    step = load_backend(backend, DEVICE).step
+    lr = torch.tensor(0.5, dtype=torch.float64, device=DEVICE)
+    step(param, grad, ema, lr=lr, weight_decay=0.0, beta=0.5, momentum_buffer=m, momentum=0.75, nesterov=nesterov)
+    assert param.item() == (0.3125 if nesterov else 0.5)
+    assert m.item() == 1.0 and ema.item() == 1.25
+    with pytest.raises((ValueError, RuntimeError), match="momentum_buffer"):
+        step(param, grad, ema, lr=lr, weight_decay=0.0, beta=0.5, momentum=0.9)
+    assert param.item() == (0.3125 if nesterov else 0.5)

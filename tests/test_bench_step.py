@@ -129,3 +129,38 @@ def test_no_issue_references_in_the_script() -> None:
     source = (BENCHMARKS / "bench_step.py").read_text()
     assert "issue" not in source.lower()
     assert "MISSED" not in source
+
+
+def test_momentum_rows_move_28_bytes_and_are_bounded_by_the_bytes_floor() -> None:
+    """BB with momentum reads θ, grad, g, m and writes θ, g, m: 28 B per fp32 element against the fused SGD's 20,
+    so its time target against torch's is the bytes floor 1.4x (bf16: 22 B against 10, 2.2x)."""
+    assert bench_step.bytes_per_element("bb-cpp-momentum", "step", torch.float32) == 28
+    assert bench_step.bytes_per_element("bb-cpp-momentum", "step", torch.bfloat16) == 22
+    assert bench_step.bytes_per_element("sgd-fused", "step", torch.float32) == 20
+    assert bench_step.backend_of("bb-cpp-momentum") == "cpp" and bench_step.backend_of("bb-eager") == "eager"
+    rows = [
+        _row("bb-eager-momentum", "step", 3e-3),
+        _row("bb-cpp-momentum", "step", 0.75e-3),
+        _row("sgd-fused", "step", 0.5e-3),
+    ]
+    bench_step.add_ratios(rows, copy_gb_per_s=10.0)
+    assert rows[1].x_faster_than_eager == 4.0  # against the eager backend with momentum, not without
+    targets = bench_step.evaluate_targets(rows, CPU)
+    assert [(t.row, t.value, t.bound, t.verdict()) for t in targets] == [
+        ("mlp fp32 step", 1.5, 1.4, "not met: 7 % over")
+    ]
+    assert targets[0].name == "Step time with momentum against torch's fused SGD, bound: the bytes floor"
+
+
+@pytest.mark.parametrize("safeguard", [False, True], ids=["paper", "default"])
+def test_momentum_workload_steps_with_momentum(safeguard: bool) -> None:
+    """The timed BB-with-momentum optimizer runs the fused momentum step: its buffers have momentum and a step
+    writes them."""
+    workload = bench_step.build_workload("bb-cpp-momentum", [(33,), (4, 5)], torch.float32, CPU, 0, safeguard)
+    (optimizer,) = workload.optimizers
+    (buffer,) = optimizer._buffers.buffers
+    assert optimizer._buffers.momentum == bench_step.MOMENTUM and buffer.momentum is not None
+    before = buffer.momentum.clone()  # build_workload took one step already
+    assert before.any()
+    workload.step_calls()[0]()
+    assert not torch.equal(buffer.momentum, before)

@@ -341,24 +341,32 @@ _BITS = {
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_skipped_elements_keep_every_bit(backend, dtype: torch.dtype, weight_decay: float) -> None:
-    """A skipped element keeps its weight's and its average's exact bits, signed zeros, infinities and NaN
-    included, as the eager reference's selection does (the fused kernels compute the skip differently)."""
+@pytest.mark.parametrize("momentum", [None, "heavy_ball", "nesterov"])
+def test_skipped_elements_keep_every_bit(backend, dtype: torch.dtype, weight_decay: float, momentum) -> None:
+    """A skipped element keeps its weight's, its average's and its momentum's exact bits, signed zeros, infinities
+    and NaN included, as the eager reference's selection does (the fused kernels compute the skip differently)."""
     state = torch.float64 if dtype == torch.float64 else torch.float32
     ema = torch.tensor([0.0, -0.0, 0.25, math.inf, -math.inf, math.nan], dtype=state)
     param = torch.tensor([1.0, -0.0, 2.0, 3.0, -1.0, 0.5]).to(dtype)
     grad = torch.tensor([math.nan, math.inf, -math.inf, math.nan, math.inf, math.nan]).to(dtype)
+    momentum_buffer = torch.tensor([-0.0, math.nan, math.inf, 0.0, -0.5, -math.inf], dtype=state)
     results = []
     for implementation in (EagerBackend(), backend):
         p, e, count = param.clone(), ema.clone(), torch.zeros((), dtype=torch.int64)
+        m = None if momentum is None else momentum_buffer.clone()
+        lr = torch.tensor(0.1, dtype=torch.float64)
         backend_step(
-            implementation, p, grad, e, torch.tensor(0.1, dtype=torch.float64), weight_decay, 0.25, None, None, count
-        )
-        results.append((p.view(_BITS[dtype]), e.view(_BITS[state]), int(count)))
-    (p_ref, e_ref, count_ref), (p, e, count) = results
+            implementation, p, grad, e, lr, weight_decay, 0.25, None, None, count,
+            m, 0.0 if momentum is None else 0.9, momentum == "nesterov",
+        )  # fmt: skip
+        results.append((p.view(_BITS[dtype]), e.view(_BITS[state]), int(count), m))
+    (p_ref, e_ref, count_ref, m_ref), (p, e, count, m) = results
     assert torch.equal(p, p_ref) and torch.equal(p_ref, param.view(_BITS[dtype]))
     assert torch.equal(e, e_ref) and torch.equal(e_ref, ema.view(_BITS[state]))
     assert count == count_ref == 6
+    if momentum is not None:
+        assert torch.equal(m.view(_BITS[state]), m_ref.view(_BITS[state]))
+        assert torch.equal(m_ref.view(_BITS[state]), momentum_buffer.view(_BITS[state]))
 
 
 def test_training_command_reports_skipped_gradient_values() -> None:

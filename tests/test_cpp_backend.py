@@ -97,7 +97,7 @@ def test_epoch_end_same_bits_on_one_and_two_threads(dtype: torch.dtype, num_thre
 def test_ops_registered_with_mutation_schemas() -> None:
     assert load_backend("cpp", CPU).name == "cpp"
     written = {
-        torch.ops.bbfused.cpp_step.default: {"param", "ema", "nonfinite"},
+        torch.ops.bbfused.cpp_step.default: {"param", "ema", "nonfinite", "momentum_buffer"},
         torch.ops.bbfused.cpp_epoch_end.default: {"ema", "prev_params", "prev_ema"},
         torch.ops.bbfused.cpp_epoch_measure.default: {"ema", "prev_ema"},
         torch.ops.bbfused.cpp_epoch_commit.default: {"param", "prev_params"},
@@ -114,15 +114,47 @@ def test_opcheck_schema_fake_tensor_and_autograd_registration() -> None:
     lr = torch.tensor(0.1, dtype=torch.float64)
     step_args = (param, grad, ema, lr, 0.01, 0.1, torch.tensor(4.0), torch.tensor(0.0), None)
     counted = (param, grad, ema, lr, 0.01, 0.1, None, None, torch.zeros((), dtype=torch.int64))
+    momentum_buffer = random_buffers([torch.float32], n=100, seed=1)[0]
+    heavy_ball = (*step_args, momentum_buffer, 0.9, False)
+    nesterov = (*counted, momentum_buffer, 0.9, True)
     for op, args in (
         (torch.ops.bbfused.cpp_step.default, step_args),
         (torch.ops.bbfused.cpp_step.default, counted),
+        (torch.ops.bbfused.cpp_step.default, heavy_ball),
+        (torch.ops.bbfused.cpp_step.default, nesterov),
         (torch.ops.bbfused.cpp_epoch_end.default, (param, ema, prev_params, prev_ema)),
         (torch.ops.bbfused.cpp_epoch_measure.default, (param, ema, prev_params, prev_ema)),
         (torch.ops.bbfused.cpp_epoch_commit.default, (param, prev_params, torch.tensor(True))),
     ):
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy_ball", "nesterov"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_momentum_step_same_bits_on_one_and_two_threads(dtype: torch.dtype, nesterov: bool, num_threads) -> None:
+    """With momentum and the non-finite skip: the same bits on 1 and 2 threads, and the eager reference's (every
+    dtype: the 16-bit stores round as torch's conversions do)."""
+    dtypes = [dtype, dtype, state_dtype(dtype), state_dtype(dtype)]
+    lr = torch.tensor(0.05, dtype=torch.float64)
+
+    def run(backend) -> list[torch.Tensor]:
+        param, grad, ema, momentum_buffer = random_buffers(dtypes)
+        grad[[5, N // 2, N - 1]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+        count = torch.zeros((), dtype=torch.int64)
+        for _ in range(2):
+            backend_step(backend, param, grad, ema, lr, 1e-2, 0.1, None, None, count, momentum_buffer, 0.9, nesterov)
+        return [param, ema, momentum_buffer, count]
+
+    results = []
+    for threads in (1, 2):
+        num_threads(threads)
+        results.append(run(cpp_backend.CppBackend()))
+    reference = run(EagerBackend())
+    for one, two, want in zip(*results, reference):
+        assert torch.equal(one, two) and torch.equal(one, want)
+    assert int(reference[-1]) == 6
+    assert not torch.equal(results[0][2], random_buffers(dtypes)[3])
 
 
 def test_torch_compile_traces_the_ops() -> None:
@@ -143,6 +175,25 @@ def test_torch_compile_traces_the_ops() -> None:
         assert torch.equal(a, b)
 
 
+def test_torch_compile_traces_the_momentum_step() -> None:
+    backend = load_backend("cpp", CPU)
+
+    def momentum_step(param, grad, ema, momentum_buffer, lr):
+        backend_step(backend, param, grad, ema, lr, 0.01, 0.1, None, None, None, momentum_buffer, 0.9, True)
+        return param * 2
+
+    compiled = torch.compile(momentum_step, backend="aot_eager", fullgraph=True)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    expected_buffers = random_buffers([torch.float32] * 4, n=100)
+    compiled_buffers = random_buffers([torch.float32] * 4, n=100)
+    expected = momentum_step(*expected_buffers, lr)
+    got = compiled(*compiled_buffers, lr)
+    assert torch.equal(got, expected)
+    for a, b in zip(compiled_buffers, expected_buffers):
+        assert torch.equal(a, b)
+    assert not torch.equal(compiled_buffers[3], random_buffers([torch.float32] * 4, n=100)[3])  # m was written
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -150,12 +201,16 @@ def test_torch_compile_traces_the_ops() -> None:
         ("grad_numel", "grad has 99 elements"),
         ("strided", "1-D contiguous"),
         ("lr_dtype", "lr must be a one-element Double"),
+        ("momentum_dtype", "momentum_buffer must be Float \\(the EMA's dtype\\)"),
+        ("momentum_numel", "momentum_buffer has 99 elements"),
+        ("momentum_without_buffer", "needs a momentum_buffer"),
     ],
 )
 def test_bad_step_input_raises_before_writing(case: str, message: str) -> None:
     load_backend("cpp", CPU)
-    param, grad, ema = random_buffers([torch.float32] * 3, n=100)
+    param, grad, ema, momentum_buffer = random_buffers([torch.float32] * 4, n=100)
     lr = torch.tensor(0.1, dtype=torch.float64)
+    momentum_args = ()
     if case == "ema_dtype":
         ema = ema.double()
     elif case == "grad_numel":
@@ -164,10 +219,16 @@ def test_bad_step_input_raises_before_writing(case: str, message: str) -> None:
         param = torch.randn(200)[::2]
     elif case == "lr_dtype":
         lr = lr.float()
-    before = param.clone(), ema.clone()
+    elif case == "momentum_dtype":
+        momentum_args = (momentum_buffer.double(), 0.9, False)
+    elif case == "momentum_numel":
+        momentum_args = (momentum_buffer[:99], 0.9, False)
+    elif case == "momentum_without_buffer":
+        momentum_args = (None, 0.9, False)
+    before = param.clone(), ema.clone(), momentum_buffer.clone()
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.bbfused.cpp_step(param, grad, ema, lr, 0.0, 0.1, None, None)
-    assert torch.equal(param, before[0]) and torch.equal(ema, before[1])
+        torch.ops.bbfused.cpp_step(param, grad, ema, lr, 0.0, 0.1, None, None, None, *momentum_args)
+    assert torch.equal(param, before[0]) and torch.equal(ema, before[1]) and torch.equal(momentum_buffer, before[2])
 
 
 def test_explicit_cpp_without_compiler_says_what_is_missing(fresh_load, monkeypatch) -> None:
@@ -220,10 +281,12 @@ from bbfused.backends import load_backend
 backend = load_backend("cpp", torch.device("cpu"))
 inputs = torch.load(sys.argv[1])
 names = ("lr", "weight_decay", "beta", "grad_scale", "found_inf", "nonfinite")
+names += ("momentum_buffer", "momentum", "nesterov")
 for case in inputs:
     backend.step(*case["args"][:3], **dict(zip(names, case["args"][3:])))
-torch.save([[case["args"][i] for i in (0, 2, -1)] for case in inputs], sys.argv[2])
+torch.save([[case["args"][i] for i in OUTPUTS] for case in inputs], sys.argv[2])
 """
+OUTPUTS = (0, 2, 8, 9)  # θ, the EMA, the skipped count, the momentum buffer (None without momentum)
 
 
 def _step_cases() -> list[dict]:
@@ -231,25 +294,28 @@ def _step_cases() -> list[dict]:
     cases = []
     for dtype in DTYPES:
         for scale in (None, torch.tensor(4.0)):
-            param, grad = (torch.randn(N, generator=generator).to(dtype) for _ in range(2))
-            grad[[3, 1000, N - 1]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
-            ema = torch.randn(N, generator=generator, dtype=state_dtype(dtype))
-            lr = torch.tensor(0.05, dtype=torch.float64)
-            count = torch.zeros((), dtype=torch.int64)
-            cases.append({"args": [param, grad, ema, lr, 1e-2, 0.25, scale, None, count]})
+            for momentum in (None, "heavy_ball", "nesterov"):
+                param, grad = (torch.randn(N, generator=generator).to(dtype) for _ in range(2))
+                grad[[3, 1000, N - 1]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+                ema, buffer = (torch.randn(N, generator=generator, dtype=state_dtype(dtype)) for _ in range(2))
+                lr = torch.tensor(0.05, dtype=torch.float64)
+                count = torch.zeros((), dtype=torch.int64)
+                momentum_args = [None, 0.0, False] if momentum is None else [buffer, 0.9, momentum == "nesterov"]
+                cases.append({"args": [param, grad, ema, lr, 1e-2, 0.25, scale, None, count, *momentum_args]})
     return cases
 
 
 def test_baseline_and_avx2_step_loops_give_the_same_bits(tmp_path) -> None:
     """The step loop is compiled twice on x86-64 (the baseline ISA and an AVX2 clone chosen at run time); both,
-    run on the same inputs (non-finite gradients and a GradScaler scale included), give the eager reference's bits.
-    The baseline runs in a subprocess with BBFUSED_CPU_BASELINE=1."""
+    run on the same inputs (non-finite gradients, a GradScaler scale, heavy-ball and Nesterov momentum included),
+    give the eager reference's bits. The baseline runs in a subprocess with BBFUSED_CPU_BASELINE=1."""
     cases = _step_cases()
     torch.save(cases, tmp_path / "in.pt")
     env = dict(os.environ, BBFUSED_CPU_BASELINE="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
+    script = BASELINE_SCRIPT.replace("OUTPUTS", repr(OUTPUTS))
     subprocess.run(
-        [sys.executable, "-c", BASELINE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, "-c", script, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
         env=env,
         check=True,
         timeout=300,
@@ -261,6 +327,11 @@ def test_baseline_and_avx2_step_loops_give_the_same_bits(tmp_path) -> None:
         reference = [a.clone() if isinstance(a, torch.Tensor) else a for a in case["args"]]
         backend_step(fused, *here)
         backend_step(eager, *reference)
-        for index, from_baseline_loop in zip((0, 2, -1), from_baseline):  # θ, the EMA, the skipped count
+        for index, from_baseline_loop in zip(OUTPUTS, from_baseline):
+            if here[index] is None:  # no momentum buffer
+                assert reference[index] is None and from_baseline_loop is None
+                continue
             assert torch.equal(here[index], reference[index]) and torch.equal(here[index], from_baseline_loop)
-        assert int(here[-1]) == 3
+        assert int(here[8]) == 3
+        if here[9] is not None:
+            assert not torch.equal(here[9], case["args"][9])  # the momentum buffer was written

@@ -46,9 +46,11 @@ def randn(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(n, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
 
 
-def step_inputs(n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    """param, grad, ema: random (the EMA too, so that β·(d − g) is tested with g ≠ 0)."""
-    return [randn(n, dtype, seed), randn(n, dtype, seed + 1), randn(n, state_dtype(dtype), seed + 2)]
+def step_inputs(n: int, dtype: torch.dtype, seed: int = 0, momentum: bool = False) -> list[torch.Tensor]:
+    """param, grad, ema and (``momentum``) the momentum buffer: random (the EMA too, so that β·(d − g) is tested with
+    g ≠ 0; likewise m)."""
+    inputs = [randn(n, dtype, seed), randn(n, dtype, seed + 1), randn(n, state_dtype(dtype), seed + 2)]
+    return inputs + [randn(n, state_dtype(dtype), seed + 3)] if momentum else inputs
 
 
 def epoch_end_inputs(n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -64,23 +66,44 @@ def scalar(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=DEVICE)
 
 
-def run_step(backend, inputs, lr=0.05, weight_decay=1e-2, beta=0.4, grad_scale=None, found_inf=None) -> None:
-    backend_step(backend, *inputs, lr_tensor(lr), weight_decay, beta, grad_scale, found_inf)
+def run_step(
+    backend, inputs, lr=0.05, weight_decay=1e-2, beta=0.4, grad_scale=None, found_inf=None, momentum=0.9, nesterov=False
+) -> None:
+    """A step over [param, grad, ema] or, with a fourth buffer, [param, grad, ema, momentum_buffer]."""
+    param, grad, ema, *momentum_buffer = inputs
+    if momentum_buffer:
+        backend_step(
+            backend, param, grad, ema, lr_tensor(lr), weight_decay, beta, grad_scale, found_inf, None,
+            momentum_buffer[0], momentum, nesterov,
+        )  # fmt: skip
+    else:
+        backend_step(backend, param, grad, ema, lr_tensor(lr), weight_decay, beta, grad_scale, found_inf)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return a.dtype == b.dtype and torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
 
 
 # ------------------------------------------------------------------------------------------ block edges
+@pytest.mark.parametrize("momentum", [None, "heavy_ball", "nesterov"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("amp", ["plain", "scaled"])
 @pytest.mark.parametrize("n", SIZES)
-def test_step_matches_eager_at_block_edges(n: int, amp: str, dtype: torch.dtype) -> None:
+def test_step_matches_eager_at_block_edges(n: int, amp: str, dtype: torch.dtype, momentum: str | None) -> None:
+    """With momentum, fp32 and fp64 give the eager reference's bits (θ, g and m)."""
     grad_scale, found_inf = (scalar(512.0), scalar(0.0)) if amp == "scaled" else (None, None)
-    eager_inputs, triton_inputs, original = step_inputs(n, dtype), step_inputs(n, dtype), step_inputs(n, dtype)
+    eager_inputs, triton_inputs, original = (step_inputs(n, dtype, momentum=momentum is not None) for _ in range(3))
     if grad_scale is not None:  # scaled as GradScaler scales (by a power of two: exact in every dtype)
         for inputs in (eager_inputs, triton_inputs, original):
             inputs[1].mul_(grad_scale)
-    run_step(load_backend("eager", DEVICE), eager_inputs, grad_scale=grad_scale, found_inf=found_inf)
-    run_step(tb.TritonBackend(), triton_inputs, grad_scale=grad_scale, found_inf=found_inf)
-    for name, got, want, before in zip(("param", "grad", "ema"), triton_inputs, eager_inputs, original):
+    for backend, inputs in ((load_backend("eager", DEVICE), eager_inputs), (tb.TritonBackend(), triton_inputs)):
+        run_step(backend, inputs, grad_scale=grad_scale, found_inf=found_inf, nesterov=momentum == "nesterov")
+    exact = momentum is not None and dtype in (torch.float32, torch.float64)
+    names = ("param", "grad", "ema", "momentum_buffer")
+    for name, got, want, before in zip(names, triton_inputs, eager_inputs, original):
+        if exact:
+            assert same_bits(got, want), name
         torch.testing.assert_close(got, want, **TOLERANCE[dtype], msg=lambda m, name=name: f"{name}: {m}")
         if name == "grad":
             assert torch.equal(got, before)  # the gradient is read, never written
@@ -104,16 +127,18 @@ def test_epoch_end_matches_eager_at_block_edges(n: int, dtype: torch.dtype) -> N
 
 def test_found_inf_touches_nothing() -> None:
     for grad_scale in (None, scalar(4.0)):
-        inputs = step_inputs(2 * BLOCK + 3, torch.float32)
-        before = [t.clone() for t in inputs]
-        run_step(tb.TritonBackend(), inputs, grad_scale=grad_scale, found_inf=scalar(1.0))
-        for got, want in zip(inputs, before):
-            assert torch.equal(got, want)
+        for momentum in (False, True):
+            inputs = step_inputs(2 * BLOCK + 3, torch.float32, momentum=momentum)
+            before = [t.clone() for t in inputs]
+            run_step(tb.TritonBackend(), inputs, grad_scale=grad_scale, found_inf=scalar(1.0))
+            for got, want in zip(inputs, before):
+                assert torch.equal(got, want)
 
 
 def test_empty_buffers() -> None:
     backend = tb.TritonBackend()
     run_step(backend, step_inputs(0, torch.float32))
+    run_step(backend, step_inputs(0, torch.float32, momentum=True), nesterov=True)
     sums = backend.epoch_end(*epoch_end_inputs(0, torch.float32))
     assert sums.dtype == torch.float64 and torch.equal(sums, torch.zeros(2, dtype=torch.float64, device=DEVICE))
 
@@ -172,7 +197,16 @@ def test_int64_offsets_chosen_exactly_when_needed() -> None:
 
 
 # ------------------------------------------------------------------------------------------ specialization
-CONSTEXPRS = {"HAS_SCALE", "HAS_FOUND_INF", "SKIP_NONFINITE", "HAS_ENABLED", "USE_INT64", "BLOCK"}
+CONSTEXPRS = {
+    "HAS_SCALE",
+    "HAS_FOUND_INF",
+    "SKIP_NONFINITE",
+    "HAS_MOMENTUM",
+    "NESTEROV",
+    "HAS_ENABLED",
+    "USE_INT64",
+    "BLOCK",
+}
 
 
 def specialization_binder(kernel, specialize_n: bool = False):
@@ -225,6 +259,21 @@ def test_no_respecialization_for_new_values(kernel_name: str) -> None:
     assert compiled() == compiled_before  # on a GPU: the compilation cache itself did not grow
 
 
+def test_no_respecialization_for_new_momentum_values() -> None:
+    """μ is a float64 argument like β: steps with other momenta and lengths share one compiled kernel per choice
+    of heavy ball or Nesterov (those two are constexprs: they choose the kernel's code)."""
+    backend = tb.TritonBackend()
+    with LaunchRecorder(tb._step_kernel) as launches:
+        for nesterov in (False, True):
+            for i, n in enumerate([1, 17, BLOCK, 2 * BLOCK + 48]):
+                inputs = step_inputs(n, torch.float32, momentum=True)
+                run_step(backend, inputs, lr=0.1 / (i + 1), momentum=0.5 + 0.1 * i, nesterov=nesterov)
+    binder = specialization_binder(tb._step_kernel)
+    keys = [str(binder(*args, **kwargs)[1]) for args, kwargs in launches.calls]
+    assert len(keys) == 8
+    assert len(set(keys[:4])) == 1 and len(set(keys[4:])) == 1 and keys[0] != keys[4]
+
+
 # ------------------------------------------------------------------------------------------ memory traffic
 # Run in a fresh interpreter without TRITON_INTERPRET: compiling needs real JIT functions. Compiles for
 # sm_90 (no GPU needed) and reports, per kernel, the element types of the block loads and stores in the
@@ -239,13 +288,16 @@ from bbfused.backends import triton_backend as tb
 param, ema = sys.argv[1], sys.argv[2]
 target = GPUTarget("cuda", 90, 32)
 aligned = make_backend(target).parse_attr("D")
-step_scalars = {"n_elements": "i32", "weight_decay": "fp64", "beta": "fp64"}
-step_pointers = [param, param, ema, "fp64", "fp32", "fp32", "i64"]
+step_scalars = {"n_elements": "i32", "weight_decay": "fp64", "beta": "fp64", "momentum": "fp64"}
+step_pointers = [param, param, ema, "fp64", "fp32", "fp32", "i64", ema]
+step_flags = {"HAS_SCALE": True, "HAS_FOUND_INF": True, "SKIP_NONFINITE": False, "HAS_MOMENTUM": False,
+              "NESTEROV": False}
 kernels = {
-    "step": (tb._step_kernel, step_pointers, step_scalars,
-             {"HAS_SCALE": True, "HAS_FOUND_INF": True, "SKIP_NONFINITE": False}),
-    "step_skipping_nonfinite": (tb._step_kernel, step_pointers, step_scalars,
-             {"HAS_SCALE": True, "HAS_FOUND_INF": True, "SKIP_NONFINITE": True}),
+    "step": (tb._step_kernel, step_pointers, step_scalars, step_flags),
+    "step_skipping_nonfinite": (tb._step_kernel, step_pointers, step_scalars, step_flags | {"SKIP_NONFINITE": True}),
+    "step_momentum": (tb._step_kernel, step_pointers, step_scalars, step_flags | {"HAS_MOMENTUM": True}),
+    "step_nesterov_skipping_nonfinite": (tb._step_kernel, step_pointers, step_scalars,
+             step_flags | {"HAS_MOMENTUM": True, "NESTEROV": True, "SKIP_NONFINITE": True}),
 }
 # Each epoch-end kernel plain, and flagged as a captured step launches it (the flag is one scalar load).
 for flagged in (False, True):
@@ -265,13 +317,15 @@ for name, (kernel, pointers, scalars, flags) in kernels.items():
     constexprs = flags | {"USE_INT64": False, "BLOCK": tb.BLOCK_SIZE}
     signature |= {n: "constexpr" for n in constexprs}
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs={(i,): aligned for i in range(len(pointers))})
-    asm = triton.compile(source, target=target, options={"num_warps": tb.NUM_WARPS}).asm
+    options = tb.STEP_OPTIONS if kernel is tb._step_kernel else {"num_warps": tb.NUM_WARPS}
+    asm = triton.compile(source, target=target, options=options).asm
     block = r"tensor<%dx!tt\.ptr<(\w+)>>" % tb.BLOCK_SIZE
     report[name] = {
         "loads": re.findall(r"tt\.load .*: " + block, asm["ttir"]),
         "stores": re.findall(r"tt\.store .*: " + block, asm["ttir"]),
         "vector_load_bytes": 16 * len(re.findall(r"ld\.global[\w.:]*?\.(?:v4\.b32|v2\.b64)\b", asm["ptx"])),
         "vector_store_bytes": 16 * len(re.findall(r"st\.global[\w.:]*?\.(?:v4\.b32|v2\.b64)\b", asm["ptx"])),
+        "fused_multiply_adds": len(re.findall(r"\bfma\.", asm["ptx"])),
     }
 print(json.dumps(report))
 """
@@ -288,7 +342,8 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
 
     Checked on the compiled kernels (sm_90): in the Triton IR, each of the two paths (full block, partial
     block) has exactly these block accesses; in the PTX, the full-block path moves exactly these bytes per
-    element (20 for the fp32 step), all in 128-bit accesses.
+    element (20 for the fp32 step, 28 with momentum), all in 128-bit accesses. The step kernels have no fused
+    multiply-add (tb.STEP_OPTIONS): each product is rounded before it is added, as in the eager reference.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -306,6 +361,8 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
     expected = {
         "step": {"loads": [p, p, e], "stores": [p, e]},
         "step_skipping_nonfinite": {"loads": [p, p, e], "stores": [p, e]},
+        "step_momentum": {"loads": [p, p, e, e], "stores": [p, e, e]},
+        "step_nesterov_skipping_nonfinite": {"loads": [p, p, e, e], "stores": [p, e, e]},
         "epoch_end": {"loads": [p, e, p, e], "stores": [p, e, e]},
         "epoch_measure": {"loads": [p, e, p, e], "stores": [e, e]},
         "epoch_commit": {"loads": [p, p], "stores": [p, p]},
@@ -322,6 +379,9 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
             vector_bytes = report[kernel][f"vector_{kind[:-1]}_bytes"] * threads / tb.BLOCK_SIZE
             assert vector_bytes == per_element, (kernel, kind)
     assert dtype != torch.float32 or sum(size[t] for t in expected["step"]["loads"] + expected["step"]["stores"]) == 20
+    momentum_accesses = expected["step_momentum"]["loads"] + expected["step_momentum"]["stores"]
+    assert dtype != torch.float32 or sum(size[t] for t in momentum_accesses) == 28
+    assert all(report[kernel]["fused_multiply_adds"] == 0 for kernel in report if kernel.startswith("step"))
 
 
 # ------------------------------------------------------------------------------------------ availability
@@ -355,7 +415,14 @@ def test_bad_inputs_raise_before_writing() -> None:
     backend = tb.TritonBackend()
     param, grad, ema = step_inputs(40, torch.float32)
     before = [t.clone() for t in (param, grad, ema)]
+    momentum_buffer = randn(40, torch.float32, 9)
+    before.append(momentum_buffer.clone())
     bad_calls = {
+        "momentum_dtype": lambda: run_step(backend, [param, grad, ema, momentum_buffer.double()]),
+        "momentum_length": lambda: run_step(backend, [param, grad, ema, momentum_buffer[:39]]),
+        "momentum_without_buffer": lambda: backend_step(
+            backend, param, grad, ema, lr_tensor(0.1), 0.0, 0.5, None, None, None, None, 0.9
+        ),
         "length": lambda: run_step(backend, [param, grad[:39], ema]),
         "dtype": lambda: run_step(backend, [param, grad, ema.double()]),
         "contiguous": lambda: run_step(backend, [param[::2], grad[::2], ema[::2]]),
@@ -363,6 +430,9 @@ def test_bad_inputs_raise_before_writing() -> None:
         "epoch_end": lambda: backend.epoch_end(param, ema, grad, ema.half()),
     }
     messages = {
+        "momentum_dtype": "momentum_buffer has dtype torch.float64",
+        "momentum_length": "momentum_buffer must be a 1-D contiguous tensor of 40 elements",
+        "momentum_without_buffer": "needs a momentum_buffer",
         "length": "40 elements",
         "dtype": "dtype torch.float64",
         "contiguous": "contiguous",
@@ -372,7 +442,7 @@ def test_bad_inputs_raise_before_writing() -> None:
     for name, call in bad_calls.items():
         with pytest.raises(ValueError, match=messages[name]):
             call()
-    for got, want in zip((param, grad, ema), before):
+    for got, want in zip((param, grad, ema, momentum_buffer), before):
         assert torch.equal(got, want)
 
 

@@ -32,6 +32,9 @@ class Backend(Protocol):
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
         nonfinite: torch.Tensor | None = None,
+        momentum_buffer: torch.Tensor | None = None,
+        momentum: float = 0.0,
+        nesterov: bool = False,
     ) -> None:
         """One SGD step with L2 weight decay and the gradient EMA, in place, over n elements.
 
@@ -41,6 +44,12 @@ class Backend(Protocol):
         d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g).
         nonfinite: an int64 0-dim tensor on the device, or None (the paper's step). Given, an element whose d is
         not finite keeps θ and g, and the count of such elements is added to it (on the device, no sync).
+
+        momentum_buffer: (n,) in the EMA's dtype, or None (the step above). Given, heavy-ball momentum μ in its
+        EMA form, so that lr stays the effective rate: m ← m + (1 − μ)·(d − m), then θ ← θ − lr·m, or with
+        ``nesterov`` θ ← θ − lr·((1 − μ)·d + μ·m) with the new m. 1 − μ is taken in float64 and rounded to the
+        compute dtype once, as μ is. A skipped element (non-finite d, or found_inf) keeps m too. Without a
+        buffer, momentum must be 0 and nesterov false.
         """
         ...
 
@@ -89,3 +98,12 @@ class Backend(Protocol):
         """The second pass, a copy: prev_params ← θ, or θ ← prev_params when ``rolled_back`` (a bool 0-dim tensor
         on the device, read there: no host sync)."""
         ...
+
+
+def check_momentum_arguments(momentum_buffer: torch.Tensor | None, momentum: float, nesterov: bool) -> None:
+    """Raise when a momentum is asked for without a buffer to keep it in (it would be silently ignored)."""
+    if momentum_buffer is None and (momentum != 0 or nesterov):
+        raise ValueError(
+            f"step: momentum={momentum!r}, nesterov={nesterov!r} needs a momentum_buffer (a flat buffer in the EMA's "
+            f"dtype, FlatBuffer(momentum=True)); without one pass momentum=0.0 and nesterov=False"
+        )

@@ -161,8 +161,14 @@ class CppBackend:
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
         nonfinite: torch.Tensor | None = None,
+        momentum_buffer: torch.Tensor | None = None,
+        momentum: float = 0.0,
+        nesterov: bool = False,
     ) -> None:
-        torch.ops.bbfused.cpp_step(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite)
+        torch.ops.bbfused.cpp_step(
+            param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite,
+            momentum_buffer, momentum, nesterov,
+        )  # fmt: skip
 
     def epoch_end(
         self,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import check_momentum_arguments
+
 
 class EagerBackend:
     name = "eager"
@@ -20,14 +22,24 @@ class EagerBackend:
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
         nonfinite: torch.Tensor | None = None,
+        momentum_buffer: torch.Tensor | None = None,
+        momentum: float = 0.0,
+        nesterov: bool = False,
     ) -> None:
+        check_momentum_arguments(momentum_buffer, momentum, nesterov)
         theta = param.to(ema.dtype)
         d = grad.to(ema.dtype)
         if grad_scale is not None:
             d = d / grad_scale
         if weight_decay != 0:
             d = d + weight_decay * theta
-        new_theta = theta - lr.to(ema.dtype) * d
+        direction = d
+        if momentum_buffer is not None:
+            # Python floats: torch rounds each to the compute dtype once, as the fused kernels do.
+            complement = 1.0 - momentum
+            new_momentum = momentum_buffer + complement * (d - momentum_buffer)
+            direction = complement * d + momentum * new_momentum if nesterov else new_momentum
+        new_theta = theta - lr.to(ema.dtype) * direction
         new_ema = ema + beta * (d - ema)
         if nonfinite is not None:
             finite = torch.isfinite(d)
@@ -37,13 +49,19 @@ class EagerBackend:
             nonfinite.add_(skipped)
             new_theta = torch.where(finite, new_theta, theta)
             new_ema = torch.where(finite, new_ema, ema)
+            if momentum_buffer is not None:
+                new_momentum = torch.where(finite, new_momentum, momentum_buffer)
         if found_inf is not None:
             # torch.where instead of an `if`: deciding on the host would need a sync.
             skip = found_inf.reshape(()) != 0
             new_theta = torch.where(skip, theta, new_theta)
             new_ema = torch.where(skip, ema, new_ema)
+            if momentum_buffer is not None:
+                new_momentum = torch.where(skip, momentum_buffer, new_momentum)
         param.copy_(new_theta)
         ema.copy_(new_ema)
+        if momentum_buffer is not None:
+            momentum_buffer.copy_(new_momentum)
 
     def epoch_end(
         self,

@@ -26,6 +26,7 @@ except ImportError as error:
     raise ImportError(f"{error}; the triton backend needs the triton package: pip install triton") from error
 
 from ..buffers import state_dtype
+from .base import check_momentum_arguments
 
 # Block size and warps, fixed for both kernels (no autotuning: it would time launches at first use and
 # keep one configuration per length). Both kernels stream: each element is loaded and stored once, so what
@@ -36,6 +37,9 @@ from ..buffers import state_dtype
 # measures it against 512-4096 elements and 8 warps (pending: no GPU in the session that wrote this).
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
+# The step's compile options. No fused multiply-add: contracting a·b + c into one rounding would change the bits,
+# and every backend gives the eager reference's (on CPU the interpreter computes op by op anyway).
+STEP_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 # Offsets pid * BLOCK + i are int32 unless the last block's end passes this; int64 costs registers and
 # address arithmetic, so it is used only when needed: for buffers of more than 2**31 elements.
 INT32_INDEX_LIMIT = 2**31
@@ -78,15 +82,20 @@ def _step_block(
     lr_ptr,
     grad_scale_ptr,
     nonfinite_ptr,
+    momentum_ptr,
     weight_decay,
     beta,
+    momentum,
     offsets,
     mask,
     HAS_SCALE: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
 ):
     """The step over the elements ``offsets`` (``mask``: which of them exist; None: all). SKIP_NONFINITE: an
-    element whose d is not finite keeps θ and g, and is counted into *nonfinite_ptr."""
+    element whose d is not finite keeps θ, g (and m), and is counted into *nonfinite_ptr. HAS_MOMENTUM: θ steps
+    along the momentum buffer m ← m + (1 − μ)·(d − m), or (NESTEROV) along (1 − μ)·d + μ·m."""
     compute = ema_ptr.dtype.element_ty
     theta = _load(param_ptr + offsets, mask).to(compute)
     d = _load(grad_ptr + offsets, mask).to(compute)
@@ -96,17 +105,29 @@ def _step_block(
     # tl.full converts the float64 scalars to the compute dtype (rounding once, like torch); it also
     # keeps their float64 value under the interpreter, which would otherwise round Python floats to fp32.
     d = d + tl.full((), weight_decay, compute) * theta
-    new_theta = theta - tl.load(lr_ptr).to(compute) * d
+    direction = d
+    if HAS_MOMENTUM:
+        m = _load(momentum_ptr + offsets, mask)
+        complement = tl.full((), 1.0 - momentum, compute)  # 1 − μ in float64, then rounded once, as eager's
+        new_m = m + complement * (d - m)
+        direction = new_m
+        if NESTEROV:
+            direction = complement * d + tl.full((), momentum, compute) * new_m
+    new_theta = theta - tl.load(lr_ptr).to(compute) * direction
     new_ema = ema + tl.full((), beta, compute) * (d - ema)
     if SKIP_NONFINITE:
         finite = (d - d) == 0  # inf - inf and NaN - NaN are NaN
         new_theta = tl.where(finite, new_theta, theta)
         new_ema = tl.where(finite, new_ema, ema)
+        if HAS_MOMENTUM:
+            new_m = tl.where(finite, new_m, m)
         skipped = tl.sum(tl.where(finite, 0, 1).to(tl.int64), axis=0)
         if skipped != 0:
             tl.atomic_add(nonfinite_ptr, skipped)
     tl.store(param_ptr + offsets, new_theta.to(param_ptr.dtype.element_ty), mask=mask)
     tl.store(ema_ptr + offsets, new_ema, mask=mask)
+    if HAS_MOMENTUM:
+        tl.store(momentum_ptr + offsets, new_m, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_elements"])
@@ -118,19 +139,24 @@ def _step_kernel(
     grad_scale_ptr,
     found_inf_ptr,
     nonfinite_ptr,
+    momentum_ptr,
     n_elements,
     weight_decay: tl.float64,
     beta: tl.float64,
+    momentum: tl.float64,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over one block; found_inf ≠ 0: no access.
+    With HAS_MOMENTUM, θ steps along m ← m + (1 − μ)·(d − m) (NESTEROV: along (1 − μ)·d + μ·m) instead of d.
 
     Arithmetic in the EMA dtype (fp32, or fp64 for fp64 parameters). Memory traffic per element: one
-    read of θ, grad and g, one write of θ and g.
+    read of θ, grad and g, one write of θ and g; with momentum also one read and one write of m.
     """
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
@@ -141,14 +167,14 @@ def _step_kernel(
     # the vector, which an unspecialized n_elements does not allow. (n - start, not start + BLOCK: no overflow.)
     if n_elements - start >= BLOCK:
         _step_block(
-            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, weight_decay, beta, offsets, None,
-            HAS_SCALE, SKIP_NONFINITE,
+            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, weight_decay, beta,
+            momentum, offsets, None, HAS_SCALE, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV,
         )  # fmt: skip
     else:
         mask = offsets < n_elements
         _step_block(
-            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, weight_decay, beta, offsets, mask,
-            HAS_SCALE, SKIP_NONFINITE,
+            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, weight_decay, beta,
+            momentum, offsets, mask, HAS_SCALE, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV,
         )  # fmt: skip
 
 
@@ -388,13 +414,18 @@ class TritonBackend:
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
         nonfinite: torch.Tensor | None = None,
+        momentum_buffer: torch.Tensor | None = None,
+        momentum: float = 0.0,
+        nesterov: bool = False,
     ) -> None:
         """One launch over n elements; reads lr, grad_scale and found_inf on the device (no host sync)."""
-        _check_flat(
-            "step",
-            {"param": param, "grad": grad, "ema": ema},
-            {"param": param.dtype, "grad": param.dtype, "ema": state_dtype(param.dtype)},
-        )
+        check_momentum_arguments(momentum_buffer, momentum, nesterov)
+        state = state_dtype(param.dtype)
+        flat = {"param": param, "grad": grad, "ema": ema}
+        dtypes = {"param": param.dtype, "grad": param.dtype, "ema": state}
+        if momentum_buffer is not None:
+            flat["momentum_buffer"], dtypes["momentum_buffer"] = momentum_buffer, state
+        _check_flat("step", flat, dtypes)
         for name, scalar in (
             ("lr", lr),
             ("grad_scale", grad_scale),
@@ -415,15 +446,19 @@ class TritonBackend:
                 grad_scale,
                 found_inf,
                 nonfinite,
+                momentum_buffer,
                 n_elements,
                 float(weight_decay),
                 float(beta),
+                float(momentum),
                 HAS_SCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None,
                 SKIP_NONFINITE=nonfinite is not None,
+                HAS_MOMENTUM=momentum_buffer is not None,
+                NESTEROV=bool(nesterov),
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
-                num_warps=NUM_WARPS,
+                **STEP_OPTIONS,
             )
 
     def epoch_end(
