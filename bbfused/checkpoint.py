@@ -161,13 +161,15 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
             f"corrupt state dict: join_epochs lists {len(join_epochs)} parameter groups, param_groups {groups}"
         )
     rolled_back = bb["rolled_back_epochs"]
+    # The open epoch counts once a period of it was rolled back (a split first epoch's).
+    upper = epoch + (step > 0)
     if (
         not isinstance(rolled_back, list)
-        or any(not is_int(e) or not 0 <= e < epoch for e in rolled_back)
+        or any(not is_int(e) or not 0 <= e < upper for e in rolled_back)
         or rolled_back != sorted(set(rolled_back))
     ):
         raise ValueError(
-            f"corrupt state dict: rolled_back_epochs must be increasing epochs in [0, {epoch}), got {rolled_back!r}"
+            f"corrupt state dict: rolled_back_epochs must be increasing epochs in [0, {upper}), got {rolled_back!r}"
         )
 
 

@@ -44,6 +44,29 @@ def nan(device: torch.device) -> torch.Tensor:
     return torch.tensor(math.nan, dtype=torch.float64, device=device)
 
 
+class Periods:
+    """Where an epoch's rate periods end. Every epoch is one period, but the first may be split into
+    ``first_epoch_periods`` periods of equal length (the last one takes the remainder), so that the rate control can
+    move the rate several times within it. Fixed by T and the count: nothing to save."""
+
+    def __init__(self, steps_per_epoch: int | None, first_epoch_periods: int) -> None:
+        length = max(2, steps_per_epoch // first_epoch_periods) if steps_per_epoch and first_epoch_periods > 1 else 0
+        split = length and steps_per_epoch >= 2 * length
+        self.length = length if split else 0
+        # The last step at which a period of the first epoch ends before the epoch's own end.
+        self.last_inner_end = (steps_per_epoch - length) // length * length if split else 0
+
+    def inner_end(self, step: int) -> bool:
+        """Whether a period of the first epoch ends after its ``step``-th step (before the epoch ends)."""
+        return bool(self.length) and step % self.length == 0 and step <= self.last_inner_end
+
+    def steps_before(self, step: int) -> int:
+        """The steps of the first epoch's period that ends after its ``step``-th step."""
+        if not self.length:
+            return step
+        return self.length if step <= self.last_inner_end else step - self.last_inner_end
+
+
 class HostLossMeter:
     """The epoch's loss sum on the device (one add per step), its count and last loss held on the host."""
 
@@ -102,14 +125,16 @@ class HostClock:
 
     gate = None  # every pass and decision of an epoch end applies
 
-    def __init__(self, steps_per_epoch: int | None, device: torch.device) -> None:
+    def __init__(self, steps_per_epoch: int | None, device: torch.device, first_epoch_periods: int = 1) -> None:
         self.steps_per_epoch = steps_per_epoch
         self.device = device
+        self.periods = Periods(steps_per_epoch, first_epoch_periods)
         self.epoch = 0
         self.step_in_epoch = 0
         self.first_step_pending = True
         self._lr_history: list[torch.Tensor] = []
         self._rolled_back: list[torch.Tensor] = []
+        self._epoch_rolled_back: torch.Tensor | None = None  # any period of the open epoch rolled back
 
     # ---- the step
     def loss_meter(self, device: torch.device) -> HostLossMeter:
@@ -126,10 +151,11 @@ class HostClock:
         return False
 
     def advance(self) -> bool:
-        """Count a step; whether the epoch ends now."""
+        """Count a step; whether a rate period (the epoch, or a period of the first epoch) ends now."""
         self.first_step_pending = False
         self.step_in_epoch += 1
-        return self.step_in_epoch == self.steps_per_epoch
+        inner = self.epoch == 0 and self.periods.inner_end(self.step_in_epoch)
+        return inner or self.step_in_epoch == self.steps_per_epoch
 
     @contextlib.contextmanager
     def epoch_end(self) -> Iterator[None]:
@@ -145,8 +171,23 @@ class HostClock:
 
     @property
     def closing_steps(self) -> int:
-        """T: the steps the closing epoch took."""
-        return self.step_in_epoch
+        """T: the steps the closing period took."""
+        return self.periods.steps_before(self.step_in_epoch) if self.epoch == 0 else self.step_in_epoch
+
+    @property
+    def ends_epoch(self) -> bool:
+        """Whether the closing period ends the epoch (end_epoch() ends every epoch it closes)."""
+        return self.steps_per_epoch is None or self.step_in_epoch == self.steps_per_epoch
+
+    @property
+    def next_epoch(self) -> int:
+        """The epoch the next step belongs to."""
+        return self.epoch + self.ends_epoch
+
+    @property
+    def in_first_epoch_periods(self) -> bool:
+        """Whether the closing period is one of a split first epoch's."""
+        return self.epoch == 0 and bool(self.periods.length)
 
     def reached(self, epoch: int) -> Flag:
         """Whether the closing epoch is ``epoch`` or later."""
@@ -159,10 +200,17 @@ class HostClock:
         return new
 
     def record(self, lr: torch.Tensor, rolled_back: torch.Tensor | None) -> None:
-        """Close the epoch that ran at rate ``lr`` (rolled back or not; None: never judged) and start the next."""
-        self._lr_history.append(lr.clone())
+        """Close the period that ran at rate ``lr`` (rolled back or not; None: never judged); at the epoch's end,
+        record the epoch (its rate: its last period's; rolled back: any of its periods) and start the next."""
         if rolled_back is not None:
-            self._rolled_back.append(rolled_back)
+            earlier = self._epoch_rolled_back
+            self._epoch_rolled_back = rolled_back if earlier is None else earlier | rolled_back
+        if not self.ends_epoch:
+            return
+        self._lr_history.append(lr.clone())
+        if self._epoch_rolled_back is not None:
+            self._rolled_back.append(self._epoch_rolled_back)
+        self._epoch_rolled_back = None
         self.epoch += 1
         self.step_in_epoch = 0
 
@@ -175,7 +223,9 @@ class HostClock:
         return torch.stack(self._lr_history).tolist() if self._lr_history else []
 
     def rolled_back_epochs(self) -> list[int]:
-        return torch.stack(self._rolled_back).nonzero().flatten().tolist() if self._rolled_back else []
+        """The completed epochs rolled back, and the open one if one of its periods was."""
+        flags = self._rolled_back + ([self._epoch_rolled_back] if self._epoch_rolled_back is not None else [])
+        return torch.stack(flags).nonzero().flatten().tolist() if flags else []
 
     def counts(self) -> tuple[int, int]:
         return self.epoch, self.step_in_epoch
@@ -189,18 +239,22 @@ class HostClock:
         self._lr_history = [torch.tensor(rate, dtype=torch.float64, device=self.device) for rate in lr_history]
         flagged = set(rolled_back)
         self._rolled_back = [torch.tensor(e in flagged, device=self.device) for e in range(epoch)]
+        self._epoch_rolled_back = torch.tensor(True, device=self.device) if epoch in flagged else None
         self.first_step_pending = epoch == 0 and step == 0
 
 
 class DeviceClock:
     """Steps and epochs counted on the device; the epoch end runs in every step, acting only at the epoch's last."""
 
-    def __init__(self, steps_per_epoch: int, device: torch.device) -> None:
+    def __init__(self, steps_per_epoch: int, device: torch.device, first_epoch_periods: int = 1) -> None:
         self.steps_per_epoch = steps_per_epoch
         self.device = device
+        self.periods = Periods(steps_per_epoch, first_epoch_periods)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.epoch = torch.zeros((), dtype=torch.int64, device=device)
-        self.gate = torch.zeros((), dtype=torch.bool, device=device)
+        # gate: a rate period ends at this step; epoch_gate: the epoch ends (the same tensor without split periods).
+        self.epoch_gate = torch.zeros((), dtype=torch.bool, device=device)
+        self.gate = torch.zeros((), dtype=torch.bool, device=device) if self.periods.length else self.epoch_gate
         self._lr_history = torch.full((HISTORY_CAPACITY,), math.nan, dtype=torch.float64, device=device)
         self._rolled_back = torch.zeros(HISTORY_CAPACITY, dtype=torch.bool, device=device)
         # The first step records host-side state a replay never updates (where a diverged epoch 0 returns to, the
@@ -231,10 +285,14 @@ class DeviceClock:
         return True
 
     def advance(self) -> bool:
-        """Count a step and set :attr:`gate` to whether it was the epoch's last; the epoch end always runs."""
+        """Count a step and set the gates (a period ends, the epoch ends); the period end always runs, gated."""
         self.first_step_pending = False
         self.step.add_(1)
-        torch.eq(self.step, self.steps_per_epoch, out=self.gate)
+        torch.eq(self.step, self.steps_per_epoch, out=self.epoch_gate)
+        if self.periods.length:
+            periods = self.periods
+            inner = (self.epoch == 0) & (self.step % periods.length == 0) & (self.step <= periods.last_inner_end)
+            torch.logical_or(self.epoch_gate, inner, out=self.gate)
         return True
 
     @contextlib.contextmanager
@@ -248,8 +306,24 @@ class DeviceClock:
         return self.epoch
 
     @property
-    def closing_steps(self) -> int:
-        return self.steps_per_epoch
+    def closing_steps(self) -> int | torch.Tensor:
+        periods = self.periods
+        if not periods.length:
+            return self.steps_per_epoch
+        first = torch.where(self.step <= periods.last_inner_end, periods.length, self.step - periods.last_inner_end)
+        return torch.where(self.epoch == 0, first, self.steps_per_epoch)
+
+    @property
+    def ends_epoch(self) -> torch.Tensor:
+        return self.epoch_gate
+
+    @property
+    def next_epoch(self) -> torch.Tensor:
+        return self.epoch + self.epoch_gate.to(torch.int64)
+
+    @property
+    def in_first_epoch_periods(self) -> Flag:
+        return (self.epoch == 0) if self.periods.length else False
 
     def reached(self, epoch: int) -> Flag:
         return self.epoch >= epoch
@@ -262,10 +336,11 @@ class DeviceClock:
 
     def record(self, lr: torch.Tensor, rolled_back: torch.Tensor | None) -> None:
         index = self.epoch.clamp(max=HISTORY_CAPACITY - 1).reshape(1)
-        at_end = self.gate
+        at_end = self.epoch_gate
         self._lr_history.index_put_((index,), torch.where(at_end, lr, self._lr_history.index_select(0, index)))
         if rolled_back is not None:
-            self._rolled_back.index_put_((index,), rolled_back & at_end | self._rolled_back.index_select(0, index))
+            flag = rolled_back & self.gate
+            self._rolled_back.index_put_((index,), flag | self._rolled_back.index_select(0, index))
         self.epoch.add_(at_end.to(torch.int64))
         self.step.masked_fill_(at_end, 0)
 
@@ -290,8 +365,9 @@ class DeviceClock:
         return self._lr_history[:epoch].tolist()
 
     def rolled_back_epochs(self) -> list[int]:
+        """The completed epochs rolled back, and the open one if one of its periods was."""
         epoch, _ = self.counts()
-        return self._rolled_back[:epoch].nonzero().flatten().tolist()
+        return self._rolled_back[: min(epoch + 1, HISTORY_CAPACITY)].nonzero().flatten().tolist()
 
     def load(
         self, epoch: int, step: int, lr_history: list[float], rolled_back: list[int], steps_per_epoch: int | None
@@ -316,8 +392,11 @@ class DeviceClock:
 EpochClock = Union[HostClock, DeviceClock]
 
 
-def make_clock(capturable: bool, steps_per_epoch: int | None, device: torch.device) -> EpochClock:
-    return DeviceClock(steps_per_epoch, device) if capturable else HostClock(steps_per_epoch, device)
+def make_clock(
+    capturable: bool, steps_per_epoch: int | None, device: torch.device, first_epoch_periods: int = 1
+) -> EpochClock:
+    kind = DeviceClock if capturable else HostClock
+    return kind(steps_per_epoch, device, first_epoch_periods)
 
 
 def _capturing() -> bool:
