@@ -104,14 +104,6 @@ def check_steps_per_epoch(value: Any) -> int | None:
     return steps
 
 
-def check_taus(tau0: Any, tau_min: Any, tau_max: Any) -> tuple[float, float, float]:
-    """The bounds of the paper's eq. 13, each positive, with tau_min <= tau_max."""
-    taus = (check_positive("tau0", tau0), check_positive("tau_min", tau_min), check_positive("tau_max", tau_max))
-    if taus[1] > taus[2]:
-        raise ValueError(f"tau_min ({tau_min}) must be <= tau_max ({tau_max})")
-    return taus
-
-
 def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -140,13 +132,16 @@ def watched_loss(
 
 @dataclass(frozen=True)
 class Options:
-    """BB's constructor arguments, checked."""
+    """BB's constructor arguments, checked; ``None`` where the rate control's own default applies."""
 
     lr: float
     steps_per_epoch: int | None
+    epochs: int | None
     beta: float
     weight_decay: float
-    taus: tuple[float, float, float]
+    momentum: float | None
+    nesterov: bool
+    taus: tuple[float | None, float | None, float | None]
     backend: str
     safeguard: bool
     capturable: bool
@@ -155,7 +150,10 @@ class Options:
 def check_options(
     lr: Any,
     steps_per_epoch: Any,
+    epochs: Any,
     weight_decay: Any,
+    momentum: Any,
+    nesterov: Any,
     beta: Any,
     tau0: Any,
     tau_min: Any,
@@ -167,9 +165,18 @@ def check_options(
     """Every constructor argument checked, in the order of the signature; the first bad one raises."""
     lr = check_positive("lr", lr)
     steps = check_steps_per_epoch(steps_per_epoch)
-    beta = check_beta(default_beta(steps) if beta is None else beta)
+    epochs = check_epochs(epochs)
     weight_decay = check_weight_decay(weight_decay)
-    taus = check_taus(tau0, tau_min, tau_max)
+    momentum = None if momentum is None else check_momentum(momentum)
+    nesterov = check_flag("nesterov", nesterov)
+    if nesterov and not momentum:
+        raise ValueError("nesterov=True needs a momentum > 0; pass momentum=0.9 or drop nesterov")
+    beta = check_beta(default_beta(steps) if beta is None else beta)
+    taus = tuple(
+        None if value is None else check_positive(name, value) for name, value in zip(TAUS, (tau0, tau_min, tau_max))
+    )
+    if taus[1] is not None and taus[2] is not None and taus[1] > taus[2]:
+        raise ValueError(f"tau_min ({tau_min}) must be <= tau_max ({tau_max})")
     safeguard, capturable = check_flag("safeguard", safeguard), check_flag("capturable", capturable)
     if capturable and steps is None:
         raise ValueError(
@@ -178,4 +185,24 @@ def check_options(
         )
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    return Options(lr, steps, beta, weight_decay, taus, backend, safeguard, capturable)
+    return Options(lr, steps, epochs, beta, weight_decay, momentum, nesterov, taus, backend, safeguard, capturable)
+
+
+TAUS = ("tau0", "tau_min", "tau_max")
+
+
+def check_epochs(value: Any) -> int | None:
+    """The planned number of epochs, a positive int, or None (not known)."""
+    if value is None:
+        return None
+    epochs = as_number("epochs", value, integer=True)
+    if epochs <= 0:
+        raise ValueError(f"epochs must be a positive int (the epochs the run will train) or None, got {value!r}")
+    return epochs
+
+
+def check_momentum(value: Any) -> float:
+    number = as_number("momentum", value)
+    if not 0.0 <= number < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {value!r} (the old direction's weight; 0.9 is usual)")
+    return number

@@ -47,10 +47,6 @@ class BufferSet:
     def __init__(
         self, backend: str, lr: float, skip_nonfinite: bool, momentum: float = 0.0, nesterov: bool = False
     ) -> None:
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r} (the old direction's weight; 0.9 is usual)")
-        if nesterov and momentum == 0.0:
-            raise ValueError("nesterov=True needs a momentum > 0")
         self.backend_name = backend
         self.skip_nonfinite = skip_nonfinite
         # Heavy-ball momentum in its EMA form (see base.Backend.step); 0: none, and no momentum buffers.

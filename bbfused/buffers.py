@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import MOMENTUM_KEY, STATE_KEYS
 from .diagnostics import warn
 
 ALIGNMENT = 16  # elements; every slice starts at a multiple of this
@@ -271,11 +272,11 @@ class FlatBuffer:
         return ("ema", "prev_params", "prev_ema") + (("momentum",) if self.momentum is not None else ())
 
     def state_views(self, index: int) -> dict[str, torch.Tensor]:
-        """Parameter ``index``'s optimizer state as tensors shaped like the parameter (views, no copies): "ema",
-        "prev_params", "prev_ema", and with momentum "momentum_buffer" (torch.optim.SGD's name for it)."""
-        views = {name: self.view(getattr(self, name), index) for name in ("ema", "prev_params", "prev_ema")}
+        """Parameter ``index``'s optimizer state as tensors shaped like the parameter (views, no copies), under the
+        checkpoint's names (``bbfused.checkpoint``)."""
+        views = {name: self.view(getattr(self, name), index) for name in STATE_KEYS}
         if self.momentum is not None:
-            views["momentum_buffer"] = self.view(self.momentum, index)
+            views[MOMENTUM_KEY] = self.view(self.momentum, index)
         return views
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ VERSION = 3
 ENTRY = "bb"
 # Per-parameter state, shaped like the parameter.
 STATE_KEYS = ("ema", "prev_params", "prev_ema")
+MOMENTUM_KEY = "momentum_buffer"  # with momentum, as torch.optim.SGD names it
 
 
 @dataclass
@@ -44,6 +44,9 @@ class ControlState:
     good_lr: float | None
     loss_rollback: bool
     model_buffers: list[torch.Tensor] = field(default_factory=list)
+    rate: float | None = None  # r, the rate before the end phase (None: the paper's method keeps none)
+    searching: bool = False  # the first epochs' search for the rate goes on
+    ceiling: float = math.inf  # r never grows past it again (the loss rose there)
 
     @classmethod
     def empty(cls, epoch: int) -> ControlState:
@@ -64,8 +67,11 @@ class RunState:
     lr_history: list[float]
     rolled_back_epochs: list[int]
     steps_per_epoch: int | None
+    epochs: int | None  # the planned number of epochs (the default control's end phase)
     beta: float
-    tau0: float
+    momentum: float
+    nesterov: bool
+    tau0: float | None  # None: the default control has no fallback rate
     tau_min: float
     tau_max: float
     join_epochs: list[int]
@@ -77,7 +83,7 @@ _CONTROL_KEYS = tuple(f.name for f in dataclasses.fields(ControlState))
 # The rate control's keys (its state and the rollback history), which version 1 did not have.
 CONTROL_KEYS = ("rolled_back_epochs", *_CONTROL_KEYS)
 # The keys introduced after version 1; an entry without them takes the values of a run that never rolled back.
-_ADDED_LATER = ("join_epochs", "lr_multiplier", *CONTROL_KEYS)
+_ADDED_LATER = ("join_epochs", "lr_multiplier", "epochs", "momentum", "nesterov", *CONTROL_KEYS)
 
 
 def entry(run: RunState) -> dict[str, Any]:
@@ -96,8 +102,13 @@ def upgrade(bb: dict[str, Any], groups: int) -> dict[str, Any]:
         "rolled_back_epochs": [],
         "join_epochs": [0] * groups,
         "lr_multiplier": 1.0,
+        "epochs": None,
+        "momentum": 0.0,
+        "nesterov": False,
     }
     upgraded = {**{key: defaults[key] for key in _ADDED_LATER}, "rule_lr": bb.get("lr"), **bb, "version": VERSION}
+    if upgraded["rate"] is None:  # before the rate r was kept apart from the applied rate, they were one
+        upgraded["rate"] = upgraded["rule_lr"]
     if "loss_reference" in upgraded:
         upgraded["best_loss"] = upgraded["last_loss"] = upgraded.pop("loss_reference")
     return upgraded
@@ -149,8 +160,18 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
             raise ValueError(f"corrupt state dict: {name} must be a finite number >= 0, got {bb[name]!r}")
     check_positive("the saved rule_lr", bb["rule_lr"])
     check_beta(bb["beta"])
+    epochs = bb["epochs"]
+    if epochs is not None and (not is_int(epochs) or epochs <= 0):
+        raise ValueError(f"corrupt state dict: epochs must be a positive int or None, got {epochs!r}")
+    momentum = bb["momentum"]
+    if not is_real(momentum) or not 0 <= momentum < 1 or not isinstance(bb["nesterov"], bool):
+        raise ValueError(
+            f"corrupt state dict: momentum must be a number in [0, 1) and nesterov True or False, got "
+            f"{momentum!r} and {bb['nesterov']!r}"
+        )
     for name in ("tau0", "tau_min", "tau_max"):
-        check_positive(f"the saved {name}", bb[name])
+        if not (name == "tau0" and bb[name] is None):
+            check_positive(f"the saved {name}", bb[name])
     if bb["tau_min"] > bb["tau_max"]:
         raise ValueError(f"corrupt state dict: tau_min {bb['tau_min']} > tau_max {bb['tau_max']}")
     join_epochs = bb["join_epochs"]
@@ -200,6 +221,14 @@ def _check_control(bb: dict[str, Any]) -> None:
     buffers = bb["model_buffers"]
     if not isinstance(buffers, list) or any(not isinstance(t, torch.Tensor) for t in buffers):
         raise ValueError("corrupt state dict: model_buffers must be a list of tensors")
+    rate, ceiling = bb["rate"], bb["ceiling"]
+    if rate is not None and (not is_real(rate) or not math.isfinite(rate) or rate <= 0):
+        raise ValueError(f"corrupt state dict: rate must be a finite number > 0 or None, got {rate!r}")
+    if not is_real(ceiling) or not ceiling > 0 or not isinstance(bb["searching"], bool):
+        raise ValueError(
+            f"corrupt state dict: ceiling must be a number > 0 or inf and searching True or False, got {ceiling!r} "
+            f"and {bb['searching']!r}"
+        )
 
 
 def check_model_buffers(saved: list[torch.Tensor], tracked: list[torch.Tensor]) -> None:
@@ -225,12 +254,13 @@ def check_model_buffers(saved: list[torch.Tensor], tracked: list[torch.Tensor]) 
 def check_param_state(
     state_dict: dict[str, Any],
     param_groups: list[dict[str, Any]],
-    names: Callable[[int], list[str]],
+    names: list[list[str]],
     finite: bool,
 ) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
     """Check the saved per-parameter state against this optimizer's groups; returns (parameter, key, value)
-    triples to copy. ``names(group_index)`` gives the parameters' display names. ``finite``: every value must be
-    finite (the default rate control rolls back to the snapshots)."""
+    triples to copy. ``names``: the parameters' display names, per group. ``finite``: every value must be finite
+    (the default rate control rolls back to the snapshots). With momentum the state holds a momentum buffer too."""
+    keys = STATE_KEYS + ((MOMENTUM_KEY,) if read(state_dict).momentum > 0 else ())
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(param_groups):
         raise ValueError(
@@ -247,9 +277,9 @@ def check_param_state(
                 f"groups, added ones included)"
             )
         check_weight_decay(saved["weight_decay"], f" of the saved param_groups[{group_index}]")
-        for p, key, name in zip(group["params"], saved["params"], names(group_index)):
+        for p, key, name in zip(group["params"], saved["params"], names[group_index]):
             saved_state = state_dict["state"].get(key, {})
-            for state_key in STATE_KEYS:
+            for state_key in keys:
                 value = saved_state.get(state_key)
                 _check_state_tensor(value, state_key, name, p, finite)
                 copies.append((p, state_key, value))

@@ -18,7 +18,7 @@ from .arguments import check_options, check_weight_decay, is_real, watched_loss
 from .buffer_set import BufferSet
 from .clock import make_clock
 from .compiling import eager_under_compile
-from .control import make_control
+from .control import control_class, resolve_taus
 from .diagnostics import warn
 from .distributed import check_ranks_agree
 from .groups import PackedGroups, as_groups, check_group, check_groups_apart, join_epoch, param_names
@@ -49,9 +49,13 @@ class BB(torch.optim.Optimizer):
         lr: the initial learning rate η̂_0.
         steps_per_epoch: T; the epoch ends by itself after every T steps. None: end each epoch with
             :meth:`end_epoch` (then give ``beta``).
+        epochs: the planned number of epochs: the default control anneals the rate over the second half of them.
         weight_decay: L2 penalty λ (the groups' default).
+        momentum, nesterov: heavy-ball (or Nesterov) momentum in EMA form, so the rate is the effective step;
+            default 0.9 (0 with ``safeguard=False``).
         beta: EMA factor in (0, 1]; default min(1, 4/T).
-        tau0, tau_min, tau_max: the bounds of eq. 13 (the paper's deep-network setting; shallow networks: 1/3, 3).
+        tau0, tau_min, tau_max: the paper's eq. 13 (default 1, 0.1, 10; shallow networks: 1/3, 3); the default
+            control has no tau0 and bounds the rate to [tau_min, tau_max] (default 1e-4, 100).
         backend: "eager" (reference), "triton" (CUDA), "cpp" (CPU) or "auto" (the fastest for each device).
         safeguard: the default rate control; False for the paper's method exactly.
         capturable: a whole training step (its epoch end included) can be captured in a CUDA graph and replayed.
@@ -68,19 +72,26 @@ class BB(torch.optim.Optimizer):
         lr: float = 0.1,
         steps_per_epoch: int | None = None,
         *,
+        epochs: int | None = None,
         weight_decay: float = 0.0,
+        momentum: float | None = None,
+        nesterov: bool = False,
         beta: float | None = None,
-        tau0: float = 1.0,
-        tau_min: float = 0.1,
-        tau_max: float = 10.0,
+        tau0: float | None = None,
+        tau_min: float | None = None,
+        tau_max: float | None = None,
         backend: str = "auto",
         safeguard: bool = True,
         capturable: bool = False,
     ) -> None:
         options = check_options(
-            lr, steps_per_epoch, weight_decay, beta, tau0, tau_min, tau_max, backend, safeguard, capturable
-        )
-        lr, self.beta, (self.tau0, self.tau_min, self.tau_max) = options.lr, options.beta, options.taus
+            lr, steps_per_epoch, epochs, weight_decay, momentum, nesterov, beta, tau0, tau_min, tau_max, backend,
+            safeguard, capturable,
+        )  # fmt: skip
+        kind = control_class(options.safeguard)  # its defaults fill what was not given
+        self.tau0, self.tau_min, self.tau_max = resolve_taus(kind, options.taus)
+        lr, self.beta, self.epochs = options.lr, options.beta, options.epochs
+        momentum = kind.DEFAULT_MOMENTUM if options.momentum is None else options.momentum
         self.safeguard, self.capturable = options.safeguard, options.capturable  # the choices, for reading
         self._building = True
         super().__init__(as_groups(params), {"lr": lr, "weight_decay": options.weight_decay})
@@ -90,10 +101,10 @@ class BB(torch.optim.Optimizer):
             check_group(group, index)
         check_groups_apart(self.param_groups)
         devices = [p.device for group in self.param_groups for p in group["params"]]
-        self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0])
+        self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], kind.FIRST_EPOCH_PERIODS)
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
-        self._control = make_control(options.safeguard, self._clock, devices[0], numel)
-        self._buffers = BufferSet(options.backend, lr, self._control.skips_nonfinite)
+        self._control = kind(self._clock, devices[0], numel, lr, self.epochs)
+        self._buffers = BufferSet(options.backend, lr, kind.skips_nonfinite, momentum, options.nesterov)
         self._buffers.add_devices(devices)  # raises before any parameter is re-pointed at a buffer
         for index, group in enumerate(self.param_groups):
             self._buffers.pack(group, param_names(group, index), index, join_epoch=0)
@@ -344,7 +355,10 @@ class BB(torch.optim.Optimizer):
             lr_history=self.lr_history,
             rolled_back_epochs=self.rolled_back_epochs,
             steps_per_epoch=self.steps_per_epoch,
+            epochs=self.epochs,
             beta=self.beta,
+            momentum=self._buffers.momentum,
+            nesterov=self._buffers.nesterov,
             tau0=self.tau0,
             tau_min=self.tau_min,
             tau_max=self.tau_max,
@@ -370,9 +384,13 @@ class BB(torch.optim.Optimizer):
                 f"the state dict was saved with {saved}, this optimizer has steps_per_epoch="
                 f"{self.steps_per_epoch}; build it with steps_per_epoch={run.steps_per_epoch} to resume that run"
             )
-        copies = checkpoint.check_param_state(
-            state_dict, self.param_groups, lambda i: param_names(self.param_groups[i], i), self._control.rolls_back
-        )
+        if (run.momentum > 0) != (self._buffers.momentum > 0):
+            raise ValueError(
+                f"the state dict was saved with momentum={run.momentum}, this optimizer has momentum="
+                f"{self._buffers.momentum}; build it with momentum={run.momentum} to resume that run"
+            )
+        names = [param_names(group, index) for index, group in enumerate(self.param_groups)]
+        copies = checkpoint.check_param_state(state_dict, self.param_groups, names, self._control.rolls_back)
         self._control.check_state(run.control)
         self._clock.load(run.epoch, run.step_in_epoch, run.lr_history, run.rolled_back_epochs, run.steps_per_epoch)
         with torch.no_grad():
@@ -384,8 +402,10 @@ class BB(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
             group["weight_decay"] = check_weight_decay(group["weight_decay"])  # checked above: a float now
-        self.beta = run.beta
+        self.beta, self._buffers.momentum, self._buffers.nesterov = run.beta, run.momentum, run.nesterov
         self.tau0, self.tau_min, self.tau_max = run.tau0, run.tau_min, run.tau_max
+        self.epochs = run.epochs if self.epochs is None else self.epochs  # a new plan given to the constructor wins
+        self._control.epochs = self.epochs
         self._buffers.join_epochs = list(run.join_epochs)
         self._control.load_state(run.control, self._buffers)
         self._shown.load(run.lr, run.rule_lr, run.lr_multiplier, self.param_groups)

@@ -26,6 +26,12 @@ from .safeguard import SafeguardControl
 class RateControl(Protocol):
     skips_nonfinite: bool  # whether the step leaves an element whose gradient is not finite unchanged
     rolls_back: bool  # whether a diverged epoch returns to the snapshots (which must then be finite)
+    DEFAULT_MOMENTUM: float
+    FIRST_EPOCH_PERIODS: int  # how many rate periods the first epoch is split into
+    DEFAULT_TAUS: tuple[float | None, float, float]  # tau0 (None: not used), tau_min, tau_max
+
+    def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
+        """``lr``: the initial rate; ``epochs``: the planned number of epochs (None: not known)."""
 
     def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
         """Before the run's first update."""
@@ -40,9 +46,10 @@ class RateControl(Protocol):
         """Model buffers a rollback restores along with the parameters."""
 
     def close_epoch(
-        self, buffers: EpochBuffers, lr: torch.Tensor, clock: EpochClock, taus: tuple[float, float, float]
+        self, buffers: EpochBuffers, base: torch.Tensor, clock: EpochClock, taus: tuple[float | None, float, float]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The epoch-end passes; the next rate and whether the epoch was rolled back (None: never judged)."""
+        """A period's end: the passes, the next rate (before the optimizer's multiplier; ``base`` is the current
+        one) and whether the period was rolled back (None: never judged)."""
 
     def state(self, epoch: int) -> ControlState:
         """The state a checkpoint keeps."""
@@ -54,8 +61,23 @@ class RateControl(Protocol):
         """Load a checked state."""
 
 
-def make_control(safeguard: bool, clock: EpochClock, device: torch.device, numel: int) -> RateControl:
-    return SafeguardControl(clock, device, numel) if safeguard else PaperControl()
+def resolve_taus(
+    kind: type[RateControl], taus: tuple[float | None, float | None, float | None]
+) -> tuple[float | None, float, float]:
+    """The taus given, the control's defaults for the others; raises for a tau0 the default control has no use
+    for."""
+    if taus[0] is not None and kind.DEFAULT_TAUS[0] is None:
+        raise ValueError(
+            "tau0 is the paper's fallback rate (safeguard=False); the default rate control has none. Drop tau0, or "
+            "pass safeguard=False for the paper's method"
+        )
+    return tuple(default if given is None else given for given, default in zip(taus, kind.DEFAULT_TAUS))
 
 
-__all__ = ["PaperControl", "RateControl", "SafeguardControl", "make_control"]
+def control_class(safeguard: bool) -> type[RateControl]:
+    """The implementation; its class attributes are its defaults (DEFAULT_MOMENTUM, DEFAULT_TAUS,
+    FIRST_EPOCH_PERIODS)."""
+    return SafeguardControl if safeguard else PaperControl
+
+
+__all__ = ["PaperControl", "RateControl", "SafeguardControl", "control_class", "resolve_taus"]

@@ -14,6 +14,12 @@ from ..rule import bb_learning_rate
 class PaperControl:
     skips_nonfinite = False
     rolls_back = False
+    DEFAULT_MOMENTUM = 0.0  # the paper's SGD has none
+    FIRST_EPOCH_PERIODS = 1
+    DEFAULT_TAUS = (1.0, 0.1, 10.0)  # the paper's deep-network setting
+
+    def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
+        """The paper's method has no state of its own and no end phase (``epochs`` is not used)."""
 
     def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
         pass
@@ -28,13 +34,13 @@ class PaperControl:
         pass
 
     def close_epoch(
-        self, buffers: EpochBuffers, lr: torch.Tensor, clock: EpochClock, taus: tuple[float, float, float]
+        self, buffers: EpochBuffers, base: torch.Tensor, clock: EpochClock, taus: tuple[float, float, float]
     ) -> tuple[torch.Tensor, None]:
         """The single epoch-end pass; eq. 13's rate, or the same rate after epoch 0 (η̂_1 = η̂_0)."""
         sums = buffers.paper_pass(clock)
         epoch = clock.rule_epoch
         rate = bb_learning_rate(sums, clock.closing_steps, epoch, *taus)
-        return choose(clock.reached(1), rate, lr), None
+        return choose(clock.reached(1), rate, base), None
 
     def state(self, epoch: int) -> ControlState:
         return ControlState.empty(epoch)

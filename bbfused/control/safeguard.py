@@ -1,27 +1,36 @@
-"""The default rate control (``safeguard=True``): the paper's BB estimate, applied so that it cannot kill a network.
+"""The default rate control (``safeguard=True``): BB's estimate, applied so that a run from any initial rate ends
+where a tuned recipe ends, and so that it cannot kill a network.
 
-- **bounded steps**: the next rate is the estimate clamped to [rate / 10, rate · 2] (a stabilised BB step,
-  in the spirit of Tan et al.'s smoothing of SGD-BB rates) and then into the paper's bounds
-  [τ_min, τ_max] / (k + 2), from epoch 1 on; an estimate that is zero, inf or NaN keeps the rate. The bounds,
-  not η0, set where the rates go: a tiny η0 is left behind after epoch 0, and no fallback jumps to an
-  absolute τ_0/(k + 2). An epoch whose mean loss rose above the previous one's brakes: the next rate is at
-  most half its rate.
-- **divergence tests** at every epoch end: a parameter or gradient average that is not finite; ‖θ‖² grown
-  past 4 · max(its value at the last good epoch end, 0.0025 · number of values); with the training loss
-  given to ``step``: an epoch mean or a last-step loss that is not finite, or above 2.5 times the best epoch
-  mean so far and above it by more than 5 % of the initial loss (a ratio alone is noise at near-zero loss;
-  the last step's loss sees damage in the epoch's last steps, which the mean hides), or, before any good
-  epoch, a mean not 5 % below the first step's loss although the weights moved by more than 10 % (a rate
-  so large that the network is stuck at chance; a too-small rate barely moves them).
-- **rollback**: a diverged epoch is undone: parameters and the tracked model buffers (BatchNorm running
-  statistics, see ``BB.track_buffers``) return to the last good epoch end; the next rate is the last good
-  one, at most a quarter of the one that diverged (before any good epoch: a tenth of it, at most
-  τ_max/(k + 2), so an absurd η0 is left within an epoch or two); later rates are capped at a quarter of the
-  smallest rate that diverged. A second rollback in a row by the loss tests alone keeps the epoch instead and
-  resets the best loss (the snapshot itself is no better: its damage came in the last steps of the epoch
-  before).
+The control keeps a rate r and applies r times an end-phase factor (below) times the optimizer's multiplier (an
+lr_scheduler's). At the end of every rate period (an epoch; the first epoch is split into
+:data:`FIRST_EPOCH_PERIODS` so that the rate moves several times within it):
 
-Every decision is made with device tensors: closing an epoch never synchronises with the host. The constants
+- **search**: from the first estimate on, while the estimate η is at least r and the loss does not rise, r grows
+  by :data:`SEARCH_GROWTH` per period, or up to η when η is larger (at most :data:`SEARCH_LIMIT`): a tiny η0 is
+  left behind within the first epoch or two, where a bounded BB step needs one epoch per doubling.
+- **follow**: after that, r moves towards η by at most a factor 2 up or 10 down (a stabilised BB step, in the
+  spirit of Tan et al.'s smoothing of SGD-BB rates), inside [:data:`LOWEST_RATE`, :data:`HIGHEST_RATE`] (or
+  ``tau_min``, ``tau_max`` when given); an η that is zero, inf or NaN keeps r. A period whose mean loss rose
+  (by more than :data:`FIRST_EPOCH_RISE` within the first epoch, where periods are short and noisy) halves r at
+  most, and r never again grows past :data:`CEILING` times the rate at which the loss rose.
+- **end phase**: with the planned number of epochs N (``BB(..., epochs=N)``), the applied rate is r times a
+  cosine that falls from 1 to near 0 over the second half of the run: the part of the tuned recipe (SGD with
+  momentum and cosine annealing) that a rate estimate cannot give.
+- **divergence tests** at every period end: a parameter or gradient average that is not finite; ‖θ‖² grown
+  past 4 · max(its value at the last good period end, 0.0025 · number of values); with the training loss
+  given to ``step``: a mean or last-step loss that is not finite, or above 2.5 times the best period mean so far
+  and above it by more than 5 % of the initial loss (a ratio alone is noise at near-zero loss; the last step's
+  loss sees damage in the period's last steps, which the mean hides), or, before any good period, a mean not 5 %
+  below the first step's loss although the weights moved by more than 10 % (a rate so large that the network is
+  stuck at chance; a too-small rate barely moves them).
+- **rollback**: a diverged period is undone: parameters, the tracked model buffers (BatchNorm running statistics,
+  see ``BB.track_buffers``) and the momentum return to the last good period end; r becomes the last good rate, at
+  most a quarter of the one that diverged (before any good period: a tenth of it), and r is capped at a quarter
+  of the smallest rate that diverged. A second rollback in a row by the loss tests alone keeps the period
+  instead and resets the best loss (the snapshot itself is no better: its damage came in the previous period's
+  last steps).
+
+Every decision is made with device tensors: closing a period never synchronises with the host. The constants
 below are the policy; ``benchmarks/results/robustness.md`` has the measurements they were chosen by.
 """
 
@@ -34,11 +43,25 @@ import torch
 from ..buffer_set import EpochBuffers
 from ..checkpoint import ControlState, check_model_buffers
 from ..clock import EpochClock, nan
-from ..rule import bb_ratio, epoch_bound
+from ..rule import bb_ratio
 
-# How far one epoch may move the rate: at most doubled, at most divided by ten.
+# Heavy-ball momentum unless the user sets it: every tuned recipe of the references uses it.
+DEFAULT_MOMENTUM = 0.9
+# The first epoch's rate periods: the search moves the rate after each.
+FIRST_EPOCH_PERIODS = 4
+# The search: growth per period while the estimate does not object, and at most this factor towards the estimate.
+SEARCH_GROWTH = 4.0
+SEARCH_LIMIT = 16.0
+# How far one period may move the rate after the search: at most doubled, at most divided by ten.
 RATE_GROWTH_LIMIT = 2.0
 RATE_SHRINK_LIMIT = 0.1
+# The rate never grows again past this fraction of a rate at which the mean loss rose.
+CEILING = 0.7
+# A rise of the mean loss within a split first epoch counts past this fraction (its periods are a few steps).
+FIRST_EPOCH_RISE = 0.1
+# Bounds of the rate r when tau_min / tau_max are not given.
+LOWEST_RATE = 1e-4
+HIGHEST_RATE = 100.0
 # After a diverged epoch with no good rate yet to return to, the next rate as a fraction of the one that diverged
 # (a hundredth after non-finite values helped LeNet-5 from η0 = 10 and hurt the paper's MLP from η0 = 1 more:
 # benchmarks/results/robustness.md). Later rates are capped at CAP times the smallest rate that diverged (a half
@@ -62,28 +85,52 @@ LOSS_BRAKE = 0.5
 SUMS = ("delta_sq_norm", "delta_dot_y", "param_sq_norm", "ema_sq_norm")
 
 
+def anneal_factor(epoch: int | torch.Tensor, epochs: int | None) -> float | torch.Tensor:
+    """The end phase: the factor on the rate for ``epoch`` of a run of ``epochs``; 1 in the first half, then a
+    cosine towards 0 that ends at the last epoch's small factor (an epoch past the plan keeps it). None: 1."""
+    if epochs is None:
+        return 1.0
+    start = max(1, epochs // 2)
+    if isinstance(epoch, torch.Tensor):
+        k = epoch.clamp(max=epochs - 1).to(torch.float64)
+        x = (k - start + 1) / (epochs - start + 1)
+        return torch.where(k < start, torch.ones_like(x), 0.5 * (1 + torch.cos(math.pi * x)))
+    k = min(epoch, epochs - 1)
+    if k < start:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (k - start + 1) / (epochs - start + 1)))
+
+
 class SafeguardControl:
     """The default policy (see the module docstring). Its state lives on the master device and is written through
     the epoch clock, so the same decisions run host-counted or inside a captured CUDA graph."""
 
     skips_nonfinite = True
     rolls_back = True
+    DEFAULT_MOMENTUM = DEFAULT_MOMENTUM
+    FIRST_EPOCH_PERIODS = FIRST_EPOCH_PERIODS
+    # (tau0, tau_min, tau_max): no fallback rate; the bounds of r.
+    DEFAULT_TAUS = (None, LOWEST_RATE, HIGHEST_RATE)
 
-    def __init__(self, clock: EpochClock, device: torch.device, numel: int) -> None:
+    def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
         self.device = device
         self.numel = numel
+        self.epochs = epochs
         self.weight_floor = WEIGHT_FLOOR * numel
-        # Whether prev_params / prev_ema hold a good epoch end the rule may compare with.
+        self.rate = torch.tensor(lr, dtype=torch.float64, device=device)  # r, before the end phase
+        self.searching = torch.tensor(True, device=device)
+        self.ceiling = torch.tensor(math.inf, dtype=torch.float64, device=device)
+        # Whether prev_params / prev_ema hold a good period end the rule may compare with.
         self.has_snapshot = torch.tensor(False, device=device)
         self.snapshot_sq_norm = torch.zeros((), dtype=torch.float64, device=device)
         self.lr_cap = torch.tensor(math.inf, dtype=torch.float64, device=device)
-        self.good_lr = nan(device)  # the rate of the last epoch that was not rolled back
-        self.loss = clock.loss_meter(device)  # this epoch's losses
+        self.good_lr = nan(device)  # r of the last period that was not rolled back
+        self.loss = clock.loss_meter(device)  # this period's losses
         self.initial_loss = nan(device)  # the first step's loss
-        self.best_loss = nan(device)  # the lowest mean loss of a good epoch whose every step gave one
-        self.last_loss = nan(device)  # the mean loss of the last good epoch (NaN: it did not give one each step)
-        # Whether the last epoch was rolled back by a loss test alone: a second one in a row means the snapshot
-        # itself is no better (its own loss is high: the damage came in the previous epoch's last steps).
+        self.best_loss = nan(device)  # the lowest mean loss of a good period whose every step gave one
+        self.last_loss = nan(device)  # the mean loss of the last good period (NaN: it did not give one each step)
+        # Whether the last period was rolled back by a loss test alone: a second one in a row means the snapshot
+        # itself is no better (its own loss is high: the damage came in the previous period's last steps).
         self.loss_rollback = torch.tensor(False, device=device)
         self.model_buffers: list[torch.Tensor] = []
         self.model_buffer_snapshots: list[torch.Tensor] = []
@@ -145,32 +192,35 @@ class SafeguardControl:
         return totals[0] / totals[1], totals[1] == steps, initial, last
 
     def diverged(
-        self, sums: torch.Tensor, steps: int
+        self, sums: torch.Tensor, clock: EpochClock
     ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Whether the epoch that ``sums`` (:data:`SUMS`) measured diverged, whether it was a good epoch that
+        """Whether the period that ``sums`` (:data:`SUMS`) measured diverged, whether it was a good period that
         raised the mean loss (bool device tensors), and the new loss references as (state tensor, new value) pairs,
-        which the caller writes once the epoch end has gone through."""
+        which the caller writes once the period end has gone through."""
         delta_sq, param_sq, ema_sq = sums[0], sums[2], sums[3]
         limit = WEIGHT_GROWTH * self.snapshot_sq_norm.clamp(min=self.weight_floor)
         # NaN fails every comparison: "not <=" catches it along with growth past the limit.
         weights_bad = ~(param_sq <= limit) | ~torch.isfinite(ema_sq)
-        mean, complete, initial, last = self._epoch_loss(steps)
+        mean, complete, initial, last = self._epoch_loss(clock.closing_steps)
         best = self.best_loss
         margin = LOSS_MARGIN * torch.nan_to_num(initial, nan=0.0).clamp(min=0.0)
 
         def wrecked(loss: torch.Tensor) -> torch.Tensor:
             return (best > 0) & (loss > LOSS_GROWTH * best) & (loss - best > margin)
 
-        # Before any good epoch: no progress from the first step although the weights moved.
+        # Before any good period: no progress from the first step although the weights moved.
         moved = delta_sq > STUCK_MOVEMENT**2 * self.snapshot_sq_norm
         stuck = torch.isnan(best) & (initial > 0) & (mean > (1 - STUCK_PROGRESS) * initial) & moved
-        # The last step's loss sees damage done in the epoch's last steps, which the mean hides.
+        # The last step's loss sees damage done in the period's last steps, which the mean hides.
         loss_bad = complete & (~torch.isfinite(mean) | ~torch.isfinite(last) | stuck | wrecked(mean) | wrecked(last))
         accept_anyway = self.loss_rollback & ~weights_bad & torch.isfinite(mean) & torch.isfinite(last) & ~stuck
         diverged = weights_bad | (loss_bad & ~accept_anyway)
         good_loss = complete & ~diverged
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
-        rose = good_loss & (mean > self.last_loss)
+        tolerance = torch.where(
+            torch.as_tensor(clock.in_first_epoch_periods, device=mean.device), FIRST_EPOCH_RISE, 0.0
+        )
+        rose = good_loss & (mean > self.last_loss * (1 + tolerance))
         references = [
             (self.loss_rollback, diverged & ~weights_bad),
             (self.best_loss, torch.where(lower | (accept_anyway & good_loss), mean, best)),
@@ -187,48 +237,53 @@ class SafeguardControl:
         sums: torch.Tensor,
         diverged: torch.Tensor,
         rose: torch.Tensor,
-        lr: torch.Tensor,
-        epoch: int | torch.Tensor,
-        steps: int,
-        taus: tuple[float, float, float],
-    ) -> torch.Tensor:
-        """The rate of the epoch after ``epoch`` (``rose``: its mean loss rose, so the rate may not grow)."""
-        _, tau_min, tau_max = taus
-        ceiling = epoch_bound(tau_max, epoch, lr)
-        upper = torch.minimum(self.lr_cap, ceiling)
+        steps: int | torch.Tensor,
+        bounds: tuple[float, float],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next period's r, whether the search goes on, and the new ceiling (``rose``: the period's mean loss
+        rose, so r may not grow)."""
+        lowest, highest = bounds
+        r = self.rate
         estimate = bb_ratio(sums, steps)
-        usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot & (epoch >= 1)
-        estimate = torch.where(usable, estimate, lr)
-        growth = torch.where(rose, torch.full_like(lr, LOSS_BRAKE), torch.full_like(lr, RATE_GROWTH_LIMIT))
-        estimate = torch.minimum(torch.maximum(estimate, lr * RATE_SHRINK_LIMIT), lr * growth)
-        # Epoch 0 (and a good epoch right after a rolled-back one) has no estimate: the rate stays, within bounds.
-        kept = torch.minimum(torch.maximum(estimate, epoch_bound(tau_min, epoch, lr)), upper)
-        backed_off = torch.where(torch.isnan(self.good_lr), lr * BACKOFF, torch.minimum(self.good_lr, lr * CAP))
-        backed_off = torch.minimum(backed_off, ceiling)
-        return torch.where(diverged, backed_off, kept)
+        usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot
+        searching = self.searching & ~rose & ~(usable & (estimate < r)) & ~diverged
+        search = torch.maximum(r * SEARCH_GROWTH, torch.minimum(estimate, r * SEARCH_LIMIT))
+        growth = torch.where(rose, torch.full_like(r, LOSS_BRAKE), torch.full_like(r, RATE_GROWTH_LIMIT))
+        follow = torch.minimum(torch.maximum(estimate, r * RATE_SHRINK_LIMIT), r * growth)
+        # Without an estimate (the first period, or one right after a rollback) r stays, or brakes.
+        kept = torch.where(usable, torch.where(searching, search, follow), torch.minimum(r, r * growth))
+        ceiling = torch.where(rose, torch.minimum(self.ceiling, r * CEILING), self.ceiling)
+        kept = torch.minimum(kept, torch.where(rose, ceiling, torch.maximum(ceiling, r)))
+        kept = torch.minimum(kept.clamp(min=lowest, max=highest), self.lr_cap)
+        backed_off = torch.where(torch.isnan(self.good_lr), r * BACKOFF, torch.minimum(self.good_lr, r * CAP))
+        return torch.where(diverged, backed_off.clamp(max=highest), kept), searching, ceiling
 
     def close_epoch(
-        self, buffers: EpochBuffers, lr: torch.Tensor, clock: EpochClock, taus: tuple[float, float, float]
+        self, buffers: EpochBuffers, base: torch.Tensor, clock: EpochClock, taus: tuple[float | None, float, float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Measure, decide, commit: the next rate and whether the epoch was rolled back (device tensors).
+        """Measure, decide, commit: the next applied rate (r times the end phase's factor) and whether the period
+        was rolled back (device tensors).
 
         Repeatable after an exception: the decision writes nothing, the commit passes are copies that give the same
         result when run twice, and the control's state changes only at the end (the buffers keep the measured
-        sums). Every write goes through ``clock``, which applies it only at an epoch's end."""
+        sums). Every write goes through ``clock``, which applies it only at a period's end."""
         sums = buffers.measure(clock)
-        steps = clock.closing_steps
-        diverged, rose, references = self.diverged(sums, steps)
-        new_lr = self.next_rate(sums, diverged, rose, lr, clock.rule_epoch, steps, taus)
+        diverged, rose, references = self.diverged(sums, clock)
+        new_rate, searching, ceiling = self.next_rate(sums, diverged, rose, clock.closing_steps, taus[1:])
         buffers.commit(diverged, clock)
         self._commit_model_buffers(diverged, clock)
-        references.append((self.lr_cap, torch.where(diverged, torch.minimum(self.lr_cap, lr * CAP), self.lr_cap)))
-        references.append((self.good_lr, torch.where(diverged, self.good_lr, lr)))
-        # After a rollback prev_ema holds the diverged epoch's averages: the next epoch has no estimate.
+        r = self.rate
+        references.append((self.lr_cap, torch.where(diverged, torch.minimum(self.lr_cap, r * CAP), self.lr_cap)))
+        references.append((self.good_lr, torch.where(diverged, self.good_lr, r)))
+        # After a rollback prev_ema holds the diverged period's averages: the next period has no estimate.
         references.append((self.has_snapshot, ~diverged))
+        references.append((self.searching, searching))
+        references.append((self.ceiling, ceiling))
+        references.append((self.rate, new_rate))
         for state, value in references:
             clock.commit(state, value)
         self.loss.reset(clock)
-        return new_lr, diverged
+        return new_rate * anneal_factor(clock.next_epoch, self.epochs), diverged
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, epoch: int) -> ControlState:
@@ -246,6 +301,9 @@ class SafeguardControl:
             good_lr=number_or_none(self.good_lr),
             loss_rollback=bool(self.loss_rollback),
             model_buffers=[t.detach().cpu().clone() for t in self.model_buffer_snapshots],
+            rate=float(self.rate),
+            searching=bool(self.searching),
+            ceiling=float(self.ceiling),
         )
 
     def check_state(self, state: ControlState) -> None:
@@ -258,6 +316,9 @@ class SafeguardControl:
         self.lr_cap.fill_(state.lr_cap)
         self.loss.load(state.loss_sum, state.loss_steps)
         self.loss_rollback.fill_(state.loss_rollback)
+        self.rate.fill_(state.rate)
+        self.searching.fill_(state.searching)
+        self.ceiling.fill_(state.ceiling)
         for number, value in (
             (self.initial_loss, state.initial_loss),
             (self.best_loss, state.best_loss),
