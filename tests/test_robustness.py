@@ -154,6 +154,13 @@ def test_report_gap_arithmetic(tmp_path) -> None:
     assert "| bb | -0.5 / -1.5 | -4.5 / +0.5 |" in text  # the gap per seed at each η0
     assert "No reference method has every seed of an η0 yet" in text  # gru-rows
 
+    # BB from an η0 off the grid counts (its other seed is then missing); the references are not expected there.
+    _write(tmp_path, "small-long", "bb", 0.3, 0, 94.5)
+    runs = report.load_runs(tmp_path)
+    extra = report.gaps(runs, "small-long", "bb", lrs, seeds, reference.mean)
+    assert extra[(0.3, 0)] == 0.0 and extra[(0.3, 1)] is None
+    assert report.check(runs, "bb", "dev", ["small-long"], suite.REFERENCES, lrs, seeds).missing == 24 + 1
+
 
 def test_regression_score_and_label_noise() -> None:
     targets = torch.rand(50, 784)

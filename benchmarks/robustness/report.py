@@ -45,7 +45,7 @@ WORST_GAP = -2.0
 MEDIAN_GAP = -1.0
 SHORT_GAP = -3.0
 # The figure shows gaps down to this; lower ones are drawn on its edge as down-pointing triangles.
-FIGURE_FLOOR = -20.0
+FIGURE_FLOOR = -10.0
 
 Key = tuple[str, str, LR, int]  # (setting, method, η0, seed)
 
@@ -79,9 +79,17 @@ def lr_label(lr: LR) -> str:
     return lr if isinstance(lr, str) else f"{lr:g}"
 
 
-def method_lrs(method: str, lrs: Sequence[float]) -> list[LR]:
-    """The η0 a method is run from: the grid, or only "default" for a method at its defaults."""
-    return [DEFAULT_LR] if method.endswith("-default") else list(lrs)
+def method_lrs(
+    method: str, lrs: Sequence[float], runs: dict[Key, dict] | None = None, setting: str | None = None
+) -> list[LR]:
+    """The η0 a method is run from: the grid, and any other η0 it has runs from on ``setting`` (an extra η0 of
+    BB's counts; the references are not expected there); only "default" for a method at its defaults."""
+    if method.endswith("-default"):
+        return [DEFAULT_LR]
+    extra = set()
+    if runs is not None:
+        extra = {key[2] for key in runs if key[0] == setting and key[1] == method and not isinstance(key[2], str)}
+    return sorted(set(lrs) | extra)
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
@@ -106,7 +114,7 @@ class Tuned:
 def tuned(runs: dict[Key, dict], setting: str, method: str, lrs: Sequence[float], seeds: Sequence[int]) -> Tuned | None:
     """The method tuned over η0 (only η0 where every seed ran count); None when no η0 has every seed."""
     best = None
-    for lr in method_lrs(method, lrs):
+    for lr in method_lrs(method, lrs, runs, setting):
         scores = [score(runs.get((setting, method, lr, seed))) for seed in seeds]
         if any(s is None for s in scores):
             continue
@@ -133,7 +141,7 @@ def gaps(
 ) -> dict[tuple[LR, int], float | None]:
     """Every (η0, seed) run's score minus ``reference``, in points; None for a run not (yet) recorded."""
     result = {}
-    for lr in method_lrs(method, lrs):
+    for lr in method_lrs(method, lrs, runs, setting):
         for seed in seeds:
             value = score(runs.get((setting, method, lr, seed)))
             result[(lr, seed)] = None if value is None else value - reference
@@ -223,7 +231,7 @@ def check(
             (setting, m, lr, seed) not in runs for m in REFERENCES for lr in method_lrs(m, lrs) for seed in seeds
         )
         if reference is None:
-            missing += len(method_lrs(method, lrs)) * len(seeds)
+            missing += len(method_lrs(method, lrs, runs, setting)) * len(seeds)
             continue
         stats = gap_stats(gaps(runs, setting, method, lrs, seeds, reference.mean).values())
         missing += stats.missing
@@ -255,23 +263,34 @@ def stats_cell(stats: GapStats) -> str:
 
 
 def _conditions(runs: dict[Key, dict]) -> str:
-    """The recorded conditions of the runs: torch, threads, runs at a time, CPU, load."""
+    """The recorded conditions of the runs: torch, threads, runs at a time, CPU, load. Runs saved before the
+    suite recorded the CPU and concurrency ran two at a time (the report of that time says so)."""
     records = list(runs.values())
+    if not records:
+        return "no runs yet."
 
-    def counted(values: Iterable[Any], missing: str) -> str:
-        counter = Counter(missing if v is None else v for v in values)
+    def counted(values: Iterable[Any]) -> str:
+        counter = Counter(v for v in values if v is not None)
+        if len(counter) == 1:
+            return f"{next(iter(counter))}"
         return ", ".join(f"{value} ({n} runs)" for value, n in counter.most_common())
 
-    loads = [r["load_average"][0] for r in records if r.get("load_average") and r["load_average"][0] is not None]
-    load = f"; 1-minute load average at a run's start: median {statistics.median(loads):.1f}" if loads else ""
-    return (
-        f"torch {counted((r.get('torch') for r in records), '?')}; threads per run "
-        f"{counted((r.get('threads') for r in records), '?')}; runs at a time "
-        f"{counted((r.get('jobs') for r in records), '2 (older runs, not recorded)')}; CPU "
-        f"{counted((r.get('cpu') for r in records), 'not recorded')} with "
-        f"{counted((r.get('cpu_count') for r in records), '?')} cores, shared with other work{load}. Times are "
-        "indicative."
-    )
+    older = sum(r.get("jobs") is None for r in records)
+    recorded = [r for r in records if r.get("jobs") is not None]
+    parts = [
+        f"torch {counted(r.get('torch') for r in records)}",
+        f"threads per run {counted(r.get('threads') for r in records)}",
+    ]
+    if recorded:
+        loads = [r["load_average"][0] for r in recorded if r.get("load_average") and r["load_average"][0] is not None]
+        parts.append(
+            f"{len(recorded)} runs: {counted(r.get('jobs') for r in recorded)} at a time on "
+            f"{counted(r.get('cpu') for r in recorded)} ({counted(r.get('cpu_count') for r in recorded)} cores)"
+            + (f", 1-minute load average at a run's start median {statistics.median(loads):.1f}" if loads else "")
+        )
+    if older:
+        parts.append(f"{older} older runs: 2 at a time on the same 2-core machine (not recorded in the run files)")
+    return "; ".join(parts) + ". The machine is shared with other work: times are indicative."
 
 
 def _seconds(record: dict) -> float:
@@ -311,11 +330,10 @@ def write_report(
 ) -> str:
     """Write the report of the runs in ``folder`` to ``out`` (and the gap figure to ``figure``); returns its text.
     ``methods``: the methods shown (default: every method with runs; the references always count for the best
-    reference). ``lrs`` / ``seeds``: the grid (default: the suite's, and any other η0 or seed recorded)."""
+    reference). ``lrs`` / ``seeds``: the grid (default: the suite's); a method's runs from another η0 count too."""
     runs = load_runs(folder)
-    found_lrs = {key[2] for key in runs if not isinstance(key[2], str)}
-    lrs = sorted(set(lrs) if lrs is not None else set(LRS) | found_lrs)
-    seeds = sorted(set(seeds) if seeds is not None else set(SEEDS) | {key[3] for key in runs})
+    lrs = sorted(lrs if lrs is not None else LRS)
+    seeds = sorted(seeds if seeds is not None else SEEDS)  # the references' seeds: a mean needs them all
     # The dev settings first, then the holdout ones (the settings a policy is not tuned on).
     settings = [s for s in SETTINGS if any(key[0] == s for key in runs)]
     settings = [s for s in settings if not SETTINGS[s].holdout] + [s for s in settings if SETTINGS[s].holdout]
@@ -515,7 +533,7 @@ def _setting_section(runs, setting: str, reference: Tuned | None, shown, bb_show
         f"Cells: the gap per seed ({', '.join(map(str, seeds))}).",
         "",
     ]
-    columns = [*lrs, DEFAULT_LR]
+    columns = sorted({lr for m in shown for lr in method_lrs(m, lrs, runs, setting)}, key=lr_key)
     header = "| method | " + " | ".join(f"η0 = {lr_label(lr)}" for lr in columns)
     lines += [
         header + " | worst | median | > 3 short | tuned: η0, mean | s / run |",
@@ -523,7 +541,7 @@ def _setting_section(runs, setting: str, reference: Tuned | None, shown, bb_show
     ]
     score_lines = []
     for method in shown:
-        own = method_lrs(method, lrs)
+        own = method_lrs(method, lrs, runs, setting)
         method_gaps = gaps(runs, setting, method, lrs, seeds, reference.mean)
         cells, score_cells = [], []
         for lr in columns:
@@ -559,7 +577,7 @@ def _setting_section(runs, setting: str, reference: Tuned | None, shown, bb_show
         if method == "bb-paper":
             continue  # the paper's BB has no rate control; its rates are not the question
         rows = []
-        for lr in lrs:
+        for lr in method_lrs(method, lrs, runs, setting):
             for seed in seeds:
                 record = runs.get((setting, method, lr, seed))
                 if record is None:
@@ -592,7 +610,7 @@ def _recorded_section(runs, settings, shown, lrs, seeds) -> list[str]:
     for method in shown:
         cells, collapsed, total = [], 0, 0
         for setting in settings:
-            keys = [(setting, method, lr, seed) for lr in method_lrs(method, lrs) for seed in seeds]
+            keys = [(setting, method, lr, seed) for lr in method_lrs(method, lrs, runs, setting) for seed in seeds]
             present = [runs[k] for k in keys if k in runs]
             collapsed += sum(score(r) < 100 * COLLAPSE_ACCURACY for r in present)
             total += len(present)
@@ -633,7 +651,7 @@ def _plot(runs, settings, references, shown, lrs, seeds, path: Path) -> None:
                 axis.axvspan(position - 0.45, position + 0.45, color="#f3e6c8", zorder=0)
             if reference is None:
                 continue
-            own = method_lrs(method, lrs)
+            own = method_lrs(method, lrs, runs, setting)
             for (lr, seed), gap in gaps(runs, setting, method, lrs, seeds, reference.mean).items():
                 if gap is None:
                     continue
@@ -651,7 +669,7 @@ def _plot(runs, settings, references, shown, lrs, seeds, path: Path) -> None:
                 )
         axis.set_xticks(range(len(shown)))
         axis.set_xticklabels(shown, rotation=70, fontsize=6.5)
-        axis.set_ylim(FIGURE_FLOOR - 1.5, 6)
+        axis.set_ylim(FIGURE_FLOOR - 0.8, 3.5)
         axis.set_xlim(-0.6, len(shown) - 0.4)
         axis.set_ylabel("gap (points)", fontsize=7)
         axis.tick_params(axis="y", labelsize=7)
