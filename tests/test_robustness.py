@@ -153,6 +153,13 @@ def test_report_gap_arithmetic(tmp_path) -> None:
     assert "| bb | dev | -4.5 ✗ | none ✓ | 1/4 ✗ | prodigy-default: 0/2 |" in text
     assert "| bb | -0.5 / -1.5 | -4.5 / +0.5 |" in text  # the gap per seed at each η0
     assert "No reference method has every seed of an η0 yet" in text  # gru-rows
+    summary = report.summarize(tmp_path, lrs=lrs, seeds=seeds)
+    small = summary["settings"]["small-long"]
+    assert small["reference"] == {"method": "sgdm-cosine", "lr": 0.1, "mean": 94.5, "scores": (94.0, 95.0)}
+    assert (small["methods"]["bb"]["worst"], small["methods"]["bb"]["median"]) == (-4.5, -1.0)
+    bb_dev = next(c for c in summary["checks"] if c["method"] == "bb" and c["group"] == "dev")
+    assert bb_dev["median_holds"] and not bb_dev["holds"]
+    json.dumps(summary)  # plain data
 
     # BB from an η0 off the grid counts (its other seed is then missing); the references are not expected there.
     _write(tmp_path, "small-long", "bb", 0.3, 0, 94.5)

@@ -3,7 +3,7 @@ reference, the user's alternative; BB's rates and rolled-back epochs; the issue'
 settings; and a figure of the gaps. Missing runs are marked, so the report is useful mid-sweep.
 
     python benchmarks/robustness/report.py            # benchmarks/results/robustness.md and robustness.png
-    python benchmarks/robustness/report.py --runs DIR --out FILE.md --methods bb,bb[mom]
+    python benchmarks/robustness/report.py --runs DIR --out FILE.md --methods 'bb,bb[mom]' --json FILE.json
 
 The best tuned reference of a setting: over the reference methods, the best mean over the seeds at the method's
 best η0 (a ``-default`` method has the one η0 "default"). A run's gap: its score minus that mean, in points (a
@@ -689,6 +689,68 @@ def _plot(runs, settings, references, shown, lrs, seeds, path: Path) -> None:
     plt.close(figure)
 
 
+def summarize(
+    folder: Path,
+    methods: Sequence[str] | None = None,
+    lrs: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The report's numbers as plain data (for scripts comparing policies): per setting its group, best tuned
+    reference and, per method, every run's gap with the worst / median / short counts; and the checks."""
+    runs = load_runs(folder)
+    lrs = sorted(lrs if lrs is not None else LRS)
+    seeds = sorted(seeds if seeds is not None else SEEDS)
+    settings = [s for s in SETTINGS if any(key[0] == s for key in runs)]
+    shown = method_order(methods if methods is not None else {key[1] for key in runs})
+    result: dict[str, Any] = {"lrs": lrs, "seeds": seeds, "settings": {}, "checks": []}
+    for setting in settings:
+        reference = best_reference(runs, setting, lrs, seeds)
+        entry: dict[str, Any] = {
+            "group": "holdout" if SETTINGS[setting].holdout else "dev",
+            "reference": None
+            if reference is None
+            else {"method": reference.method, "lr": reference.lr, "mean": reference.mean, "scores": reference.scores},
+            "methods": {},
+        }
+        for method in shown:
+            if reference is None:
+                continue
+            method_gaps = gaps(runs, setting, method, lrs, seeds, reference.mean)
+            stats = gap_stats(method_gaps.values())
+            entry["methods"][method] = {
+                "gaps": [{"lr": lr, "seed": seed, "gap": gap} for (lr, seed), gap in method_gaps.items()],
+                "worst": stats.worst,
+                "median": stats.median,
+                "short": stats.short,
+                "count": stats.count,
+                "expected": stats.expected,
+            }
+        result["settings"][setting] = entry
+    for method in (m for m in shown if is_bb(m)):
+        for group in ("dev", "holdout"):
+            chosen = [s for s in settings if (SETTINGS[s].holdout) == (group == "holdout")]
+            if not chosen:
+                continue
+            c = check(runs, method, group, chosen, REFERENCES, lrs, seeds)
+            result["checks"].append(
+                {
+                    "method": method,
+                    "group": group,
+                    "worst": c.worst,
+                    "worst_holds": c.worst_holds,
+                    "medians_short": c.medians_short,
+                    "median_holds": c.median_holds,
+                    "short": c.short,
+                    "count": c.count,
+                    "fewest_peer": c.fewest_peer,
+                    "short_holds": c.short_holds,
+                    "missing": c.missing,
+                    "holds": c.holds,
+                }
+            )
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of run files")
@@ -696,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods", default=None, help="comma-separated methods to show, e.g. bb,bb[mom],sgdm-cosine (default: all)"
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON (see summarize)")
     args = parser.parse_args(argv)
     if not args.runs.is_dir():
         parser.error(f"no run folder {args.runs}; train the runs first: python benchmarks/robustness/suite.py")
@@ -709,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     figure = args.out.with_suffix(".png")
     write_report(args.runs, args.out, figure, methods)
     print(f"wrote {args.out} and {figure}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(summarize(args.runs, methods), indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 
