@@ -17,7 +17,8 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
   cosine that falls from 1 to near 0 over the second half of the run: the part of the tuned recipe (SGD with
   momentum and cosine annealing) that a rate estimate cannot give.
 - **divergence tests** at every period end: a parameter or gradient average that is not finite; ‖θ‖² grown
-  past 4 · max(its value at the last good period end, 0.0025 · number of values); with the training loss
+  past 4 · max(its value at the last good period end, 0.0025 · number of values) unless the loss fell below the
+  best mean (the weights of a solution far from a small initialisation grow fast too); with the training loss
   given to ``step``: a mean or last-step loss that is not finite, or above 2.5 times the best period mean so far
   and above it by more than 5 % of the initial loss (a ratio alone is noise at near-zero loss; the last step's
   loss sees damage in the period's last steps, which the mean hides), or, before any good period, a mean not 5 %
@@ -199,10 +200,14 @@ class SafeguardControl:
         which the caller writes once the period end has gone through."""
         delta_sq, param_sq, ema_sq = sums[0], sums[2], sums[3]
         limit = WEIGHT_GROWTH * self.snapshot_sq_norm.clamp(min=self.weight_floor)
-        # NaN fails every comparison: "not <=" catches it along with growth past the limit.
-        weights_bad = ~(param_sq <= limit) | ~torch.isfinite(ema_sq)
         mean, complete, initial, last = self._epoch_loss(clock.closing_steps)
         best = self.best_loss
+        # Weights that grew fast while the loss fell below the best mean (the first step's loss before any good
+        # period) are learning a solution far from a small initialisation, not diverging.
+        reference = torch.where(torch.isnan(best), initial, best)
+        learning = complete & (mean < reference)
+        # NaN fails every comparison: "not <=" catches it along with growth past the limit.
+        weights_bad = (~(param_sq <= limit) & ~(learning & torch.isfinite(param_sq))) | ~torch.isfinite(ema_sq)
         margin = LOSS_MARGIN * torch.nan_to_num(initial, nan=0.0).clamp(min=0.0)
 
         def wrecked(loss: torch.Tensor) -> torch.Tensor:

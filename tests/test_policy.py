@@ -1,0 +1,184 @@
+"""The default rate control's policy (``bbfused.control.safeguard``): one regression test per failure mode of the
+earlier default that the learning-quality issue measured, each in seconds on the CPU.
+
+- no end phase: the rate still swung at the end of a run, and a torch lr_scheduler was ignored;
+- a slow approach from a small η0: at most a doubling per epoch, so short runs spent most epochs climbing;
+- growth into divergence and a saw-tooth: the rate doubled back past the rate at which the loss had risen;
+- no momentum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bbfused import BB
+from bbfused.control.safeguard import (
+    CEILING,
+    FIRST_EPOCH_PERIODS,
+    SEARCH_GROWTH,
+    SEARCH_LIMIT,
+    anneal_factor,
+)
+
+STEPS = 16
+
+
+def regression(lr: float, epochs: int | None = None, seed: int = 0, **kwargs) -> tuple[torch.nn.Module, BB, list]:
+    """A noisy linear regression (8 inputs) whose good rate is about 1: the model, BB and the batches."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(STEPS * 32, 8, generator=generator)
+    targets = inputs @ torch.randn(8, 1, generator=generator) + 0.1 * torch.randn(STEPS * 32, 1, generator=generator)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(8, 1)
+    opt = BB(model.parameters(), lr=lr, steps_per_epoch=STEPS, epochs=epochs, backend="eager", **kwargs)
+    batches = [(inputs[i * 32 : (i + 1) * 32], targets[i * 32 : (i + 1) * 32]) for i in range(STEPS)]
+    return model, opt, batches
+
+
+def train(model: torch.nn.Module, opt: BB, batches: list, epochs: int) -> list[float]:
+    """Train ``epochs`` epochs; each epoch's mean loss."""
+    means = []
+    for _ in range(epochs):
+        total = 0.0
+        for x, y in batches:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss=loss)
+            total += float(loss)
+        means.append(total / len(batches))
+    return means
+
+
+def test_a_tiny_initial_rate_is_left_behind_within_the_first_epochs() -> None:
+    """From η0 = 1e-3 the earlier default doubled once per epoch (10 epochs to reach 1); the search grows the
+    rate after each of the first epoch's periods, at least SEARCH_GROWTH-fold, so it is within the good range
+    after two epochs and the run ends where one started at a good rate ends."""
+    model, opt, batches = regression(1e-3, epochs=6)
+    train(model, opt, batches, 2)
+    assert opt.lr_history[0] >= 1e-3 * SEARCH_GROWTH ** (FIRST_EPOCH_PERIODS - 2)
+    assert opt.lr >= 0.1 and opt.rolled_back_epochs == []
+    final = train(model, opt, batches, 4)[-1]
+    good_model, good, good_batches = regression(1.0, epochs=6)
+    good_final = train(good_model, good, good_batches, 6)[-1]
+    assert final < 2 * good_final
+
+
+def test_the_search_follows_a_large_estimate_up_to_its_limit() -> None:
+    """Each search step grows the rate SEARCH_GROWTH-fold, or towards a larger estimate by at most SEARCH_LIMIT."""
+    model, opt, batches = regression(1e-4, epochs=6)
+    rates = [opt.lr]
+    for x, y in batches * 2:
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(loss=loss)
+        if opt.lr != rates[-1]:
+            rates.append(opt.lr)
+    growth = [later / earlier for earlier, later in zip(rates, rates[1:])]
+    assert growth[0] >= SEARCH_GROWTH * (1 - 1e-12) and max(growth) <= SEARCH_LIMIT * (1 + 1e-12)
+    assert max(growth) > SEARCH_GROWTH  # the estimate called for more than the fixed growth at least once
+
+
+def test_the_rate_never_grows_back_past_the_one_at_which_the_loss_rose() -> None:
+    """A period whose mean loss rose brakes the rate; afterwards the rate stays under CEILING times the rate at
+    which it rose (the earlier default doubled straight back into it: a saw-tooth)."""
+    theta = torch.nn.Parameter(torch.ones(16))
+    # ½‖θ‖² is stable at these rates (tau_max bounds r); the losses reported drive the control.
+    opt = BB([theta], lr=0.01, steps_per_epoch=10, backend="eager", tau_max=0.05)
+    # Epoch 0 (four periods) and 1 make progress; epoch 2's mean loss rises; then the loss falls again.
+    losses = [[2.0] + [1.0] * 9, [0.9] * 10, [0.95] * 10] + [[0.8 - 0.01 * e] * 10 for e in range(6)]
+    for epoch_losses in losses:
+        for loss in epoch_losses:
+            opt.zero_grad()
+            (0.5 * theta.square().sum()).backward()
+            opt.step(loss=loss)
+    history = opt.lr_history
+    risen_at = history[2]
+    assert history[3] <= 0.5 * risen_at * (1 + 1e-12)
+    assert max(history[3:]) <= CEILING * risen_at * (1 + 1e-12)
+    assert opt.state_dict()["bb"]["ceiling"] == pytest.approx(CEILING * risen_at)
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 6, 25])
+def test_the_end_phase_anneals_the_second_half(epochs: int) -> None:
+    """The factor is 1 over the first half and falls along a cosine to near 0 at the last epoch; an epoch past the
+    plan keeps the last factor; the device form gives the same numbers."""
+    factors = [anneal_factor(k, epochs) for k in range(epochs + 2)]
+    start = max(1, epochs // 2)
+    assert factors[:start] == [1.0] * start
+    assert all(later < earlier for earlier, later in zip(factors[start - 1 : epochs], factors[start:epochs]))
+    assert factors[epochs - 1] == factors[epochs] == factors[epochs + 1]
+    if epochs > 1:
+        assert factors[epochs - 1] == pytest.approx(
+            0.5 * (1 + math.cos(math.pi * (epochs - start) / (epochs - start + 1)))
+        )
+    device = anneal_factor(torch.arange(epochs + 2), epochs)
+    assert device.tolist() == pytest.approx(factors, rel=1e-15)
+    assert anneal_factor(3, None) == 1.0
+
+
+def test_the_run_ends_on_a_small_annealed_rate() -> None:
+    """The earlier default's rate still swung between 0.15 and 0.6 in the last epochs of a run; with epochs= the
+    last epoch runs at the rate r times the cosine's last factor."""
+    model, opt, batches = regression(0.1, epochs=8)
+    train(model, opt, batches, 8)
+    history = opt.lr_history
+    rate = opt.state_dict()["bb"]["rate"]
+    assert history[-1] == pytest.approx(rate * anneal_factor(7, 8), rel=1e-12)
+    assert history[-1] < 0.1 * max(history)
+
+
+def test_momentum_is_the_default_and_the_paper_has_none() -> None:
+    model = torch.nn.Linear(3, 2)
+    default = BB(model.parameters(), lr=0.1, steps_per_epoch=4, backend="eager")
+    assert all("momentum_buffer" in state for state in default.state.values())
+    assert default.state_dict()["bb"]["momentum"] == 0.9
+    paper = BB(torch.nn.Linear(3, 2).parameters(), lr=0.1, steps_per_epoch=4, backend="eager", safeguard=False)
+    assert all("momentum_buffer" not in state for state in paper.state.values())
+    assert paper.state_dict()["bb"]["momentum"] == 0.0
+
+
+def test_momentum_is_restarted_by_a_rollback() -> None:
+    """A rolled-back period's direction must not carry on: the momentum returns to zero with the weights."""
+    theta = torch.nn.Parameter(torch.ones(16))
+    opt = BB([theta], lr=1e6, steps_per_epoch=4, backend="eager")  # diverges in its first period
+    for _ in range(4):
+        opt.zero_grad()
+        (0.5 * theta.square().sum()).backward()
+        opt.step()
+    assert opt.rolled_back_epochs == [0]
+    assert torch.equal(theta.detach(), torch.ones(16))
+    assert torch.equal(opt.state[theta]["momentum_buffer"], torch.zeros(16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 0}, "epochs must be a positive int"),
+        ({"epochs": 2.5}, "epochs must be an int"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"momentum": -0.1}, r"momentum must be in \[0, 1\)"),
+        ({"nesterov": True, "momentum": 0.0}, "nesterov=True needs a momentum > 0"),
+        ({"nesterov": 1}, "nesterov must be True or False"),
+        ({"tau0": 1.0}, "tau0 is the paper's fallback rate"),
+        ({"tau_min": 2.0, "tau_max": 1.0}, r"tau_min \(2.0\) must be <= tau_max \(1.0\)"),
+    ],
+)
+def test_bad_policy_arguments_name_the_fix(kwargs: dict, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        BB(torch.nn.Linear(2, 1).parameters(), lr=0.1, steps_per_epoch=4, **kwargs)
+
+
+def test_paper_mode_accepts_tau0_and_ignores_the_plan() -> None:
+    """safeguard=False is the paper's method: its taus, no end phase; epochs= changes nothing."""
+    runs = []
+    for epochs in (None, 3):
+        model, opt, batches = regression(0.1, epochs=epochs, safeguard=False, tau0=1.0)
+        train(model, opt, batches, 3)
+        runs.append((opt.lr_history, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
