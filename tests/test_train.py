@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from bbfused import BB
-from bbfused.data import DataError, load_mnist
 from bbfused.train import build_optimizer, main, parameter_groups, parse_args, prepare
+from bbfused.train.data import DataError, load_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import Data, DataError, Shard, check_image_folder, folder_data, mnist_data, synthetic_data
-from ..models import build_model, is_shallow, torchvision_model_names
 from ..optimizer import BB
+from .data import Data, DataError, Shard, check_image_folder, folder_data, mnist_data, synthetic_data
 from .loop import Training
+from .models import build_model, is_shallow, torchvision_model_names
 from .options import OPTIMIZERS, UsageError, resume_settings
 from .outputs import (
     LOG,

@@ -18,8 +18,8 @@ import traceback
 from collections.abc import Iterable
 from typing import Any
 
-from ..data import DataError
 from .building import prepare
+from .data import DataError
 from .loop import Training
 from .options import UsageError, parse_args
 from .outputs import LATEST, OutputError

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data import Data, Shard
 from ..interrupts import deferred_sigint
 from ..optimizer import BB
+from .data import Data, Shard
 from .options import AMP_DTYPES, UsageError, saved_settings
 from .outputs import (
     BEST,

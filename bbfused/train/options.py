@@ -2,7 +2,7 @@
 
 BB's defaults (its bounds, its fallback numerator, its rate control) are read from ``BB``'s signature, so the
 command never carries a copy of them; only the paper's bounds for shallow networks live elsewhere
-(:data:`bbfused.models.SHALLOW_TAUS`).
+(:data:`bbfused.train.models.SHALLOW_TAUS`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from ..backends import BACKEND_NAMES
-from ..models import SHALLOW_TAUS, is_shallow, model_names
 from ..optimizer import BB
+from .models import SHALLOW_TAUS, is_shallow, model_names
 
 OPTIMIZERS = ("bb", "sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop")
 # The initial learning rate when --lr is not given: the paper's 0.1 for BB and SGD, the usual defaults otherwise

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-MNIST_DIR = Path(__file__).resolve().parent / "data" / "mnist"
+MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
 # md5 of the uncompressed idx bytes (the original files' well-known checksums).
 MNIST_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
