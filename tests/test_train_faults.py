@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_train import TINY, read_log
 
-from bbfused.train import gpu_size_hint, main, outputs, parse_args
+from bbfused.train import checkpoints, gpu_size_hint, main, outputs, parse_args
 from bbfused.train import loop as train_loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ class Killed(BaseException):
 
 
 def load(path: Path) -> dict:
-    outputs.verify_checkpoint(path)
+    checkpoints.verify_checkpoint(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -74,7 +74,8 @@ def test_kill_during_the_writes_leaves_consistent_checkpoints(one_epoch, tmp_pat
             raise Killed
         original(path, write)
 
-    monkeypatch.setattr(outputs, "atomic_write", dying_write)
+    monkeypatch.setattr(outputs, "atomic_write", dying_write)  # the log and the figure
+    monkeypatch.setattr(checkpoints, "atomic_write", dying_write)
     with pytest.raises(Killed):
         main([*TINY, "--epochs", "2", "--resume", str(run / "checkpoint.pth")])
     monkeypatch.undo()

@@ -4,9 +4,11 @@ Defaults: the paper's MLP on the MNIST files shipped with bbfused. ``--data PATH
 folder (ResNet-50 by default), ``--data synthetic`` on random device batches (pure training throughput).
 Launched by ``torchrun --nproc_per_node N`` it trains with DDP; ``--batch-size`` is per process.
 
-One concern per module: :mod:`.options` (the command line), :mod:`.building` (process group, data, model,
-optimizer, resume), :mod:`.loop` (the epochs), :mod:`.outputs` (checkpoints, log, figure), :mod:`.entry` (exit
-codes and failures). The pieces are importable, so experiments can drive training from Python::
+One concern per module: :mod:`.options` (the command line), :mod:`.building` (data, model, optimizer),
+:mod:`.checkpoints` (checkpoints and the resume), :mod:`.loop` (the epochs), :mod:`.report` (what is printed),
+:mod:`.outputs` (the output folder, log, figure), :mod:`.process_group` (torchrun), :mod:`.data` and
+:mod:`.models`, :mod:`.errors` (the inputs' errors), :mod:`.entry` (exit codes and failures). The pieces are
+importable, so experiments can drive training from Python::
 
     training = prepare(parse_args(["--model", "lenet", "--optimizer", "adam", "--epochs", "5"]))
     try:
@@ -17,9 +19,10 @@ codes and failures). The pieces are importable, so experiments can drive trainin
 
 from .building import build_data, build_optimizer, gpu_size_hint, parameter_groups, prepare
 from .entry import main, run
-from .loop import Training, evaluate, format_record, learning_rate, train_one_epoch
-from .options import OPTIMIZERS, UsageError, build_parser, parse_args, resolve_args
-from .outputs import OutputError
+from .errors import OutputError, UsageError
+from .loop import Training, evaluate, learning_rate, train_one_epoch
+from .options import OPTIMIZERS, build_parser, parse_args, resolve_args
+from .report import format_record
 
 __all__ = [
     "OPTIMIZERS",

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from .errors import DataError
+
 MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
 # md5 of the uncompressed idx bytes (the original files' well-known checksums).
 MNIST_MD5 = {
@@ -28,10 +30,6 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Synthetic data: batches per epoch unless limited, and the class count of ImageNet.
 SYNTHETIC_TRAIN_STEPS, SYNTHETIC_TEST_STEPS, SYNTHETIC_CLASSES = 100, 10, 1000
-
-
-class DataError(ValueError):
-    """The data cannot be used as given; the message names the problem and the fix."""
 
 
 @dataclass

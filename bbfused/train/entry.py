@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from .building import prepare
-from .data import DataError
+from .errors import DataError, OutputError, UsageError
 from .loop import Training
-from .options import UsageError, parse_args
-from .outputs import LATEST, OutputError
+from .options import parse_args
+from .outputs import LATEST
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -35,12 +35,10 @@ def _resume_line(training: Training) -> str:
     out = training.args.output_dir
     if out is None:
         return "interrupted; nothing was saved (no --output-dir)"
-    if training.saved_epoch is None:
+    saved_epoch = training.progress.saved_epoch
+    if saved_epoch is None:
         return f"interrupted before the first epoch ended; nothing to resume in {out}"
-    return (
-        f"interrupted; {out / LATEST} holds epoch {training.saved_epoch}: continue with "
-        f"bbfused-train --resume {out / LATEST}"
-    )
+    return f"interrupted; {out / LATEST} holds epoch {saved_epoch}: continue with bbfused-train --resume {out / LATEST}"
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
