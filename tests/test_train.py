@@ -161,6 +161,62 @@ def test_every_optimizer_trains(name):
     assert record["test_acc1"] > 50.0, record  # 16 steps of an MLP on MNIST: far above chance (10%)
 
 
+def test_paper_mode_gets_the_loss_and_records_no_rollback(monkeypatch):
+    """The trainer does not branch on BB's mode: every step gets the loss, which the paper's rule ignores (the
+    weights match a run whose steps drop it), and each record says nothing was rolled back or skipped."""
+    finals, losses = [], []
+    for keep_loss in (True, False):
+        training = prepare(parse_args([*TINY, "--no-bb-safeguard", "--epochs", "2"]))
+
+        def recording_step(*args, loss=None, _keep=keep_loss, _step=training.optimizer.step, **kwargs):
+            losses.append(loss)
+            return _step(*args, **({"loss": loss} if _keep else {}), **kwargs)
+
+        monkeypatch.setattr(training.optimizer, "step", recording_step)
+        history = training.fit()
+        finals.append({key: value.clone() for key, value in training.model.state_dict().items()})
+    assert len(losses) == 2 * 2 * 8 and all(isinstance(loss, torch.Tensor) and loss.ndim == 0 for loss in losses)
+    assert [(r["rolled_back"], r["skipped_gradient_values"]) for r in history] == [(False, 0), (False, 0)]
+    for key, value in finals[0].items():
+        assert torch.equal(finals[1][key], value), key
+
+
+def test_trainer_has_no_import_cycle():
+    """The modules of bbfused.train import each other as a tree (every import counted, also those inside
+    functions), so each can be read, tested and imported on its own."""
+    import ast
+
+    package = REPO / "bbfused" / "train"
+    modules = {path.stem: path for path in package.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module is None:  # from . import a, b: modules, or names of the package's __init__
+                    edges.update(alias.name if alias.name in modules else "__init__" for alias in node.names)
+                else:
+                    edges.add(node.module.split(".")[0])
+            elif (
+                isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("bbfused.train")
+            ):
+                edges.add((node.module.split(".")[2:] or ["__init__"])[0])
+    assert {edge for edges in graph.values() for edge in edges} <= set(modules)
+    assert "checkpoints" in graph["building"] and "options" in graph["checkpoints"]  # the walk sees the imports
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node) :] + [node]
+        for successor in sorted(graph[node]):
+            found = cycle_from(successor, [*path, node])
+            if found:
+                return found
+        return None
+
+    cycles = [cycle for name in sorted(modules) if (cycle := cycle_from(name, []))]
+    assert not cycles, " -> ".join(cycles[0])
+
+
 def test_optimizer_settings():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     groups = parameter_groups(model, 5e-4, no_decay_norm_bias=True)
