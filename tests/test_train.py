@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bbfused import BB
-from bbfused.train import build_optimizer, main, parameter_groups, parse_args, prepare
+from bbfused.train import build_optimizer, build_parser, main, parameter_groups, parse_args, prepare
 from bbfused.train.data import DataError, load_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,6 +348,44 @@ def test_class_folder_without_images(tmp_path, capsys):
 )
 def test_bad_options(capsys, argv, message):
     assert message in run_bad(argv, capsys)
+
+
+def test_help_and_option_errors_load_no_torch():
+    """--help and the mistakes found without a device or a torchvision model name answer at once: neither
+    imports torch (importing it, and torch._dynamo with the optimizer, took 7-20 s on a loaded 2-core machine)."""
+    script = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from bbfused.train import main
+        codes = []
+        for argv in (["--help"], ["--batch-size", "0"], ["--tau-min", "4"], ["--optimizer", "adam", "--tau0", "2"]):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                codes.append(main(argv))
+        print(codes, sorted(name for name in ("torch", "torchvision") if name in sys.modules))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert finished.stdout.split("\n")[0] == "[0, 2, 2, 2] []", finished.stdout + finished.stderr[-2000:]
+
+
+def test_bb_settings_read_from_the_source_are_the_imported_ones():
+    """The command line reads BB's defaults and the backend names from the source (no torch): they are the
+    values the import gives, and the reader found each one itself rather than falling back to the import."""
+    import inspect
+
+    from bbfused.backends import BACKEND_NAMES
+    from bbfused.optimizer import BB
+    from bbfused.train import bb_source
+
+    signature = inspect.signature(BB).parameters
+    read = bb_source._source_bb_defaults()
+    for name in ("tau0", "tau_min", "tau_max", "backend", "safeguard"):
+        assert name in read and read[name] == signature[name].default, name
+    assert bb_source.backend_names() == tuple(BACKEND_NAMES)
+    assert bb_source._literal_names(bb_source._tree("backends/__init__.py"), "BACKEND_NAMES") == tuple(BACKEND_NAMES)
+    parser_choices = {a.dest: a.choices for a in build_parser()._actions}
+    assert parser_choices["bb_backend"] == tuple(BACKEND_NAMES)
 
 
 def test_output_dir_not_writable(tmp_path, capsys):

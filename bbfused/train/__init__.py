@@ -17,12 +17,28 @@ importable, so experiments can drive training from Python::
         training.close()
 """
 
-from .building import build_data, build_optimizer, gpu_size_hint, parameter_groups, prepare
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .entry import main, run
 from .errors import OutputError, UsageError
-from .loop import Training, evaluate, learning_rate, train_one_epoch
-from .options import OPTIMIZERS, build_parser, parse_args, resolve_args
-from .report import format_record
+
+if TYPE_CHECKING:
+    from .building import build_data, build_optimizer, gpu_size_hint, parameter_groups, prepare
+    from .loop import Training, evaluate, learning_rate, train_one_epoch
+    from .options import OPTIMIZERS, build_parser, parse_args, resolve_args
+    from .report import format_record
+
+# The rest is imported on first use: ``bbfused-train --help`` and a mistyped option never load torch.
+_LAZY = {
+    "building": ("build_data", "build_optimizer", "gpu_size_hint", "parameter_groups", "prepare"),
+    "loop": ("Training", "evaluate", "learning_rate", "train_one_epoch"),
+    "options": ("OPTIMIZERS", "build_parser", "parse_args", "resolve_args"),
+    "report": ("format_record",),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
     "OPTIMIZERS",
@@ -44,3 +60,15 @@ __all__ = [
     "run",
     "train_one_epoch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -16,13 +16,13 @@ import os
 import sys
 import traceback
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .building import prepare
 from .errors import DataError, OutputError, UsageError
-from .loop import Training
 from .options import parse_args
-from .outputs import LATEST
+
+if TYPE_CHECKING:
+    from .loop import Training
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -32,6 +32,8 @@ class Interrupted(Exception):
 
 
 def _resume_line(training: Training) -> str:
+    from .outputs import LATEST
+
     out = training.args.output_dir
     if out is None:
         return "interrupted; nothing was saved (no --output-dir)"
@@ -44,6 +46,8 @@ def _resume_line(training: Training) -> str:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Prepare, train every epoch, leave the process group; returns the per-epoch records. On failure the
     process group is aborted (no barrier) and the error propagates; Ctrl-C becomes :class:`Interrupted`."""
+    from .building import prepare  # here, not above: parsing and its errors need no torch
+
     training = prepare(args)
     try:
         history = training.fit()

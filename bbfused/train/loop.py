@@ -22,10 +22,10 @@ from ..optimizer import BB
 from . import process_group
 from .checkpoints import Progress, checkpoint_contents, gather_rng_states, save_checkpoints
 from .data import Data, Shard
-from .options import AMP_DTYPES
 from .outputs import LOG, PLOT, plot_history, write_log
 from .report import describe, format_record, summary
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp's choices
 # The progress bar shows a figure after the first step and then at least this often (each update reads the
 # running loss from the device: one sync).
 PROGRESS_SECONDS = 2.0

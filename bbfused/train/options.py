@@ -9,18 +9,13 @@ are merged in when the run is prepared (:func:`bbfused.train.checkpoints.resume_
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from ..backends import BACKEND_NAMES
-from ..optimizer import BB
+from .bb_source import backend_names, bb_default
 from .errors import UsageError
 from .models import SHALLOW_TAUS, is_shallow, model_names
 
@@ -29,12 +24,7 @@ OPTIMIZERS = ("bb", "sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop")
 # (torch's, but 1e-3 for RMSprop: torch's 1e-2 diverges on the paper's MLP).
 DEFAULT_LR = {"bb": 0.1, "sgd": 0.1, "nag": 0.1, "adam": 1e-3, "amsgrad": 1e-3, "adagrad": 1e-2, "rmsprop": 1e-3}
 MOMENTUM_OPTIMIZERS = ("sgd", "nag")
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def bb_default(name: str) -> Any:
-    """The default of ``BB``'s keyword argument ``name``: the one place BB's defaults are written."""
-    return inspect.signature(BB).parameters[name].default
+AMP_CHOICES = ("none", "bf16", "fp16")
 
 
 def default_taus(model: str) -> tuple[float, float]:
@@ -136,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tau0", type=positive_float, help=f"BB fallback rate numerator (default {bb_default('tau0'):g})"
     )
     optim.add_argument("--beta", type=beta_value, help="BB gradient EMA factor (default 4/steps per epoch)")
-    optim.add_argument("--bb-backend", choices=BACKEND_NAMES, help="BB kernels (default auto: fastest available)")
+    optim.add_argument("--bb-backend", choices=backend_names(), help="BB kernels (default auto: fastest available)")
     optim.add_argument(
         "--bb-safeguard",
         action=argparse.BooleanOptionalAction,
@@ -150,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: 128)")
     run.add_argument("--seed", type=non_negative_int, default=0, help="(default: 0)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="mixed precision (fp16 uses GradScaler)")
+    run.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision (fp16 uses GradScaler)")
     run.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -201,6 +191,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_device(name: str | None) -> str:
+    """``name`` checked against the devices here (cuda when available for None)."""
+    import torch  # here: parsing, and the checks that need no device, stay free of it
+
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -218,18 +211,14 @@ def resolve_device(name: str | None) -> str:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in the defaults that depend on other options and reject combinations that cannot work."""
+    """Fill in the defaults that depend on other options and reject combinations that cannot work. The checks
+    that need torch (a torchvision model's name, the device) come last, so a mistake elsewhere is reported
+    without loading it."""
     source = args.data if args.data in ("mnist", "synthetic") else "folder"
-    args.device = resolve_device(args.device)
     if args.resume is not None and args.output_dir is None:
         args.output_dir = args.resume.parent
     if args.model is None:
         args.model = "mlp" if source == "mnist" else "resnet50"
-    if args.model not in model_names():
-        raise UsageError(
-            f"unknown model {args.model!r}; choose mlp, lenet or a torchvision classification model "
-            f"such as resnet18 or resnet50"
-        )
     if source == "mnist":
         if args.image_size is not None:
             raise UsageError("--image-size applies to folders and synthetic data; MNIST images are 28x28")
@@ -270,4 +259,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         given = [name for name, value in {**bb_options, "--bb-backend": args.bb_backend}.items() if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to --optimizer bb only, not {args.optimizer}")
+    if not is_shallow(args.model) and args.model not in model_names():
+        raise UsageError(
+            f"unknown model {args.model!r}; choose mlp, lenet or a torchvision classification model "
+            f"such as resnet18 or resnet50"
+        )
+    args.device = resolve_device(args.device)
     return args
