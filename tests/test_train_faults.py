@@ -5,6 +5,7 @@ the progress bar, the GPU hint, the figure). CPU, a few seconds each."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -185,6 +186,91 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     assert f"holds epoch {saved['epoch']}" in stderr
     assert not list(out.glob(".*.tmp"))
     assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved["epoch"] + 1)]) == 0
+
+
+# ------------------------------------------------------------------------------------------- runs sharing a folder
+def start_run(argv: list[str], stderr: Path) -> subprocess.Popen:
+    """The command in its own process; stderr goes to a file, never a pipe the progress bar could fill."""
+    with stderr.open("w") as stderr_file:
+        command = [sys.executable, "-m", "bbfused.train", *argv]
+        return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, starts: str) -> str:
+    for line in process.stdout:
+        if " ".join(line.split()).startswith(starts):
+            return line
+    raise AssertionError(f"the run ended (exit {process.wait()}) before printing a line starting {starts!r}")
+
+
+def test_second_run_on_one_folder_is_refused_and_a_killed_runs_lock_taken_over(tmp_path, capsys):
+    """Two runs on one --output-dir overwrote each other's files. The second is refused at once, naming the
+    first's pid, even before the first wrote anything; after a SIGKILL its lock is stale and taken over, and
+    the temporary files of killed processes are removed."""
+    out = tmp_path / "run"
+    first = start_run([*TINY, "--epochs", "1000", "--output-dir", str(out)], tmp_path / "first.txt")
+    try:
+        wait_for_line(first, "mlp on MNIST")  # prepared: it holds the folder, nothing is written yet
+        assert main([*TINY, "--epochs", "2", "--seed", "1", "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output-dir {out} is in use by another bbfused-train run (pid {first.pid})" in err
+        assert f"kill {first.pid}" in err and "choose another --output-dir" in err
+        wait_for_line(first, "epoch 1/1000")
+        assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", "1001"]) == 2
+        assert f"(pid {first.pid})" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert (out / ".bbfused-train.lock").read_text().split()[0] == str(first.pid)  # left behind by the kill
+    (out / ".curves.png.4194304.tmp").write_bytes(b"half a figure")  # another killed process's
+    saved = load(out / "checkpoint.pth")["epoch"]
+    assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved + 1)]) == 0
+    printed = capsys.readouterr().out
+    assert f"the run of pid {first.pid}" in printed and "ended without releasing its lock" in printed
+    assert not list(out.glob(".*.tmp")) and not (out / ".bbfused-train.lock").exists()
+    assert [r["epoch"] for r in read_log(out)][-1] == saved + 1
+
+
+def test_held_lock_refuses_before_anything_is_written(tmp_path, capsys):
+    """A lock held in this process (another open file): refused at once, and a folder the refused run created
+    is removed again."""
+    from bbfused.train.lock import lock_output_dir
+
+    held = lock_output_dir(tmp_path / "run")
+    try:
+        assert main([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 2
+        assert f"(pid {os.getpid()})" in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".bbfused-train.lock"]
+    finally:
+        held.release(remove_created=True)
+    assert not (tmp_path / "run").exists()
+    assert main([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "new" / "run"), "--data", "nowhere"]) == 2
+    assert not (tmp_path / "new").exists()  # created for the lock, removed with it
+
+
+def test_without_flock_a_dead_owner_is_stale_and_a_live_one_holds(tmp_path, monkeypatch):
+    """On a file system without flock the lock file's pid decides: a process that is gone has no lock."""
+    import fcntl
+    import socket
+
+    from bbfused.train import UsageError
+    from bbfused.train.lock import LOCK, lock_output_dir
+
+    def no_flock(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / LOCK).write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")
+    lock = lock_output_dir(folder)
+    assert lock.stale_owner == (int(dead.stdout), socket.gethostname())
+    assert (folder / LOCK).read_text().split()[0] == str(os.getpid())
+    lock.release()
+    (folder / LOCK).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # alive: the test runner's parent
+    with pytest.raises(UsageError, match=f"in use by another bbfused-train run \\(pid {os.getppid()}\\)"):
+        lock_output_dir(folder)
 
 
 # ------------------------------------------------------------------------------------------- what the user sees

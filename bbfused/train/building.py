@@ -5,6 +5,7 @@ before any file is written."""
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,19 @@ from ..optimizer import BB
 from .checkpoints import load_weights, restore, resume_args
 from .data import Data, DataError, Shard, check_image_folder, folder_data, mnist_data, synthetic_data
 from .errors import UsageError
+from .lock import lock_output_dir
 from .loop import Training
 from .models import build_model, is_shallow, torchvision_model_names
 from .options import OPTIMIZERS
-from .outputs import LOG, check_free_space, check_output_dir, remove_stale_temporaries, state_bytes, write_log
+from .outputs import (
+    LOG,
+    check_free_space,
+    check_output_location,
+    check_previous_run,
+    remove_stale_temporaries,
+    state_bytes,
+    write_log,
+)
 from .process_group import init_distributed
 
 # Tensors of optimizer state per parameter tensor, for the checkpoint size before the first step.
@@ -117,19 +127,37 @@ def prepare(args: argparse.Namespace) -> Training:
     checkpoint = None
     if args.resume is not None:
         args, checkpoint = resume_args(args)
+    lock = None
     if args.output_dir is not None:
-        check_output_dir(args.output_dir, args.resume)
-        if args.resume is not None:
-            remove_stale_temporaries(args.output_dir)  # a killed run's; they hold space the resume needs
-    if args.data not in ("mnist", "synthetic"):
-        check_image_folder(Path(args.data))
-    shard, device = init_distributed(args.device)
+        check_output_location(args.output_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # the process that writes
+            lock = lock_output_dir(args.output_dir)
     try:
-        return _build(args, shard, device, checkpoint)
+        if args.output_dir is not None:
+            check_previous_run(args.output_dir, args.resume)
+            if lock is not None:
+                remove_stale_temporaries(args.output_dir)  # killed runs'; they hold space this run needs
+        if args.data not in ("mnist", "synthetic"):
+            check_image_folder(Path(args.data))
+        shard, device = init_distributed(args.device)
+        try:
+            training = _build(args, shard, device, checkpoint)
+        except BaseException:
+            if shard.world > 1:
+                dist.destroy_process_group()
+            raise
     except BaseException:
-        if shard.world > 1:
-            dist.destroy_process_group()
+        if lock is not None:
+            lock.release(remove_created=True)
         raise
+    training.lock = lock
+    if lock is not None and lock.stale_owner is not None:
+        pid, host = lock.stale_owner
+        training.notes.append(
+            f"note: the run of pid {pid}{f' on {host}' if host else ''} in {args.output_dir} ended without "
+            f"releasing its lock (it was killed); this run took it over"
+        )
+    return training
 
 
 def _build(args: argparse.Namespace, shard: Shard, device: torch.device, checkpoint: dict[str, Any] | None) -> Training:

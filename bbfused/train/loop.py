@@ -22,6 +22,7 @@ from ..optimizer import BB
 from . import process_group
 from .checkpoints import Progress, checkpoint_contents, gather_rng_states, save_checkpoints
 from .data import Data, Shard
+from .lock import OutputLock
 from .outputs import LOG, PLOT, plot_history, write_log
 from .report import describe, format_record, summary
 
@@ -165,6 +166,7 @@ class Training:
     progress: Progress = field(default_factory=Progress)
     skipped_before: int = 0  # BB's count of skipped non-finite gradient values at the last epoch end
     notes: list[str] = field(default_factory=list)  # printed before the first epoch
+    lock: OutputLock | None = None  # the output folder's, held by the process that writes
 
     @property
     def is_main(self) -> bool:
@@ -249,12 +251,16 @@ class Training:
         return describe(self.args, steps, self.shard.world, self.optimizer, self.device, self.start_epoch)
 
     def close(self) -> None:
-        """Leave the process group after a successful run (all ranks reach this barrier)."""
+        """Leave the process group after a successful run (all ranks reach this barrier) and the output folder."""
         process_group.leave(self.shard)
+        if self.lock is not None:
+            self.lock.release()
 
     def abort(self) -> None:
-        """Leave the process group after a failure without waiting for the other ranks."""
+        """Leave the process group after a failure without waiting for the other ranks, and the output folder."""
         process_group.abort(self.shard)
+        if self.lock is not None:
+            self.lock.release()
 
     def _write_outputs(self, rng_states: list[dict[str, Any]], improved: bool) -> None:
         out, args = self.args.output_dir, self.args

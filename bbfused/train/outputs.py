@@ -28,9 +28,8 @@ LATEST, BEST, LOG, PLOT = "checkpoint.pth", "best.pth", "log.jsonl", "curves.png
 CHECKPOINT_COPIES = 3
 
 
-def check_output_dir(path: Path, resume: Path | None) -> None:
-    """Raise UsageError unless ``path`` is, or can be created as, a writable folder that holds no run other
-    than the one ``resume`` continues. Writes nothing that stays."""
+def check_output_location(path: Path) -> None:
+    """Raise UsageError unless ``path`` is, or can be created as, a writable folder. Writes nothing that stays."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"--output-dir {path} is a file; pass a folder (it is created if missing)")
     existing = path
@@ -45,6 +44,11 @@ def check_output_dir(path: Path, resume: Path | None) -> None:
         raise UsageError(
             f"--output-dir {path} is not writable ({existing}: {error.strerror}); choose a folder you can write to"
         ) from None
+
+
+def check_previous_run(path: Path, resume: Path | None) -> None:
+    """Raise UsageError when the folder ``path`` holds a run other than the one ``resume`` continues: this run
+    would overwrite it. Run under the folder's lock, so that no other run starts writing after the check."""
     latest = path / LATEST
     if resume is not None and latest.is_file() and latest.resolve() != resume.resolve():
         raise UsageError(
@@ -59,14 +63,20 @@ def check_output_dir(path: Path, resume: Path | None) -> None:
         )
 
 
+def temporary_name(path: Path) -> Path:
+    """The temporary file :func:`atomic_write` writes ``path`` through: hidden, and unique to this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def remove_stale_temporaries(path: Path) -> list[str]:
-    """Remove the temporary files a killed run left in ``path`` (only this command's own names); returns them."""
+    """Remove the temporary files killed runs left in ``path`` (only this command's own names); returns them.
+    Only under the folder's lock: then no live process is writing one."""
     removed = []
     for name in (LATEST, BEST, LOG, PLOT):
-        temporary = path / f".{name}.tmp"
-        if temporary.is_file():
-            temporary.unlink(missing_ok=True)  # another process of the same run may remove it first
-            removed.append(temporary.name)
+        for temporary in sorted({*path.glob(f".{name}.tmp"), *path.glob(f".{name}.*.tmp")}):
+            if temporary.is_file():
+                temporary.unlink(missing_ok=True)
+                removed.append(temporary.name)
     return removed
 
 
@@ -119,7 +129,7 @@ def _fsync(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder and rename it: a crash never leaves a half-written
     ``path``, and the temporary file is removed on any failure. A full disk raises OutputError."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_name(path)
     try:
         write(temporary)
         _fsync(temporary)  # the data reaches the disk before the rename makes it the file
