@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -323,6 +324,61 @@ def test_bad_data_folder(tmp_path, capsys, make, message):
     err = run_bad(["--data", str(data), "--output-dir", str(out)], capsys)
     assert message in err and str(data) in err
     assert not out.exists()
+
+
+def names_only_tree(root: Path, per_class: int = 8) -> Path:
+    """train/ and val/ with classes a and b of empty *.png files: enough for scanning, which reads no image."""
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for n in range(per_class):
+                (root / split / name / f"{n}.png").touch()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("link", "target"),
+    [
+        ("train/a/loop", "."),  # 32 files became 672
+        ("train/a/up", ".."),  # 1,312
+        ("train/c", "."),  # a class c of a's and b's images
+        ("train/c", "../val/a"),  # a class that is a folder of the tree
+        ("train/a/twice.png", "../b/0.png"),  # one image under two classes
+        ("val", "train"),  # the training images evaluated as the test set
+    ],
+)
+def test_image_folder_links_back_into_it_are_refused(tmp_path, capsys, link, target):
+    """The scan followed every link: a link back into the data folder multiplied and mislabelled images (or
+    looped). Such a link is refused, by name, before anything is built."""
+    root = names_only_tree(tmp_path / "data")
+    if link == "val":
+        shutil.rmtree(root / "val")
+    (root / link).symlink_to(target)
+    argv = ["--data", str(root), "--model", "mlp", "--image-size", "16", "--workers", "0", "--device", "cpu"]
+    err = run_bad([*argv, "--output-dir", str(tmp_path / "out")], capsys)
+    assert f"{root / link} is a link to" in err and "count the same images twice" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_folder_links_out_of_it_are_followed(tmp_path, capsys):
+    """Links to folders elsewhere (a class or a split stored on another disk) are followed, in torchvision's
+    ImageFolder order; a loop among them is refused rather than followed forever."""
+    from torchvision.datasets import ImageFolder
+
+    from bbfused.train.data import scan_images
+
+    root = names_only_tree(tmp_path / "data")
+    outside = names_only_tree(tmp_path / "elsewhere", per_class=3)
+    (root / "train" / "c").symlink_to(outside / "train" / "a")
+    (root / "val" / "c").symlink_to(outside / "val" / "a")
+    (root / "train" / "a" / "more").symlink_to(outside / "train" / "b")
+    classes, samples = scan_images(root / "train", root)
+    assert classes == ["a", "b", "c"] and len(samples) == 8 + 3 + 8 + 3
+    reference = ImageFolder(str(root / "train"), loader=lambda path: path)
+    assert samples == reference.samples
+    (outside / "train" / "b" / "again").symlink_to(outside / "train" / "b")
+    with pytest.raises(DataError, match="which .* already reaches: its images would count twice"):
+        scan_images(root / "train", root)
 
 
 def test_class_folder_without_images(tmp_path, capsys):
