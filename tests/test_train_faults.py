@@ -273,6 +273,65 @@ def test_without_flock_a_dead_owner_is_stale_and_a_live_one_holds(tmp_path, monk
         lock_output_dir(folder)
 
 
+# ------------------------------------------------------------------------------------------- restarting
+def test_folder_with_only_best_continues_from_it(one_epoch, tmp_path, capsys):
+    """A kill between the two renames of epoch 1 leaves best.pth without checkpoint.pth. The refusal to start
+    over it names a command that works, and --resume D/checkpoint.pth (what a restarter runs) continues from
+    best.pth, which holds the same epoch."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pth").write_bytes((one_epoch / "best.pth").read_bytes())
+    (run / ".checkpoint.pth.4194304.tmp").write_bytes(b"the rename that never happened")
+    err = run_bad_output([*TINY, "--epochs", "2", "--output-dir", str(run)], capsys)
+    assert f"already holds a run (best.pth); continue it with --resume {run / 'best.pth'}" in err
+    assert main(["--resume", str(run / "checkpoint.pth"), "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{run / 'checkpoint.pth'} is missing" in printed and f"continuing from {run / 'best.pth'}" in printed
+    assert [r["epoch"] for r in read_log(run)] == [1, 2] and load(run / "checkpoint.pth")["epoch"] == 2
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_missing_checkpoint_beside_a_longer_log_is_not_replaced_by_best(one_epoch, tmp_path, capsys):
+    """checkpoint.pth lost some other way, the log going further than best.pth: continuing from best.pth would
+    drop logged epochs, so it takes the explicit command, which the message names."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pth").write_bytes((one_epoch / "best.pth").read_bytes())
+    (run / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+    err = run_bad_output(["--resume", str(run / "checkpoint.pth"), "--epochs", "4"], capsys)
+    assert "records epochs up to 3" in err and f"pass --resume {run / 'best.pth'}" in err
+    assert (run / "log.jsonl").read_text().count("\n") == 3
+
+
+def test_auto_resume_is_one_command_for_every_state(one_epoch, tmp_path, capsys):
+    """--auto-resume: what a restarter (torchrun --max-restarts, a requeue) runs again unchanged. It starts a
+    run in a folder a kill left without a checkpoint, continues one with best.pth only, and once the run is
+    complete exits 0 instead of 2, so a restarter never loops on an error."""
+    command = [*TINY, "--epochs", "2", "--auto-resume", "--output-dir"]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".best.pth.4194304.tmp").write_bytes(b"killed during the first write")
+    assert main([*TINY, "--epochs", "1", "--auto-resume", "--output-dir", str(fresh)]) == 0
+    assert [r["epoch"] for r in read_log(fresh)] == [1] and not list(fresh.glob(".*.tmp"))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pth").write_bytes((one_epoch / "best.pth").read_bytes())
+    assert main([*command, str(run)]) == 0
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
+    capsys.readouterr()
+    assert main([*command, str(run)]) == 0
+    assert f"{run / 'checkpoint.pth'} holds all 2 epochs of this run; nothing to do" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
+    assert "pass --output-dir, and no --resume" in run_bad_output([*TINY, "--auto-resume"], capsys)
+
+
+def run_bad_output(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- what the user sees
 def test_log_is_strict_json_with_null_for_non_finite_values(tmp_path):
     """The paper's BB from an absurd rate: the loss becomes NaN, which the log writes as null."""

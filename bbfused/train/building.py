@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..optimizer import BB
-from .checkpoints import load_weights, restore, resume_args
+from .checkpoints import load_weights, restore, resume_args, saved_run
 from .data import Data, DataError, Shard, check_image_folder, folder_data, mnist_data, synthetic_data
 from .errors import UsageError
 from .lock import lock_output_dir
@@ -125,6 +125,8 @@ def prepare(args: argparse.Namespace) -> Training:
     (:func:`bbfused.train.checkpoints.resume_args`). Everything that can be wrong with the inputs raises
     UsageError, DataError or OutputError here, before any file is written."""
     checkpoint = None
+    if getattr(args, "auto_resume", False) and args.resume is None:
+        args.resume = saved_run(args.output_dir)
     if args.resume is not None:
         args, checkpoint = resume_args(args)
     lock = None

@@ -12,7 +12,9 @@ it, and continuing a run from it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import random
 import zipfile
 from dataclasses import dataclass, field
@@ -26,14 +28,14 @@ from torch import nn
 from ..checkpoint import saved_steps_per_epoch
 from ..optimizer import BB
 from .data import Shard
-from .errors import UsageError
+from .errors import RunComplete, UsageError
 from .options import resolve_args
-from .outputs import BEST, LATEST, atomic_write
+from .outputs import BEST, LATEST, LOG, atomic_write
 
 CHECKPOINT_FORMAT = "bbfused-train checkpoint"
 CHECKPOINT_VERSION = 1
 # Options that are about this invocation, not the run: never saved as a run's settings nor taken from one.
-INVOCATION_OPTIONS = ("resume", "output_dir", "given_options", "overridden")
+INVOCATION_OPTIONS = ("resume", "auto_resume", "output_dir", "given_options", "overridden")
 # Settings a resume cannot change: the checkpoint's model, optimizer state and random number generators restore
 # them, so a value typed here would be ignored.
 RESUME_FIXED = (
@@ -105,14 +107,61 @@ def resume_settings(
     return merged, changed
 
 
+def saved_run(folder: Path) -> Path | None:
+    """What ``--auto-resume`` continues in ``folder``: its checkpoint.pth (read through :func:`resume_args`,
+    which falls back to best.pth when a kill left only that), or None when it holds no checkpoint."""
+    return folder / LATEST if (folder / LATEST).is_file() or (folder / BEST).is_file() else None
+
+
+def _last_logged_epoch(log: Path) -> int | None:
+    try:
+        lines = log.read_text().splitlines()
+        return max((json.loads(line)["epoch"] for line in lines if line.strip()), default=None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _best_instead(path: Path) -> Path:
+    """The checkpoint to read for ``--resume path``: ``path``, or best.pth beside a missing checkpoint.pth.
+
+    best.pth is written before checkpoint.pth, so a kill between the two renames of the first epoch leaves
+    best.pth alone, holding that epoch: the run continues from it. When the log records later epochs than
+    best.pth holds, checkpoint.pth was lost some other way; continuing from best.pth would retrain those epochs
+    and drop them from the log, so that takes typing --resume best.pth."""
+    best = path.parent / BEST
+    if path.is_file() or path.name != LATEST or not best.is_file():
+        return path
+    epoch = load_checkpoint(best)["epoch"]
+    logged = _last_logged_epoch(path.parent / LOG)
+    if logged is not None and logged > epoch:
+        raise UsageError(
+            f"--resume {path}: no such file, and {best} holds epoch {epoch} while {path.parent / LOG} records "
+            f"epochs up to {logged}; continuing from {BEST} retrains epochs {epoch + 1}-{logged} and drops them from "
+            f"the log: to do that, pass --resume {best}"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"note: {path} is missing (the run was stopped while writing epoch {epoch}'s files); continuing from "
+            f"{best}, which holds epoch {epoch}",
+            flush=True,
+        )
+    return best
+
+
 def resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, Any]]:
     """Read and verify the checkpoint ``args.resume`` and return the resolved settings the run continues with,
-    and the checkpoint. From :func:`parse_args`, the options typed on the command line override the saved ones
-    (each change is named in ``overridden``); settings whose ``resume`` was set by hand afterwards all count as
-    typed, so they are only checked against the checkpoint."""
+    and the checkpoint. From :func:`parse_args` (``--resume`` or ``--auto-resume``), the options typed on the
+    command line override the saved ones (each change is named in ``overridden``); settings whose ``resume``
+    was set by hand afterwards all count as typed, so they are only checked against the checkpoint. Raises
+    RunComplete when ``--auto-resume`` finds the run trained to its last epoch."""
+    args.resume = _best_instead(args.resume)
     checkpoint = load_checkpoint(args.resume)
-    given = getattr(args, "given_options", None)
-    typed_resume = given is not None and "resume" in given
+    given = getattr(args, "given_options", None) or frozenset()
+    typed_resume = "resume" in given or "auto_resume" in given
+    if getattr(args, "auto_resume", False):
+        epochs = args.epochs if "epochs" in given else checkpoint["args"]["epochs"]
+        if checkpoint["epoch"] >= epochs:
+            raise RunComplete(f"{args.resume} holds all {epochs} epochs of this run; nothing to do")
     merged, changed = resume_settings(args, given if typed_resume else frozenset(vars(args)), checkpoint)
     merged = resolve_args(merged)
     merged.overridden = changed if typed_resume else []

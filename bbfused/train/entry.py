@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .errors import DataError, OutputError, UsageError
+from .errors import DataError, OutputError, RunComplete, UsageError
 from .options import parse_args
 
 if TYPE_CHECKING:
@@ -69,6 +69,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         run(args)
     except SystemExit as exit_:  # argparse's own errors (and --help)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except RunComplete as complete:
+        print(f"bbfused-train: {complete}", flush=True)
+        return 0
     except (UsageError, DataError, OutputError) as error:
         print(f"bbfused-train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE

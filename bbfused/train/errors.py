@@ -17,3 +17,7 @@ class DataError(ValueError):
 
 class OutputError(OSError):
     """An output that cannot be written (a full disk); the message names the problem and the fix."""
+
+
+class RunComplete(Exception):
+    """``--auto-resume`` found the run already trained to its last epoch: nothing to do (exit code 0)."""

@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "here override them",
     )
     run.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run saved in --output-dir if there is one, else start it: one command that an "
+        "automatic restarter (torchrun --max-restarts, a scheduler's requeue) can run again after any failure",
+    )
+    run.add_argument(
         "--output-dir",
         type=Path,
         metavar="PATH",
@@ -187,6 +193,10 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.given_options = given_options(argv)
+    if args.auto_resume and (args.resume is not None or args.output_dir is None):
+        raise UsageError(
+            "--auto-resume finds the checkpoint in --output-dir itself: pass --output-dir, and no --resume"
+        )
     return args if args.resume is not None else resolve_args(args)
 
 

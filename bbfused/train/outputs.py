@@ -57,9 +57,15 @@ def check_previous_run(path: Path, resume: Path | None) -> None:
         )
     previous = [name for name in (LATEST, BEST, LOG) if (path / name).exists()]
     if previous and (resume is None or resume.resolve().parent != path.resolve()):
+        saved = next((path / name for name in (LATEST, BEST) if (path / name).is_file()), None)
+        if saved is None:
+            raise UsageError(
+                f"--output-dir {path} already holds a run's {', '.join(previous)} but no checkpoint to continue it "
+                f"from; move {'it' if len(previous) == 1 else 'them'} away or choose another folder"
+            )
         raise UsageError(
-            f"--output-dir {path} already holds a run ({', '.join(previous)}); continue it with --resume "
-            f"{path / LATEST} or choose another folder"
+            f"--output-dir {path} already holds a run ({', '.join(previous)}); continue it with --resume {saved} "
+            f"(or run this command again with --auto-resume) or choose another folder"
         )
 
 
