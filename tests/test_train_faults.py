@@ -332,6 +332,72 @@ def run_bad_output(argv: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------- SIGTERM
+def test_sigterm_exits_143_and_names_the_command_that_started_the_run(tmp_path):
+    """Schedulers and torchrun send SIGTERM on preemption: it ends the run as Ctrl-C does, and the resume line
+    repeats how the run was started (here this interpreter's -m bbfused.train: bbfused-train may not be on
+    PATH)."""
+    out = tmp_path / "run"
+    process = start_run([*TINY, "--epochs", "1000", "--output-dir", str(out)], tmp_path / "stderr.txt")
+    try:
+        wait_for_line(process, "epoch 1/1000")
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and "terminated (SIGTERM)" in stderr
+    saved = load(out / "checkpoint.pth")
+    resume = f"{sys.executable} -m bbfused.train --resume {out / 'checkpoint.pth'}"
+    assert f"holds epoch {saved['epoch']}: continue with {resume}" in stderr
+    assert not list(out.glob(".*.tmp")) and not (out / ".bbfused-train.lock").exists()
+    assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved["epoch"] + 1)]) == 0
+
+
+def test_sigterm_during_the_writes_is_held_until_they_are_done(tmp_path, monkeypatch, capsys):
+    """The signal arrives while checkpoint.pth is being written: the epoch's files are finished first."""
+    original = checkpoints.save_checkpoints
+
+    def terminated_while_saving(out, checkpoint, improved) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        original(out, checkpoint, improved)
+
+    monkeypatch.setattr(train_loop, "save_checkpoints", terminated_while_saving)
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "3", "--output-dir", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert f"terminated (SIGTERM); {out / 'checkpoint.pth'} holds epoch 1: continue with " in err
+    assert load(out / "checkpoint.pth")["epoch"] == 1 and [r["epoch"] for r in read_log(out)] == [1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handler back
+
+
+def test_sigterm_under_torchrun_stops_every_process(tmp_path):
+    """torchrun passes a SIGTERM on to every process: each stops as on Ctrl-C (no traceback), and rank 0
+    names the torchrun command that continues the run."""
+    out = tmp_path / "run"
+    argv = ["--model", "lenet", "--limit-train", "512", "--limit-test", "64", "--batch-size", "32"]
+    argv += ["--bb-backend", "eager", "--device", "cpu", "--epochs", "1000", "--output-dir", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "bbfused.train", *argv]
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr_file:
+        process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+    try:
+        wait_for_line(process, "epoch 1/1000")
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=90)
+    finally:
+        process.kill()
+    stderr = errors.read_text()
+    # torchrun itself ends with its SignalException's traceback; no process of the run has one.
+    assert "bbfused/train" not in stderr and "failed:" not in stderr, stderr[-3000:]
+    assert stderr.count("terminated (SIGTERM)") == 1, stderr[-3000:]
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2 -m bbfused.train"
+    assert f"continue with {launcher} --resume {out / 'checkpoint.pth'}" in stderr, stderr[-3000:]
+    assert not (out / ".bbfused-train.lock").exists()
+
+
 # ------------------------------------------------------------------------------------------- what the user sees
 def test_log_is_strict_json_with_null_for_non_finite_values(tmp_path):
     """The paper's BB from an absurd rate: the loss becomes NaN, which the log writes as null."""

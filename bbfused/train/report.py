@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +76,34 @@ def summary(progress: Progress, seconds: float, output_dir: Path | None) -> str:
         best = f"{BEST} (epoch {progress.best_epoch}), " if progress.best_epoch is not None else ""
         lines.append(f"outputs in {output_dir}: {LATEST} (last epoch), {best}{LOG}, {PLOT}")
     return "\n".join(lines)
+
+
+def _launcher(options: list[str]) -> list[str] | None:
+    """How this process was started, without ``options`` (its command-line options): the interpreter and
+    ``-m bbfused.train`` as typed, the ``bbfused-train`` script, or, under torchrun, torchrun's own command
+    (read from the parent process on Linux). None when it cannot be told."""
+    count = len(options)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+        except OSError:
+            return None
+        return parent[: len(parent) - count] if parent[len(parent) - count :] == options else None
+    started = list(getattr(sys, "orig_argv", []))  # Python 3.10+
+    if not started or started[len(started) - count :] != options:
+        return None
+    prefix = started[: len(started) - count]
+    script = prefix[-1] if len(prefix) == 2 and Path(prefix[-1]).name == "bbfused-train" else None
+    if script is not None:  # the console script, run by its interpreter: name the script as the shell finds it
+        return ["bbfused-train"] if shutil.which("bbfused-train") == script else [script]
+    return prefix
+
+
+def restart_command(options: list[str], command_line: bool) -> str:
+    """The shell command that runs bbfused-train with ``options``, spelled the way this process was started
+    (``.venv/bin/python -m bbfused.train`` where that is how it ran: ``bbfused-train`` may not be on PATH).
+    ``command_line``: this process runs the command (else, driven from Python, this interpreter's ``-m``)."""
+    launcher = _launcher(sys.argv[1:]) if command_line else None
+    if launcher is None:
+        launcher = [sys.executable, "-m", "bbfused.train"]
+    return shlex.join([*launcher, *options])
