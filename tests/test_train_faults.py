@@ -426,6 +426,18 @@ def test_resume_reuses_the_saved_settings(one_epoch, tmp_path, capsys):
     assert [r["epoch"] for r in read_log(run)] == [1, 2]
 
 
+def test_checkpoint_of_another_version_is_refused(one_epoch, tmp_path, capsys):
+    """A checkpoint of a format version this bbfused does not know was loaded as if it were its own."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    saved = torch.load(run / "checkpoint.pth", weights_only=True)
+    saved["version"] = 99
+    torch.save(saved, run / "checkpoint.pth")
+    err = run_bad_output(["--resume", str(run / "checkpoint.pth"), "--epochs", "2"], capsys)
+    assert "is a version 99 bbfused-train checkpoint, and this bbfused reads version 1" in err
+    assert "upgrade bbfused" in err
+    assert [r["epoch"] for r in read_log(run)] == [1]
+
+
 def test_closing_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TINY, "--epochs", "2", "--output-dir", str(out)]) == 0

@@ -256,6 +256,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"--resume {path} is not a bbfused-train checkpoint; pass the checkpoint.pth of a run")
+    version = checkpoint.get("version")
+    if version != CHECKPOINT_VERSION:
+        newer = isinstance(version, int) and version > CHECKPOINT_VERSION
+        raise UsageError(
+            f"--resume {path} is a version {version!r} bbfused-train checkpoint, and this bbfused reads version "
+            f"{CHECKPOINT_VERSION}; "
+            + ("upgrade bbfused to resume it" if newer else "resume it with the bbfused that wrote it")
+            + ", or start a new run"
+        )
     return checkpoint
 
 
