@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_train import TINY, read_log
 
-from bbfused.train import checkpoints, gpu_size_hint, main, outputs, parse_args
+from bbfused.train import checkpoints, format_record, gpu_size_hint, main, outputs, parse_args
 from bbfused.train import loop as train_loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -436,6 +436,29 @@ def test_checkpoint_of_another_version_is_refused(one_epoch, tmp_path, capsys):
     assert "is a version 99 bbfused-train checkpoint, and this bbfused reads version 1" in err
     assert "upgrade bbfused" in err
     assert [r["epoch"] for r in read_log(run)] == [1]
+
+
+def test_synthetic_data_shows_no_accuracy(capsys):
+    """Synthetic labels are random: 'test top-1 0.00%' read as a failure. The line says there is no test set."""
+    argv = ["--data", "synthetic", "--model", "mlp", "--image-size", "8", "--batch-size", "4", "--epochs", "2"]
+    assert main([*argv, "--limit-train", "16", "--limit-test", "4", "--bb-backend", "eager", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    epoch_lines = [line for line in printed if line.startswith("epoch")]
+    assert len(epoch_lines) == 2 and all("no test set (synthetic data)" in line for line in epoch_lines)
+    assert not any("%" in line for line in printed), printed
+    assert printed[-1].startswith("done: 2 epochs in ") and "best" not in printed[-1]
+
+
+def test_rolled_back_epoch_line_says_which_weights_it_shows():
+    """A rolled-back epoch printed 'train loss nan' and a count of skipped values; its line says the epoch was
+    undone and whose weights the test figures are."""
+    record = {"epoch": 4, "lr": 0.67, "train_loss": math.nan, "test_acc1": 96.7, "images_per_s": 10.0, "time_s": 1.0}
+    line = format_record({**record, "rolled_back": True, "skipped_gradient_values": 221890510}, 10)
+    assert "train loss nan" in line and "221890510 non-finite gradient values skipped" in line
+    assert "diverged: BB rolled the epoch back to the weights of epoch 3 (the test figures are theirs)" in line
+    first = format_record({**record, "epoch": 1, "rolled_back": True}, 10)
+    assert "rolled the epoch back to the initial weights" in first
+    assert "rolled" not in format_record({**record, "rolled_back": False}, 10)
 
 
 def test_closing_summary(tmp_path, capsys):

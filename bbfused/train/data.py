@@ -44,6 +44,7 @@ class Data:
     num_classes: int
     in_channels: int
     image_size: int
+    has_test_set: bool = True  # False for synthetic data: its labels are random, so accuracy means nothing
 
 
 @dataclass(frozen=True)
@@ -390,4 +391,5 @@ def synthetic_data(
         num_classes=SYNTHETIC_CLASSES,
         in_channels=3,
         image_size=image_size,
+        has_test_set=False,
     )

@@ -228,7 +228,7 @@ class Training:
             # Written first: once the line shows, checkpoint.pth holds this epoch.
             if args.output_dir is not None:
                 self._write_outputs(states, improved)
-            print(format_record(record, args.epochs), flush=True)
+            print(format_record(record, args.epochs, self.data.has_test_set), flush=True)
         return record
 
     def fit(self) -> list[dict[str, Any]]:
@@ -242,7 +242,8 @@ class Training:
         for epoch in range(self.start_epoch, self.args.epochs):
             self.run_epoch(epoch)
         if self.is_main:
-            print(summary(self.progress, time.perf_counter() - start, self.args.output_dir), flush=True)
+            seconds = time.perf_counter() - start
+            print(summary(self.progress, seconds, self.args.output_dir, self.data.has_test_set), flush=True)
         return self.progress.history
 
     def describe(self) -> str:

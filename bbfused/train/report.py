@@ -38,14 +38,20 @@ def describe(
     return f"{line}; resuming after epoch {start_epoch}" if start_epoch else line
 
 
-def format_record(record: dict[str, Any], epochs: int) -> str:
-    """The one line printed after each epoch."""
+def format_record(record: dict[str, Any], epochs: int, test_set: bool = True) -> str:
+    """The one line printed after each epoch. ``test_set`` False (synthetic data, whose labels are random):
+    no accuracy is shown, since it would mean nothing."""
     acc5 = f"  top-5 {record['test_acc5']:6.2f}%" if "test_acc5" in record else ""
+    test = f"test top-1 {record['test_acc1']:6.2f}%{acc5}" if test_set else "no test set (synthetic data)"
+    rolled_back = ""
+    if record.get("rolled_back"):
+        restored = "the initial weights" if record["epoch"] == 1 else f"the weights of epoch {record['epoch'] - 1}"
+        rolled_back = f"  diverged: BB rolled the epoch back to {restored} (the test figures are theirs)"
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  lr {record['lr']:.6g}  "
-        f"train loss {record['train_loss']:.4f}  test top-1 {record['test_acc1']:6.2f}%{acc5}  "
+        f"train loss {record['train_loss']:.4f}  {test}  "
         f"{record['images_per_s']:,.0f} img/s  {record['time_s']:.1f} s"
-        + ("  diverged: BB rolled the epoch back" if record.get("rolled_back") else "")
+        + rolled_back
         + (
             f"  {record['skipped_gradient_values']} non-finite gradient values skipped"
             if record.get("skipped_gradient_values")
@@ -63,11 +69,12 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def summary(progress: Progress, seconds: float, output_dir: Path | None) -> str:
-    """The closing lines: the best epoch, the time, what was rolled back, where the outputs are."""
+def summary(progress: Progress, seconds: float, output_dir: Path | None, test_set: bool = True) -> str:
+    """The closing lines: the best epoch (with a test set), the time, what was rolled back, where the outputs
+    are."""
     trained = len(progress.history)
     lines = [f"done: {trained} epochs in {duration(seconds)}"]
-    if progress.best_epoch is not None:
+    if progress.best_epoch is not None and test_set:
         lines[0] += f"; best test top-1 {progress.best_acc1:.2f}% at epoch {progress.best_epoch}"
     rolled_back = [r["epoch"] for r in progress.history if r.get("rolled_back")]
     if rolled_back:
