@@ -4,10 +4,11 @@ Defaults: the paper's MLP on the MNIST files shipped with bbfused. ``--data PATH
 folder (ResNet-50 by default), ``--data synthetic`` on random device batches (pure training throughput).
 Launched by ``torchrun --nproc_per_node N`` it trains with DDP; ``--batch-size`` is per process.
 
-One concern per module: :mod:`.options` (the command line), :mod:`.building` (data, model, optimizer),
-:mod:`.checkpoints` (checkpoints and the resume), :mod:`.loop` (the epochs), :mod:`.report` (what is printed),
-:mod:`.outputs` (the output folder, log, figure), :mod:`.process_group` (torchrun), :mod:`.data` and
-:mod:`.models`, :mod:`.errors` (the inputs' errors), :mod:`.entry` (exit codes and failures). The pieces are
+One concern per module: :mod:`.options` (the command line; :mod:`.bb_source` reads BB's defaults for it),
+:mod:`.building` (data, model, optimizer), :mod:`.checkpoints` (checkpoints and the resume), :mod:`.loop` (the
+epochs), :mod:`.report` (what is printed), :mod:`.outputs` (the output folder, log, figure), :mod:`.lock` (one
+run per output folder), :mod:`.process_group` (torchrun), :mod:`.signals` (SIGTERM as Ctrl-C), :mod:`.data`
+and :mod:`.models`, :mod:`.errors` (the inputs' errors), :mod:`.entry` (exit codes and failures). The pieces are
 importable, so experiments can drive training from Python::
 
     training = prepare(parse_args(["--model", "lenet", "--optimizer", "adam", "--epochs", "5"]))

@@ -53,6 +53,14 @@ class Progress:
     best_epoch: int | None = None
     saved_epoch: int | None = None  # the epoch checkpoint.pth holds (None: none written by this run yet)
 
+    def add(self, record: dict[str, Any]) -> bool:
+        """Append an epoch's record; returns whether its test top-1 is the best so far (best.pth is rewritten)."""
+        self.history.append(record)
+        if record["test_acc1"] > self.best_acc1:
+            self.best_acc1, self.best_epoch = record["test_acc1"], record["epoch"]
+            return True
+        return False
+
 
 # ------------------------------------------------------------------------------------------- settings
 def saved_settings(args: argparse.Namespace) -> dict[str, Any]:

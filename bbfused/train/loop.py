@@ -184,52 +184,34 @@ class Training:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train and evaluate epoch ``epoch`` (0-based); on the main process print its line and write the outputs.
         Returns the epoch's record (``epoch`` is 1-based in it)."""
-        args = self.args
-        amp_dtype = AMP_DTYPES[args.amp]
-        if self.data.train_sampler is not None:
-            self.data.train_sampler.set_epoch(epoch)
+        args, data = self.args, self.data
+        if data.train_sampler is not None:
+            data.train_sampler.set_epoch(epoch)
         start = time.perf_counter()
+        common = {"amp_dtype": AMP_DTYPES[args.amp], "channels_last": args.channels_last, "world": self.shard.world}
         train = train_one_epoch(
-            self.train_model,
-            self.optimizer,
-            self.data.train,
-            self.device,
-            amp_dtype=amp_dtype,
-            scaler=self.scaler,
-            channels_last=args.channels_last,
-            world=self.shard.world,
-            print_freq=args.print_freq,
-            progress=self.is_main,
-            description=f"epoch {epoch + 1}/{args.epochs}",
-        )
-        test = evaluate(
-            self.eval_model,
-            self.data.test,
-            self.device,
-            self.data.num_classes,
-            amp_dtype=amp_dtype,
-            channels_last=args.channels_last,
-            world=self.shard.world,
-        )
-        record = {"epoch": epoch + 1, **train, **test, "time_s": time.perf_counter() - start}
-        if isinstance(self.optimizer, BB):  # in the paper's mode: never rolled back, no value skipped
-            record["rolled_back"] = epoch in self.optimizer.rolled_back_epochs
-            skipped = self.optimizer.skipped_gradient_values
-            record["skipped_gradient_values"] = skipped - self.skipped_before
-            self.skipped_before = skipped
-        progress = self.progress
-        progress.history.append(record)
-        improved = record["test_acc1"] > progress.best_acc1
-        if improved:
-            progress.best_acc1, progress.best_epoch = record["test_acc1"], epoch + 1
+            self.train_model, self.optimizer, data.train, self.device, scaler=self.scaler, print_freq=args.print_freq,
+            progress=self.is_main, description=f"epoch {epoch + 1}/{args.epochs}", **common,
+        )  # fmt: skip
+        test = evaluate(self.eval_model, data.test, self.device, data.num_classes, **common)
+        record = {"epoch": epoch + 1, **train, **test, "time_s": time.perf_counter() - start, **self._bb_fields(epoch)}
+        improved = self.progress.add(record)
         # Every process takes part in gathering the RNG states; only the main one prints and writes.
         states = gather_rng_states(self.shard, self.device) if args.output_dir is not None else None
         if self.is_main:
             # Written first: once the line shows, checkpoint.pth holds this epoch.
             if args.output_dir is not None:
                 self._write_outputs(states, improved)
-            print(format_record(record, args.epochs, self.data.has_test_set), flush=True)
+            print(format_record(record, args.epochs, data.has_test_set), flush=True)
         return record
+
+    def _bb_fields(self, epoch: int) -> dict[str, Any]:
+        """Whether BB rolled the epoch back and how many gradient values it skipped (in the paper's mode: no, 0)."""
+        if not isinstance(self.optimizer, BB):
+            return {}
+        skipped, before = self.optimizer.skipped_gradient_values, self.skipped_before
+        self.skipped_before = skipped
+        return {"rolled_back": epoch in self.optimizer.rolled_back_epochs, "skipped_gradient_values": skipped - before}
 
     def fit(self) -> list[dict[str, Any]]:
         """Train from the start (or the resumed) epoch to ``args.epochs``, then print a summary; returns every
@@ -258,10 +240,11 @@ class Training:
             self.lock.release()
 
     def abort(self) -> None:
-        """Leave the process group after a failure without waiting for the other ranks, and the output folder."""
+        """Leave the process group after a failure without waiting for the other ranks, and the output folder
+        (removed again if this run created it and wrote nothing into it)."""
         process_group.abort(self.shard)
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(remove_created=True)
 
     def _write_outputs(self, rng_states: list[dict[str, Any]], improved: bool) -> None:
         out, args = self.args.output_dir, self.args
