@@ -381,6 +381,24 @@ def test_image_folder_links_out_of_it_are_followed(tmp_path, capsys):
         scan_images(root / "train", root)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_is_named_with_what_to_do(tmp_path, capsys, workers):
+    """An image that does not decode ended the run with PIL's traceback; now with exit 2, naming the file and
+    the fix (also when a loader process found it, whose traceback DataLoader prepends)."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for n in range(2):
+                Image.new("RGB", (12, 12), (n * 90, 30, 60)).save(tmp_path / split / name / f"{n}.png")
+    (tmp_path / "train" / "a" / "bad.png").write_bytes(b"not an image")
+    argv = ["--data", str(tmp_path), "--model", "mlp", "--image-size", "12", "--workers", str(workers)]
+    err = run_bad([*argv, "--batch-size", "5", "--epochs", "1", "--bb-backend", "eager", "--device", "cpu"], capsys)
+    assert f"error: {tmp_path / 'train' / 'a' / 'bad.png'} is not a readable image" in err
+    assert "remove it or replace it" in err and "Traceback" not in err
+
+
 def test_class_folder_without_images(tmp_path, capsys):
     for split in ("train", "val"):
         (tmp_path / split / "cat").mkdir(parents=True)

@@ -174,7 +174,10 @@ def _build(args: argparse.Namespace, shard: Shard, device: torch.device, checkpo
             f"--data {args.data} gives no full training batch: each of the {shard.world} process(es) gets fewer "
             f"than --batch-size {args.batch_size} images; lower --batch-size"
         )
-    model = build_model(args.model, data.num_classes, data.in_channels, data.image_size, dropout=args.dropout or 0.0)
+    try:
+        model = build_model(args.model, data.num_classes, data.in_channels, data.image_size, args.dropout or 0.0)
+    except ValueError as error:  # a model that cannot take this data's images
+        raise UsageError(f"--model {args.model} on --data {args.data}: {error}") from None
     if checkpoint is not None:
         load_weights(model, checkpoint, args)
     model.to(device)

@@ -255,6 +255,8 @@ def verify_checkpoint(path: Path) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read and verify a checkpoint of this command."""
+    if path.is_dir():
+        raise UsageError(f"--resume {path} is a folder; pass the checkpoint in it: --resume {path / LATEST}")
     if not path.is_file():
         raise UsageError(f"--resume {path}: no such file; pass the checkpoint.pth of an earlier run")
     verify_checkpoint(path)

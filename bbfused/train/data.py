@@ -291,7 +291,12 @@ class ImageFiles(Dataset):
         from torchvision.datasets.folder import default_loader
 
         path, target = self.samples[index]
-        return self.transform(default_loader(path)), target
+        try:
+            return self.transform(default_loader(path)), target
+        except OSError as error:  # PIL's UnidentifiedImageError, a truncated file, a read error
+            raise DataError(
+                f"{path} is not a readable image ({error}); remove it or replace it, then continue the run"
+            ) from None
 
 
 def folder_transforms(image_size: int, train: bool):

@@ -76,6 +76,15 @@ def run(
     return history
 
 
+def _own_message(error: Exception) -> str:
+    """The error's message, without the worker traceback a DataLoader puts before it when a loader process
+    raised it (a corrupt image)."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(f"{type(error).__name__}: ", 1)[-1]
+    return message
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     """The command: 0 on success, 2 on bad input or a full disk, 130 on Ctrl-C, 143 on SIGTERM, 1 on any other
     error."""
@@ -94,7 +103,7 @@ def _main(argv: Iterable[str] | None, stop: TerminateAsInterrupt) -> int:
         print(f"bbfused-train: {complete}", flush=True)
         return 0
     except (UsageError, DataError, OutputError) as error:
-        print(f"bbfused-train: error: {error}", file=sys.stderr, flush=True)
+        print(f"bbfused-train: error: {_own_message(error)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except Interrupted as interrupted:
         if os.environ.get("RANK", "0") == "0":  # only the main process writes, so only it knows what was saved

@@ -73,7 +73,10 @@ def lenet(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> 
     padding = max(0, (32 - image_size + 1) // 2)
     side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
     if side < 1:
-        raise ValueError(f"lenet needs images of at least 12x12 pixels, got {image_size}x{image_size}")
+        raise ValueError(
+            f"lenet needs images of at least 12x12 pixels, got {image_size}x{image_size}; use larger images "
+            f"(--image-size 12 or more)"
+        )
     from torch import nn
 
     model = nn.Sequential(
