@@ -556,3 +556,18 @@ def test_resume_set_by_hand_is_checked_against_the_checkpoint(one_epoch, tmp_pat
     args.resume, args.output_dir = run / "checkpoint.pth", run
     with pytest.raises(UsageError, match="is a checkpoint of --model mlp, but this run has --model lenet"):
         prepare(args)
+
+
+def test_fault_probes_run_and_classify(capsys, monkeypatch):
+    """benchmarks/trainer_probes.py (all its probes take minutes): two quick ones, through the same harness."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trainer_probes", REPO / "benchmarks" / "trainer_probes.py")
+    probes = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "trainer_probes", probes)  # its dataclasses look themselves up there
+    spec.loader.exec_module(probes)
+    names = [probe.name for probe in probes.probes()]
+    assert len(names) == len(set(names)) >= 40
+    counts = probes.main(["--only", "unknown optimizer", "tau-min above tau-max"])
+    assert counts == {"handled": 2, "weak": 0, "failed": 0}
+    assert "tried 2: handled well 2, weak message 0, failed 0" in capsys.readouterr().out
