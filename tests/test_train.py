@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 from bbfused import BB
-from bbfused.data import DataError, load_mnist
-from bbfused.train import build_optimizer, main, parameter_groups, parse_args, prepare
+from bbfused.train import build_optimizer, build_parser, main, parameter_groups, parse_args, prepare
+from bbfused.train.data import DataError, load_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -161,6 +162,62 @@ def test_every_optimizer_trains(name):
     assert record["test_acc1"] > 50.0, record  # 16 steps of an MLP on MNIST: far above chance (10%)
 
 
+def test_paper_mode_gets_the_loss_and_records_no_rollback(monkeypatch):
+    """The trainer does not branch on BB's mode: every step gets the loss, which the paper's rule ignores (the
+    weights match a run whose steps drop it), and each record says nothing was rolled back or skipped."""
+    finals, losses = [], []
+    for keep_loss in (True, False):
+        training = prepare(parse_args([*TINY, "--no-bb-safeguard", "--epochs", "2"]))
+
+        def recording_step(*args, loss=None, _keep=keep_loss, _step=training.optimizer.step, **kwargs):
+            losses.append(loss)
+            return _step(*args, **({"loss": loss} if _keep else {}), **kwargs)
+
+        monkeypatch.setattr(training.optimizer, "step", recording_step)
+        history = training.fit()
+        finals.append({key: value.clone() for key, value in training.model.state_dict().items()})
+    assert len(losses) == 2 * 2 * 8 and all(isinstance(loss, torch.Tensor) and loss.ndim == 0 for loss in losses)
+    assert [(r["rolled_back"], r["skipped_gradient_values"]) for r in history] == [(False, 0), (False, 0)]
+    for key, value in finals[0].items():
+        assert torch.equal(finals[1][key], value), key
+
+
+def test_trainer_has_no_import_cycle():
+    """The modules of bbfused.train import each other as a tree (every import counted, also those inside
+    functions), so each can be read, tested and imported on its own."""
+    import ast
+
+    package = REPO / "bbfused" / "train"
+    modules = {path.stem: path for path in package.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module is None:  # from . import a, b: modules, or names of the package's __init__
+                    edges.update(alias.name if alias.name in modules else "__init__" for alias in node.names)
+                else:
+                    edges.add(node.module.split(".")[0])
+            elif (
+                isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("bbfused.train")
+            ):
+                edges.add((node.module.split(".")[2:] or ["__init__"])[0])
+    assert {edge for edges in graph.values() for edge in edges} <= set(modules)
+    assert "checkpoints" in graph["building"] and "options" in graph["checkpoints"]  # the walk sees the imports
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node) :] + [node]
+        for successor in sorted(graph[node]):
+            found = cycle_from(successor, [*path, node])
+            if found:
+                return found
+        return None
+
+    cycles = [cycle for name in sorted(modules) if (cycle := cycle_from(name, []))]
+    assert not cycles, " -> ".join(cycles[0])
+
+
 def test_optimizer_settings():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     groups = parameter_groups(model, 5e-4, no_decay_norm_bias=True)
@@ -269,6 +326,79 @@ def test_bad_data_folder(tmp_path, capsys, make, message):
     assert not out.exists()
 
 
+def names_only_tree(root: Path, per_class: int = 8) -> Path:
+    """train/ and val/ with classes a and b of empty *.png files: enough for scanning, which reads no image."""
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for n in range(per_class):
+                (root / split / name / f"{n}.png").touch()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("link", "target"),
+    [
+        ("train/a/loop", "."),  # 32 files became 672
+        ("train/a/up", ".."),  # 1,312
+        ("train/c", "."),  # a class c of a's and b's images
+        ("train/c", "../val/a"),  # a class that is a folder of the tree
+        ("train/a/twice.png", "../b/0.png"),  # one image under two classes
+        ("val", "train"),  # the training images evaluated as the test set
+    ],
+)
+def test_image_folder_links_back_into_it_are_refused(tmp_path, capsys, link, target):
+    """The scan followed every link: a link back into the data folder multiplied and mislabelled images (or
+    looped). Such a link is refused, by name, before anything is built."""
+    root = names_only_tree(tmp_path / "data")
+    if link == "val":
+        shutil.rmtree(root / "val")
+    (root / link).symlink_to(target)
+    argv = ["--data", str(root), "--model", "mlp", "--image-size", "16", "--workers", "0", "--device", "cpu"]
+    err = run_bad([*argv, "--output-dir", str(tmp_path / "out")], capsys)
+    assert f"{root / link} is a link to" in err and "count the same images twice" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_folder_links_out_of_it_are_followed(tmp_path, capsys):
+    """Links to folders elsewhere (a class or a split stored on another disk) are followed, in torchvision's
+    ImageFolder order; a loop among them is refused rather than followed forever."""
+    from torchvision.datasets import ImageFolder
+
+    from bbfused.train.data import scan_images
+
+    root = names_only_tree(tmp_path / "data")
+    outside = names_only_tree(tmp_path / "elsewhere", per_class=3)
+    (root / "train" / "c").symlink_to(outside / "train" / "a")
+    (root / "val" / "c").symlink_to(outside / "val" / "a")
+    (root / "train" / "a" / "more").symlink_to(outside / "train" / "b")
+    classes, samples = scan_images(root / "train", root)
+    assert classes == ["a", "b", "c"] and len(samples) == 8 + 3 + 8 + 3
+    reference = ImageFolder(str(root / "train"), loader=lambda path: path)
+    assert samples == reference.samples
+    (outside / "train" / "b" / "again").symlink_to(outside / "train" / "b")
+    with pytest.raises(DataError, match="which .* already reaches: its images would count twice"):
+        scan_images(root / "train", root)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_is_named_with_what_to_do(tmp_path, capsys, workers):
+    """An image that does not decode ended the run with PIL's traceback; now with exit 2, naming the file and
+    the fix (also when a loader process found it, whose traceback DataLoader prepends)."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for n in range(2):
+                Image.new("RGB", (12, 12), (n * 90, 30, 60)).save(tmp_path / split / name / f"{n}.png")
+    (tmp_path / "train" / "a" / "bad.png").write_bytes(b"not an image")
+    argv = ["--data", str(tmp_path), "--model", "mlp", "--image-size", "12", "--workers", str(workers)]
+    err = run_bad([*argv, "--batch-size", "5", "--epochs", "1", "--bb-backend", "eager", "--device", "cpu"], capsys)
+    assert f"error: {tmp_path / 'train' / 'a' / 'bad.png'} is not a readable image" in err
+    assert "remove it or replace it" in err and "Traceback" not in err
+
+
 def test_class_folder_without_images(tmp_path, capsys):
     for split in ("train", "val"):
         (tmp_path / split / "cat").mkdir(parents=True)
@@ -292,6 +422,44 @@ def test_class_folder_without_images(tmp_path, capsys):
 )
 def test_bad_options(capsys, argv, message):
     assert message in run_bad(argv, capsys)
+
+
+def test_help_and_option_errors_load_no_torch():
+    """--help and the mistakes found without a device or a torchvision model name answer at once: neither
+    imports torch (importing it, and torch._dynamo with the optimizer, took 7-20 s on a loaded 2-core machine)."""
+    script = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from bbfused.train import main
+        codes = []
+        for argv in (["--help"], ["--batch-size", "0"], ["--tau-min", "4"], ["--optimizer", "adam", "--tau0", "2"]):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                codes.append(main(argv))
+        print(codes, sorted(name for name in ("torch", "torchvision") if name in sys.modules))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert finished.stdout.split("\n")[0] == "[0, 2, 2, 2] []", finished.stdout + finished.stderr[-2000:]
+
+
+def test_bb_settings_read_from_the_source_are_the_imported_ones():
+    """The command line reads BB's defaults and the backend names from the source (no torch): they are the
+    values the import gives, and the reader found each one itself rather than falling back to the import."""
+    import inspect
+
+    from bbfused.backends import BACKEND_NAMES
+    from bbfused.optimizer import BB
+    from bbfused.train import bb_source
+
+    signature = inspect.signature(BB).parameters
+    read = bb_source._source_bb_defaults()
+    for name in ("tau0", "tau_min", "tau_max", "backend", "safeguard"):
+        assert name in read and read[name] == signature[name].default, name
+    assert bb_source.backend_names() == tuple(BACKEND_NAMES)
+    assert bb_source._literal_names(bb_source._tree("backends/__init__.py"), "BACKEND_NAMES") == tuple(BACKEND_NAMES)
+    parser_choices = {a.dest: a.choices for a in build_parser()._actions}
+    assert parser_choices["bb_backend"] == tuple(BACKEND_NAMES)
 
 
 def test_output_dir_not_writable(tmp_path, capsys):

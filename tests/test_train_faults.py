@@ -5,6 +5,7 @@ the progress bar, the GPU hint, the figure). CPU, a few seconds each."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import pytest
 import torch
 from test_train import TINY, read_log
 
-from bbfused.train import gpu_size_hint, main, outputs, parse_args
+from bbfused.train import checkpoints, format_record, gpu_size_hint, main, outputs, parse_args
 from bbfused.train import loop as train_loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ class Killed(BaseException):
 
 
 def load(path: Path) -> dict:
-    outputs.verify_checkpoint(path)
+    checkpoints.verify_checkpoint(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -74,7 +75,8 @@ def test_kill_during_the_writes_leaves_consistent_checkpoints(one_epoch, tmp_pat
             raise Killed
         original(path, write)
 
-    monkeypatch.setattr(outputs, "atomic_write", dying_write)
+    monkeypatch.setattr(outputs, "atomic_write", dying_write)  # the log and the figure
+    monkeypatch.setattr(checkpoints, "atomic_write", dying_write)
     with pytest.raises(Killed):
         main([*TINY, "--epochs", "2", "--resume", str(run / "checkpoint.pth")])
     monkeypatch.undo()
@@ -186,6 +188,216 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved["epoch"] + 1)]) == 0
 
 
+# ------------------------------------------------------------------------------------------- runs sharing a folder
+def start_run(argv: list[str], stderr: Path) -> subprocess.Popen:
+    """The command in its own process; stderr goes to a file, never a pipe the progress bar could fill."""
+    with stderr.open("w") as stderr_file:
+        command = [sys.executable, "-m", "bbfused.train", *argv]
+        return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, starts: str) -> str:
+    for line in process.stdout:
+        if " ".join(line.split()).startswith(starts):
+            return line
+    raise AssertionError(f"the run ended (exit {process.wait()}) before printing a line starting {starts!r}")
+
+
+def test_second_run_on_one_folder_is_refused_and_a_killed_runs_lock_taken_over(tmp_path, capsys):
+    """Two runs on one --output-dir overwrote each other's files. The second is refused at once, naming the
+    first's pid, even before the first wrote anything; after a SIGKILL its lock is stale and taken over, and
+    the temporary files of killed processes are removed."""
+    out = tmp_path / "run"
+    first = start_run([*TINY, "--epochs", "1000", "--output-dir", str(out)], tmp_path / "first.txt")
+    try:
+        wait_for_line(first, "mlp on MNIST")  # prepared: it holds the folder, nothing is written yet
+        assert main([*TINY, "--epochs", "2", "--seed", "1", "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output-dir {out} is in use by another bbfused-train run (pid {first.pid})" in err
+        assert f"kill {first.pid}" in err and "choose another --output-dir" in err
+        wait_for_line(first, "epoch 1/1000")
+        assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", "1001"]) == 2
+        assert f"(pid {first.pid})" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert (out / ".bbfused-train.lock").read_text().split()[0] == str(first.pid)  # left behind by the kill
+    (out / ".curves.png.4194304.tmp").write_bytes(b"half a figure")  # another killed process's
+    saved = load(out / "checkpoint.pth")["epoch"]
+    assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved + 1)]) == 0
+    printed = capsys.readouterr().out
+    assert f"the run of pid {first.pid}" in printed and "ended without releasing its lock" in printed
+    assert not list(out.glob(".*.tmp")) and not (out / ".bbfused-train.lock").exists()
+    assert [r["epoch"] for r in read_log(out)][-1] == saved + 1
+
+
+def test_held_lock_refuses_before_anything_is_written(tmp_path, capsys):
+    """A lock held in this process (another open file): refused at once, and a folder the refused run created
+    is removed again."""
+    from bbfused.train.lock import lock_output_dir
+
+    held = lock_output_dir(tmp_path / "run")
+    try:
+        assert main([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 2
+        assert f"(pid {os.getpid()})" in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".bbfused-train.lock"]
+    finally:
+        held.release(remove_created=True)
+    assert not (tmp_path / "run").exists()
+    assert main([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "new" / "run"), "--data", "nowhere"]) == 2
+    assert not (tmp_path / "new").exists()  # created for the lock, removed with it
+
+
+def test_without_flock_a_dead_owner_is_stale_and_a_live_one_holds(tmp_path, monkeypatch):
+    """On a file system without flock the lock file's pid decides: a process that is gone has no lock."""
+    import fcntl
+    import socket
+
+    from bbfused.train import UsageError
+    from bbfused.train.lock import LOCK, lock_output_dir
+
+    def no_flock(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / LOCK).write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")
+    lock = lock_output_dir(folder)
+    assert lock.stale_owner == (int(dead.stdout), socket.gethostname())
+    assert (folder / LOCK).read_text().split()[0] == str(os.getpid())
+    lock.release()
+    (folder / LOCK).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # alive: the test runner's parent
+    with pytest.raises(UsageError, match=f"in use by another bbfused-train run \\(pid {os.getppid()}\\)"):
+        lock_output_dir(folder)
+
+
+# ------------------------------------------------------------------------------------------- restarting
+def test_folder_with_only_best_continues_from_it(one_epoch, tmp_path, capsys):
+    """A kill between the two renames of epoch 1 leaves best.pth without checkpoint.pth. The refusal to start
+    over it names a command that works, and --resume D/checkpoint.pth (what a restarter runs) continues from
+    best.pth, which holds the same epoch."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pth").write_bytes((one_epoch / "best.pth").read_bytes())
+    (run / ".checkpoint.pth.4194304.tmp").write_bytes(b"the rename that never happened")
+    err = run_bad_output([*TINY, "--epochs", "2", "--output-dir", str(run)], capsys)
+    assert f"already holds a run (best.pth); continue it with --resume {run / 'best.pth'}" in err
+    assert main(["--resume", str(run / "checkpoint.pth"), "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{run / 'checkpoint.pth'} is missing" in printed and f"continuing from {run / 'best.pth'}" in printed
+    assert [r["epoch"] for r in read_log(run)] == [1, 2] and load(run / "checkpoint.pth")["epoch"] == 2
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_missing_checkpoint_beside_a_longer_log_is_not_replaced_by_best(one_epoch, tmp_path, capsys):
+    """checkpoint.pth lost some other way, the log going further than best.pth: continuing from best.pth would
+    drop logged epochs, so it takes the explicit command, which the message names."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pth").write_bytes((one_epoch / "best.pth").read_bytes())
+    (run / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+    err = run_bad_output(["--resume", str(run / "checkpoint.pth"), "--epochs", "4"], capsys)
+    assert "records epochs up to 3" in err and f"pass --resume {run / 'best.pth'}" in err
+    assert (run / "log.jsonl").read_text().count("\n") == 3
+
+
+def test_auto_resume_is_one_command_for_every_state(one_epoch, tmp_path, capsys):
+    """--auto-resume: what a restarter (torchrun --max-restarts, a requeue) runs again unchanged. It starts a
+    run in a folder a kill left without a checkpoint, continues one with best.pth only, and once the run is
+    complete exits 0 instead of 2, so a restarter never loops on an error."""
+    command = [*TINY, "--epochs", "2", "--auto-resume", "--output-dir"]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".best.pth.4194304.tmp").write_bytes(b"killed during the first write")
+    assert main([*TINY, "--epochs", "1", "--auto-resume", "--output-dir", str(fresh)]) == 0
+    assert [r["epoch"] for r in read_log(fresh)] == [1] and not list(fresh.glob(".*.tmp"))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pth").write_bytes((one_epoch / "best.pth").read_bytes())
+    assert main([*command, str(run)]) == 0
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
+    capsys.readouterr()
+    assert main([*command, str(run)]) == 0
+    assert f"{run / 'checkpoint.pth'} holds all 2 epochs of this run; nothing to do" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
+    assert "pass --output-dir, and no --resume" in run_bad_output([*TINY, "--auto-resume"], capsys)
+
+
+def run_bad_output(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- SIGTERM
+def test_sigterm_exits_143_and_names_the_command_that_started_the_run(tmp_path):
+    """Schedulers and torchrun send SIGTERM on preemption: it ends the run as Ctrl-C does, and the resume line
+    repeats how the run was started (here this interpreter's -m bbfused.train: bbfused-train may not be on
+    PATH)."""
+    out = tmp_path / "run"
+    process = start_run([*TINY, "--epochs", "1000", "--output-dir", str(out)], tmp_path / "stderr.txt")
+    try:
+        wait_for_line(process, "epoch 1/1000")
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and "terminated (SIGTERM)" in stderr
+    saved = load(out / "checkpoint.pth")
+    resume = f"{sys.executable} -m bbfused.train --resume {out / 'checkpoint.pth'}"
+    assert f"holds epoch {saved['epoch']}: continue with {resume}" in stderr
+    assert not list(out.glob(".*.tmp")) and not (out / ".bbfused-train.lock").exists()
+    assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved["epoch"] + 1)]) == 0
+
+
+def test_sigterm_during_the_writes_is_held_until_they_are_done(tmp_path, monkeypatch, capsys):
+    """The signal arrives while checkpoint.pth is being written: the epoch's files are finished first."""
+    original = checkpoints.save_checkpoints
+
+    def terminated_while_saving(out, checkpoint, improved) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        original(out, checkpoint, improved)
+
+    monkeypatch.setattr(train_loop, "save_checkpoints", terminated_while_saving)
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "3", "--output-dir", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert f"terminated (SIGTERM); {out / 'checkpoint.pth'} holds epoch 1: continue with " in err
+    assert load(out / "checkpoint.pth")["epoch"] == 1 and [r["epoch"] for r in read_log(out)] == [1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handler back
+
+
+def test_sigterm_under_torchrun_stops_every_process(tmp_path):
+    """torchrun passes a SIGTERM on to every process: each stops as on Ctrl-C (no traceback), and rank 0
+    names the torchrun command that continues the run."""
+    out = tmp_path / "run"
+    argv = ["--model", "lenet", "--limit-train", "512", "--limit-test", "64", "--batch-size", "32"]
+    argv += ["--bb-backend", "eager", "--device", "cpu", "--epochs", "1000", "--output-dir", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "bbfused.train", *argv]
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr_file:
+        process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+    try:
+        wait_for_line(process, "epoch 1/1000")
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=90)
+    finally:
+        process.kill()
+    stderr = errors.read_text()
+    # torchrun itself ends with its SignalException's traceback; no process of the run has one.
+    assert "bbfused/train" not in stderr and "failed:" not in stderr, stderr[-3000:]
+    assert stderr.count("terminated (SIGTERM)") == 1, stderr[-3000:]
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2 -m bbfused.train"
+    assert f"continue with {launcher} --resume {out / 'checkpoint.pth'}" in stderr, stderr[-3000:]
+    assert not (out / ".bbfused-train.lock").exists()
+
+
 # ------------------------------------------------------------------------------------------- what the user sees
 def test_log_is_strict_json_with_null_for_non_finite_values(tmp_path):
     """The paper's BB from an absurd rate: the loss becomes NaN, which the log writes as null."""
@@ -212,6 +424,41 @@ def test_resume_reuses_the_saved_settings(one_epoch, tmp_path, capsys):
     saved = load(run / "checkpoint.pth")["args"]
     assert saved["limit_train"] == 256 and saved["batch_size"] == 32 and saved["epochs"] == 2
     assert [r["epoch"] for r in read_log(run)] == [1, 2]
+
+
+def test_checkpoint_of_another_version_is_refused(one_epoch, tmp_path, capsys):
+    """A checkpoint of a format version this bbfused does not know was loaded as if it were its own."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    saved = torch.load(run / "checkpoint.pth", weights_only=True)
+    saved["version"] = 99
+    torch.save(saved, run / "checkpoint.pth")
+    err = run_bad_output(["--resume", str(run / "checkpoint.pth"), "--epochs", "2"], capsys)
+    assert "is a version 99 bbfused-train checkpoint, and this bbfused reads version 1" in err
+    assert "upgrade bbfused" in err
+    assert [r["epoch"] for r in read_log(run)] == [1]
+
+
+def test_synthetic_data_shows_no_accuracy(capsys):
+    """Synthetic labels are random: 'test top-1 0.00%' read as a failure. The line says there is no test set."""
+    argv = ["--data", "synthetic", "--model", "mlp", "--image-size", "8", "--batch-size", "4", "--epochs", "2"]
+    assert main([*argv, "--limit-train", "16", "--limit-test", "4", "--bb-backend", "eager", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    epoch_lines = [line for line in printed if line.startswith("epoch")]
+    assert len(epoch_lines) == 2 and all("no test set (synthetic data)" in line for line in epoch_lines)
+    assert not any("%" in line for line in printed), printed
+    assert printed[-1].startswith("done: 2 epochs in ") and "best" not in printed[-1]
+
+
+def test_rolled_back_epoch_line_says_which_weights_it_shows():
+    """A rolled-back epoch printed 'train loss nan' and a count of skipped values; its line says the epoch was
+    undone and whose weights the test figures are."""
+    record = {"epoch": 4, "lr": 0.67, "train_loss": math.nan, "test_acc1": 96.7, "images_per_s": 10.0, "time_s": 1.0}
+    line = format_record({**record, "rolled_back": True, "skipped_gradient_values": 221890510}, 10)
+    assert "train loss nan" in line and "221890510 non-finite gradient values skipped" in line
+    assert "diverged: BB rolled the epoch back to the weights of epoch 3 (the test figures are theirs)" in line
+    first = format_record({**record, "epoch": 1, "rolled_back": True}, 10)
+    assert "rolled the epoch back to the initial weights" in first
+    assert "rolled" not in format_record({**record, "rolled_back": False}, 10)
 
 
 def test_closing_summary(tmp_path, capsys):
@@ -309,3 +556,18 @@ def test_resume_set_by_hand_is_checked_against_the_checkpoint(one_epoch, tmp_pat
     args.resume, args.output_dir = run / "checkpoint.pth", run
     with pytest.raises(UsageError, match="is a checkpoint of --model mlp, but this run has --model lenet"):
         prepare(args)
+
+
+def test_fault_probes_run_and_classify(capsys, monkeypatch):
+    """benchmarks/trainer_probes.py (all its probes take minutes): two quick ones, through the same harness."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trainer_probes", REPO / "benchmarks" / "trainer_probes.py")
+    probes = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "trainer_probes", probes)  # its dataclasses look themselves up there
+    spec.loader.exec_module(probes)
+    names = [probe.name for probe in probes.probes()]
+    assert len(names) == len(set(names)) >= 40
+    counts = probes.main(["--only", "unknown optimizer", "tau-min above tau-max"])
+    assert counts == {"handled": 2, "weak": 0, "failed": 0}
+    assert "tried 2: handled well 2, weak message 0, failed 0" in capsys.readouterr().out

@@ -44,11 +44,31 @@ def source_path() -> Path | None:
 
 
 def build_directory() -> Path:
-    """Where the JIT build lives: one folder per torch version and Python, so upgrades never load a stale build."""
+    """Where the JIT build lives: one folder per build of the kernels, named by a hash of everything the compile
+    depends on: the source's contents, the flags, torch's version and install location (its headers and
+    libraries are on the compiler's command line), Python's headers, the compiler and its version. So an
+    upgrade never loads a stale build, and every checkout or copy of the same source finds the same build:
+    ninja rebuilds whenever its command line changes, and it once held the checkout's path to the source."""
+    import hashlib
+    import subprocess
+    import sysconfig
+
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(cache) / "bbfused"
-    tag = re.sub(r"[^A-Za-z0-9_.]", "_", f"torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}")
-    return Path(root) / tag
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        compiler_version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        compiler_version = "unknown"  # no compiler: the build reports that itself
+    source = source_path()
+    key = hashlib.sha256(source.read_bytes() if source is not None else b"")
+    for part in (*CXX_FLAGS, "|", *LD_FLAGS, torch.__version__, torch.__file__, sysconfig.get_paths()["include"]):
+        key.update(f"\0{part}".encode())
+    key.update(f"\0{compiler}\0{compiler_version}".encode())
+    tag = f"torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}_{key.hexdigest()[:16]}"
+    return Path(root) / re.sub(r"[^A-Za-z0-9_.]", "_", tag)
 
 
 def _prebuilt_library() -> Path | None:
@@ -106,9 +126,22 @@ def _load_ops() -> str | None:
     directory = build_directory()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        # Compiled from a copy in the build folder, so the command line (and ninja's decision) is the same for
+        # every checkout; the folder's name holds the source's hash, so an existing copy is this source.
+        source = directory / _SOURCE
+        if not source.is_file():
+            temporary = directory / f".{_SOURCE}.{os.getpid()}.tmp"
+            shutil.copyfile(source_path(), temporary)
+            os.replace(temporary, source)
+        if not any((directory / f"{_JIT_NAME}{suffix}").is_file() for suffix in (".so", ".pyd")):
+            print(
+                f"bbfused: compiling the C++ kernels (once per torch build, up to a minute) in {directory} ...",
+                file=sys.stderr,
+                flush=True,
+            )
         cpp_extension.load(
             name=_JIT_NAME,
-            sources=[str(source_path())],
+            sources=[str(source)],
             extra_cflags=list(CXX_FLAGS),
             extra_ldflags=list(LD_FLAGS),
             build_directory=str(directory),

@@ -1,5 +1,5 @@
-"""Building a run from its settings: the process group, the data, the model, the optimizer, and a resumed
-checkpoint. Everything that can be wrong with the inputs raises UsageError, DataError or OutputError here,
+"""Building a run from its settings: the data, the model, the optimizer, and the state of a resumed run
+(:mod:`.checkpoints`). Everything that can be wrong with the inputs raises UsageError, DataError or OutputError here,
 before any file is written."""
 
 from __future__ import annotations
@@ -14,20 +14,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import Data, DataError, Shard, check_image_folder, folder_data, mnist_data, synthetic_data
-from ..models import build_model, is_shallow, torchvision_model_names
 from ..optimizer import BB
+from .checkpoints import load_weights, restore, resume_args, saved_run
+from .data import Data, DataError, Shard, check_image_folder, folder_data, mnist_data, synthetic_data
+from .errors import UsageError
+from .lock import lock_output_dir
 from .loop import Training
-from .options import OPTIMIZERS, UsageError, resume_settings
+from .models import build_model, is_shallow, torchvision_model_names
+from .options import OPTIMIZERS
 from .outputs import (
     LOG,
     check_free_space,
-    check_output_dir,
-    load_checkpoint,
+    check_output_location,
+    check_previous_run,
     remove_stale_temporaries,
     state_bytes,
     write_log,
 )
+from .process_group import init_distributed
 
 # Tensors of optimizer state per parameter tensor, for the checkpoint size before the first step.
 STATE_SLOTS = {"bb": 4, "sgd": 1, "nag": 1, "adam": 2, "amsgrad": 3, "adagrad": 1, "rmsprop": 2}
@@ -101,21 +105,6 @@ def build_data(args: argparse.Namespace, shard: Shard, device: torch.device) -> 
     )
 
 
-def init_distributed(device_name: str) -> tuple[Shard, torch.device]:
-    """This process's shard and device. Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on
-    GPUs (each process takes the GPU of its local rank), gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(device_name)
-    if world == 1:
-        return Shard(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Shard(rank, world), device
-
-
 def gpu_size_hint(args: argparse.Namespace, model: nn.Module, device: torch.device) -> str | None:
     """A one-line note when a GPU-sized job is about to train on a CPU (tens of seconds a step), else None."""
     if device.type != "cpu" or is_shallow(args.model) or args.data == "mnist":
@@ -131,27 +120,46 @@ def gpu_size_hint(args: argparse.Namespace, model: nn.Module, device: torch.devi
 
 
 def prepare(args: argparse.Namespace) -> Training:
-    """Check the inputs, then build data, model and optimizer (and restore ``args.resume``, whose saved
-    settings the run takes unless an option typed on the command line overrides one). Everything that can be
-    wrong with the inputs raises UsageError, DataError or OutputError here, before any file is written."""
+    """Check the inputs, then build data, model and optimizer. With ``args.resume`` the run continues from that
+    checkpoint, with its saved settings unless an option typed on the command line overrides one
+    (:func:`bbfused.train.checkpoints.resume_args`). Everything that can be wrong with the inputs raises
+    UsageError, DataError or OutputError here, before any file is written."""
+    checkpoint = None
+    if getattr(args, "auto_resume", False) and args.resume is None:
+        args.resume = saved_run(args.output_dir)
+    if args.resume is not None:
+        args, checkpoint = resume_args(args)
+    lock = None
     if args.output_dir is not None:
-        check_output_dir(args.output_dir, args.resume)
-        if args.resume is not None:
-            remove_stale_temporaries(args.output_dir)  # a killed run's; they hold space the resume needs
-    checkpoint = getattr(args, "resumed_checkpoint", None)
-    if args.resume is not None and checkpoint is None:
-        # Settings built without parse_args: every one counts as typed, and is checked against the checkpoint.
-        checkpoint = load_checkpoint(args.resume)
-        resume_settings(args, frozenset(vars(args)), checkpoint)
-    if args.data not in ("mnist", "synthetic"):
-        check_image_folder(Path(args.data))
-    shard, device = init_distributed(args.device)
+        check_output_location(args.output_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # the process that writes
+            lock = lock_output_dir(args.output_dir)
     try:
-        return _build(args, shard, device, checkpoint)
+        if args.output_dir is not None:
+            check_previous_run(args.output_dir, args.resume)
+            if lock is not None:
+                remove_stale_temporaries(args.output_dir)  # killed runs'; they hold space this run needs
+        if args.data not in ("mnist", "synthetic"):
+            check_image_folder(Path(args.data))
+        shard, device = init_distributed(args.device)
+        try:
+            training = _build(args, shard, device, checkpoint)
+        except BaseException:
+            if shard.world > 1:
+                dist.destroy_process_group()
+            raise
     except BaseException:
-        if shard.world > 1:
-            dist.destroy_process_group()
+        if lock is not None:
+            lock.release(remove_created=True)
         raise
+    training.lock = lock
+    if lock is not None and lock.stale_owner is not None:
+        pid, host = lock.stale_owner
+        training.notes.append(
+            f"note: the run of pid {pid}{f' on {host}' if host else ''} in {args.output_dir} ended without "
+            f"releasing its lock (it was killed); this run took it over"
+        )
+    return training
 
 
 def _build(args: argparse.Namespace, shard: Shard, device: torch.device, checkpoint: dict[str, Any] | None) -> Training:
@@ -166,15 +174,12 @@ def _build(args: argparse.Namespace, shard: Shard, device: torch.device, checkpo
             f"--data {args.data} gives no full training batch: each of the {shard.world} process(es) gets fewer "
             f"than --batch-size {args.batch_size} images; lower --batch-size"
         )
-    model = build_model(args.model, data.num_classes, data.in_channels, data.image_size, dropout=args.dropout or 0.0)
+    try:
+        model = build_model(args.model, data.num_classes, data.in_channels, data.image_size, args.dropout or 0.0)
+    except ValueError as error:  # a model that cannot take this data's images
+        raise UsageError(f"--model {args.model} on --data {args.data}: {error}") from None
     if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
-            raise UsageError(
-                f"--resume {args.resume} holds weights that do not fit {args.model} on this data "
-                f"({str(error).splitlines()[0]}); resume with the data and model of the saved run"
-            ) from None
+        load_weights(model, checkpoint, args)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -201,9 +206,10 @@ def _build(args: argparse.Namespace, shard: Shard, device: torch.device, checkpo
         optimizer_bytes = max(state_bytes(optimizer.state_dict()), STATE_SLOTS[args.optimizer] * parameter_bytes)
         check_free_space(args.output_dir, state_bytes(model.state_dict()) + optimizer_bytes)
     if checkpoint is not None:
-        training.restore(checkpoint, args.resume)  # last: it restores the random number generators
+        # Last: it restores the random number generators.
+        training.progress = restore(checkpoint, args.resume, optimizer, scaler, len(data.train), shard, device)
         if shard.rank == 0 and args.output_dir is not None:
             # The log restarts from the checkpoint, dropping epochs a crash left after it.
             args.output_dir.mkdir(parents=True, exist_ok=True)
-            write_log(args.output_dir / LOG, training.history)
+            write_log(args.output_dir / LOG, training.progress.history)
     return training

@@ -1,9 +1,12 @@
 """The ``bbfused-train`` command: run a training and turn every way it can end into one exit code and one
 message.
 
-* 0: done (a summary is printed).
-* 2: an input that cannot work, or a full disk (the message says what to change).
-* 130: interrupted (Ctrl-C): one line says which epoch ``checkpoint.pth`` holds and how to resume.
+* 0: done (a summary is printed), or ``--auto-resume`` found the run complete ("nothing to do").
+* 2: an input that cannot work, or a full disk (the message says what to change); running the same command
+  again gives the same answer, so an automatic restarter should stop on it.
+* 130: interrupted (Ctrl-C), 143: terminated (SIGTERM, as schedulers and torchrun send on preemption): one
+  line says which epoch ``checkpoint.pth`` holds and the command that continues it, spelled the way this run
+  was started.
 * 1: any other error, with its traceback. Under torch.distributed the failing process aborts the process group
   on its way out, so the other processes fail within seconds instead of waiting in a collective; the barrier
   that ends a run is only reached after a success.
@@ -16,67 +19,100 @@ import os
 import sys
 import traceback
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..data import DataError
-from .building import prepare
-from .loop import Training
-from .options import UsageError, parse_args
-from .outputs import LATEST, OutputError
+from .errors import DataError, OutputError, RunComplete, UsageError
+from .options import parse_args
+from .signals import TerminateAsInterrupt
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+if TYPE_CHECKING:
+    from .loop import Training
+
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run; carries the line that says where the run stands."""
+    """Ctrl-C or SIGTERM during a run; carries the line that says where the run stands, and the exit code."""
+
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(line)
+        self.code = code
 
 
-def _resume_line(training: Training) -> str:
+def _resume_line(training: Training, how: str, command_line: bool) -> str:
+    from .outputs import LATEST
+    from .report import restart_command
+
     out = training.args.output_dir
     if out is None:
-        return "interrupted; nothing was saved (no --output-dir)"
-    if training.saved_epoch is None:
-        return f"interrupted before the first epoch ended; nothing to resume in {out}"
-    return (
-        f"interrupted; {out / LATEST} holds epoch {training.saved_epoch}: continue with "
-        f"bbfused-train --resume {out / LATEST}"
-    )
+        return f"{how}; nothing was saved (no --output-dir)"
+    saved_epoch = training.progress.saved_epoch
+    if saved_epoch is None:
+        return f"{how} before the first epoch ended; nothing to resume in {out}"
+    command = restart_command(["--resume", str(out / LATEST)], command_line)
+    return f"{how}; {out / LATEST} holds epoch {saved_epoch}: continue with {command}"
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(
+    args: argparse.Namespace, stop: TerminateAsInterrupt | None = None, command_line: bool = False
+) -> list[dict[str, Any]]:
     """Prepare, train every epoch, leave the process group; returns the per-epoch records. On failure the
-    process group is aborted (no barrier) and the error propagates; Ctrl-C becomes :class:`Interrupted`."""
+    process group is aborted (no barrier) and the error propagates; Ctrl-C, a SIGTERM ``stop`` records, and a
+    failure after one (a collective whose peers stopped) become :class:`Interrupted`. ``command_line``: the
+    process runs the command, so the resume line repeats how it was started."""
+    from .building import prepare  # here, not above: parsing and its errors need no torch
+
     training = prepare(args)
     try:
         history = training.fit()
-    except KeyboardInterrupt:
+    except BaseException as error:
         training.abort()
-        raise Interrupted(_resume_line(training)) from None
-    except BaseException:
-        training.abort()
+        terminated = stop is not None and stop.terminated
+        if isinstance(error, KeyboardInterrupt) or (terminated and isinstance(error, Exception)):
+            how, code = ("terminated (SIGTERM)", EXIT_TERMINATED) if terminated else ("interrupted", EXIT_INTERRUPTED)
+            raise Interrupted(_resume_line(training, how, command_line), code) from None
         raise
     training.close()
     return history
 
 
+def _own_message(error: Exception) -> str:
+    """The error's message, without the worker traceback a DataLoader puts before it when a loader process
+    raised it (a corrupt image)."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(f"{type(error).__name__}: ", 1)[-1]
+    return message
+
+
 def main(argv: Iterable[str] | None = None) -> int:
-    """The command: 0 on success, 2 on bad input or a full disk, 130 on Ctrl-C, 1 on any other error."""
+    """The command: 0 on success, 2 on bad input or a full disk, 130 on Ctrl-C, 143 on SIGTERM, 1 on any other
+    error."""
+    with TerminateAsInterrupt() as stop:
+        return _main(argv, stop)
+
+
+def _main(argv: Iterable[str] | None, stop: TerminateAsInterrupt) -> int:
     rank = ""
     try:
         args = parse_args(argv)
-        run(args)
+        run(args, stop, command_line=argv is None)
     except SystemExit as exit_:  # argparse's own errors (and --help)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except RunComplete as complete:
+        print(f"bbfused-train: {complete}", flush=True)
+        return 0
     except (UsageError, DataError, OutputError) as error:
-        print(f"bbfused-train: error: {error}", file=sys.stderr, flush=True)
+        print(f"bbfused-train: error: {_own_message(error)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except Interrupted as interrupted:
         if os.environ.get("RANK", "0") == "0":  # only the main process writes, so only it knows what was saved
             print(f"bbfused-train: {interrupted}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return interrupted.code
     except KeyboardInterrupt:  # before training started
-        print("bbfused-train: interrupted before training started; nothing was written", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        how = "terminated (SIGTERM)" if stop.terminated else "interrupted"
+        print(f"bbfused-train: {how} before training started; nothing was written", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED if stop.terminated else EXIT_INTERRUPTED
     except Exception:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             rank = f" (rank {os.environ.get('RANK', '?')})"

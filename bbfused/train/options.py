@@ -2,48 +2,29 @@
 
 BB's defaults (its bounds, its fallback numerator, its rate control) are read from ``BB``'s signature, so the
 command never carries a copy of them; only the paper's bounds for shallow networks live elsewhere
-(:data:`bbfused.models.SHALLOW_TAUS`).
+(:data:`bbfused.train.models.SHALLOW_TAUS`). Parsing reads no file: a ``--resume`` checkpoint's saved settings
+are merged in when the run is prepared (:func:`bbfused.train.checkpoints.resume_args`).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from ..backends import BACKEND_NAMES
-from ..models import SHALLOW_TAUS, is_shallow, model_names
-from ..optimizer import BB
+from .bb_source import backend_names, bb_default
+from .errors import UsageError
+from .models import SHALLOW_TAUS, is_shallow, model_names
 
 OPTIMIZERS = ("bb", "sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop")
 # The initial learning rate when --lr is not given: the paper's 0.1 for BB and SGD, the usual defaults otherwise
 # (torch's, but 1e-3 for RMSprop: torch's 1e-2 diverges on the paper's MLP).
 DEFAULT_LR = {"bb": 0.1, "sgd": 0.1, "nag": 0.1, "adam": 1e-3, "amsgrad": 1e-3, "adagrad": 1e-2, "rmsprop": 1e-3}
 MOMENTUM_OPTIMIZERS = ("sgd", "nag")
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Options that are about this invocation, not the run: never saved as a run's settings nor taken from one.
-INVOCATION_OPTIONS = ("resume", "output_dir", "given_options", "overridden", "resumed_checkpoint")
-# Settings a resume cannot change: the checkpoint's model, optimizer state and random number generators restore
-# them, so a value typed here would be ignored.
-RESUME_FIXED = (
-    "lr", "weight_decay", "momentum", "no_decay_norm_bias", "tau_min", "tau_max", "tau0", "beta", "bb_safeguard",
-    "dropout", "seed",
-)  # fmt: skip
-
-
-class UsageError(ValueError):
-    """A command-line input that cannot work; the message names the problem and the fix (exit code 2)."""
-
-
-def bb_default(name: str) -> Any:
-    """The default of ``BB``'s keyword argument ``name``: the one place BB's defaults are written."""
-    return inspect.signature(BB).parameters[name].default
+AMP_CHOICES = ("none", "bf16", "fp16")
 
 
 def default_taus(model: str) -> tuple[float, float]:
@@ -145,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tau0", type=positive_float, help=f"BB fallback rate numerator (default {bb_default('tau0'):g})"
     )
     optim.add_argument("--beta", type=beta_value, help="BB gradient EMA factor (default 4/steps per epoch)")
-    optim.add_argument("--bb-backend", choices=BACKEND_NAMES, help="BB kernels (default auto: fastest available)")
+    optim.add_argument("--bb-backend", choices=backend_names(), help="BB kernels (default auto: fastest available)")
     optim.add_argument(
         "--bb-safeguard",
         action=argparse.BooleanOptionalAction,
@@ -159,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=positive_int, default=128, help="per process (default: 128)")
     run.add_argument("--seed", type=non_negative_int, default=0, help="(default: 0)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    run.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="mixed precision (fp16 uses GradScaler)")
+    run.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision (fp16 uses GradScaler)")
     run.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -173,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="continue the run saved in this checkpoint (in its folder) with its saved settings; options given "
         "here override them",
+    )
+    run.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run saved in --output-dir if there is one, else start it: one command that an "
+        "automatic restarter (torchrun --max-restarts, a scheduler's requeue) can run again after any failure",
     )
     run.add_argument(
         "--output-dir",
@@ -199,26 +186,24 @@ def given_options(argv: list[str]) -> frozenset[str]:
 
 
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
-    """Parse and resolve the command line (argparse exits with code 2 on a malformed one). With ``--resume`` the
-    saved run's settings fill in every option not typed here (:func:`resume_settings`) before the defaults and
-    checks of :func:`resolve_args`; the loaded checkpoint travels along as ``args.resumed_checkpoint``."""
-    import sys
-
-    from .outputs import load_checkpoint
-
+    """Parse the command line (argparse exits with code 2 on a malformed one) and resolve it with
+    :func:`resolve_args`. With ``--resume`` the saved run's settings fill in every option not typed here, so
+    resolving waits for the checkpoint, which :func:`bbfused.train.prepare` reads. Reads no file.
+    ``args.given_options`` names the options typed."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    raw = build_parser().parse_args(argv)
-    given = given_options(argv)
-    checkpoint, changed = None, []
-    if raw.resume is not None:
-        checkpoint = load_checkpoint(raw.resume)
-        raw, changed = resume_settings(raw, given, checkpoint)
-    args = resolve_args(raw)
-    args.given_options, args.overridden, args.resumed_checkpoint = given, changed, checkpoint
-    return args
+    args = build_parser().parse_args(argv)
+    args.given_options = given_options(argv)
+    if args.auto_resume and (args.resume is not None or args.output_dir is None):
+        raise UsageError(
+            "--auto-resume finds the checkpoint in --output-dir itself: pass --output-dir, and no --resume"
+        )
+    return args if args.resume is not None else resolve_args(args)
 
 
 def resolve_device(name: str | None) -> str:
+    """``name`` checked against the devices here (cuda when available for None)."""
+    import torch  # here: parsing, and the checks that need no device, stay free of it
+
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -236,18 +221,14 @@ def resolve_device(name: str | None) -> str:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in the defaults that depend on other options and reject combinations that cannot work."""
+    """Fill in the defaults that depend on other options and reject combinations that cannot work. The checks
+    that need torch (a torchvision model's name, the device) come last, so a mistake elsewhere is reported
+    without loading it."""
     source = args.data if args.data in ("mnist", "synthetic") else "folder"
-    args.device = resolve_device(args.device)
     if args.resume is not None and args.output_dir is None:
         args.output_dir = args.resume.parent
     if args.model is None:
         args.model = "mlp" if source == "mnist" else "resnet50"
-    if args.model not in model_names():
-        raise UsageError(
-            f"unknown model {args.model!r}; choose mlp, lenet or a torchvision classification model "
-            f"such as resnet18 or resnet50"
-        )
     if source == "mnist":
         if args.image_size is not None:
             raise UsageError("--image-size applies to folders and synthetic data; MNIST images are 28x28")
@@ -288,56 +269,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         given = [name for name, value in {**bb_options, "--bb-backend": args.bb_backend}.items() if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to --optimizer bb only, not {args.optimizer}")
+    if not is_shallow(args.model) and args.model not in model_names():
+        raise UsageError(
+            f"unknown model {args.model!r}; choose mlp, lenet or a torchvision classification model "
+            f"such as resnet18 or resnet50"
+        )
+    args.device = resolve_device(args.device)
     return args
-
-
-def saved_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's settings as a checkpoint stores them (paths as strings; the invocation's own options left out)."""
-    return {
-        key: str(value) if isinstance(value, Path) else value
-        for key, value in vars(args).items()
-        if key not in INVOCATION_OPTIONS
-    }
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def resume_settings(
-    args: argparse.Namespace, given: frozenset[str], checkpoint: dict[str, Any]
-) -> tuple[argparse.Namespace, list[str]]:
-    """The settings a resumed run trains with: the saved run's, except the options typed on this command line
-    (``given``; the device is never taken from the checkpoint). Returns them, unresolved, and one "--flag new
-    (saved old)" entry per setting a typed option changed. Raises UsageError for a checkpoint of another model
-    or optimizer, an option the resume would ignore (:data:`RESUME_FIXED`) and a run already trained as far."""
-    path, saved = args.resume, checkpoint["args"]
-    for option in ("model", "optimizer"):
-        if option in given and getattr(args, option) != saved[option]:
-            raise UsageError(
-                f"--resume {path} is a checkpoint of --{option} {saved[option]}, but this run has --{option} "
-                f"{getattr(args, option)}; resume with --{option} {saved[option]} or start a new run"
-            )
-    merged = argparse.Namespace(**vars(args))
-    changed, fixed = [], []
-    # Settings that follow from the data source: a resume on other data takes their defaults for it.
-    data_derived = ("image_size", "workers") if "data" in given and args.data != saved["data"] else ()
-    for key, value in saved.items():
-        if key in INVOCATION_OPTIONS or key in ("device", *data_derived) or not hasattr(args, key):
-            continue
-        current = getattr(args, key)
-        if key not in given:
-            setattr(merged, key, Path(value) if isinstance(current, Path) and value is not None else value)
-        elif current != value and not (isinstance(current, Path) and str(current) == value):
-            (fixed if key in RESUME_FIXED else changed).append(f"{_flag(key)} {current} (saved {value})")
-    if fixed:
-        raise UsageError(
-            f"--resume {path} restores the saved model, optimizer state and random numbers, so {', '.join(fixed)} "
-            f"would be ignored; leave {'it' if len(fixed) == 1 else 'them'} out, or start a new run to change "
-            f"{'it' if len(fixed) == 1 else 'them'}"
-        )
-    if checkpoint["epoch"] >= merged.epochs:
-        raise UsageError(
-            f"--resume {path} has already trained {checkpoint['epoch']} epochs; pass --epochs above that to continue"
-        )
-    return merged, changed

@@ -1,11 +1,9 @@
-"""What a run leaves in ``--output-dir``: the checkpoints, the log and the figure, written so that a crash, a
-kill or a full disk never leaves a file half-written or two files that disagree.
+"""What a run leaves in ``--output-dir`` and how it is written, so that a crash, a kill or a full disk never
+leaves a file half-written: the folder's checks, the log and the figure (the checkpoints' contents are
+:mod:`.checkpoints`'s).
 
-* ``best.pth`` is written before ``checkpoint.pth``: a kill between the two leaves a best model at least as good
-  as the one ``checkpoint.pth`` names, never an older one.
 * Every file goes through a temporary file in the same folder and an atomic rename; the temporary file is
   removed on any failure, and a full disk is reported as :class:`OutputError` (exit code 2) with what to do.
-* A checkpoint is verified (the zip archive's CRC-32 of every record) before a run resumes from it.
 * ``log.jsonl`` is strict JSON: a value that is not finite is written as ``null``.
 """
 
@@ -15,32 +13,23 @@ import errno
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .options import UsageError
+from .errors import OutputError, UsageError
 
-CHECKPOINT_FORMAT = "bbfused-train checkpoint"
-CHECKPOINT_VERSION = 1
 LATEST, BEST, LOG, PLOT = "checkpoint.pth", "best.pth", "log.jsonl", "curves.png"
 # Free space asked for before training, in checkpoint sizes: checkpoint.pth, best.pth and one temporary copy.
 CHECKPOINT_COPIES = 3
 
 
-class OutputError(OSError):
-    """An output that cannot be written (a full disk); the message names the problem and the fix (exit code 2)."""
-
-
-def check_output_dir(path: Path, resume: Path | None) -> None:
-    """Raise UsageError unless ``path`` is, or can be created as, a writable folder that holds no run other
-    than the one ``resume`` continues. Writes nothing that stays."""
+def check_output_location(path: Path) -> None:
+    """Raise UsageError unless ``path`` is, or can be created as, a writable folder. Writes nothing that stays."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"--output-dir {path} is a file; pass a folder (it is created if missing)")
     existing = path
@@ -55,6 +44,11 @@ def check_output_dir(path: Path, resume: Path | None) -> None:
         raise UsageError(
             f"--output-dir {path} is not writable ({existing}: {error.strerror}); choose a folder you can write to"
         ) from None
+
+
+def check_previous_run(path: Path, resume: Path | None) -> None:
+    """Raise UsageError when the folder ``path`` holds a run other than the one ``resume`` continues: this run
+    would overwrite it. Run under the folder's lock, so that no other run starts writing after the check."""
     latest = path / LATEST
     if resume is not None and latest.is_file() and latest.resolve() != resume.resolve():
         raise UsageError(
@@ -63,20 +57,32 @@ def check_output_dir(path: Path, resume: Path | None) -> None:
         )
     previous = [name for name in (LATEST, BEST, LOG) if (path / name).exists()]
     if previous and (resume is None or resume.resolve().parent != path.resolve()):
+        saved = next((path / name for name in (LATEST, BEST) if (path / name).is_file()), None)
+        if saved is None:
+            raise UsageError(
+                f"--output-dir {path} already holds a run's {', '.join(previous)} but no checkpoint to continue it "
+                f"from; move {'it' if len(previous) == 1 else 'them'} away or choose another folder"
+            )
         raise UsageError(
-            f"--output-dir {path} already holds a run ({', '.join(previous)}); continue it with --resume "
-            f"{path / LATEST} or choose another folder"
+            f"--output-dir {path} already holds a run ({', '.join(previous)}); continue it with --resume {saved} "
+            f"(or run this command again with --auto-resume) or choose another folder"
         )
 
 
+def temporary_name(path: Path) -> Path:
+    """The temporary file :func:`atomic_write` writes ``path`` through: hidden, and unique to this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def remove_stale_temporaries(path: Path) -> list[str]:
-    """Remove the temporary files a killed run left in ``path`` (only this command's own names); returns them."""
+    """Remove the temporary files killed runs left in ``path`` (only this command's own names); returns them.
+    Only under the folder's lock: then no live process is writing one."""
     removed = []
     for name in (LATEST, BEST, LOG, PLOT):
-        temporary = path / f".{name}.tmp"
-        if temporary.is_file():
-            temporary.unlink(missing_ok=True)  # another process of the same run may remove it first
-            removed.append(temporary.name)
+        for temporary in sorted({*path.glob(f".{name}.tmp"), *path.glob(f".{name}.*.tmp")}):
+            if temporary.is_file():
+                temporary.unlink(missing_ok=True)
+                removed.append(temporary.name)
     return removed
 
 
@@ -129,7 +135,7 @@ def _fsync(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder and rename it: a crash never leaves a half-written
     ``path``, and the temporary file is removed on any failure. A full disk raises OutputError."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_name(path)
     try:
         write(temporary)
         _fsync(temporary)  # the data reaches the disk before the rename makes it the file
@@ -209,56 +215,3 @@ def plot_history(path: Path, history: list[dict[str, Any]], title: str) -> None:
     """Write :func:`history_figure` as a PNG."""
     figure = history_figure(history, title)
     atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's random number generator states (dropout, augmentation seeds)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    """Restore what :func:`rng_state` returned."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_checkpoints(out: Path, checkpoint: dict[str, Any], improved: bool) -> None:
-    """``best.pth`` (when ``improved``) before ``checkpoint.pth``, each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    if improved:
-        atomic_write(out / BEST, lambda p: torch.save(checkpoint, p))
-    atomic_write(out / LATEST, lambda p: torch.save(checkpoint, p))
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Raise UsageError unless every record of the checkpoint archive matches its CRC-32 (torch.load itself
-    reads tensor data without checking it: a flipped bit would resume silently)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise UsageError(f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if damaged is not None:
-        raise UsageError(
-            f"--resume {path} is damaged: its record {damaged} does not match its checksum (a disk or copy error); "
-            f"resume from another copy, or from {path.parent / BEST} if it is intact"
-        )
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read and verify a checkpoint of this command."""
-    if not path.is_file():
-        raise UsageError(f"--resume {path}: no such file; pass the checkpoint.pth of an earlier run")
-    verify_checkpoint(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable file: torch raises several kinds
-        raise UsageError(f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path} is not a bbfused-train checkpoint; pass the checkpoint.pth of a run")
-    return checkpoint

@@ -78,8 +78,8 @@ class Run:
 
 def train(run: Run) -> dict:
     """Train ``run`` epoch by epoch; returns its record: the run, every epoch's record (``lr`` is the rate
-    the epoch used; ``rolled_back`` for BB with its safeguard), BB's rate history, ‖θ‖² at the start and after
-    each epoch, whether it diverged, and the wall time in seconds."""
+    the epoch used; ``rolled_back`` for BB, never true in the paper's mode), BB's rate history, ‖θ‖² at the
+    start and after each epoch, whether it diverged, and the wall time in seconds."""
     start = time.perf_counter()
     training = prepare(parse_args(run.argv()))
     diverged_after = None

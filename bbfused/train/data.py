@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-MNIST_DIR = Path(__file__).resolve().parent / "data" / "mnist"
+from .errors import DataError
+
+MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
 # md5 of the uncompressed idx bytes (the original files' well-known checksums).
 MNIST_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -30,10 +33,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SYNTHETIC_TRAIN_STEPS, SYNTHETIC_TEST_STEPS, SYNTHETIC_CLASSES = 100, 10, 1000
 
 
-class DataError(ValueError):
-    """The data cannot be used as given; the message names the problem and the fix."""
-
-
 @dataclass
 class Data:
     """What training needs from a data source. ``train_sampler`` (None for synthetic data) reshuffles with
@@ -45,6 +44,7 @@ class Data:
     num_classes: int
     in_channels: int
     image_size: int
+    has_test_set: bool = True  # False for synthetic data: its labels are random, so accuracy means nothing
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,28 @@ def mnist_data(
 
 
 # ----------------------------------------------------------------------------------------------- image folders
+def _inside(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip(os.sep) + os.sep)
+
+
+def _check_link(entry: os.DirEntry | Path, tree: str, root: Path) -> None:
+    """Raise DataError when ``entry`` is a symbolic link to a place inside the data folder (real path ``tree``):
+    following it would count the same images twice, under two classes or two splits, or loop forever."""
+    if not (entry.is_symlink() if isinstance(entry, os.DirEntry) else os.path.islink(entry)):  # DirEntry: no stat
+        return
+    target = os.path.realpath(entry)
+    if _inside(target, tree) or _inside(tree, target):
+        raise DataError(
+            f"{os.fspath(entry)} is a link to {target}, inside the data folder {root}: following it would count the "
+            f"same images twice (or forever, for a link to a folder above it); remove the link, or replace it with "
+            f"a copy of what it points to"
+        )
+
+
 def check_image_folder(root: Path) -> None:
-    """Raise DataError unless ``root`` holds ``train/`` and ``val/`` folders of class sub-folders of images."""
+    """Raise DataError unless ``root`` holds ``train/`` and ``val/`` folders of class sub-folders of images.
+    Links that lead out of ``root`` (a split or a class kept elsewhere) are followed; a split or a class that
+    is a link back into ``root`` is refused (see :func:`scan_images` for the images inside the classes)."""
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; pass --data mnist, synthetic or an ImageNet-style folder")
     if not root.is_dir():
@@ -187,12 +207,16 @@ def check_image_folder(root: Path) -> None:
             f"data folder {root} has no {' and no '.join(f'{name}/' for name in missing)} sub-folder; an "
             f"ImageNet-style folder holds train/<class>/<image> and val/<class>/<image>"
         )
+    tree = os.path.realpath(root)
     classes = {}
     for split in ("train", "val"):
-        folders = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
-        if not folders:
+        _check_link(root / split, tree, root)
+        entries = sorted((p for p in (root / split).iterdir() if p.is_dir()), key=lambda p: p.name)
+        for entry in entries:
+            _check_link(entry, tree, root)
+        if not entries:
             raise DataError(f"{root / split} has no class sub-folders; put each class's images in its own folder")
-        classes[split] = folders
+        classes[split] = [p.name for p in entries]
     if classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
@@ -200,6 +224,79 @@ def check_image_folder(root: Path) -> None:
             f"train/ and val/ in {root} have different classes (only in train/: {only_train[:5]}, only in val/: "
             f"{only_val[:5]}); both need the same class folders"
         )
+
+
+def scan_images(split: Path, root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The classes of ``split`` (``root``/train or ``root``/val) and its images as (path, class index), in the
+    order of torchvision's ImageFolder: every file with an image extension at any depth of a class folder.
+    Links out of ``root`` are followed; a link back into it, or a folder reached twice, raises DataError
+    naming the link instead of counting images twice or looping."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    tree = os.path.realpath(root)
+    classes = sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+    samples = []
+    for index, name in enumerate(classes):
+        folders: list[tuple[str, list[str]]] = []
+        seen: dict[str, str] = {}  # real path -> the path it was first reached by
+        pending = [os.path.join(split, name)]
+        while pending:
+            folder = pending.pop()
+            real = os.path.realpath(folder)
+            if real in seen:
+                raise DataError(
+                    f"{folder} leads to {real}, which {seen[real]} already reaches: its images would count twice "
+                    f"(or forever); remove one of the links under {os.path.join(split, name)}"
+                )
+            seen[real] = folder
+            files = []
+            try:
+                entries = list(os.scandir(folder))
+            except OSError as error:
+                raise DataError(f"{folder} cannot be read ({error.strerror}); check its permissions") from None
+            for entry in entries:
+                _check_link(entry, tree, root)
+                if entry.is_dir():
+                    pending.append(os.path.join(folder, entry.name))
+                else:
+                    files.append(entry.name)
+            folders.append((folder, files))
+        found = [
+            (os.path.join(folder, file), index)
+            for folder, files in sorted(folders)
+            for file in sorted(files)
+            if file.lower().endswith(IMG_EXTENSIONS)
+        ]
+        if not found:
+            raise DataError(
+                f"{os.path.join(split, name)} holds no image (no file ending in {', '.join(IMG_EXTENSIONS)}); "
+                f"every class folder needs at least one image"
+            )
+        samples += found
+    return classes, samples
+
+
+class ImageFiles(Dataset):
+    """Image files decoded as torchvision's ImageFolder does (RGB), with their class index, from
+    :func:`scan_images`."""
+
+    def __init__(self, split: Path, root: Path, transform) -> None:
+        self.classes, self.samples = scan_images(split, root)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+
+        path, target = self.samples[index]
+        try:
+            return self.transform(default_loader(path)), target
+        except OSError as error:  # PIL's UnidentifiedImageError, a truncated file, a read error
+            raise DataError(
+                f"{path} is not a readable image ({error}); remove it or replace it, then continue the run"
+            ) from None
 
 
 def folder_transforms(image_size: int, train: bool):
@@ -216,15 +313,6 @@ def folder_transforms(image_size: int, train: bool):
     return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), *normalize])
 
 
-def _image_folder(root: Path, image_size: int, train: bool):
-    from torchvision.datasets import ImageFolder
-
-    try:
-        return ImageFolder(str(root), transform=folder_transforms(image_size, train))
-    except FileNotFoundError as error:  # a class folder without images
-        raise DataError(f"{root}: {error}; every class folder needs at least one image") from None
-
-
 def folder_data(
     root: Path,
     image_size: int,
@@ -239,8 +327,8 @@ def folder_data(
     """An ImageNet-style folder (train/<class>/*, val/<class>/*) decoded by ``workers`` loader processes.
     Training drops the last incomplete batch of each epoch, as timm does."""
     check_image_folder(root)
-    train_set = _image_folder(root / "train", image_size, train=True)
-    test_set = _image_folder(root / "val", image_size, train=False)
+    train_set = ImageFiles(root / "train", root, folder_transforms(image_size, train=True))
+    test_set = ImageFiles(root / "val", root, folder_transforms(image_size, train=False))
     train: Dataset = train_set
     test: Dataset = test_set
     chosen = subset_indices(len(train_set), limit_train, seed)
@@ -308,4 +396,5 @@ def synthetic_data(
         num_classes=SYNTHETIC_CLASSES,
         in_channels=3,
         image_size=image_size,
+        has_test_set=False,
     )

@@ -1,12 +1,16 @@
-"""The networks the training command builds: the paper's shallow MLP and LeNet, and torchvision models by name."""
+"""The networks the training command builds: the paper's shallow MLP and LeNet, and torchvision models by name.
+
+torch and torchvision are imported by the functions that build: the command line reads the names and the
+shallow networks' bounds without loading them.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-import torchvision
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 # Shallow networks, built here, and the bounds (tau_min, tau_max) the paper trains them with; deep networks get
 # BB's own defaults.
@@ -16,6 +20,8 @@ SHALLOW_TAUS = (1 / 3, 3.0)
 
 def torchvision_model_names() -> list[str]:
     """The classification models torchvision builds by name (resnet50, resnet18, vgg11, ...)."""
+    import torchvision
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -31,6 +37,8 @@ def is_shallow(name: str) -> bool:
 
 def _lecun_init(model: nn.Module) -> None:
     """LeCun normal initialisation (weights ~ N(0, 1/fan_in), zero biases), as the paper does for MLP and LeNet."""
+    from torch import nn
+
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             fan_in = module.weight[0].numel()
@@ -42,6 +50,8 @@ def mlp(in_features: int = 784, num_classes: int = 10, hidden: int = 1024, dropo
     """The paper's MLP: in_features-1024-1024-num_classes with ReLU, and dropout after each hidden layer as in
     the authors' demo. Takes images of any shape (N, C, H, W) with C*H*W = in_features; returns logits (N, classes).
     1,863,690 parameters for MNIST."""
+    from torch import nn
+
     model = nn.Sequential(
         nn.Flatten(),
         nn.Linear(in_features, hidden),
@@ -63,7 +73,12 @@ def lenet(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> 
     padding = max(0, (32 - image_size + 1) // 2)
     side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
     if side < 1:
-        raise ValueError(f"lenet needs images of at least 12x12 pixels, got {image_size}x{image_size}")
+        raise ValueError(
+            f"lenet needs images of at least 12x12 pixels, got {image_size}x{image_size}; use larger images "
+            f"(--image-size 12 or more)"
+        )
+    from torch import nn
+
     model = nn.Sequential(
         nn.Conv2d(in_channels, 6, 5, padding=padding),
         nn.ReLU(inplace=True),
@@ -82,13 +97,13 @@ def lenet(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> 
     return model
 
 
-def build_model(
-    name: str, num_classes: int, in_channels: int, image_size: int, dropout: float = 0.2
-) -> torch.nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int, dropout: float = 0.2) -> nn.Module:
     """The model ``name`` (one of :func:`model_names`) for images of shape (in_channels, image_size, image_size).
 
     ``dropout`` applies to the MLP only. torchvision models are built untrained (weights=None) and need
     3-channel images."""
+    import torchvision
+
     if name == "mlp":
         return mlp(in_channels * image_size * image_size, num_classes, dropout=dropout)
     if name == "lenet":
