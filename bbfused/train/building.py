@@ -64,6 +64,8 @@ def build_optimizer(
             groups,
             lr=args.lr,
             steps_per_epoch=steps_per_epoch,
+            epochs=args.epochs,
+            momentum=args.momentum,
             beta=args.beta,
             tau0=args.tau0,
             tau_min=args.tau_min,

@@ -100,7 +100,8 @@ def train_one_epoch(
             if due:
                 mean_loss = (loss_sum / images_seen).item()
                 rate = (images_seen - last_images) * world / max(now - last_time, 1e-9)
-                bar.set_postfix_str(f"loss {mean_loss:.4f}  lr {float(lr_used):.4g}  {rate:,.0f} img/s", refresh=False)
+                # BB's live rate: the first epoch's periods move it within the epoch.
+                bar.set_postfix_str(f"loss {mean_loss:.4f}  lr {float(lr):.4g}  {rate:,.0f} img/s", refresh=False)
                 bar.update(step - last_step)
                 last_step, last_images, last_time = step, images_seen, now
     bar.close()
@@ -108,7 +109,8 @@ def train_one_epoch(
     total_loss, total_images = totals.tolist()  # synchronises: the epoch's time includes all its work
     elapsed = time.perf_counter() - start
     return {
-        "lr": float(lr_used),
+        # The rate the epoch ended with (BB: its last period's, what lr_history records).
+        "lr": optimizer.lr_history[-1] if isinstance(optimizer, BB) else float(lr_used),
         "train_loss": total_loss / total_images,
         "images_per_s": total_images / elapsed,
         "train_time_s": elapsed,

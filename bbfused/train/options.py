@@ -27,9 +27,10 @@ MOMENTUM_OPTIMIZERS = ("sgd", "nag")
 AMP_CHOICES = ("none", "bf16", "fp16")
 
 
-def default_taus(model: str) -> tuple[float, float]:
-    """(tau_min, tau_max) for ``model``: the paper's shallow-network bounds for mlp and lenet, BB's otherwise."""
-    return SHALLOW_TAUS if is_shallow(model) else (bb_default("tau_min"), bb_default("tau_max"))
+def default_taus(model: str, safeguard: bool) -> tuple[float | None, float | None]:
+    """(tau_min, tau_max) for ``model``: the paper's shallow-network bounds for mlp and lenet in the paper's method;
+    else None, BB's own defaults (the paper's deep-network bounds, or the default control's rate bounds)."""
+    return SHALLOW_TAUS if is_shallow(model) and not safeguard else (None, None)
 
 
 def _number(kind: type, test, requirement: str):
@@ -104,26 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument(
         "--weight-decay", type=non_negative_float, default=5e-4, help="L2 penalty (default: 5e-4, the paper's)"
     )
-    optim.add_argument("--momentum", type=fraction, help="momentum of sgd and nag (default 0.9)")
+    optim.add_argument(
+        "--momentum",
+        type=fraction,
+        help="momentum of sgd, nag and bb (default 0.9 for sgd and nag; bb: its rate control's, 0.9 or 0 in the "
+        "paper's method)",
+    )
     optim.add_argument(
         "--no-decay-norm-bias",
         action="store_true",
         help="no weight decay on norm and bias parameters (those with at most one dimension)",
     )
     shallow_min, shallow_max = SHALLOW_TAUS
-    deep_min, deep_max = default_taus("resnet50")
     optim.add_argument(
         "--tau-min",
         type=positive_float,
-        help=f"BB lower bound (default {shallow_min:.3g} for mlp, lenet; else {deep_min:g})",
+        help=f"BB's lower rate bound (default: BB's; with --no-bb-safeguard {shallow_min:.3g} for mlp, lenet)",
     )
     optim.add_argument(
         "--tau-max",
         type=positive_float,
-        help=f"BB upper bound (default {shallow_max:g} for mlp, lenet; else {deep_max:g})",
+        help=f"BB's upper rate bound (default: BB's; with --no-bb-safeguard {shallow_max:g} for mlp, lenet)",
     )
     optim.add_argument(
-        "--tau0", type=positive_float, help=f"BB fallback rate numerator (default {bb_default('tau0'):g})"
+        "--tau0", type=positive_float, help="the paper's fallback rate numerator (--no-bb-safeguard only; default: BB's)"
     )
     optim.add_argument("--beta", type=beta_value, help="BB gradient EMA factor (default 4/steps per epoch)")
     optim.add_argument("--bb-backend", choices=backend_names(), help="BB kernels (default auto: fastest available)")
@@ -247,8 +252,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             args.momentum = 0.9
         if args.optimizer == "nag" and args.momentum == 0:
             raise UsageError("--optimizer nag (Nesterov) needs --momentum > 0")
-    elif args.momentum is not None:
-        raise UsageError(f"--momentum applies to sgd and nag, not {args.optimizer}")
+    elif args.momentum is not None and args.optimizer != "bb":
+        raise UsageError(f"--momentum applies to sgd, nag and bb, not {args.optimizer}")
     bb_options = {
         "--tau-min": args.tau_min,
         "--tau-max": args.tau_max,
@@ -257,13 +262,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         "--bb-safeguard": args.bb_safeguard,
     }
     if args.optimizer == "bb":
-        default_min, default_max = default_taus(args.model)
-        args.tau_min = default_min if args.tau_min is None else args.tau_min
-        args.tau_max = default_max if args.tau_max is None else args.tau_max
-        args.tau0 = bb_default("tau0") if args.tau0 is None else args.tau0
         args.bb_backend = args.bb_backend or bb_default("backend")
         args.bb_safeguard = bb_default("safeguard") if args.bb_safeguard is None else args.bb_safeguard
-        if args.tau_min > args.tau_max:
+        default_min, default_max = default_taus(args.model, args.bb_safeguard)
+        args.tau_min = default_min if args.tau_min is None else args.tau_min
+        args.tau_max = default_max if args.tau_max is None else args.tau_max
+        if args.tau0 is not None and args.bb_safeguard:
+            raise UsageError("--tau0 is the paper's fallback rate: it applies with --no-bb-safeguard only")
+        if args.tau_min is not None and args.tau_max is not None and args.tau_min > args.tau_max:
             raise UsageError(f"--tau-min {args.tau_min:g} is above --tau-max {args.tau_max:g}")
     else:
         given = [name for name, value in {**bb_options, "--bb-backend": args.bb_backend}.items() if value is not None]

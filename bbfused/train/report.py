@@ -33,7 +33,8 @@ def describe(
     )
     if isinstance(optimizer, BB):
         backends = ", ".join(sorted(set(optimizer.active_backends.values())))
-        line += f" (tau {args.tau_min:.3g}..{args.tau_max:.3g}, {backends})"
+        mode = "default" if args.bb_safeguard else "paper's method"
+        line += f" ({mode}, rate bounds {optimizer.tau_min:.3g}..{optimizer.tau_max:.3g}, {backends})"
     line = f"{line}, weight decay {args.weight_decay:g}, device {device}, amp {args.amp}"
     return f"{line}; resuming after epoch {start_epoch}" if start_epoch else line
 
@@ -45,7 +46,8 @@ def format_record(record: dict[str, Any], epochs: int, test_set: bool = True) ->
     test = f"test top-1 {record['test_acc1']:6.2f}%{acc5}" if test_set else "no test set (synthetic data)"
     rolled_back = ""
     if record.get("rolled_back"):
-        restored = "the initial weights" if record["epoch"] == 1 else f"the weights of epoch {record['epoch'] - 1}"
+        # A split first epoch returns to its last good period's end; a later epoch to the previous epoch's end.
+        restored = "a good point earlier in it" if record["epoch"] == 1 else f"the weights of epoch {record['epoch'] - 1}"
         rolled_back = f"  diverged: BB rolled the epoch back to {restored} (the test figures are theirs)"
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  lr {record['lr']:.6g}  "

@@ -50,8 +50,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bbfused import BB  # noqa: E402
-from bbfused.data import MNIST_MEAN, MNIST_STD, load_mnist, subset_indices  # noqa: E402
-from bbfused.models import lenet, mlp  # noqa: E402
+from bbfused.train.data import MNIST_MEAN, MNIST_STD, load_mnist, subset_indices  # noqa: E402
+from bbfused.train.models import lenet, mlp  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "robustness_runs"
