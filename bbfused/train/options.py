@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"BB's upper rate bound (default: BB's; with --no-bb-safeguard {shallow_max:g} for mlp, lenet)",
     )
     optim.add_argument(
-        "--tau0", type=positive_float, help="the paper's fallback rate numerator (--no-bb-safeguard only; default: BB's)"
+        "--tau0", type=positive_float, help="the paper's fallback rate numerator (--no-bb-safeguard only)"
     )
     optim.add_argument("--beta", type=beta_value, help="BB gradient EMA factor (default 4/steps per epoch)")
     optim.add_argument("--bb-backend", choices=backend_names(), help="BB kernels (default auto: fastest available)")

@@ -47,7 +47,8 @@ def format_record(record: dict[str, Any], epochs: int, test_set: bool = True) ->
     rolled_back = ""
     if record.get("rolled_back"):
         # A split first epoch returns to its last good period's end; a later epoch to the previous epoch's end.
-        restored = "a good point earlier in it" if record["epoch"] == 1 else f"the weights of epoch {record['epoch'] - 1}"
+        epoch = record["epoch"]
+        restored = "a good point earlier in it" if epoch == 1 else f"the weights of epoch {epoch - 1}"
         rolled_back = f"  diverged: BB rolled the epoch back to {restored} (the test figures are theirs)"
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  lr {record['lr']:.6g}  "
