@@ -47,6 +47,7 @@ class ControlState:
     rate: float | None = None  # r, the rate before the end phase (None: the paper's method keeps none)
     searching: bool = False  # the first epochs' search for the rate goes on
     ceiling: float = math.inf  # r never grows past it again (the loss rose there)
+    snapshot_loss: float | None = None  # the last step's loss of the last good period
 
     @classmethod
     def empty(cls, epoch: int) -> ControlState:
@@ -211,7 +212,7 @@ def _check_control(bb: dict[str, Any]) -> None:
         raise ValueError(f"corrupt state dict: loss_steps must be an int in [0, {step}], got {loss_steps!r}")
     if not is_real(bb["loss_sum"]):  # NaN too: a step's non-finite loss, which the epoch's end will judge
         raise ValueError(f"corrupt state dict: loss_sum must be a number, got {bb['loss_sum']!r}")
-    for name in ("initial_loss", "best_loss", "last_loss"):
+    for name in ("initial_loss", "best_loss", "last_loss", "snapshot_loss"):
         value = bb[name]
         if value is not None and (not is_real(value) or math.isnan(value)):
             raise ValueError(f"corrupt state dict: {name} must be a number or None, got {value!r}")

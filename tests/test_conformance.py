@@ -87,9 +87,11 @@ def optim_inputs_func_bb(device, dtype=None):
         OptimizerInput(params=None, kwargs={**epoch, "safeguard": False, "weight_decay": 0.1}, desc="paper method"),
         OptimizerInput(
             params=None,
-            kwargs={**epoch, "beta": 0.5, "tau0": 0.5, "tau_min": 1 / 3, "tau_max": 3.0},
-            desc="beta and taus",
+            kwargs={**epoch, "safeguard": False, "beta": 0.5, "tau0": 0.5, "tau_min": 1 / 3, "tau_max": 3.0},
+            desc="paper method with beta and taus",
         ),
+        OptimizerInput(params=None, kwargs={**epoch, "tau_min": 0.01, "tau_max": 3.0}, desc="rate bounds"),
+        OptimizerInput(params=None, kwargs={**epoch, "momentum": 0.0, "epochs": 3}, desc="no momentum, planned"),
         OptimizerInput(params=None, kwargs={"steps_per_epoch": None, "beta": 0.5}, desc="end_epoch"),
     ]
 
@@ -633,8 +635,8 @@ def test_copy_of_model_and_optimizer_continues_identically(backend, optim_input,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend, optim_input", INPUTS)
 def test_first_epoch_is_torch_sgd(backend, optim_input, dtype) -> None:
-    """Until its first epoch end BB is torch.optim.SGD(lr, weight_decay) (no momentum), group by group; so are its
-    gradient semantics: a parameter whose gradient is None in torch (frozen, unused, or after
+    """Until its first rate period ends BB is torch.optim.SGD(lr, momentum=μ, dampening=μ, weight_decay) (BB's
+    momentum μ in its EMA form), group by group; so are its gradient semantics: a parameter whose gradient is None in torch (frozen, unused, or after
     zero_grad(set_to_none=True) without backward) stays untouched, even with weight decay, and one whose gradient
     was zeroed with set_to_none=False decays. Compared step by step, in every supported dtype."""
     kwargs = _kwargs(backend, optim_input)
@@ -652,8 +654,11 @@ def test_first_epoch_is_torch_sgd(backend, optim_input, dtype) -> None:
     groups = [
         [{"params": ps[:3]}, {"params": ps[3:], "weight_decay": 0.0}] for ps in params
     ]  # frozen and unused parameters in both groups
-    sgd = torch.optim.SGD(groups[0], lr=lr, weight_decay=weight_decay, foreach=False)
     bb = BB(groups[1], **kwargs)
+    momentum = bb.state_dict()["bb"]["momentum"]
+    sgd = torch.optim.SGD(
+        groups[0], lr=lr, momentum=momentum, dampening=momentum, weight_decay=weight_decay, foreach=False
+    )
     untouched = [model.unused.detach().clone(), model[2].bias.detach().clone()]
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
 

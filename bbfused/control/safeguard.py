@@ -20,7 +20,8 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
   past 4 · max(its value at the last good period end, 0.0025 · number of values) unless the loss fell below the
   best mean (the weights of a solution far from a small initialisation grow fast too); with the training loss
   given to ``step``: a mean or last-step loss that is not finite, or above 2.5 times the best period mean so far
-  and above it by more than 5 % of the initial loss (a ratio alone is noise at near-zero loss; the last step's
+  (or the loss at the snapshot, when higher: a rollback must return to something better) and above it by more
+  than 5 % of the initial loss (a ratio alone is noise at near-zero loss; the last step's
   loss sees damage in the period's last steps, which the mean hides), or, before any good period, a mean not 5 %
   below the first step's loss although the weights moved by more than 10 % (a rate so large that the network is
   stuck at chance; a too-small rate barely moves them).
@@ -130,6 +131,8 @@ class SafeguardControl:
         self.initial_loss = nan(device)  # the first step's loss
         self.best_loss = nan(device)  # the lowest mean loss of a good period whose every step gave one
         self.last_loss = nan(device)  # the mean loss of the last good period (NaN: it did not give one each step)
+        # The last step's loss of the last good period: about the loss at the snapshot a rollback returns to.
+        self.snapshot_loss = nan(device)
         # Whether the last period was rolled back by a loss test alone: a second one in a row means the snapshot
         # itself is no better (its own loss is high: the damage came in the previous period's last steps).
         self.loss_rollback = torch.tensor(False, device=device)
@@ -210,8 +213,12 @@ class SafeguardControl:
         weights_bad = (~(param_sq <= limit) & ~(learning & torch.isfinite(param_sq))) | ~torch.isfinite(ema_sq)
         margin = LOSS_MARGIN * torch.nan_to_num(initial, nan=0.0).clamp(min=0.0)
 
+        # A rollback by the loss is worth it only if the snapshot is better: measured against the best mean, or the
+        # snapshot's own loss when higher (momentum can end a period at a worse point than its mean).
+        compared = torch.fmax(best, self.snapshot_loss)
+
         def wrecked(loss: torch.Tensor) -> torch.Tensor:
-            return (best > 0) & (loss > LOSS_GROWTH * best) & (loss - best > margin)
+            return (compared > 0) & (loss > LOSS_GROWTH * compared) & (loss - compared > margin)
 
         # Before any good period: no progress from the first step although the weights moved.
         moved = delta_sq > STUCK_MOVEMENT**2 * self.snapshot_sq_norm
@@ -222,6 +229,7 @@ class SafeguardControl:
         diverged = weights_bad | (loss_bad & ~accept_anyway)
         good_loss = complete & ~diverged
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
+        nan_like = torch.full_like(mean, math.nan)
         tolerance = torch.where(
             torch.as_tensor(clock.in_first_epoch_periods, device=mean.device), FIRST_EPOCH_RISE, 0.0
         )
@@ -234,6 +242,7 @@ class SafeguardControl:
                 torch.where(diverged, self.last_loss, torch.where(good_loss, mean, torch.full_like(mean, math.nan))),
             ),
             (self.snapshot_sq_norm, torch.where(diverged, self.snapshot_sq_norm, param_sq)),
+            (self.snapshot_loss, torch.where(diverged, self.snapshot_loss, torch.where(good_loss, last, nan_like))),
         ]
         return diverged, rose, references
 
@@ -309,6 +318,7 @@ class SafeguardControl:
             rate=float(self.rate),
             searching=bool(self.searching),
             ceiling=float(self.ceiling),
+            snapshot_loss=number_or_none(self.snapshot_loss),
         )
 
     def check_state(self, state: ControlState) -> None:
@@ -329,6 +339,7 @@ class SafeguardControl:
             (self.best_loss, state.best_loss),
             (self.last_loss, state.last_loss),
             (self.good_lr, state.good_lr),
+            (self.snapshot_loss, state.snapshot_loss),
         ):
             number.fill_(math.nan if value is None else value)
         # Checked against the tracked buffers already; none saved (an older state dict) keeps the current copies.
