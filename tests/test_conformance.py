@@ -635,10 +635,11 @@ def test_copy_of_model_and_optimizer_continues_identically(backend, optim_input,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend, optim_input", INPUTS)
 def test_first_epoch_is_torch_sgd(backend, optim_input, dtype) -> None:
-    """Until its first rate period ends BB is torch.optim.SGD(lr, momentum=μ, dampening=μ, weight_decay) (BB's
-    momentum μ in its EMA form), group by group; so are its gradient semantics: a parameter whose gradient is None in torch (frozen, unused, or after
-    zero_grad(set_to_none=True) without backward) stays untouched, even with weight decay, and one whose gradient
-    was zeroed with set_to_none=False decays. Compared step by step, in every supported dtype."""
+    """Until its first rate period ends BB is torch.optim.SGD(lr, momentum=μ, dampening=μ, weight_decay) with a
+    momentum buffer that starts at zero (BB's momentum μ in its EMA form), group by group; so are its gradient
+    semantics: a parameter whose gradient is None in torch (frozen, unused, or after zero_grad(set_to_none=True)
+    without backward) stays untouched, even with weight decay, and one whose gradient was zeroed with
+    set_to_none=False decays. Compared step by step, in every supported dtype."""
     kwargs = _kwargs(backend, optim_input)
     if kwargs["steps_per_epoch"] is not None:
         kwargs["steps_per_epoch"] = 100
