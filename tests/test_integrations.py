@@ -1,4 +1,4 @@
-"""bbfused.integrations with the real clients: the README's snippets run as they are, on tiny data."""
+"""bbfused.integrations with the real clients: the snippets of docs/integrations.md run as they are, on tiny data."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 
 from bbfused import BB, GradientReplacedWarning
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+SNIPPETS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 
 
 def _snippet(name: str) -> str:
-    found = re.search(rf"<!-- snippet: {name} -->\n```python\n(.*?)```", README.read_text(), re.S)
-    assert found, f"README has no snippet {name!r}"
+    found = re.search(rf"<!-- snippet: {name} -->\n```python\n(.*?)```", SNIPPETS.read_text(), re.S)
+    assert found, f"docs/integrations.md has no snippet {name!r}"
     return found.group(1)
 
 

@@ -10,6 +10,8 @@ mean of its micro-batch losses), which Trainer never passes to ``step()``.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -68,17 +70,24 @@ class BBTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.bb_kwargs = dict(bb_kwargs or {})
         self._bb_steps_per_epoch: int | None = None
+        self._bb_epochs: int | None = None
         self._bb_loss = StepLoss()
         self.add_callback(_RestoreGradientViews())
 
     def set_initial_training_values(self, *args: Any, **kwargs: Any) -> Any:
         values = super().set_initial_training_values(*args, **kwargs)
         self._bb_steps_per_epoch = values[1]  # num_update_steps_per_epoch: optimizer steps, after accumulation
+        self._bb_epochs = math.ceil(values[0])  # num_train_epochs: BB's end phase plans for them
         return values
 
     def create_optimizer(self, model: Any = None) -> BB:
         if self.optimizer is None:
-            kwargs = {"lr": self.args.learning_rate, "steps_per_epoch": self._bb_steps_per_epoch, **self.bb_kwargs}
+            kwargs = {
+                "lr": self.args.learning_rate,
+                "steps_per_epoch": self._bb_steps_per_epoch,
+                "epochs": self._bb_epochs,
+                **self.bb_kwargs,
+            }
             self.optimizer_cls_and_kwargs = (BB, kwargs)
             super().create_optimizer(model)
             self.optimizer.track_buffers(self.model)
