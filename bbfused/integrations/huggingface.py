@@ -11,7 +11,6 @@ mean of its micro-batch losses), which Trainer never passes to ``step()``.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import torch
