@@ -157,6 +157,8 @@ class BufferSet:
     # ------------------------------------------------------------------ the step
     def zero_grad(self, set_to_none: bool) -> None:
         for buffer in self.buffers:
+            buffer.check()  # a re-allocated parameter (model.half()) gets the clear error, not torch's
+        for buffer in self.buffers:
             buffer.zero_grad(set_to_none)
 
     def adopt_gradients(self) -> None:
