@@ -189,6 +189,11 @@ class HostClock:
         """Whether the closing period is one of a split first epoch's."""
         return self.epoch == 0 and bool(self.periods.length)
 
+    @property
+    def closes_inner_period(self) -> bool:
+        """Whether the closing period is one of a split first epoch's but not its last."""
+        return self.in_first_epoch_periods and not self.ends_epoch
+
     def reached(self, epoch: int) -> Flag:
         """Whether the closing epoch is ``epoch`` or later."""
         return self.epoch >= epoch
@@ -324,6 +329,10 @@ class DeviceClock:
     @property
     def in_first_epoch_periods(self) -> Flag:
         return (self.epoch == 0) if self.periods.length else False
+
+    @property
+    def closes_inner_period(self) -> Flag:
+        return ((self.epoch == 0) & ~self.epoch_gate) if self.periods.length else False
 
     def reached(self, epoch: int) -> Flag:
         return self.epoch >= epoch

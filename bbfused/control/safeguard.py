@@ -7,7 +7,9 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
 
 - **search**: from the first estimate on, while the estimate η is at least r and the loss does not rise, r grows
   by :data:`SEARCH_GROWTH` per period, or up to η when η is larger (at most :data:`SEARCH_LIMIT`): a tiny η0 is
-  left behind within the first epoch or two, where a bounded BB step needs one epoch per doubling.
+  left behind within the first epoch, where a bounded BB step needs one epoch per doubling. The search ends with
+  the first epoch's last period (without a split first epoch it goes on): an estimate that overshoots costs a
+  period of a few steps there, but a whole epoch, rolled back, after it.
 - **follow**: after that, r moves towards η by at most a factor 2 up or 10 down (a stabilised BB step, in the
   spirit of Tan et al.'s smoothing of SGD-BB rates), inside [:data:`LOWEST_RATE`, :data:`HIGHEST_RATE`] (or
   ``tau_min``, ``tau_max`` when given); an η that is zero, inf or NaN keeps r. A period whose mean loss rose
@@ -253,6 +255,7 @@ class SafeguardControl:
         rose: torch.Tensor,
         steps: int | torch.Tensor,
         bounds: tuple[float, float],
+        search_open: bool | torch.Tensor = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next period's r, whether the search goes on, and the new ceiling (``rose``: the period's mean loss
         rose, so r may not grow)."""
@@ -261,6 +264,7 @@ class SafeguardControl:
         estimate = bb_ratio(sums, steps)
         usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot
         searching = self.searching & ~rose & ~(usable & (estimate < r)) & ~diverged
+        searching = searching & torch.as_tensor(search_open, device=r.device)
         search = torch.maximum(r * SEARCH_GROWTH, torch.minimum(estimate, r * SEARCH_LIMIT))
         growth = torch.where(rose, torch.full_like(r, LOSS_BRAKE), torch.full_like(r, RATE_GROWTH_LIMIT))
         follow = torch.minimum(torch.maximum(estimate, r * RATE_SHRINK_LIMIT), r * growth)
@@ -283,7 +287,10 @@ class SafeguardControl:
         sums). Every write goes through ``clock``, which applies it only at a period's end."""
         sums = buffers.measure(clock)
         diverged, rose, references = self.diverged(sums, clock)
-        new_rate, searching, ceiling = self.next_rate(sums, diverged, rose, clock.closing_steps, taus[1:])
+        # With a split first epoch the search ends with it: one full epoch at an overshooting estimate costs a short
+        # run more than the climb it saves.
+        search_open = clock.closes_inner_period if clock.periods.length else True
+        new_rate, searching, ceiling = self.next_rate(sums, diverged, rose, clock.closing_steps, taus[1:], search_open)
         buffers.commit(diverged, clock)
         self._commit_model_buffers(diverged, clock)
         r = self.rate
