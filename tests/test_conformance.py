@@ -7,9 +7,10 @@ the foreach/fused/differentiable flags: it has backends instead) and, as ``skips
 ``test_optim.py`` that meet a deviation BB keeps on purpose. The tests below run the contract over BB's inputs
 crossed with the CPU backends (eager and cpp; the Triton kernels need a GPU or their slow interpreter, see
 ``test_triton_backend.py``), as torch crosses its inputs with foreach and fused, and compare values: trajectories,
-state dicts and parameters, against a second BB or against ``torch.optim.SGD`` (BB's epoch 0 is plain SGD with
-L2 weight decay). Every deviation is a test named ``test_deviation_*`` that asserts the documented behaviour.
-``add_param_group`` is left out on purpose: its behaviour is being changed elsewhere.
+state dicts and parameters, against a second BB or against ``torch.optim.SGD`` (until its first rate period
+ends BB is SGD with L2 weight decay and, by default, momentum in EMA form). Every deviation is a test named
+``test_deviation_*`` that asserts the documented behaviour. ``add_param_group`` is left out on purpose: its
+behaviour is being changed elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from bbfused import BB, GradientReplacedWarning
 from bbfused.backends import unavailable_reason
+from bbfused.control import PaperControl, SafeguardControl
 
 
 def _import_torch_testing():
@@ -482,7 +484,8 @@ def test_load_state_dict_pre_hooks_in_order_and_prepend(backend) -> None:
     """test_load_state_dict_pre_hook_and_prepend, on BB's rate (the "bb" entry: see the deviation below): a pre hook
     edits the dict in place, a prepended one returns a replacement that the later hooks then see."""
     weight, bias = _linear()
-    opt = BB([weight, bias], lr=0.1, steps_per_epoch=STEPS, backend=backend)
+    # momentum=0.0: the step below is checked against a plain SGD step by the loaded rate
+    opt = BB([weight, bias], lr=0.1, steps_per_epoch=STEPS, momentum=0.0, backend=backend)
     state_dict = opt.state_dict()
     opt.register_load_state_dict_pre_hook(_load_pre_hook_1)
     opt.load_state_dict(state_dict)
@@ -570,7 +573,8 @@ def test_closure_called_once_with_grad_enabled_and_its_value_returned(backend) -
     """step(closure) calls the closure once, with gradients enabled even under no_grad, returns what it returns
     (a tensor or anything else), and applies the gradient the closure computed."""
     weight, bias = _linear()
-    opt = BB([weight, bias], lr=0.1, steps_per_epoch=STEPS, backend=backend)
+    # momentum=0.0: the applied gradient is checked against a plain SGD step
+    opt = BB([weight, bias], lr=0.1, steps_per_epoch=STEPS, momentum=0.0, backend=backend)
     calls = []
     inner = _closure(opt, weight, bias, 0)
 
@@ -660,6 +664,11 @@ def test_first_epoch_is_torch_sgd(backend, optim_input, dtype) -> None:
     sgd = torch.optim.SGD(
         groups[0], lr=lr, momentum=momentum, dampening=momentum, weight_decay=weight_decay, foreach=False
     )
+    if momentum > 0:
+        # torch starts a buffer at the first step's d; BB's starts at zero: a zero buffer already in torch's state
+        # makes its first step μ · 0 + (1 - μ) · d, as BB's
+        for p in params[0]:
+            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     untouched = [model.unused.detach().clone(), model[2].bias.detach().clone()]
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
 
@@ -745,8 +754,13 @@ def test_tensor_and_numpy_lr_match_float_lr(backend, lr) -> None:
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "non-contiguous"])
 @pytest.mark.parametrize("backend, optim_input", INPUTS)
 def test_goes_right_direction(backend, optim_input, contiguous) -> None:
-    """test_forloop_goes_right_direction: 20 closure steps (five epochs) lower the loss; non-contiguous parameters
-    keep their values and Parameter objects when packed."""
+    """test_forloop_goes_right_direction: closure steps lower the loss tenfold; non-contiguous parameters keep their
+    values and Parameter objects when packed.
+
+    torch's 20 steps are too few for that with the default momentum μ = 0.9: its EMA form is the heavy ball with
+    β = μ, whose two roots in each direction of a quadratic multiply to μ, so once the momentum has built up the
+    loss falls by at best about μ per step, whatever the rate (0.9 ** 20 ≈ 0.12: tenfold in 20 steps is at the edge
+    of the possible). 80 steps (20 epochs) leave the rate control room to find its rate."""
     generator = torch.Generator().manual_seed(0)
     if contiguous:
         weight = torch.nn.Parameter(torch.randn(10, 5, generator=generator))
@@ -767,9 +781,9 @@ def test_goes_right_direction(backend, optim_input, contiguous) -> None:
         return loss
 
     initial = closure().item()
-    for _ in range(20):
+    for _ in range(20 * STEPS):
         _step(opt, closure)
-    assert opt.epoch == 5
+    assert opt.epoch == 20
     assert closure().item() < initial / 10
 
 
@@ -778,7 +792,8 @@ def test_goes_right_direction(backend, optim_input, contiguous) -> None:
 def test_defaults_groups_state_and_repr(backend, optim_input) -> None:
     """``defaults`` holds the per-group hyper-parameters as floats (lr, weight_decay; the rest are BB's global
     attributes), every group has exactly those keys, ``state`` holds every parameter's state (test_non_empty_state)
-    shaped like it, and the repr (test_optimizer_can_be_printed) lists the groups with the current rate."""
+    shaped like it (with momentum, the default's 0.9, a momentum buffer too), and the repr
+    (test_optimizer_can_be_printed) lists the groups with the current rate."""
     kwargs = _kwargs(backend, optim_input)
     lr, weight_decay = float(kwargs.get("lr", 0.1)), float(kwargs.get("weight_decay", 0.0))
     weight, bias = _linear()
@@ -791,8 +806,12 @@ def test_defaults_groups_state_and_repr(backend, optim_input) -> None:
     for step in range(STEPS):
         _step(opt, _closure(opt, weight, bias, step))
     assert list(opt.state) == [weight, bias]
+    control = SafeguardControl if kwargs.get("safeguard", True) else PaperControl
+    momentum = kwargs.get("momentum", control.DEFAULT_MOMENTUM)
+    assert opt.state_dict()["bb"]["momentum"] == momentum
+    keys = ["ema", "momentum_buffer", "prev_ema", "prev_params"] if momentum > 0 else ["ema", "prev_ema", "prev_params"]
     for p in (weight, bias):
-        assert sorted(opt.state[p]) == ["ema", "prev_ema", "prev_params"]
+        assert sorted(opt.state[p]) == keys
         assert all(value.shape == p.shape for value in opt.state[p].values())
     assert opt.state[weight]["prev_params"].equal(weight.detach())  # the epoch-end snapshot, just taken
     text = repr(opt)
@@ -807,7 +826,7 @@ def test_zero_grad_set_to_none_false_as_torch_optim(backend) -> None:
     accumulates into them from zero, and two backwards add up, as with torch.optim.SGD."""
     weight, bias = _linear()
     weight_r, bias_r = _twin(weight, bias)
-    opt = BB([weight, bias], lr=0.1, steps_per_epoch=STEPS, backend=backend)
+    opt = BB([weight, bias], lr=0.1, steps_per_epoch=STEPS, momentum=0.0, backend=backend)  # as the plain SGD
     sgd = torch.optim.SGD([weight_r, bias_r], lr=0.1)
     for o, w, b in ((opt, weight, bias), (sgd, weight_r, bias_r)):
         _closure(o, w, b, 0)()
@@ -909,7 +928,8 @@ def test_deviation_zero_grad_set_to_none_keeps_zeroed_gradient_views(backend) ->
     stays the same zeroed tensor, and the step treats the parameter as torch.optim treats a None gradient: it does
     not move, even with weight decay, until backward (or a write to .grad) gives it a gradient."""
     weight, bias = _linear()
-    opt = BB([weight, bias], lr=0.1, steps_per_epoch=STEPS, weight_decay=0.5, backend=backend)
+    # momentum=0.0: the weight's step is checked against a plain SGD step with weight decay
+    opt = BB([weight, bias], lr=0.1, steps_per_epoch=STEPS, weight_decay=0.5, momentum=0.0, backend=backend)
     _closure(opt, weight, bias, 0)()
     grad = weight.grad
     opt.zero_grad(set_to_none=True)
