@@ -167,8 +167,9 @@ def test_group_added_before_the_first_step_equals_one_given_to_the_constructor(s
 
 
 def test_added_parameters_step_from_the_next_step_with_the_defaults() -> None:
-    """Options not given come from the constructor (weight_decay here); the group shows BB's current rate, and its
-    own lr is ignored with a warning. A gradient computed before the add counts in the next step."""
+    """Options not given come from the constructor (weight_decay here, and the default momentum 0.9, whose buffer
+    starts at zero for the new group); the group shows BB's current rate, and its own lr is ignored with a warning.
+    A gradient computed before the add counts in the next step."""
     model = _model()
     opt = BB(model[2].parameters(), lr=0.2, steps_per_epoch=2, weight_decay=0.1, backend="eager")
     _train(model, opt, 0, 5)  # the rate has changed by now: epoch 2 uses the BB estimate
@@ -183,7 +184,10 @@ def test_added_parameters_step_from_the_next_step_with_the_defaults() -> None:
     assert group["lr"] is opt.param_groups[0]["lr"] and group["lr"] == opt.lr
     lr = opt.lr
     opt.step()
-    torch.testing.assert_close(model[0].weight.detach(), weight - lr * (grad + 0.1 * weight))
+    # The EMA-form momentum from a zero buffer: m = (1 - 0.9)·d, θ ← θ − lr·m.
+    direction = 0.1 * (grad + 0.1 * weight)
+    torch.testing.assert_close(opt.state[model[0].weight]["momentum_buffer"], direction)
+    torch.testing.assert_close(model[0].weight.detach(), weight - lr * direction)
     for p in model[0].parameters():  # packed as the constructor packs: views of the new group's flat buffer
         assert _inside(p, opt._buffers[1].param) and _inside(p.grad, opt._buffers[1].grad)
     with warnings.catch_warnings():
@@ -283,9 +287,15 @@ def test_state_dict_after_an_add_round_trips_into_an_optimizer_with_the_same_gro
     assert resumed[1:] == uninterrupted[1:]
     for p, q in zip(resumed[0], uninterrupted[0]):
         assert torch.equal(p, q)
-    # Without join_epochs (a state dict saved before groups could be added) every group is in the estimate: here
-    # that is the wrong history for the body, and the rates differ from epoch 3's end on.
-    without = resume(lambda bb: bb.pop("join_epochs"))
+
+    # Without join_epochs (a version 2 state dict saved before groups could be added; a version 3 one must have
+    # them) every group is in the estimate: here that is the wrong history for the body, and the rates differ
+    # from epoch 3's end on.
+    def as_version_2(bb: dict) -> None:
+        del bb["join_epochs"]
+        bb["version"] = 2
+
+    without = resume(as_version_2)
     assert without[1][:3] == uninterrupted[1][:3] and without[1][3] != uninterrupted[1][3]
 
 
@@ -406,7 +416,7 @@ def test_groups_put_into_param_groups_directly_are_added() -> None:
     changing a group BB packed is refused."""
     head = torch.nn.Linear(3, 2)
     body = torch.nn.Parameter(torch.ones(3))
-    opt = BB(head.parameters(), lr=0.1, steps_per_epoch=STEPS, backend="eager")
+    opt = BB(head.parameters(), lr=0.1, steps_per_epoch=STEPS, momentum=0.0, backend="eager")  # plain SGD steps
     opt.param_groups.append({"params": [body]})
     opt.zero_grad()
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["weight_decay"] == 0.0 and body.grad is not None

@@ -6,6 +6,8 @@ tensors are on the CPU (Triton through its interpreter, see conftest.py); keep s
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -61,16 +63,20 @@ def twin_optimizers(backend: str, shapes, dtype, **kwargs) -> tuple[BB, BB, list
 def assert_state_close(eager: BB, fused: BB, eager_params, fused_params, **tolerance) -> None:
     for pe, pf in zip(eager_params, fused_params):
         torch.testing.assert_close(pf.detach(), pe.detach(), **tolerance)
-        for key in ("ema", "prev_params", "prev_ema"):
-            torch.testing.assert_close(fused.state[pf][key], eager.state[pe][key], **tolerance)
+        assert fused.state[pf].keys() == eager.state[pe].keys()
+        for key in ("ema", "prev_params", "prev_ema", "momentum_buffer"):
+            if key in eager.state[pe]:  # momentum_buffer: with momentum only
+                torch.testing.assert_close(fused.state[pf][key], eager.state[pe][key], **tolerance)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_DEVICE)
 @pytest.mark.parametrize("dtype", list(STEP_TOLERANCE), ids=str)
 @pytest.mark.parametrize("sizes", list(SIZES))
 def test_one_step_matches_eager(backend: str, dtype: torch.dtype, sizes: str) -> None:
+    """The default momentum 0.9 makes the first step lr·0.1·d (EMA form, zero buffer): lr = 0.5 keeps it at 0.05·d,
+    large enough to move a 16-bit parameter (a step under half an ulp would leave both copies untouched)."""
     eager, fused, eager_params, fused_params = twin_optimizers(
-        backend, SIZES[sizes], dtype, lr=0.05, steps_per_epoch=10, weight_decay=1e-2
+        backend, SIZES[sizes], dtype, lr=0.5, steps_per_epoch=10, weight_decay=1e-2
     )
     for opt, params in ((eager, eager_params), (fused, fused_params)):
         set_gradients(params, seed=1)
@@ -198,10 +204,11 @@ def test_bf16_trajectory_close_to_eager(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_DEVICE)
 def test_grad_scaler_contract(backend: str) -> None:
-    """grad_scale divides the gradient; found_inf != 0 leaves θ and the EMA untouched but counts the step."""
+    """grad_scale divides the gradient; found_inf != 0 leaves θ, the EMA and the momentum untouched but counts the
+    step. T = 16: the first rate period is 4 steps, so no period end (which restarts the EMA) follows these two."""
     shapes = SIZES["several"]
     eager, fused, eager_params, fused_params = twin_optimizers(
-        backend, shapes, torch.float32, lr=0.05, steps_per_epoch=10, weight_decay=1e-2
+        backend, shapes, torch.float32, lr=0.05, steps_per_epoch=16, weight_decay=1e-2
     )
     set_gradients(eager_params, seed=2)
     eager.step()
@@ -213,15 +220,18 @@ def test_grad_scaler_contract(backend: str) -> None:
 
     before = [p.detach().clone() for p in fused_params]
     ema_before = [fused.state[p]["ema"].clone() for p in fused_params]
+    momentum_before = [fused.state[p]["momentum_buffer"].clone() for p in fused_params]
+    assert any(m.any() for m in momentum_before)  # the first step wrote the momentum: its skip below is visible
     for p in fused_params:
         if p.numel():
             p.grad.fill_(float("inf"))
     fused.found_inf = torch.tensor(1.0, device=DEVICE)
     fused.step()
     del fused.grad_scale, fused.found_inf
-    for p, theta, ema in zip(fused_params, before, ema_before):
+    for p, theta, ema, momentum in zip(fused_params, before, ema_before, momentum_before):
         assert torch.equal(p.detach(), theta)
         assert torch.equal(fused.state[p]["ema"], ema)
+        assert torch.equal(fused.state[p]["momentum_buffer"], momentum)
     assert fused.step_in_epoch == 2
 
 
@@ -271,16 +281,34 @@ def test_parameters_without_gradients_are_untouched(backend: str) -> None:
         assert not torch.equal(fused_params[i].detach(), untouched[i].detach())
 
 
+def sgd_with_ema_momentum(params, momentum: float, **kwargs) -> torch.optim.SGD:
+    """torch's SGD with BB's momentum: dampening = momentum makes buf ← μ·buf + (1 − μ)·d, BB's EMA form, and a
+    zero buffer in place of torch's first-step buf = d makes the first step (1 − μ)·d, as BB's."""
+    opt = torch.optim.SGD(params, momentum=momentum, dampening=momentum, **kwargs)
+    for p in params:
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("backend", ["eager", *BACKENDS_ON_DEVICE])
-def test_first_epochs_equal_torch_sgd(backend: str, set_to_none: bool) -> None:
-    """Within epochs 0 and 1 BB is plain SGD with L2 weight decay: compare with torch.optim.SGD as
-    torch's test_optim compares derived optimizers — a zero-size parameter, a step with no backward, and
-    a layer frozen at step 3 and unfrozen at step 5."""
+@pytest.mark.parametrize("safeguard", [True, False], ids=["default", "paper"])
+def test_first_epochs_equal_torch_sgd(backend: str, set_to_none: bool, safeguard: bool) -> None:
+    """Until the rate first moves BB is SGD with L2 weight decay: compare with torch.optim.SGD as torch's test_optim
+    compares derived optimizers — a zero-size parameter, a step with no backward, and a layer frozen at step 3 and
+    unfrozen at step 5. The paper's mode: plain SGD through epochs 0 and 1 (T = 4). The default: SGD with its
+    momentum 0.9 in EMA form; its first epoch's periods may move the rate from the second period end on, so
+    T = 16 (periods of 4 steps; the first end has no estimate and keeps the rate) covers the 7 steps."""
+    if safeguard:
+        reference, steps = functools.partial(sgd_with_ema_momentum, momentum=0.9, lr=0.05, weight_decay=1e-2), 16
+    else:
+        reference, steps = functools.partial(torch.optim.SGD, lr=0.05, weight_decay=1e-2), 4
     results = []
     for make_optimizer in (
-        lambda params: torch.optim.SGD(params, lr=0.05, weight_decay=1e-2),
-        lambda params: BB(params, lr=0.05, steps_per_epoch=4, weight_decay=1e-2, backend=backend),
+        reference,
+        lambda params: BB(
+            params, lr=0.05, steps_per_epoch=steps, weight_decay=1e-2, backend=backend, safeguard=safeguard
+        ),
     ):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(DEVICE)
@@ -295,6 +323,8 @@ def test_first_epochs_equal_torch_sgd(backend: str, set_to_none: bool) -> None:
                 (model(x).square().mean() + empty.sum()).backward()
             opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
+        if isinstance(opt, BB):
+            assert opt.lr == 0.05 and opt.rolled_back_epochs == []  # the rate never moved: SGD throughout
     for sgd, bb in zip(*results):
         torch.testing.assert_close(bb, sgd, rtol=1e-6, atol=1e-7)
 

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch.multiprocessing as mp
 from test_control import BACKENDS
 
 import bbfused.clock
-from bbfused import BB
+from bbfused import BB, buffer_set
 from bbfused.backends.eager import EagerBackend
 
 STEPS = 5
@@ -106,18 +107,38 @@ def test_checkpoints_move_between_capturable_and_host_counted(safeguard: bool) -
             assert torch.equal(a, b)
 
 
+def _cpu_momentum_restart(name: str, tensor: torch.Tensor) -> bool:
+    """Whether this read is the one BufferSet.commit makes by design on the CPU only: its momentum-restart flag, read
+    to skip a fill pass when nothing rolled back (no sync there; other devices fill through the mask unread)."""
+    caller = sys._getframe(2).f_code
+    return (
+        name == "__bool__"
+        and tensor.device.type == "cpu"
+        and tensor.dtype == torch.bool
+        and tensor.dim() == 0
+        and caller.co_name == "commit"
+        and caller.co_filename == buffer_set.__file__
+    )
+
+
 @contextlib.contextmanager
 def _no_host_reads():
-    """Make every way of reading a tensor's value on the host raise (a device sync, and a graph breaker)."""
+    """Make every way of reading a tensor's value on the host raise (a device sync, and a graph breaker), but for
+    the CPU-only read of :func:`_cpu_momentum_restart`."""
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a tensor value was read on the host")
+    def refusing(name: str):
+        def refuse(tensor, *args, **kwargs):
+            if _cpu_momentum_restart(name, tensor):
+                return saved[name](tensor, *args, **kwargs)
+            raise AssertionError("a tensor value was read on the host")
+
+        return refuse
 
     names = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
     saved = {name: getattr(torch.Tensor, name) for name in names}
     try:
         for name in names:
-            setattr(torch.Tensor, name, refuse)
+            setattr(torch.Tensor, name, refusing(name))
         yield
     finally:
         for name, method in saved.items():
@@ -308,27 +329,46 @@ def test_group_added_mid_run_joins_the_estimate_as_with_host_counts(safeguard: b
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("safeguard", [True, False])
-def test_capturable_rates_match_at_every_epoch_bound(safeguard: bool) -> None:
-    """τ/(k+2) is one float64 division with the epoch counted on the host or on the device: float64 weights and the
-    rate history agree over 25 epochs whose rates sit on the bounds, at epochs where τ · (1/(k+2)) would round
-    differently (τ = 0.1 at k = 3, 5, 8, 12, 18; τ = 0.3 at k = 5, 11, 12, 17, 19, 24)."""
-    results = []
-    for capturable in (False, True):
-        torch.manual_seed(0)
-        theta = torch.nn.Parameter(torch.randn(32, dtype=torch.float64))
-        opt = BB([theta], lr=1.0, steps_per_epoch=3, backend="eager", safeguard=safeguard, capturable=capturable,
-                 tau0=0.1, tau_min=0.1, tau_max=0.3)  # fmt: skip
-        for _ in range(75):
-            opt.zero_grad()
-            loss = (theta.square() * torch.linspace(0.1, 3.0, 32, dtype=torch.float64)).sum()
-            loss.backward()
-            opt.step(loss=loss)
-        results.append((theta.detach().clone(), opt.lr_history))
-    (theta, history), (captured_theta, captured_history) = results
+def _quadratic_run(capturable: bool, **kwargs) -> tuple[torch.Tensor, list[float]]:
+    """25 epochs of 3 steps on a float64 quadratic: the weights and the rate history."""
+    torch.manual_seed(0)
+    theta = torch.nn.Parameter(torch.randn(32, dtype=torch.float64))
+    opt = BB([theta], lr=1.0, steps_per_epoch=3, backend="eager", capturable=capturable, **kwargs)
+    for _ in range(75):
+        opt.zero_grad()
+        loss = (theta.square() * torch.linspace(0.1, 3.0, 32, dtype=torch.float64)).sum()
+        loss.backward()
+        opt.step(loss=loss)
+    return theta.detach().clone(), opt.lr_history
+
+
+def test_capturable_rates_match_at_every_epoch_bound() -> None:
+    """The paper's mode: τ/(k+2) is one float64 division with the epoch counted on the host or on the device: float64
+    weights and the rate history agree over 25 epochs whose rates sit on the bounds, at epochs where τ · (1/(k+2))
+    would round differently (τ = 0.1 at k = 3, 5, 8, 12, 18; τ = 0.3 at k = 5, 11, 12, 17, 19, 24). The default
+    control has no epoch-dependent bounds: its epoch-dependent factor is the end phase's (the next test)."""
+    taus = dict(safeguard=False, tau0=0.1, tau_min=0.1, tau_max=0.3)
+    theta, history = _quadratic_run(False, **taus)
+    captured_theta, captured_history = _quadratic_run(True, **taus)
     assert captured_history == history and torch.equal(captured_theta, theta)
     rounding_apart = {0.1 / (k + 2) for k in (3, 5, 8, 12, 18)} | {0.3 / (k + 2) for k in (5, 11, 12, 17, 19, 24)}
     assert sum(rate in rounding_apart for rate in history) >= 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: anneal_factor rounds π·a/n as (π·a)/n for a host-counted epoch, π·(a/n) for a device-counted one; "
+    "the factors differ in the last bit (k = 22, 24 of 25)",
+)
+def test_capturable_end_phase_matches_the_host_counted_one() -> None:
+    """The default control's epoch-dependent factor is the end phase's cosine over the second half of the planned
+    epochs: with the epoch counted on the host or on the device, float64 weights and the rate history agree bit for
+    bit over a 25-epoch plan (the module docstring's promise), through every annealed epoch."""
+    epochs = 25
+    theta, history = _quadratic_run(False, epochs=epochs, tau_min=0.1, tau_max=0.3)
+    captured_theta, captured_history = _quadratic_run(True, epochs=epochs, tau_min=0.1, tau_max=0.3)
+    assert len(history) == epochs and history[-1] < 0.05 * history[epochs // 2 - 1]  # the run went through the end
+    assert captured_history == history and torch.equal(captured_theta, theta)
 
 
 def _ranks_capturable_and_not(rank: int, world: int, init_file: str, results: str) -> None:

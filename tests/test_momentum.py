@@ -132,13 +132,24 @@ def test_buffer_set_without_momentum_packs_no_momentum_buffers() -> None:
     assert "momentum_buffer" not in dict(buffers.state_views())[buffers.buffers[0].params[0]]
 
 
-@pytest.mark.parametrize(
-    ("momentum", "nesterov", "match"),
-    [(1.0, False, r"momentum must be in \[0, 1\)"), (-0.1, False, "momentum must be"), (0.0, True, "nesterov")],
-)
-def test_buffer_set_rejects_momentum_it_cannot_run(momentum: float, nesterov: bool, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        BufferSet("eager", 0.1, skip_nonfinite=True, momentum=momentum, nesterov=nesterov)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("momentum", "nesterov"), [(-0.1, False), (0.0, True)], ids=["negative", "nesterov"])
+def test_buffer_set_refuses_at_the_step_a_momentum_it_has_no_buffer_for(
+    backend: str, momentum: float, nesterov: bool
+) -> None:
+    """BB's constructor checks momentum and nesterov (bbfused/arguments.py: tests/test_policy.py and
+    test_optimizer.py). BufferSet takes them as given, packs no momentum buffer for a momentum <= 0, and a momentum
+    or Nesterov it has no buffer for is refused by the step, before anything is written, not silently ignored."""
+    params = make_params()
+    buffers = buffer_set(backend, momentum, nesterov, params)
+    (buffer,) = buffers.buffers
+    assert buffer.momentum is None
+    for p in params:
+        p.grad.fill_(1.0)
+    param_before, ema_before = buffer.param.clone(), buffer.ema.clone()
+    with pytest.raises((ValueError, RuntimeError), match="needs a momentum_buffer"):  # cpp: the op's RuntimeError
+        buffers.step([0.0], beta=0.25, grad_scale=None, found_inf=None, whole_buffers=True)
+    assert torch.equal(buffer.param, param_before) and torch.equal(buffer.ema, ema_before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

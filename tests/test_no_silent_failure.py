@@ -120,7 +120,7 @@ def test_copy_keeps_state_entries_that_are_not_parameters(make_copy) -> None:
 
 def test_copy_keeps_which_gradients_count_and_drops_hooks() -> None:
     model = torch.nn.Linear(3, 2)
-    opt = BB(model.parameters(), lr=0.5, steps_per_epoch=10, backend="eager")
+    opt = BB(model.parameters(), lr=0.5, steps_per_epoch=10, momentum=0.0, backend="eager")  # a plain SGD step
     opt.register_step_pre_hook(lambda *args: None)
     opt.zero_grad()
     model.weight.grad.fill_(1.0)  # an in-place write counts, the bias has no gradient
@@ -190,13 +190,29 @@ def test_step_hooks_are_called() -> None:
         dict(lr=np.float64(0.25), steps_per_epoch=np.int64(STEPS)),
         dict(lr=np.float32(0.25), weight_decay=np.float32(0.5)),
         dict(weight_decay=torch.tensor(0.5), beta=torch.tensor(0.5, dtype=torch.float64)),
-        dict(tau0=torch.tensor(1), tau_min=np.float64(0.1), tau_max=torch.tensor([10.0])),
+        dict(tau_min=np.float64(0.1), tau_max=torch.tensor([10.0])),
+        dict(safeguard=False, tau0=torch.tensor(1), tau_min=np.float64(0.1), tau_max=torch.tensor([10.0])),
         dict(steps_per_epoch=torch.tensor(STEPS)),
+        dict(momentum=torch.tensor(0.9, dtype=torch.float64)),  # the default mode's own momentum, as a tensor
     ],
-    ids=["tensor", "one-element", "numpy", "numpy-float32", "tensor-decay-beta", "taus", "tensor-steps"],
+    ids=[
+        "tensor",
+        "one-element",
+        "numpy",
+        "numpy-float32",
+        "tensor-decay-beta",
+        "taus",
+        "paper-taus",
+        "tensor-steps",
+        "tensor-momentum",
+    ],
 )
 def test_tensor_and_numpy_hyperparameters_equal_floats(kwargs) -> None:
-    plain = dict(lr=0.25, steps_per_epoch=STEPS, weight_decay=0.5, beta=0.5, tau0=1.0, tau_min=0.1, tau_max=10.0)
+    plain = dict(lr=0.25, steps_per_epoch=STEPS, weight_decay=0.5, beta=0.5, tau_min=0.1, tau_max=10.0)
+    taus = ("tau_min", "tau_max")
+    if kwargs.get("safeguard") is False:  # tau0 is the paper mode's fallback rate; the default mode has none
+        plain |= dict(safeguard=False, tau0=1.0)
+        taus = ("tau0", *taus)
     runs = []
     for arguments in (plain, plain | kwargs):
         p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 5))
@@ -209,7 +225,7 @@ def test_tensor_and_numpy_hyperparameters_equal_floats(kwargs) -> None:
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
     assert runs[0][2]["bb"] == runs[1][2]["bb"]
     assert type(runs[1][2]["param_groups"][0]["weight_decay"]) is float
-    assert all(type(runs[1][2]["bb"][key]) is float for key in ("beta", "tau0", "tau_min", "tau_max"))
+    assert all(type(runs[1][2]["bb"][key]) is float for key in ("beta", "momentum", *taus))
     assert type(runs[1][2]["bb"]["steps_per_epoch"]) is int
 
 
@@ -298,7 +314,8 @@ def test_backend_fallback_warning_points_at_the_constructor(monkeypatch) -> None
 # ------------------------------------------------------------------- swapped gradients and data
 def test_gradient_data_swapped_is_adopted_with_a_warning() -> None:
     model = torch.nn.Linear(3, 2)
-    opt = BB(model.parameters(), lr=0.5, steps_per_epoch=10, backend="eager")
+    # Plain SGD steps; T = 16: no period end (whose weight-growth test would roll these steps back) after step 2.
+    opt = BB(model.parameters(), lr=0.5, steps_per_epoch=16, momentum=0.0, backend="eager")
     (buffer,) = opt._buffers
     weight = model.weight.detach().clone()
     opt.zero_grad()
