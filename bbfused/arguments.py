@@ -147,6 +147,12 @@ class Options:
     capturable: bool
 
 
+def check_nesterov(nesterov: bool, momentum: float) -> None:
+    """Nesterov momentum needs a momentum (given, or the mode's default)."""
+    if nesterov and not momentum:
+        raise ValueError("nesterov=True needs a momentum > 0; pass momentum=0.9 or drop nesterov")
+
+
 def check_options(
     lr: Any,
     steps_per_epoch: Any,
@@ -169,8 +175,8 @@ def check_options(
     weight_decay = check_weight_decay(weight_decay)
     momentum = None if momentum is None else check_momentum(momentum)
     nesterov = check_flag("nesterov", nesterov)
-    if nesterov and not momentum:
-        raise ValueError("nesterov=True needs a momentum > 0; pass momentum=0.9 or drop nesterov")
+    if momentum is not None:
+        check_nesterov(nesterov, momentum)
     beta = check_beta(default_beta(steps) if beta is None else beta)
     taus = tuple(
         None if value is None else check_positive(name, value) for name, value in zip(TAUS, (tau0, tau_min, tau_max))

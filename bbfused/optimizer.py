@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .arguments import check_options, check_weight_decay, is_real, watched_loss
+from .arguments import check_nesterov, check_options, check_weight_decay, is_real, watched_loss
 from .buffer_set import BufferSet
 from .clock import make_clock
 from .compiling import eager_under_compile
@@ -92,6 +92,7 @@ class BB(torch.optim.Optimizer):
         self.tau0, self.tau_min, self.tau_max = resolve_taus(kind, options.taus)
         lr, self.beta, self.epochs = options.lr, options.beta, options.epochs
         momentum = kind.DEFAULT_MOMENTUM if options.momentum is None else options.momentum
+        check_nesterov(options.nesterov, momentum)  # the paper's default momentum is 0
         self.safeguard, self.capturable = options.safeguard, options.capturable  # the choices, for reading
         self._building = True
         super().__init__(as_groups(params), {"lr": lr, "weight_decay": options.weight_decay})

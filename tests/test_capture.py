@@ -355,11 +355,6 @@ def test_capturable_rates_match_at_every_epoch_bound() -> None:
     assert sum(rate in rounding_apart for rate in history) >= 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: anneal_factor rounds π·a/n as (π·a)/n for a host-counted epoch, π·(a/n) for a device-counted one; "
-    "the factors differ in the last bit (k = 22, 24 of 25)",
-)
 def test_capturable_end_phase_matches_the_host_counted_one() -> None:
     """The default control's epoch-dependent factor is the end phase's cosine over the second half of the planned
     epochs: with the epoch counted on the host or on the device, float64 weights and the rate history agree bit for

@@ -596,10 +596,6 @@ def test_add_param_group_after_construction_adds_a_group_that_steps() -> None:
         torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * (2.0 + 0.5)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: check_options tests nesterov against momentum=None, not the default control's momentum 0.9",
-)
 def test_nesterov_runs_with_the_default_momentum() -> None:
     """The default mode's momentum is 0.9 unless given, so nesterov=True alone asks for Nesterov momentum 0.9."""
     p = torch.nn.Parameter(torch.ones(3))

@@ -91,18 +91,24 @@ SUMS = ("delta_sq_norm", "delta_dot_y", "param_sq_norm", "ema_sq_norm")
 
 def anneal_factor(epoch: int | torch.Tensor, epochs: int | None) -> float | torch.Tensor:
     """The end phase: the factor on the rate for ``epoch`` of a run of ``epochs``; 1 in the first half, then a
-    cosine towards 0 that ends at the last epoch's small factor (an epoch past the plan keeps it). None: 1."""
+    cosine towards 0 that ends at the last epoch's small factor (an epoch past the plan keeps it). None: 1.
+
+    A device-counted epoch indexes a table of the host's factors: the device's cosine may differ from the C
+    library's in the last bit, and a captured run must apply the very rates a host-counted one does."""
     if epochs is None:
         return 1.0
-    start = max(1, epochs // 2)
     if isinstance(epoch, torch.Tensor):
-        k = epoch.clamp(max=epochs - 1).to(torch.float64)
-        x = (k - start + 1) / (epochs - start + 1)
-        return torch.where(k < start, torch.ones_like(x), 0.5 * (1 + torch.cos(math.pi * x)))
+        return anneal_table(epochs, epoch.device)[epoch.clamp(min=0, max=epochs - 1)]
+    start = max(1, epochs // 2)
     k = min(epoch, epochs - 1)
     if k < start:
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * (k - start + 1) / (epochs - start + 1)))
+
+
+def anneal_table(epochs: int, device: torch.device) -> torch.Tensor:
+    """The end phase's factor of every planned epoch, computed on the host, as a float64 tensor on ``device``."""
+    return torch.tensor([anneal_factor(k, epochs) for k in range(epochs)], dtype=torch.float64, device=device)
 
 
 class SafeguardControl:
@@ -120,6 +126,8 @@ class SafeguardControl:
         self.device = device
         self.numel = numel
         self.epochs = epochs
+        # Built once: a captured epoch end cannot copy a new table from the host.
+        self.anneal_table = None if epochs is None else anneal_table(epochs, device)
         self.weight_floor = WEIGHT_FLOOR * numel
         self.rate = torch.tensor(lr, dtype=torch.float64, device=device)  # r, before the end phase
         self.searching = torch.tensor(True, device=device)
@@ -304,7 +312,12 @@ class SafeguardControl:
         for state, value in references:
             clock.commit(state, value)
         self.loss.reset(clock)
-        return new_rate * anneal_factor(clock.next_epoch, self.epochs), diverged
+        epoch = clock.next_epoch
+        if isinstance(epoch, torch.Tensor) and self.anneal_table is not None:
+            factor = self.anneal_table[epoch.to(self.device).clamp(min=0, max=self.epochs - 1)]
+        else:
+            factor = anneal_factor(epoch, self.epochs)
+        return new_rate * factor, diverged
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, epoch: int) -> ControlState:
