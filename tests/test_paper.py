@@ -75,6 +75,25 @@ def quadratic_bb(lr: float, safeguard: bool, backend: str = "eager", **kwargs) -
     return BB([theta], lr=lr, steps_per_epoch=10, backend=backend, safeguard=safeguard, **kwargs), theta
 
 
+def pinned_bb(backend: str = "eager") -> tuple[BB, torch.nn.Parameter]:
+    """The default control held at 0.1 by tau_max (a rising loss or a rollback still lowers it), without momentum:
+    θ shrinks by 0.9 each step, so only the losses given to ``step`` decide (the search cannot overshoot)."""
+    return quadratic_bb(0.1, True, backend, momentum=0.0, tau_max=0.1)
+
+
+# The first epoch's rate periods (10 steps): two steps each, the default control acting at the end of each.
+PERIOD = max(2, 10 // safeguard_control.FIRST_EPOCH_PERIODS)
+
+
+def quadratic_steps(opt: BB, theta: torch.nn.Parameter, steps: int) -> torch.Tensor:
+    """``steps`` steps on ½‖θ‖²; θ after them."""
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * theta.square().sum()).backward()
+        opt.step()
+    return theta.detach().clone()
+
+
 def mnist_run(lr: float, safeguard: bool, *options: str, model: str = "mlp"):
     flag = "--bb-safeguard" if safeguard else "--no-bb-safeguard"
     argv = ["--model", model, "--lr", str(lr), "--device", "cpu", "--limit-test", "1000", flag, *options]
@@ -84,20 +103,32 @@ def mnist_run(lr: float, safeguard: bool, *options: str, model: str = "mlp"):
 # ============================================================================================ failure modes
 def test_initial_lr_too_large_nan_in_epoch_0_is_rolled_back() -> None:
     """η0 = 1 on the paper's MLP (4096 MNIST images, 32 steps an epoch): the paper's BB ends epoch 0 with
-    NaN weights; the default restores the initial weights exactly, runs epoch 1 at 0.1 and learns."""
+    NaN weights; the default (given the paper's update: no momentum) rolls its first period (8 steps) back to the
+    initial weights exactly, goes on at a tenth of the rate, its later rates capped at a quarter of 1, and learns."""
     paper = mnist_run(1.0, False, "--limit-train", "4096")
     record = paper.run_epoch(0)
     assert math.isnan(record["train_loss"])
     assert not all(torch.isfinite(p).all() for p in paper.model.parameters())
 
-    safe = mnist_run(1.0, True, "--limit-train", "4096")
+    safe = mnist_run(1.0, True, "--limit-train", "4096", "--momentum", "0")
+    optimizer = safe.optimizer
+    period = max(2, optimizer.steps_per_epoch // safeguard_control.FIRST_EPOCH_PERIODS)
     initial = [p.detach().clone() for p in safe.model.parameters()]
-    records = [safe.run_epoch(0)]
-    assert math.isnan(records[0]["train_loss"])
-    assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), initial))
-    records += [safe.run_epoch(epoch) for epoch in (1, 2)]
-    # A tenth of the rate; no estimate yet at epoch 1, so it is lifted to τ_min/(k+2) = 1/9.
-    assert safe.optimizer.lr_history == [1.0, pytest.approx(0.1), pytest.approx(1 / 9)]
+    first_period = []
+    step = optimizer.step
+
+    def watched_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        if optimizer.epoch == 0 and optimizer.step_in_epoch == period:
+            first_period.append(([p.detach().clone() for p in safe.model.parameters()], optimizer.lr))
+        return result
+
+    optimizer.step = watched_step
+    records = [safe.run_epoch(epoch) for epoch in (0, 1, 2)]
+    ((weights, rate),) = first_period
+    assert all(torch.equal(p, q) for p, q in zip(weights, initial)) and rate == pytest.approx(0.1)
+    assert records[0]["rolled_back"] and optimizer.rolled_back_epochs == [0]
+    assert max(optimizer.lr_history) <= safeguard_control.CAP * 1.0
     assert records[1]["train_loss"] < 2.0 and records[2]["train_loss"] < records[1]["train_loss"]
     assert records[2]["test_acc1"] > 85.0
 
@@ -109,12 +140,16 @@ def test_finite_blow_up_counts_as_diverged(backend: str) -> None:
     (after,) = quadratic_epochs(paper, theta, 1, 10)
     assert torch.isfinite(after).all() and after.square().sum() > 1e6
 
-    safe, theta = quadratic_bb(3.0, safeguard=True, backend=backend)
-    after = quadratic_epochs(safe, theta, 3, 10)
-    assert torch.equal(after[0], torch.ones(16, device=DEVICE))  # rolled back to the first step's point
-    assert safe.lr_history == [3.0, pytest.approx(0.3), pytest.approx(0.3)]
+    # The default (without momentum, whose first steps are short) sees ‖θ‖² grow 16-fold in the first period.
+    safe, theta = quadratic_bb(3.0, safeguard=True, backend=backend, momentum=0.0)
+    first = quadratic_steps(safe, theta, PERIOD)
+    assert torch.equal(first, torch.ones(16, device=DEVICE))  # rolled back to the first step's point
+    assert safe.lr == pytest.approx(0.3)  # a tenth of the rate that diverged
     assert safe.rolled_back_epochs == [0] and paper.rolled_back_epochs == []
-    assert float(after[2].abs().max()) == pytest.approx(0.7**20, rel=1e-4)  # then it converges at 0.3
+    after = quadratic_epochs(safe, theta, 3, 10)[:2] + [quadratic_steps(safe, theta, PERIOD)]
+    # Every later rate is under a quarter of 3 (the cap), where θ only shrinks: it converges.
+    assert max(safe.lr_history) <= 3.0 * safeguard_control.CAP and safe.rolled_back_epochs == [0]
+    assert 1.0 > float(after[0].abs().max()) > float(after[1].abs().max()) > float(after[2].abs().max())
 
 
 def test_lenet_dying_in_epoch_0_without_nan_is_rolled_back() -> None:
@@ -129,35 +164,49 @@ def test_lenet_dying_in_epoch_0_without_nan_is_rolled_back() -> None:
     assert all(torch.isfinite(p).all() for p in paper.model.parameters())
     assert param_sq_norm(paper.model) / initial_sq_norm > safeguard_control.WEIGHT_GROWTH  # the weight test catches it
 
-    safe = mnist_run(1.0, True, model="lenet")
+    # The default with the paper's update (no momentum): its first period (a quarter of the epoch) is rolled back
+    # to the initial weights exactly, and the rest of the epoch at a tenth of the rate learns.
+    safe = mnist_run(1.0, True, "--momentum", "0", model="lenet")
+    optimizer = safe.optimizer
+    period = max(2, optimizer.steps_per_epoch // safeguard_control.FIRST_EPOCH_PERIODS)
     initial = [p.detach().clone() for p in safe.model.parameters()]
+    first_period = []
+    step = optimizer.step
+
+    def watched_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        if optimizer.epoch == 0 and optimizer.step_in_epoch == period:
+            first_period.append(([p.detach().clone() for p in safe.model.parameters()], optimizer.lr))
+        return result
+
+    optimizer.step = watched_step
     safe_record = safe.run_epoch(0)
-    assert safe_record["train_loss"] == record["train_loss"] and safe_record["rolled_back"]  # same epoch, rolled back
-    assert "diverged: BB rolled the epoch back" in format_record(safe_record, 10)
-    assert all(torch.equal(p, q) for p, q in zip(safe.model.parameters(), initial))
-    assert safe.optimizer.lr == pytest.approx(0.1)
+    ((weights, rate),) = first_period
+    assert all(torch.equal(p, q) for p, q in zip(weights, initial)) and rate == pytest.approx(0.1)
+    assert safe_record["rolled_back"] and "diverged: BB rolled the epoch back" in format_record(safe_record, 10)
     next_record = safe.run_epoch(1)
     assert next_record["test_acc1"] > 90.0 and not next_record["rolled_back"]
-    assert safe.optimizer.rolled_back_epochs == [0]
+    assert optimizer.rolled_back_epochs == [0] and max(optimizer.lr_history) <= safeguard_control.CAP * 1.0
 
 
-@pytest.mark.parametrize(("lr", "rolled_back"), [(2.0704, False), (2.0731, True)])
+@pytest.mark.parametrize(("lr", "rolled_back"), [(2.41, False), (2.42, True)])
 def test_growth_threshold_is_fourfold(lr: float, rolled_back: bool) -> None:
-    """|1 − η|^20 is ‖θ‖²'s growth over the epoch: 3.9-fold at η = 2.0704 is kept, 4.1-fold at 2.0731 is rolled
-    back (healthy epochs measured up to 2.5-fold, LeNet-5 dying 7.3- and 9.9-fold)."""
-    safe, theta = quadratic_bb(lr, safeguard=True)
-    (after,) = quadratic_epochs(safe, theta, 1, 10)
+    """|1 − η|^4 is ‖θ‖²'s growth over the first period (two steps, no momentum): 3.95-fold at η = 2.41 is kept,
+    4.07-fold at 2.42 is rolled back (healthy epochs measured up to 2.5-fold, LeNet-5 dying 7.3- and 9.9-fold)."""
+    safe, theta = quadratic_bb(lr, safeguard=True, momentum=0.0)
+    after = quadratic_steps(safe, theta, PERIOD)
     assert torch.equal(after, torch.ones(16, device=DEVICE)) == rolled_back
-    assert safe.lr == pytest.approx(lr / 10 if rolled_back else lr)
+    assert safe.lr == pytest.approx(lr / 10 if rolled_back else lr)  # no estimate after the first period: kept
 
 
 @pytest.mark.parametrize(("target", "rolled_back"), [(0.099, False), (0.101, True)])
 def test_growth_from_zero_weights_counts_above_rms_0_1(target: float, rolled_back: bool) -> None:
     """Weights that start at zero may grow to an RMS of 0.1 in an epoch (the floor: 4 x 0.0025 per value) before
-    the growth counts: ½‖θ − c‖² from θ = 0 at η = 1 lands on c in one step."""
+    the growth counts: ½‖θ − c‖² from θ = 0 at η = 1 (no momentum) lands on c in one step; checked at the end of
+    the first period (two of the epoch's four steps)."""
     theta = torch.nn.Parameter(torch.zeros(16, device=DEVICE))
-    safe = BB([theta], lr=1.0, steps_per_epoch=4, backend="eager")
-    for _ in range(4):
+    safe = BB([theta], lr=1.0, steps_per_epoch=4, backend="eager", momentum=0.0)
+    for _ in range(2):
         safe.zero_grad()
         (0.5 * (theta - target).square().sum()).backward()
         safe.step()
@@ -166,18 +215,24 @@ def test_growth_from_zero_weights_counts_above_rms_0_1(target: float, rolled_bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rule_chosen_rate_that_diverges_is_rolled_back_to_the_last_good_epoch(backend: str) -> None:
-    """Bounds τ_min = τ_max = 30 force every rate the rule sets to 30/(k+2): 15 at epoch 1 (θ times −14 each
-    step) diverges and is rolled back to the end of epoch 0; the next epoch returns to the last good rate 0.1,
-    and the rule's later rates are capped at a quarter of each rate that diverged (3.75, which diverges too),
-    until 0.9375 converges (θ times 0.0625)."""
-    safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend, tau_min=30.0, tau_max=30.0)
-    after = quadratic_epochs(safe, theta, 8, 10)
-    assert safe.lr_history == [pytest.approx(r) for r in (0.1, 15.0, 0.1, 3.75, 0.1, 0.9375, 0.9375, 0.9375)]
-    assert safe.rolled_back_epochs == [1, 3]
-    assert torch.equal(after[1], after[0]) and torch.equal(after[3], after[2])
-    assert float(after[7].abs().max()) < 1e-30 < float(after[4].abs().max())
-    assert safe.state_dict()["bb"]["lr_cap"] == pytest.approx(0.9375)
+def test_rule_chosen_rate_that_diverges_is_rolled_back_to_the_last_good_period(backend: str) -> None:
+    """Bounds τ_min = τ_max = 30 force every rate the control sets to 30 (no momentum): after a good first period
+    at 0.1, 30 (θ times −29 each step) diverges and is rolled back to the end of that period; the next period
+    returns to the last good rate 0.1, and the control's later rates are capped at a quarter of each rate that
+    diverged (7.5, which diverges too), until 1.875 converges (θ times −0.875)."""
+    safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend, tau_min=30.0, tau_max=30.0, momentum=0.0)
+    rates, thetas = [0.1], [theta.detach().clone()]
+    for _ in range(10 // PERIOD):
+        thetas.append(quadratic_steps(safe, theta, PERIOD))
+        rates.append(safe.lr)
+    assert rates == [pytest.approx(r) for r in (0.1, 30.0, 0.1, 7.5, 0.1, 1.875)]
+    assert torch.equal(thetas[2], thetas[1]) and torch.equal(thetas[4], thetas[3])
+    assert float(thetas[5].abs().max()) == pytest.approx(0.9**6)  # three good periods of two steps at 0.1
+    after = quadratic_epochs(safe, theta, 7, 10)
+    assert safe.lr_history == [pytest.approx(r) for r in [0.1] + [1.875] * 7]
+    assert safe.rolled_back_epochs == [0]
+    assert float(after[-1].abs().max()) == pytest.approx(0.9**6 * 0.875**70, rel=1e-4)
+    assert safe.state_dict()["bb"]["lr_cap"] == pytest.approx(1.875)
 
 
 def reported_loss_epochs(opt: BB, theta: torch.nn.Parameter, losses: list[list]) -> list[torch.Tensor]:
@@ -195,7 +250,7 @@ def reported_loss_epochs(opt: BB, theta: torch.nn.Parameter, losses: list[list])
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_tensors_on_the_device_roll_back_on_every_backend(backend: str) -> None:
-    safe, theta = quadratic_bb(0.1, safeguard=True, backend=backend)
+    safe, theta = pinned_bb(backend)
     first = [torch.tensor(2.0, device=DEVICE)] + [torch.tensor(1.0, device=DEVICE)] * 9
     losses = [first, [torch.tensor([3.0], device=DEVICE)] * 10]
     after = reported_loss_epochs(safe, theta, losses)
@@ -206,9 +261,9 @@ def test_loss_tensors_on_the_device_roll_back_on_every_backend(backend: str) -> 
 
 
 def test_loss_check_needs_every_step_and_a_reference() -> None:
-    """Epoch 1 misses one loss: not checked; epoch 2 is compared with the best epoch before it (epoch 0's
-    mean 1.1): rolled back; epoch 3 has an inf loss: rolled back too."""
-    safe, theta = quadratic_bb(0.1, safeguard=True)
+    """Epoch 1 misses one loss: not checked; epoch 2 is compared with the best period before it (the mean 1 of
+    epoch 0's later periods): rolled back; epoch 3 has an inf loss: rolled back too."""
+    safe, theta = pinned_bb()
     losses = [[2.0] + [1.0] * 9, [None] + [100.0] * 9, [100.0] * 10, [1.0] * 9 + [math.inf]]
     after = reported_loss_epochs(safe, theta, losses)
     assert safe.rolled_back_epochs == [2, 3]
@@ -217,7 +272,7 @@ def test_loss_check_needs_every_step_and_a_reference() -> None:
 
 @pytest.mark.parametrize("first", [-1.0, 0.0])
 def test_loss_that_is_not_positive_disables_the_ratio(first: float) -> None:
-    safe, theta = quadratic_bb(0.1, safeguard=True)
+    safe, theta = pinned_bb()
     reported_loss_epochs(safe, theta, [[first] * 10, [5.0] * 10])
     assert safe.rolled_back_epochs == []
 
@@ -232,7 +287,7 @@ def test_paper_method_ignores_the_loss() -> None:
 
 
 def test_closure_return_value_is_the_loss_unless_loss_is_given() -> None:
-    safe, theta = quadratic_bb(0.1, safeguard=True)
+    safe, theta = pinned_bb()
 
     def closure_returning(value):
         def closure():
@@ -270,7 +325,7 @@ def test_bad_loss_raises_before_anything_is_written(loss, found: str) -> None:
 
 
 def test_grad_scaler_passes_the_loss_on() -> None:
-    safe, theta = quadratic_bb(0.1, safeguard=True)
+    safe, theta = pinned_bb()
     scaler = torch.amp.GradScaler(DEVICE.type, init_scale=4.0)
     for loss in [2.0] + [1.0] * 9 + [3.0] * 10:
         safe.zero_grad()
@@ -284,16 +339,16 @@ def test_mid_epoch_checkpoint_keeps_the_epoch_loss() -> None:
     """Saved halfway through an epoch whose losses triple, the resumed run rolls it back like the uninterrupted
     one; a state dict from before the loss check resumes without checking that epoch."""
     losses = [[2.0] + [1.0] * 9, [3.0] * 5]
-    reference, theta = quadratic_bb(0.1, safeguard=True)
+    reference, theta = pinned_bb()
     reported_loss_epochs(reference, theta, losses)
     saved_theta, state = theta.detach().clone(), reference.state_dict()
     assert (state["bb"]["loss_sum"], state["bb"]["loss_steps"]) == (15.0, 5)
-    assert state["bb"]["best_loss"] == pytest.approx(1.1)
+    assert state["bb"]["best_loss"] == 1.0  # epoch 0's best period mean
     expected = reported_loss_epochs(reference, theta, [[3.0] * 5])
     assert reference.rolled_back_epochs == [1]
 
     for old in (False, True):
-        resumed, theta = quadratic_bb(0.1, safeguard=True)
+        resumed, theta = pinned_bb()
         with torch.no_grad():
             theta.copy_(saved_theta)
         loaded = {**state, "bb": dict(state["bb"])}
@@ -312,8 +367,9 @@ def test_batchnorm_network_wrecked_without_weight_growth_is_rolled_back_by_its_l
     """ResNet-18 (BatchNorm) on 2048 MNIST images, η0 = 0.01, then 1/3 at k = 1 (bounds τ_min = τ_max = 1 force it
     in both modes; the ResNet-18 stand-in of experiment 4 got the same rate from η0 = 1e-3 and 1e-2): the paper's
     BB ends epoch 3 with the loss up more than 10-fold and the test accuracy down to chance while ‖θ‖² barely
-    changes (scale-invariant weights: the growth check cannot see it). The loss check rolls it back, with the
-    BatchNorm statistics (the trainer tracks the model's buffers), and returns to the last good rate 0.01."""
+    changes (scale-invariant weights: the growth check cannot see it). The default (with the paper's update: no
+    momentum) gets the bounds' rate 1 after its first period; the periods that rate and the capped 0.25 wreck are
+    rolled back, each returning to the last good rate 0.01, and later rates stay under a quarter of 1."""
     options = ("--limit-train", "2048", "--limit-test", "500", "--tau-min", "1", "--tau-max", "1")
     paper = mnist_run(0.01, False, *options, model="resnet18")
     records = [paper.run_epoch(epoch) for epoch in (0, 1)]
@@ -323,23 +379,14 @@ def test_batchnorm_network_wrecked_without_weight_growth_is_rolled_back_by_its_l
     assert records[2]["train_loss"] > 10 * records[1]["train_loss"] and records[2]["test_acc1"] < 20.0
     assert 0.5 < param_sq_norm(paper.model) / sq_norm < 2.0
 
-    # The default lifts epoch 1 to the bounds (1/2), rolls back the epochs whose loss jumps, with the weights and
-    # the BatchNorm statistics of their start, and goes on at the last good rate.
-    safe = mnist_run(0.01, True, *options, model="resnet18")
-    safe_records, weights = [], []
-    for epoch in range(4):
-        weights.append([p.detach().clone() for p in safe.model.parameters()])
-        safe_records.append(safe.run_epoch(epoch))
-    rolled_back = safe.optimizer.rolled_back_epochs
-    assert rolled_back and all(safe_records[e]["rolled_back"] for e in rolled_back)
-    first = rolled_back[0]
-    assert first >= 1 and safe.optimizer.lr_history[first] >= 1 / 3
-    assert safe_records[first]["train_loss"] > 2.5 * min(r["train_loss"] for r in safe_records[:first])
-    following = weights[first + 1] if first + 1 < len(weights) else list(safe.model.parameters())
-    assert all(torch.equal(p, q) for p, q in zip(following, weights[first]))
-    assert safe_records[first]["test_acc1"] == safe_records[first - 1]["test_acc1"]  # BatchNorm statistics too
-    assert safe.optimizer.lr_history[first + 1] == pytest.approx(safe.optimizer.lr_history[first - 1])
-    assert safe_records[-1]["test_acc1"] > 85.0  # the network kept learns (a rolled-back epoch keeps the last good)
+    safe = mnist_run(0.01, True, *options, "--momentum", "0", model="resnet18")
+    safe_records = [safe.run_epoch(epoch) for epoch in range(4)]
+    history, bb = safe.optimizer.lr_history, safe.optimizer.state_dict()["bb"]
+    assert safe.optimizer.rolled_back_epochs == [0] and safe_records[0]["rolled_back"]
+    assert history[1] == pytest.approx(0.01)  # a rollback at the epoch's last period: back to the last good rate
+    assert bb["lr_cap"] <= safeguard_control.CAP * 1.0 and max(history[1:]) <= bb["lr_cap"]
+    assert not any(record["rolled_back"] for record in safe_records[1:])
+    assert safe_records[-1]["test_acc1"] > 85.0  # the network kept learns (a rolled-back period keeps the last good)
 
 
 def test_trainer_gives_bb_the_loss_and_restores_batchnorm_statistics() -> None:
@@ -365,10 +412,12 @@ from bbfused import BB
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 theta = torch.nn.Parameter(torch.ones(16))
-opt = BB([theta], lr=0.1, steps_per_epoch=10, backend="eager")
-# Alone, rank 1 would roll back epoch 0 (no progress from its first loss 2 while θ moved) and rank 0 nothing
-# (means 1.3, 1.1, 17: never 2.5 times its best). Together: epoch 0's mean 1.65 against the averaged first losses
-# 3 is kept, epoch 1's 2.0 too, and epoch 2's 9.5 (5.8 times the best 1.65) is rolled back on both ranks.
+# Held at 0.1 without momentum (tau_max): only the losses decide.
+opt = BB([theta], lr=0.1, steps_per_epoch=10, backend="eager", momentum=0.0, tau_max=0.1)
+# Alone, rank 1 would roll back epoch 0's first period (no progress from its first loss 2 while θ moved) and rank
+# 0 would not. Together: the first period's mean 2.25 against the averaged first losses 3 is kept, epoch 0's
+# later periods (1.5) and epoch 1 (2.0, ending at 2.0) too, and epoch 2's 9.5 (4.75 times the loss at the
+# snapshot, 2.0) is rolled back on both ranks.
 losses = [[4.0] + [1.0] * 9, [1.1] * 10, [17.0] * 10] if rank == 0 else [[2.0] * 10, [2.9] * 10, [2.0] * 10]
 for epoch_losses in losses:
     for loss in epoch_losses:
@@ -396,24 +445,25 @@ def test_ranks_decide_alike_under_torch_distributed(tmp_path) -> None:
 
 
 def test_checkpoint_after_a_rollback_loses_nothing() -> None:
-    """Saved right after a rolled-back epoch 0 and loaded into a fresh optimizer, the run continues exactly as
-    the uninterrupted one: the rule must still wait one epoch (the snapshots hold no good epoch end)."""
-    reference, theta = quadratic_bb(3.0, safeguard=True)
-    quadratic_epochs(reference, theta, 1, 10)
+    """Saved right after a rolled-back first period (η = 3 without momentum: θ times −2 each step) and loaded into
+    a fresh optimizer, the run continues exactly as the uninterrupted one: the rule must still wait one period
+    (the snapshots hold no good period end), and the open epoch counts as rolled back."""
+    reference, theta = quadratic_bb(3.0, safeguard=True, momentum=0.0)
+    quadratic_steps(reference, theta, PERIOD)
     buffer = io.BytesIO()
     torch.save({"theta": theta.detach().clone(), "opt": reference.state_dict()}, buffer)
-    expected = quadratic_epochs(reference, theta, 3, 10)
+    expected = [quadratic_steps(reference, theta, 10 - PERIOD)] + quadratic_epochs(reference, theta, 2, 10)
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     assert saved["opt"]["bb"]["has_snapshot"] is False
     assert saved["opt"]["bb"]["lr_cap"] == 3.0 * safeguard_control.CAP  # a fraction of the rate that diverged
     assert saved["opt"]["bb"]["rolled_back_epochs"] == [0]
-    resumed, theta = quadratic_bb(0.5, safeguard=True)
+    resumed, theta = quadratic_bb(0.5, safeguard=True, momentum=0.0)
     with torch.no_grad():
         theta.copy_(saved["theta"])
     resumed.load_state_dict(saved["opt"])
-    resumed_after = quadratic_epochs(resumed, theta, 3, 10)
+    resumed_after = [quadratic_steps(resumed, theta, 10 - PERIOD)] + quadratic_epochs(resumed, theta, 2, 10)
     assert all(torch.equal(a, b) for a, b in zip(resumed_after, expected))
     assert resumed.lr_history == reference.lr_history
     assert resumed.rolled_back_epochs == reference.rolled_back_epochs == [0]
@@ -494,7 +544,13 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
         assert len(record["history"]) == 2 and record["run"]["epochs"] == 2
     by_name = {(r["run"]["method"], r["run"]["lr"]): r for r in records}
     assert by_name["bb", 0.1]["bb_lr_history"] == [0.1, 0.1]
-    assert by_name["bb-safe", 0.1]["bb_lr_history"] == [0.1, pytest.approx(1 / 6)]  # lifted to τ_min/2
+    # Epoch 0 (4 steps: two periods) ends at η0 (no estimate after its first period); epoch 1 follows the estimate
+    # (at most twofold up, tenfold down) times the end phase's factor for the second of two epochs.
+    safe_history, factor = by_name["bb-safe", 0.1]["bb_lr_history"], safeguard_control.anneal_factor(1, 2)
+    assert safe_history[0] == 0.1 and factor == pytest.approx(0.5)
+    assert 0.1 * safeguard_control.RATE_SHRINK_LIMIT * factor <= safe_history[1]
+    assert safe_history[1] <= 0.1 * safeguard_control.RATE_GROWTH_LIMIT * factor
+    assert [e["rolled_back"] for e in by_name["bb-safe", 0.1]["history"]] == [False, False]
     for record in records:  # ‖θ‖² at the start and after each epoch; BB says what it rolled back (paper: nothing)
         assert len(record["param_sq_norms"]) == 3 and all(n > 0 for n in record["param_sq_norms"])
         assert ("rolled_back" in record["history"][0]) == record["run"]["method"].startswith("bb")
