@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -70,19 +71,30 @@ def test_mnist_default_trains_and_writes_outputs(tmp_path, capsys):
 
     log = read_log(out)
     assert [record["epoch"] for record in log] == [1, 2]
-    # No estimate before epoch 3: epoch 2 keeps η0, lifted into the shallow bounds (τ_min/2 = 1/6).
-    assert [record["lr"] for record in log] == [0.1, pytest.approx(1 / 6)]
-    assert log[1]["train_loss"] < log[0]["train_loss"] < 1.0
+    assert log[1]["train_loss"] < log[0]["train_loss"] < math.log(10) / 2  # well under the loss at chance
     assert log[1]["test_acc1"] > 90.0
     assert "test_acc5" not in log[0]  # 10 classes: top-5 is not reported
     assert all(record["images_per_s"] > 0 for record in log)
+    assert not any(record["rolled_back"] for record in log)
 
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 2
     assert checkpoint["args"]["model"] == "mlp" and checkpoint["args"]["optimizer"] == "bb"
-    assert checkpoint["args"]["tau_min"] == pytest.approx(1 / 3) and checkpoint["args"]["tau_max"] == 3.0
-    assert checkpoint["optimizer"]["bb"]["epoch"] == 2
-    assert checkpoint["optimizer"]["bb"]["steps_per_epoch"] == 47  # ceil(6000 / 128)
+    # The default control: BB's own rate bounds and momentum (the paper's shallow taus need --no-bb-safeguard).
+    assert checkpoint["args"]["tau_min"] is None and checkpoint["args"]["tau_max"] is None
+    bb = checkpoint["optimizer"]["bb"]
+    assert (bb["tau_min"], bb["tau_max"], bb["tau0"], bb["momentum"]) == (1e-4, 100.0, None, 0.9)
+    assert bb["epoch"] == 2 and bb["epochs"] == 2  # --epochs is BB's plan for its end phase
+    assert bb["steps_per_epoch"] == 47  # ceil(6000 / 128)
+    # Each record's rate is the one BB's history holds for the epoch: its last rate period's.
+    assert [record["lr"] for record in log] == bb["lr_history"]
+    # Epoch 1 is split into periods of 47 // 4 = 11 steps (11, 11, 11, 14): the first has no estimate and keeps
+    # η0, each of the two later inner period ends grows the rate at least 4-fold while the search goes on.
+    assert log[0]["lr"] >= 0.1 * 4**2
+    # The end phase of a 2-epoch plan halves r from epoch 2 on (cos(π/2)); a later epoch keeps that factor.
+    assert bb["lr"] == pytest.approx(0.5 * bb["rate"])
+    # After epoch 1 r follows the estimate, at most doubled: epoch 2 ran at no more than epoch 1's rate.
+    assert 0.0 < log[1]["lr"] <= log[0]["lr"]
     assert set(checkpoint["model"]) == {f"{i}.{kind}" for i in (1, 4, 7) for kind in ("weight", "bias")}
     assert checkpoint["history"] == log
     best = torch.load(out / "best.pth", weights_only=True)
@@ -90,10 +102,11 @@ def test_mnist_default_trains_and_writes_outputs(tmp_path, capsys):
     assert (out / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
 
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("mlp on MNIST: 47 steps/epoch of 128 images, bb lr 0.1")
+    expected_start = "mlp on MNIST: 47 steps/epoch of 128 images, bb lr 0.1 (default, rate bounds 0.0001..100, eager)"
+    assert printed[0].startswith(expected_start)
     epoch_lines = [line for line in printed if line.startswith("epoch")]
     assert len(epoch_lines) == 2
-    assert epoch_lines[1].startswith("epoch 2/2  lr 0.166667  train loss ")
+    assert epoch_lines[1].startswith(f"epoch 2/2  lr {log[1]['lr']:.6g}  train loss ")
     assert f"{log[1]['test_acc1']:6.2f}%" in epoch_lines[1]
 
 
@@ -108,7 +121,9 @@ def test_image_folder_trains_resnet18(image_folder, tmp_path):
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert checkpoint["model"]["fc.weight"].shape == (11, 512)
     assert checkpoint["optimizer"]["bb"]["steps_per_epoch"] == 4  # 33 // 8: the incomplete batch is dropped
-    assert checkpoint["args"]["tau_min"] == 0.1 and checkpoint["args"]["tau_max"] == 10.0  # deep network
+    # The default control bounds the rate of every network alike (the paper's deep-network taus are its mode's).
+    bb = checkpoint["optimizer"]["bb"]
+    assert checkpoint["args"]["tau_min"] is None and (bb["tau_min"], bb["tau_max"]) == (1e-4, 100.0)
 
 
 def test_image_folder_transforms_give_the_requested_size(image_folder):
@@ -228,22 +243,49 @@ def test_optimizer_settings():
     assert isinstance(nag, torch.optim.SGD) and nag.defaults["nesterov"] and nag.defaults["momentum"] == 0.9
     amsgrad = build_optimizer("amsgrad", groups, parse_args(["--optimizer", "amsgrad"]), steps_per_epoch=10)
     assert amsgrad.defaults["amsgrad"] and amsgrad.defaults["lr"] == 1e-3
-    bb = build_optimizer("bb", groups, parse_args(["--model", "lenet", "--bb-backend", "eager"]), steps_per_epoch=10)
-    assert isinstance(bb, BB)
-    assert (bb.tau_min, bb.tau_max, bb.tau0, bb.beta) == (pytest.approx(1 / 3), 3.0, 1.0, 0.4)
+
+    def bb_for(argv: list[str]) -> BB:
+        bb = build_optimizer("bb", groups, parse_args([*argv, "--bb-backend", "eager"]), steps_per_epoch=10)
+        assert isinstance(bb, BB)
+        return bb
+
+    def settings(bb: BB) -> tuple:
+        return bb.tau_min, bb.tau_max, bb.tau0, bb.beta, bb.state_dict()["bb"]["momentum"]
+
+    # The default control: its own rate bounds, no fallback rate, momentum 0.9, for shallow and deep networks.
+    bb = bb_for(["--model", "lenet"])
+    assert settings(bb) == (1e-4, 100.0, None, 0.4, 0.9)
     assert [group["weight_decay"] for group in bb.param_groups] == [5e-4, 0.0]
+    # The paper's method: the paper's bounds (shallow 1/3..3 for lenet and mlp, else BB's deep 0.1..10), no momentum.
+    assert settings(bb_for(["--model", "lenet", "--no-bb-safeguard"])) == (pytest.approx(1 / 3), 3.0, 1.0, 0.4, 0.0)
+    assert settings(bb_for(["--data", "synthetic", "--no-bb-safeguard"])) == (0.1, 10.0, 1.0, 0.4, 0.0)
+    assert settings(bb_for(["--momentum", "0", "--tau-max", "5"])) == (1e-4, 5.0, None, 0.4, 0.0)
+    assert bb_for(["--epochs", "7"]).epochs == 7
     deep = parse_args(["--data", "synthetic"])
-    assert (deep.model, deep.tau_min, deep.tau_max, deep.image_size) == ("resnet50", 0.1, 10.0, 224)
+    assert (deep.model, deep.tau_min, deep.tau_max, deep.image_size) == ("resnet50", None, None, 224)
     assert parse_args(["--tau-min", "0.2"]).tau_min == 0.2
 
 
-def test_resume_continues_exactly(tmp_path):
-    """Stopped after epoch 2 and resumed: epochs 3 and 4 (BB's rate from restored snapshots, dropout from
-    restored RNG states) are the same as in an uninterrupted run."""
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """A run of 4 epochs stopped after epoch 2 (SIGTERM) and resumed: epochs 3 and 4 (BB's rate from restored
+    snapshots and its end phase from the saved plan, dropout from restored RNG states) are the same as in an
+    uninterrupted run. (A run planned for 2 epochs is another run: BB anneals its epoch 2.)"""
+    from bbfused.train import loop as train_loop
+
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main([*TINY, "--epochs", "4", "--output-dir", str(whole)]) == 0
-    assert main([*TINY, "--epochs", "2", "--output-dir", str(parts)]) == 0
-    assert main([*TINY, "--epochs", "4", "--resume", str(parts / "checkpoint.pth")]) == 0  # writes into parts/
+    save = train_loop.save_checkpoints
+
+    def terminated_after_epoch_2(out, checkpoint, improved) -> None:
+        if checkpoint["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # held until the epoch's files are written
+        save(out, checkpoint, improved)
+
+    monkeypatch.setattr(train_loop, "save_checkpoints", terminated_after_epoch_2)
+    assert main([*TINY, "--epochs", "4", "--output-dir", str(parts)]) == 143
+    monkeypatch.undo()
+    assert [r["epoch"] for r in read_log(parts)] == [1, 2]
+    assert main([*TINY, "--resume", str(parts / "checkpoint.pth")]) == 0  # --epochs 4 from the checkpoint
 
     expected, resumed = read_log(whole), read_log(parts)
     assert len(resumed) == 4
@@ -253,6 +295,23 @@ def test_resume_continues_exactly(tmp_path):
     again = torch.load(parts / "checkpoint.pth", weights_only=True)
     for key, value in final["model"].items():
         assert torch.equal(again["model"][key], value), key
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a resume with a longer --epochs applies the saved plan's end-phase factor for one more epoch",
+)
+def test_resume_with_more_epochs_follows_the_new_plan_at_once(tmp_path):
+    """A finished 2-epoch run continued to 4 epochs: BB takes the new plan ("a new plan given to the constructor
+    wins"), so epoch 3 runs at r times the 4-epoch plan's factor for it, 0.5 (1 + cos(π/3)) = 0.75, not the
+    2-epoch plan's 0.5 (r: the rate control's rate, which the checkpoint holds)."""
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "2", "--output-dir", str(out)]) == 0
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["bb"]
+    assert saved["epochs"] == 2 and saved["lr"] == pytest.approx(0.5 * saved["rate"])  # past the 2-epoch plan
+    assert main([*TINY, "--epochs", "4", "--resume", str(out / "checkpoint.pth")]) == 0
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["bb"]["epochs"] == 4
+    assert read_log(out)[2]["lr"] == pytest.approx(0.75 * saved["rate"])
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
@@ -405,6 +464,11 @@ def test_class_folder_without_images(tmp_path, capsys):
     assert "needs at least one image" in run_bad(["--data", str(tmp_path), "--workers", "0"], capsys)
 
 
+# Added to the options of a test that expects a refusal: a run that is wrongly accepted then trains one step of
+# 64 images and fails the test in seconds, instead of training 10 epochs of MNIST for minutes.
+NO_TRAINING = ["--limit-train", "64", "--limit-test", "64", "--epochs", "1"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -412,8 +476,12 @@ def test_class_folder_without_images(tmp_path, capsys):
         (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
         (["--image-size", "32"], "MNIST images are 28x28"),
         (["--optimizer", "adam", "--tau-max", "5"], "--tau-max apply to --optimizer bb only"),
-        (["--momentum", "0.9"], "--momentum applies to sgd and nag"),
-        (["--tau-min", "4"], "--tau-min 4 is above --tau-max 3"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to sgd, nag and bb, not adam"),
+        (["--optimizer", "nag", "--momentum", "0"], "--optimizer nag (Nesterov) needs --momentum > 0"),
+        (["--tau-min", "4", "--tau-max", "3"], "--tau-min 4 is above --tau-max 3"),
+        # The paper's method gives the mlp the paper's shallow bounds 1/3..3.
+        (["--no-bb-safeguard", "--tau-min", "4"], "--tau-min 4 is above --tau-max 3"),
+        (["--tau0", "2"], "--tau0 is the paper's fallback rate: it applies with --no-bb-safeguard only"),
         (["--batch-size", "0"], "must be an integer > 0"),
         (["--lr", "nan"], "must be > 0"),
         (["--device", "foo"], "'foo' is not a device"),
@@ -421,18 +489,34 @@ def test_class_folder_without_images(tmp_path, capsys):
     ],
 )
 def test_bad_options(capsys, argv, message):
-    assert message in run_bad(argv, capsys)
+    assert message in run_bad([*argv, *NO_TRAINING], capsys)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a --tau-min above the default control's tau_max (100) is accepted; BB keeps tau_min > tau_max",
+)
+def test_tau_min_above_the_default_bound_is_refused(capsys):
+    """--tau-min alone is checked against the mode's own tau_max as --tau-min with --tau-max is."""
+    assert "--tau-min 200 is above --tau-max 100" in run_bad(["--tau-min", "200", *NO_TRAINING], capsys)
 
 
 def test_help_and_option_errors_load_no_torch():
     """--help and the mistakes found without a device or a torchvision model name answer at once: neither
     imports torch (importing it, and torch._dynamo with the optimizer, took 7-20 s on a loaded 2-core machine)."""
     script = textwrap.dedent(
-        """
+        f"""
         import contextlib, io, sys
         from bbfused.train import main
+        mistakes = (
+            ["--batch-size", "0"],
+            ["--tau-min", "4", "--tau-max", "3"],
+            ["--tau0", "2"],
+            ["--optimizer", "adam", "--tau0", "2"],
+            ["--optimizer", "adam", "--momentum", "0.9"],
+        )
         codes = []
-        for argv in (["--help"], ["--batch-size", "0"], ["--tau-min", "4"], ["--optimizer", "adam", "--tau0", "2"]):
+        for argv in (["--help"], *(m + {NO_TRAINING!r} for m in mistakes)):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 codes.append(main(argv))
         print(codes, sorted(name for name in ("torch", "torchvision") if name in sys.modules))
@@ -440,7 +524,7 @@ def test_help_and_option_errors_load_no_torch():
     )
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     finished = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert finished.stdout.split("\n")[0] == "[0, 2, 2, 2] []", finished.stdout + finished.stderr[-2000:]
+    assert finished.stdout.split("\n")[0] == "[0, 2, 2, 2, 2, 2] []", finished.stdout + finished.stderr[-2000:]
 
 
 def test_bb_settings_read_from_the_source_are_the_imported_ones():
