@@ -46,8 +46,9 @@ def nan(device: torch.device) -> torch.Tensor:
 
 class Periods:
     """Where an epoch's rate periods end. Every epoch is one period, but the first may be split into
-    ``first_epoch_periods`` periods of equal length (the last one takes the remainder), so that the rate control can
-    move the rate several times within it. Fixed by T and the count: nothing to save."""
+    ``first_epoch_periods`` periods of length max(2, T // count), so that the rate control can move the rate several
+    times within it; the last one takes the remainder, which for a small T can make one period more (T = 10: five
+    periods of 2 steps). Fixed by T and the count: nothing to save."""
 
     def __init__(self, steps_per_epoch: int | None, first_epoch_periods: int) -> None:
         length = max(2, steps_per_epoch // first_epoch_periods) if steps_per_epoch and first_epoch_periods > 1 else 0

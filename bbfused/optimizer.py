@@ -405,11 +405,15 @@ class BB(torch.optim.Optimizer):
             group["weight_decay"] = check_weight_decay(group["weight_decay"])  # checked above: a float now
         self.beta, self._buffers.momentum, self._buffers.nesterov = run.beta, run.momentum, run.nesterov
         self.tau0, self.tau_min, self.tau_max = run.tau0, run.tau_min, run.tau_max
+        replanned = self.epochs is not None and self.epochs != run.epochs
         self.epochs = run.epochs if self.epochs is None else self.epochs  # a new plan given to the constructor wins
         self._control.epochs = self.epochs
         self._buffers.join_epochs = list(run.join_epochs)
         self._control.load_state(run.control, self._buffers)
-        self._shown.load(run.lr, run.rule_lr, run.lr_multiplier, self.param_groups)
+        applied, rule_lr = run.lr, run.rule_lr
+        if replanned and (rate := self._control.replanned_rate(run.epoch)) is not None:
+            applied, rule_lr = rate * run.lr_multiplier, rate
+        self._shown.load(applied, rule_lr, run.lr_multiplier, self.param_groups)
         self._closing = False
         self._buffers.epoch_closed()
         self._ranks_checked = False  # the loaded steps_per_epoch is checked across ranks at the next step

@@ -297,10 +297,6 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         assert torch.equal(again["model"][key], value), key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a resume with a longer --epochs applies the saved plan's end-phase factor for one more epoch",
-)
 def test_resume_with_more_epochs_follows_the_new_plan_at_once(tmp_path):
     """A finished 2-epoch run continued to 4 epochs: BB takes the new plan ("a new plan given to the constructor
     wins"), so epoch 3 runs at r times the 4-epoch plan's factor for it, 0.5 (1 + cos(π/3)) = 0.75, not the
@@ -492,10 +488,6 @@ def test_bad_options(capsys, argv, message):
     assert message in run_bad([*argv, *NO_TRAINING], capsys)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a --tau-min above the default control's tau_max (100) is accepted; BB keeps tau_min > tau_max",
-)
 def test_tau_min_above_the_default_bound_is_refused(capsys):
     """--tau-min alone is checked against the mode's own tau_max as --tau-min with --tau-max is."""
     assert "--tau-min 200 is above --tau-max 100" in run_bad(["--tau-min", "200", *NO_TRAINING], capsys)

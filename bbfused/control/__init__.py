@@ -60,6 +60,10 @@ class RateControl(Protocol):
     def load_state(self, state: ControlState, buffers: EpochBuffers) -> None:
         """Load a checked state."""
 
+    def replanned_rate(self, epoch: int) -> float | None:
+        """After a load whose planned ``epochs`` differ from the saved run's: the rate for ``epoch`` under the new
+        plan (before the optimizer's multiplier); None: the plan does not change the rate."""
+
 
 def resolve_taus(
     kind: type[RateControl], taus: tuple[float | None, float | None, float | None]
@@ -71,7 +75,15 @@ def resolve_taus(
             "tau0 is the paper's fallback rate (safeguard=False); the default rate control has none. Drop tau0, or "
             "pass safeguard=False for the paper's method"
         )
-    return tuple(default if given is None else given for given, default in zip(taus, kind.DEFAULT_TAUS))
+    resolved = tuple(default if given is None else given for given, default in zip(taus, kind.DEFAULT_TAUS))
+    if resolved[1] > resolved[2]:
+        mode = "the default control's" if kind.DEFAULT_TAUS[0] is None else "the paper's"
+        default = "tau_max" if taus[1] is not None else "tau_min"
+        raise ValueError(
+            f"tau_min ({resolved[1]:g}) must be <= tau_max ({resolved[2]:g}), {mode} default {default}: pass "
+            f"{default} too, or a bound on the right side of it"
+        )
+    return resolved
 
 
 def control_class(safeguard: bool) -> type[RateControl]:

@@ -50,3 +50,6 @@ class PaperControl:
 
     def load_state(self, state: ControlState, buffers: EpochBuffers) -> None:
         pass
+
+    def replanned_rate(self, epoch: int) -> float | None:
+        return None  # the paper has no end phase

@@ -126,8 +126,6 @@ class SafeguardControl:
         self.device = device
         self.numel = numel
         self.epochs = epochs
-        # Built once: a captured epoch end cannot copy a new table from the host.
-        self.anneal_table = None if epochs is None else anneal_table(epochs, device)
         self.weight_floor = WEIGHT_FLOOR * numel
         self.rate = torch.tensor(lr, dtype=torch.float64, device=device)  # r, before the end phase
         self.searching = torch.tensor(True, device=device)
@@ -148,6 +146,17 @@ class SafeguardControl:
         self.loss_rollback = torch.tensor(False, device=device)
         self.model_buffers: list[torch.Tensor] = []
         self.model_buffer_snapshots: list[torch.Tensor] = []
+
+    @property
+    def epochs(self) -> int | None:
+        """The planned number of epochs (None: no end phase)."""
+        return self._epochs
+
+    @epochs.setter
+    def epochs(self, epochs: int | None) -> None:
+        self._epochs = epochs
+        # Built here, not at an epoch end: a captured epoch end cannot copy a table from the host.
+        self.anneal_table = None if epochs is None else anneal_table(epochs, self.device)
 
     # ------------------------------------------------------------------ model buffers
     def track_buffers(self, tensors: list[torch.Tensor]) -> None:
@@ -343,6 +352,9 @@ class SafeguardControl:
 
     def check_state(self, state: ControlState) -> None:
         check_model_buffers(state.model_buffers, self.model_buffers)
+
+    def replanned_rate(self, epoch: int) -> float | None:
+        return float(self.rate) * anneal_factor(epoch, self.epochs)
 
     def load_state(self, state: ControlState, buffers: EpochBuffers) -> None:
         """Load a checked state into the state tensors in place: a step captured in a CUDA graph before loading goes

@@ -92,3 +92,34 @@ def backend_names() -> tuple[str, ...]:
     from ..backends import BACKEND_NAMES
 
     return tuple(BACKEND_NAMES)
+
+
+@functools.cache
+def control_taus(safeguard: bool) -> tuple[float | None, float, float]:
+    """The rate control's DEFAULT_TAUS (tau0, tau_min, tau_max) for the mode: read from its class in
+    bbfused/control/ when the tuple holds literals and module-level numeric constants, else imported."""
+    module, name = ("control/safeguard.py", "SafeguardControl") if safeguard else ("control/paper.py", "PaperControl")
+    tree = _tree(module)
+    constants: dict[str, Any] = {}
+    for node in tree.body if tree else []:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            for statement in node.body:
+                targets = getattr(statement, "targets", [])
+                if len(targets) == 1 and getattr(targets[0], "id", None) == "DEFAULT_TAUS":
+                    elements = getattr(statement.value, "elts", [])
+                    try:
+                        values = tuple(
+                            constants[e.id] if isinstance(e, ast.Name) else ast.literal_eval(e) for e in elements
+                        )
+                    except (KeyError, ValueError):
+                        break
+                    if len(values) == 3:
+                        return values
+    from ..control import control_class
+
+    return control_class(safeguard).DEFAULT_TAUS

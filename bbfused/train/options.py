@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from .bb_source import backend_names, bb_default
+from .bb_source import backend_names, bb_default, control_taus
 from .errors import UsageError
 from .models import SHALLOW_TAUS, is_shallow, model_names
 
@@ -269,8 +269,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.tau_max = default_max if args.tau_max is None else args.tau_max
         if args.tau0 is not None and args.bb_safeguard:
             raise UsageError("--tau0 is the paper's fallback rate: it applies with --no-bb-safeguard only")
-        if args.tau_min is not None and args.tau_max is not None and args.tau_min > args.tau_max:
-            raise UsageError(f"--tau-min {args.tau_min:g} is above --tau-max {args.tau_max:g}")
+        _, control_min, control_max = control_taus(args.bb_safeguard)
+        tau_min = control_min if args.tau_min is None else args.tau_min
+        tau_max = control_max if args.tau_max is None else args.tau_max
+        if tau_min > tau_max:
+            raise UsageError(f"--tau-min {tau_min:g} is above --tau-max {tau_max:g}")
     else:
         given = [name for name, value in {**bb_options, "--bb-backend": args.bb_backend}.items() if value is not None]
         if given:
