@@ -1,7 +1,8 @@
 """The command line of ``bbfused-train``: parsing, defaults that depend on other options, and checks.
 
-BB's defaults (its bounds, its fallback numerator, its rate control) are read from ``BB``'s signature, so the
-command never carries a copy of them; only the paper's bounds for shallow networks live elsewhere
+BB's defaults are read from where they are written (``BB``'s signature; each rate control's ``DEFAULT_TAUS``,
+through :mod:`bbfused.train.bb_source`), so the command never carries a copy of them; only the paper's bounds for
+shallow networks live elsewhere
 (:data:`bbfused.train.models.SHALLOW_TAUS`). Parsing reads no file: a ``--resume`` checkpoint's saved settings
 are merged in when the run is prepared (:func:`bbfused.train.checkpoints.resume_args`).
 """
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bb-safeguard",
         action=argparse.BooleanOptionalAction,
         help="BB's rate control: bounded rate steps, rollback of a diverged epoch (default: "
-        f"{'on' if bb_default('safeguard') else 'off'}; see bbfused/control.py); --no-bb-safeguard is the "
+        f"{'on' if bb_default('safeguard') else 'off'}; see bbfused/control/); --no-bb-safeguard is the "
         "paper's method exactly",
     )
 
