@@ -147,6 +147,9 @@ class HostClock:
     def check_capture(self, ranks_checked: bool) -> None:
         """Nothing to check: a host-counted step is never meant to be captured."""
 
+    def check_host_hooks(self) -> None:
+        """Hooks at period ends are fine: every period end runs on the host."""
+
     def steps_whole_buffers(self) -> bool:
         """Whether each step must run over whole buffers: no, the host picks the ranges with gradients."""
         return False
@@ -285,6 +288,13 @@ class DeviceClock:
                 "add_param_group() alike: that step records where a diverged first epoch returns to and checks the "
                 "ranks, host work a replay would never repeat"
             )
+
+    def check_host_hooks(self) -> None:
+        raise RuntimeError(
+            "BB(capturable=True) decides its rollbacks on the device, inside a captured step that never returns to "
+            "Python: it cannot call rollback or period-end hooks. Read opt.rolled_back_epochs after replays (it "
+            "synchronises) and act on new entries, or build BB with capturable=False to use hooks"
+        )
 
     def steps_whole_buffers(self) -> bool:
         """A captured step cannot choose its ranges on the host at replay: it steps whole buffers."""

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from . import checkpoint
 from .arguments import check_nesterov, check_options, check_weight_decay, is_real, watched_loss
@@ -22,6 +23,7 @@ from .control import control_class, resolve_taus
 from .diagnostics import warn
 from .distributed import check_ranks_agree
 from .groups import PackedGroups, as_groups, check_group, check_groups_apart, join_epoch, param_names
+from .hooks import PeriodEndHook, PeriodHooks, RollbackHook
 from .shown_rate import ShownRate
 
 
@@ -112,6 +114,7 @@ class BB(torch.optim.Optimizer):
         self._packed = PackedGroups(self.param_groups)
         self._closing = False  # set while an epoch end runs; still set after an exception in it
         self._ranks_checked = False
+        self._optimizer_period_hooks = PeriodHooks()  # dropped by copies, as torch.optim's hook tables
         self._shown = ShownRate(self._buffers, self._clock, self.param_groups)
         self._index_state()
         self.register_state_dict_post_hook(_add_bb_entry, prepend=True)
@@ -144,6 +147,7 @@ class BB(torch.optim.Optimizer):
         super().__setstate__(state)  # torch.optim's part: empty hook tables, the step hooks' wrapper
         self._index_state()
         self._packed.remember(self.param_groups)  # the copy's parameters are other objects
+        self._optimizer_period_hooks = PeriodHooks()
         self.register_state_dict_post_hook(_add_bb_entry, prepend=True)
         if intact:
             self._shown.show(self.param_groups)  # a pickled copy's groups hold equal floats, not the shown one
@@ -238,6 +242,20 @@ class BB(torch.optim.Optimizer):
         """How many steps of the current epoch have been taken."""
         return self._clock.counts()[1]
 
+    def register_rollback_hook(self, hook: RollbackHook) -> RemovableHandle:
+        """Call ``hook(optimizer, epoch)`` on the host after every period end that rolled its period back (the
+        default control; never with ``safeguard=False``), e.g. to restore state kept outside BB. Refused with
+        ``capturable=True``. Returns a handle whose ``remove()`` unregisters it. See ``bbfused.hooks``."""
+        self._clock.check_host_hooks()
+        return PeriodHooks.register(self._optimizer_period_hooks.rollback, hook)
+
+    def register_period_end_hook(self, hook: PeriodEndHook) -> RemovableHandle:
+        """Call ``hook(optimizer, epoch, rolled_back)`` on the host after every rate-period end (each epoch's, and
+        the split first epoch's periods), e.g. to remember state kept outside BB at each good period end. Refused
+        with ``capturable=True``. Returns a handle whose ``remove()`` unregisters it. See ``bbfused.hooks``."""
+        self._clock.check_host_hooks()
+        return PeriodHooks.register(self._optimizer_period_hooks.period_end, hook)
+
     def track_buffers(self, model: torch.nn.Module) -> None:
         """Let a rollback restore ``model``'s buffers (BatchNorm running statistics) with its parameters: the
         safeguard keeps a copy of them from the last good epoch end. Call it once, right after construction (before
@@ -323,6 +341,8 @@ class BB(torch.optim.Optimizer):
         read of the rate the groups show). After an exception ``_closing`` stays set and the next call runs it
         again, with the same result: each buffer's pass runs once, the control writes its state last."""
         self._closing = True
+        hooks = self._optimizer_period_hooks
+        epoch = self._clock.counts()[0] if hooks else 0  # the closing period's epoch (read only for hooks)
         with self._clock.epoch_end():
             base = self._shown.base
             taus = (self.tau0, self.tau_min, self.tau_max)
@@ -332,6 +352,7 @@ class BB(torch.optim.Optimizer):
             self._shown.set_base(next_base, self.param_groups)
             self._buffers.epoch_closed()
             self._closing = False
+        hooks.period_ended(self, epoch, rolled_back)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict (its hooks included): per-parameter ``ema``, ``prev_params``, ``prev_ema``

@@ -315,3 +315,53 @@ def test_timm_snippet_keeps_timm_groups(monkeypatch) -> None:
         timm.optim.create_optimizer_v2(model, opt="bb", lr=0.1, layer_decay=0.7, steps_per_epoch=3)
     linear = torch.nn.Linear(3, 2, bias=False)  # no 1-d parameter: timm's no-decay group is empty
     assert len(timm.optim.create_optimizer_v2(linear, opt="bb", lr=0.1, steps_per_epoch=3).param_groups) == 1
+
+
+# ------------------------------------------------------------------------------------------- EMA through a rollback
+def test_ema_snippet_equals_the_ema_of_the_run_without_the_rolled_back_periods() -> None:
+    """The snippet's linear model at lr 0.1 diverges in the first epoch's search (rolled back). Recorded here: the
+    weights after every step and each period end; the reference EMA averages the same weights with every
+    rolled-back period left out (at a rollback the model is back at the last good period end, which the EMA has
+    already averaged in; before any good period end, the initial weights)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(784, 10)
+    weights, ends, watched = [], {}, []
+
+    def watch(opt, args, kwargs) -> None:
+        if not watched:
+            watched.append(opt)
+            opt.register_period_end_hook(lambda o, epoch, back: ends.__setitem__(len(weights), back))
+
+    def record(opt, args, kwargs) -> None:
+        weights.append([p.detach().clone() for p in model.parameters()])
+
+    handles = [register_optimizer_step_pre_hook(watch), register_optimizer_step_post_hook(record)]
+    try:
+        namespace = {"model": model, "loader": torch.utils.data.DataLoader(_digits(), batch_size=8)}
+        exec(compile(_snippet("ema"), "docs:ema", "exec"), namespace)
+    finally:
+        for handle in handles:
+            handle.remove()
+    opt, ema = namespace["opt"], namespace["ema"]
+    assert opt.rolled_back_epochs == [0] and sum(ends.values()) >= 1 and len(weights) == 3 * 16
+
+    kept, pending = [], []
+    for index, w in enumerate(weights):
+        pending.append(w)
+        if index in ends:
+            if ends[index]:
+                pending = [] if kept else [w]  # w: the weights of the last good period end (or the initial ones)
+            kept, pending = kept + pending, []
+    reference_model = torch.nn.Linear(784, 10)
+    reference = AveragedModel(reference_model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for w in kept + pending:
+        with torch.no_grad():
+            for p, value in zip(reference_model.parameters(), w):
+                p.copy_(value)
+        reference.update_parameters(reference_model)
+    assert int(ema.n_averaged) == len(kept + pending) < len(weights)
+    for mine, theirs in zip(ema.module.parameters(), reference.module.parameters()):
+        assert torch.equal(mine, theirs)
