@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,36 @@ def check_ranks_agree(steps_per_epoch: int | None, param_groups: list[dict[str, 
             f"must build BB with the same groups and add the same groups (add_param_group) at the same step, or "
             f"the ranks update different parameters and their models drift apart"
         )
+
+
+def check_not_sharded(p: torch.Tensor, where: str) -> None:
+    """Raise unless ``p`` is a whole parameter: BB refuses the sharded parameters of FSDP (a ``FlatParameter``, or
+    a parameter FSDP flattened into one) and DTensors (FSDP2's ``fully_shard``, tensor parallelism)."""
+    engine = None
+    if getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False):
+        engine = (
+            "is flattened by FSDP (torch.distributed.fsdp.FullyShardedDataParallel: a FlatParameter with "
+            "use_orig_params=False, a view into one with use_orig_params=True)"
+        )
+    elif _is_dtensor(p):
+        engine = (
+            f"is a DTensor (placements {list(p.placements)}: FSDP2's fully_shard, tensor or sequence parallelism, "
+            f"or distribute_tensor)"
+        )
+    if engine is None:
+        return
+    raise TypeError(
+        f"{where} {engine}. bbfused.BB does not support sharded parameters: its epoch-end sums (the rate "
+        f"estimate's ‖Δθ‖² and Δθᵀy) and its divergence tests would run on each rank's shard only, so the ranks "
+        f"would pick different rates and roll back different parts of the model. What works: "
+        f"DistributedDataParallel (every rank holds the whole model and BB's decisions are all-reduced), or a "
+        f"single process"
+    )
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (nor its import cost)
+    return module is not None and isinstance(p, module.DTensor)
 
 
 def _by_rank(values: list, describe: Callable[[Any], str]) -> str:

@@ -9,6 +9,7 @@ import torch
 
 from .arguments import SUPPORTED_DTYPES, check_weight_decay
 from .buffers import check_no_shared_memory
+from .distributed import check_not_sharded
 
 
 def as_groups(params: Any, first_index: int = 0) -> list[dict[str, Any]]:
@@ -63,6 +64,7 @@ def check_group(group: dict[str, Any], group_index: int) -> None:
     float."""
     group["weight_decay"] = check_weight_decay(group["weight_decay"], f" of param_groups[{group_index}]")
     for p, name in zip(group["params"], param_names(group, group_index)):
+        check_not_sharded(p, f"parameter {name} (shape {tuple(p.shape)})")
         where = f"parameter {name} (shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
