@@ -365,3 +365,29 @@ def test_ema_snippet_equals_the_ema_of_the_run_without_the_rolled_back_periods()
     assert int(ema.n_averaged) == len(kept + pending) < len(weights)
     for mine, theirs in zip(ema.module.parameters(), reference.module.parameters()):
         assert torch.equal(mine, theirs)
+
+
+# ------------------------------------------------------------------------------------------- accelerate
+def test_accelerate_snippet_gives_bb_the_loss_through_a_closure() -> None:
+    """accelerate's optimizer wrapper takes no loss=; the closure carries each optimizer step's loss (the last
+    micro-batch's under accumulation) to the rate control, and a BB epoch is one pass over the loader."""
+    pytest.importorskip("accelerate")
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(784, 10)
+    x, y = _digits()[32:64]
+    with torch.no_grad():
+        second = float(torch.nn.functional.cross_entropy(model(x), y))  # before any update: accumulation
+    namespace = {"model": model, "loader": torch.utils.data.DataLoader(_digits(), batch_size=32)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(_snippet("accelerate"), "docs:accelerate", "exec"), namespace)
+    wrapped = namespace["opt"]
+    assert isinstance(wrapped, AcceleratedOptimizer) and isinstance(wrapped.optimizer, BB)
+    opt = wrapped.optimizer
+    assert opt.steps_per_epoch == 2 and opt.epoch == 3 and opt.step_in_epoch == 0
+    assert _bb_warnings(caught) == []
+    bb = opt.state_dict()["bb"]
+    assert bb["initial_loss"] is not None and bb["best_loss"] is not None
+    assert bb["initial_loss"] == pytest.approx(second, rel=1e-6)  # the first optimizer step's last micro-batch
