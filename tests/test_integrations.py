@@ -108,13 +108,15 @@ def _fit(L, module, tmp_path, callbacks=(), **kwargs):
     return trainer
 
 
-@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+@pytest.mark.parametrize("precision", ["32", "16-mixed", "bf16-mixed"])
 def test_lightning_step_loss_is_the_mean_of_the_micro_batches(tmp_path, precision) -> None:
     L = pytest.importorskip("lightning")
     seen: list[float] = []
     module = _tiny_module(L, 2, None, seen)
     kwargs = {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}
-    if precision != "32":
+    if precision == "bf16-mixed":  # autocast without a GradScaler; Lightning refused clipping for BB
+        kwargs["precision"] = precision
+    elif precision != "32":
         from lightning.pytorch.plugins.precision import MixedPrecision
 
         kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
@@ -123,7 +125,8 @@ def test_lightning_step_loss_is_the_mean_of_the_micro_batches(tmp_path, precisio
     assert seen == pytest.approx(expected, rel=1e-5)
 
 
-def test_lightning_amp_clipping_unscales_before_clipping(tmp_path) -> None:
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_lightning_amp_clipping_unscales_before_clipping(tmp_path, precision) -> None:
     L = pytest.importorskip("lightning")
     from lightning.pytorch.plugins.precision import MixedPrecision
 
@@ -134,7 +137,8 @@ def test_lightning_amp_clipping_unscales_before_clipping(tmp_path) -> None:
             norms.append(float(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).norm()))
 
     module = _tiny_module(L, 1, None, [])
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if precision == "16-mixed" else None
+    plugin = MixedPrecision(precision, "cpu", scaler=scaler)
     _fit(L, module, tmp_path, callbacks=[Probe()], plugins=[plugin], gradient_clip_val=0.01)
     assert len(norms) == 4 and all(n <= 0.01 * 1.001 for n in norms)  # clipped, after unscaling
     assert module.net.weight.isfinite().all()

@@ -3,8 +3,8 @@
 ``BBCallback`` makes Lightning's loop and BB agree: it checks that a BB epoch is a Lightning epoch (optimizer steps,
 not batches, under ``accumulate_grad_batches``), gives BB each optimizer step's loss (the mean of its micro-batch
 losses, also under 16-bit AMP, where Lightning's ``GradScaler`` path passes none), and lets gradient clipping run under
-16-bit AMP (Lightning refuses it for optimizers that unscale in ``step()``; the gradients are unscaled before clipping
-instead, and BB then skips its own unscaling, without a host sync).
+16-bit and bf16 AMP (Lightning refuses it for optimizers that unscale in ``step()``; under 16-bit AMP the gradients
+are unscaled before clipping instead, and BB then skips its own unscaling, without a host sync).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def steps_per_epoch(trainer: pl.Trainer) -> int:
 class BBMixedPrecision(MixedPrecision):
     """16-bit AMP for BB: hooks see the unscaled loss, and clipping unscales the gradients first.
 
-    ``BBCallback`` puts it in place of Lightning's ``MixedPrecision`` when a ``GradScaler`` is in use."""
+    ``BBCallback`` puts it in place of Lightning's ``MixedPrecision`` (``"16-mixed"`` with its ``GradScaler``, and
+    ``"bf16-mixed"``, which has none: there clipping needs no unscaling, only Lightning's refusal lifted)."""
 
     def pre_backward(self, tensor: Any, module: pl.LightningModule) -> Any:
         # Hooks first (BBCallback reads the loss there), then the scaling.
@@ -58,7 +59,8 @@ class BBCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         plugin = trainer.strategy.precision_plugin
-        if type(plugin) is MixedPrecision and plugin.scaler is not None:
+        # Also without a scaler (bf16-mixed): Lightning refuses clipping for any optimizer that unscales itself.
+        if type(plugin) is MixedPrecision:
             trainer.strategy.precision_plugin = BBMixedPrecision(plugin.precision, plugin.device, plugin.scaler)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
