@@ -5,6 +5,14 @@ and take back typed records (:class:`RunState`, :class:`ControlState`); :func:`e
 ``"bb"`` dict and :func:`read` checks a saved one completely and returns the records, so that a load that fails
 has written nothing.
 
+:func:`attach` puts that one dict both at the top level of the state dict and into every param group. The top-level
+entry is the one read when present (a plain ``BB.state_dict()``, edited or not); torch.distributed.checkpoint's
+``get_optimizer_state_dict`` keeps only ``"state"`` and ``"param_groups"`` (with every param group's keys), so that a
+dict from it carries BB's global state replicated in its groups, and :func:`read` takes it from there (all copies
+must agree). A dict with neither, such as one saved through ``get_optimizer_state_dict`` before the groups carried
+it, is refused with the fix. The copies in the groups changed nothing in the entry itself: older dicts, which have
+only the top-level entry, load as before and need no upgrade.
+
 Version 3 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
 ``loss_reference``, the last good epoch's mean loss, becomes the best and the last mean loss), entries written
 before groups could be added have no ``join_epochs`` (every group was a constructor's group: all 0), and version 2
@@ -93,6 +101,21 @@ def entry(run: RunState) -> dict[str, Any]:
     return {"version": VERSION, **values, **dataclasses.asdict(run.control)}
 
 
+def attach(state_dict: dict[str, Any], run: RunState) -> None:
+    """Write ``run`` into a packed state dict: as its ``"bb"`` entry and, the same dict, into each param group (where
+    torch.distributed.checkpoint's ``get_optimizer_state_dict`` keeps it)."""
+    bb = entry(run)
+    state_dict[ENTRY] = bb
+    for group in state_dict["param_groups"]:
+        group[ENTRY] = bb
+
+
+def group_options(saved_group: dict[str, Any]) -> dict[str, Any]:
+    """A saved param group's options to restore into the live group: all but its parameters, its ``"lr"`` (BB's
+    one rate is restored from the entry) and its copy of the entry."""
+    return {key: value for key, value in saved_group.items() if key not in ("params", "lr", ENTRY)}
+
+
 def upgrade(bb: dict[str, Any], groups: int) -> dict[str, Any]:
     """An older ``"bb"`` entry as the current version (a new dict); the current one unchanged."""
     if bb.get("version") == VERSION:
@@ -117,8 +140,17 @@ def upgrade(bb: dict[str, Any], groups: int) -> dict[str, Any]:
 
 def read(state_dict: Any) -> RunState:
     """The ``"bb"`` entry of ``state_dict`` as records, checked; raises ValueError naming the problem."""
-    bb = state_dict.get(ENTRY) if isinstance(state_dict, dict) else None
+    bb = _saved_entry(state_dict)
     version = bb.get("version") if isinstance(bb, dict) else None
+    if bb is None and isinstance(state_dict, dict) and {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError(
+            "not a bbfused.BB state dict: it lacks BB's global state (the 'bb' entry: the rate, the epoch counters, "
+            "the lr history and the rate control's state), as a dict from another optimizer, from "
+            "get_optimizer_state_dict(..., options=StateDictOptions(flatten_optimizer_state_dict=True)), which "
+            "drops it, or from get_optimizer_state_dict() of a bbfused that did not keep it in the param groups. "
+            "Save the checkpoint again from BB.state_dict() or from get_optimizer_state_dict(model, opt) with "
+            "the default options, and load that"
+        )
     if not isinstance(bb, dict) or version not in (1, 2, VERSION) or not {"state", "param_groups"} <= state_dict.keys():
         raise ValueError(
             f"not a bbfused.BB state dict (versions 1 to {VERSION}; found version {version!r}); load a checkpoint "
@@ -127,11 +159,58 @@ def read(state_dict: Any) -> RunState:
     bb = upgrade(bb, len(state_dict["param_groups"]))
     missing = [key for key in (*_RUN_KEYS, *_CONTROL_KEYS) if key not in bb]
     if missing:
-        raise ValueError(f"corrupt state dict: the 'bb' entry lacks {', '.join(missing)}")
+        hint = (
+            ""
+            if ENTRY in state_dict
+            else " (set_optimizer_state_dict with StateDictOptions(full_state_dict=True) loses the param groups' "
+            "copies of its lists: load with the default options)"
+        )
+        raise ValueError(f"corrupt state dict: the 'bb' entry lacks {', '.join(missing)}{hint}")
     _check_counters(bb, len(state_dict["param_groups"]))
     _check_control(bb)
     control = ControlState(**{key: bb[key] for key in _CONTROL_KEYS})
     return RunState(**{key: bb[key] for key in _RUN_KEYS}, control=control)
+
+
+def _saved_entry(state_dict: Any) -> Any:
+    """The saved ``"bb"`` entry: the top-level one, else the copy every param group carries; None when there is
+    neither. Raises ValueError when only some groups carry one or the copies differ."""
+    if not isinstance(state_dict, dict):
+        return None
+    if ENTRY in state_dict:
+        return state_dict[ENTRY]
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or not groups or not all(isinstance(group, dict) for group in groups):
+        return None
+    copies = [group.get(ENTRY) for group in groups]
+    if all(copy is None for copy in copies):
+        return None
+    if not all(_same(copies[0], copy) for copy in copies[1:]):
+        raise ValueError(
+            "corrupt state dict: its param groups carry different copies of BB's global state (the 'bb' entry), or "
+            "only some carry one; save it again from one BB optimizer (BB.state_dict() or get_optimizer_state_dict)"
+        )
+    return copies[0]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two saved values are equal: tensors elementwise, NaN equal to NaN."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device)
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
 
 
 def saved_steps_per_epoch(state_dict: dict[str, Any]) -> int | None:

@@ -387,7 +387,7 @@ class BB(torch.optim.Optimizer):
             join_epochs=list(self._buffers.join_epochs),
             control=self._control.state(epoch),
         )
-        state_dict[checkpoint.ENTRY] = checkpoint.entry(run)
+        checkpoint.attach(state_dict, run)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` from any backend or device. Everything is checked before anything is
@@ -422,7 +422,7 @@ class BB(torch.optim.Optimizer):
         saved_params = {key for saved in state_dict["param_groups"] for key in saved["params"]}
         self.state.update({key: value for key, value in state_dict["state"].items() if key not in saved_params})
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
+            group.update(checkpoint.group_options(saved))
             group["weight_decay"] = check_weight_decay(group["weight_decay"])  # checked above: a float now
         self.beta, self._buffers.momentum, self._buffers.nesterov = run.beta, run.momentum, run.nesterov
         self.tau0, self.tau_min, self.tau_max = run.tau0, run.tau_min, run.tau_max
