@@ -1,4 +1,4 @@
-"""GPU check of bbfused.BB's Triton backend for a session lent one CUDA GPU: built so that its one run cannot be wasted.
+"""GPU check of bbfused.BB's Triton backend for a short loan of one CUDA GPU, built so that one run cannot be wasted.
 
 Every section runs in its own try/except, under its own time limit, and the report (``--out``) is rewritten after
 each one (and marked "running" before it): a crash is recorded with its traceback and the rest still run, and a run
@@ -496,7 +496,7 @@ def section_launches(report: Report, cfg: Config) -> None:
         f"Tiny ResNet ({sum(p.numel() for p in TinyResNet().parameters()):,} values, 2 groups), T={T}, the second "
         "epoch: its first step (plain) and its last (epoch end). Triton launches are counted through a patched "
         "launcher; CUDA kernels (every kernel, torch's included) by the profiler; torch ops (CPU only) by a "
-        f"dispatch mode. Targets (issue 25): a capturable step ≤ {TARGET_CAPTURABLE_STEP_KERNELS} kernels, the "
+        f"dispatch mode. Targets: a capturable step ≤ {TARGET_CAPTURABLE_STEP_KERNELS} kernels, the "
         f"default epoch end ≤ {TARGET_EPOCH_END_KERNELS}.",
         "",
     )
