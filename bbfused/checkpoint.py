@@ -213,6 +213,22 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def check_resumable(run: RunState, steps_per_epoch: int | None, momentum: float) -> None:
+    """Raise ValueError unless an optimizer built with ``steps_per_epoch`` and ``momentum`` can resume ``run``: the
+    epoch's end (counted or called) and the momentum buffer's presence cannot change on a load."""
+    if (run.steps_per_epoch is None) != (steps_per_epoch is None):
+        saved = "end_epoch() calls" if run.steps_per_epoch is None else f"epochs of {run.steps_per_epoch} steps"
+        raise ValueError(
+            f"the state dict was saved with {saved}, this optimizer has steps_per_epoch={steps_per_epoch}; build it "
+            f"with steps_per_epoch={run.steps_per_epoch} to resume that run"
+        )
+    if (run.momentum > 0) != (momentum > 0):
+        raise ValueError(
+            f"the state dict was saved with momentum={run.momentum}, this optimizer has momentum={momentum}; build "
+            f"it with momentum={run.momentum} to resume that run"
+        )
+
+
 def saved_steps_per_epoch(state_dict: dict[str, Any]) -> int | None:
     """The ``steps_per_epoch`` a ``BB.state_dict()`` was saved with (None: epochs ended by ``end_epoch()``);
     raises ValueError when ``state_dict`` is not one."""

@@ -3,12 +3,14 @@ named for messages, and groups put into ``param_groups`` behind the optimizer's 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from .arguments import SUPPORTED_DTYPES, check_weight_decay
+from .arguments import SUPPORTED_DTYPES, check_weight_decay, is_real
 from .buffers import check_no_shared_memory
+from .diagnostics import warn
 from .distributed import check_not_sharded
 
 
@@ -57,6 +59,29 @@ def param_names(group: dict[str, Any], group_index: int) -> list[str]:
     if "param_names" in group:
         return [repr(name) for name in group["param_names"]]
     return [f"param_groups[{group_index}]['params'][{i}]" for i in range(len(group["params"]))]
+
+
+def warn_ignored_lrs(given: Iterable[Any], rate: float, added: bool = False) -> None:
+    """Warn once for group lrs other than BB's global ``rate`` (None: not given); ``added``: by add_param_group."""
+    ignored = [value for value in given if value is not None and not (is_real(value) and float(value) == rate)]
+    if ignored and added:
+        warn(
+            f"bbfused.BB uses one global learning rate: the added group's lr {ignored[0]} is ignored (every group "
+            f"uses BB's rate, now {rate})"
+        )
+    elif ignored:
+        warn(
+            f"bbfused.BB uses one global learning rate: the per-group lr {sorted(ignored)} is ignored "
+            f"(lr={rate} is used for every group)"
+        )
+
+
+def check_group_dict(param_group: Any) -> None:
+    """What ``add_param_group`` needs before anything else: a dict with a ``"params"`` entry."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+    if "params" not in param_group:
+        raise ValueError("param_group must have a 'params' entry: {'params': [...], 'weight_decay': ...}")
 
 
 def check_group(group: dict[str, Any], group_index: int) -> None:

@@ -59,3 +59,25 @@ class PeriodHooks:
         if back:
             for hook in list(self.rollback.values()):
                 hook(optimizer, epoch)
+
+
+class PeriodHookRegistry:
+    """Rollback and period-end hook registration for :class:`bbfused.BB` (its tables: ``_optimizer_period_hooks``,
+    named as torch.optim names its hook tables, so copies drop them)."""
+
+    _optimizer_period_hooks: PeriodHooks
+    _clock: Any
+
+    def register_rollback_hook(self, hook: RollbackHook) -> RemovableHandle:
+        """Call ``hook(optimizer, epoch)`` on the host after every period end that rolled its period back (the
+        default control; never with ``safeguard=False``), e.g. to restore state kept outside BB. Refused with
+        ``capturable=True``. Returns a handle whose ``remove()`` unregisters it. See ``bbfused.hooks``."""
+        self._clock.check_host_hooks()
+        return PeriodHooks.register(self._optimizer_period_hooks.rollback, hook)
+
+    def register_period_end_hook(self, hook: PeriodEndHook) -> RemovableHandle:
+        """Call ``hook(optimizer, epoch, rolled_back)`` on the host after every rate-period end (each epoch's, and
+        the split first epoch's periods), e.g. to remember state kept outside BB at each good period end. Refused
+        with ``capturable=True``. Returns a handle whose ``remove()`` unregisters it. See ``bbfused.hooks``."""
+        self._clock.check_host_hooks()
+        return PeriodHooks.register(self._optimizer_period_hooks.period_end, hook)

@@ -12,38 +12,28 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
-from . import checkpoint
-from .arguments import check_nesterov, check_options, check_weight_decay, is_real, watched_loss
+from . import checkpoint, groups
+from .arguments import check_nesterov, check_options, check_weight_decay, watched_loss
 from .buffer_set import BufferSet
 from .clock import make_clock
 from .compiling import eager_under_compile
 from .control import control_class, resolve_taus
-from .diagnostics import warn
 from .distributed import check_ranks_agree
-from .groups import PackedGroups, as_groups, check_group, check_groups_apart, join_epoch, param_names
-from .hooks import PeriodEndHook, PeriodHooks, RollbackHook
+from .hooks import PeriodHookRegistry, PeriodHooks
 from .shown_rate import ShownRate
 
 
-class BB(torch.optim.Optimizer):
+class BB(PeriodHookRegistry, torch.optim.Optimizer):
     r"""SGD with the Barzilai–Borwein adaptive learning rate (Liang et al., Algorithm 1).
 
-    Each step, for every parameter θ with gradient ∇ (k: epoch, T: steps per epoch)::
-
-        d = ∇ + λ·θ                 (L2 weight decay, per group; p.grad itself is not modified)
-        θ ← θ − η̂_k · d
-        g ← g + β·(d − g)           (gradient EMA, restarted from 0 at every epoch start)
-
-    At the end of every epoch k ≥ 1, from epoch-end snapshots of θ and g summed over every parameter
-    (Δθ = θ_{k,T} − θ_{k−1,T}, y = g_{k,T} − g_{k−1,T})::
-
-        η = ‖Δθ‖² / (T·|Δθᵀy|),    η̂_{k+1} = η if τ_min/(k+2) ≤ η ≤ τ_max/(k+2) else τ_0/(k+2)
-
-    ``safeguard=False`` is exactly that (η̂_0 = η̂_1 = ``lr``). The default applies the same estimate so that it
-    cannot kill a network: bounded rate changes, divergence tests at every epoch end, and a rollback of a diverged
-    epoch (``bbfused.control.safeguard``); pass the loss to :meth:`step` (``loss=``) so that it can watch it.
+    Each step, for every parameter θ with gradient ∇: d = ∇ + λ·θ (L2 weight decay, per group; ``p.grad`` is not
+    modified), θ ← θ − η̂·d (through a momentum buffer in EMA form when momentum > 0), g ← g + β·(d − g). At every
+    epoch end, from snapshots of θ and g (Δθ, y: their changes over the epoch), the rule's estimate is
+    η = ‖Δθ‖² / (T·|Δθᵀy|). ``safeguard=False`` is the paper exactly (eq. 13: η if τ_min/(k+2) ≤ η ≤ τ_max/(k+2),
+    else τ_0/(k+2)). The default (``bbfused.control.safeguard``) splits the first epoch into rate periods, searches
+    for the rate there, then follows the estimate in bounded steps, anneals over the second half of ``epochs`` and
+    rolls a diverged period back; pass the loss to :meth:`step` (``loss=``) so that it can watch it.
 
     Args:
         params: parameters or parameter groups, as for torch.optim; groups may set ``weight_decay``. The rate is
@@ -97,12 +87,12 @@ class BB(torch.optim.Optimizer):
         check_nesterov(options.nesterov, momentum)  # the paper's default momentum is 0
         self.safeguard, self.capturable = options.safeguard, options.capturable  # the choices, for reading
         self._building = True
-        super().__init__(as_groups(params), {"lr": lr, "weight_decay": options.weight_decay})
+        super().__init__(groups.as_groups(params), {"lr": lr, "weight_decay": options.weight_decay})
         self._building = False
         ignored = {group["lr"] for group in self.param_groups} - {lr}
         for index, group in enumerate(self.param_groups):
-            check_group(group, index)
-        check_groups_apart(self.param_groups)
+            groups.check_group(group, index)
+        groups.check_groups_apart(self.param_groups)
         devices = [p.device for group in self.param_groups for p in group["params"]]
         self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], kind.FIRST_EPOCH_PERIODS)
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
@@ -110,19 +100,15 @@ class BB(torch.optim.Optimizer):
         self._buffers = BufferSet(options.backend, lr, kind.skips_nonfinite, momentum, options.nesterov)
         self._buffers.add_devices(devices)  # raises before any parameter is re-pointed at a buffer
         for index, group in enumerate(self.param_groups):
-            self._buffers.pack(group, param_names(group, index), index, join_epoch=0)
-        self._packed = PackedGroups(self.param_groups)
+            self._buffers.pack(group, groups.param_names(group, index), index, join_epoch=0)
+        self._packed = groups.PackedGroups(self.param_groups)
         self._closing = False  # set while an epoch end runs; still set after an exception in it
         self._ranks_checked = False
         self._optimizer_period_hooks = PeriodHooks()  # dropped by copies, as torch.optim's hook tables
         self._shown = ShownRate(self._buffers, self._clock, self.param_groups)
         self._index_state()
         self.register_state_dict_post_hook(_add_bb_entry, prepend=True)
-        if ignored:
-            warn(
-                f"bbfused.BB uses one global learning rate: the per-group lr {sorted(ignored)} is ignored "
-                f"(lr={lr} is used for every group)"
-            )
+        groups.warn_ignored_lrs(ignored, lr)
 
     def _index_state(self) -> None:
         """``self.state[p]``: parameter p's slices of the state buffers, as torch.optim keeps state per parameter."""
@@ -162,38 +148,31 @@ class BB(torch.optim.Optimizer):
         if self._building:
             super().add_param_group(param_group)
             return
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
-        if "params" not in param_group:
-            raise ValueError("param_group must have a 'params' entry: {'params': [...], 'weight_decay': ...}")
+        groups.check_group_dict(param_group)
         self._settle()  # an interrupted epoch end finishes over the groups it began with
         index = len(self.param_groups)
         # BB's list checks on the list torch.optim will take: a generator must be read once.
-        param_group["params"] = as_groups([param_group], index)[0]["params"]
+        param_group["params"] = groups.as_groups([param_group], index)[0]["params"]
         given_lr = param_group.get("lr")
         super().add_param_group(param_group)  # torch.optim's checks; the constructor's defaults filled in
         try:
-            check_group(param_group, index)
-            check_groups_apart(self.param_groups)
+            groups.check_group(param_group, index)
+            groups.check_groups_apart(self.param_groups)
             self._buffers.add_devices([p.device for p in param_group["params"]])
         except BaseException:
             self.param_groups.pop()
             raise
         epoch, step = self._clock.counts()
-        names = param_names(param_group, index)
+        names = groups.param_names(param_group, index)
         # Its snapshot, the point a rollback of this epoch returns the group to, is its value now.
-        buffers = self._buffers.pack(param_group, names, index, join_epoch(epoch, step), snapshot=True)
+        buffers = self._buffers.pack(param_group, names, index, groups.join_epoch(epoch, step), snapshot=True)
         self._index_state()
         numel = sum(p.numel() for p in param_group["params"])
         self._control.add_params(numel, self._buffers.sq_norm("prev_params", buffers))
         self._packed.append(param_group)
         self._ranks_checked = False  # the next step checks that every rank added the same groups
         param_group["lr"] = self._shown.value
-        if given_lr is not None and not (is_real(given_lr) and float(given_lr) == self.lr):
-            warn(
-                f"bbfused.BB uses one global learning rate: the added group's lr {given_lr} is ignored (every group "
-                f"uses BB's rate, now {self.lr})"
-            )
+        groups.warn_ignored_lrs([given_lr], self.lr, added=True)
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -241,20 +220,6 @@ class BB(torch.optim.Optimizer):
     def step_in_epoch(self) -> int:
         """How many steps of the current epoch have been taken."""
         return self._clock.counts()[1]
-
-    def register_rollback_hook(self, hook: RollbackHook) -> RemovableHandle:
-        """Call ``hook(optimizer, epoch)`` on the host after every period end that rolled its period back (the
-        default control; never with ``safeguard=False``), e.g. to restore state kept outside BB. Refused with
-        ``capturable=True``. Returns a handle whose ``remove()`` unregisters it. See ``bbfused.hooks``."""
-        self._clock.check_host_hooks()
-        return PeriodHooks.register(self._optimizer_period_hooks.rollback, hook)
-
-    def register_period_end_hook(self, hook: PeriodEndHook) -> RemovableHandle:
-        """Call ``hook(optimizer, epoch, rolled_back)`` on the host after every rate-period end (each epoch's, and
-        the split first epoch's periods), e.g. to remember state kept outside BB at each good period end. Refused
-        with ``capturable=True``. Returns a handle whose ``remove()`` unregisters it. See ``bbfused.hooks``."""
-        self._clock.check_host_hooks()
-        return PeriodHooks.register(self._optimizer_period_hooks.period_end, hook)
 
     def track_buffers(self, model: torch.nn.Module) -> None:
         """Let a rollback restore ``model``'s buffers (BatchNorm running statistics) with its parameters: the
@@ -355,10 +320,9 @@ class BB(torch.optim.Optimizer):
         hooks.period_ended(self, epoch, rolled_back)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict (its hooks included): per-parameter ``ema``, ``prev_params``, ``prev_ema``
-        shaped like the parameter (live views), plus a ``"bb"`` entry (``bbfused.checkpoint``) with the epoch
-        counters, the rate, its history, the hyper-parameters and the rate control's state. Independent of backend
-        and device. An epoch end an exception interrupted is finished first."""
+        """torch.optim's state dict (its hooks included): per-parameter state shaped like the parameter (live views)
+        and BB's global state (``bbfused.checkpoint``), independent of backend and device. An epoch end an exception
+        interrupted is finished first."""
         self._settle()
         return super().state_dict()
 
@@ -400,18 +364,8 @@ class BB(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             state_dict = state_dict if result is None else result
         run = checkpoint.read(state_dict)
-        if (run.steps_per_epoch is None) != (self.steps_per_epoch is None):
-            saved = "end_epoch() calls" if run.steps_per_epoch is None else f"epochs of {run.steps_per_epoch} steps"
-            raise ValueError(
-                f"the state dict was saved with {saved}, this optimizer has steps_per_epoch="
-                f"{self.steps_per_epoch}; build it with steps_per_epoch={run.steps_per_epoch} to resume that run"
-            )
-        if (run.momentum > 0) != (self._buffers.momentum > 0):
-            raise ValueError(
-                f"the state dict was saved with momentum={run.momentum}, this optimizer has momentum="
-                f"{self._buffers.momentum}; build it with momentum={run.momentum} to resume that run"
-            )
-        names = [param_names(group, index) for index, group in enumerate(self.param_groups)]
+        checkpoint.check_resumable(run, self.steps_per_epoch, self._buffers.momentum)
+        names = [groups.param_names(group, index) for index, group in enumerate(self.param_groups)]
         copies = checkpoint.check_param_state(state_dict, self.param_groups, names, self._control.rolls_back)
         self._control.check_state(run.control)
         self._clock.load(run.epoch, run.step_in_epoch, run.lr_history, run.rolled_back_epochs, run.steps_per_epoch)
