@@ -89,16 +89,20 @@ LOSS_BRAKE = 0.5
 SUMS = ("delta_sq_norm", "delta_dot_y", "param_sq_norm", "ema_sq_norm")
 
 
-def anneal_factor(epoch: int | torch.Tensor, epochs: int | None) -> float | torch.Tensor:
+def anneal_factor(
+    epoch: int | torch.Tensor, epochs: int | None, table: torch.Tensor | None = None
+) -> float | torch.Tensor:
     """The end phase: the factor on the rate for ``epoch`` of a run of ``epochs``; 1 in the first half, then a
     cosine towards 0 that ends at the last epoch's small factor (an epoch past the plan keeps it). None: 1.
 
-    A device-counted epoch indexes a table of the host's factors: the device's cosine may differ from the C
-    library's in the last bit, and a captured run must apply the very rates a host-counted one does."""
+    A device-counted epoch indexes a table of the host's factors (``table``, :func:`anneal_table`, built here when
+    not given): the device's cosine may differ from the C library's in the last bit, and a captured run must apply
+    the very rates a host-counted one does."""
     if epochs is None:
         return 1.0
     if isinstance(epoch, torch.Tensor):
-        return anneal_table(epochs, epoch.device)[epoch.clamp(min=0, max=epochs - 1)]
+        table = anneal_table(epochs, epoch.device) if table is None else table
+        return table[epoch.to(table.device).clamp(min=0, max=epochs - 1)]
     start = max(1, epochs // 2)
     k = min(epoch, epochs - 1)
     if k < start:
@@ -321,12 +325,7 @@ class SafeguardControl:
         for state, value in references:
             clock.commit(state, value)
         self.loss.reset(clock)
-        epoch = clock.next_epoch
-        if isinstance(epoch, torch.Tensor) and self.anneal_table is not None:
-            factor = self.anneal_table[epoch.to(self.device).clamp(min=0, max=self.epochs - 1)]
-        else:
-            factor = anneal_factor(epoch, self.epochs)
-        return new_rate * factor, diverged
+        return new_rate * anneal_factor(clock.next_epoch, self.epochs, self.anneal_table), diverged
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, epoch: int) -> ControlState:
