@@ -39,13 +39,15 @@ def regression(lr: float, epochs: int | None = None, seed: int = 0, **kwargs) ->
     return model, opt, batches
 
 
-def train(model: torch.nn.Module, opt: BB, batches: list, epochs: int) -> list[float]:
+def train(
+    model: torch.nn.Module, opt: BB, batches: list, epochs: int, loss_fn=torch.nn.functional.mse_loss
+) -> list[float]:
     """Train ``epochs`` epochs; each epoch's mean loss."""
     means = []
     for _ in range(epochs):
         total = 0.0
         for x, y in batches:
-            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step(loss=loss)
@@ -219,17 +221,7 @@ def _random_labels(lr: float, seed: int, steps: int = 16) -> tuple[list[float], 
     model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     opt = BB(model.parameters(), lr=lr, steps_per_epoch=steps, epochs=6, backend="eager")
     batches = [(inputs[i * 32 : (i + 1) * 32], labels[i * 32 : (i + 1) * 32]) for i in range(steps)]
-    means = []
-    for _ in range(6):
-        total = 0.0
-        for x, y in batches:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step(loss=loss)
-            total += loss.item()
-        means.append(total / steps)
-    return means, opt
+    return train(model, opt, batches, 6, torch.nn.functional.cross_entropy), opt
 
 
 @pytest.mark.parametrize("lr", [0.01, 0.1])
