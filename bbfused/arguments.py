@@ -94,14 +94,19 @@ def check_weight_decay(value: Any, where: str = "") -> float:
     return number
 
 
-def check_steps_per_epoch(value: Any) -> int | None:
-    """``steps_per_epoch`` as a positive int, or None."""
+def positive_int_or_none(name: str, value: Any, what: str = "", advice: str = "") -> int | None:
+    """``value`` as a positive int, or None; the error says ``what`` the number is and the ``advice``."""
     if value is None:
         return None
-    steps = as_number("steps_per_epoch", value, integer=True)
-    if steps <= 0:
-        raise ValueError(f"steps_per_epoch must be a positive int or None, got {value!r}; pass len(loader)")
-    return steps
+    number = as_number(name, value, integer=True)
+    if number <= 0:
+        raise ValueError(f"{name} must be a positive int{what} or None, got {value!r}{advice}")
+    return number
+
+
+def check_steps_per_epoch(value: Any) -> int | None:
+    """``steps_per_epoch`` as a positive int, or None."""
+    return positive_int_or_none("steps_per_epoch", value, advice="; pass len(loader)")
 
 
 def check_flag(name: str, value: Any) -> bool:
@@ -199,12 +204,7 @@ TAUS = ("tau0", "tau_min", "tau_max")
 
 def check_epochs(value: Any) -> int | None:
     """The planned number of epochs, a positive int, or None (not known)."""
-    if value is None:
-        return None
-    epochs = as_number("epochs", value, integer=True)
-    if epochs <= 0:
-        raise ValueError(f"epochs must be a positive int (the epochs the run will train) or None, got {value!r}")
-    return epochs
+    return positive_int_or_none("epochs", value, what=" (the epochs the run will train)")
 
 
 def check_momentum(value: Any) -> float:
