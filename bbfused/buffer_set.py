@@ -37,6 +37,9 @@ class EpochBuffers(Protocol):
     def snapshot_params(self) -> None:
         """prev_params ← θ (the point a diverged epoch 0 returns to)."""
 
+    def kernel_device(self) -> torch.device | None:
+        """The device of every buffer when the Triton backend runs them all there, else None."""
+
     def sq_norm(self, name: str, buffers: Sequence[FlatBuffer] | None = None) -> torch.Tensor:
         """‖buffer ``name``‖² over ``buffers`` (default every buffer), float64 on the master device."""
 
@@ -136,6 +139,8 @@ class BufferSet:
 
     def set_lr(self, value: torch.Tensor | float) -> None:
         for lr in self.lrs.values():
+            if value is lr:
+                continue
             if isinstance(value, torch.Tensor):
                 lr.copy_(_on(value, lr.device))
             else:
@@ -228,6 +233,12 @@ class BufferSet:
         for buffer in self.buffers:
             buffer.prev_params.copy_(buffer.param)
 
+    def kernel_device(self) -> torch.device | None:
+        if len(self.backends) != 1:
+            return None
+        ((device, backend),) = self.backends.items()
+        return device if backend.name == "triton" else None
+
     def sq_norm(self, name: str, buffers: Sequence[FlatBuffer] | None = None) -> torch.Tensor:
         norms = [_norm(getattr(b, name)) for b in (self.buffers if buffers is None else buffers)]
         return torch.stack([_on(n, self.master) for n in norms]).square().sum()
@@ -251,6 +262,8 @@ class BufferSet:
                     self._kept_sums[kind, index] = run(*args)
                 buffer_sums = self._kept_sums[kind, index]
             sums.append(self._rule_sums(buffer, buffer_sums, clock))
+        if len(sums) == 1:
+            return _on(sums[0], self.master)  # the sum of one row is the row: two launches fewer
         return torch.stack([_on(s, self.master) for s in sums]).sum(0)
 
     def _rule_sums(self, buffer: FlatBuffer, sums: torch.Tensor, clock: EpochClock) -> torch.Tensor:

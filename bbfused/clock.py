@@ -75,7 +75,8 @@ class HostLossMeter:
         self.device = device
         self.sum = torch.zeros((), dtype=torch.float64, device=device)
         self.steps = 0
-        self.last = nan(device)  # the step's own loss tensor: kept by reference, never written
+        self.no_loss = nan(device)  # what ``last`` is before a step gives a loss: one tensor, never written
+        self.last = self.no_loss  # the step's own loss tensor: kept by reference, never written
 
     def add(self, loss: torch.Tensor) -> None:
         self.sum.add_(loss)
@@ -88,7 +89,7 @@ class HostLossMeter:
     def reset(self, clock: HostClock) -> None:
         self.sum.zero_()
         self.steps = 0
-        self.last = nan(self.device)
+        self.last = self.no_loss
 
     def load(self, loss_sum: float, steps: int) -> None:
         self.sum.fill_(loss_sum)

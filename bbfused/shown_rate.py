@@ -39,7 +39,8 @@ class ShownRate:
     def set_base(self, rate: torch.Tensor, param_groups: list[dict[str, Any]]) -> None:
         """The control's new rate: apply it times the multiplier, and show it."""
         self.base.copy_(rate)
-        self.buffers.set_lr(self.base * self.multiplier)
+        torch.mul(self.base, self.multiplier, out=self.buffers.lr)  # the master's; set_lr copies it to the others
+        self.buffers.set_lr(self.buffers.lr)
         self.value = self.clock.shown_rate(self.buffers.lr)
         self.show(param_groups)
 

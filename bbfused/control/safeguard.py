@@ -41,6 +41,7 @@ below are the policy; ``benchmarks/results/robustness.md`` has the measurements 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +49,9 @@ from ..buffer_set import EpochBuffers
 from ..checkpoint import ControlState, check_model_buffers
 from ..clock import EpochClock, nan
 from ..rule import bb_ratio
+
+if TYPE_CHECKING:
+    from .safeguard_kernel import SafeguardKernels
 
 # Heavy-ball momentum unless the user sets it: every tuned recipe of the references uses it.
 DEFAULT_MOMENTUM = 0.9
@@ -150,6 +154,7 @@ class SafeguardControl:
         self.loss_rollback = torch.tensor(False, device=device)
         self.model_buffers: list[torch.Tensor] = []
         self.model_buffer_snapshots: list[torch.Tensor] = []
+        self._kernels: SafeguardKernels | None = None  # built at the first period end that uses them
 
     @property
     def epochs(self) -> int | None:
@@ -307,6 +312,13 @@ class SafeguardControl:
         result when run twice, and the control's state changes only at the end (the buffers keep the measured
         sums). Every write goes through ``clock``, which applies it only at a period's end."""
         sums = buffers.measure(clock)
+        kernels = self._decision_kernels(buffers)
+        if kernels is not None:
+            diverged, applied = kernels.decide(sums, clock, taus[1:])
+            buffers.commit(diverged, clock)
+            self._commit_model_buffers(diverged, clock)
+            kernels.apply(clock)
+            return applied, diverged
         diverged, rose, references = self.diverged(sums, clock)
         # With a split first epoch the search ends with it: one full epoch at an overshooting estimate costs a short
         # run more than the climb it saves.
@@ -326,6 +338,19 @@ class SafeguardControl:
             clock.commit(state, value)
         self.loss.reset(clock)
         return new_rate * anneal_factor(clock.next_epoch, self.epochs, self.anneal_table), diverged
+
+    def _decision_kernels(self, buffers: EpochBuffers) -> SafeguardKernels | None:
+        """The decision as two Triton launches (``safeguard_kernel``) where every buffer runs on the Triton backend
+        on this control's device, in one process (under torch.distributed the loss sums are all-reduced between the
+        decision's steps); None: the torch ops below."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed or buffers.kernel_device() != self.device:
+            return None
+        if self._kernels is None:
+            from .safeguard_kernel import SafeguardKernels
+
+            self._kernels = SafeguardKernels(self)
+        return self._kernels
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, epoch: int) -> ControlState:

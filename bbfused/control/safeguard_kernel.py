@@ -1,0 +1,351 @@
+"""The default rate control's period-end decision as one Triton program (CUDA; the interpreter on CPU tensors).
+
+:class:`~bbfused.control.safeguard.SafeguardControl` decides with about a hundred tiny torch ops over 0-dim
+tensors; on a GPU each is a kernel launch, and a step captured in a CUDA graph replays all of them every step. Here
+the same decision is a single program over the scalars, in float64 with torch's semantics (NaN-propagating
+minimum and maximum, ``fmax``, ``nan_to_num``), so it gives the torch ops' bits (tests/test_safeguard_kernel.py
+compares them on random and non-finite states). Two launches a period end:
+
+- :func:`decide`: reads the pass sums, the loss meter and the control's state; writes the decision (diverged, the
+  next applied rate) and the new state into a pending vector, nothing the decision reads.
+- :func:`apply`: copies the pending state into the control's tensors and resets the loss meter (gated by the
+  device clock's flag in a captured step), after the buffers' commit pass has run: an exception between the two
+  leaves the state as it was, and the period end runs again with the same result.
+
+The constants are read from ``safeguard`` (one home for the policy) and passed as float64 arguments; the
+float32 rounding the torch code applies to the first epoch's rise tolerance is reproduced on the host.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from ..clock import EpochClock
+    from .safeguard import SafeguardControl
+
+# The order of the control's state in the pending vector (bools as 0.0 / 1.0).
+PENDING = (
+    "loss_rollback", "best_loss", "last_loss", "snapshot_sq_norm", "snapshot_loss", "lr_cap", "good_lr",
+    "has_snapshot", "searching", "ceiling", "rate",
+)  # fmt: skip
+DBL_MAX = 1.7976931348623157e308
+
+
+@triton.jit
+def _isnan(x):
+    return x != x
+
+
+@triton.jit
+def _isfinite(x):
+    return (x - x) == 0  # inf - inf and NaN - NaN are NaN
+
+
+@triton.jit
+def _minimum(a, b):
+    """torch.minimum: NaN when either is NaN."""
+    return tl.where(_isnan(a), a, tl.where(_isnan(b), b, tl.where(a < b, a, b)))
+
+
+@triton.jit
+def _maximum(a, b):
+    """torch.maximum: NaN when either is NaN."""
+    return tl.where(_isnan(a), a, tl.where(_isnan(b), b, tl.where(a > b, a, b)))
+
+
+@triton.jit
+def _fmax(a, b):
+    """torch.fmax: the other one when one is NaN."""
+    return tl.where(_isnan(a), b, tl.where(_isnan(b), a, tl.where(a < b, b, a)))
+
+
+@triton.jit
+def _clamp_min(x, low):
+    return tl.where(_isnan(x), x, tl.where(x < low, low, x))
+
+
+@triton.jit
+def _clamp_max(x, high):
+    return tl.where(_isnan(x), x, tl.where(x > high, high, x))
+
+
+@triton.jit
+def _nan_to_num(x, dbl_max):
+    """torch.nan_to_num(x): NaN → 0, ±inf → ±the largest finite float64 (``dbl_max``: a float64 argument, as a
+    literal Triton would make it float32 inf)."""
+    x = tl.where(_isnan(x), 0.0, x)
+    x = tl.where(x == float("inf"), dbl_max, x)
+    return tl.where(x == -float("inf"), -dbl_max, x)
+
+
+@triton.jit
+def _f64(ptr):
+    return tl.load(ptr).to(tl.float64)
+
+
+@triton.jit
+def _flag(ptr):
+    return tl.load(ptr) != 0
+
+
+@triton.jit
+def _wrecked(loss, compared, margin, loss_growth):
+    return (compared > 0) & (loss > loss_growth * compared) & (loss - compared > margin)
+
+
+@triton.jit
+def _decide_kernel(
+    sums_ptr, loss_sum_ptr, loss_steps_ptr, last_ptr,
+    rate_ptr, ceiling_ptr, snapshot_sq_ptr, lr_cap_ptr, good_lr_ptr, initial_ptr, best_ptr, last_loss_ptr,
+    snapshot_loss_ptr, searching_ptr, has_snapshot_ptr, loss_rollback_ptr,
+    epoch_ptr, step_ptr, epoch_gate_ptr, anneal_ptr,
+    pending_ptr, diverged_ptr, applied_ptr,
+    host_loss_steps: tl.float64, host_closing_steps: tl.float64, host_in_first, host_search_open,
+    host_anneal: tl.float64, rise_factor: tl.float64, weight_floor: tl.float64, lowest: tl.float64,
+    highest: tl.float64, weight_growth: tl.float64, loss_margin: tl.float64, loss_growth: tl.float64,
+    stuck_movement_sq: tl.float64, stuck_fraction: tl.float64, search_growth: tl.float64,
+    search_limit: tl.float64, growth_limit: tl.float64, shrink_limit: tl.float64, loss_brake: tl.float64,
+    ceiling_fraction: tl.float64, backoff: tl.float64, cap: tl.float64, dbl_max: tl.float64,
+    period_length, last_inner_end, steps_per_epoch, epochs,
+    DEVICE_CLOCK: tl.constexpr,
+):  # fmt: skip
+    """One program: the decision of SafeguardControl.diverged, next_rate and close_epoch, line for line."""
+    # tl.full keeps the float64 arguments' value under the interpreter too, which rounds bare floats to float32.
+    host_loss_steps = tl.full((), host_loss_steps, tl.float64)
+    host_closing_steps = tl.full((), host_closing_steps, tl.float64)
+    host_anneal = tl.full((), host_anneal, tl.float64)
+    rise_factor = tl.full((), rise_factor, tl.float64)
+    weight_floor = tl.full((), weight_floor, tl.float64)
+    lowest = tl.full((), lowest, tl.float64)
+    highest = tl.full((), highest, tl.float64)
+    weight_growth = tl.full((), weight_growth, tl.float64)
+    loss_margin = tl.full((), loss_margin, tl.float64)
+    loss_growth = tl.full((), loss_growth, tl.float64)
+    stuck_movement_sq = tl.full((), stuck_movement_sq, tl.float64)
+    stuck_fraction = tl.full((), stuck_fraction, tl.float64)
+    search_growth = tl.full((), search_growth, tl.float64)
+    search_limit = tl.full((), search_limit, tl.float64)
+    growth_limit = tl.full((), growth_limit, tl.float64)
+    shrink_limit = tl.full((), shrink_limit, tl.float64)
+    loss_brake = tl.full((), loss_brake, tl.float64)
+    ceiling_fraction = tl.full((), ceiling_fraction, tl.float64)
+    backoff = tl.full((), backoff, tl.float64)
+    cap = tl.full((), cap, tl.float64)
+    dbl_max = tl.full((), dbl_max, tl.float64)
+    if DEVICE_CLOCK:
+        epoch = tl.load(epoch_ptr)
+        step = tl.load(step_ptr)
+        ends_epoch = _flag(epoch_gate_ptr)
+        loss_steps = _f64(loss_steps_ptr)
+        split = period_length > 0
+        first = tl.where(step <= last_inner_end, period_length, step - last_inner_end).to(tl.int64)
+        whole = tl.full((), steps_per_epoch, tl.int64)
+        steps = tl.where(split & (epoch == 0), first, whole).to(tl.float64)
+        in_first = split & (epoch == 0)
+        search_open = (split == 0) | ((epoch == 0) & (ends_epoch == 0))
+        next_epoch = epoch + ends_epoch.to(tl.int64)
+        index = tl.minimum(tl.maximum(next_epoch, 0), tl.maximum(epochs - 1, 0))
+        anneal = tl.load(anneal_ptr + index, mask=epochs > 0, other=1.0).to(tl.float64)
+    else:
+        loss_steps = host_loss_steps
+        steps = host_closing_steps
+        in_first = host_in_first != 0
+        search_open = host_search_open != 0
+        anneal = host_anneal
+
+    # ---- diverged()
+    delta_sq = _f64(sums_ptr)
+    dot = _f64(sums_ptr + 1)
+    param_sq = _f64(sums_ptr + 2)
+    ema_sq = _f64(sums_ptr + 3)
+    snapshot_sq = _f64(snapshot_sq_ptr)
+    limit = weight_growth * _clamp_min(snapshot_sq, weight_floor)
+    loss_sum = _f64(loss_sum_ptr)
+    mean = loss_sum / loss_steps
+    complete = loss_steps == steps
+    initial = _f64(initial_ptr)
+    last = _f64(last_ptr)
+    best = _f64(best_ptr)
+    reference = tl.where(_isnan(best), initial, best)
+    learning = complete & (mean < reference)
+    weights_bad = ((param_sq <= limit) == 0) & ((learning & _isfinite(param_sq)) == 0)
+    weights_bad = weights_bad | (_isfinite(ema_sq) == 0)
+    margin = loss_margin * _clamp_min(_nan_to_num(initial, dbl_max), 0.0)
+    snapshot_loss = _f64(snapshot_loss_ptr)
+    compared = _fmax(best, snapshot_loss)
+    moved = delta_sq > stuck_movement_sq * snapshot_sq
+    stuck = _isnan(best) & (initial > 0) & (mean > stuck_fraction * initial) & moved
+    bad_mean = (_isfinite(mean) == 0) | _wrecked(mean, compared, margin, loss_growth)
+    bad_last = (_isfinite(last) == 0) | _wrecked(last, compared, margin, loss_growth)
+    loss_bad = complete & (bad_mean | bad_last | stuck)
+    loss_rollback = _flag(loss_rollback_ptr)
+    accept_anyway = loss_rollback & (weights_bad == 0) & _isfinite(mean) & _isfinite(last) & (stuck == 0)
+    diverged = weights_bad | (loss_bad & (accept_anyway == 0))
+    good_loss = complete & (diverged == 0)
+    lower = good_loss & ((mean >= best) == 0)
+    last_loss = _f64(last_loss_ptr)
+    factor = tl.where(in_first, rise_factor, 1.0)
+    rose = good_loss & (mean > last_loss * factor)
+    nan = tl.full((), float("nan"), tl.float64)
+    new_best = tl.where(lower | (accept_anyway & good_loss), mean, best)
+    new_last_loss = tl.where(diverged, last_loss, tl.where(good_loss, mean, nan))
+    new_snapshot_sq = tl.where(diverged, snapshot_sq, param_sq)
+    new_snapshot_loss = tl.where(diverged, snapshot_loss, tl.where(good_loss, last, nan))
+
+    # ---- next_rate()
+    r = _f64(rate_ptr)
+    estimate = delta_sq / (steps * tl.abs(dot))
+    usable = _isfinite(estimate) & (estimate > 0) & _flag(has_snapshot_ptr)
+    searching = _flag(searching_ptr) & (rose == 0) & ((usable & (estimate < r)) == 0) & (diverged == 0)
+    searching = searching & search_open
+    search = _maximum(r * search_growth, _minimum(estimate, r * search_limit))
+    growth = tl.where(rose, loss_brake, growth_limit)
+    follow = _minimum(_maximum(estimate, r * shrink_limit), r * growth)
+    kept = tl.where(usable, tl.where(searching, search, follow), _minimum(r, r * growth))
+    old_ceiling = _f64(ceiling_ptr)
+    ceiling = tl.where(rose, _minimum(old_ceiling, r * ceiling_fraction), old_ceiling)
+    kept = _minimum(kept, tl.where(rose, ceiling, _maximum(ceiling, r)))
+    lr_cap = _f64(lr_cap_ptr)
+    kept = _minimum(_clamp_max(_clamp_min(kept, lowest), highest), lr_cap)
+    good_lr = _f64(good_lr_ptr)
+    backed_off = tl.where(_isnan(good_lr), r * backoff, _minimum(good_lr, r * cap))
+    new_rate = tl.where(diverged, _clamp_max(backed_off, highest), kept)
+
+    # ---- close_epoch()'s writes, pending
+    tl.store(pending_ptr + 0, (diverged & (weights_bad == 0)).to(tl.float64))
+    tl.store(pending_ptr + 1, new_best)
+    tl.store(pending_ptr + 2, new_last_loss)
+    tl.store(pending_ptr + 3, new_snapshot_sq)
+    tl.store(pending_ptr + 4, new_snapshot_loss)
+    tl.store(pending_ptr + 5, tl.where(diverged, _minimum(lr_cap, r * cap), lr_cap))
+    tl.store(pending_ptr + 6, tl.where(diverged, good_lr, r))
+    tl.store(pending_ptr + 7, (diverged == 0).to(tl.float64))
+    tl.store(pending_ptr + 8, searching.to(tl.float64))
+    tl.store(pending_ptr + 9, ceiling)
+    tl.store(pending_ptr + 10, new_rate)
+    tl.store(diverged_ptr, diverged)
+    tl.store(applied_ptr, new_rate * anneal)
+
+
+@triton.jit
+def _apply_kernel(
+    pending_ptr, gate_ptr,
+    loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr, good_lr_ptr,
+    has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr,
+    loss_sum_ptr, loss_steps_ptr, last_ptr,
+    HAS_GATE: tl.constexpr, DEVICE_METER: tl.constexpr,
+):  # fmt: skip
+    """The pending state into the control's tensors, and the loss meter reset (only where the gate is set)."""
+    go = tl.full((), 1, tl.int1)
+    if HAS_GATE:
+        go = tl.load(gate_ptr) != 0
+    if go:
+        tl.store(loss_rollback_ptr, tl.load(pending_ptr + 0) != 0)
+        tl.store(best_ptr, tl.load(pending_ptr + 1))
+        tl.store(last_loss_ptr, tl.load(pending_ptr + 2))
+        tl.store(snapshot_sq_ptr, tl.load(pending_ptr + 3))
+        tl.store(snapshot_loss_ptr, tl.load(pending_ptr + 4))
+        tl.store(lr_cap_ptr, tl.load(pending_ptr + 5))
+        tl.store(good_lr_ptr, tl.load(pending_ptr + 6))
+        tl.store(has_snapshot_ptr, tl.load(pending_ptr + 7) != 0)
+        tl.store(searching_ptr, tl.load(pending_ptr + 8) != 0)
+        tl.store(ceiling_ptr, tl.load(pending_ptr + 9))
+        tl.store(rate_ptr, tl.load(pending_ptr + 10))
+        tl.store(loss_sum_ptr, tl.full((), 0.0, tl.float64))
+        if DEVICE_METER:
+            tl.store(loss_steps_ptr, tl.full((), 0.0, tl.float64))
+            tl.store(last_ptr, tl.full((), float("nan"), tl.float64))
+
+
+def _rise_factor(control_module) -> float:
+    """1 + the first epoch's rise tolerance as the torch code computes it: ``torch.where`` with Python numbers
+    gives the default dtype (float32), so the factor is 1 + 0.1 rounded to float32."""
+    tolerance = torch.where(torch.tensor(True), control_module.FIRST_EPOCH_RISE, 0.0)
+    return float(1 + tolerance)
+
+
+class SafeguardKernels:
+    """The decision and its application for one control, on its device; buffers for their outputs allocated once
+    (a captured step replays the same addresses)."""
+
+    def __init__(self, control: SafeguardControl) -> None:
+        from . import safeguard as policy
+
+        self.control = control
+        device = control.device
+        self.pending = torch.zeros(len(PENDING), dtype=torch.float64, device=device)
+        self.diverged = torch.zeros((), dtype=torch.bool, device=device)
+        self.applied = torch.zeros((), dtype=torch.float64, device=device)
+        self.policy = (
+            _rise_factor(policy), policy.WEIGHT_GROWTH, policy.LOSS_MARGIN, policy.LOSS_GROWTH,
+            policy.STUCK_MOVEMENT**2, 1 - policy.STUCK_PROGRESS, policy.SEARCH_GROWTH, policy.SEARCH_LIMIT,
+            policy.RATE_GROWTH_LIMIT, policy.RATE_SHRINK_LIMIT, policy.LOSS_BRAKE, policy.CEILING, policy.BACKOFF,
+            policy.CAP, DBL_MAX,
+        )  # fmt: skip
+
+    def decide(
+        self, sums: torch.Tensor, clock: EpochClock, bounds: tuple[float, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(diverged, the next applied rate) as device tensors: under a device clock the same two tensors every call
+        (a captured step replays their addresses), under a host clock new ones (the clock keeps the flags)."""
+        from ..clock import DeviceClock
+        from .safeguard import anneal_factor
+
+        c = self.control
+        meter = c.loss
+        if isinstance(clock, DeviceClock):
+            diverged, applied = self.diverged, self.applied
+            table = applied if c.anneal_table is None else c.anneal_table
+            clock_ptrs = (clock.epoch, clock.step, clock.epoch_gate, table)
+            loss_steps, host = meter.steps, (0.0, 0.0, 0, 0, 1.0)
+        else:
+            diverged = torch.empty((), dtype=torch.bool, device=c.device)
+            applied = torch.empty((), dtype=torch.float64, device=c.device)
+            search_open = clock.closes_inner_period if clock.periods.length else True
+            anneal = anneal_factor(clock.next_epoch, c.epochs)
+            host = (float(meter.steps), float(clock.closing_steps), int(clock.in_first_epoch_periods),
+                    int(search_open), float(anneal))  # fmt: skip
+            clock_ptrs = (applied, applied, diverged, applied)  # not read
+            loss_steps = applied
+        last = meter.last if meter.last.device == c.device else meter.last.to(c.device)
+        periods = clock.periods
+        _decide_kernel[(1,)](
+            sums, meter.sum, loss_steps, last,
+            c.rate, c.ceiling, c.snapshot_sq_norm, c.lr_cap, c.good_lr, c.initial_loss, c.best_loss, c.last_loss,
+            c.snapshot_loss, c.searching, c.has_snapshot, c.loss_rollback,
+            *clock_ptrs,
+            self.pending, diverged, applied,
+            *host, self.policy[0], float(c.weight_floor), float(bounds[0]), float(bounds[1]), *self.policy[1:],
+            periods.length, periods.last_inner_end, int(clock.steps_per_epoch or 0), int(c.epochs or 0),
+            DEVICE_CLOCK=isinstance(clock, DeviceClock),
+            num_warps=1,
+        )  # fmt: skip
+        return diverged, applied
+
+    def apply(self, clock: EpochClock) -> None:
+        """Write the pending state (at a period end: a device clock's gate is read on the device)."""
+        from ..clock import DeviceLossMeter
+
+        c = self.control
+        meter = c.loss
+        device_meter = isinstance(meter, DeviceLossMeter)
+        gate = clock.gate
+        _apply_kernel[(1,)](
+            self.pending, self.pending if gate is None else gate,
+            c.loss_rollback, c.best_loss, c.last_loss, c.snapshot_sq_norm, c.snapshot_loss, c.lr_cap, c.good_lr,
+            c.has_snapshot, c.searching, c.ceiling, c.rate,
+            meter.sum, meter.steps if device_meter else meter.sum, meter.last if device_meter else meter.sum,
+            HAS_GATE=gate is not None, DEVICE_METER=device_meter,
+            num_warps=1,
+        )  # fmt: skip
+        if not device_meter:
+            meter.steps = 0
+            meter.last = meter.no_loss
+
+
+__all__ = ["PENDING", "SafeguardKernels"]

@@ -1,0 +1,128 @@
+"""The default control's period-end decision as a Triton program (bbfused/control/safeguard_kernel.py) gives the
+bits of its torch ops (SafeguardControl.diverged / next_rate / close_epoch), on random states with NaN, inf,
+ties and missing losses, under the host clock and the device clock (gate set and not), through the interpreter."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from bbfused.clock import DeviceClock, HostClock  # noqa: E402
+from bbfused.control.safeguard import SafeguardControl  # noqa: E402
+
+DEVICE = torch.device("cpu")
+# Shared values make ties and the policy's ratios (x2.5, x4, x0.7 ...) come up, not only generic floats.
+POOL = [math.nan, math.inf, -math.inf, 0.0, 1e-3, 0.05, 0.5, 0.95, 1.0, 1.1, 2.0, 2.5, 4.0, 10.0, 1e3, 1e300]
+STATE = ("rate", "ceiling", "snapshot_sq_norm", "lr_cap", "good_lr", "initial_loss", "best_loss", "last_loss",
+         "snapshot_loss")  # fmt: skip
+FLAGS = ("searching", "has_snapshot", "loss_rollback")
+
+
+class FakeBuffers:
+    """The EpochBuffers a control sees: the measured sums; the commit pass records its flag."""
+
+    def __init__(self, sums: torch.Tensor, use_kernels: bool) -> None:
+        self.sums, self.use_kernels, self.committed = sums, use_kernels, None
+
+    def measure(self, clock) -> torch.Tensor:
+        return self.sums
+
+    def commit(self, rolled_back: torch.Tensor, clock) -> None:
+        self.committed = rolled_back.clone()
+
+    def kernel_device(self) -> torch.device | None:
+        return DEVICE if self.use_kernels else None
+
+
+def number(rng: random.Random, positive: bool = False) -> float:
+    value = rng.choice(POOL) if rng.random() < 0.7 else rng.lognormvariate(0, 2)
+    return abs(value) if positive and not math.isnan(value) else value
+
+
+def random_control(rng: random.Random, clock, epochs: int | None) -> SafeguardControl:
+    control = SafeguardControl(clock, DEVICE, numel=rng.choice([10, 1000]), lr=number(rng, True), epochs=epochs)
+    for name in STATE:
+        getattr(control, name).fill_(number(rng))
+    for name in FLAGS:
+        getattr(control, name).fill_(rng.random() < 0.5)
+    return control
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values and dtype, NaN equal to NaN."""
+    if a.dtype != b.dtype:
+        return False
+    if a.dtype.is_floating_point:
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
+def host_case(rng: random.Random) -> tuple[SafeguardControl, HostClock, torch.Tensor, tuple[float, float]]:
+    T = rng.choice([8, 10])
+    clock = HostClock(T, DEVICE, first_epoch_periods=rng.choice([1, 4]))
+    clock.epoch = rng.choice([0, 0, 1, 5])
+    if clock.epoch == 0 and clock.periods.length:
+        clock.step_in_epoch = rng.choice([clock.periods.length, T])
+    else:
+        clock.step_in_epoch = T
+    control = random_control(rng, clock, rng.choice([None, 6]))
+    steps = rng.choice([0, clock.closing_steps, clock.closing_steps, 3])
+    for _ in range(steps):
+        control.add_loss(torch.tensor(number(rng), dtype=torch.float64))
+    return control, clock, torch.tensor([number(rng) for _ in range(4)], dtype=torch.float64), (1e-4, 100.0)
+
+
+def device_case(rng: random.Random) -> tuple[SafeguardControl, DeviceClock, torch.Tensor, tuple[float, float]]:
+    T = rng.choice([8, 10])
+    clock = DeviceClock(T, DEVICE, first_epoch_periods=rng.choice([1, 4]))
+    clock.epoch.fill_(rng.choice([0, 0, 1, 5, 9]))
+    clock.step.fill_(rng.choice([1, 2, 4, 5, 8, T]))
+    clock.epoch_gate.fill_(int(clock.step) == T)
+    clock.gate.fill_(rng.random() < 0.8)
+    control = random_control(rng, clock, rng.choice([None, 6]))
+    control.loss.sum.fill_(number(rng))
+    control.loss.steps.fill_(rng.choice([0.0, 2.0, 4.0, float(T)]))
+    control.loss.last.fill_(number(rng))
+    return control, clock, torch.tensor([number(rng) for _ in range(4)], dtype=torch.float64), (0.01, 10.0)
+
+
+def close_both(control, clock, sums, bounds):
+    """close_epoch on two copies, by the torch ops and by the kernels; both copies and results."""
+    results = []
+    for use_kernels in (False, True):
+        c, k = copy.deepcopy((control, clock))
+        buffers = FakeBuffers(sums.clone(), use_kernels)
+        applied, diverged = c.close_epoch(buffers, torch.tensor(1.0, dtype=torch.float64), k, (None, *bounds))
+        results.append((c, applied, diverged, buffers.committed))
+    return results
+
+
+@pytest.mark.parametrize("make_case", [host_case, device_case], ids=["host clock", "device clock"])
+def test_kernel_decision_is_the_torch_decision_bit_for_bit(make_case):
+    rng = random.Random(0)
+    outcomes = set()
+    for trial in range(120):
+        control, clock, sums, bounds = make_case(rng)
+        (torch_c, torch_rate, torch_div, torch_commit), (kern_c, kern_rate, kern_div, kern_commit) = close_both(
+            control, clock, sums, bounds
+        )
+        context = f"trial {trial}: sums {sums.tolist()}"
+        assert same(torch_rate, kern_rate), f"{context}: rate {torch_rate} vs {kern_rate}"
+        assert bool(torch_div) == bool(kern_div), context
+        assert bool(torch_commit) == bool(kern_commit), context
+        for name in STATE + FLAGS:
+            assert same(getattr(torch_c, name), getattr(kern_c, name)), (
+                f"{context}: {name} {getattr(torch_c, name)} vs {getattr(kern_c, name)}"
+            )
+        for name in ("sum", "last"):
+            assert same(getattr(torch_c.loss, name), getattr(kern_c.loss, name)), f"{context}: loss.{name}"
+        assert int(torch_c.loss.steps_tensor()) == int(kern_c.loss.steps_tensor()), context
+        outcomes.add((bool(torch_div), bool(torch_c.searching), bool(torch_rate.isfinite())))
+    # The random states reached both verdicts, both search states and finite rates (the comparison was not vacuous).
+    assert {(True, False), (False, True), (False, False)} <= {o[:2] for o in outcomes}
