@@ -8,14 +8,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .backends import BackendUnavailableError
     from .buffers import GradientReplacedWarning
+    from .missing_loss import MissingLossWarning
     from .optimizer import BB
 
 __version__ = "0.1.0"
-__all__ = ["BB", "BackendUnavailableError", "GradientReplacedWarning", "__version__"]
+__all__ = ["BB", "BackendUnavailableError", "GradientReplacedWarning", "MissingLossWarning", "__version__"]
 
 # Imported on first use: importing the optimizer loads torch and torch._dynamo (seconds), which the training
 # command's --help and its checks of the command line do not need.
-_EXPORTS = {"BB": ".optimizer", "BackendUnavailableError": ".backends", "GradientReplacedWarning": ".buffers"}
+_EXPORTS = {
+    "BB": ".optimizer",
+    "BackendUnavailableError": ".backends",
+    "GradientReplacedWarning": ".buffers",
+    "MissingLossWarning": ".missing_loss",
+}
 
 
 def __getattr__(name: str) -> Any:

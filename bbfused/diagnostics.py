@@ -22,6 +22,7 @@ _INTERNAL_MODULES = (
     "bbfused.checkpoint",
     "bbfused.clock",
     "bbfused.groups",
+    "bbfused.missing_loss",
     "bbfused.rule",
     "bbfused.shown_rate",
 )

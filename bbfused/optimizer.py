@@ -21,6 +21,7 @@ from .compiling import eager_under_compile
 from .control import control_class, resolve_taus
 from .distributed import check_ranks_agree
 from .hooks import PeriodHookRegistry, PeriodHooks
+from .missing_loss import MissingLoss
 from .shown_rate import ShownRate
 
 
@@ -104,10 +105,11 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self._packed = groups.PackedGroups(self.param_groups)
         self._closing = False  # set while an epoch end runs; still set after an exception in it
         self._ranks_checked = False
+        self._missing_loss = MissingLoss()  # warns once when a step that needs the loss comes without it
         self._optimizer_period_hooks = PeriodHooks()  # dropped by copies, as torch.optim's hook tables
         self._shown = ShownRate(self._buffers, self._clock, self.param_groups)
         self._index_state()
-        self.register_state_dict_post_hook(_add_bb_entry, prepend=True)
+        self.register_state_dict_post_hook(BB._bb_entry, prepend=True)
         groups.warn_ignored_lrs(ignored, lr)
 
     def _index_state(self) -> None:
@@ -134,7 +136,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self._index_state()
         self._packed.remember(self.param_groups)  # the copy's parameters are other objects
         self._optimizer_period_hooks = PeriodHooks()
-        self.register_state_dict_post_hook(_add_bb_entry, prepend=True)
+        self.register_state_dict_post_hook(BB._bb_entry, prepend=True)
         if intact:
             self._shown.show(self.param_groups)  # a pickled copy's groups hold equal floats, not the shown one
 
@@ -233,6 +235,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
                 "call it right after building the optimizer"
             )
         self._control.track_buffers(list(model.buffers()))
+        self._missing_loss.track(model, self._control.rolls_back)
 
     @eager_under_compile
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -261,6 +264,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
                 closure_loss = closure()
         given, name = (loss, "loss") if loss is not None else (closure_loss, None)
         watched = watched_loss(given, name, self._buffers.master, self._clock.check_loss_number)
+        self._missing_loss.step(watched)
         self._buffers.adopt_gradients()
         self._shown.take_writes(self.param_groups)
         if self._clock.first_step_pending:
@@ -394,7 +398,3 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self._ranks_checked = False  # the loaded steps_per_epoch is checked across ranks at the next step
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-def _add_bb_entry(optimizer: BB, state_dict: dict[str, Any]) -> None:
-    optimizer._bb_entry(state_dict)
