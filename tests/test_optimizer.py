@@ -190,7 +190,10 @@ def test_boundary_mode_contradictions_raise() -> None:
     with pytest.raises(RuntimeError, match="no step"):
         manual.end_epoch()
     assert manual.epoch == 0
-    with pytest.raises(ValueError, match="beta is required"):
+    # The missing steps_per_epoch is named first; beta only for the end_epoch() way.
+    with pytest.raises(
+        ValueError, match=r"^steps_per_epoch is missing: pass steps_per_epoch=len\(loader\).*beta is required"
+    ):
         BB([torch.nn.Parameter(torch.ones(3))], lr=0.1, backend="eager")
 
 
