@@ -23,6 +23,8 @@ from .devices import on as _on
 class EpochBuffers(Protocol):
     """What a rate control may do to the buffers at an epoch end (:class:`BufferSet` implements it)."""
 
+    backends: dict[torch.device, Backend]  # each device's backend (a rollback restores model buffers with it)
+
     def measure(self, clock: EpochClock) -> torch.Tensor:
         """float64 (4,) on the master device: ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² over every buffer; in the same pass
         prev_ema ← g, g ← 0 (prev_params stays, for a rollback)."""

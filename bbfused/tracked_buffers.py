@@ -24,8 +24,10 @@ from .buffers import _alias, _aligned, _extent, _layout_strides
 from .devices import on
 
 # The dtypes every backend's epoch_commit takes (the cpp kernels are built for these only); other dtypes, such as
-# BatchNorm's int64 num_batches_tracked, are committed by the eager backend, which copies any dtype.
+# BatchNorm's int64 num_batches_tracked, are committed by the eager backend, which copies any dtype, except under
+# the Triton backend, whose commit kernel only loads, selects and stores (one launch instead of two ops).
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+ANY_DTYPE_BACKENDS = ("triton",)
 _EAGER = EagerBackend()
 
 
@@ -189,7 +191,9 @@ class TrackedBuffers:
 
         for pack in self._packs:
             flag, enabled = flags_on(pack.device)
-            backend = backends.get(pack.device, _EAGER) if pack.dtype in FUSED_DTYPES else _EAGER
+            backend = backends.get(pack.device, _EAGER)
+            if pack.dtype not in FUSED_DTYPES and backend.name not in ANY_DTYPE_BACKENDS:
+                backend = _EAGER
             backend.epoch_commit(pack.live, pack.snapshot, flag, enabled=enabled)
         with torch.no_grad():
             for index, snapshot in zip(self._loose, self._loose_snapshots):

@@ -190,6 +190,14 @@ def _enabled(enabled_ptr, HAS_ENABLED: tl.constexpr):
 
 
 @triton.jit
+def _zero_partials(partials_ptr, ROWS: tl.constexpr):
+    """A disabled launch's slots read as zeros, so the partials need no fill kernel before the launch."""
+    pid = tl.program_id(0)
+    for row in tl.static_range(ROWS):
+        tl.store(partials_ptr + row * tl.num_programs(0) + pid, tl.full((), 0.0, tl.float64))
+
+
+@triton.jit
 def _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask):
     """The epoch end over the elements ``offsets`` (``mask`` as in _step_block); returns their two sums."""
     theta = _load(param_ptr + offsets, mask)
@@ -219,7 +227,8 @@ def _epoch_end_kernel(
 
     The differences and sums are float64 (the eager reference's precision); each program writes its own
     slots, so the result does not depend on scheduling (no atomics). With HAS_ENABLED, a zero flag at
-    enabled_ptr makes the launch write nothing (a captured step's epoch end, see _enabled).
+    enabled_ptr makes the launch write zeros into its slots and nothing else (a captured step's epoch end, see
+    _enabled).
     """
     if _enabled(enabled_ptr, HAS_ENABLED):
         start = _block_start(USE_INT64, BLOCK)
@@ -232,6 +241,8 @@ def _epoch_end_kernel(
         pid = tl.program_id(0)
         tl.store(partials_ptr + pid, sq_norm)
         tl.store(partials_ptr + tl.num_programs(0) + pid, dot)
+    else:
+        _zero_partials(partials_ptr, 2)
 
 
 @triton.jit
@@ -282,6 +293,8 @@ def _epoch_measure_kernel(
         tl.store(partials_ptr + programs + pid, b)
         tl.store(partials_ptr + 2 * programs + pid, c)
         tl.store(partials_ptr + 3 * programs + pid, d)
+    else:
+        _zero_partials(partials_ptr, 4)
 
 
 @triton.jit
@@ -357,7 +370,7 @@ def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev
     """Launch an epoch-end ``kernel`` that writes ``rows`` per-block float64 partials; their sums, (rows,).
 
     Summing a fixed-length float64 tensor gives the same bits every run; an empty buffer sums to zeros. With
-    ``enabled`` false the partials are left as they were (zeros) and nothing else is written."""
+    ``enabled`` false the kernel writes zeros into the partials and nothing else."""
     state = state_dtype(param.dtype)
     _check_flat(
         operation,
@@ -368,9 +381,7 @@ def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev
         _check_scalar(operation, "enabled", enabled, param.device)
     n_elements = param.numel()
     programs = triton.cdiv(n_elements, BLOCK_SIZE)
-    partials = (torch.empty if enabled is None else torch.zeros)(
-        (rows, programs), dtype=torch.float64, device=param.device
-    )
+    partials = torch.empty((rows, programs), dtype=torch.float64, device=param.device)
     if programs:
         with _on_device(param.device):
             kernel[(programs,)](

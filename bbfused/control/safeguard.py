@@ -49,6 +49,7 @@ from ..buffer_set import EpochBuffers
 from ..checkpoint import ControlState, check_model_buffers
 from ..clock import EpochClock, nan
 from ..rule import bb_ratio
+from ..tracked_buffers import TrackedBuffers
 
 if TYPE_CHECKING:
     from .safeguard_kernel import SafeguardKernels
@@ -152,8 +153,7 @@ class SafeguardControl:
         # Whether the last period was rolled back by a loss test alone: a second one in a row means the snapshot
         # itself is no better (its own loss is high: the damage came in the previous period's last steps).
         self.loss_rollback = torch.tensor(False, device=device)
-        self.model_buffers: list[torch.Tensor] = []
-        self.model_buffer_snapshots: list[torch.Tensor] = []
+        self.model_buffers = TrackedBuffers([])
         self._kernels: SafeguardKernels | None = None  # built at the first period end that uses them
 
     @property
@@ -171,14 +171,7 @@ class SafeguardControl:
     def track_buffers(self, tensors: list[torch.Tensor]) -> None:
         """Restore these tensors (a model's buffers) along with the parameters when an epoch is rolled back; their
         values now are what a rolled-back epoch 0 returns to."""
-        self.model_buffers = tensors
-        self.model_buffer_snapshots = [t.detach().clone() for t in tensors]
-
-    def _commit_model_buffers(self, rolled_back: torch.Tensor, clock: EpochClock) -> None:
-        for live, snapshot in zip(self.model_buffers, self.model_buffer_snapshots):
-            flag = rolled_back.to(live.device, non_blocking=live.device.type == "cuda")
-            clock.commit(live, torch.where(flag, snapshot, live))
-            clock.commit(snapshot, live)
+        self.model_buffers = TrackedBuffers(tensors)
 
     # ------------------------------------------------------------------ per step
     def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
@@ -314,9 +307,10 @@ class SafeguardControl:
         sums = buffers.measure(clock)
         kernels = self._decision_kernels(buffers)
         if kernels is not None:
-            diverged, applied = kernels.decide(sums, clock, taus[1:])
+            anneal = 1.0 if clock.gate is not None else float(anneal_factor(clock.next_epoch, self.epochs))
+            diverged, applied = kernels.decide(sums, clock, taus[1:], anneal)
             buffers.commit(diverged, clock)
-            self._commit_model_buffers(diverged, clock)
+            self.model_buffers.commit(diverged, clock.gate, buffers.backends)
             kernels.apply(clock)
             return applied, diverged
         diverged, rose, references = self.diverged(sums, clock)
@@ -325,7 +319,7 @@ class SafeguardControl:
         search_open = clock.closes_inner_period if clock.periods.length else True
         new_rate, searching, ceiling = self.next_rate(sums, diverged, rose, clock.closing_steps, taus[1:], search_open)
         buffers.commit(diverged, clock)
-        self._commit_model_buffers(diverged, clock)
+        self.model_buffers.commit(diverged, clock.gate, buffers.backends)
         r = self.rate
         references.append((self.lr_cap, torch.where(diverged, torch.minimum(self.lr_cap, r * CAP), self.lr_cap)))
         references.append((self.good_lr, torch.where(diverged, self.good_lr, r)))
@@ -347,9 +341,13 @@ class SafeguardControl:
         if distributed or buffers.kernel_device() != self.device:
             return None
         if self._kernels is None:
-            from .safeguard_kernel import SafeguardKernels
+            from .safeguard_kernel import KernelPolicy, SafeguardKernels
 
-            self._kernels = SafeguardKernels(self)
+            policy = KernelPolicy(
+                WEIGHT_GROWTH, LOSS_MARGIN, LOSS_GROWTH, STUCK_MOVEMENT**2, 1 - STUCK_PROGRESS, SEARCH_GROWTH,
+                SEARCH_LIMIT, RATE_GROWTH_LIMIT, RATE_SHRINK_LIMIT, LOSS_BRAKE, CEILING, BACKOFF, CAP,
+            )  # fmt: skip
+            self._kernels = SafeguardKernels(self, policy, FIRST_EPOCH_RISE)
         return self._kernels
 
     # ------------------------------------------------------------------ checkpoints
@@ -367,7 +365,7 @@ class SafeguardControl:
             last_loss=number_or_none(self.last_loss),
             good_lr=number_or_none(self.good_lr),
             loss_rollback=bool(self.loss_rollback),
-            model_buffers=[t.detach().cpu().clone() for t in self.model_buffer_snapshots],
+            model_buffers=[t.detach().cpu().clone() for t in self.model_buffers.snapshot_views()],
             rate=float(self.rate),
             searching=bool(self.searching),
             ceiling=float(self.ceiling),
@@ -375,7 +373,7 @@ class SafeguardControl:
         )
 
     def check_state(self, state: ControlState) -> None:
-        check_model_buffers(state.model_buffers, self.model_buffers)
+        check_model_buffers(state.model_buffers, self.model_buffers.live)
 
     def replanned_rate(self, epoch: int) -> float | None:
         return float(self.rate) * anneal_factor(epoch, self.epochs)
@@ -399,6 +397,6 @@ class SafeguardControl:
         ):
             number.fill_(math.nan if value is None else value)
         # Checked against the tracked buffers already; none saved (an older state dict) keeps the current copies.
-        for snapshot, value in zip(self.model_buffer_snapshots, state.model_buffers):
-            snapshot.copy_(value)
+        if state.model_buffers:
+            self.model_buffers.load_snapshots(state.model_buffers)
         self.snapshot_sq_norm.copy_(buffers.sq_norm("prev_params"))

@@ -12,21 +12,20 @@ compares them on random and non-finite states). Two launches a period end:
   device clock's flag in a captured step), after the buffers' commit pass has run: an exception between the two
   leaves the state as it was, and the period end runs again with the same result.
 
-The constants are read from ``safeguard`` (one home for the policy) and passed as float64 arguments; the
-float32 rounding the torch code applies to the first epoch's rise tolerance is reproduced on the host.
+The control hands over its constants (:class:`KernelPolicy`: the policy keeps one home, ``safeguard``), passed
+as float64 arguments; the float32 rounding the torch code applies to the first epoch's rise tolerance is reproduced
+on the host (:func:`rise_factor`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-if TYPE_CHECKING:
-    from ..clock import EpochClock
-    from .safeguard import SafeguardControl
+from ..clock import DeviceClock, DeviceLossMeter, EpochClock
 
 # The order of the control's state in the pending vector (bools as 0.0 / 1.0).
 PENDING = (
@@ -262,40 +261,51 @@ def _apply_kernel(
             tl.store(last_ptr, tl.full((), float("nan"), tl.float64))
 
 
-def _rise_factor(control_module) -> float:
+def rise_factor(tolerance: float) -> float:
     """1 + the first epoch's rise tolerance as the torch code computes it: ``torch.where`` with Python numbers
-    gives the default dtype (float32), so the factor is 1 + 0.1 rounded to float32."""
-    tolerance = torch.where(torch.tensor(True), control_module.FIRST_EPOCH_RISE, 0.0)
-    return float(1 + tolerance)
+    gives the default dtype (float32), so the factor is 1 + the tolerance rounded to float32."""
+    return float(1 + torch.where(torch.tensor(True), tolerance, 0.0))
+
+
+class KernelPolicy(NamedTuple):
+    """The control's constants, in the decision kernel's argument order (after the bounds)."""
+
+    weight_growth: float
+    loss_margin: float
+    loss_growth: float
+    stuck_movement_sq: float
+    stuck_fraction: float
+    search_growth: float
+    search_limit: float
+    growth_limit: float
+    shrink_limit: float
+    loss_brake: float
+    ceiling_fraction: float
+    backoff: float
+    cap: float
 
 
 class SafeguardKernels:
-    """The decision and its application for one control, on its device; buffers for their outputs allocated once
-    (a captured step replays the same addresses)."""
+    """The decision and its application for one control (a :class:`~bbfused.control.safeguard.SafeguardControl`:
+    its state tensors are read and written in place), on its device; the outputs a captured step replays are
+    allocated once."""
 
-    def __init__(self, control: SafeguardControl) -> None:
-        from . import safeguard as policy
-
+    def __init__(self, control: Any, policy: KernelPolicy, first_epoch_rise: float) -> None:
         self.control = control
         device = control.device
         self.pending = torch.zeros(len(PENDING), dtype=torch.float64, device=device)
         self.diverged = torch.zeros((), dtype=torch.bool, device=device)
         self.applied = torch.zeros((), dtype=torch.float64, device=device)
-        self.policy = (
-            _rise_factor(policy), policy.WEIGHT_GROWTH, policy.LOSS_MARGIN, policy.LOSS_GROWTH,
-            policy.STUCK_MOVEMENT**2, 1 - policy.STUCK_PROGRESS, policy.SEARCH_GROWTH, policy.SEARCH_LIMIT,
-            policy.RATE_GROWTH_LIMIT, policy.RATE_SHRINK_LIMIT, policy.LOSS_BRAKE, policy.CEILING, policy.BACKOFF,
-            policy.CAP, DBL_MAX,
-        )  # fmt: skip
+        self.rise_factor = rise_factor(first_epoch_rise)
+        self.policy = (*policy, DBL_MAX)
 
     def decide(
-        self, sums: torch.Tensor, clock: EpochClock, bounds: tuple[float, float]
+        self, sums: torch.Tensor, clock: EpochClock, bounds: tuple[float, float], anneal: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(diverged, the next applied rate) as device tensors: under a device clock the same two tensors every call
-        (a captured step replays their addresses), under a host clock new ones (the clock keeps the flags)."""
-        from ..clock import DeviceClock
-        from .safeguard import anneal_factor
-
+        (a captured step replays their addresses), under a host clock new ones (the clock keeps the flags).
+        ``anneal``: the end phase's factor for the next epoch (a host clock's; a device clock's is looked up in the
+        control's table on the device)."""
         c = self.control
         meter = c.loss
         if isinstance(clock, DeviceClock):
@@ -307,7 +317,6 @@ class SafeguardKernels:
             diverged = torch.empty((), dtype=torch.bool, device=c.device)
             applied = torch.empty((), dtype=torch.float64, device=c.device)
             search_open = clock.closes_inner_period if clock.periods.length else True
-            anneal = anneal_factor(clock.next_epoch, c.epochs)
             host = (float(meter.steps), float(clock.closing_steps), int(clock.in_first_epoch_periods),
                     int(search_open), float(anneal))  # fmt: skip
             clock_ptrs = (applied, applied, diverged, applied)  # not read
@@ -320,7 +329,7 @@ class SafeguardKernels:
             c.snapshot_loss, c.searching, c.has_snapshot, c.loss_rollback,
             *clock_ptrs,
             self.pending, diverged, applied,
-            *host, self.policy[0], float(c.weight_floor), float(bounds[0]), float(bounds[1]), *self.policy[1:],
+            *host, self.rise_factor, float(c.weight_floor), float(bounds[0]), float(bounds[1]), *self.policy,
             periods.length, periods.last_inner_end, int(clock.steps_per_epoch or 0), int(c.epochs or 0),
             DEVICE_CLOCK=isinstance(clock, DeviceClock),
             num_warps=1,
@@ -329,8 +338,6 @@ class SafeguardKernels:
 
     def apply(self, clock: EpochClock) -> None:
         """Write the pending state (at a period end: a device clock's gate is read on the device)."""
-        from ..clock import DeviceLossMeter
-
         c = self.control
         meter = c.loss
         device_meter = isinstance(meter, DeviceLossMeter)

@@ -1,0 +1,85 @@
+"""Kernels a step launches on the Triton backend, counted on the CPU (tests/kernel_count.py): Triton launches plus
+the torch ops that would run a kernel on a GPU. Pinned so that the launch count of a step cannot grow unnoticed:
+on a GPU each launch costs a few microseconds of host time whatever the size of the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_count import KernelCount  # noqa: E402
+
+from bbfused import BB  # noqa: E402
+
+T = 4
+# The default epoch end: the step, the measuring pass, the decision (two launches), the commit pass, and a handful
+# of scalar ops (the loss, the pass sums, the history, the applied rate).
+EPOCH_END_LIMIT = 12
+PLAIN_STEP_LIMIT = 2  # the step kernel and the loss sum
+# The paper's rule (eq. 13) runs as a dozen 0-dim torch ops; only the default control's decision is one program.
+PAPER_EPOCH_END_LIMIT = 16
+# A captured step (capturable=True) carries its epoch end gated on the device. The target is 8 kernels; the clock,
+# the loss meter and the rate history still run as torch ops.
+CAPTURED_STEP_LIMIT = 33
+
+
+def model(batchnorms: int) -> torch.nn.Module:
+    layers: list[torch.nn.Module] = [torch.nn.Linear(6, 8)]
+    for _ in range(batchnorms):
+        layers += [torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 8)]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(8, 2))
+
+
+def counted_steps(opt: BB, net: torch.nn.Module, track: bool) -> tuple[KernelCount, KernelCount]:
+    """Counts of the second epoch's first step (plain) and last step (its epoch end)."""
+    if track:
+        opt.track_buffers(net)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=generator), torch.randint(0, 2, (16,), generator=generator)
+    counts = []
+    for _ in range(2 * T):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        count = KernelCount()
+        with count.active():
+            opt.step(loss=loss.detach())
+        counts.append(count)
+    assert opt.epoch == 2, "two epochs closed"
+    return counts[T], counts[2 * T - 1]
+
+
+@pytest.mark.parametrize("track", [False, True], ids=["plain", "track_buffers"])
+def test_default_epoch_end_launches_at_most_twelve_kernels(track):
+    torch.manual_seed(0)
+    net = model(batchnorms=1)
+    plain, end = counted_steps(BB(net.parameters(), lr=0.1, steps_per_epoch=T, epochs=10, backend="triton"), net,
+                               track)  # fmt: skip
+    assert plain.total <= PLAIN_STEP_LIMIT, str(plain)
+    assert plain.triton == {"_step_kernel": 1}, str(plain)
+    assert end.total <= EPOCH_END_LIMIT, str(end)
+    # The decision is the two single-program launches, not a hundred torch ops.
+    assert end.triton["_decide_kernel"] == 1 and end.triton["_apply_kernel"] == 1, str(end)
+    assert sum(end.torch.values()) <= 5, str(end)
+
+
+def test_paper_epoch_end_launches_a_bounded_number_of_kernels():
+    torch.manual_seed(0)
+    net = model(batchnorms=1)
+    opt = BB(net.parameters(), lr=0.1, steps_per_epoch=T, backend="triton", safeguard=False)
+    plain, end = counted_steps(opt, net, track=False)
+    assert plain.total <= PLAIN_STEP_LIMIT, str(plain)
+    assert end.total <= PAPER_EPOCH_END_LIMIT, str(end)
+
+
+def test_captured_step_launches_a_bounded_number_of_kernels():
+    torch.manual_seed(0)
+    net = model(batchnorms=1)
+    opt = BB(net.parameters(), lr=0.1, steps_per_epoch=T, epochs=10, backend="triton", capturable=True)
+    plain, end = counted_steps(opt, net, track=False)
+    # A captured step is the same launches every step: its epoch end is gated on the device.
+    assert plain.triton == end.triton, f"{plain} / {end}"
+    assert plain.total <= CAPTURED_STEP_LIMIT, str(plain)
+    assert plain.triton["_decide_kernel"] == 1, str(plain)
