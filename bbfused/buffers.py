@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import sharded
 from .checkpoint import MOMENTUM_KEY, STATE_KEYS
 from .diagnostics import warn
 
@@ -35,6 +36,16 @@ def _layout_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     return torch.empty_like(tensor, device="meta").stride()
 
 
+def _slice_strides(p: torch.Tensor, slot: sharded.ShardSlot | None) -> tuple[int, ...]:
+    """The strides of parameter ``p``'s slice in a flat buffer: its layout's, a DTensor's local shard's; FSDP2's
+    padded shard is contiguous."""
+    if slot is None:
+        return _layout_strides(p)
+    if slot.padded_shape != slot.local_shape:
+        return torch.empty(slot.padded_shape, device="meta").stride()
+    return _layout_strides(sharded.local(p))
+
+
 def _alias(flat: torch.Tensor, offset: int, size: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
     """A dense tensor over elements ``[offset, offset + numel)`` of ``flat``, on a storage of its own.
 
@@ -48,6 +59,11 @@ def _alias(flat: torch.Tensor, offset: int, size: torch.Size, stride: tuple[int,
     storage = flat.untyped_storage()[start : start + size.numel() * itemsize]
     alias = torch.empty(0, dtype=flat.dtype, device=flat.device)
     return alias.set_(storage, 0, size, stride)
+
+
+def _address(t: torch.Tensor) -> int:
+    """Where ``t`` starts in memory; unlike ``data_ptr()`` also for an empty tensor (an empty shard of a DTensor)."""
+    return t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
 
 
 def _mark_written(buffer_ref: weakref.ref, index: int, param: torch.Tensor) -> None:
@@ -74,6 +90,9 @@ class FlatBuffer:
     ``prev_ema`` in ``state_dtype(dtype)``, ``prev_params`` in the parameter dtype; with ``momentum``, the
     momentum buffer ``momentum`` in ``state_dtype(dtype)`` (else None). ``offsets[i]`` is where parameter i's
     slice starts.
+
+    A DTensor parameter (``bbfused.sharded``) contributes its local shard: its slice is the shard's slot
+    (``shapes[i]``, FSDP2's padded shard) and its gradient and state views are DTensors shaped like it.
     """
 
     def __init__(
@@ -84,13 +103,18 @@ class FlatBuffer:
         self.group_index = group_index
         self.device = params[0].device
         self.dtype = params[0].dtype
+        fsdp_params = sharded.fsdp_params() if any(sharded.is_dtensor(p) for p in params) else {}
+        self.slots = [sharded.ShardSlot(p, fsdp_params) if sharded.is_dtensor(p) else None for p in params]
+        self.shard_group = sharded.shard_group(params)
+        # Each parameter's slice: its shape (a DTensor's: its slot's) and strides.
+        self.shapes = [p.shape if slot is None else slot.padded_shape for p, slot in zip(params, self.slots)]
+        self.strides = [_slice_strides(p, slot) for p, slot in zip(params, self.slots)]
         self.offsets: list[int] = []
         numel = 0
-        for p in params:
+        for shape in self.shapes:
             self.offsets.append(numel)
-            numel = _aligned(numel + p.numel())
+            numel = _aligned(numel + shape.numel())
         self.numel = numel
-        self.strides = [_layout_strides(p) for p in params]
         new = dict(dtype=self.dtype, device=self.device)
         self.param = torch.zeros(numel, **new)
         self.grad = torch.zeros(numel, **new)
@@ -98,25 +122,33 @@ class FlatBuffer:
         self.ema = torch.zeros(numel, dtype=state_dtype(self.dtype), device=self.device)
         self.prev_ema = torch.zeros_like(self.ema)
         self.momentum = torch.zeros_like(self.ema) if momentum else None
-        self.grad_views: list[torch.Tensor] = []
+        self.grad_views: list[torch.Tensor] = []  # what p.grad is (for a DTensor: one over grad_locals[i])
+        self.grad_locals: list[torch.Tensor] = []  # the plain tensor over the buffer under each
         # written[i]: parameter i got a gradient since the last zero_grad, from backward (a hook) or by
         # assigning p.grad. zeroed_versions[i]: its gradient view's version then, to see in-place writes.
         # Parameters with neither are skipped by the step, as torch.optim skips None gradients.
         self.written = [p.grad is not None for p in params]
         with torch.no_grad():
             for i, p in enumerate(params):
-                data = _alias(self.param, self.offsets[i], p.shape, self.strides[i])
-                data.copy_(p.data)
-                p.data = data
-                grad = _alias(self.grad, self.offsets[i], p.shape, self.strides[i])
+                data = self._slice_alias(self.param, i)
+                if self.slots[i] is None:
+                    data.copy_(p.data)
+                    p.data = data
+                else:
+                    shard = self._local(data, i)
+                    shard.copy_(sharded.local(p))
+                    self.slots[i].attach(p, data)
+                grad = self._local(self._slice_alias(self.grad, i), i)
                 if p.grad is not None:
-                    grad.copy_(p.grad)
-                p.grad = grad
-                self.grad_views.append(grad)
-        self.zeroed_versions = [view._version for view in self.grad_views]
-        self.data_ptrs = [p.data_ptr() for p in params]
+                    grad.copy_(sharded.local(p.grad))
+                view = sharded.like_param(p, grad)
+                p.grad = view
+                self.grad_views.append(view)
+                self.grad_locals.append(sharded.local(view))
+        self.zeroed_versions = [local._version for local in self.grad_locals]
+        self.data_ptrs = [_address(sharded.local(p)) for p in params]
         # Where each gradient view points: `p.grad.data = t` keeps the view object but moves it off the buffer.
-        self.grad_ptrs = [view.data_ptr() for view in self.grad_views]
+        self.grad_ptrs = [_address(local) for local in self.grad_locals]
         self._hooks: list = [None] * len(params)
         weakref.finalize(self, _remove_hooks, self._hooks)
         self.register_hooks()
@@ -124,7 +156,7 @@ class FlatBuffer:
     def __getstate__(self) -> dict[str, Any]:
         """What a copy (``copy.deepcopy``, pickle) needs: the parameters, copied along with their model, and the
         state. The parameter buffer, the views and the hooks are rebuilt around the copied parameters."""
-        in_place = [view._version != version for view, version in zip(self.grad_views, self.zeroed_versions)]
+        in_place = [local._version != version for local, version in zip(self.grad_locals, self.zeroed_versions)]
         state = {name: getattr(self, name) for name in ("params", "names", "group_index", "written")}
         state.update({name: getattr(self, name) for name in self._state_buffers()})
         return state | {"grad": self.grad, "written_in_place": in_place}
@@ -139,7 +171,7 @@ class FlatBuffer:
         self.written = list(state["written"])
         # An in-place write to a gradient since zero_grad is told by its view's version: keep that difference.
         self.zeroed_versions = [
-            view._version - int(written) for view, written in zip(self.grad_views, state["written_in_place"])
+            local._version - int(written) for local, written in zip(self.grad_locals, state["written_in_place"])
         ]
 
     def register_hooks(self) -> list[int]:
@@ -158,21 +190,35 @@ class FlatBuffer:
         return hooked
 
     def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
-        """Parameter ``index``'s slice of ``flat``, shaped and strided like the parameter."""
-        p = self.params[index]
+        """Parameter ``index``'s slice of ``flat``, shaped and strided like the parameter (a DTensor's: like its
+        local shard)."""
         offset = self.offsets[index]
-        return flat[offset : offset + p.numel()].as_strided(p.shape, self.strides[index])
+        sliced = flat[offset : offset + self.shapes[index].numel()].as_strided(self.shapes[index], self.strides[index])
+        return self._local(sliced, index)
+
+    def _slice_alias(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter ``index``'s whole slice of ``flat`` (a DTensor's slot), on a storage of its own (``_alias``)."""
+        return _alias(flat, self.offsets[index], self.shapes[index], self.strides[index])
+
+    def _local(self, sliced: torch.Tensor, index: int) -> torch.Tensor:
+        """The part of parameter ``index``'s slice its values fill: all of it but a DTensor slot's padding."""
+        slot = self.slots[index]
+        if slot is None:
+            return sliced
+        return sliced.narrow(slot.shard_dim, 0, slot.local_shape[slot.shard_dim])
 
     def check(self) -> None:
         """Raise if a parameter was re-allocated or holds a sparse gradient. Writes nothing."""
-        for p, ptr, name in zip(self.params, self.data_ptrs, self.names):
+        for i, (p, ptr, name) in enumerate(zip(self.params, self.data_ptrs, self.names)):
             # The buffer keeps the old storage alive, so a re-allocated parameter always has a new address.
-            if p.data_ptr() != ptr:
+            slot = self.slots[i]
+            if _address(sharded.local(p)) != ptr or not (slot is None or slot.reads(p, ptr)):
                 raise RuntimeError(
                     f"parameter {name} was re-allocated after the BB optimizer was built (for example by "
-                    f"model.to(), .half() or assigning .data): its values no longer live in the optimizer's "
-                    f"buffer. Move or convert the model first, then construct the optimizer; to load new values, "
-                    f"copy them in place instead of assigning .data (with torch.no_grad(): p.copy_(values))."
+                    f"model.to(), .half(), assigning .data or, under FSDP2, load_state_dict(assign=True)): its "
+                    f"values no longer live in the optimizer's buffer. Move or convert the model first, then "
+                    f"construct the optimizer; to load new values, copy them in place instead of assigning .data "
+                    f"(with torch.no_grad(): p.copy_(values))."
                 )
             grad = p.grad
             if grad is not None and grad.is_sparse:
@@ -183,10 +229,14 @@ class FlatBuffer:
 
     def _repoint(self, index: int) -> None:
         """Point gradient view ``index`` back at its slice of the buffer (after ``p.grad.data = t``)."""
-        view = self.grad_views[index]
-        if view.data_ptr() != self.grad_ptrs[index] or view.shape != self.params[index].shape:
+        local = self.grad_locals[index]
+        if _address(local) != self.grad_ptrs[index] or local.shape != sharded.local(self.params[index]).shape:
             with torch.no_grad():
-                view.set_(_alias(self.grad, self.offsets[index], self.params[index].shape, self.strides[index]))
+                slice_alias = self._slice_alias(self.grad, index)
+                if self.slots[index] is None:
+                    local.set_(slice_alias)
+                else:  # a slot's narrowed part is not a storage of its own: point the DTensor at a new tensor
+                    self.grad_locals[index] = self.grad_views[index]._local_tensor = self._local(slice_alias, index)
 
     def adopt_replaced_gradients(self) -> bool:
         """Copy gradients that replaced the flat views back into the buffer and restore the views.
@@ -198,13 +248,13 @@ class FlatBuffer:
         replaced = False
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
             grad = p.grad
-            if grad is view and view.data_ptr() == self.grad_ptrs[i]:
+            if grad is view and _address(self.grad_locals[i]) == self.grad_ptrs[i]:
                 continue
             replaced = True
             if grad is None:
                 self._repoint(i)
-                view.zero_()
-                self.zeroed_versions[i] = view._version
+                self.grad_locals[i].zero_()
+                self.zeroed_versions[i] = self.grad_locals[i]._version
                 self.written[i] = False
             else:
                 if grad.shape != p.shape:
@@ -213,8 +263,9 @@ class FlatBuffer:
                         f"{tuple(grad.shape)} (assigned through .grad.data); give it a gradient of the "
                         f"parameter's shape"
                     )
+                sharded.check_grad_like(grad, p, self.names[i])
                 with torch.no_grad():
-                    self.view(self.grad, i).copy_(grad)
+                    self.view(self.grad, i).copy_(sharded.local(grad))
                 self._repoint(i)
                 self.written[i] = True
             p.grad = view
@@ -235,7 +286,7 @@ class FlatBuffer:
         if not all(written) and count_in_place_writes:
             written = [
                 has_grad or view._version != version
-                for has_grad, view, version in zip(written, self.grad_views, self.zeroed_versions)
+                for has_grad, view, version in zip(written, self.grad_locals, self.zeroed_versions)
             ]
         if all(written):
             return [(0, self.numel)]
@@ -243,7 +294,7 @@ class FlatBuffer:
         for i, has_grad in enumerate(written):
             if not has_grad:
                 continue
-            end = self.offsets[i] + self.params[i].numel()
+            end = self.offsets[i] + sharded.local(self.params[i]).numel()
             if i > 0 and written[i - 1]:
                 ranges[-1] = (ranges[-1][0], end)  # extends over the zero padding between the two slices
             else:
@@ -264,7 +315,7 @@ class FlatBuffer:
                 p.grad = view
             # As torch.optim: set_to_none clears every gradient; without it, only existing ones stay (zeroed).
             self.written[i] = self.written[i] and not set_to_none
-            self.zeroed_versions[i] = view._version
+            self.zeroed_versions[i] = self.grad_locals[i]._version
         self.register_hooks()
 
     def _state_buffers(self) -> tuple[str, ...]:
@@ -273,11 +324,19 @@ class FlatBuffer:
 
     def state_views(self, index: int) -> dict[str, torch.Tensor]:
         """Parameter ``index``'s optimizer state as tensors shaped like the parameter (views, no copies), under the
-        checkpoint's names (``bbfused.checkpoint``)."""
-        views = {name: self.view(getattr(self, name), index) for name in STATE_KEYS}
+        checkpoint's names (``bbfused.checkpoint``); a DTensor parameter's are DTensors sharded like it."""
+        flats = {name: getattr(self, name) for name in STATE_KEYS}
         if self.momentum is not None:
-            views[MOMENTUM_KEY] = self.view(self.momentum, index)
-        return views
+            flats[MOMENTUM_KEY] = self.momentum
+        if self.slots[index] is None:
+            return {name: self.view(flat, index) for name, flat in flats.items()}
+        # A DTensor over a view that starts inside its storage cannot be saved (torch.save raises "invalid python
+        # storage"): its shard gets a storage of its own.
+        p = self.params[index]
+        return {
+            name: sharded.like_param(p, self._local(self._slice_alias(flat, index), index))
+            for name, flat in flats.items()
+        }
 
 
 def warn_replaced_gradients() -> None:
@@ -321,6 +380,7 @@ def check_no_shared_memory(params: list[torch.Tensor], names: list[str]) -> None
     silently untying what the model ties. Parameters that only share a storage without overlapping (the views of
     a flat buffer a checkpoint was saved from) are fine."""
     spans: dict[torch.device, list[tuple[int, int, int]]] = {}
+    params = [sharded.local(p) for p in params]  # a DTensor's memory is its shard's
     for index, p in enumerate(params):
         if p.numel() == 0:
             continue

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from .sharded import WHAT_WORKS
 
 # Fingerprint of a rank's group sizes: a polynomial hash modulo a Mersenne prime, the same on every rank (Python's
 # hash() of a tuple would do for ints, but this says what is compared).
@@ -60,34 +61,18 @@ def check_ranks_agree(steps_per_epoch: int | None, param_groups: list[dict[str, 
         )
 
 
-def check_not_sharded(p: torch.Tensor, where: str) -> None:
-    """Raise unless ``p`` is a whole parameter: BB refuses the sharded parameters of FSDP (a ``FlatParameter``, or
-    a parameter FSDP flattened into one) and DTensors (FSDP2's ``fully_shard``, tensor parallelism)."""
-    engine = None
-    if getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False):
-        engine = (
-            "is flattened by FSDP (torch.distributed.fsdp.FullyShardedDataParallel: a FlatParameter with "
-            "use_orig_params=False, a view into one with use_orig_params=True)"
-        )
-    elif _is_dtensor(p):
-        engine = (
-            f"is a DTensor (placements {list(p.placements)}: FSDP2's fully_shard, tensor or sequence parallelism, "
-            f"or distribute_tensor)"
-        )
-    if engine is None:
+def check_not_flattened(p: torch.Tensor, where: str) -> None:
+    """Raise unless ``p`` is a parameter of its own: BB refuses the flat parameters of FSDP1 (a ``FlatParameter``, or
+    a view into one). DTensors (FSDP2) are checked by ``bbfused.sharded``."""
+    if not (getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False)):
         return
     raise TypeError(
-        f"{where} {engine}. bbfused.BB does not support sharded parameters: its epoch-end sums (the rate "
-        f"estimate's ‖Δθ‖² and Δθᵀy) and its divergence tests would run on each rank's shard only, so the ranks "
-        f"would pick different rates and roll back different parts of the model. What works: "
-        f"DistributedDataParallel (every rank holds the whole model and BB's decisions are all-reduced), or a "
-        f"single process"
+        f"{where} is flattened by FSDP (torch.distributed.fsdp.FullyShardedDataParallel: a FlatParameter with "
+        f"use_orig_params=False, a view into one with use_orig_params=True). bbfused.BB does not support FSDP1's "
+        f"flat parameters: its epoch-end sums (the rate estimate's ‖Δθ‖² and Δθᵀy) and its divergence tests "
+        f"would run on each rank's shard only, so the ranks would pick different rates and roll back different "
+        f"parts of the model. {WHAT_WORKS}"
     )
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (nor its import cost)
-    return module is not None and isinstance(p, module.DTensor)
 
 
 def _by_rank(values: list, describe: Callable[[Any], str]) -> str:

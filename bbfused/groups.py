@@ -11,7 +11,8 @@ import torch
 from .arguments import SUPPORTED_DTYPES, check_weight_decay, is_real
 from .buffers import check_no_shared_memory
 from .diagnostics import warn
-from .distributed import check_not_sharded
+from .distributed import check_not_flattened
+from .sharded import check_param, check_params_alike
 
 
 def as_groups(params: Any, first_index: int = 0) -> list[dict[str, Any]]:
@@ -89,7 +90,8 @@ def check_group(group: dict[str, Any], group_index: int) -> None:
     float."""
     group["weight_decay"] = check_weight_decay(group["weight_decay"], f" of param_groups[{group_index}]")
     for p, name in zip(group["params"], param_names(group, group_index)):
-        check_not_sharded(p, f"parameter {name} (shape {tuple(p.shape)})")
+        check_not_flattened(p, f"parameter {name} (shape {tuple(p.shape)})")
+        check_param(p, f"parameter {name} (shape {tuple(p.shape)})")
         where = f"parameter {name} (shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
@@ -105,9 +107,11 @@ def check_group(group: dict[str, Any], group_index: int) -> None:
 
 
 def check_groups_apart(param_groups: list[dict[str, Any]]) -> None:
-    """Raise unless no two parameters (of any groups) share memory."""
+    """Raise unless no two parameters (of any groups) share memory, and they are all plain or all DTensors on one
+    mesh."""
     params = [p for group in param_groups for p in group["params"]]
     names = [name for index, group in enumerate(param_groups) for name in param_names(group, index)]
+    check_params_alike(params, names)
     check_no_shared_memory(params, names)
 
 
