@@ -18,6 +18,7 @@ from .backends import Backend, load_backend
 from .buffers import FlatBuffer, state_dtype, warn_replaced_gradients
 from .clock import EpochClock, choose
 from .devices import on as _on
+from .sharded import reduce_sums
 
 
 class EpochBuffers(Protocol):
@@ -213,23 +214,18 @@ class BufferSet:
 
     # ------------------------------------------------------------------ the epoch end (EpochBuffers)
     def measure(self, clock: EpochClock) -> torch.Tensor:
-        return self._pass("epoch_measure", clock)
+        return reduce_sums(self._pass("epoch_measure", clock), self.buffers)
 
     def paper_pass(self, clock: EpochClock) -> torch.Tensor:
-        return self._pass("epoch_end", clock)
+        return reduce_sums(self._pass("epoch_end", clock), self.buffers)
 
     def commit(self, rolled_back: torch.Tensor, clock: EpochClock) -> None:
         for buffer in self.buffers:
             flag = _on(rolled_back, buffer.device)
             gate = _on(clock.gate, buffer.device)
-            self.backends[buffer.device].epoch_commit(buffer.param, buffer.prev_params, flag, enabled=gate)
-            if buffer.momentum is not None:
-                # The rolled-back epoch's direction must not carry on from the restored weights. A fill through a
-                # mask on the device: no host read of either flag. On the CPU reading it costs no sync, and skips
-                # a pass over the buffer that a mask that is not set still makes.
-                restart = flag.reshape(()) if gate is None else flag.reshape(()) & gate.reshape(())
-                if buffer.device.type != "cpu" or bool(restart):
-                    buffer.momentum.masked_fill_(restart, 0)
+            self.backends[buffer.device].epoch_commit(
+                buffer.param, buffer.prev_params, flag, enabled=gate, momentum_buffer=buffer.momentum
+            )
 
     def snapshot_params(self) -> None:
         for buffer in self.buffers:
@@ -242,8 +238,9 @@ class BufferSet:
         return device if backend.name == "triton" else None
 
     def sq_norm(self, name: str, buffers: Sequence[FlatBuffer] | None = None) -> torch.Tensor:
-        norms = [_norm(getattr(b, name)) for b in (self.buffers if buffers is None else buffers)]
-        return torch.stack([_on(n, self.master) for n in norms]).square().sum()
+        buffers = self.buffers if buffers is None else buffers
+        norms = [_norm(getattr(b, name)) for b in buffers]
+        return reduce_sums(torch.stack([_on(n, self.master) for n in norms]).square().sum(), buffers)
 
     def epoch_closed(self) -> None:
         """The epoch end went through: its kept pass results are spent."""

@@ -20,7 +20,8 @@ import torch.multiprocessing as mp
 from test_control import BACKENDS
 
 import bbfused.clock
-from bbfused import BB, buffer_set
+from bbfused import BB
+from bbfused.backends import base as backends_base
 from bbfused.backends.eager import EagerBackend
 
 STEPS = 5
@@ -108,16 +109,16 @@ def test_checkpoints_move_between_capturable_and_host_counted(safeguard: bool) -
 
 
 def _cpu_momentum_restart(name: str, tensor: torch.Tensor) -> bool:
-    """Whether this read is the one BufferSet.commit makes by design on the CPU only: its momentum-restart flag, read
-    to skip a fill pass when nothing rolled back (no sync there; other devices fill through the mask unread)."""
+    """Whether this read is the one the backends' commit makes by design on the CPU only: its momentum-restart flag,
+    read to skip a fill pass when nothing rolled back (no sync there; other devices fill through the mask unread)."""
     caller = sys._getframe(2).f_code
     return (
         name == "__bool__"
         and tensor.device.type == "cpu"
         and tensor.dtype == torch.bool
         and tensor.dim() == 0
-        and caller.co_name == "commit"
-        and caller.co_filename == buffer_set.__file__
+        and caller.co_name == "zero_momentum_if_rolled_back"
+        and caller.co_filename == backends_base.__file__
     )
 
 

@@ -307,8 +307,8 @@ for flagged in (False, True):
                                {"n_elements": "i32"}, {"HAS_ENABLED": flagged}),
         "epoch_measure" + suffix: (tb._epoch_measure_kernel, [param, ema, param, ema, "fp64", "i1"],
                                    {"n_elements": "i32"}, {"HAS_ENABLED": flagged}),
-        "epoch_commit" + suffix: (tb._epoch_commit_kernel, [param, param, "i1", "i1"],
-                                  {"n_elements": "i32"}, {"HAS_ENABLED": flagged}),
+        "epoch_commit" + suffix: (tb._epoch_commit_kernel, [param, param, "i1", "i1", ema],
+                                  {"n_elements": "i32"}, {"HAS_ENABLED": flagged, "HAS_MOMENTUM": False}),
     }
 report = {}
 for name, (kernel, pointers, scalars, flags) in kernels.items():

@@ -94,9 +94,11 @@ class Backend(Protocol):
         rolled_back: torch.Tensor,
         *,
         enabled: torch.Tensor | None = None,
+        momentum_buffer: torch.Tensor | None = None,
     ) -> None:
         """The second pass, a copy: prev_params ← θ, or θ ← prev_params when ``rolled_back`` (a bool 0-dim tensor
-        on the device, read there: no host sync)."""
+        on the device, read there: no host sync). ``momentum_buffer`` (the buffer's, or None) is zeroed when rolled
+        back: the rolled-back period's direction must not carry on from the restored weights."""
         ...
 
 
@@ -107,3 +109,16 @@ def check_momentum_arguments(momentum_buffer: torch.Tensor | None, momentum: flo
             f"step: momentum={momentum!r}, nesterov={nesterov!r} needs a momentum_buffer (a flat buffer in the EMA's "
             f"dtype, FlatBuffer(momentum=True)); without one pass momentum=0.0 and nesterov=False"
         )
+
+
+def zero_momentum_if_rolled_back(
+    momentum_buffer: torch.Tensor | None, rolled_back: torch.Tensor, enabled: torch.Tensor | None
+) -> None:
+    """m ← 0 where the period was rolled back (and ``enabled``), through a mask on the device: no host read of either
+    flag. On the CPU reading it costs no sync, and skips a pass over the buffer that a mask that is not set still
+    makes."""
+    if momentum_buffer is None:
+        return
+    restart = rolled_back.reshape(()) if enabled is None else rolled_back.reshape(()) & enabled.reshape(())
+    if momentum_buffer.device.type != "cpu" or bool(restart):
+        momentum_buffer.masked_fill_(restart, 0)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .base import BackendUnavailableError
+from .base import BackendUnavailableError, zero_momentum_if_rolled_back
 
 # Shared with setup.py's ahead-of-time build. Portable: no -march=native (see csrc/bb_ops.cpp on vectors).
 CXX_FLAGS = ("-O3", "-fopenmp")
@@ -236,9 +236,11 @@ class CppBackend:
         rolled_back: torch.Tensor,
         *,
         enabled: torch.Tensor | None = None,
+        momentum_buffer: torch.Tensor | None = None,
     ) -> None:
         if not _skipped(enabled):
             torch.ops.bbfused.cpp_epoch_commit(param, prev_params, rolled_back)
+            zero_momentum_if_rolled_back(momentum_buffer, rolled_back, None)
 
 
 def _skipped(enabled: torch.Tensor | None) -> bool:

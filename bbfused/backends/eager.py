@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import check_momentum_arguments
+from .base import check_momentum_arguments, zero_momentum_if_rolled_back
 
 
 class EagerBackend:
@@ -112,12 +112,14 @@ class EagerBackend:
         rolled_back: torch.Tensor,
         *,
         enabled: torch.Tensor | None = None,
+        momentum_buffer: torch.Tensor | None = None,
     ) -> None:
         flag = rolled_back.reshape(())
         if enabled is not None:
             flag = flag & enabled.reshape(())
         torch.where(flag, prev_params, param, out=param)
         _write_if(enabled, prev_params, param)
+        zero_momentum_if_rolled_back(momentum_buffer, rolled_back, enabled)
 
 
 def _write_if(enabled: torch.Tensor | None, target: torch.Tensor, value: torch.Tensor) -> None:

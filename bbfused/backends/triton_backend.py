@@ -298,9 +298,11 @@ def _epoch_measure_kernel(
 
 
 @triton.jit
-def _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, mask):
+def _epoch_commit_block(param_ptr, prev_params_ptr, momentum_ptr, restore, offsets, mask, HAS_MOMENTUM: tl.constexpr):
     if restore:
         tl.store(param_ptr + offsets, _load(prev_params_ptr + offsets, mask), mask=mask)
+        if HAS_MOMENTUM:
+            tl.store(momentum_ptr + offsets, tl.zeros_like(offsets).to(momentum_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(prev_params_ptr + offsets, _load(param_ptr + offsets, mask), mask=mask)
 
@@ -311,22 +313,24 @@ def _epoch_commit_kernel(
     prev_params_ptr,
     rolled_back_ptr,
     enabled_ptr,
+    momentum_ptr,
     n_elements,
     HAS_ENABLED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The second pass, a copy: θ_prev ← θ, or θ ← θ_prev when the rollback flag (read on the device) is set.
-    HAS_ENABLED: as in _epoch_end_kernel."""
+    """The second pass, a copy: θ_prev ← θ, or θ ← θ_prev when the rollback flag (read on the device) is set,
+    and then (HAS_MOMENTUM) m ← 0. HAS_ENABLED: as in _epoch_end_kernel."""
     if _enabled(enabled_ptr, HAS_ENABLED):
         restore = tl.load(rolled_back_ptr) != 0
         start = _block_start(USE_INT64, BLOCK)
         offsets = start + tl.arange(0, BLOCK)
         if n_elements - start >= BLOCK:
-            _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, None)
+            _epoch_commit_block(param_ptr, prev_params_ptr, momentum_ptr, restore, offsets, None, HAS_MOMENTUM)
         else:
             mask = offsets < n_elements
-            _epoch_commit_block(param_ptr, prev_params_ptr, restore, offsets, mask)
+            _epoch_commit_block(param_ptr, prev_params_ptr, momentum_ptr, restore, offsets, mask, HAS_MOMENTUM)
 
 
 # Whether triton.jit built the kernels for the interpreter: TRITON_INTERPRET=1 counts only if it was set
@@ -506,13 +510,13 @@ class TritonBackend:
         rolled_back: torch.Tensor,
         *,
         enabled: torch.Tensor | None = None,
+        momentum_buffer: torch.Tensor | None = None,
     ) -> None:
         """One launch; the rollback flag is read on the device."""
-        _check_flat(
-            "epoch_commit",
-            {"param": param, "prev_params": prev_params},
-            {"param": param.dtype, "prev_params": param.dtype},
-        )
+        flat, dtypes = {"param": param, "prev_params": prev_params}, {"param": param.dtype, "prev_params": param.dtype}
+        if momentum_buffer is not None:
+            flat["momentum_buffer"], dtypes["momentum_buffer"] = momentum_buffer, state_dtype(param.dtype)
+        _check_flat("epoch_commit", flat, dtypes)
         _check_scalar("epoch_commit", "rolled_back", rolled_back, param.device)
         if enabled is not None:
             _check_scalar("epoch_commit", "enabled", enabled, param.device)
@@ -525,8 +529,10 @@ class TritonBackend:
                 prev_params,
                 rolled_back,
                 enabled,
+                momentum_buffer,
                 n_elements,
                 HAS_ENABLED=enabled is not None,
+                HAS_MOMENTUM=momentum_buffer is not None,
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
                 num_warps=NUM_WARPS,
