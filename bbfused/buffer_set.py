@@ -26,9 +26,10 @@ class EpochBuffers(Protocol):
 
     backends: dict[torch.device, Backend]  # each device's backend (a rollback restores model buffers with it)
 
-    def measure(self, clock: EpochClock) -> torch.Tensor:
+    def measure(self, clock: EpochClock, partials: bool = False) -> torch.Tensor:
         """float64 (4,) on the master device: ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² over every buffer; in the same pass
-        prev_ema ← g, g ← 0 (prev_params stays, for a rollback)."""
+        prev_ema ← g, g ← 0 (prev_params stays, for a rollback). ``partials``: a (4, n) tensor of per-block sums
+        whose rows add up to them may come instead (for a decision kernel that adds them itself)."""
 
     def commit(self, rolled_back: torch.Tensor, clock: EpochClock) -> None:
         """The second pass: prev_params ← θ, or θ ← prev_params where ``rolled_back`` (a bool device tensor);
@@ -213,7 +214,16 @@ class BufferSet:
                 )
 
     # ------------------------------------------------------------------ the epoch end (EpochBuffers)
-    def measure(self, clock: EpochClock) -> torch.Tensor:
+    def measure(self, clock: EpochClock, partials: bool = False) -> torch.Tensor:
+        run = getattr(next(iter(self.backends.values())), "epoch_measure_partials", None)
+        whole = all(self.join_epochs[b.group_index] == 0 and b.shard_group is None for b in self.buffers)
+        if partials and run is not None and len(self.backends) == 1 and whole and self.buffers:
+            # Every buffer on one backend that can leave the sums to the decision kernel: no sum launches.
+            if clock.gate is not None:
+                return run([_pass_args(b) for b in self.buffers], enabled=clock.gate)
+            if ("partials", 0) not in self._kept_sums:
+                self._kept_sums["partials", 0] = run([_pass_args(b) for b in self.buffers])
+            return self._kept_sums["partials", 0]
         return reduce_sums(self._pass("epoch_measure", clock), self.buffers)
 
     def paper_pass(self, clock: EpochClock) -> torch.Tensor:
@@ -253,7 +263,7 @@ class BufferSet:
         sums = []
         for index, buffer in enumerate(self.buffers):
             run = getattr(self.backends[buffer.device], kind)
-            args = (buffer.param, buffer.ema, buffer.prev_params, buffer.prev_ema)
+            args = _pass_args(buffer)
             if clock.gate is not None:
                 buffer_sums = run(*args, enabled=_on(clock.gate, buffer.device))
             else:
@@ -274,6 +284,11 @@ class BufferSet:
         if join == 0:
             return sums
         return choose(clock.reached(join), sums, torch.cat([torch.zeros_like(sums[:2]), sums[2:]]))
+
+
+def _pass_args(buffer: FlatBuffer) -> tuple[torch.Tensor, ...]:
+    """What an epoch-end pass reads and writes: θ, g, θ_prev, g_prev."""
+    return buffer.param, buffer.ema, buffer.prev_params, buffer.prev_ema
 
 
 def _norm(flat: torch.Tensor) -> torch.Tensor:

@@ -228,6 +228,13 @@ class HostClock:
         """The rate as the parameter groups show it: a Python float (one read of the rate)."""
         return float(lr)
 
+    def finish_period(
+        self, new_base: torch.Tensor, rolled_back: torch.Tensor | None, shown, param_groups: list[dict]
+    ) -> None:
+        """Close the period: record it, and publish the control's new rate through ``shown`` (a ShownRate)."""
+        self.record(shown.buffers.lr, rolled_back)
+        shown.set_base(new_base, param_groups)
+
     # ---- reading and loading
     def lr_history(self) -> list[float]:
         return torch.stack(self._lr_history).tolist() if self._lr_history else []
@@ -255,6 +262,8 @@ class HostClock:
 
 class DeviceClock:
     """Steps and epochs counted on the device; the epoch end runs in every step, acting only at the epoch's last."""
+
+    counted = True  # while a step's epoch end runs, ``step`` includes it
 
     def __init__(self, steps_per_epoch: int, device: torch.device, first_epoch_periods: int = 1) -> None:
         self.steps_per_epoch = steps_per_epoch
@@ -369,6 +378,14 @@ class DeviceClock:
         """The rate tensor itself: a captured step cannot write a float."""
         return lr
 
+    def finish_period(
+        self, new_base: torch.Tensor, rolled_back: torch.Tensor | None, shown, param_groups: list[dict]
+    ) -> None:
+        """Close the period where the gate is set: record it, and publish the control's new rate (else the old)."""
+        base = self.select(new_base, shown.base)
+        self.record(shown.buffers.lr, rolled_back)
+        shown.set_base(base, param_groups)
+
     # ---- reading and loading
     def counts(self) -> tuple[int, int]:
         """The epoch and the step in it (one sync)."""
@@ -410,13 +427,80 @@ class DeviceClock:
         self.first_step_pending = epoch == 0 and step == 0
 
 
+class KernelLossMeter(DeviceLossMeter):
+    """A device loss meter whose add is one Triton launch (``clock_kernels``)."""
+
+    def add(self, loss: torch.Tensor) -> None:
+        from . import clock_kernels
+
+        clock_kernels.add_loss(loss, self.sum, self.steps, self.last)
+
+
+class KernelDeviceClock(DeviceClock):
+    """The device clock on the Triton backend: a step's counting, history and rate publication are one launch at its
+    end (``clock_kernels.finish_period``), which also sets the gates of the next step; so while a step runs the
+    counters hold the steps before it and the gates are already its own."""
+
+    counted = False  # the step counter excludes the running step (DeviceClock: includes it)
+
+    def __init__(self, steps_per_epoch: int, device: torch.device, first_epoch_periods: int = 1) -> None:
+        super().__init__(steps_per_epoch, device, first_epoch_periods)
+        self._set_gates()
+
+    def loss_meter(self, device: torch.device) -> KernelLossMeter:
+        return KernelLossMeter(device)
+
+    def advance(self) -> bool:
+        """Nothing to count yet (the period end counts the step); the period end always runs, gated."""
+        self.first_step_pending = False
+        return True
+
+    @property
+    def closing_steps(self) -> torch.Tensor | int:
+        periods = self.periods
+        step = self.step + 1
+        if not periods.length:
+            return self.steps_per_epoch
+        first = torch.where(step <= periods.last_inner_end, periods.length, step - periods.last_inner_end)
+        return torch.where(self.epoch == 0, first, self.steps_per_epoch)
+
+    def finish_period(
+        self, new_base: torch.Tensor, rolled_back: torch.Tensor | None, shown, param_groups: list[dict]
+    ) -> None:
+        from . import clock_kernels
+
+        tensors = (self.gate, self.epoch_gate, self.epoch, self.step, self._lr_history, self._rolled_back)
+        counts = (self.steps_per_epoch, self.periods.length, self.periods.last_inner_end, HISTORY_CAPACITY)
+        clock_kernels.finish_period(tensors, new_base, rolled_back, shown.rate_tensors(), counts)
+        shown.published(param_groups)
+
+    def load(
+        self, epoch: int, step: int, lr_history: list[float], rolled_back: list[int], steps_per_epoch: int | None
+    ) -> None:
+        super().load(epoch, step, lr_history, rolled_back, steps_per_epoch)
+        self._set_gates()
+
+    def _set_gates(self) -> None:
+        """The gates of the next step, from the counts (on the host: at construction and loading only)."""
+        epoch, step = int(self.epoch), int(self.step) + 1
+        ends = step == self.steps_per_epoch
+        self.epoch_gate.fill_(ends)
+        self.gate.fill_(ends or (epoch == 0 and self.periods.inner_end(step)))
+
+
 EpochClock = Union[HostClock, DeviceClock]
 
 
 def make_clock(
-    capturable: bool, steps_per_epoch: int | None, device: torch.device, first_epoch_periods: int = 1
+    capturable: bool,
+    steps_per_epoch: int | None,
+    device: torch.device,
+    first_epoch_periods: int = 1,
+    kernels: bool = False,
 ) -> EpochClock:
-    kind = DeviceClock if capturable else HostClock
+    """The host clock, or (``capturable``) the device clock: its Triton form with ``kernels`` (the buffers run on
+    the Triton backend on ``device``)."""
+    kind = HostClock if not capturable else KernelDeviceClock if kernels else DeviceClock
     return kind(steps_per_epoch, device, first_epoch_periods)
 
 

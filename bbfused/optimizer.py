@@ -95,11 +95,12 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             groups.check_group(group, index)
         groups.check_groups_apart(self.param_groups)
         devices = [p.device for group in self.param_groups for p in group["params"]]
-        self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], kind.FIRST_EPOCH_PERIODS)
-        numel = sum(p.numel() for group in self.param_groups for p in group["params"])
-        self._control = kind(self._clock, devices[0], numel, lr, self.epochs)
         self._buffers = BufferSet(options.backend, lr, kind.skips_nonfinite, momentum, options.nesterov)
         self._buffers.add_devices(devices)  # raises before any parameter is re-pointed at a buffer
+        periods, kernels = kind.FIRST_EPOCH_PERIODS, self._buffers.kernel_device() == devices[0]  # Triton: clock too
+        self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], periods, kernels)
+        numel = sum(p.numel() for group in self.param_groups for p in group["params"])
+        self._control = kind(self._clock, devices[0], numel, lr, self.epochs)
         for index, group in enumerate(self.param_groups):
             self._buffers.pack(group, groups.param_names(group, index), index, join_epoch=0)
         self._packed = groups.PackedGroups(self.param_groups)
@@ -313,12 +314,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         hooks = self._optimizer_period_hooks
         epoch = self._clock.counts()[0] if hooks else 0  # the closing period's epoch (read only for hooks)
         with self._clock.epoch_end():
-            base = self._shown.base
             taus = (self.tau0, self.tau_min, self.tau_max)
-            new_base, rolled_back = self._control.close_epoch(self._buffers, base, self._clock, taus)
-            next_base = self._clock.select(new_base, base)
-            self._clock.record(self._buffers.lr, rolled_back)
-            self._shown.set_base(next_base, self.param_groups)
+            new_base, rolled_back = self._control.close_epoch(self._buffers, self._shown.base, self._clock, taus)
+            self._clock.finish_period(new_base, rolled_back, self._shown, self.param_groups)
             self._buffers.epoch_closed()
             self._closing = False
         hooks.period_ended(self, epoch, rolled_back)

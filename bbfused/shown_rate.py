@@ -44,6 +44,16 @@ class ShownRate:
         self.value = self.clock.shown_rate(self.buffers.lr)
         self.show(param_groups)
 
+    def rate_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The control's rate, the multiplier and the applied rate (the master device's), for a kernel to write."""
+        return self.base, self.multiplier, self.buffers.lr
+
+    def published(self, param_groups: list[dict[str, Any]]) -> None:
+        """A kernel wrote the base and the master's applied rate: copy it to the other devices, and show it."""
+        self.buffers.set_lr(self.buffers.lr)
+        self.value = self.clock.shown_rate(self.buffers.lr)
+        self.show(param_groups)
+
     def load(self, applied: float, base: float, multiplier: float, param_groups: list[dict[str, Any]]) -> None:
         """Apply a saved rate, the control's rate and the multiplier."""
         self.multiplier.fill_(multiplier)

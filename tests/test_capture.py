@@ -63,7 +63,7 @@ def _run(capturable: bool, safeguard: bool, backend: str, lr: float, steps: int)
     return model, opt
 
 
-@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
 @pytest.mark.parametrize("safeguard", [True, False])
 @pytest.mark.parametrize("lr", [0.3, 30.0])
 def test_capturable_step_follows_the_host_counted_trajectory(backend: str, safeguard: bool, lr: float) -> None:
@@ -185,13 +185,16 @@ def _host_state(opt: BB) -> dict[str, object]:
     return state
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("safeguard", [True, False])
-def test_capturable_steps_read_nothing_on_the_host_and_change_only_tensors_in_place(safeguard: bool) -> None:
+def test_capturable_steps_read_nothing_on_the_host_and_change_only_tensors_in_place(
+    safeguard: bool, backend: str
+) -> None:
     """After the first (eager) step, 3 epochs of steps, their epoch ends and rollbacks included, never read a tensor
     on the host, change no host-side state and re-bind no state tensor: replaying the recorded kernels alone does
-    what calling step() does."""
+    what calling step() does (the torch ops of the eager backend, the Triton launches of the triton backend)."""
     model = _model()
-    opt = _build(model, True, safeguard, "eager", 30.0)
+    opt = _build(model, True, safeguard, backend, 30.0)
     _step(model, opt, 0)
     tensors, host = _tensor_state(opt), _host_state(opt)
     with _no_host_reads():

@@ -20,9 +20,11 @@ EPOCH_END_LIMIT = 12
 PLAIN_STEP_LIMIT = 2  # the step kernel and the loss sum
 # The paper's rule (eq. 13) runs as a dozen 0-dim torch ops; only the default control's decision is one program.
 PAPER_EPOCH_END_LIMIT = 16
-# A captured step (capturable=True) carries its epoch end gated on the device. The target is 8 kernels; the clock,
-# the loss meter and the rate history still run as torch ops.
-CAPTURED_STEP_LIMIT = 33
+# A captured step (capturable=True) carries its epoch end gated on the device: the loss, the step, the measuring
+# pass, the decision, the commit pass (and the model buffers' commit, one per dtype), the clock's period end.
+CAPTURED_STEP_LIMIT = 8
+# Each further parameter group (flat buffer) adds its step, measuring and commit launches.
+PER_EXTRA_BUFFER = 3
 
 
 def model(batchnorms: int) -> torch.nn.Module:
@@ -74,12 +76,27 @@ def test_paper_epoch_end_launches_a_bounded_number_of_kernels():
     assert end.total <= PAPER_EPOCH_END_LIMIT, str(end)
 
 
-def test_captured_step_launches_a_bounded_number_of_kernels():
+@pytest.mark.parametrize("track", [False, True], ids=["plain", "track_buffers"])
+def test_captured_step_launches_at_most_eight_kernels(track):
+    torch.manual_seed(0)
+    net = model(batchnorms=3)  # three BatchNorm layers: nine buffers to track, in two dtypes
+    opt = BB(net.parameters(), lr=0.1, steps_per_epoch=T, epochs=10, backend="triton", capturable=True)
+    plain, end = counted_steps(opt, net, track)
+    # A captured step is the same launches every step (its epoch end is gated on the device), all Triton.
+    assert plain.triton == end.triton and not plain.torch and not end.torch, f"{plain} / {end}"
+    assert plain.host_reads == end.host_reads == 0
+    assert plain.total <= CAPTURED_STEP_LIMIT, str(plain)
+    assert plain.triton["_decide_kernel"] == 1 and plain.triton["_finish_kernel"] == 1, str(plain)
+
+
+def test_each_parameter_group_adds_three_launches_to_a_captured_step():
     torch.manual_seed(0)
     net = model(batchnorms=1)
-    opt = BB(net.parameters(), lr=0.1, steps_per_epoch=T, epochs=10, backend="triton", capturable=True)
-    plain, end = counted_steps(opt, net, track=False)
-    # A captured step is the same launches every step: its epoch end is gated on the device.
-    assert plain.triton == end.triton, f"{plain} / {end}"
-    assert plain.total <= CAPTURED_STEP_LIMIT, str(plain)
-    assert plain.triton["_decide_kernel"] == 1, str(plain)
+    weights = [p for p in net.parameters() if p.ndim > 1]
+    groups = [{"params": weights}, {"params": [p for p in net.parameters() if p.ndim == 1], "weight_decay": 0.0}]
+    opt = BB(groups, lr=0.1, steps_per_epoch=T, epochs=10, weight_decay=1e-4, backend="triton", capturable=True)
+    plain, _ = counted_steps(opt, net, track=False)
+    single_net = model(batchnorms=1)
+    single = BB(single_net.parameters(), lr=0.1, steps_per_epoch=T, epochs=10, backend="triton", capturable=True)
+    one, _ = counted_steps(single, single_net, track=False)
+    assert plain.total == one.total + PER_EXTRA_BUFFER, f"{plain} / {one}"

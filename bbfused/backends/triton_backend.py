@@ -190,11 +190,11 @@ def _enabled(enabled_ptr, HAS_ENABLED: tl.constexpr):
 
 
 @triton.jit
-def _zero_partials(partials_ptr, ROWS: tl.constexpr):
+def _zero_partials(partials_ptr, row_stride, ROWS: tl.constexpr):
     """A disabled launch's slots read as zeros, so the partials need no fill kernel before the launch."""
     pid = tl.program_id(0)
     for row in tl.static_range(ROWS):
-        tl.store(partials_ptr + row * tl.num_programs(0) + pid, tl.full((), 0.0, tl.float64))
+        tl.store(partials_ptr + row * row_stride + pid, tl.full((), 0.0, tl.float64))
 
 
 @triton.jit
@@ -210,7 +210,7 @@ def _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets,
     return tl.sum(delta_theta * delta_theta, axis=0), tl.sum(delta_theta * delta_ema, axis=0)
 
 
-@triton.jit(do_not_specialize=["n_elements"])
+@triton.jit(do_not_specialize=["n_elements", "row_stride"])
 def _epoch_end_kernel(
     param_ptr,
     ema_ptr,
@@ -219,11 +219,12 @@ def _epoch_end_kernel(
     partials_ptr,
     enabled_ptr,
     n_elements,
+    row_stride,
     HAS_ENABLED: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """This block's ‖Δθ‖² and Δθᵀy into slots [pid] and [num_programs + pid]; θ_prev ← θ, g_prev ← g, g ← 0.
+    """This block's ‖Δθ‖² and Δθᵀy into slots [pid] and [row_stride + pid]; θ_prev ← θ, g_prev ← g, g ← 0.
 
     The differences and sums are float64 (the eager reference's precision); each program writes its own
     slots, so the result does not depend on scheduling (no atomics). With HAS_ENABLED, a zero flag at
@@ -240,9 +241,9 @@ def _epoch_end_kernel(
             sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
         pid = tl.program_id(0)
         tl.store(partials_ptr + pid, sq_norm)
-        tl.store(partials_ptr + tl.num_programs(0) + pid, dot)
+        tl.store(partials_ptr + row_stride + pid, dot)
     else:
-        _zero_partials(partials_ptr, 2)
+        _zero_partials(partials_ptr, row_stride, 2)
 
 
 @triton.jit
@@ -263,7 +264,7 @@ def _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offs
     )
 
 
-@triton.jit(do_not_specialize=["n_elements"])
+@triton.jit(do_not_specialize=["n_elements", "row_stride"])
 def _epoch_measure_kernel(
     param_ptr,
     ema_ptr,
@@ -272,11 +273,12 @@ def _epoch_measure_kernel(
     partials_ptr,
     enabled_ptr,
     n_elements,
+    row_stride,
     HAS_ENABLED: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """This block's ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · num_programs + pid] (no atomics: deterministic);
+    """This block's ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · row_stride + pid] (no atomics: deterministic);
     g_prev ← g, g ← 0. θ_prev is left for the second pass (a rollback restores it). HAS_ENABLED: as in
     _epoch_end_kernel."""
     if _enabled(enabled_ptr, HAS_ENABLED):
@@ -288,13 +290,12 @@ def _epoch_measure_kernel(
             mask = offsets < n_elements
             a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
         pid = tl.program_id(0)
-        programs = tl.num_programs(0)
         tl.store(partials_ptr + pid, a)
-        tl.store(partials_ptr + programs + pid, b)
-        tl.store(partials_ptr + 2 * programs + pid, c)
-        tl.store(partials_ptr + 3 * programs + pid, d)
+        tl.store(partials_ptr + row_stride + pid, b)
+        tl.store(partials_ptr + 2 * row_stride + pid, c)
+        tl.store(partials_ptr + 3 * row_stride + pid, d)
     else:
-        _zero_partials(partials_ptr, 4)
+        _zero_partials(partials_ptr, row_stride, 4)
 
 
 @triton.jit
@@ -370,8 +371,16 @@ def _check_flat(operation: str, tensors: dict[str, torch.Tensor], dtypes: dict[s
             )
 
 
-def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev_ema, enabled) -> torch.Tensor:
-    """Launch an epoch-end ``kernel`` that writes ``rows`` per-block float64 partials; their sums, (rows,).
+def partial_columns(n_elements: int) -> int:
+    """The per-block partials an epoch-end pass over ``n_elements`` writes per row: one per block."""
+    return triton.cdiv(n_elements, BLOCK_SIZE)
+
+
+def _epoch_sums(
+    kernel, rows: int, operation: str, param, ema, prev_params, prev_ema, enabled, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Launch an epoch-end ``kernel`` that writes ``rows`` per-block float64 partials; their sums, (rows,), or
+    with ``out`` (a (rows, blocks) float64 view, rows at any stride) the partials written into it, unsummed.
 
     Summing a fixed-length float64 tensor gives the same bits every run; an empty buffer sums to zeros. With
     ``enabled`` false the kernel writes zeros into the partials and nothing else."""
@@ -384,8 +393,13 @@ def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev
     if enabled is not None:
         _check_scalar(operation, "enabled", enabled, param.device)
     n_elements = param.numel()
-    programs = triton.cdiv(n_elements, BLOCK_SIZE)
-    partials = torch.empty((rows, programs), dtype=torch.float64, device=param.device)
+    programs = partial_columns(n_elements)
+    partials = torch.empty((rows, programs), dtype=torch.float64, device=param.device) if out is None else out
+    if tuple(partials.shape) != (rows, programs) or partials.stride(1) != 1 or partials.dtype != torch.float64:
+        raise ValueError(
+            f"triton backend {operation}: out must be a float64 ({rows}, {programs}) view with contiguous rows, got "
+            f"{partials.dtype} {tuple(partials.shape)} with strides {partials.stride()}"
+        )
     if programs:
         with _on_device(param.device):
             kernel[(programs,)](
@@ -396,12 +410,13 @@ def _epoch_sums(kernel, rows: int, operation: str, param, ema, prev_params, prev
                 partials,
                 enabled,
                 n_elements,
+                partials.stride(0),
                 HAS_ENABLED=enabled is not None,
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
                 num_warps=NUM_WARPS,
             )
-    return partials.sum(dim=1)
+    return partials.sum(dim=1) if out is None else partials
 
 
 def _check_scalar(operation: str, name: str, tensor: torch.Tensor, device: torch.device) -> None:
@@ -502,6 +517,21 @@ class TritonBackend:
     ) -> torch.Tensor:
         """One launch writing per-block float64 partials, summed in a fixed order on the device (no sync)."""
         return _epoch_sums(_epoch_measure_kernel, 4, "epoch_measure", param, ema, prev_params, prev_ema, enabled)
+
+    def epoch_measure_partials(
+        self, buffers: list[tuple[torch.Tensor, ...]], *, enabled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """epoch_measure over several buffers (each ``(param, ema, prev_params, prev_ema)``, on one device), one
+        launch each, without the sums: their per-block partials side by side, float64 (4, blocks of all), for a
+        decision kernel that adds each row itself (``bbfused.control.safeguard_kernel``): no sum launches."""
+        columns = [partial_columns(buffer[0].numel()) for buffer in buffers]
+        partials = torch.empty((4, sum(columns)), dtype=torch.float64, device=buffers[0][0].device)
+        start = 0
+        for buffer, width in zip(buffers, columns):
+            view = partials[:, start : start + width]
+            _epoch_sums(_epoch_measure_kernel, 4, "epoch_measure", *buffer, enabled, out=view)
+            start += width
+        return partials
 
     def epoch_commit(
         self,

@@ -304,8 +304,8 @@ class SafeguardControl:
         Repeatable after an exception: the decision writes nothing, the commit passes are copies that give the same
         result when run twice, and the control's state changes only at the end (the buffers keep the measured
         sums). Every write goes through ``clock``, which applies it only at a period's end."""
-        sums = buffers.measure(clock)
         kernels = self._decision_kernels(buffers)
+        sums = buffers.measure(clock, partials=kernels is not None)
         if kernels is not None:
             anneal = 1.0 if clock.gate is not None else float(anneal_factor(clock.next_epoch, self.epochs))
             diverged, applied = kernels.decide(sums, clock, taus[1:], anneal)

@@ -4,13 +4,14 @@
 tensors; on a GPU each is a kernel launch, and a step captured in a CUDA graph replays all of them every step. Here
 the same decision is a single program over the scalars, in float64 with torch's semantics (NaN-propagating
 minimum and maximum, ``fmax``, ``nan_to_num``), so it gives the torch ops' bits (tests/test_safeguard_kernel.py
-compares them on random and non-finite states). Two launches a period end:
+compares them on random and non-finite states). Two launches a period end (one under a device clock):
 
 - :func:`decide`: reads the pass sums, the loss meter and the control's state; writes the decision (diverged, the
   next applied rate) and the new state into a pending vector, nothing the decision reads.
-- :func:`apply`: copies the pending state into the control's tensors and resets the loss meter (gated by the
-  device clock's flag in a captured step), after the buffers' commit pass has run: an exception between the two
-  leaves the state as it was, and the period end runs again with the same result.
+- :func:`apply` (host clock): copies the pending state into the control's tensors and resets the loss meter, after
+  the buffers' commit pass has run: an exception between the two leaves the state as it was, and the period end
+  runs again with the same result. Under a device clock the decision writes the state itself (gated): a captured
+  step cannot stop half-way.
 
 The control hands over its constants (:class:`KernelPolicy`: the policy keeps one home, ``safeguard``), passed
 as float64 arguments; the float32 rounding the torch code applies to the first epoch's rise tolerance is reproduced
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..clock import DeviceClock, DeviceLossMeter, EpochClock
+from ..clock import DeviceClock, EpochClock
 
 # The order of the control's state in the pending vector (bools as 0.0 / 1.0).
 PENDING = (
@@ -33,6 +34,7 @@ PENDING = (
     "has_snapshot", "searching", "ceiling", "rate",
 )  # fmt: skip
 DBL_MAX = 1.7976931348623157e308
+REDUCE_BLOCK = 1024  # partials added per iteration of the decision's reduction
 
 
 @triton.jit
@@ -99,10 +101,10 @@ def _wrecked(loss, compared, margin, loss_growth):
 
 @triton.jit
 def _decide_kernel(
-    sums_ptr, loss_sum_ptr, loss_steps_ptr, last_ptr,
+    sums_ptr, n_partials, loss_sum_ptr, loss_steps_ptr, last_ptr,
     rate_ptr, ceiling_ptr, snapshot_sq_ptr, lr_cap_ptr, good_lr_ptr, initial_ptr, best_ptr, last_loss_ptr,
     snapshot_loss_ptr, searching_ptr, has_snapshot_ptr, loss_rollback_ptr,
-    epoch_ptr, step_ptr, epoch_gate_ptr, anneal_ptr,
+    epoch_ptr, step_ptr, epoch_gate_ptr, gate_ptr, anneal_ptr,
     pending_ptr, diverged_ptr, applied_ptr,
     host_loss_steps: tl.float64, host_closing_steps: tl.float64, host_in_first, host_search_open,
     host_anneal: tl.float64, rise_factor: tl.float64, weight_floor: tl.float64, lowest: tl.float64,
@@ -110,8 +112,8 @@ def _decide_kernel(
     stuck_movement_sq: tl.float64, stuck_fraction: tl.float64, search_growth: tl.float64,
     search_limit: tl.float64, growth_limit: tl.float64, shrink_limit: tl.float64, loss_brake: tl.float64,
     ceiling_fraction: tl.float64, backoff: tl.float64, cap: tl.float64, dbl_max: tl.float64,
-    period_length, last_inner_end, steps_per_epoch, epochs,
-    DEVICE_CLOCK: tl.constexpr,
+    period_length, last_inner_end, steps_per_epoch, epochs, step_offset,
+    DEVICE_CLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program: the decision of SafeguardControl.diverged, next_rate and close_epoch, line for line."""
     # tl.full keeps the float64 arguments' value under the interpreter too, which rounds bare floats to float32.
@@ -138,7 +140,7 @@ def _decide_kernel(
     dbl_max = tl.full((), dbl_max, tl.float64)
     if DEVICE_CLOCK:
         epoch = tl.load(epoch_ptr)
-        step = tl.load(step_ptr)
+        step = tl.load(step_ptr) + step_offset  # the steps of the epoch, the closing one included
         ends_epoch = _flag(epoch_gate_ptr)
         loss_steps = _f64(loss_steps_ptr)
         split = period_length > 0
@@ -158,10 +160,10 @@ def _decide_kernel(
         anneal = host_anneal
 
     # ---- diverged()
-    delta_sq = _f64(sums_ptr)
-    dot = _f64(sums_ptr + 1)
-    param_sq = _f64(sums_ptr + 2)
-    ema_sq = _f64(sums_ptr + 3)
+    delta_sq = _row_sum(sums_ptr, n_partials, 0, BLOCK)
+    dot = _row_sum(sums_ptr, n_partials, 1, BLOCK)
+    param_sq = _row_sum(sums_ptr, n_partials, 2, BLOCK)
+    ema_sq = _row_sum(sums_ptr, n_partials, 3, BLOCK)
     snapshot_sq = _f64(snapshot_sq_ptr)
     limit = weight_growth * _clamp_min(snapshot_sq, weight_floor)
     loss_sum = _f64(loss_sum_ptr)
@@ -215,7 +217,7 @@ def _decide_kernel(
     backed_off = tl.where(_isnan(good_lr), r * backoff, _minimum(good_lr, r * cap))
     new_rate = tl.where(diverged, _clamp_max(backed_off, highest), kept)
 
-    # ---- close_epoch()'s writes, pending
+    # ---- close_epoch()'s writes: pending under a host clock, directly (at a period end) under a device clock
     tl.store(pending_ptr + 0, (diverged & (weights_bad == 0)).to(tl.float64))
     tl.store(pending_ptr + 1, new_best)
     tl.store(pending_ptr + 2, new_last_loss)
@@ -229,36 +231,61 @@ def _decide_kernel(
     tl.store(pending_ptr + 10, new_rate)
     tl.store(diverged_ptr, diverged)
     tl.store(applied_ptr, new_rate * anneal)
+    if DEVICE_CLOCK:
+        if tl.load(gate_ptr) != 0:
+            _write_state(
+                pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr,
+                lr_cap_ptr, good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr,
+                loss_steps_ptr, last_ptr, True,
+            )  # fmt: skip
+
+
+@triton.jit
+def _write_state(
+    pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
+    good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_steps_ptr, last_ptr,
+    DEVICE_METER: tl.constexpr,
+):  # fmt: skip
+    """The pending state into the control's tensors, and the loss meter reset."""
+    tl.store(loss_rollback_ptr, tl.load(pending_ptr + 0) != 0)
+    tl.store(best_ptr, tl.load(pending_ptr + 1))
+    tl.store(last_loss_ptr, tl.load(pending_ptr + 2))
+    tl.store(snapshot_sq_ptr, tl.load(pending_ptr + 3))
+    tl.store(snapshot_loss_ptr, tl.load(pending_ptr + 4))
+    tl.store(lr_cap_ptr, tl.load(pending_ptr + 5))
+    tl.store(good_lr_ptr, tl.load(pending_ptr + 6))
+    tl.store(has_snapshot_ptr, tl.load(pending_ptr + 7) != 0)
+    tl.store(searching_ptr, tl.load(pending_ptr + 8) != 0)
+    tl.store(ceiling_ptr, tl.load(pending_ptr + 9))
+    tl.store(rate_ptr, tl.load(pending_ptr + 10))
+    tl.store(loss_sum_ptr, tl.full((), 0.0, tl.float64))
+    if DEVICE_METER:
+        tl.store(loss_steps_ptr, tl.full((), 0.0, tl.float64))
+        tl.store(last_ptr, tl.full((), float("nan"), tl.float64))
 
 
 @triton.jit
 def _apply_kernel(
-    pending_ptr, gate_ptr,
-    loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr, good_lr_ptr,
-    has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr,
-    loss_sum_ptr, loss_steps_ptr, last_ptr,
-    HAS_GATE: tl.constexpr, DEVICE_METER: tl.constexpr,
+    pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
+    good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr,
 ):  # fmt: skip
-    """The pending state into the control's tensors, and the loss meter reset (only where the gate is set)."""
-    go = tl.full((), 1, tl.int1)
-    if HAS_GATE:
-        go = tl.load(gate_ptr) != 0
-    if go:
-        tl.store(loss_rollback_ptr, tl.load(pending_ptr + 0) != 0)
-        tl.store(best_ptr, tl.load(pending_ptr + 1))
-        tl.store(last_loss_ptr, tl.load(pending_ptr + 2))
-        tl.store(snapshot_sq_ptr, tl.load(pending_ptr + 3))
-        tl.store(snapshot_loss_ptr, tl.load(pending_ptr + 4))
-        tl.store(lr_cap_ptr, tl.load(pending_ptr + 5))
-        tl.store(good_lr_ptr, tl.load(pending_ptr + 6))
-        tl.store(has_snapshot_ptr, tl.load(pending_ptr + 7) != 0)
-        tl.store(searching_ptr, tl.load(pending_ptr + 8) != 0)
-        tl.store(ceiling_ptr, tl.load(pending_ptr + 9))
-        tl.store(rate_ptr, tl.load(pending_ptr + 10))
-        tl.store(loss_sum_ptr, tl.full((), 0.0, tl.float64))
-        if DEVICE_METER:
-            tl.store(loss_steps_ptr, tl.full((), 0.0, tl.float64))
-            tl.store(last_ptr, tl.full((), float("nan"), tl.float64))
+    """Under a host clock, after the commit pass: the pending state in, and the loss sum reset."""
+    _write_state(
+        pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
+        good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_sum_ptr, loss_sum_ptr,
+        False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _row_sum(partials_ptr, n, row, BLOCK: tl.constexpr):
+    """Row ``row`` of a row-major (4, n) float64 tensor, summed in a fixed order (one block for n = 1: the value)."""
+    offsets = tl.arange(0, BLOCK)
+    total = tl.sum(tl.load(partials_ptr + row * n + offsets, mask=offsets < n, other=0.0).to(tl.float64), axis=0)
+    for start in range(BLOCK, n, BLOCK):
+        block = tl.load(partials_ptr + row * n + start + offsets, mask=start + offsets < n, other=0.0)
+        total += tl.sum(block.to(tl.float64), axis=0)
+    return total
 
 
 def rise_factor(tolerance: float) -> float:
@@ -302,57 +329,57 @@ class SafeguardKernels:
     def decide(
         self, sums: torch.Tensor, clock: EpochClock, bounds: tuple[float, float], anneal: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(diverged, the next applied rate) as device tensors: under a device clock the same two tensors every call
-        (a captured step replays their addresses), under a host clock new ones (the clock keeps the flags).
-        ``anneal``: the end phase's factor for the next epoch (a host clock's; a device clock's is looked up in the
-        control's table on the device)."""
+        """(diverged, the next applied rate) as device tensors. ``sums``: the pass's four sums, or its (4, n)
+        per-block partials (added here). Under a device clock the decision also writes the control's state at a
+        period end (no exception can stop a captured step half-way) and returns the same two tensors every call (a
+        captured step replays their addresses); under a host clock new ones (the clock keeps the flags), and
+        :meth:`apply` writes the state after the commit pass. ``anneal``: the end phase's factor for the next
+        epoch (a host clock's; a device clock's is looked up in the control's table on the device)."""
         c = self.control
         meter = c.loss
-        if isinstance(clock, DeviceClock):
+        device_clock = isinstance(clock, DeviceClock)
+        if device_clock:
             diverged, applied = self.diverged, self.applied
             table = applied if c.anneal_table is None else c.anneal_table
-            clock_ptrs = (clock.epoch, clock.step, clock.epoch_gate, table)
+            clock_ptrs = (clock.epoch, clock.step, clock.epoch_gate, clock.gate, table)
             loss_steps, host = meter.steps, (0.0, 0.0, 0, 0, 1.0)
+            step_offset = 0 if clock.counted else 1
         else:
             diverged = torch.empty((), dtype=torch.bool, device=c.device)
             applied = torch.empty((), dtype=torch.float64, device=c.device)
             search_open = clock.closes_inner_period if clock.periods.length else True
             host = (float(meter.steps), float(clock.closing_steps), int(clock.in_first_epoch_periods),
                     int(search_open), float(anneal))  # fmt: skip
-            clock_ptrs = (applied, applied, diverged, applied)  # not read
-            loss_steps = applied
+            clock_ptrs = (applied, applied, diverged, diverged, applied)  # not read
+            loss_steps, step_offset = applied, 0
         last = meter.last if meter.last.device == c.device else meter.last.to(c.device)
         periods = clock.periods
         _decide_kernel[(1,)](
-            sums, meter.sum, loss_steps, last,
+            sums, sums.numel() // 4, meter.sum, loss_steps, last,
             c.rate, c.ceiling, c.snapshot_sq_norm, c.lr_cap, c.good_lr, c.initial_loss, c.best_loss, c.last_loss,
             c.snapshot_loss, c.searching, c.has_snapshot, c.loss_rollback,
             *clock_ptrs,
             self.pending, diverged, applied,
             *host, self.rise_factor, float(c.weight_floor), float(bounds[0]), float(bounds[1]), *self.policy,
-            periods.length, periods.last_inner_end, int(clock.steps_per_epoch or 0), int(c.epochs or 0),
-            DEVICE_CLOCK=isinstance(clock, DeviceClock),
+            periods.length, periods.last_inner_end, int(clock.steps_per_epoch or 0), int(c.epochs or 0), step_offset,
+            DEVICE_CLOCK=device_clock, BLOCK=REDUCE_BLOCK,
             num_warps=1,
         )  # fmt: skip
         return diverged, applied
 
     def apply(self, clock: EpochClock) -> None:
-        """Write the pending state (at a period end: a device clock's gate is read on the device)."""
+        """Under a host clock, write the pending state and reset the loss meter (a device clock's decide did)."""
+        if isinstance(clock, DeviceClock):
+            return
         c = self.control
         meter = c.loss
-        device_meter = isinstance(meter, DeviceLossMeter)
-        gate = clock.gate
         _apply_kernel[(1,)](
-            self.pending, self.pending if gate is None else gate,
-            c.loss_rollback, c.best_loss, c.last_loss, c.snapshot_sq_norm, c.snapshot_loss, c.lr_cap, c.good_lr,
-            c.has_snapshot, c.searching, c.ceiling, c.rate,
-            meter.sum, meter.steps if device_meter else meter.sum, meter.last if device_meter else meter.sum,
-            HAS_GATE=gate is not None, DEVICE_METER=device_meter,
+            self.pending, c.loss_rollback, c.best_loss, c.last_loss, c.snapshot_sq_norm, c.snapshot_loss, c.lr_cap,
+            c.good_lr, c.has_snapshot, c.searching, c.ceiling, c.rate, meter.sum,
             num_warps=1,
         )  # fmt: skip
-        if not device_meter:
-            meter.steps = 0
-            meter.last = meter.no_loss
+        meter.steps = 0
+        meter.last = meter.no_loss
 
 
 __all__ = ["PENDING", "SafeguardKernels"]

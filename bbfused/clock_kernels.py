@@ -1,0 +1,83 @@
+"""The device clock's per-step work as Triton launches (``BB(capturable=True)`` on the Triton backend).
+
+A captured step replays every kernel it launched, so the clock's few dozen 0-dim torch ops (count the step, set the
+gates, add the loss, record the rate, publish the next one) would cost a launch each, every step. Here they are two
+single programs: :func:`add_loss` (the loss meter) and :func:`finish_period` (the selection of the next rate, the
+history, the counters, and the gates of the next step, which a step needs before its passes run). Same arithmetic
+as the torch ops of ``bbfused.clock.DeviceClock`` (tests/test_capture.py compares whole runs bit for bit).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_loss_kernel(loss_ptr, sum_ptr, steps_ptr, last_ptr):
+    loss = tl.load(loss_ptr).to(tl.float64)
+    tl.store(sum_ptr, tl.load(sum_ptr) + loss)
+    tl.store(steps_ptr, tl.load(steps_ptr) + 1.0)
+    tl.store(last_ptr, loss)
+
+
+@triton.jit
+def _finish_kernel(
+    gate_ptr, epoch_gate_ptr, epoch_ptr, step_ptr, new_base_ptr, rolled_back_ptr, base_ptr, multiplier_ptr, lr_ptr,
+    lr_history_ptr, rolled_history_ptr,
+    steps_per_epoch, period_length, last_inner_end, capacity,
+    HAS_ROLLED_BACK: tl.constexpr,
+):  # fmt: skip
+    """select + record + set_base of DeviceClock, after counting this step; then the gates of the next step."""
+    gate = tl.load(gate_ptr) != 0
+    ends_epoch = tl.load(epoch_gate_ptr) != 0
+    epoch = tl.load(epoch_ptr)
+    step = tl.load(step_ptr) + 1
+    base = tl.where(gate, tl.load(new_base_ptr), tl.load(base_ptr))
+    index = tl.minimum(epoch, capacity - 1)
+    # The closing epoch's rate is the one applied during it, recorded before the next is published.
+    lr = tl.load(lr_ptr)
+    if ends_epoch:
+        tl.store(lr_history_ptr + index, lr)
+    if HAS_ROLLED_BACK:
+        rolled = (tl.load(rolled_back_ptr) != 0) & gate
+        tl.store(rolled_history_ptr + index, (tl.load(rolled_history_ptr + index) != 0) | rolled)
+    epoch = epoch + ends_epoch.to(tl.int64)
+    step = tl.where(ends_epoch, 0, step)
+    tl.store(epoch_ptr, epoch)
+    tl.store(step_ptr, step)
+    tl.store(base_ptr, base)
+    tl.store(lr_ptr, base * tl.load(multiplier_ptr))
+    # The next step's gates: it closes the epoch, or (first epoch, split) one of its periods.
+    following = step + 1
+    next_ends_epoch = following == steps_per_epoch
+    inner = (period_length > 0) & (epoch == 0) & (following % tl.maximum(period_length, 1) == 0)
+    inner = inner & (following <= last_inner_end)
+    tl.store(epoch_gate_ptr, next_ends_epoch)
+    tl.store(gate_ptr, next_ends_epoch | inner)
+
+
+def add_loss(loss: torch.Tensor, total: torch.Tensor, steps: torch.Tensor, last: torch.Tensor) -> None:
+    """total += loss; steps += 1; last ← loss (float64 0-dim tensors; ``loss`` any floating dtype)."""
+    _add_loss_kernel[(1,)](loss, total, steps, last, num_warps=1)
+
+
+def finish_period(
+    clock_tensors: tuple[torch.Tensor, ...],
+    new_base: torch.Tensor,
+    rolled_back: torch.Tensor | None,
+    rate_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    counts: tuple[int, int, int, int],
+) -> None:
+    """``clock_tensors``: gate, epoch_gate, epoch, step, lr history, rolled-back history; ``rate_tensors``: base,
+    multiplier, applied lr; ``counts``: steps per epoch, the first epoch's period length and last inner end, the
+    histories' capacity."""
+    gate, epoch_gate, epoch, step, lr_history, rolled_history = clock_tensors
+    base, multiplier, lr = rate_tensors
+    _finish_kernel[(1,)](
+        gate, epoch_gate, epoch, step, new_base, gate if rolled_back is None else rolled_back, base, multiplier, lr,
+        lr_history, rolled_history, *counts,
+        HAS_ROLLED_BACK=rolled_back is not None,
+        num_warps=1,
+    )  # fmt: skip
