@@ -125,6 +125,32 @@ def test_epoch_end_matches_eager_at_block_edges(n: int, dtype: torch.dtype) -> N
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "flag set"])
+def test_epoch_passes_loop_over_blocks_on_a_bounded_grid(monkeypatch: pytest.MonkeyPatch, gated: bool) -> None:
+    """With more blocks than EPOCH_PROGRAMS, each program of an epoch-end pass takes every EPOCH_PROGRAMS-th block:
+    the grid stays at EPOCH_PROGRAMS, every element is read and written as eager's, the sums agree."""
+    monkeypatch.setattr(tb, "EPOCH_PROGRAMS", 3)
+    n = 7 * BLOCK + 5  # 8 blocks over 3 programs: 3, 3 and 2 each, the last one partial
+    enabled = torch.tensor(True) if gated else None
+    eager = load_backend("eager", DEVICE)
+    for kind in ("epoch_end", "epoch_measure"):
+        eager_inputs, triton_inputs = epoch_end_inputs(n, torch.float32), epoch_end_inputs(n, torch.float32)
+        triton_sums = getattr(tb.TritonBackend(), kind)(*triton_inputs, enabled=enabled)
+        torch.testing.assert_close(triton_sums, getattr(eager, kind)(*eager_inputs), rtol=1e-12, atol=1e-12)
+        for got, want in zip(triton_inputs, eager_inputs):
+            assert torch.equal(got, want)
+    partials = tb.TritonBackend().epoch_measure_partials([epoch_end_inputs(n, torch.float32)], enabled=enabled)
+    assert partials.shape == (4, 3)  # one column a program
+    for rolled_back in (False, True):
+        param, prev, momentum = randn(n, torch.float32, 1), randn(n, torch.float32, 2), randn(n, torch.float32, 3)
+        want_param = prev.clone() if rolled_back else param.clone()
+        want_momentum = torch.zeros(n) if rolled_back else momentum.clone()
+        tb.TritonBackend().epoch_commit(
+            param, prev, torch.tensor(rolled_back), enabled=enabled, momentum_buffer=momentum
+        )
+        assert torch.equal(param, want_param) and torch.equal(prev, want_param) and torch.equal(momentum, want_momentum)
+
+
 def test_found_inf_touches_nothing() -> None:
     for grad_scale in (None, scalar(4.0)):
         for momentum in (False, True):

@@ -40,6 +40,11 @@ NUM_WARPS = 4
 # The step's compile options. No fused multiply-add: contracting a·b + c into one rounding would change the bits,
 # and every backend gives the eager reference's (on CPU the interpreter computes op by op anyway).
 STEP_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+# The epoch-end passes run on at most this many programs, each looping over every EPOCH_PROGRAMS-th block: a captured
+# step launches them every step, gated by a flag, and a grid that scaled with the buffer (24,906 blocks on ResNet-50)
+# would spend its time starting programs that read the flag and exit. 1024 programs of 4 warps still fill an H200
+# (132 SMs) several times over for the passes that run.
+EPOCH_PROGRAMS = 1024
 # Offsets pid * BLOCK + i are int32 unless the last block's end passes this; int64 costs registers and
 # address arithmetic, so it is used only when needed: for buffers of more than 2**31 elements.
 INT32_INDEX_LIMIT = 2**31
@@ -190,6 +195,15 @@ def _enabled(enabled_ptr, HAS_ENABLED: tl.constexpr):
 
 
 @triton.jit
+def _block_span(block, USE_INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``block``'s first element and its offsets; int64 when the buffer is too long for int32."""
+    if USE_INT64:
+        block = tl.cast(block, tl.int64)
+    start = block * BLOCK
+    return start, start + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _zero_partials(partials_ptr, row_stride, ROWS: tl.constexpr):
     """A disabled launch's slots read as zeros, so the partials need no fill kernel before the launch."""
     pid = tl.program_id(0)
@@ -224,7 +238,8 @@ def _epoch_end_kernel(
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """This block's ‖Δθ‖² and Δθᵀy into slots [pid] and [row_stride + pid]; θ_prev ← θ, g_prev ← g, g ← 0.
+    """This program's blocks' ‖Δθ‖² and Δθᵀy (every EPOCH_PROGRAMS-th block, added in order) into slots [pid] and
+    [row_stride + pid]; θ_prev ← θ, g_prev ← g, g ← 0.
 
     The differences and sums are float64 (the eager reference's precision); each program writes its own
     slots, so the result does not depend on scheduling (no atomics). With HAS_ENABLED, a zero flag at
@@ -232,14 +247,18 @@ def _epoch_end_kernel(
     _enabled).
     """
     if _enabled(enabled_ptr, HAS_ENABLED):
-        start = _block_start(USE_INT64, BLOCK)
-        offsets = start + tl.arange(0, BLOCK)
-        if n_elements - start >= BLOCK:  # as in _step_kernel
-            sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
-        else:
-            mask = offsets < n_elements
-            sq_norm, dot = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
         pid = tl.program_id(0)
+        sq_norm = tl.full((), 0.0, tl.float64)
+        dot = tl.full((), 0.0, tl.float64)
+        for block in range(pid, tl.cdiv(n_elements, BLOCK), tl.num_programs(0)):
+            start, offsets = _block_span(block, USE_INT64, BLOCK)
+            if n_elements - start >= BLOCK:  # as in _step_kernel
+                a, b = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
+            else:
+                mask = offsets < n_elements
+                a, b = _epoch_end_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
+            sq_norm += a
+            dot += b
         tl.store(partials_ptr + pid, sq_norm)
         tl.store(partials_ptr + row_stride + pid, dot)
     else:
@@ -278,18 +297,26 @@ def _epoch_measure_kernel(
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """This block's ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · row_stride + pid] (no atomics: deterministic);
+    """This program's blocks' ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · row_stride + pid] (no atomics: deterministic);
     g_prev ← g, g ← 0. θ_prev is left for the second pass (a rollback restores it). HAS_ENABLED: as in
     _epoch_end_kernel."""
     if _enabled(enabled_ptr, HAS_ENABLED):
-        start = _block_start(USE_INT64, BLOCK)
-        offsets = start + tl.arange(0, BLOCK)
-        if n_elements - start >= BLOCK:  # as in _step_kernel
-            a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
-        else:
-            mask = offsets < n_elements
-            a, b, c, d = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
         pid = tl.program_id(0)
+        a = tl.full((), 0.0, tl.float64)
+        b = tl.full((), 0.0, tl.float64)
+        c = tl.full((), 0.0, tl.float64)
+        d = tl.full((), 0.0, tl.float64)
+        for block in range(pid, tl.cdiv(n_elements, BLOCK), tl.num_programs(0)):
+            start, offsets = _block_span(block, USE_INT64, BLOCK)
+            if n_elements - start >= BLOCK:  # as in _step_kernel
+                sums = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
+            else:
+                mask = offsets < n_elements
+                sums = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
+            a += sums[0]
+            b += sums[1]
+            c += sums[2]
+            d += sums[3]
         tl.store(partials_ptr + pid, a)
         tl.store(partials_ptr + row_stride + pid, b)
         tl.store(partials_ptr + 2 * row_stride + pid, c)
@@ -325,13 +352,13 @@ def _epoch_commit_kernel(
     and then (HAS_MOMENTUM) m ← 0. HAS_ENABLED: as in _epoch_end_kernel."""
     if _enabled(enabled_ptr, HAS_ENABLED):
         restore = tl.load(rolled_back_ptr) != 0
-        start = _block_start(USE_INT64, BLOCK)
-        offsets = start + tl.arange(0, BLOCK)
-        if n_elements - start >= BLOCK:
-            _epoch_commit_block(param_ptr, prev_params_ptr, momentum_ptr, restore, offsets, None, HAS_MOMENTUM)
-        else:
-            mask = offsets < n_elements
-            _epoch_commit_block(param_ptr, prev_params_ptr, momentum_ptr, restore, offsets, mask, HAS_MOMENTUM)
+        for block in range(tl.program_id(0), tl.cdiv(n_elements, BLOCK), tl.num_programs(0)):
+            start, offsets = _block_span(block, USE_INT64, BLOCK)
+            if n_elements - start >= BLOCK:
+                _epoch_commit_block(param_ptr, prev_params_ptr, momentum_ptr, restore, offsets, None, HAS_MOMENTUM)
+            else:
+                mask = offsets < n_elements
+                _epoch_commit_block(param_ptr, prev_params_ptr, momentum_ptr, restore, offsets, mask, HAS_MOMENTUM)
 
 
 # Whether triton.jit built the kernels for the interpreter: TRITON_INTERPRET=1 counts only if it was set
@@ -372,8 +399,9 @@ def _check_flat(operation: str, tensors: dict[str, torch.Tensor], dtypes: dict[s
 
 
 def partial_columns(n_elements: int) -> int:
-    """The per-block partials an epoch-end pass over ``n_elements`` writes per row: one per block."""
-    return triton.cdiv(n_elements, BLOCK_SIZE)
+    """The programs of an epoch-end pass over ``n_elements`` (each loops over every EPOCH_PROGRAMS-th block), and so
+    the partials it writes per row."""
+    return min(triton.cdiv(n_elements, BLOCK_SIZE), EPOCH_PROGRAMS)
 
 
 def _epoch_sums(
@@ -554,7 +582,7 @@ class TritonBackend:
         if n_elements == 0:
             return
         with _on_device(param.device):
-            _epoch_commit_kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
+            _epoch_commit_kernel[(partial_columns(n_elements),)](
                 param,
                 prev_params,
                 rolled_back,
