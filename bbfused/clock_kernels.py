@@ -13,6 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+# One warp (the programs work on scalars), and no fused multiply-add: every product rounded before it is added, as
+# the torch ops these kernels replace round it.
+SCALAR_OPTIONS = {"num_warps": 1, "enable_fp_fusion": False}
+
 
 @triton.jit
 def _add_loss_kernel(loss_ptr, sum_ptr, steps_ptr, last_ptr):
@@ -60,7 +64,7 @@ def _finish_kernel(
 
 def add_loss(loss: torch.Tensor, total: torch.Tensor, steps: torch.Tensor, last: torch.Tensor) -> None:
     """total += loss; steps += 1; last ← loss (float64 0-dim tensors; ``loss`` any floating dtype)."""
-    _add_loss_kernel[(1,)](loss, total, steps, last, num_warps=1)
+    _add_loss_kernel[(1,)](loss, total, steps, last, **SCALAR_OPTIONS)
 
 
 def finish_period(
@@ -79,5 +83,5 @@ def finish_period(
         gate, epoch_gate, epoch, step, new_base, gate if rolled_back is None else rolled_back, base, multiplier, lr,
         lr_history, rolled_history, *counts,
         HAS_ROLLED_BACK=rolled_back is not None,
-        num_warps=1,
+        **SCALAR_OPTIONS,
     )  # fmt: skip

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..clock import DeviceClock, EpochClock
+from ..clock_kernels import SCALAR_OPTIONS
 
 # The order of the control's state in the pending vector (bools as 0.0 / 1.0).
 PENDING = (
@@ -363,7 +364,7 @@ class SafeguardKernels:
             *host, self.rise_factor, float(c.weight_floor), float(bounds[0]), float(bounds[1]), *self.policy,
             periods.length, periods.last_inner_end, int(clock.steps_per_epoch or 0), int(c.epochs or 0), step_offset,
             DEVICE_CLOCK=device_clock, BLOCK=REDUCE_BLOCK,
-            num_warps=1,
+            **SCALAR_OPTIONS,
         )  # fmt: skip
         return diverged, applied
 
@@ -376,7 +377,7 @@ class SafeguardKernels:
         _apply_kernel[(1,)](
             self.pending, c.loss_rollback, c.best_loss, c.last_loss, c.snapshot_sq_norm, c.snapshot_loss, c.lr_cap,
             c.good_lr, c.has_snapshot, c.searching, c.ceiling, c.rate, meter.sum,
-            num_warps=1,
+            **SCALAR_OPTIONS,
         )  # fmt: skip
         meter.steps = 0
         meter.last = meter.no_loss
