@@ -1,15 +1,20 @@
-"""Kernels a step launches on the Triton backend, counted on the CPU (tests/kernel_count.py): Triton launches plus
+"""Kernels a step launches on the Triton backend, counted on the CPU (benchmarks/kernel_count.py): Triton launches plus
 the torch ops that would run a kernel on a GPU. Pinned so that the launch count of a step cannot grow unnoticed:
 on a GPU each launch costs a few microseconds of host time whatever the size of the model."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
 pytest.importorskip("triton")
 
-from kernel_count import KernelCount  # noqa: E402
+from kernel_count import LaunchCounter  # noqa: E402
 
 from bbfused import BB  # noqa: E402
 
@@ -34,7 +39,7 @@ def model(batchnorms: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers, torch.nn.Linear(8, 2))
 
 
-def counted_steps(opt: BB, net: torch.nn.Module, track: bool) -> tuple[KernelCount, KernelCount]:
+def counted_steps(opt: BB, net: torch.nn.Module, track: bool) -> tuple[LaunchCounter, LaunchCounter]:
     """Counts of the second epoch's first step (plain) and last step (its epoch end)."""
     if track:
         opt.track_buffers(net)
@@ -45,7 +50,7 @@ def counted_steps(opt: BB, net: torch.nn.Module, track: bool) -> tuple[KernelCou
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(net(x), y)
         loss.backward()
-        count = KernelCount()
+        count = LaunchCounter(count_ops=True)
         with count.active():
             opt.step(loss=loss.detach())
         counts.append(count)
@@ -60,11 +65,11 @@ def test_default_epoch_end_launches_at_most_twelve_kernels(track):
     plain, end = counted_steps(BB(net.parameters(), lr=0.1, steps_per_epoch=T, epochs=10, backend="triton"), net,
                                track)  # fmt: skip
     assert plain.total <= PLAIN_STEP_LIMIT, str(plain)
-    assert plain.triton == {"_step_kernel": 1}, str(plain)
+    assert plain.launches == {"_step_kernel": 1}, str(plain)
     assert end.total <= EPOCH_END_LIMIT, str(end)
     # The decision is the two single-program launches, not a hundred torch ops.
-    assert end.triton["_decide_kernel"] == 1 and end.triton["_apply_kernel"] == 1, str(end)
-    assert sum(end.torch.values()) <= 5, str(end)
+    assert end.launches["_decide_kernel"] == 1 and end.launches["_apply_kernel"] == 1, str(end)
+    assert sum(end.ops.values()) <= 5, str(end)
 
 
 def test_paper_epoch_end_launches_a_bounded_number_of_kernels():
@@ -83,10 +88,10 @@ def test_captured_step_launches_at_most_eight_kernels(track):
     opt = BB(net.parameters(), lr=0.1, steps_per_epoch=T, epochs=10, backend="triton", capturable=True)
     plain, end = counted_steps(opt, net, track)
     # A captured step is the same launches every step (its epoch end is gated on the device), all Triton.
-    assert plain.triton == end.triton and not plain.torch and not end.torch, f"{plain} / {end}"
+    assert plain.launches == end.launches and not plain.ops and not end.ops, f"{plain} / {end}"
     assert plain.host_reads == end.host_reads == 0
     assert plain.total <= CAPTURED_STEP_LIMIT, str(plain)
-    assert plain.triton["_decide_kernel"] == 1 and plain.triton["_finish_kernel"] == 1, str(plain)
+    assert plain.launches["_decide_kernel"] == 1 and plain.launches["_finish_kernel"] == 1, str(plain)
 
 
 def test_each_parameter_group_adds_three_launches_to_a_captured_step():
