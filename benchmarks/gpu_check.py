@@ -112,6 +112,14 @@ GPU_ONLY_NOTE = """\
 - CUDA-graph capture and replay of a training step with `capturable=True` (graphs need CUDA).
 - int64 offsets past 2**31 elements (the dry run forces the int64 kernel on a toy buffer).
 - The block size and warps of the step kernel (the sweep).
+- The single-program kernels (the default control's decision, the device clock's loss and period end) on the
+  device: tests compile them for sm_90 (no FMA, IEEE float64 division) and compare them with the torch ops through
+  the interpreter; a GPU run is the first to execute their PTX.
+- The epoch-end passes' bounded grid (1024 programs looping over blocks): its bandwidth against one block a program,
+  and the cost of a captured step whose gated passes are off.
+- The tracked model buffers' int64 group (BatchNorm's num_batches_tracked) through the Triton commit kernel.
+- The 16-bit step kernels still pass the EMA through shared memory with a barrier (2 `bar.sync` in the sm_90 PTX
+  of the bf16 and fp16 steps, none for fp32); whether a layout without it is faster needs the GPU's timing.
 """
 
 
