@@ -370,7 +370,7 @@ def test_capturable_end_phase_matches_the_host_counted_one() -> None:
     assert captured_history == history and torch.equal(captured_theta, theta)
 
 
-def _ranks_capturable_and_not(rank: int, world: int, init_file: str, results: str) -> None:
+def _ranks_capturable_and_not(rank: int, world: int, init_file: str, results: str, backend: str) -> None:
     """Each rank trains one DDP model with and one without capturable (η0 = 5: rollbacks) and records both."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -379,7 +379,7 @@ def _ranks_capturable_and_not(rank: int, world: int, init_file: str, results: st
             torch.manual_seed(0)
             model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
             ddp = torch.nn.parallel.DistributedDataParallel(model)
-            opt = BB(model.parameters(), lr=5.0, steps_per_epoch=4, backend="eager", capturable=capturable)
+            opt = BB(model.parameters(), lr=5.0, steps_per_epoch=4, backend=backend, capturable=capturable)
             for step in range(20):
                 x, y = _batch(10 * step + rank)
                 opt.zero_grad()
@@ -394,11 +394,14 @@ def _ranks_capturable_and_not(rank: int, world: int, init_file: str, results: st
         torch.distributed.destroy_process_group()
 
 
-def test_capturable_under_torch_distributed_decides_as_the_host_counted(tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_capturable_under_torch_distributed_decides_as_the_host_counted(tmp_path, backend: str) -> None:
     """Two gloo ranks: the capturable step all-reduces the loss sums at every step (flag-gated use) and decides
-    exactly as the host-counted one, rollbacks included, on both ranks."""
+    exactly as the host-counted one, rollbacks included, on both ranks. On Triton the decision runs as torch ops
+    (the loss sums are all-reduced inside it) under the Triton clock's launches."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_ranks_capturable_and_not, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    args = (2, str(tmp_path / "init"), str(tmp_path), backend)
+    mp.spawn(_ranks_capturable_and_not, args=args, nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for runs in ranks:
         assert runs["True"] == runs["False"]
