@@ -74,8 +74,14 @@ def host_case(rng: random.Random) -> tuple[SafeguardControl, HostClock, torch.Te
         clock.step_in_epoch = T
     control = random_control(rng, clock, rng.choice([None, 6]))
     steps = rng.choice([0, clock.closing_steps, clock.closing_steps, 3])
+    # A third of the periods have barely left the first step's loss (the search goes on past epoch 0 then).
+    near = None
+    if rng.random() < 0.33:
+        control.initial_loss.fill_(2.3)
+        control.searching.fill_(True)
+        near = 2.3 * rng.choice([0.99, 0.9])
     for _ in range(steps):
-        control.add_loss(torch.tensor(number(rng), dtype=torch.float64))
+        control.add_loss(torch.tensor(number(rng) if near is None else near, dtype=torch.float64))
     return control, clock, torch.tensor([number(rng) for _ in range(4)], dtype=torch.float64), (1e-4, 100.0)
 
 
@@ -87,8 +93,13 @@ def device_case(rng: random.Random) -> tuple[SafeguardControl, DeviceClock, torc
     clock.epoch_gate.fill_(int(clock.step) == T)
     clock.gate.fill_(rng.random() < 0.8)
     control = random_control(rng, clock, rng.choice([None, 6]))
-    control.loss.sum.fill_(number(rng))
     control.loss.steps.fill_(rng.choice([0.0, 2.0, 4.0, float(T)]))
+    if rng.random() < 0.33:
+        control.initial_loss.fill_(2.3)
+        control.searching.fill_(True)
+        control.loss.sum.fill_(2.3 * rng.choice([0.99, 0.9]) * float(control.loss.steps))
+    else:
+        control.loss.sum.fill_(number(rng))
     control.loss.last.fill_(number(rng))
     return control, clock, torch.tensor([number(rng) for _ in range(4)], dtype=torch.float64), (0.01, 10.0)
 

@@ -9,12 +9,16 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
   by :data:`SEARCH_GROWTH` per period, or up to η when η is larger (at most :data:`SEARCH_LIMIT`): a tiny η0 is
   left behind within the first epoch, where a bounded BB step needs one epoch per doubling. The search ends with
   the first epoch's last period (without a split first epoch it goes on): an estimate that overshoots costs a
-  period of a few steps there, but a whole epoch, rolled back, after it.
+  period of a few steps there, but a whole epoch, rolled back, after it; while a period's mean loss is still above
+  :data:`SEARCH_UNTIL_PROGRESS` times the first step's loss it goes on (a start too slow to have learned anything
+  has little to lose).
 - **follow**: after that, r moves towards η by at most a factor 2 up or 10 down (a stabilised BB step, in the
   spirit of Tan et al.'s smoothing of SGD-BB rates), inside [:data:`LOWEST_RATE`, :data:`HIGHEST_RATE`] (or
   ``tau_min``, ``tau_max`` when given); an η that is zero, inf or NaN keeps r. A period whose mean loss rose
   (by more than :data:`FIRST_EPOCH_RISE` within the first epoch, where periods are short and noisy) halves r at
-  most, and r never again grows past :data:`CEILING` times the rate at which the loss rose.
+  most, and r never again grows past :data:`CEILING` times the rate at which the loss rose. A rise past
+  :data:`RISE_ROLLBACK` times the last good period's mean (and by more than the loss margin below) is rolled back
+  instead, and r returns to the last good rate, under that ceiling (the cap of a diverged period does not apply).
 - **end phase**: with the planned number of epochs N (``BB(..., epochs=N)``), the applied rate is r times a
   cosine that falls from 1 to near 0 over the second half of the run: the part of the tuned recipe (SGD with
   momentum and cosine annealing) that a rate estimate cannot give.
@@ -61,6 +65,8 @@ FIRST_EPOCH_PERIODS = 4
 # The search: growth per period while the estimate does not object, and at most this factor towards the estimate.
 SEARCH_GROWTH = 4.0
 SEARCH_LIMIT = 16.0
+# The search goes on past the first epoch while a period's mean loss is above this fraction of the first step's.
+SEARCH_UNTIL_PROGRESS = 0.95
 # How far one period may move the rate after the search: at most doubled, at most divided by ten.
 RATE_GROWTH_LIMIT = 2.0
 RATE_SHRINK_LIMIT = 0.1
@@ -68,6 +74,9 @@ RATE_SHRINK_LIMIT = 0.1
 CEILING = 0.7
 # A rise of the mean loss within a split first epoch counts past this fraction (its periods are a few steps).
 FIRST_EPOCH_RISE = 0.1
+# A period whose mean loss rose past this factor times the last good period's (and by more than the loss margin)
+# is rolled back to the rate before it: in a short run the epoch spent recovering costs more than the redo.
+RISE_ROLLBACK = 1.25
 # Bounds of the rate r when tau_min / tau_max are not given.
 LOWEST_RATE = 1e-4
 HIGHEST_RATE = 100.0
@@ -218,10 +227,11 @@ class SafeguardControl:
 
     def diverged(
         self, sums: torch.Tensor, clock: EpochClock
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Whether the period that ``sums`` (:data:`SUMS`) measured diverged, whether it was a good period that
-        raised the mean loss (bool device tensors), and the new loss references as (state tensor, new value) pairs,
-        which the caller writes once the period end has gone through."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Whether the period that ``sums`` (:data:`SUMS`) measured diverged, whether it is rolled back for a rise
+        of the mean loss alone, whether it was a good period that raised the mean loss, whether its mean loss is
+        still near the first step's (bool device tensors), and the new loss references as (state tensor, new value)
+        pairs, which the caller writes once the period end has gone through."""
         delta_sq, param_sq, ema_sq = sums[0], sums[2], sums[3]
         limit = WEIGHT_GROWTH * self.snapshot_sq_norm.clamp(min=self.weight_floor)
         mean, complete, initial, last = self._epoch_loss(clock.closing_steps)
@@ -248,6 +258,11 @@ class SafeguardControl:
         loss_bad = complete & (~torch.isfinite(mean) | ~torch.isfinite(last) | stuck | wrecked(mean) | wrecked(last))
         accept_anyway = self.loss_rollback & ~weights_bad & torch.isfinite(mean) & torch.isfinite(last) & ~stuck
         diverged = weights_bad | (loss_bad & ~accept_anyway)
+        # A rise rolled back (not after a loss rollback: then the snapshot is no better).
+        risen = complete & ~diverged & ~self.loss_rollback & (mean > RISE_ROLLBACK * self.last_loss)
+        risen = risen & (mean - self.last_loss > margin)
+        diverged = diverged | risen
+        near_start = complete & (initial > 0) & (mean > SEARCH_UNTIL_PROGRESS * initial)
         good_loss = complete & ~diverged
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
         nan_like = torch.full_like(mean, math.nan)
@@ -265,7 +280,7 @@ class SafeguardControl:
             (self.snapshot_sq_norm, torch.where(diverged, self.snapshot_sq_norm, param_sq)),
             (self.snapshot_loss, torch.where(diverged, self.snapshot_loss, torch.where(good_loss, last, nan_like))),
         ]
-        return diverged, rose, references
+        return diverged, risen, rose, near_start, references
 
     def next_rate(
         self,
@@ -275,9 +290,12 @@ class SafeguardControl:
         steps: int | torch.Tensor,
         bounds: tuple[float, float],
         search_open: bool | torch.Tensor = True,
+        risen: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next period's r, whether the search goes on, and the new ceiling (``rose``: the period's mean loss
-        rose, so r may not grow)."""
+        rose, so r may not grow; ``risen``: the period is rolled back for such a rise, r returns to the last good
+        rate)."""
+        risen = torch.zeros_like(diverged) if risen is None else risen
         lowest, highest = bounds
         r = self.rate
         estimate = bb_ratio(sums, steps)
@@ -289,10 +307,12 @@ class SafeguardControl:
         follow = torch.minimum(torch.maximum(estimate, r * RATE_SHRINK_LIMIT), r * growth)
         # Without an estimate (the first period, or one right after a rollback) r stays, or brakes.
         kept = torch.where(usable, torch.where(searching, search, follow), torch.minimum(r, r * growth))
-        ceiling = torch.where(rose, torch.minimum(self.ceiling, r * CEILING), self.ceiling)
+        ceiling = torch.where(rose | risen, torch.minimum(self.ceiling, r * CEILING), self.ceiling)
         kept = torch.minimum(kept, torch.where(rose, ceiling, torch.maximum(ceiling, r)))
         kept = torch.minimum(kept.clamp(min=lowest, max=highest), self.lr_cap)
         backed_off = torch.where(torch.isnan(self.good_lr), r * BACKOFF, torch.minimum(self.good_lr, r * CAP))
+        rise_rate = torch.minimum(torch.where(torch.isnan(self.good_lr), r * LOSS_BRAKE, self.good_lr), ceiling)
+        backed_off = torch.where(risen, rise_rate, backed_off)
         return torch.where(diverged, backed_off.clamp(max=highest), kept), searching, ceiling
 
     def close_epoch(
@@ -313,15 +333,19 @@ class SafeguardControl:
             self.model_buffers.commit(diverged, clock.gate, buffers.backends)
             kernels.apply(clock)
             return applied, diverged
-        diverged, rose, references = self.diverged(sums, clock)
+        diverged, risen, rose, near_start, references = self.diverged(sums, clock)
         # With a split first epoch the search ends with it: one full epoch at an overshooting estimate costs a short
-        # run more than the climb it saves.
-        search_open = clock.closes_inner_period if clock.periods.length else True
-        new_rate, searching, ceiling = self.next_rate(sums, diverged, rose, clock.closing_steps, taus[1:], search_open)
+        # run more than the climb it saves; but not while the loss has barely left the first step's.
+        search_open = torch.as_tensor(clock.closes_inner_period if clock.periods.length else True, device=self.device)
+        search_open = search_open | near_start
+        new_rate, searching, ceiling = self.next_rate(
+            sums, diverged, rose, clock.closing_steps, taus[1:], search_open, risen
+        )
         buffers.commit(diverged, clock)
         self.model_buffers.commit(diverged, clock.gate, buffers.backends)
         r = self.rate
-        references.append((self.lr_cap, torch.where(diverged, torch.minimum(self.lr_cap, r * CAP), self.lr_cap)))
+        capped = diverged & ~risen  # a rise rolled back does not cap the rate for good
+        references.append((self.lr_cap, torch.where(capped, torch.minimum(self.lr_cap, r * CAP), self.lr_cap)))
         references.append((self.good_lr, torch.where(diverged, self.good_lr, r)))
         # After a rollback prev_ema holds the diverged period's averages: the next period has no estimate.
         references.append((self.has_snapshot, ~diverged))
@@ -345,7 +369,8 @@ class SafeguardControl:
 
             policy = KernelPolicy(
                 WEIGHT_GROWTH, LOSS_MARGIN, LOSS_GROWTH, STUCK_MOVEMENT**2, 1 - STUCK_PROGRESS, SEARCH_GROWTH,
-                SEARCH_LIMIT, RATE_GROWTH_LIMIT, RATE_SHRINK_LIMIT, LOSS_BRAKE, CEILING, BACKOFF, CAP,
+                SEARCH_LIMIT, RATE_GROWTH_LIMIT, RATE_SHRINK_LIMIT, LOSS_BRAKE, CEILING, BACKOFF, CAP, RISE_ROLLBACK,
+                SEARCH_UNTIL_PROGRESS,
             )  # fmt: skip
             self._kernels = SafeguardKernels(self, policy, FIRST_EPOCH_RISE)
         return self._kernels

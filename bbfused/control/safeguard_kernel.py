@@ -112,7 +112,8 @@ def _decide_kernel(
     highest: tl.float64, weight_growth: tl.float64, loss_margin: tl.float64, loss_growth: tl.float64,
     stuck_movement_sq: tl.float64, stuck_fraction: tl.float64, search_growth: tl.float64,
     search_limit: tl.float64, growth_limit: tl.float64, shrink_limit: tl.float64, loss_brake: tl.float64,
-    ceiling_fraction: tl.float64, backoff: tl.float64, cap: tl.float64, dbl_max: tl.float64,
+    ceiling_fraction: tl.float64, backoff: tl.float64, cap: tl.float64, rise_rollback: tl.float64,
+    search_until: tl.float64, dbl_max: tl.float64,
     period_length, last_inner_end, steps_per_epoch, epochs, step_offset,
     DEVICE_CLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -138,6 +139,8 @@ def _decide_kernel(
     ceiling_fraction = tl.full((), ceiling_fraction, tl.float64)
     backoff = tl.full((), backoff, tl.float64)
     cap = tl.full((), cap, tl.float64)
+    rise_rollback = tl.full((), rise_rollback, tl.float64)
+    search_until = tl.full((), search_until, tl.float64)
     dbl_max = tl.full((), dbl_max, tl.float64)
     if DEVICE_CLOCK:
         epoch = tl.load(epoch_ptr)
@@ -188,9 +191,14 @@ def _decide_kernel(
     loss_rollback = _flag(loss_rollback_ptr)
     accept_anyway = loss_rollback & (weights_bad == 0) & _isfinite(mean) & _isfinite(last) & (stuck == 0)
     diverged = weights_bad | (loss_bad & (accept_anyway == 0))
+    # A rise rolled back (not right after a loss rollback: then the snapshot is no better).
+    last_loss = _f64(last_loss_ptr)
+    risen = complete & (diverged == 0) & (loss_rollback == 0) & (mean > rise_rollback * last_loss)
+    risen = risen & (mean - last_loss > margin)
+    diverged = diverged | risen
+    near_start = complete & (initial > 0) & (mean > search_until * initial)
     good_loss = complete & (diverged == 0)
     lower = good_loss & ((mean >= best) == 0)
-    last_loss = _f64(last_loss_ptr)
     factor = tl.where(in_first, rise_factor, 1.0)
     rose = good_loss & (mean > last_loss * factor)
     nan = tl.full((), float("nan"), tl.float64)
@@ -204,18 +212,20 @@ def _decide_kernel(
     estimate = delta_sq / (steps * tl.abs(dot))
     usable = _isfinite(estimate) & (estimate > 0) & _flag(has_snapshot_ptr)
     searching = _flag(searching_ptr) & (rose == 0) & ((usable & (estimate < r)) == 0) & (diverged == 0)
-    searching = searching & search_open
+    searching = searching & (search_open | near_start)
     search = _maximum(r * search_growth, _minimum(estimate, r * search_limit))
     growth = tl.where(rose, loss_brake, growth_limit)
     follow = _minimum(_maximum(estimate, r * shrink_limit), r * growth)
     kept = tl.where(usable, tl.where(searching, search, follow), _minimum(r, r * growth))
     old_ceiling = _f64(ceiling_ptr)
-    ceiling = tl.where(rose, _minimum(old_ceiling, r * ceiling_fraction), old_ceiling)
+    ceiling = tl.where(rose | risen, _minimum(old_ceiling, r * ceiling_fraction), old_ceiling)
     kept = _minimum(kept, tl.where(rose, ceiling, _maximum(ceiling, r)))
     lr_cap = _f64(lr_cap_ptr)
     kept = _minimum(_clamp_max(_clamp_min(kept, lowest), highest), lr_cap)
     good_lr = _f64(good_lr_ptr)
     backed_off = tl.where(_isnan(good_lr), r * backoff, _minimum(good_lr, r * cap))
+    rise_rate = _minimum(tl.where(_isnan(good_lr), r * loss_brake, good_lr), ceiling)
+    backed_off = tl.where(risen, rise_rate, backed_off)
     new_rate = tl.where(diverged, _clamp_max(backed_off, highest), kept)
 
     # ---- close_epoch()'s writes: pending under a host clock, directly (at a period end) under a device clock
@@ -224,7 +234,7 @@ def _decide_kernel(
     tl.store(pending_ptr + 2, new_last_loss)
     tl.store(pending_ptr + 3, new_snapshot_sq)
     tl.store(pending_ptr + 4, new_snapshot_loss)
-    tl.store(pending_ptr + 5, tl.where(diverged, _minimum(lr_cap, r * cap), lr_cap))
+    tl.store(pending_ptr + 5, tl.where(diverged & (risen == 0), _minimum(lr_cap, r * cap), lr_cap))
     tl.store(pending_ptr + 6, tl.where(diverged, good_lr, r))
     tl.store(pending_ptr + 7, (diverged == 0).to(tl.float64))
     tl.store(pending_ptr + 8, searching.to(tl.float64))
@@ -311,6 +321,8 @@ class KernelPolicy(NamedTuple):
     ceiling_fraction: float
     backoff: float
     cap: float
+    rise_rollback: float
+    search_until: float
 
 
 class SafeguardKernels:
