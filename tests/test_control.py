@@ -126,22 +126,43 @@ def test_too_small_rate_without_progress_is_not_rolled_back() -> None:
     assert opt.rolled_back_epochs == [] and opt.lr > 1e-4 * safeguard_control.SEARCH_GROWTH
 
 
+def sliding(means: list[float]) -> list[list[float]]:
+    """Epochs of 10 steps with these mean losses whose last step is back at 1.0: a snapshot as good as the best."""
+    return [[(10 * mean - 1.0) / 9] * 9 + [1.0] for mean in means]
+
+
+# A slow slide: each epoch's mean 1.2-fold of the one before, under RISE_ROLLBACK (a faster rise is rolled back).
+SLIDE = [1.2, 1.44, 1.728, 2.0736]
+
+
 def test_reference_is_the_best_epoch_so_a_slow_slide_is_caught() -> None:
-    """The mean loss doubles (2.08: kept, under 2.5-fold; its last step back at 1, so the snapshot is as good as
-    the best) and then rises to 2.7-fold of the best period: rolled back, although it is only 1.3-fold of the
-    epoch before (a reference that followed the slide missed it)."""
+    """The mean loss slides up 1.2-fold an epoch (each kept: under RISE_ROLLBACK, and under 2.5-fold of the best
+    period) until it is 2.7-fold of the best: rolled back, although it is only 1.08-fold of the epoch before (a
+    reference that followed the slide missed it)."""
     opt, theta = pinned()
-    after = epochs_with_losses(opt, theta, [GOOD_EPOCH_0, [2.2] * 9 + [1.0], [2.7] * 10])
-    assert opt.rolled_back_epochs == [2]
-    assert torch.equal(after[2], after[1])
+    after = epochs_with_losses(opt, theta, [GOOD_EPOCH_0, *sliding([*SLIDE, 2.49, 2.7])])
+    assert opt.rolled_back_epochs == [6]
+    assert torch.equal(after[6], after[5])
 
 
 @pytest.mark.parametrize(("ratio", "rolled_back"), [(2.45, False), (2.55, True)])
 def test_loss_threshold_is_2_5_fold_of_the_best(ratio: float, rolled_back: bool) -> None:
     opt, theta = pinned()
-    after = epochs_with_losses(opt, theta, [GOOD_EPOCH_0, [ratio] * 10])
+    after = epochs_with_losses(opt, theta, [GOOD_EPOCH_0, *sliding([*SLIDE, ratio])])
     assert opt.state_dict()["bb"]["best_loss"] == 1.0  # the reference: epoch 0's best period mean
-    assert torch.equal(after[1], after[0]) == rolled_back
+    assert torch.equal(after[5], after[4]) == rolled_back
+    assert opt.rolled_back_epochs == ([5] if rolled_back else [])
+
+
+def test_a_fast_rise_is_rolled_back_to_the_last_good_rate() -> None:
+    """A mean loss 1.5-fold of the last good epoch's (by more than the margin) is rolled back: θ returns, r goes
+    back to the last good rate under the 0.7-fold ceiling, and no permanent cap is set (unlike a divergence)."""
+    opt, theta = quadratic(1e-3, tau_min=1e-6, tau_max=0.05, momentum=0.0)
+    after = epochs_with_losses(opt, theta, [GOOD_EPOCH_0, [1.0] * 10, [1.0] * 10, [1.5] * 10])
+    history = opt.lr_history + [opt.lr]
+    assert opt.rolled_back_epochs == [3] and torch.equal(after[3], after[2])
+    assert history[4] == pytest.approx(min(history[2], history[3] * safeguard_control.CEILING))
+    assert opt.state_dict()["bb"]["lr_cap"] == math.inf
 
 
 def test_near_zero_loss_ratio_is_not_a_divergence() -> None:
@@ -182,10 +203,10 @@ def test_rollback_returns_to_the_last_good_rate_and_caps_later_ones() -> None:
 
 
 def test_rising_loss_brakes_the_rate() -> None:
-    """A mean loss above the previous epoch's (not enough to roll back) halves the rate at most, although the
+    """A mean loss above the previous epoch's (1.2-fold: not enough to roll back) halves the rate at most, although the
     estimate asks for more (the rate held at tau_max = 0.05 while the loss held)."""
     opt, theta = quadratic(1e-3, tau_min=1e-6, tau_max=0.05, momentum=0.0)
-    epochs_with_losses(opt, theta, [GOOD_EPOCH_0, [1.0] * 10, [1.0] * 10, [1.5] * 10])
+    epochs_with_losses(opt, theta, [GOOD_EPOCH_0, [1.0] * 10, [1.0] * 10, [1.2] * 10])
     history = opt.lr_history + [opt.lr]
     assert history[:4] == [0.05] * 4  # the search reached the bound within epoch 0; the loss held
     assert history[4] == pytest.approx(history[3] * safeguard_control.LOSS_BRAKE)  # the loss rose: halved

@@ -76,7 +76,8 @@ def test_a_tiny_initial_rate_is_left_behind_within_the_first_epochs() -> None:
 def test_the_search_ends_with_the_first_epochs_last_period(seed: int) -> None:
     """The search grows the rate more than RATE_GROWTH_LIMIT-fold between the first epoch's periods, but the
     period that ends the first epoch, and every epoch after it, follows: an estimate that overshoots there would
-    cost a whole epoch, rolled back (the README's example went to rate 40-100 in its second epoch)."""
+    cost a whole epoch, rolled back (the README's example went to rate 40-100 in its second epoch). A follow step
+    that raises the loss too fast may be rolled back (back to a lower rate): the bound still holds."""
     model, opt, batches = regression(1e-3, seed=seed)
     period = STEPS // FIRST_EPOCH_PERIODS
     rates = []  # the rate after each step
@@ -90,7 +91,7 @@ def test_the_search_ends_with_the_first_epochs_last_period(seed: int) -> None:
     inner = [rates[k * period - 1] for k in range(FIRST_EPOCH_PERIODS)]  # after each inner period of epoch 0
     assert max(later / earlier for earlier, later in zip(inner, inner[1:])) > RATE_GROWTH_LIMIT
     epoch_ends = [inner[-1]] + [rates[k * STEPS - 1] for k in range(1, 5)]
-    assert opt.rolled_back_epochs == []
+    assert 0 not in opt.rolled_back_epochs
     for earlier, later in zip(epoch_ends, epoch_ends[1:]):
         assert later <= RATE_GROWTH_LIMIT * earlier * (1 + 1e-12)
 
@@ -229,9 +230,10 @@ def _random_labels(lr: float, seed: int, steps: int = 16) -> tuple[list[float], 
 def test_a_first_epoch_that_barely_lowers_the_loss_is_not_rolled_back(lr: float, seed: int) -> None:
     """With 30 % random labels the earlier default's first epoch lowered the loss by only 4-5 %, its "stuck at
     chance" test rolled it back and every later rate stayed capped at η0/4. Labels that are all noise: the first
-    epoch lowers the loss by under 5 %, nothing is rolled back, the rate climbs far past η0 and the loss falls."""
+    epoch lowers the loss by under 5 %, it is not rolled back, the rate climbs far past η0 and the loss falls (a
+    later epoch whose loss jumps may be rolled back by the rise rule; the first is what the stuck test judges)."""
     means, opt = _random_labels(lr, seed)
     assert means[0] > 0.95 * math.log(10)
-    assert opt.rolled_back_epochs == []
+    assert 0 not in opt.rolled_back_epochs
     assert max(opt.lr_history) > 10 * lr
     assert means[-1] < means[0]

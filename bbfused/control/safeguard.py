@@ -259,7 +259,10 @@ class SafeguardControl:
         accept_anyway = self.loss_rollback & ~weights_bad & torch.isfinite(mean) & torch.isfinite(last) & ~stuck
         diverged = weights_bad | (loss_bad & ~accept_anyway)
         # A rise rolled back (not after a loss rollback: then the snapshot is no better).
-        risen = complete & ~diverged & ~self.loss_rollback & (mean > RISE_ROLLBACK * self.last_loss)
+        # A ratio of losses means something only for positive ones (as the 2.5-fold test's ``compared > 0``).
+        risen = (
+            complete & ~diverged & ~self.loss_rollback & (self.last_loss > 0) & (mean > RISE_ROLLBACK * self.last_loss)
+        )
         risen = risen & (mean - self.last_loss > margin)
         diverged = diverged | risen
         near_start = complete & (initial > 0) & (mean > SEARCH_UNTIL_PROGRESS * initial)

@@ -193,7 +193,7 @@ def _decide_kernel(
     diverged = weights_bad | (loss_bad & (accept_anyway == 0))
     # A rise rolled back (not right after a loss rollback: then the snapshot is no better).
     last_loss = _f64(last_loss_ptr)
-    risen = complete & (diverged == 0) & (loss_rollback == 0) & (mean > rise_rollback * last_loss)
+    risen = complete & (diverged == 0) & (loss_rollback == 0) & (last_loss > 0) & (mean > rise_rollback * last_loss)
     risen = risen & (mean - last_loss > margin)
     diverged = diverged | risen
     near_start = complete & (initial > 0) & (mean > search_until * initial)

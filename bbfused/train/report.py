@@ -81,7 +81,8 @@ def summary(progress: Progress, seconds: float, output_dir: Path | None, test_se
         lines[0] += f"; best test top-1 {progress.best_acc1:.2f}% at epoch {progress.best_epoch}"
     rolled_back = [r["epoch"] for r in progress.history if r.get("rolled_back")]
     if rolled_back:
-        lines.append(f"BB rolled back epoch(s) {', '.join(map(str, rolled_back))} (diverged; weights restored)")
+        epochs = ", ".join(map(str, rolled_back))
+        lines.append(f"BB rolled back epoch(s) {epochs} (diverged, or its loss jumped; weights restored)")
     if output_dir is not None:
         best = f"{BEST} (epoch {progress.best_epoch}), " if progress.best_epoch is not None else ""
         lines.append(f"outputs in {output_dir}: {LATEST} (last epoch), {best}{LOG}, {PLOT}")
