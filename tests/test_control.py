@@ -461,3 +461,16 @@ def test_backoff_that_is_not_enough_is_followed_by_another() -> None:
     assert opt.rolled_back_epochs == [0]
     assert opt.state_dict()["bb"]["lr_cap"] == pytest.approx(safeguard_control.CAP)
     assert max(opt.lr_history) <= safeguard_control.CAP * (1 + 1e-12)
+
+
+@pytest.mark.parametrize(("last_period_loss", "searching"), [(0.99, True), (0.5, False)])
+def test_the_search_goes_on_while_the_loss_has_not_left_its_start(last_period_loss: float, searching: bool) -> None:
+    """From η0 = 1e-4 the first epoch's search leaves r under the estimate (1 on ½‖θ‖²). When the period that ends
+    the first epoch still has a mean loss above 0.95 times the first step's, the search goes on (r grows 4-fold or
+    more); when it made progress, r follows (at most RATE_GROWTH_LIMIT-fold)."""
+    opt, theta = quadratic(1e-4, momentum=0.0)
+    epochs_with_losses(opt, theta, [[1.0] * 8 + [last_period_loss] * 2, [0.5] * 10])
+    last_period_rate, second_epoch_rate = opt.lr_history
+    assert opt.rolled_back_epochs == [] and last_period_rate < 1.0
+    growth = second_epoch_rate / last_period_rate
+    assert growth >= safeguard_control.SEARCH_GROWTH if searching else growth <= safeguard_control.RATE_GROWTH_LIMIT
