@@ -308,8 +308,9 @@ def test_whole_training_step_replays_in_a_cuda_graph(safeguard: bool) -> None:
     assert not math.isnan(graphed.lr)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("safeguard", [True, False])
-def test_group_added_mid_run_joins_the_estimate_as_with_host_counts(safeguard: bool) -> None:
+def test_group_added_mid_run_joins_the_estimate_as_with_host_counts(safeguard: bool, backend: str) -> None:
     """A group added mid-epoch (the model's last layer, frozen until then) joins the rule at the same epoch end,
     counted on the device, as with the host's counts: the same rates and weights over 5 epochs."""
     results = []
@@ -319,7 +320,7 @@ def test_group_added_mid_run_joins_the_estimate_as_with_host_counts(safeguard: b
         for p in head:
             p.requires_grad_(False)
         body = [p for p in model.parameters() if p.requires_grad]
-        opt = BB(body, lr=0.3, steps_per_epoch=STEPS, backend="eager", safeguard=safeguard, capturable=capturable)
+        opt = BB(body, lr=0.3, steps_per_epoch=STEPS, backend=backend, safeguard=safeguard, capturable=capturable)
         for step in range(5 * STEPS):
             if step == STEPS + 2:
                 for p in head:
@@ -333,11 +334,11 @@ def test_group_added_mid_run_joins_the_estimate_as_with_host_counts(safeguard: b
         assert torch.equal(a, b)
 
 
-def _quadratic_run(capturable: bool, **kwargs) -> tuple[torch.Tensor, list[float]]:
+def _quadratic_run(capturable: bool, backend: str = "eager", **kwargs) -> tuple[torch.Tensor, list[float]]:
     """25 epochs of 3 steps on a float64 quadratic: the weights and the rate history."""
     torch.manual_seed(0)
     theta = torch.nn.Parameter(torch.randn(32, dtype=torch.float64))
-    opt = BB([theta], lr=1.0, steps_per_epoch=3, backend="eager", capturable=capturable, **kwargs)
+    opt = BB([theta], lr=1.0, steps_per_epoch=3, backend=backend, capturable=capturable, **kwargs)
     for _ in range(75):
         opt.zero_grad()
         loss = (theta.square() * torch.linspace(0.1, 3.0, 32, dtype=torch.float64)).sum()
@@ -359,13 +360,14 @@ def test_capturable_rates_match_at_every_epoch_bound() -> None:
     assert sum(rate in rounding_apart for rate in history) >= 3
 
 
-def test_capturable_end_phase_matches_the_host_counted_one() -> None:
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_capturable_end_phase_matches_the_host_counted_one(backend: str) -> None:
     """The default control's epoch-dependent factor is the end phase's cosine over the second half of the planned
     epochs: with the epoch counted on the host or on the device, float64 weights and the rate history agree bit for
     bit over a 25-epoch plan (the module docstring's promise), through every annealed epoch."""
     epochs = 25
-    theta, history = _quadratic_run(False, epochs=epochs, tau_min=0.1, tau_max=0.3)
-    captured_theta, captured_history = _quadratic_run(True, epochs=epochs, tau_min=0.1, tau_max=0.3)
+    theta, history = _quadratic_run(False, backend, epochs=epochs, tau_min=0.1, tau_max=0.3)
+    captured_theta, captured_history = _quadratic_run(True, backend, epochs=epochs, tau_min=0.1, tau_max=0.3)
     assert len(history) == epochs and history[-1] < 0.05 * history[epochs // 2 - 1]  # the run went through the end
     assert captured_history == history and torch.equal(captured_theta, theta)
 
