@@ -219,11 +219,7 @@ class BufferSet:
         whole = all(self.join_epochs[b.group_index] == 0 and b.shard_group is None for b in self.buffers)
         if partials and run is not None and len(self.backends) == 1 and whole and self.buffers:
             # Every buffer on one backend that can leave the sums to the decision kernel: no sum launches.
-            if clock.gate is not None:
-                return run([_pass_args(b) for b in self.buffers], enabled=clock.gate)
-            if ("partials", 0) not in self._kept_sums:
-                self._kept_sums["partials", 0] = run([_pass_args(b) for b in self.buffers])
-            return self._kept_sums["partials", 0]
+            return self._run_pass(("partials", 0), clock, self.master, run, [_pass_args(b) for b in self.buffers])
         return reduce_sums(self._pass("epoch_measure", clock), self.buffers)
 
     def paper_pass(self, clock: EpochClock) -> torch.Tensor:
@@ -263,17 +259,20 @@ class BufferSet:
         sums = []
         for index, buffer in enumerate(self.buffers):
             run = getattr(self.backends[buffer.device], kind)
-            args = _pass_args(buffer)
-            if clock.gate is not None:
-                buffer_sums = run(*args, enabled=_on(clock.gate, buffer.device))
-            else:
-                if (kind, index) not in self._kept_sums:
-                    self._kept_sums[kind, index] = run(*args)
-                buffer_sums = self._kept_sums[kind, index]
+            buffer_sums = self._run_pass((kind, index), clock, buffer.device, run, *_pass_args(buffer))
             sums.append(self._rule_sums(buffer, buffer_sums, clock))
         if len(sums) == 1:
             return _on(sums[0], self.master)  # the sum of one row is the row: two launches fewer
         return torch.stack([_on(s, self.master) for s in sums]).sum(0)
+
+    def _run_pass(self, key: tuple[str, int], clock: EpochClock, device: torch.device, run, *args) -> torch.Tensor:
+        """``run(*args)``, a pass on ``device``: under a device clock gated (every step); under a host clock once per
+        epoch end, its result kept under ``key`` for a repeated call (the pass must not run twice)."""
+        if clock.gate is not None:
+            return run(*args, enabled=_on(clock.gate, device))
+        if key not in self._kept_sums:
+            self._kept_sums[key] = run(*args)
+        return self._kept_sums[key]
 
     def _rule_sums(self, buffer: FlatBuffer, sums: torch.Tensor, clock: EpochClock) -> torch.Tensor:
         """``buffer``'s pass sums as the epoch end uses them. A group added later than the constructor's has no full

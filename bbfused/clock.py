@@ -336,7 +336,8 @@ class DeviceClock:
         periods = self.periods
         if not periods.length:
             return self.steps_per_epoch
-        first = torch.where(self.step <= periods.last_inner_end, periods.length, self.step - periods.last_inner_end)
+        step = self.step if self.counted else self.step + 1  # the closing step included
+        first = torch.where(step <= periods.last_inner_end, periods.length, step - periods.last_inner_end)
         return torch.where(self.epoch == 0, first, self.steps_per_epoch)
 
     @property
@@ -454,15 +455,6 @@ class KernelDeviceClock(DeviceClock):
         """Nothing to count yet (the period end counts the step); the period end always runs, gated."""
         self.first_step_pending = False
         return True
-
-    @property
-    def closing_steps(self) -> torch.Tensor | int:
-        periods = self.periods
-        step = self.step + 1
-        if not periods.length:
-            return self.steps_per_epoch
-        first = torch.where(step <= periods.last_inner_end, periods.length, step - periods.last_inner_end)
-        return torch.where(self.epoch == 0, first, self.steps_per_epoch)
 
     def finish_period(
         self, new_base: torch.Tensor, rolled_back: torch.Tensor | None, shown, param_groups: list[dict]

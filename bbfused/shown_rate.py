@@ -39,17 +39,16 @@ class ShownRate:
     def set_base(self, rate: torch.Tensor, param_groups: list[dict[str, Any]]) -> None:
         """The control's new rate: apply it times the multiplier, and show it."""
         self.base.copy_(rate)
-        torch.mul(self.base, self.multiplier, out=self.buffers.lr)  # the master's; set_lr copies it to the others
-        self.buffers.set_lr(self.buffers.lr)
-        self.value = self.clock.shown_rate(self.buffers.lr)
-        self.show(param_groups)
+        torch.mul(self.base, self.multiplier, out=self.buffers.lr)  # the master's
+        self.published(param_groups)
 
     def rate_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The control's rate, the multiplier and the applied rate (the master device's), for a kernel to write."""
         return self.base, self.multiplier, self.buffers.lr
 
     def published(self, param_groups: list[dict[str, Any]]) -> None:
-        """A kernel wrote the base and the master's applied rate: copy it to the other devices, and show it."""
+        """The base and the master's applied rate are written (here, or by a kernel): copy the rate to the other
+        devices, and show it."""
         self.buffers.set_lr(self.buffers.lr)
         self.value = self.clock.shown_rate(self.buffers.lr)
         self.show(param_groups)

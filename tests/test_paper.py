@@ -100,6 +100,23 @@ def mnist_run(lr: float, safeguard: bool, *options: str, model: str = "mlp"):
     return prepare(parse_args([*argv, "--print-freq", "1000"]))
 
 
+def watch_first_period(run) -> list[tuple[list[torch.Tensor], float]]:
+    """A list that gets the weights and the rate right after the first period of ``run``'s first epoch ends."""
+    optimizer = run.optimizer
+    period = max(2, optimizer.steps_per_epoch // safeguard_control.FIRST_EPOCH_PERIODS)
+    first_period = []
+    step = optimizer.step
+
+    def watched_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        if optimizer.epoch == 0 and optimizer.step_in_epoch == period:
+            first_period.append(([p.detach().clone() for p in run.model.parameters()], optimizer.lr))
+        return result
+
+    optimizer.step = watched_step
+    return first_period
+
+
 # ============================================================================================ failure modes
 def test_initial_lr_too_large_nan_in_epoch_0_is_rolled_back() -> None:
     """η0 = 1 on the paper's MLP (4096 MNIST images, 32 steps an epoch): the paper's BB ends epoch 0 with
@@ -112,18 +129,8 @@ def test_initial_lr_too_large_nan_in_epoch_0_is_rolled_back() -> None:
 
     safe = mnist_run(1.0, True, "--limit-train", "4096", "--momentum", "0")
     optimizer = safe.optimizer
-    period = max(2, optimizer.steps_per_epoch // safeguard_control.FIRST_EPOCH_PERIODS)
     initial = [p.detach().clone() for p in safe.model.parameters()]
-    first_period = []
-    step = optimizer.step
-
-    def watched_step(*args, **kwargs):
-        result = step(*args, **kwargs)
-        if optimizer.epoch == 0 and optimizer.step_in_epoch == period:
-            first_period.append(([p.detach().clone() for p in safe.model.parameters()], optimizer.lr))
-        return result
-
-    optimizer.step = watched_step
+    first_period = watch_first_period(safe)
     records = [safe.run_epoch(epoch) for epoch in (0, 1, 2)]
     ((weights, rate),) = first_period
     assert all(torch.equal(p, q) for p, q in zip(weights, initial)) and rate == pytest.approx(0.1)
@@ -168,18 +175,8 @@ def test_lenet_dying_in_epoch_0_without_nan_is_rolled_back() -> None:
     # to the initial weights exactly, and the rest of the epoch at a tenth of the rate learns.
     safe = mnist_run(1.0, True, "--momentum", "0", model="lenet")
     optimizer = safe.optimizer
-    period = max(2, optimizer.steps_per_epoch // safeguard_control.FIRST_EPOCH_PERIODS)
     initial = [p.detach().clone() for p in safe.model.parameters()]
-    first_period = []
-    step = optimizer.step
-
-    def watched_step(*args, **kwargs):
-        result = step(*args, **kwargs)
-        if optimizer.epoch == 0 and optimizer.step_in_epoch == period:
-            first_period.append(([p.detach().clone() for p in safe.model.parameters()], optimizer.lr))
-        return result
-
-    optimizer.step = watched_step
+    first_period = watch_first_period(safe)
     safe_record = safe.run_epoch(0)
     ((weights, rate),) = first_period
     assert all(torch.equal(p, q) for p, q in zip(weights, initial)) and rate == pytest.approx(0.1)

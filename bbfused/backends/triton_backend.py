@@ -51,12 +51,12 @@ INT32_INDEX_LIMIT = 2**31
 
 
 @triton.jit
-def _block_start(USE_INT64: tl.constexpr, BLOCK: tl.constexpr):
-    """The index of this program's first element; int64 when the buffer is too long for int32."""
-    pid = tl.program_id(0)
+def _block_span(block, USE_INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``block``'s first element and its offsets; int64 when the buffer is too long for int32."""
     if USE_INT64:
-        pid = pid.to(tl.int64)  # int32 pid * BLOCK would overflow past 2**31 elements
-    return pid * BLOCK
+        block = tl.cast(block, tl.int64)  # int32 block * BLOCK would overflow past 2**31 elements
+    start = block * BLOCK
+    return start, start + tl.arange(0, BLOCK)
 
 
 @triton.jit
@@ -166,8 +166,7 @@ def _step_kernel(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    start = _block_start(USE_INT64, BLOCK)
-    offsets = start + tl.arange(0, BLOCK)
+    start, offsets = _block_span(tl.program_id(0), USE_INT64, BLOCK)
     # Full blocks go unmasked: Triton vectorizes an access only where it can prove the mask constant over
     # the vector, which an unspecialized n_elements does not allow. (n - start, not start + BLOCK: no overflow.)
     if n_elements - start >= BLOCK:
@@ -192,15 +191,6 @@ def _enabled(enabled_ptr, HAS_ENABLED: tl.constexpr):
     else:
         go = tl.full((), 1, tl.int1)
     return go
-
-
-@triton.jit
-def _block_span(block, USE_INT64: tl.constexpr, BLOCK: tl.constexpr):
-    """Block ``block``'s first element and its offsets; int64 when the buffer is too long for int32."""
-    if USE_INT64:
-        block = tl.cast(block, tl.int64)
-    start = block * BLOCK
-    return start, start + tl.arange(0, BLOCK)
 
 
 @triton.jit
