@@ -5,9 +5,6 @@ and on two gloo ranks under DDP; a dict without BB's global state is refused bef
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torchrun import run_two_ranks
 
 from bbfused import BB
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4
 SAVED_AT = 6  # mid epoch 1; the resumed run crosses the ends of epochs 1 and 2
 
@@ -245,12 +242,7 @@ def test_ddp_two_ranks_resume_through_dcp_is_bit_identical(tmp_path: Path) -> No
 
     script = tmp_path / "ddp_dcp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    finished = subprocess.run(
-        [*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=150
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    run_two_ranks(script, str(tmp_path), timeout=150)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for found in ranks:
         assert found["loaded"] == [1, 2]

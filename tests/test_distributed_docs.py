@@ -6,16 +6,14 @@ bit-identical to the run that was not interrupted."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchrun import run_two_ranks, torchrun_env
 
 from bbfused import BB
 
@@ -84,13 +82,7 @@ def _launch(folder: Path, run: str) -> list[dict[str, Any]]:
     """torchrun with two processes in ``folder`` (the snippets' checkpoints go to folder/checkpoints)."""
     script = folder / "rank.py"
     script.write_text(RANK_SCRIPT)
-    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
-    finished = subprocess.run(
-        [*command, str(script), run], cwd=folder, env=env, capture_output=True, text=True, timeout=200
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    run_two_ranks(script, run, timeout=200, env=torchrun_env(REPO / "tests"), cwd=folder)
     return [json.loads((folder / f"{run}_rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 

@@ -7,16 +7,11 @@ trains as the plain tensor does."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from torchrun import run_two_ranks, torchrun_env
 
 # Shared by the ranks and by the single-process reference (run here, without torch.distributed).
 COMMON = r"""
@@ -150,15 +145,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("fsdp2")
     script = out / "ranks.py"
     script.write_text(COMMON + RANKS)
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "TRITON_INTERPRET": "1",
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    finished = subprocess.run([*command, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-4000:]
+    run_two_ranks(script, str(out), timeout=300, env=torchrun_env(TRITON_INTERPRET="1"))
     ranks = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     common: dict[str, Any] = {}
     exec(compile(COMMON, "common", "exec"), common)

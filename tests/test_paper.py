@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun import run_two_ranks
 
 from bbfused import BB, checkpoint
 from bbfused.control import safeguard as safeguard_control
@@ -430,12 +429,7 @@ dist.destroy_process_group()
 def test_ranks_decide_alike_under_torch_distributed(tmp_path) -> None:
     script = tmp_path / "ddp_losses.py"
     script.write_text(DDP_LOSSES)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    finished = subprocess.run(
-        [*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    run_two_ranks(script, str(tmp_path), timeout=120)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert ranks[0]["rolled_back"] == ranks[1]["rolled_back"] == [2]
     assert torch.equal(ranks[0]["theta"], ranks[1]["theta"])

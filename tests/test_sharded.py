@@ -7,12 +7,8 @@ BB was built (``model.to()``) is an error at the next step, not a silent loss of
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from torchrun import run_two_ranks
 
 SCRIPT = r"""
 import json
@@ -87,12 +83,7 @@ EXPECTED = {
 def test_sharded_parameters_bb_cannot_take_are_refused_with_the_reason_and_what_works(tmp_path) -> None:
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    finished = subprocess.run(
-        [*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=150
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    run_two_ranks(script, str(tmp_path), timeout=150)
     for rank in (0, 1):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert found.pop("groups_after") == 1  # the refused group was not kept
