@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import torch
 
 from .backends import Backend, load_backend
-from .buffers import FlatBuffer, state_dtype, warn_replaced_gradients
+from .buffer_runs import BufferRun, plan_runs
+from .buffers import FlatBuffer, planned_numel, state_dtype, warn_replaced_gradients
 from .clock import EpochClock, choose
 from .devices import on as _on
 from .sharded import reduce_sums
@@ -60,6 +61,8 @@ class BufferSet:
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.buffers: list[FlatBuffer] = []
+        # The constructor's buffers that share one allocation per (device, dtype), each stepped with one launch.
+        self.runs: list[BufferRun] = []
         self.backends: dict[torch.device, Backend] = {}
         # One float64 learning-rate tensor per device; the first is the master the rate control writes.
         self.lrs: dict[torch.device, torch.Tensor] = {}
@@ -77,6 +80,7 @@ class BufferSet:
         """Backends travel by name and are loaded again on the copy's side."""
         state = dict(self.__dict__)
         state["backends"] = {device: backend.name for device, backend in self.backends.items()}
+        state["runs"] = []  # each copied buffer is allocated anew (FlatBuffer.__setstate__)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -96,24 +100,44 @@ class BufferSet:
             if self.skip_nonfinite:
                 self.nonfinite[device] = torch.zeros((), dtype=torch.int64, device=device)
 
+    def pack_groups(self, groups: Sequence[dict[str, Any]], names: Sequence[list[str]]) -> None:
+        """Pack the constructor's groups (see :meth:`pack`). On a backend that steps by blocks, the buffers that
+        several groups have on one (device, dtype) form a run (``bbfused.buffer_runs``): one launch for them all."""
+        kinds = [
+            {kind: planned_numel([group["params"][i] for i in indices]) for kind, indices in _by_kind(group).items()}
+            for group in groups
+        ]
+        blocks = {device: getattr(backend, "weight_decay_block", None) for device, backend in self.backends.items()}
+        runs = plan_runs(kinds, blocks, self.momentum > 0)
+        for index, (group, group_names) in enumerate(zip(groups, names)):
+            self.pack(group, group_names, index, join_epoch=0, runs=runs)
+        self.runs = list(runs.values())
+
     def pack(
-        self, group: dict[str, Any], names: list[str], group_index: int, join_epoch: int, snapshot: bool = False
+        self,
+        group: dict[str, Any],
+        names: list[str],
+        group_index: int,
+        join_epoch: int,
+        snapshot: bool = False,
+        runs: dict[tuple[torch.device, torch.dtype], BufferRun] | None = None,
     ) -> list[FlatBuffer]:
         """Pack the group's parameters into flat buffers, one per (device, dtype), in first-seen order: from here
-        on each parameter's ``.data`` and ``.grad`` are views of them. ``snapshot``: prev_params ← θ. Returns the
-        new buffers."""
-        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, p in enumerate(group["params"]):
-            by_kind.setdefault((p.device, p.dtype), []).append(i)
-        packed = [
-            FlatBuffer(
+        on each parameter's ``.data`` and ``.grad`` are views of them. ``snapshot``: prev_params ← θ. ``runs``: the
+        runs whose next member a buffer of their kind is. Returns the new buffers."""
+        packed = []
+        for kind, indices in _by_kind(group).items():
+            run = (runs or {}).get(kind)
+            buffer = FlatBuffer(
                 [group["params"][i] for i in indices],
                 [names[i] for i in indices],
                 group_index,
                 momentum=self.momentum > 0,
+                storage=None if run is None else run.next_storage(),
             )
-            for indices in by_kind.values()
-        ]
+            if run is not None:
+                run.buffers.append(buffer)
+            packed.append(buffer)
         if snapshot:
             with torch.no_grad():
                 for buffer in packed:
@@ -190,28 +214,46 @@ class BufferSet:
     ) -> None:
         """One update of every parameter with a gradient (every parameter with ``whole_buffers``).
         ``weight_decays``: per group."""
-        for buffer in self.buffers:
+        for buffer, start, end, weight_decay in self._step_launches(weight_decays, whole_buffers, found_inf is None):
             device = buffer.device
-            backend = self.backends[device]
-            if whole_buffers:
-                ranges = [(0, buffer.numel)]
-            else:
-                ranges = buffer.ranges_with_gradients(count_in_place_writes=found_inf is None)
-            for start, end in ranges:
-                backend.step(
-                    buffer.param[start:end],
-                    buffer.grad[start:end],
-                    buffer.ema[start:end],
-                    lr=self.lrs[device],
-                    weight_decay=weight_decays[buffer.group_index],
-                    beta=beta,
-                    grad_scale=_on(grad_scale, device),
-                    found_inf=_on(found_inf, device),
-                    nonfinite=self.nonfinite.get(device),
-                    momentum_buffer=None if buffer.momentum is None else buffer.momentum[start:end],
-                    momentum=self.momentum,
-                    nesterov=self.nesterov,
-                )
+            self.backends[device].step(
+                buffer.param[start:end],
+                buffer.grad[start:end],
+                buffer.ema[start:end],
+                lr=self.lrs[device],
+                weight_decay=weight_decay,
+                beta=beta,
+                grad_scale=_on(grad_scale, device),
+                found_inf=_on(found_inf, device),
+                nonfinite=self.nonfinite.get(device),
+                momentum_buffer=None if buffer.momentum is None else buffer.momentum[start:end],
+                momentum=self.momentum,
+                nesterov=self.nesterov,
+            )
+
+    def _step_launches(
+        self, weight_decays: Sequence[float], whole_buffers: bool, count_in_place_writes: bool
+    ) -> Iterator[tuple[FlatBuffer | BufferRun, int, int, float | torch.Tensor]]:
+        """What each step launch updates: (buffer or run, start, end, weight decay or a run's per-block table). A run
+        whose every member has a gradient everywhere is one launch; otherwise its members step by their ranges."""
+        ranges = {
+            id(buffer): [(0, buffer.numel)] if whole_buffers else buffer.ranges_with_gradients(count_in_place_writes)
+            for buffer in self.buffers
+        }
+        in_one_launch = set()
+        for run in self.runs:
+            if all(ranges[id(buffer)] == [(0, buffer.numel)] for buffer in run.buffers):
+                in_one_launch.update(id(buffer) for buffer in run.buffers)
+                yield run, 0, run.numel, run.weight_decay_table(weight_decays)
+        for buffer in self.buffers:
+            if id(buffer) not in in_one_launch:
+                for start, end in ranges[id(buffer)]:
+                    yield buffer, start, end, weight_decays[buffer.group_index]
+
+    def _units(self) -> list[FlatBuffer | BufferRun]:
+        """What an epoch-end pass launches over: each run, and each buffer in no run."""
+        in_runs = {id(buffer) for run in self.runs for buffer in run.buffers}
+        return [*self.runs, *(buffer for buffer in self.buffers if id(buffer) not in in_runs)]
 
     # ------------------------------------------------------------------ the epoch end (EpochBuffers)
     def measure(self, clock: EpochClock, partials: bool = False) -> torch.Tensor:
@@ -219,18 +261,18 @@ class BufferSet:
         whole = all(self.join_epochs[b.group_index] == 0 and b.shard_group is None for b in self.buffers)
         if partials and run is not None and len(self.backends) == 1 and whole and self.buffers:
             # Every buffer on one backend that can leave the sums to the decision kernel: no sum launches.
-            return self._run_pass(("partials", 0), clock, self.master, run, [_pass_args(b) for b in self.buffers])
+            return self._run_pass(("partials", 0), clock, self.master, run, [_pass_args(u) for u in self._units()])
         return reduce_sums(self._pass("epoch_measure", clock), self.buffers)
 
     def paper_pass(self, clock: EpochClock) -> torch.Tensor:
         return reduce_sums(self._pass("epoch_end", clock), self.buffers)
 
     def commit(self, rolled_back: torch.Tensor, clock: EpochClock) -> None:
-        for buffer in self.buffers:
-            flag = _on(rolled_back, buffer.device)
-            gate = _on(clock.gate, buffer.device)
-            self.backends[buffer.device].epoch_commit(
-                buffer.param, buffer.prev_params, flag, enabled=gate, momentum_buffer=buffer.momentum
+        for unit in self._units():
+            flag = _on(rolled_back, unit.device)
+            gate = _on(clock.gate, unit.device)
+            self.backends[unit.device].epoch_commit(
+                unit.param, unit.prev_params, flag, enabled=gate, momentum_buffer=unit.momentum
             )
 
     def snapshot_params(self) -> None:
@@ -285,7 +327,15 @@ class BufferSet:
         return choose(clock.reached(join), sums, torch.cat([torch.zeros_like(sums[:2]), sums[2:]]))
 
 
-def _pass_args(buffer: FlatBuffer) -> tuple[torch.Tensor, ...]:
+def _by_kind(group: dict[str, Any]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """The indices of the group's parameters per (device, dtype), in first-seen order."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(group["params"]):
+        by_kind.setdefault((p.device, p.dtype), []).append(i)
+    return by_kind
+
+
+def _pass_args(buffer: FlatBuffer | BufferRun) -> tuple[torch.Tensor, ...]:
     """What an epoch-end pass reads and writes: θ, g, θ_prev, g_prev."""
     return buffer.param, buffer.ema, buffer.prev_params, buffer.prev_ema
 

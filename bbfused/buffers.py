@@ -1,9 +1,10 @@
 """Flat multi-tensor buffers: the parameters of one group on one (device, dtype), packed end to end.
 
 Every parameter's ``.data`` and ``.grad`` become aliases of a slice of a flat 1-D buffer, so a fused backend
-updates all of them with one launch per buffer. The optimizer state (EMA, the two epoch-end snapshots and, with
-momentum, the momentum buffer) lives in flat buffers with the same layout. Each slice starts on a 16-element
-boundary (aligned vector loads); the padding between slices is zero in every buffer and stays zero under the update.
+updates all of them with one launch per buffer (or per run of buffers, ``bbfused.buffer_runs``). The optimizer state
+(EMA, the two epoch-end snapshots and, with momentum, the momentum buffer) lives in flat buffers with the same layout.
+Each slice starts on a 16-element boundary (aligned vector loads); the padding between slices is zero in every buffer
+and stays zero under the update.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from .diagnostics import warn
 ALIGNMENT = 16  # elements; every slice starts at a multiple of this
 
 
+# A flat buffer's tensors: those in the parameter dtype, then those in the state dtype (momentum only with momentum).
+PARAM_FIELDS = ("param", "grad", "prev_params")
+STATE_FIELDS = ("ema", "prev_ema", "momentum")
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the EMA and of the arithmetic: float64 for float64 parameters, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -28,6 +34,25 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _aligned(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def allocate_fields(numel: int, dtype: torch.dtype, device: torch.device, momentum: bool) -> dict[str, torch.Tensor]:
+    """Zeroed flat tensors of ``numel`` elements for every field of a buffer of ``dtype`` parameters."""
+    fields = {name: torch.zeros(numel, dtype=dtype, device=device) for name in PARAM_FIELDS}
+    state_fields = STATE_FIELDS if momentum else STATE_FIELDS[:-1]
+    fields |= {name: torch.zeros(numel, dtype=state_dtype(dtype), device=device) for name in state_fields}
+    return fields
+
+
+def planned_numel(params: list[torch.Tensor]) -> int | None:
+    """The length of the flat buffer that ``params`` would make; None for DTensors (their slots are laid out by
+    FSDP2)."""
+    if any(sharded.is_dtensor(p) for p in params):
+        return None
+    numel = 0
+    for p in params:
+        numel = _aligned(numel + p.numel())
+    return numel
 
 
 def _layout_strides(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -96,8 +121,15 @@ class FlatBuffer:
     """
 
     def __init__(
-        self, params: list[torch.nn.Parameter], names: list[str], group_index: int, momentum: bool = False
+        self,
+        params: list[torch.nn.Parameter],
+        names: list[str],
+        group_index: int,
+        momentum: bool = False,
+        storage: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """``storage``: the buffers (:func:`allocate_fields`, :func:`planned_numel` elements) when they are slices of
+        a larger allocation (``bbfused.buffer_runs``); by default each is allocated here."""
         self.params = params
         self.names = names
         self.group_index = group_index
@@ -115,13 +147,11 @@ class FlatBuffer:
             self.offsets.append(numel)
             numel = _aligned(numel + shape.numel())
         self.numel = numel
-        new = dict(dtype=self.dtype, device=self.device)
-        self.param = torch.zeros(numel, **new)
-        self.grad = torch.zeros(numel, **new)
-        self.prev_params = torch.zeros(numel, **new)
-        self.ema = torch.zeros(numel, dtype=state_dtype(self.dtype), device=self.device)
-        self.prev_ema = torch.zeros_like(self.ema)
-        self.momentum = torch.zeros_like(self.ema) if momentum else None
+        if storage is None:
+            storage = allocate_fields(numel, self.dtype, self.device, momentum)
+        self.param, self.grad, self.prev_params = storage["param"], storage["grad"], storage["prev_params"]
+        self.ema, self.prev_ema = storage["ema"], storage["prev_ema"]
+        self.momentum = storage["momentum"] if momentum else None
         self.grad_views: list[torch.Tensor] = []  # what p.grad is (for a DTensor: one over grad_locals[i])
         self.grad_locals: list[torch.Tensor] = []  # the plain tensor over the buffer under each
         # written[i]: parameter i got a gradient since the last zero_grad, from backward (a hook) or by

@@ -101,8 +101,8 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], periods, kernels)
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
         self._control = kind(self._clock, devices[0], numel, lr, self.epochs)
-        for index, group in enumerate(self.param_groups):
-            self._buffers.pack(group, groups.param_names(group, index), index, join_epoch=0)
+        names = [groups.param_names(group, index) for index, group in enumerate(self.param_groups)]
+        self._buffers.pack_groups(self.param_groups, names)
         self._packed = groups.PackedGroups(self.param_groups)
         self._closing = False  # set while an epoch end runs; still set after an exception in it
         self._ranks_checked = False

@@ -14,7 +14,8 @@ killed half-way still leaves every finished section on disk. Sections (``--secti
 - ``step_bench``: ResNet-50's parameters, fp32 and bf16: BB default and paper (triton), BB default (eager), torch's
   fused SGD (momentum 0.9), a device copy; wall time (do_bench, L2 flushed), host time per call (no sync), device
   time per call (profiler kernel totals) and kernels per call; the whole epoch end (``end_epoch()``) timed likewise.
-- ``block_sweep``: the step kernel over (BLOCK, num_warps), through the backend's own launch (no argument list here).
+- ``block_sweep``: the step kernel over (BLOCK, num_warps), and the 16-bit step's two layouts, through the backend's
+  own launch (no argument list here).
 - ``end_to_end``: training images/s of a small ResNet (ResNet-18, 112 px) with BB default and paper against
   ``torch.optim.SGD(momentum=0.9, fused=True)``.
 - ``int64``: one fp32 buffer of 2**31 + 1000 elements, step and epoch end checked element by element.
@@ -118,8 +119,11 @@ GPU_ONLY_NOTE = """\
 - The epoch-end passes' bounded grid (1024 programs looping over blocks): its bandwidth against one block a program,
   and the cost of a captured step whose gated passes are off.
 - The tracked model buffers' int64 group (BatchNorm's num_batches_tracked) through the Triton commit kernel.
-- The 16-bit step kernels still pass the EMA through shared memory with a barrier (2 `bar.sync` in the sm_90 PTX
-  of the bf16 and fp16 steps, none for fp32); whether a layout without it is faster needs the GPU's timing.
+- The 16-bit step's layout (the sweep): rows of 4 elements, as chosen, give every access one layout and no shared
+  memory, with 64-bit 16-bit accesses; a flat block gives them 128 bits but converts the EMA's layout through shared
+  memory with barriers. Only a GPU's timing shows which is faster.
+- A run of several parameter groups' buffers in one step launch, reading each block's weight decay from a table
+  (bbfused/buffer_runs.py).
 """
 
 
@@ -676,7 +680,32 @@ def section_block_sweep(report: Report, cfg: Config) -> None:
         tb.BLOCK_SIZE, tb.NUM_WARPS = saved[:2]
         tb.STEP_OPTIONS.clear()
         tb.STEP_OPTIONS.update(saved[2])
-    report.add(f"{n:,} fp32 elements; paper step 20 B/element, with momentum 28 B/element.", "")
+    # The 16-bit step's layout: rows of tb.STEP_ROW (no shared memory, 64-bit 16-bit accesses) against a flat block
+    # (128-bit accesses, a shared-memory conversion with barriers), at the chosen block and warps.
+    half_param, half_grad = param.to(torch.bfloat16), grad.to(torch.bfloat16)
+    saved_rows = dict(tb.STEP_ROW)
+    try:
+        for row in (saved_rows[torch.bfloat16], 1):
+            tb.STEP_ROW[torch.bfloat16] = row
+            layout = f"rows of {row}" if row > 1 else "flat"
+            chosen = " (chosen)" if row == saved_rows[torch.bfloat16] else ""
+            for label, extra, bytes_per_element in (
+                ("bf16", {}, 14),
+                ("bf16 momentum", {"momentum_buffer": buf, "momentum": MOMENTUM}, 22),
+            ):
+
+                def launch(extra=extra):
+                    backend.step(half_param, half_grad, ema, lr=lr, weight_decay=WEIGHT_DECAY, beta=BETA, **extra)
+
+                ms = wall_ms(launch, cfg)
+                rows.append([saved[0], saved[1], f"{label}, {layout}{chosen}", *fmt3(ms),
+                             f"{bytes_per_element * n / ms[0] / 1e6:.0f}"])  # fmt: skip
+    finally:
+        tb.STEP_ROW.clear()
+        tb.STEP_ROW.update(saved_rows)
+    report.add(
+        f"{n:,} elements; fp32 paper step 20 B/element, with momentum 28; bf16 parameters (fp32 EMA) 14 and 22.", ""
+    )
     report.table(["BLOCK", "warps", "step", "median ms", "p20-p80 ms", "GB/s"], rows)
 
 

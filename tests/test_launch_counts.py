@@ -28,7 +28,7 @@ PAPER_EPOCH_END_LIMIT = 16
 # A captured step (capturable=True) carries its epoch end gated on the device: the loss, the step, the measuring
 # pass, the decision, the commit pass (and the model buffers' commit, one per dtype), the clock's period end.
 CAPTURED_STEP_LIMIT = 8
-# Each further parameter group (flat buffer) adds its step, measuring and commit launches.
+# A group added after construction (a flat buffer of its own) adds its step, measuring and commit launches.
 PER_EXTRA_BUFFER = 3
 
 
@@ -94,12 +94,38 @@ def test_captured_step_launches_at_most_eight_kernels(track):
     assert plain.launches["_decide_kernel"] == 1 and plain.launches["_finish_kernel"] == 1, str(plain)
 
 
-def test_each_parameter_group_adds_three_launches_to_a_captured_step():
+def two_groups(net: torch.nn.Module) -> list[dict]:
+    """Weights with the optimizer's weight decay, biases and BatchNorm without: the usual ResNet recipe."""
+    weights = [p for p in net.parameters() if p.ndim > 1]
+    return [{"params": weights}, {"params": [p for p in net.parameters() if p.ndim == 1], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
+def test_groups_of_one_dtype_share_their_launches(capturable):
+    """The constructor's groups of one dtype are one run of buffers (bbfused/buffer_runs.py): two groups launch what
+    one does, with the BatchNorm buffers tracked too."""
+    torch.manual_seed(0)
+    counts = []
+    for split in (True, False):
+        net = model(batchnorms=3)
+        params = two_groups(net) if split else net.parameters()
+        opt = BB(params, lr=0.1, steps_per_epoch=T, epochs=10, weight_decay=1e-4, backend="triton",
+                 capturable=capturable)  # fmt: skip
+        counts.append(counted_steps(opt, net, track=True))
+    (plain, end), (one_plain, one_end) = counts
+    assert plain.launches == one_plain.launches and end.launches == one_end.launches, f"{plain} / {one_plain}"
+    assert plain.total == one_plain.total and end.total == one_end.total
+    assert end.total <= (CAPTURED_STEP_LIMIT if capturable else EPOCH_END_LIMIT), str(end)
+    assert plain.launches["_step_kernel"] == 1
+
+
+def test_a_group_added_later_adds_its_own_launches():
+    """A group added after construction has buffers of its own: its step, measuring and commit launches."""
     torch.manual_seed(0)
     net = model(batchnorms=1)
-    weights = [p for p in net.parameters() if p.ndim > 1]
-    groups = [{"params": weights}, {"params": [p for p in net.parameters() if p.ndim == 1], "weight_decay": 0.0}]
-    opt = BB(groups, lr=0.1, steps_per_epoch=T, epochs=10, weight_decay=1e-4, backend="triton", capturable=True)
+    first, second = two_groups(net)
+    opt = BB(first["params"], lr=0.1, steps_per_epoch=T, epochs=10, backend="triton", capturable=True)
+    opt.add_param_group(second)
     plain, _ = counted_steps(opt, net, track=False)
     single_net = model(batchnorms=1)
     single = BB(single_net.parameters(), lr=0.1, steps_per_epoch=T, epochs=10, backend="triton", capturable=True)

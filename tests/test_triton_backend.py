@@ -225,6 +225,8 @@ def test_int64_offsets_chosen_exactly_when_needed() -> None:
 # ------------------------------------------------------------------------------------------ specialization
 CONSTEXPRS = {
     "HAS_SCALE",
+    "HAS_WEIGHT_DECAY_TABLE",
+    "ROW",
     "HAS_FOUND_INF",
     "SKIP_NONFINITE",
     "HAS_MOMENTUM",
@@ -316,9 +318,10 @@ param, ema = sys.argv[1], sys.argv[2]
 target = GPUTarget("cuda", 90, 32)
 aligned = make_backend(target).parse_attr("D")
 step_scalars = {"n_elements": "i32", "weight_decay": "fp64", "beta": "fp64", "momentum": "fp64"}
-step_pointers = [param, param, ema, "fp64", "fp32", "fp32", "i64", ema]
-step_flags = {"HAS_SCALE": True, "HAS_FOUND_INF": True, "SKIP_NONFINITE": False, "HAS_MOMENTUM": False,
-              "NESTEROV": False}
+step_pointers = [param, param, ema, "fp64", "fp32", "fp32", "i64", ema, "fp64"]
+row = int(sys.argv[3])
+step_flags = {"HAS_SCALE": True, "HAS_WEIGHT_DECAY_TABLE": False, "HAS_FOUND_INF": True, "SKIP_NONFINITE": False,
+              "HAS_MOMENTUM": False, "NESTEROV": False, "ROW": row}
 kernels = {
     "step": (tb._step_kernel, step_pointers, step_scalars, step_flags),
     "step_skipping_nonfinite": (tb._step_kernel, step_pointers, step_scalars, step_flags | {"SKIP_NONFINITE": True}),
@@ -346,12 +349,16 @@ for name, (kernel, pointers, scalars, flags) in kernels.items():
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs={(i,): aligned for i in range(len(pointers))})
     options = tb.STEP_OPTIONS if kernel is tb._step_kernel else {"num_warps": tb.NUM_WARPS}
     asm = triton.compile(source, target=target, options=options).asm
-    block = r"tensor<%dx!tt\.ptr<(\w+)>>" % tb.BLOCK_SIZE
+    shape = "%d" % tb.BLOCK_SIZE if flags.get("ROW", 1) == 1 else "%dx%d" % (tb.BLOCK_SIZE // row, row)
+    block = r"tensor<%sx!tt\.ptr<(\w+)>>" % shape
     report[name] = {
         "loads": re.findall(r"tt\.load .*: " + block, asm["ttir"]),
         "stores": re.findall(r"tt\.store .*: " + block, asm["ttir"]),
         "vector_load_bytes": 16 * len(re.findall(r"ld\.global[\w.:]*?\.(?:v4\.b32|v2\.b64)\b", asm["ptx"])),
         "vector_store_bytes": 16 * len(re.findall(r"st\.global[\w.:]*?\.(?:v4\.b32|v2\.b64)\b", asm["ptx"])),
+        "half_vector_load_bytes": 8 * len(re.findall(r"ld\.global[\w.:]*?\.v2\.b32\b", asm["ptx"])),
+        "half_vector_store_bytes": 8 * len(re.findall(r"st\.global[\w.:]*?\.v2\.b32\b", asm["ptx"])),
+        "shared_stores": len(re.findall(r"\bst\.shared", asm["ptx"])),
         "fused_multiply_adds": len(re.findall(r"\bfma\.", asm["ptx"])),
     }
 print(json.dumps(report))
@@ -376,7 +383,14 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     ema = state_dtype(dtype)
     result = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, SIGNATURE_TYPES[dtype], SIGNATURE_TYPES[ema]],
+        [
+            sys.executable,
+            "-c",
+            COMPILE_SCRIPT,
+            SIGNATURE_TYPES[dtype],
+            SIGNATURE_TYPES[ema],
+            str(tb.STEP_ROW.get(dtype, 1)),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -403,12 +417,17 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
             # The commit's two branches copy opposite ways; the PTX selects the pointers: one load, one store.
             moved = types[:1] if kernel.startswith("epoch_commit") else types
             per_element = sum(size[t] for t in moved)
-            vector_bytes = report[kernel][f"vector_{kind[:-1]}_bytes"] * threads / tb.BLOCK_SIZE
-            assert vector_bytes == per_element, (kernel, kind)
+            accessed = report[kernel][f"vector_{kind[:-1]}_bytes"] + report[kernel][f"half_vector_{kind[:-1]}_bytes"]
+            assert accessed * threads / tb.BLOCK_SIZE == per_element, (kernel, kind)
     assert dtype != torch.float32 or sum(size[t] for t in expected["step"]["loads"] + expected["step"]["stores"]) == 20
     momentum_accesses = expected["step_momentum"]["loads"] + expected["step_momentum"]["stores"]
     assert dtype != torch.float32 or sum(size[t] for t in momentum_accesses) == 28
     assert all(report[kernel]["fused_multiply_adds"] == 0 for kernel in report if kernel.startswith("step"))
+    # No step passes values through shared memory (only the count of skipped values is a block reduction): 16-bit
+    # parameters are read and written 64 bits at a time (rows of tb.STEP_ROW), every other access 128 bits.
+    assert report["step"]["shared_stores"] == report["step_momentum"]["shared_stores"] == 0
+    sixteen_bit = 2 * dtype.itemsize if dtype.itemsize == 2 else 0  # θ and the gradient
+    assert report["step"]["half_vector_load_bytes"] * threads / tb.BLOCK_SIZE == sixteen_bit
 
 
 # ------------------------------------------------------------------------------------------ availability

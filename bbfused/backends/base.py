@@ -16,7 +16,11 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Backend(Protocol):
-    """One implementation of the fused step and epoch end."""
+    """One implementation of the fused step and epoch end.
+
+    A backend may also set ``weight_decay_block`` (an int): its step then takes, instead of a number, a float64
+    table of each block's weight decay (that many elements a block), and the buffers of several groups run as one
+    (``bbfused.buffer_runs``)."""
 
     name: str
 

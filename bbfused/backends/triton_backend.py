@@ -40,6 +40,11 @@ NUM_WARPS = 4
 # The step's compile options. No fused multiply-add: contracting a·b + c into one rounding would change the bits,
 # and every backend gives the eager reference's (on CPU the interpreter computes op by op anyway).
 STEP_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+# The step of 16-bit parameters addresses its block as rows of this many elements. On a flat block the compiler gives
+# the 16-bit accesses 8 elements a thread and the float32 EMA's 4, and converts between the two layouts through shared
+# memory with barriers; rows of 4 give every access one layout (64-bit 16-bit accesses, 128-bit float32 ones) and no
+# shared memory (tests/test_triton_backend.py). Which is faster is for a GPU to time (benchmarks/gpu_check.py).
+STEP_ROW = {torch.bfloat16: 4, torch.float16: 4}
 # The epoch-end passes run on at most this many programs, each looping over every EPOCH_PROGRAMS-th block: a captured
 # step launches them every step, gated by a flag, and a grid that scaled with the buffer (24,906 blocks on ResNet-50)
 # would spend its time starting programs that read the flag and exit. 1024 programs of 4 warps still fill an H200
@@ -126,7 +131,7 @@ def _step_block(
         new_ema = tl.where(finite, new_ema, ema)
         if HAS_MOMENTUM:
             new_m = tl.where(finite, new_m, m)
-        skipped = tl.sum(tl.where(finite, 0, 1).to(tl.int64), axis=0)
+        skipped = tl.sum(tl.where(finite, 0, 1).to(tl.int64), axis=None)
         if skipped != 0:
             tl.atomic_add(nonfinite_ptr, skipped)
     tl.store(param_ptr + offsets, new_theta.to(param_ptr.dtype.element_ty), mask=mask)
@@ -145,20 +150,25 @@ def _step_kernel(
     found_inf_ptr,
     nonfinite_ptr,
     momentum_ptr,
+    weight_decay_ptr,
     n_elements,
     weight_decay: tl.float64,
     beta: tl.float64,
     momentum: tl.float64,
     HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT_DECAY_TABLE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROW: tl.constexpr,
 ):
     """d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over one block; found_inf ≠ 0: no access.
     With HAS_MOMENTUM, θ steps along m ← m + (1 − μ)·(d − m) (NESTEROV: along (1 − μ)·d + μ·m) instead of d.
+    HAS_WEIGHT_DECAY_TABLE: λ is this block's entry of the float64 table (a run of several groups' buffers).
+    ROW > 1: the block as (BLOCK / ROW, ROW) offsets (see STEP_ROW).
 
     Arithmetic in the EMA dtype (fp32, or fp64 for fp64 parameters). Memory traffic per element: one
     read of θ, grad and g, one write of θ and g; with momentum also one read and one write of m.
@@ -166,7 +176,11 @@ def _step_kernel(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
+    if HAS_WEIGHT_DECAY_TABLE:
+        weight_decay = tl.load(weight_decay_ptr + tl.program_id(0))
     start, offsets = _block_span(tl.program_id(0), USE_INT64, BLOCK)
+    if ROW > 1:
+        offsets = start + tl.arange(0, BLOCK // ROW)[:, None] * ROW + tl.arange(0, ROW)[None, :]
     # Full blocks go unmasked: Triton vectorizes an access only where it can prove the mask constant over
     # the vector, which an unspecialized n_elements does not allow. (n - start, not start + BLOCK: no overflow.)
     if n_elements - start >= BLOCK:
@@ -437,6 +451,16 @@ def _epoch_sums(
     return partials.sum(dim=1) if out is None else partials
 
 
+def _check_weight_decay_table(table: torch.Tensor, n_elements: int, device: torch.device) -> None:
+    blocks = triton.cdiv(n_elements, BLOCK_SIZE)
+    if table.dtype != torch.float64 or table.shape != (blocks,) or table.device != device:
+        raise ValueError(
+            f"triton backend step: a weight-decay table must be float64 of shape ({blocks},), one value per block of "
+            f"{BLOCK_SIZE} elements, on {device}; got {table.dtype} {tuple(table.shape)} on {table.device}. Pass a "
+            f"number, or bbfused.buffer_runs.BufferRun.weight_decay_table"
+        )
+
+
 def _check_scalar(operation: str, name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.numel() != 1 or tensor.device != device:
         raise ValueError(
@@ -449,6 +473,8 @@ class TritonBackend:
     """The fused step and epoch end as Triton kernels over 1-D contiguous flat buffers (see base.Backend)."""
 
     name = "triton"
+    # The step takes the weight decay as a table of one value per block of this many elements (see step).
+    weight_decay_block = BLOCK_SIZE
 
     def step(
         self,
@@ -457,7 +483,7 @@ class TritonBackend:
         ema: torch.Tensor,
         *,
         lr: torch.Tensor,
-        weight_decay: float,
+        weight_decay: float | torch.Tensor,
         beta: float,
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
@@ -466,7 +492,10 @@ class TritonBackend:
         momentum: float = 0.0,
         nesterov: bool = False,
     ) -> None:
-        """One launch over n elements; reads lr, grad_scale and found_inf on the device (no host sync)."""
+        """One launch over n elements; reads lr, grad_scale and found_inf on the device (no host sync).
+
+        ``weight_decay``: a number, or a float64 table with each block's (``weight_decay_block`` elements, from the
+        first), for buffers of several groups laid end to end (``bbfused.buffer_runs``)."""
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
         state = state_dtype(param.dtype)
         flat = {"param": param, "grad": grad, "ema": ema}
@@ -483,6 +512,9 @@ class TritonBackend:
             if scalar is not None:
                 _check_scalar("step", name, scalar, param.device)
         n_elements = param.numel()
+        table = weight_decay if isinstance(weight_decay, torch.Tensor) else None
+        if table is not None:
+            _check_weight_decay_table(table, n_elements, param.device)
         if n_elements == 0:
             return
         with _on_device(param.device):
@@ -495,17 +527,20 @@ class TritonBackend:
                 found_inf,
                 nonfinite,
                 momentum_buffer,
+                table,
                 n_elements,
-                float(weight_decay),
+                0.0 if table is not None else float(weight_decay),
                 float(beta),
                 float(momentum),
                 HAS_SCALE=grad_scale is not None,
+                HAS_WEIGHT_DECAY_TABLE=table is not None,
                 HAS_FOUND_INF=found_inf is not None,
                 SKIP_NONFINITE=nonfinite is not None,
                 HAS_MOMENTUM=momentum_buffer is not None,
                 NESTEROV=bool(nesterov),
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
+                ROW=STEP_ROW.get(param.dtype, 1),
                 **STEP_OPTIONS,
             )
 
