@@ -34,11 +34,9 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
 - **rollback**: a diverged period is undone: parameters, the tracked model buffers (BatchNorm running statistics,
   see ``BB.track_buffers``) and the momentum return to the last good period end; r becomes the last good rate, at
   most a quarter of the one that diverged (before any good period: a tenth of it), and r is capped at a quarter
-  of the smallest rate that diverged after the first epoch. A period of the split first epoch that diverged (at
-  the start, where a rate that is fine later can fail) sets the ceiling to :data:`CEILING` times its rate instead,
-  and the search goes on from the rate it returned to. A second rollback in a row by the loss tests alone keeps
-  the period instead and resets the best loss (the snapshot itself is no better: its damage came in the previous
-  period's last steps).
+  of the smallest rate that diverged. A second rollback in a row by the loss tests alone keeps the period
+  instead and resets the best loss (the snapshot itself is no better: its damage came in the previous period's
+  last steps).
 
 Every decision is made with device tensors: closing a period never synchronises with the host. The constants
 below are the policy; ``benchmarks/results/robustness.md`` has the measurements they were chosen by.
@@ -84,9 +82,8 @@ LOWEST_RATE = 1e-4
 HIGHEST_RATE = 100.0
 # After a diverged epoch with no good rate yet to return to, the next rate as a fraction of the one that diverged
 # (a hundredth after non-finite values helped LeNet-5 from η0 = 10 and hurt the paper's MLP from η0 = 1 more:
-# benchmarks/results/robustness.md). Later rates are capped at CAP times the smallest rate that diverged after the
-# first epoch (a half left LeNet-5 at a rate just under the one that diverged, which trained poorly: the same
-# report); within the first epoch a divergence sets the CEILING instead (2026-12-05_cpu_policy_first_epoch_ceiling).
+# benchmarks/results/robustness.md). Later rates are capped at CAP times the smallest rate that diverged (a half
+# left LeNet-5 at a rate just under the one that diverged, which trained poorly: the same report).
 BACKOFF = 0.1
 CAP = 0.25
 # Weight growth test: the weights' RMS doubled and passed 0.05 (a start from near-zero weights is no growth).
@@ -297,25 +294,23 @@ class SafeguardControl:
         bounds: tuple[float, float],
         search_open: bool | torch.Tensor = True,
         risen: torch.Tensor | None = None,
-        first: bool | torch.Tensor = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next period's r, whether the search goes on, and the new ceiling (``rose``: the period's mean loss
         rose, so r may not grow; ``risen``: the period is rolled back for such a rise, r returns to the last good
-        rate; ``first``: the period is one of a split first epoch's)."""
+        rate)."""
         risen = torch.zeros_like(diverged) if risen is None else risen
-        first = torch.as_tensor(first, device=diverged.device)
         lowest, highest = bounds
         r = self.rate
         estimate = bb_ratio(sums, steps)
         usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot
-        searching = self.searching & ~rose & ~(usable & (estimate < r)) & ~(diverged & ~first)
+        searching = self.searching & ~rose & ~(usable & (estimate < r)) & ~diverged
         searching = searching & torch.as_tensor(search_open, device=r.device)
         search = torch.maximum(r * SEARCH_GROWTH, torch.minimum(estimate, r * SEARCH_LIMIT))
         growth = torch.where(rose, torch.full_like(r, LOSS_BRAKE), torch.full_like(r, RATE_GROWTH_LIMIT))
         follow = torch.minimum(torch.maximum(estimate, r * RATE_SHRINK_LIMIT), r * growth)
         # Without an estimate (the first period, or one right after a rollback) r stays, or brakes.
         kept = torch.where(usable, torch.where(searching, search, follow), torch.minimum(r, r * growth))
-        ceiling = torch.where(rose | risen | (diverged & first), torch.minimum(self.ceiling, r * CEILING), self.ceiling)
+        ceiling = torch.where(rose | risen, torch.minimum(self.ceiling, r * CEILING), self.ceiling)
         kept = torch.minimum(kept, torch.where(rose, ceiling, torch.maximum(ceiling, r)))
         kept = torch.minimum(kept.clamp(min=lowest, max=highest), self.lr_cap)
         backed_off = torch.where(torch.isnan(self.good_lr), r * BACKOFF, torch.minimum(self.good_lr, r * CAP))
@@ -347,13 +342,12 @@ class SafeguardControl:
         search_open = torch.as_tensor(clock.closes_inner_period if clock.periods.length else True, device=self.device)
         search_open = search_open | near_start
         new_rate, searching, ceiling = self.next_rate(
-            sums, diverged, rose, clock.closing_steps, taus[1:], search_open, risen, clock.in_first_epoch_periods
+            sums, diverged, rose, clock.closing_steps, taus[1:], search_open, risen
         )
         buffers.commit(diverged, clock)
         self.model_buffers.commit(diverged, clock.gate, buffers.backends)
         r = self.rate
-        # Neither a rise rolled back nor a period of the first epoch caps the rate for good (the latter: a ceiling).
-        capped = diverged & ~risen & ~torch.as_tensor(clock.in_first_epoch_periods, device=self.device)
+        capped = diverged & ~risen  # a rise rolled back does not cap the rate for good
         references.append((self.lr_cap, torch.where(capped, torch.minimum(self.lr_cap, r * CAP), self.lr_cap)))
         references.append((self.good_lr, torch.where(diverged, self.good_lr, r)))
         # After a rollback prev_ema holds the diverged period's averages: the next period has no estimate.
