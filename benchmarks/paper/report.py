@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from runs import RESULTS, RUNS  # noqa: E402
 
-from bbfused.train.options import bb_default  # noqa: E402
+from bbfused.control.paper import PaperControl  # noqa: E402
 
 REPORT = RESULTS / "paper_mnist.md"
 MODELS = {"mlp": "MLP", "lenet": "LeNet-5", "resnet18": "ResNet-18"}
@@ -137,7 +137,7 @@ def sensitivity_tables(records: list[dict]) -> dict[str, str]:
             for r in sorted(runs, key=lambda r: r["run"]["seed"]):
                 rates = " ".join(f"{e['lr']:.3g}" for e in r["history"])
                 losses = " ".join(f"{e['train_loss']:.3g}" for e in r["history"])
-                fallbacks = f"{fallback_epochs(r)} of {max(0, len(r['history']) - 2)}"
+                fallbacks = f"{fallback_epochs(r)} of {max(0, len(r['history']) - 2)}" if method == "bb" else "–"
                 rolled = [str(e["epoch"]) for e in r["history"] if e.get("rolled_back")]
                 rolled_text = ", ".join(rolled) if rolled else ("–" if method == "bb" else "none")
                 lr_rows.append(
@@ -230,9 +230,9 @@ def loss_table(records: list[dict], threshold: float = 2.5, largest: int = 3) ->
 
 
 def fallback_epochs(record: dict) -> int:
-    """How many epochs ran at the rule's fallback: epoch e >= 2 (0-based) used τ0/(e+1), set after epoch k = e-1
-    (τ0: BB's default; these runs do not set it). An epoch after a rollback does not count."""
-    tau0 = bb_default("tau0")
+    """How many epochs of a paper-exact run ran at the rule's fallback: epoch e >= 2 (0-based) used τ0/(e+1), set
+    after epoch k = e-1 (τ0: the paper mode's default; these runs do not set it; the default control has none)."""
+    tau0 = PaperControl.DEFAULT_TAUS[0]
     return sum(
         math.isclose(epoch["lr"], tau0 / (e + 1), rel_tol=1e-9) for e, epoch in enumerate(record["history"]) if e >= 2
     )
