@@ -20,25 +20,26 @@ from .buffers import FlatBuffer, allocate_fields
 class BufferRun:
     """The buffers of one (device, dtype) across groups, in group order, as slices of one allocation per field.
 
-    ``param``, ``grad``, ``ema``, ``prev_params``, ``prev_ema`` and ``momentum`` are the whole run's tensors, laid
-    out as a flat buffer's, so a backend's passes take the run where they take a :class:`FlatBuffer`.
+    ``param``, ``grad``, ``prev_params``, ``ema``, ``prev_ema`` and ``momentum`` (None without momentum) are the whole
+    run's tensors, laid out as a flat buffer's, so a backend's passes take the run where they take a
+    :class:`FlatBuffer`.
     """
 
     def __init__(
         self, device: torch.device, dtype: torch.dtype, numels: Sequence[int], block: int, momentum: bool
     ) -> None:
-        self.device, self.dtype, self.block = device, dtype, block
+        self.device, self.dtype = device, dtype
         self.numels = list(numels)
-        self.starts: list[int] = []
-        numel = 0
-        for n in self.numels:
-            self.starts.append(numel)
-            numel += -(-n // block) * block
-        self.numel = numel
-        self.fields = allocate_fields(numel, dtype, device, momentum)
+        self.blocks = [-(-n // block) for n in self.numels]  # each member's blocks
+        self.starts = [block * sum(self.blocks[:member]) for member in range(len(self.numels))]
+        self.numel = block * sum(self.blocks)
+        self.fields = allocate_fields(self.numel, dtype, device, momentum)
+        self.param, self.grad, self.prev_params = self.fields["param"], self.fields["grad"], self.fields["prev_params"]
+        self.ema, self.prev_ema = self.fields["ema"], self.fields["prev_ema"]
+        self.momentum = self.fields.get("momentum")
         self.buffers: list[FlatBuffer] = []  # filled by next_storage's callers, in member order
         self._weight_decays: tuple[float, ...] | None = None
-        self._table = torch.zeros(numel // block, dtype=torch.float64, device=device)
+        self._table = torch.zeros(sum(self.blocks), dtype=torch.float64, device=device)
 
     def next_storage(self) -> dict[str, torch.Tensor]:
         """The slices of every field for the next member buffer (the one built after the last appended)."""
@@ -53,39 +54,10 @@ class BufferRun:
         Written in place when the groups' values change, so a captured step reads the current table."""
         values = tuple(float(weight_decays[buffer.group_index]) for buffer in self.buffers)
         if values != self._weight_decays:
-            per_block = torch.cat(
-                [
-                    torch.full((-(-n // self.block),), value, dtype=torch.float64)
-                    for n, value in zip(self.numels, values)
-                ]
-            )
+            per_block = torch.repeat_interleave(torch.tensor(values, dtype=torch.float64), torch.tensor(self.blocks))
             self._table.copy_(per_block)
             self._weight_decays = values
         return self._table
-
-    @property
-    def param(self) -> torch.Tensor:
-        return self.fields["param"]
-
-    @property
-    def grad(self) -> torch.Tensor:
-        return self.fields["grad"]
-
-    @property
-    def ema(self) -> torch.Tensor:
-        return self.fields["ema"]
-
-    @property
-    def prev_params(self) -> torch.Tensor:
-        return self.fields["prev_params"]
-
-    @property
-    def prev_ema(self) -> torch.Tensor:
-        return self.fields["prev_ema"]
-
-    @property
-    def momentum(self) -> torch.Tensor | None:
-        return self.fields.get("momentum")
 
 
 def plan_runs(

@@ -44,15 +44,22 @@ def allocate_fields(numel: int, dtype: torch.dtype, device: torch.device, moment
     return fields
 
 
+def _packed(sizes: list[int]) -> tuple[list[int], int]:
+    """Where each of slices of ``sizes`` elements starts when packed end to end on ALIGNMENT boundaries, and the
+    packed length."""
+    offsets, numel = [], 0
+    for size in sizes:
+        offsets.append(numel)
+        numel = _aligned(numel + size)
+    return offsets, numel
+
+
 def planned_numel(params: list[torch.Tensor]) -> int | None:
     """The length of the flat buffer that ``params`` would make; None for DTensors (their slots are laid out by
     FSDP2)."""
     if any(sharded.is_dtensor(p) for p in params):
         return None
-    numel = 0
-    for p in params:
-        numel = _aligned(numel + p.numel())
-    return numel
+    return _packed([p.numel() for p in params])[1]
 
 
 def _layout_strides(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -141,11 +148,7 @@ class FlatBuffer:
         # Each parameter's slice: its shape (a DTensor's: its slot's) and strides.
         self.shapes = [p.shape if slot is None else slot.padded_shape for p, slot in zip(params, self.slots)]
         self.strides = [_slice_strides(p, slot) for p, slot in zip(params, self.slots)]
-        self.offsets: list[int] = []
-        numel = 0
-        for shape in self.shapes:
-            self.offsets.append(numel)
-            numel = _aligned(numel + shape.numel())
+        self.offsets, numel = _packed([shape.numel() for shape in self.shapes])
         self.numel = numel
         if storage is None:
             storage = allocate_fields(numel, self.dtype, self.device, momentum)

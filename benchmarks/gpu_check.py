@@ -654,6 +654,21 @@ def section_block_sweep(report: Report, cfg: Config) -> None:
     param, grad, ema, buf = (torch.randn(n, device=cfg.device) for _ in range(4))
     lr = torch.tensor(LR, dtype=torch.float64, device=cfg.device)
     backend = tb.TritonBackend()
+    with_momentum = {"momentum_buffer": buf, "momentum": MOMENTUM}
+
+    def timed_step(theta: torch.Tensor, gradient: torch.Tensor, extra: dict) -> list[float]:
+        """The wall times of one step, checked to be one launch."""
+
+        def launch():
+            backend.step(theta, gradient, ema, lr=lr, weight_decay=WEIGHT_DECAY, beta=BETA, **extra)
+
+        counter = LaunchCounter()
+        with counter.active():
+            launch()
+        if sum(counter.launches.values()) != 1:
+            raise AssertionError(f"expected one launch, got {dict(counter.launches)}")
+        return wall_ms(launch, cfg)
+
     saved = (tb.BLOCK_SIZE, tb.NUM_WARPS, dict(tb.STEP_OPTIONS))
     rows = []
     try:
@@ -661,20 +676,8 @@ def section_block_sweep(report: Report, cfg: Config) -> None:
             tb.BLOCK_SIZE, tb.NUM_WARPS = block, warps
             tb.STEP_OPTIONS["num_warps"] = warps
             chosen = " (chosen)" if (block, warps) == saved[:2] else ""
-            for label, extra, bytes_per_element in (
-                ("paper", {}, 20),
-                ("momentum", {"momentum_buffer": buf, "momentum": MOMENTUM}, 28),
-            ):
-                counter = LaunchCounter()
-
-                def launch(extra=extra):
-                    backend.step(param, grad, ema, lr=lr, weight_decay=WEIGHT_DECAY, beta=BETA, **extra)
-
-                with counter.active():
-                    launch()
-                if sum(counter.launches.values()) != 1:
-                    raise AssertionError(f"expected one launch, got {dict(counter.launches)}")
-                ms = wall_ms(launch, cfg)
+            for label, extra, bytes_per_element in (("paper", {}, 20), ("momentum", with_momentum, 28)):
+                ms = timed_step(param, grad, extra)
                 rows.append([f"{block}{chosen}", warps, label, *fmt3(ms), f"{bytes_per_element * n / ms[0] / 1e6:.0f}"])
     finally:
         tb.BLOCK_SIZE, tb.NUM_WARPS = saved[:2]
@@ -689,15 +692,8 @@ def section_block_sweep(report: Report, cfg: Config) -> None:
             tb.STEP_ROW[torch.bfloat16] = row
             layout = f"rows of {row}" if row > 1 else "flat"
             chosen = " (chosen)" if row == saved_rows[torch.bfloat16] else ""
-            for label, extra, bytes_per_element in (
-                ("bf16", {}, 14),
-                ("bf16 momentum", {"momentum_buffer": buf, "momentum": MOMENTUM}, 22),
-            ):
-
-                def launch(extra=extra):
-                    backend.step(half_param, half_grad, ema, lr=lr, weight_decay=WEIGHT_DECAY, beta=BETA, **extra)
-
-                ms = wall_ms(launch, cfg)
+            for label, extra, bytes_per_element in (("bf16", {}, 14), ("bf16 momentum", with_momentum, 22)):
+                ms = timed_step(half_param, half_grad, extra)
                 rows.append([saved[0], saved[1], f"{label}, {layout}{chosen}", *fmt3(ms),
                              f"{bytes_per_element * n / ms[0] / 1e6:.0f}"])  # fmt: skip
     finally:
