@@ -149,6 +149,16 @@ SETTINGS = {
             "autoencoder", "autoencoder", "mnist", 128, 30, 0.0, 5_376,
             "MLP autoencoder 784-256-32-256-784, MSE on pixels in [0, 1]", task="regress",
         ),
+        # Settings added after the default policy was designed: a deep net without normalisation, a CNN without
+        # BatchNorm on tiny images. Holdout: judges only.
+        Setting(
+            "deep-tanh", "deep_tanh", "mnist", 64, 6, 0.0, 6_016,
+            "MLP 784-256-256-256-256-256-10 with tanh, no normalisation", holdout=True,
+        ),
+        Setting(
+            "digits-cnn", "digits_cnn", "digits", 16, 15, 5e-4, None,
+            "conv16-ReLU, conv32-ReLU-pool, fc10 on the digits' 8x8 images, no BatchNorm", holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -234,6 +244,22 @@ class GRURows(nn.Module):
         return self.head(last[-1])
 
 
+def deep_tanh(width: int = 256, depth: int = 5) -> nn.Sequential:
+    """An MLP of ``depth`` tanh layers without normalisation: gradients shrink with depth."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for index in range(depth):
+        layers += [nn.Linear(784 if index == 0 else width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def digits_cnn() -> nn.Sequential:
+    """A CNN without BatchNorm on the 8x8 digits (given flat, as the digits MLP takes them)."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )  # fmt: skip
+
+
 def autoencoder() -> nn.Sequential:
     """An MLP autoencoder 784-256-32-256-784 with ReLU; a linear output (the pixels' reconstruction)."""
     return nn.Sequential(
@@ -256,6 +282,8 @@ def build_model(name: str) -> nn.Module:
         "tiny_vit": TinyViT,
         "gru_rows": GRURows,
         "autoencoder": autoencoder,
+        "deep_tanh": deep_tanh,
+        "digits_cnn": digits_cnn,
     }
     return builders[name]()
 
