@@ -32,8 +32,10 @@ NEW_SETTINGS = suite.SETTING_GROUPS["new"]
 
 
 def test_settings_groups_and_holdout() -> None:
-    assert len(suite.SETTINGS) == 14 and len(NEW_SETTINGS) == 8
-    assert suite.SETTING_GROUPS["holdout"] == ("mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn")
+    assert len(suite.SETTINGS) == 16 and len(NEW_SETTINGS) == 10
+    assert suite.SETTING_GROUPS["holdout"] == (
+        "mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn", "logistic", "ln-mlp-digits",
+    )  # fmt: skip
     assert set(suite.SETTING_GROUPS["dev"]) | set(suite.SETTING_GROUPS["holdout"]) == set(suite.SETTINGS)
     # Few steps an epoch where the issue asks for them.
     assert suite.SETTINGS["large-batch"].steps_per_epoch() < 20
@@ -44,6 +46,8 @@ def test_settings_groups_and_holdout() -> None:
         "gru-rows",
         "deep-tanh",
         "digits-cnn",
+        "logistic",
+        "ln-mlp-digits",
         "mlp",
     ]
 

@@ -159,6 +159,15 @@ SETTINGS = {
             "digits-cnn", "digits_cnn", "digits", 16, 15, 5e-4, None,
             "conv16-ReLU, conv32-ReLU-pool, fc10 on the digits' 8x8 images, no BatchNorm", holdout=True,
         ),
+        # Added before the preconditioned prototype ran on them: judges of it.
+        Setting(
+            "logistic", "logistic", "mnist", 50, 10, 0.0, 5_000,
+            "logistic regression 784-10: a convex problem", holdout=True,
+        ),
+        Setting(
+            "ln-mlp-digits", "ln_mlp", "digits", 8, 8, 0.0, None,
+            "MLP 64-128-128-10 with LayerNorm and GELU on the digits, batches of 8", holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -252,6 +261,14 @@ def deep_tanh(width: int = 256, depth: int = 5) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
+def ln_mlp(width: int = 128) -> nn.Sequential:
+    """An MLP with LayerNorm and GELU on the flat 8x8 digits."""
+    return nn.Sequential(
+        nn.Linear(64, width), nn.LayerNorm(width), nn.GELU(),
+        nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, 10),
+    )  # fmt: skip
+
+
 def digits_cnn() -> nn.Sequential:
     """A CNN without BatchNorm on the 8x8 digits (given flat, as the digits MLP takes them)."""
     return nn.Sequential(
@@ -284,6 +301,8 @@ def build_model(name: str) -> nn.Module:
         "autoencoder": autoencoder,
         "deep_tanh": deep_tanh,
         "digits_cnn": digits_cnn,
+        "logistic": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 10)),
+        "ln_mlp": ln_mlp,
     }
     return builders[name]()
 

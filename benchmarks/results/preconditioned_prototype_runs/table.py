@@ -9,10 +9,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REFERENCES = HERE.parent / "robustness_runs"
-HOLDOUT = {"mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn"}
+HOLDOUT = {"mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn", "logistic", "ln-mlp-digits"}
 ORDER = (
     "mlp", "lenet", "bn-cnn", "digits", "resnet18", "small-long", "large-batch", "tiny-vit", "autoencoder",
-    "mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn",
+    "mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn", "logistic", "ln-mlp-digits",
 )  # fmt: skip
 
 
