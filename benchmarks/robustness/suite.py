@@ -149,8 +149,8 @@ SETTINGS = {
             "autoencoder", "autoencoder", "mnist", 128, 30, 0.0, 5_376,
             "MLP autoencoder 784-256-32-256-784, MSE on pixels in [0, 1]", task="regress",
         ),
-        # Settings added after the default policy was designed: a deep net without normalisation, a CNN without
-        # BatchNorm on tiny images. Holdout: judges only.
+        # Holdout settings no constant of the default policy was chosen on: a deep net without normalisation, a CNN
+        # without BatchNorm on tiny images.
         Setting(
             "deep-tanh", "deep_tanh", "mnist", 64, 6, 0.0, 6_016,
             "MLP 784-256-256-256-256-256-10 with tanh, no normalisation", holdout=True,
@@ -159,7 +159,8 @@ SETTINGS = {
             "digits-cnn", "digits_cnn", "digits", 16, 15, 5e-4, None,
             "conv16-ReLU, conv32-ReLU-pool, fc10 on the digits' 8x8 images, no BatchNorm", holdout=True,
         ),
-        # Added before the preconditioned prototype ran on them: judges of it.
+        # Holdout settings no constant of the default policy, nor of the preconditioned prototype
+        # (benchmarks/results/2026-12-05_cpu_preconditioned_prototype.md), was chosen on.
         Setting(
             "logistic", "logistic", "mnist", 50, 10, 0.0, 5_000,
             "logistic regression 784-10: a convex problem", holdout=True,
