@@ -16,6 +16,7 @@ import torch
 
 from .backends import BACKEND_NAMES
 from .devices import on
+from .preconditioner import check_preconditioner
 
 try:
     from numpy import bool_ as numpy_bool
@@ -150,6 +151,7 @@ class Options:
     backend: str
     safeguard: bool
     capturable: bool
+    preconditioner: str | None
 
 
 def check_nesterov(nesterov: bool, momentum: float) -> None:
@@ -172,6 +174,7 @@ def check_options(
     backend: Any,
     safeguard: Any,
     capturable: Any,
+    preconditioner: Any = None,
 ) -> Options:
     """Every constructor argument checked, in the order of the signature; the first bad one raises."""
     lr = check_positive("lr", lr)
@@ -196,7 +199,15 @@ def check_options(
         )
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    return Options(lr, steps, epochs, beta, weight_decay, momentum, nesterov, taus, backend, safeguard, capturable)
+    preconditioner = check_preconditioner(preconditioner)
+    if preconditioner is not None and not safeguard:
+        raise ValueError(
+            f"preconditioner={preconditioner!r} needs the default rate control: the paper's method "
+            f"(safeguard=False) is SGD exactly. Drop safeguard=False, or the preconditioner"
+        )
+    return Options(
+        lr, steps, epochs, beta, weight_decay, momentum, nesterov, taus, backend, safeguard, capturable, preconditioner
+    )
 
 
 TAUS = ("tau0", "tau_min", "tau_max")

@@ -20,23 +20,30 @@ from .buffers import FlatBuffer, allocate_fields
 class BufferRun:
     """The buffers of one (device, dtype) across groups, in group order, as slices of one allocation per field.
 
-    ``param``, ``grad``, ``prev_params``, ``ema``, ``prev_ema`` and ``momentum`` (None without momentum) are the whole
-    run's tensors, laid out as a flat buffer's, so a backend's passes take the run where they take a
-    :class:`FlatBuffer`.
+    ``param``, ``grad``, ``prev_params``, ``ema``, ``prev_ema``, ``momentum`` (None without momentum) and
+    ``second_moment`` (None without a preconditioner) are the whole run's tensors, laid out as a flat buffer's, so a
+    backend's passes take the run where they take a :class:`FlatBuffer`.
     """
 
     def __init__(
-        self, device: torch.device, dtype: torch.dtype, numels: Sequence[int], block: int, momentum: bool
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        numels: Sequence[int],
+        block: int,
+        momentum: bool,
+        second_moment: bool = False,
     ) -> None:
         self.device, self.dtype = device, dtype
         self.numels = list(numels)
         self.blocks = [-(-n // block) for n in self.numels]  # each member's blocks
         self.starts = [block * sum(self.blocks[:member]) for member in range(len(self.numels))]
         self.numel = block * sum(self.blocks)
-        self.fields = allocate_fields(self.numel, dtype, device, momentum)
+        self.fields = allocate_fields(self.numel, dtype, device, momentum, second_moment)
         self.param, self.grad, self.prev_params = self.fields["param"], self.fields["grad"], self.fields["prev_params"]
         self.ema, self.prev_ema = self.fields["ema"], self.fields["prev_ema"]
         self.momentum = self.fields.get("momentum")
+        self.second_moment = self.fields.get("second_moment")
         self.buffers: list[FlatBuffer] = []  # filled by next_storage's callers, in member order
         self._weight_decays: tuple[float, ...] | None = None
         self._table = torch.zeros(sum(self.blocks), dtype=torch.float64, device=device)
@@ -64,6 +71,7 @@ def plan_runs(
     kinds: Sequence[dict[tuple[torch.device, torch.dtype], int | None]],
     blocks: dict[torch.device, int | None],
     momentum: bool,
+    second_moment: bool = False,
 ) -> dict[tuple[torch.device, torch.dtype], BufferRun]:
     """The runs for groups whose buffers would be ``kinds`` (per group: (device, dtype) → planned length, None for
     DTensor shards): one per (device, dtype) that two or more groups share, on a device whose backend steps by
@@ -77,5 +85,5 @@ def plan_runs(
         block = blocks.get(device)
         if block is None or len(members) < 2 or any(n is None for n in members):
             continue
-        runs[(device, dtype)] = BufferRun(device, dtype, [int(n) for n in members], block, momentum)
+        runs[(device, dtype)] = BufferRun(device, dtype, [int(n) for n in members], block, momentum, second_moment)
     return runs

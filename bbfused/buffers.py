@@ -2,7 +2,8 @@
 
 Every parameter's ``.data`` and ``.grad`` become aliases of a slice of a flat 1-D buffer, so a fused backend
 updates all of them with one launch per buffer (or per run of buffers, ``bbfused.buffer_runs``). The optimizer state
-(EMA, the two epoch-end snapshots and, with momentum, the momentum buffer) lives in flat buffers with the same layout.
+(EMA, the two epoch-end snapshots and, with momentum, the momentum buffer; with a preconditioner, the second moment)
+lives in flat buffers with the same layout.
 Each slice starts on a 16-element boundary (aligned vector loads); the padding between slices is zero in every buffer
 and stays zero under the update.
 """
@@ -16,15 +17,17 @@ from typing import Any
 import torch
 
 from . import sharded
-from .checkpoint import MOMENTUM_KEY, STATE_KEYS
+from .checkpoint import MOMENTUM_KEY, SECOND_MOMENT_KEY, STATE_KEYS
 from .diagnostics import warn
 
 ALIGNMENT = 16  # elements; every slice starts at a multiple of this
 
 
-# A flat buffer's tensors: those in the parameter dtype, then those in the state dtype (momentum only with momentum).
+# A flat buffer's tensors: those in the parameter dtype, then those in the state dtype (momentum only with momentum,
+# the second moment only with a preconditioner).
 PARAM_FIELDS = ("param", "grad", "prev_params")
-STATE_FIELDS = ("ema", "prev_ema", "momentum")
+STATE_FIELDS = ("ema", "prev_ema")
+OPTIONAL_FIELDS = ("momentum", "second_moment")
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,10 +39,13 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def allocate_fields(numel: int, dtype: torch.dtype, device: torch.device, momentum: bool) -> dict[str, torch.Tensor]:
+def allocate_fields(
+    numel: int, dtype: torch.dtype, device: torch.device, momentum: bool, second_moment: bool = False
+) -> dict[str, torch.Tensor]:
     """Zeroed flat tensors of ``numel`` elements for every field of a buffer of ``dtype`` parameters."""
     fields = {name: torch.zeros(numel, dtype=dtype, device=device) for name in PARAM_FIELDS}
-    state_fields = STATE_FIELDS if momentum else STATE_FIELDS[:-1]
+    optional = dict(zip(OPTIONAL_FIELDS, (momentum, second_moment)))
+    state_fields = STATE_FIELDS + tuple(name for name, wanted in optional.items() if wanted)
     fields |= {name: torch.zeros(numel, dtype=state_dtype(dtype), device=device) for name in state_fields}
     return fields
 
@@ -120,8 +126,8 @@ class FlatBuffer:
 
     Buffers (all 1-D, ``numel`` elements): ``param`` and ``grad`` in the parameter dtype, ``ema`` and
     ``prev_ema`` in ``state_dtype(dtype)``, ``prev_params`` in the parameter dtype; with ``momentum``, the
-    momentum buffer ``momentum`` in ``state_dtype(dtype)`` (else None). ``offsets[i]`` is where parameter i's
-    slice starts.
+    momentum buffer ``momentum`` in ``state_dtype(dtype)`` (else None), and with ``second_moment`` the
+    preconditioner's ``second_moment`` likewise. ``offsets[i]`` is where parameter i's slice starts.
 
     A DTensor parameter (``bbfused.sharded``) contributes its local shard: its slice is the shard's slot
     (``shapes[i]``, FSDP2's padded shard) and its gradient and state views are DTensors shaped like it.
@@ -134,6 +140,7 @@ class FlatBuffer:
         group_index: int,
         momentum: bool = False,
         storage: dict[str, torch.Tensor] | None = None,
+        second_moment: bool = False,
     ) -> None:
         """``storage``: the buffers (:func:`allocate_fields`, :func:`planned_numel` elements) when they are slices of
         a larger allocation (``bbfused.buffer_runs``); by default each is allocated here."""
@@ -151,10 +158,11 @@ class FlatBuffer:
         self.offsets, numel = _packed([shape.numel() for shape in self.shapes])
         self.numel = numel
         if storage is None:
-            storage = allocate_fields(numel, self.dtype, self.device, momentum)
+            storage = allocate_fields(numel, self.dtype, self.device, momentum, second_moment)
         self.param, self.grad, self.prev_params = storage["param"], storage["grad"], storage["prev_params"]
         self.ema, self.prev_ema = storage["ema"], storage["prev_ema"]
         self.momentum = storage["momentum"] if momentum else None
+        self.second_moment = storage["second_moment"] if second_moment else None
         self.grad_views: list[torch.Tensor] = []  # what p.grad is (for a DTensor: one over grad_locals[i])
         self.grad_locals: list[torch.Tensor] = []  # the plain tensor over the buffer under each
         # written[i]: parameter i got a gradient since the last zero_grad, from backward (a hook) or by
@@ -196,8 +204,14 @@ class FlatBuffer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copied Parameter holds its own values (deepcopy clones them, pickle restores them): pack those afresh.
-        # A state without "momentum" comes from a buffer without one.
-        self.__init__(state["params"], state["names"], state["group_index"], momentum="momentum" in state)
+        # A state without "momentum" ("second_moment") comes from a buffer without one.
+        self.__init__(
+            state["params"],
+            state["names"],
+            state["group_index"],
+            momentum="momentum" in state,
+            second_moment="second_moment" in state,
+        )
         with torch.no_grad():
             for name in ("grad", *self._state_buffers()):
                 getattr(self, name).copy_(state[name])
@@ -353,7 +367,8 @@ class FlatBuffer:
 
     def _state_buffers(self) -> tuple[str, ...]:
         """The names of the optimizer-state buffers this one has."""
-        return ("ema", "prev_params", "prev_ema") + (("momentum",) if self.momentum is not None else ())
+        optional = tuple(name for name in OPTIONAL_FIELDS if getattr(self, name) is not None)
+        return ("ema", "prev_params", "prev_ema") + optional
 
     def state_views(self, index: int) -> dict[str, torch.Tensor]:
         """Parameter ``index``'s optimizer state as tensors shaped like the parameter (views, no copies), under the
@@ -361,6 +376,8 @@ class FlatBuffer:
         flats = {name: getattr(self, name) for name in STATE_KEYS}
         if self.momentum is not None:
             flats[MOMENTUM_KEY] = self.momentum
+        if self.second_moment is not None:
+            flats[SECOND_MOMENT_KEY] = self.second_moment
         if self.slots[index] is None:
             return {name: self.view(flat, index) for name, flat in flats.items()}
         # A DTensor over a view that starts inside its storage cannot be saved (torch.save raises "invalid python

@@ -13,10 +13,11 @@ must agree). A dict with neither, such as one saved through ``get_optimizer_stat
 it, is refused with the fix. The copies in the groups changed nothing in the entry itself: older dicts, which have
 only the top-level entry, load as before and need no upgrade.
 
-Version 3 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
+Version 4 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
 ``loss_reference``, the last good epoch's mean loss, becomes the best and the last mean loss), entries written
-before groups could be added have no ``join_epochs`` (every group was a constructor's group: all 0), and version 2
-had no multiplier (a scheduler's writes were ignored: the rate applied was the rule's).
+before groups could be added have no ``join_epochs`` (every group was a constructor's group: all 0), version 2
+had no multiplier (a scheduler's writes were ignored: the rate applied was the rule's), and version 3 had no
+preconditioner (the step was SGD's).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from typing import Any
 import torch
 
 from .arguments import check_beta, check_positive, check_weight_decay, is_int, is_real
+from .preconditioner import NAMES as PRECONDITIONERS
 
-VERSION = 3
+VERSION = 4
 ENTRY = "bb"
 # Per-parameter state, shaped like the parameter.
 STATE_KEYS = ("ema", "prev_params", "prev_ema")
 MOMENTUM_KEY = "momentum_buffer"  # with momentum, as torch.optim.SGD names it
+SECOND_MOMENT_KEY = "exp_avg_sq"  # with a preconditioner, as torch.optim.Adam names it
 
 
 @dataclass
@@ -85,14 +88,17 @@ class RunState:
     tau_max: float
     join_epochs: list[int]
     control: ControlState
+    preconditioner: str | None = None  # None: BB's SGD step; "adam": the step's per-element scaling
+    beta2_powers: list[float] = field(default_factory=list)  # per group, β₂ᵗ of its second moments' bias correction
 
 
 _RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunState) if f.name != "control")
+_PRECONDITIONER_KEYS = ("preconditioner", "beta2_powers")
 _CONTROL_KEYS = tuple(f.name for f in dataclasses.fields(ControlState))
 # The rate control's keys (its state and the rollback history), which version 1 did not have.
 CONTROL_KEYS = ("rolled_back_epochs", *_CONTROL_KEYS)
 # The keys introduced after version 1; an entry without them takes the values of a run that never rolled back.
-_ADDED_LATER = ("join_epochs", "lr_multiplier", "epochs", "momentum", "nesterov", *CONTROL_KEYS)
+_ADDED_LATER = ("join_epochs", "lr_multiplier", "epochs", "momentum", "nesterov", *_PRECONDITIONER_KEYS, *CONTROL_KEYS)
 
 
 def entry(run: RunState) -> dict[str, Any]:
@@ -129,6 +135,8 @@ def upgrade(bb: dict[str, Any], groups: int) -> dict[str, Any]:
         "epochs": None,
         "momentum": 0.0,
         "nesterov": False,
+        "preconditioner": None,
+        "beta2_powers": [],
     }
     upgraded = {**{key: defaults[key] for key in _ADDED_LATER}, "rule_lr": bb.get("lr"), **bb, "version": VERSION}
     if upgraded["rate"] is None:  # before the rate r was kept apart from the applied rate, they were one
@@ -151,7 +159,11 @@ def read(state_dict: Any) -> RunState:
             "Save the checkpoint again from BB.state_dict() or from get_optimizer_state_dict(model, opt) with "
             "the default options, and load that"
         )
-    if not isinstance(bb, dict) or version not in (1, 2, VERSION) or not {"state", "param_groups"} <= state_dict.keys():
+    if (
+        not isinstance(bb, dict)
+        or version not in (1, 2, 3, VERSION)
+        or not {"state", "param_groups"} <= state_dict.keys()
+    ):
         raise ValueError(
             f"not a bbfused.BB state dict (versions 1 to {VERSION}; found version {version!r}); load a checkpoint "
             f"saved from BB.state_dict()"
@@ -213,9 +225,12 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def check_resumable(run: RunState, steps_per_epoch: int | None, momentum: float) -> None:
-    """Raise ValueError unless an optimizer built with ``steps_per_epoch`` and ``momentum`` can resume ``run``: the
-    epoch's end (counted or called) and the momentum buffer's presence cannot change on a load."""
+def check_resumable(
+    run: RunState, steps_per_epoch: int | None, momentum: float, preconditioner: str | None = None
+) -> None:
+    """Raise ValueError unless an optimizer built with ``steps_per_epoch``, ``momentum`` and ``preconditioner`` can
+    resume ``run``: the epoch's end (counted or called), the momentum buffer's presence and the step's kind cannot
+    change on a load."""
     if (run.steps_per_epoch is None) != (steps_per_epoch is None):
         saved = "end_epoch() calls" if run.steps_per_epoch is None else f"epochs of {run.steps_per_epoch} steps"
         raise ValueError(
@@ -226,6 +241,11 @@ def check_resumable(run: RunState, steps_per_epoch: int | None, momentum: float)
         raise ValueError(
             f"the state dict was saved with momentum={run.momentum}, this optimizer has momentum={momentum}; build "
             f"it with momentum={run.momentum} to resume that run"
+        )
+    if run.preconditioner != preconditioner:
+        raise ValueError(
+            f"the state dict was saved with preconditioner={run.preconditioner!r}, this optimizer has "
+            f"preconditioner={preconditioner!r}; build it with preconditioner={run.preconditioner!r} to resume that run"
         )
 
 
@@ -270,6 +290,16 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
             check_positive(f"the saved {name}", bb[name])
     if bb["tau_min"] > bb["tau_max"]:
         raise ValueError(f"corrupt state dict: tau_min {bb['tau_min']} > tau_max {bb['tau_max']}")
+    if bb["preconditioner"] not in PRECONDITIONERS:
+        raise ValueError(
+            f"corrupt state dict: preconditioner must be one of {PRECONDITIONERS}, got {bb['preconditioner']!r}"
+        )
+    powers, wanted = bb["beta2_powers"], groups if bb["preconditioner"] is not None else 0
+    if not isinstance(powers, list) or len(powers) != wanted or any(not is_real(p) or not 0 <= p <= 1 for p in powers):
+        raise ValueError(
+            f"corrupt state dict: beta2_powers must list {wanted} numbers in [0, 1] (one a parameter group with a "
+            f"preconditioner, none without), got {powers!r}"
+        )
     join_epochs = bb["join_epochs"]
     if not isinstance(join_epochs, list) or any(not is_int(e) or e < 0 for e in join_epochs):
         raise ValueError(f"corrupt state dict: join_epochs must be a list of ints >= 0, got {join_epochs!r}")
@@ -355,8 +385,11 @@ def check_param_state(
 ) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
     """Check the saved per-parameter state against this optimizer's groups; returns (parameter, key, value)
     triples to copy. ``names``: the parameters' display names, per group. ``finite``: every value must be finite
-    (the default rate control rolls back to the snapshots). With momentum the state holds a momentum buffer too."""
-    keys = STATE_KEYS + ((MOMENTUM_KEY,) if read(state_dict).momentum > 0 else ())
+    (the default rate control rolls back to the snapshots). With momentum the state holds a momentum buffer too, with a
+    preconditioner the second moments."""
+    run = read(state_dict)
+    keys = STATE_KEYS + ((MOMENTUM_KEY,) if run.momentum > 0 else ())
+    keys += (SECOND_MOMENT_KEY,) if run.preconditioner is not None else ()
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(param_groups):
         raise ValueError(
@@ -378,6 +411,11 @@ def check_param_state(
             for state_key in keys:
                 value = saved_state.get(state_key)
                 _check_state_tensor(value, state_key, name, p, finite)
+                if state_key == SECOND_MOMENT_KEY and bool((value < 0).any()):
+                    raise ValueError(
+                        f"the state dict's {state_key!r} for parameter {name} holds negative values, which a second "
+                        f"moment (an average of squares) cannot; load a checkpoint of a BB optimizer as saved"
+                    )
                 copies.append((p, state_key, value))
     return copies
 

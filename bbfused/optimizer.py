@@ -52,6 +52,10 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         backend: "eager" (reference), "triton" (CUDA), "cpp" (CPU) or "auto" (the fastest for each device).
         safeguard: the default rate control; False for the paper's method exactly.
         capturable: a whole training step (its epoch end included) can be captured in a CUDA graph and replayed.
+        preconditioner: None (the SGD step above) or "adam": d is divided elementwise by √v̂ + ε (v the EMA of d²,
+            Adam's β₂ = 0.999 and ε = 1e-8, bias-corrected) before the momentum, BB's estimate is taken in that
+            metric (``bbfused.preconditioner``), and the run starts at min(lr, 1e-3), the rate control moving it
+            from there (``bbfused.control.preconditioned``). One more state buffer (``exp_avg_sq``).
 
     Parameters and gradients live in flat buffers (each ``p.data`` and ``p.grad`` becomes a view), so build the
     optimizer after ``model.to(...)``. The full behaviour reference is ``docs/behaviour.md``.
@@ -76,14 +80,15 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         backend: str = "auto",
         safeguard: bool = True,
         capturable: bool = False,
+        preconditioner: str | None = None,
     ) -> None:
         options = check_options(
             lr, steps_per_epoch, epochs, weight_decay, momentum, nesterov, beta, tau0, tau_min, tau_max, backend,
-            safeguard, capturable,
+            safeguard, capturable, preconditioner,
         )  # fmt: skip
-        kind = control_class(options.safeguard)  # its defaults fill what was not given
+        kind = control_class(options.safeguard, options.preconditioner)  # its defaults fill what was not given
         self.tau0, self.tau_min, self.tau_max = resolve_taus(kind, options.taus)
-        lr, self.beta, self.epochs = options.lr, options.beta, options.epochs
+        lr, self.beta, self.epochs = min(options.lr, kind.FIRST_RATE_LIMIT), options.beta, options.epochs
         momentum = kind.DEFAULT_MOMENTUM if options.momentum is None else options.momentum
         check_nesterov(options.nesterov, momentum)  # the paper's default momentum is 0
         self.safeguard, self.capturable = options.safeguard, options.capturable  # the choices, for reading
@@ -95,7 +100,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             groups.check_group(group, index)
         groups.check_groups_apart(self.param_groups)
         devices = [p.device for group in self.param_groups for p in group["params"]]
-        self._buffers = BufferSet(options.backend, lr, kind.skips_nonfinite, momentum, options.nesterov)
+        self._buffers = BufferSet(
+            options.backend, lr, kind.skips_nonfinite, momentum, options.nesterov, options.preconditioner
+        )
         self._buffers.add_devices(devices)  # raises before any parameter is re-pointed at a buffer
         periods, kernels = kind.FIRST_EPOCH_PERIODS, self._buffers.kernel_device() == devices[0]  # Triton: clock too
         self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], periods, kernels)
@@ -168,7 +175,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         epoch, step = self._clock.counts()
         names = groups.param_names(param_group, index)
         # Its snapshot, the point a rollback of this epoch returns the group to, is its value now.
-        buffers = self._buffers.pack(param_group, names, index, groups.join_epoch(epoch, step), snapshot=True)
+        buffers = self._buffers.pack(param_group, names, index, groups.join_epoch(epoch, step), added=True)
         self._index_state()
         numel = sum(p.numel() for p in param_group["params"])
         self._control.add_params(numel, self._buffers.sq_norm("prev_params", buffers))
@@ -334,6 +341,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         for group in state_dict["param_groups"]:
             group["lr"] = rate
         epoch, step = self._clock.counts()
+        correction = self._buffers.bias_correction
         run = checkpoint.RunState(
             epoch=epoch,
             step_in_epoch=step,
@@ -352,6 +360,8 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             tau_max=self.tau_max,
             join_epochs=list(self._buffers.join_epochs),
             control=self._control.state(epoch),
+            preconditioner=self._buffers.preconditioner,
+            beta2_powers=[] if correction is None else correction.group_powers(),
         )
         checkpoint.attach(state_dict, run)
 
@@ -366,7 +376,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             state_dict = state_dict if result is None else result
         run = checkpoint.read(state_dict)
-        checkpoint.check_resumable(run, self.steps_per_epoch, self._buffers.momentum)
+        checkpoint.check_resumable(run, self.steps_per_epoch, self._buffers.momentum, self._buffers.preconditioner)
+        if self._buffers.bias_correction is not None:
+            self._buffers.bias_correction.check_powers(run.beta2_powers)
         names = [groups.param_names(group, index) for index, group in enumerate(self.param_groups)]
         copies = checkpoint.check_param_state(state_dict, self.param_groups, names, self._control.rolls_back)
         self._control.check_state(run.control)
@@ -386,6 +398,8 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self.epochs = run.epochs if self.epochs is None else self.epochs  # a new plan given to the constructor wins
         self._control.epochs = self.epochs
         self._buffers.join_epochs = list(run.join_epochs)
+        if self._buffers.bias_correction is not None:
+            self._buffers.bias_correction.load(run.beta2_powers)
         self._control.load_state(run.control, self._buffers)
         applied, rule_lr = run.lr, run.rule_lr
         if replanned and (rate := self._control.replanned_rate(run.epoch)) is not None:

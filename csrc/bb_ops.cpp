@@ -1,14 +1,16 @@
 // Fused CPU kernels of bbfused.BB: the step, the paper's epoch end, and the safeguarded epoch end's two passes
 // (measure, then commit or roll back), one pass over the flat buffers each.
 //
-// Registered as the PyTorch custom ops bbfused::cpp_step, cpp_epoch_end, cpp_epoch_measure and cpp_epoch_commit
-// (CPU and Meta kernels), so torch.compile sees their schemas. The contract is bbfused/backends/base.py; the reference is the
-// eager backend. Arithmetic is in float32 (float64 for float64 parameters); epoch-end sums in float64.
+// Registered as the PyTorch custom ops bbfused::cpp_step, cpp_preconditioned_step, cpp_epoch_end, cpp_epoch_measure
+// and cpp_epoch_commit (CPU and Meta kernels), so torch.compile sees their schemas. The contract is
+// bbfused/backends/base.py; the reference is the eager backend. Arithmetic is in float32 (float64 for float64
+// parameters); epoch-end sums in float64.
 //
 // Vectorization: the step is a plain loop over __restrict__ pointers that GCC vectorizes at -O3 for the
 // portable baseline ISA (confirmed with -fopt-info-vec for float32, float64 and bfloat16); it is memory bound,
 // so wider vectors would not make it faster. float16 is the exception: c10's float -> half conversion branches,
-// which SSE2 cannot turn into vector selects, so that step runs scalar (about 6x the bfloat16 time). The epoch
+// which SSE2 cannot turn into vector selects, so that step runs scalar (about 6x the bfloat16 time). The
+// preconditioned step's square root vectorizes only under -fno-math-errno (cpp_backend.CXX_FLAGS). The epoch
 // end, once per epoch, accumulates in fixed float64 lanes and costs about five steps.
 
 #include <ATen/Dispatch.h>
@@ -20,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -63,11 +66,25 @@ void check_scalar(const at::Tensor& t, const char* name, at::ScalarType dtype, c
 
 // Checks of the CPU kernels (the Meta kernels only describe outputs): everything is verified before anything is
 // written.
+void check_second_moment_args(const std::optional<at::Tensor>& second_moment,
+                              const std::optional<at::Tensor>& bias_correction, const at::Tensor& ema,
+                              const at::Tensor& param, const char* op) {
+  if (!second_moment.has_value()) return;
+  TORCH_CHECK(second_moment->scalar_type() == ema.scalar_type(), op, ": second_moment must be ", ema.scalar_type(),
+              " (the EMA's dtype) for ", param.scalar_type(), " parameters, got ", second_moment->scalar_type());
+  check_flat(*second_moment, "second_moment", param.numel(), op);
+  TORCH_CHECK(bias_correction.has_value(), op,
+              ": a second_moment needs its bias_correction (a float64 0-dim CPU tensor, 1 - beta2**t)");
+  TORCH_CHECK(bias_correction->dim() <= 1, op, ": bias_correction must be 0-dim or of shape [1], got shape ",
+              bias_correction->sizes());
+  check_scalar(*bias_correction, "bias_correction", at::kDouble, op);
+}
+
 void check_step_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                      const std::optional<at::Tensor>& nonfinite, const std::optional<at::Tensor>& momentum_buffer,
-                     double momentum, bool nesterov) {
-  constexpr const char* op = "bbfused::cpp_step";
+                     double momentum, bool nesterov, const std::optional<at::Tensor>& second_moment,
+                     const std::optional<at::Tensor>& bias_correction, const char* op) {
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op,
               ": param must be float32, float64, bfloat16 or float16, got ", param.scalar_type());
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": grad is ", grad.scalar_type(), " but param is ",
@@ -91,11 +108,11 @@ void check_step_args(const at::Tensor& param, const at::Tensor& grad, const at::
     TORCH_CHECK(momentum == 0.0 && !nesterov, op, ": momentum=", momentum, ", nesterov=", nesterov,
                 " needs a momentum_buffer to keep the momentum in; without one pass momentum=0 and nesterov=False");
   }
+  check_second_moment_args(second_moment, bias_correction, ema, param, op);
 }
 
 void check_epoch_end_args(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
-                          const at::Tensor& prev_ema) {
-  constexpr const char* op = "bbfused::cpp_epoch_end";
+                          const at::Tensor& prev_ema, const char* op) {
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op,
               ": param must be float32, float64, bfloat16 or float16, got ", param.scalar_type());
   TORCH_CHECK(prev_params.scalar_type() == param.scalar_type(), op, ": prev_params is ", prev_params.scalar_type(),
@@ -151,25 +168,34 @@ struct StepScalars {
   opmath_t lr;
   opmath_t weight_decay;
   opmath_t beta;
-  opmath_t scale;       // the GradScaler scale the gradient is divided by (kScaled)
-  opmath_t momentum;    // μ (Nesterov)
-  opmath_t complement;  // 1 − μ, taken in double before the rounding (any momentum)
+  opmath_t scale;             // the GradScaler scale the gradient is divided by (kScaled)
+  opmath_t momentum;          // μ (Nesterov)
+  opmath_t complement;        // 1 − μ, taken in double before the rounding (any momentum)
+  opmath_t beta2;             // β₂ (kPreconditioned)
+  opmath_t beta2_complement;  // 1 − β₂, taken in double before the rounding
+  opmath_t bias_correction;   // c = 1 − β₂ᵗ
+  opmath_t eps;               // ε
 };
 
 // d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over [begin, end).
 // Without a GradScaler (kScaled false) the division is compiled out: a vector division per element costs as
 // much as the memory traffic on one core. kSkip (the default rate control): an element whose d is not finite
 // keeps θ and g (one bad gradient value must not turn the weights into NaN); returns how many were skipped.
-// With momentum: m ← m + (1 − μ)·(d − m) and θ steps along m, or (Nesterov) along (1 − μ)·d + μ·m; a skipped
-// element keeps m too. Each line is one rounding per operation, in eager's order.
-template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum>
+// kPreconditioned (Adam's scaling): v ← β₂·v + (1 − β₂)·(d·d) and u = d / (√(v / c) + ε), and the momentum and θ
+// step along u where they would step along d; g still averages d, and a skipped element keeps v too.
+// With momentum: m ← m + (1 − μ)·(u − m) and θ steps along m, or (Nesterov) along (1 − μ)·u + μ·m; a skipped
+// element keeps m too. Each line is one rounding per operation, in eager's order; std::sqrt is correctly rounded,
+// as eager's square root is.
+template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum, bool kPreconditioned>
 __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ param,
                                                          const scalar_t* __restrict__ grad,
                                                          opmath_t* __restrict__ ema,
-                                                         opmath_t* __restrict__ momentum_buffer, int64_t begin,
+                                                         opmath_t* __restrict__ momentum_buffer,
+                                                         opmath_t* __restrict__ second_moment, int64_t begin,
                                                          int64_t end, const StepScalars<opmath_t> s) {
   using bits_t = typename FloatBits<opmath_t>::type;
   constexpr bool kHasMomentum = kMomentum != Momentum::kNone;
+  constexpr bool kDirectionIsD = !kHasMomentum && !kPreconditioned;
   // The count has the lanes' integer width (it vectorizes with them), so it is taken over spans it cannot overflow.
   constexpr int64_t kCountSpan = int64_t{1} << 31;
   int64_t skipped = 0;
@@ -181,33 +207,45 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
       const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / s.scale : static_cast<opmath_t>(grad[i]);
       const opmath_t d = g + s.weight_decay * theta;
       const opmath_t e = ema[i];
+      opmath_t v = 0;
+      opmath_t new_v = 0;
+      opmath_t u = d;
+      if constexpr (kPreconditioned) {
+        v = second_moment[i];
+        new_v = s.beta2 * v + s.beta2_complement * (d * d);
+        u = d / (std::sqrt(new_v / s.bias_correction) + s.eps);
+      }
       opmath_t m = 0;
       opmath_t new_m = 0;
-      opmath_t direction = d;
+      opmath_t direction = u;
       if constexpr (kHasMomentum) {
         m = momentum_buffer[i];
-        new_m = m + s.complement * (d - m);
-        direction = kMomentum == Momentum::kNesterov ? s.complement * d + s.momentum * new_m : new_m;
+        new_m = m + s.complement * (u - m);
+        direction = kMomentum == Momentum::kNesterov ? s.complement * u + s.momentum * new_m : new_m;
       }
       if constexpr (kSkip) {
         // A non-finite d steps θ with a zero direction instead (θ − lr·0 keeps every bit of θ; zeroing is an AND
         // with the inverted "exponent all ones" mask, cheaper than selecting between two results) and keeps the
-        // bits of g and m.
+        // bits of g, m and v.
         constexpr bits_t kExponentBits = ((bits_t{1} << FloatBits<opmath_t>::kExponent) - 1)
                                          << FloatBits<opmath_t>::kMantissa;
         const bits_t bad = -static_cast<bits_t>((bits_of(d) & kExponentBits) == kExponentBits);
         const opmath_t kept_d = from_bits<opmath_t>(bits_of(d) & ~bad);
-        const opmath_t kept_direction = kHasMomentum ? from_bits<opmath_t>(bits_of(direction) & ~bad) : kept_d;
+        const opmath_t kept_direction = kDirectionIsD ? kept_d : from_bits<opmath_t>(bits_of(direction) & ~bad);
         param[i] = static_cast<scalar_t>(theta - s.lr * kept_direction);
         ema[i] = from_bits<opmath_t>((bits_of(e + s.beta * (kept_d - e)) & ~bad) | (bits_of(e) & bad));
         if constexpr (kHasMomentum) {
           momentum_buffer[i] = from_bits<opmath_t>((bits_of(new_m) & ~bad) | (bits_of(m) & bad));
+        }
+        if constexpr (kPreconditioned) {
+          second_moment[i] = from_bits<opmath_t>((bits_of(new_v) & ~bad) | (bits_of(v) & bad));
         }
         count -= bad;  // bad is all ones (-1) for a skipped element
       } else {
         param[i] = static_cast<scalar_t>(theta - s.lr * direction);
         ema[i] = e + s.beta * (d - e);
         if constexpr (kHasMomentum) momentum_buffer[i] = new_m;
+        if constexpr (kPreconditioned) second_moment[i] = new_v;
       }
     }
     skipped += static_cast<int64_t>(count);
@@ -220,13 +258,15 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
 // every backend must give the eager reference's bits.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BBFUSED_HAVE_AVX2_CLONE 1
-template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum>
+template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum, bool kPreconditioned>
 __attribute__((target("avx2"))) int64_t step_range_avx2(scalar_t* __restrict__ param,
                                                         const scalar_t* __restrict__ grad,
                                                         opmath_t* __restrict__ ema,
-                                                        opmath_t* __restrict__ momentum_buffer, int64_t begin,
+                                                        opmath_t* __restrict__ momentum_buffer,
+                                                        opmath_t* __restrict__ second_moment, int64_t begin,
                                                         int64_t end, const StepScalars<opmath_t> s) {
-  return step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum>(param, grad, ema, momentum_buffer, begin, end, s);
+  return step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned>(
+      param, grad, ema, momentum_buffer, second_moment, begin, end, s);
 }
 #endif
 
@@ -240,14 +280,20 @@ bool cpu_has_avx2() {
 #endif
 }
 
-void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
-              double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
-              const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov) {
-  check_step_args(param, grad, ema, lr, grad_scale, found_inf, nonfinite, momentum_buffer, momentum, nesterov);
+// Both step ops: cpp_step is this without a second moment, cpp_preconditioned_step with one.
+void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
+               double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
+               const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov,
+               const std::optional<at::Tensor>& second_moment, const std::optional<at::Tensor>& bias_correction,
+               double beta2, double eps, const char* op) {
+  check_step_args(param, grad, ema, lr, grad_scale, found_inf, nonfinite, momentum_buffer, momentum, nesterov,
+                  second_moment, bias_correction, op);
   // GradScaler's inf check: the flag is on the CPU, so reading it costs no device sync.
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;
   const double lr_value = *lr.const_data_ptr<double>();
+  const bool preconditioned = second_moment.has_value();
+  const double bias_correction_value = preconditioned ? *bias_correction->const_data_ptr<double>() : 1.0;
   const int64_t n = param.numel();
   const Momentum mode = !momentum_buffer.has_value() ? Momentum::kNone
                         : nesterov                   ? Momentum::kNesterov
@@ -259,8 +305,9 @@ void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
     const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
     opmath_t* ema_data = ema.data_ptr<opmath_t>();
     opmath_t* momentum_data = momentum_buffer.has_value() ? momentum_buffer->data_ptr<opmath_t>() : nullptr;
-    // Scalars rounded to the arithmetic dtype, as the eager reference does; 1 − μ first in double, as eager's
-    // Python float.
+    opmath_t* second_moment_data = preconditioned ? second_moment->data_ptr<opmath_t>() : nullptr;
+    // Scalars rounded to the arithmetic dtype, as the eager reference does; 1 − μ and 1 − β₂ first in double, as
+    // eager's Python floats.
     const StepScalars<opmath_t> scalars{
         static_cast<opmath_t>(lr_value),
         static_cast<opmath_t>(weight_decay),
@@ -268,41 +315,50 @@ void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
         grad_scale.has_value() ? static_cast<opmath_t>(*grad_scale->const_data_ptr<float>()) : opmath_t{1},
         static_cast<opmath_t>(momentum),
         static_cast<opmath_t>(1.0 - momentum),
+        static_cast<opmath_t>(beta2),
+        static_cast<opmath_t>(1.0 - beta2),
+        static_cast<opmath_t>(bias_correction_value),
+        static_cast<opmath_t>(eps),
     };
     // Elementwise: how the range is split over threads does not change a bit.
     at::parallel_for(0, n, kStepGrain, [&](int64_t begin, int64_t end) {
       int64_t count = 0;
-      const auto run = [&](auto scaled, auto skip, auto with_momentum) {
+      const auto run = [&](auto scaled, auto skip, auto with_preconditioner, auto with_momentum) {
         constexpr bool kScaled = decltype(scaled)::value;
         constexpr bool kSkip = decltype(skip)::value;
+        constexpr bool kPreconditioned = decltype(with_preconditioner)::value;
         constexpr Momentum kMomentum = decltype(with_momentum)::value;
 #ifdef BBFUSED_HAVE_AVX2_CLONE
         if (cpu_has_avx2()) {
-          count = step_range_avx2<scalar_t, opmath_t, kScaled, kSkip, kMomentum>(param_data, grad_data, ema_data,
-                                                                                 momentum_data, begin, end, scalars);
+          count = step_range_avx2<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned>(
+              param_data, grad_data, ema_data, momentum_data, second_moment_data, begin, end, scalars);
           return;
         }
 #endif
-        count = step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum>(param_data, grad_data, ema_data,
-                                                                          momentum_data, begin, end, scalars);
+        count = step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned>(
+            param_data, grad_data, ema_data, momentum_data, second_moment_data, begin, end, scalars);
       };
       // The runtime choices as compile-time constants: each combination is a loop of its own.
-      const auto with_momentum = [&](auto scaled, auto skip) {
+      const auto with_momentum = [&](auto scaled, auto skip, auto with_preconditioner) {
         switch (mode) {
           case Momentum::kNone:
-            return run(scaled, skip, std::integral_constant<Momentum, Momentum::kNone>{});
+            return run(scaled, skip, with_preconditioner, std::integral_constant<Momentum, Momentum::kNone>{});
           case Momentum::kHeavyBall:
-            return run(scaled, skip, std::integral_constant<Momentum, Momentum::kHeavyBall>{});
+            return run(scaled, skip, with_preconditioner, std::integral_constant<Momentum, Momentum::kHeavyBall>{});
           case Momentum::kNesterov:
-            return run(scaled, skip, std::integral_constant<Momentum, Momentum::kNesterov>{});
+            return run(scaled, skip, with_preconditioner, std::integral_constant<Momentum, Momentum::kNesterov>{});
         }
       };
+      const auto with_preconditioner = [&](auto scaled, auto skip) {
+        preconditioned ? with_momentum(scaled, skip, std::true_type{})
+                       : with_momentum(scaled, skip, std::false_type{});
+      };
       if (grad_scale.has_value()) {
-        nonfinite.has_value() ? with_momentum(std::true_type{}, std::true_type{})
-                              : with_momentum(std::true_type{}, std::false_type{});
+        nonfinite.has_value() ? with_preconditioner(std::true_type{}, std::true_type{})
+                              : with_preconditioner(std::true_type{}, std::false_type{});
       } else {
-        nonfinite.has_value() ? with_momentum(std::false_type{}, std::true_type{})
-                              : with_momentum(std::false_type{}, std::false_type{});
+        nonfinite.has_value() ? with_preconditioner(std::false_type{}, std::true_type{})
+                              : with_preconditioner(std::false_type{}, std::false_type{});
       }
       if (count) skipped += count;
     });
@@ -310,10 +366,38 @@ void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
   if (nonfinite.has_value() && skipped.load()) *nonfinite->data_ptr<int64_t>() += skipped.load();
 }
 
+void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
+              double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
+              const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov) {
+  step_impl(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite, momentum_buffer, momentum,
+            nesterov, std::nullopt, std::nullopt, 0.0, 0.0, "bbfused::cpp_step");
+}
+
+void preconditioned_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema,
+                             const at::Tensor& lr, double weight_decay, double beta,
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                             const std::optional<at::Tensor>& nonfinite,
+                             const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov,
+                             const at::Tensor& second_moment, const at::Tensor& bias_correction, double beta2,
+                             double eps) {
+  step_impl(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite, momentum_buffer, momentum,
+            nesterov, second_moment, bias_correction, beta2, eps, "bbfused::cpp_preconditioned_step");
+}
+
 void step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
                const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov) {}
+
+void preconditioned_step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema,
+                              const at::Tensor& lr, double weight_decay, double beta,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf,
+                              const std::optional<at::Tensor>& nonfinite,
+                              const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov,
+                              const at::Tensor& second_moment, const at::Tensor& bias_correction, double beta2,
+                              double eps) {}
 
 // One chunk of the epoch end: its float64 partials [Σ Δθ², Σ Δθ·Δg] into sums[0..1]; in the same pass
 // prev_params ← θ, prev_ema ← g, g ← 0.
@@ -347,7 +431,7 @@ void epoch_end_chunk(const scalar_t* __restrict__ param, opmath_t* __restrict__ 
 
 at::Tensor epoch_end_cpu(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
                          const at::Tensor& prev_ema) {
-  check_epoch_end_args(param, ema, prev_params, prev_ema);
+  check_epoch_end_args(param, ema, prev_params, prev_ema, "bbfused::cpp_epoch_end");
   const int64_t n = param.numel();
   const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
   std::vector<double> partials(2 * chunks);
@@ -389,9 +473,12 @@ at::Tensor epoch_end_meta(const at::Tensor& param, const at::Tensor& ema, const 
 // prev_params stays: it is what a rollback restores. The BB sums are float64 as in the paper's pass; the two
 // norms, which only meet a fourfold growth threshold and a finiteness test, are summed in the arithmetic dtype
 // per chunk (float64 across chunks): four float64 sums made the pass compute-bound.
-template <typename scalar_t, typename opmath_t>
+// kMetric (a preconditioned step): the first sum is Σ Δθ²·D, D = √(v / c) + ε computed in the arithmetic dtype
+// as the step computes its denominator, so that BB's estimate is taken in the metric the step moved in.
+template <typename scalar_t, typename opmath_t, bool kMetric>
 void epoch_measure_chunk(const scalar_t* __restrict__ param, opmath_t* __restrict__ ema,
                          const scalar_t* __restrict__ prev_params, opmath_t* __restrict__ prev_ema,
+                         const opmath_t* __restrict__ second_moment, opmath_t bias_correction, opmath_t eps,
                          int64_t begin, int64_t end, double* sums) {
   double sq_norm[kSumLanes] = {};
   double dot[kSumLanes] = {};
@@ -402,7 +489,12 @@ void epoch_measure_chunk(const scalar_t* __restrict__ param, opmath_t* __restric
     const opmath_t g = ema[j];
     const double delta_theta = static_cast<double>(param[j]) - static_cast<double>(prev_params[j]);
     const double delta_ema = static_cast<double>(g) - static_cast<double>(prev_ema[j]);
-    sq_norm[lane] += delta_theta * delta_theta;
+    if constexpr (kMetric) {
+      const opmath_t metric = std::sqrt(second_moment[j] / bias_correction) + eps;
+      sq_norm[lane] += (delta_theta * delta_theta) * static_cast<double>(metric);
+    } else {
+      sq_norm[lane] += delta_theta * delta_theta;
+    }
     dot[lane] += delta_theta * delta_ema;
     param_sq[lane] += theta * theta;
     ema_sq[lane] += g * g;
@@ -424,8 +516,13 @@ void epoch_measure_chunk(const scalar_t* __restrict__ param, opmath_t* __restric
 }
 
 at::Tensor epoch_measure_cpu(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
-                             const at::Tensor& prev_ema) {
-  check_epoch_end_args(param, ema, prev_params, prev_ema);
+                             const at::Tensor& prev_ema, const std::optional<at::Tensor>& second_moment,
+                             const std::optional<at::Tensor>& bias_correction, double eps) {
+  constexpr const char* op = "bbfused::cpp_epoch_measure";
+  check_epoch_end_args(param, ema, prev_params, prev_ema, op);
+  check_second_moment_args(second_moment, bias_correction, ema, param, op);
+  const bool metric = second_moment.has_value();
+  const double bias_correction_value = metric ? *bias_correction->const_data_ptr<double>() : 1.0;
   const int64_t n = param.numel();
   const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
   std::vector<double> partials(4 * chunks);
@@ -435,11 +532,23 @@ at::Tensor epoch_measure_cpu(const at::Tensor& param, const at::Tensor& ema, con
     opmath_t* ema_data = ema.data_ptr<opmath_t>();
     const scalar_t* prev_params_data = prev_params.const_data_ptr<scalar_t>();
     opmath_t* prev_ema_data = prev_ema.data_ptr<opmath_t>();
+    const opmath_t* second_moment_data = metric ? second_moment->const_data_ptr<opmath_t>() : nullptr;
+    // Rounded once to the arithmetic dtype, as the step rounds them.
+    const auto correction = static_cast<opmath_t>(bias_correction_value);
+    const auto epsilon = static_cast<opmath_t>(eps);
     at::parallel_for(0, chunks, /*grain_size=*/1, [&](int64_t first, int64_t last) {
       for (int64_t chunk = first; chunk < last; ++chunk) {
-        epoch_measure_chunk<scalar_t, opmath_t>(param_data, ema_data, prev_params_data, prev_ema_data,
-                                                chunk * kSumChunk, std::min(n, (chunk + 1) * kSumChunk),
-                                                &partials[4 * chunk]);
+        const int64_t begin = chunk * kSumChunk;
+        const int64_t end = std::min(n, (chunk + 1) * kSumChunk);
+        if (metric) {
+          epoch_measure_chunk<scalar_t, opmath_t, true>(param_data, ema_data, prev_params_data, prev_ema_data,
+                                                        second_moment_data, correction, epsilon, begin, end,
+                                                        &partials[4 * chunk]);
+        } else {
+          epoch_measure_chunk<scalar_t, opmath_t, false>(param_data, ema_data, prev_params_data, prev_ema_data,
+                                                         nullptr, correction, epsilon, begin, end,
+                                                         &partials[4 * chunk]);
+        }
       }
     });
   });
@@ -453,7 +562,8 @@ at::Tensor epoch_measure_cpu(const at::Tensor& param, const at::Tensor& ema, con
 }
 
 at::Tensor epoch_measure_meta(const at::Tensor& param, const at::Tensor& ema, const at::Tensor& prev_params,
-                              const at::Tensor& prev_ema) {
+                              const at::Tensor& prev_ema, const std::optional<at::Tensor>& second_moment,
+                              const std::optional<at::Tensor>& bias_correction, double eps) {
   return at::empty({4}, param.options().dtype(at::kDouble));
 }
 
@@ -491,13 +601,22 @@ TORCH_LIBRARY_FRAGMENT(bbfused, m) {
       "cpp_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, float beta, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)? nonfinite=None, Tensor(d!)? momentum_buffer=None, "
       "float momentum=0.0, bool nesterov=False) -> ()");
+  // An op of its own, not optional arguments of cpp_step: a schema lists every tensor its op may write, and the
+  // second moment is written, so cpp_step's schema would claim a write its callers never make.
+  m.def(
+      "cpp_preconditioned_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, "
+      "float beta, Tensor? grad_scale, Tensor? found_inf, Tensor(c!)? nonfinite, Tensor(d!)? momentum_buffer, "
+      "float momentum, bool nesterov, Tensor(e!) second_moment, Tensor bias_correction, float beta2, float eps) -> ()");
   m.def("cpp_epoch_end(Tensor param, Tensor(a!) ema, Tensor(b!) prev_params, Tensor(c!) prev_ema) -> Tensor");
-  m.def("cpp_epoch_measure(Tensor param, Tensor(a!) ema, Tensor prev_params, Tensor(b!) prev_ema) -> Tensor");
+  m.def(
+      "cpp_epoch_measure(Tensor param, Tensor(a!) ema, Tensor prev_params, Tensor(b!) prev_ema, "
+      "Tensor? second_moment=None, Tensor? bias_correction=None, float eps=0.0) -> Tensor");
   m.def("cpp_epoch_commit(Tensor(a!) param, Tensor(b!) prev_params, Tensor rolled_back) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bbfused, CPU, m) {
   m.impl("cpp_step", &step_cpu);
+  m.impl("cpp_preconditioned_step", &preconditioned_step_cpu);
   m.impl("cpp_epoch_end", &epoch_end_cpu);
   m.impl("cpp_epoch_measure", &epoch_measure_cpu);
   m.impl("cpp_epoch_commit", &epoch_commit_cpu);
@@ -506,6 +625,7 @@ TORCH_LIBRARY_IMPL(bbfused, CPU, m) {
 // Shapes only, for torch.compile's fake tensors.
 TORCH_LIBRARY_IMPL(bbfused, Meta, m) {
   m.impl("cpp_step", &step_meta);
+  m.impl("cpp_preconditioned_step", &preconditioned_step_meta);
   m.impl("cpp_epoch_end", &epoch_end_meta);
   m.impl("cpp_epoch_measure", &epoch_measure_meta);
   m.impl("cpp_epoch_commit", &epoch_commit_meta);

@@ -37,12 +37,17 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
 
 
-def _build(model: torch.nn.Module, capturable: bool, safeguard: bool, backend: str, lr: float) -> BB:
+def _build(
+    model: torch.nn.Module, capturable: bool, safeguard: bool, backend: str, lr: float, preconditioner: str | None = None
+) -> BB:
     groups = [
         {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 1e-3},
         {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")]},
     ]
-    opt = BB(groups, lr=lr, steps_per_epoch=STEPS, backend=backend, safeguard=safeguard, capturable=capturable)
+    opt = BB(
+        groups, lr=lr, steps_per_epoch=STEPS, backend=backend, safeguard=safeguard, capturable=capturable,
+        preconditioner=preconditioner,
+    )  # fmt: skip
     opt.track_buffers(model)
     return opt
 
@@ -55,29 +60,40 @@ def _step(model: torch.nn.Module, opt: BB, step: int) -> None:
     opt.step(loss=loss)
 
 
-def _run(capturable: bool, safeguard: bool, backend: str, lr: float, steps: int) -> tuple[torch.nn.Module, BB]:
+def _run(
+    capturable: bool, safeguard: bool, backend: str, lr: float, steps: int, preconditioner: str | None = None
+) -> tuple[torch.nn.Module, BB]:
     model = _model()
-    opt = _build(model, capturable, safeguard, backend, lr)
+    opt = _build(model, capturable, safeguard, backend, lr, preconditioner)
     for step in range(steps):
         _step(model, opt, step)
     return model, opt
 
 
+# (safeguard, preconditioner): the paper's method, the default, and the default with Adam's scaling.
+MODES = [(False, None), (True, None), (True, "adam")]
+
+
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
-@pytest.mark.parametrize("safeguard", [True, False])
+@pytest.mark.parametrize(("safeguard", "preconditioner"), MODES)
 @pytest.mark.parametrize("lr", [0.3, 30.0])
-def test_capturable_step_follows_the_host_counted_trajectory(backend: str, safeguard: bool, lr: float) -> None:
+def test_capturable_step_follows_the_host_counted_trajectory(
+    backend: str, safeguard: bool, preconditioner: str | None, lr: float
+) -> None:
     """Same weights, BatchNorm statistics, rates, rollbacks and checkpoint after 6 epochs and 2 steps; η0 = 30
-    makes the safeguard roll epochs back (the device-side rollback and history are exercised)."""
+    makes the safeguard roll epochs back (the device-side rollback and history are exercised; with Adam's scaling the
+    run starts at 1e-3 whatever η0, and the second moments' bias correction counts on the device)."""
     steps = 6 * STEPS + 2
-    model, opt = _run(False, safeguard, backend, lr, steps)
-    captured_model, captured = _run(True, safeguard, backend, lr, steps)
+    model, opt = _run(False, safeguard, backend, lr, steps, preconditioner)
+    captured_model, captured = _run(True, safeguard, backend, lr, steps, preconditioner)
     for a, b in zip(model.state_dict().values(), captured_model.state_dict().values()):
         assert torch.equal(a, b)
     assert captured.lr_history == opt.lr_history and len(opt.lr_history) == 6
     assert captured.rolled_back_epochs == opt.rolled_back_epochs
-    if safeguard and lr > 1:
+    if safeguard and lr > 1 and preconditioner is None:
         assert opt.rolled_back_epochs, "the large rate was meant to trigger a rollback"
+    if preconditioner is not None:
+        assert len(set(opt.lr_history)) > 2  # the rate moved
     assert (captured.epoch, captured.step_in_epoch) == (opt.epoch, opt.step_in_epoch) == (6, 2)
     assert captured.lr == opt.lr
     saved, captured_saved = opt.state_dict(), captured.state_dict()
@@ -186,15 +202,15 @@ def _host_state(opt: BB) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-@pytest.mark.parametrize("safeguard", [True, False])
+@pytest.mark.parametrize(("safeguard", "preconditioner"), MODES)
 def test_capturable_steps_read_nothing_on_the_host_and_change_only_tensors_in_place(
-    safeguard: bool, backend: str
+    safeguard: bool, preconditioner: str | None, backend: str
 ) -> None:
     """After the first (eager) step, 3 epochs of steps, their epoch ends and rollbacks included, never read a tensor
     on the host, change no host-side state and re-bind no state tensor: replaying the recorded kernels alone does
     what calling step() does (the torch ops of the eager backend, the Triton launches of the triton backend)."""
     model = _model()
-    opt = _build(model, True, safeguard, backend, 30.0)
+    opt = _build(model, True, safeguard, backend, 30.0, preconditioner)
     _step(model, opt, 0)
     tensors, host = _tensor_state(opt), _host_state(opt)
     with _no_host_reads():
@@ -206,7 +222,7 @@ def test_capturable_steps_read_nothing_on_the_host_and_change_only_tensors_in_pl
     assert opt.param_groups[0]["lr"] is opt.lr_tensor
     opt.load_state_dict(opt.state_dict())  # a graph captured before loading must go on with the loaded state
     assert _tensor_state(opt) == tensors
-    if safeguard:
+    if safeguard and preconditioner is None:
         assert opt.rolled_back_epochs  # the device-side rollback ran inside those steps
 
 

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torchrun import run_two_ranks
 
-from bbfused import BB
+from bbfused import BB, checkpoint
 
 STEPS_PER_EPOCH = 4
 SAVED_AT = 6  # mid epoch 1; the resumed run crosses the ends of epochs 1 and 2
@@ -149,7 +149,7 @@ def test_param_groups_carrying_different_global_states_are_refused() -> None:
 
 
 def test_state_dict_saved_before_the_groups_carried_the_entry_loads() -> None:
-    """A ``BB.state_dict()`` of the previous layout (the same version 3 entry, at the top level only: what the
+    """A ``BB.state_dict()`` of the previous layout (the same entry, at the top level only: what the
     groups' copies were added to) resumes bit-identically; the top-level entry wins over the groups' copies."""
     expected_model, expected = build()
     train(expected_model, expected, 0, SAVED_AT)
@@ -157,7 +157,7 @@ def test_state_dict_saved_before_the_groups_carried_the_entry_loads() -> None:
     train(expected_model, expected, SAVED_AT, 6)
     for group in saved["opt"]["param_groups"]:
         del group["bb"]
-    assert saved["opt"]["bb"]["version"] == 3
+    assert saved["opt"]["bb"]["version"] == checkpoint.VERSION
 
     model, opt = build()
     model.load_state_dict(saved["model"])
@@ -182,7 +182,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 from torch.nn.parallel import DistributedDataParallel
-from bbfused import BB
+from bbfused import BB, checkpoint
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

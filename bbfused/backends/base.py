@@ -39,6 +39,10 @@ class Backend(Protocol):
         momentum_buffer: torch.Tensor | None = None,
         momentum: float = 0.0,
         nesterov: bool = False,
+        second_moment: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        beta2: float = 0.0,
+        eps: float = 0.0,
     ) -> None:
         """One SGD step with L2 weight decay and the gradient EMA, in place, over n elements.
 
@@ -54,6 +58,12 @@ class Backend(Protocol):
         ``nesterov`` θ ← θ − lr·((1 − μ)·d + μ·m) with the new m. 1 − μ is taken in float64 and rounded to the
         compute dtype once, as μ is. A skipped element (non-finite d, or found_inf) keeps m too. Without a
         buffer, momentum must be 0 and nesterov false.
+
+        second_moment: (n,) in the EMA's dtype, or None. Given (``bbfused.preconditioner``), the step is Adam's
+        per-element scaling of d: v ← β₂·v + (1 − β₂)·(d·d), u = d / (√(v / c) + ε) with c = ``bias_correction``
+        (a float64 0-dim device tensor, 1 − β₂ᵗ for this step) rounded to the compute dtype once, as β₂, 1 − β₂
+        (taken in float64) and ε are; the momentum and θ then step along u in place of d. g still averages d. A
+        skipped element keeps v too.
         """
         ...
 
@@ -85,10 +95,17 @@ class Backend(Protocol):
         prev_ema: torch.Tensor,
         *,
         enabled: torch.Tensor | None = None,
+        second_moment: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        eps: float = 0.0,
     ) -> torch.Tensor:
         """The safeguarded epoch end's first pass: float64 (4,) ``[‖θ − θ_prev‖², (θ − θ_prev)ᵀ(g − g_prev),
         ‖θ‖², ‖g‖²]`` (the last two may be summed in the state dtype); in the same pass prev_ema ← g, g ← 0.
-        prev_params is not written: a rollback restores it. Deterministic."""
+        prev_params is not written: a rollback restores it. Deterministic.
+
+        With ``second_moment`` (v) the first sum is taken in the preconditioner's metric: Σ (Δθ·Δθ)·D in float64,
+        D = √(v / c) + ε computed in the state dtype as the step computes its denominator (c =
+        ``bias_correction``)."""
         ...
 
     def epoch_commit(
@@ -126,3 +143,12 @@ def zero_momentum_if_rolled_back(
     restart = rolled_back.reshape(()) if enabled is None else rolled_back.reshape(()) & enabled.reshape(())
     if momentum_buffer.device.type != "cpu" or bool(restart):
         momentum_buffer.masked_fill_(restart, 0)
+
+
+def check_second_moment_arguments(second_moment: torch.Tensor | None, bias_correction: torch.Tensor | None) -> None:
+    """Raise when a second moment comes without its bias correction (the step could not scale by it)."""
+    if second_moment is not None and bias_correction is None:
+        raise ValueError(
+            "a second_moment needs its bias_correction (a float64 0-dim tensor, 1 - beta2**t, on the buffer's "
+            "device); pass both, or neither for BB's SGD step"
+        )

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .base import BackendUnavailableError, zero_momentum_if_rolled_back
+from .base import BackendUnavailableError, check_second_moment_arguments, zero_momentum_if_rolled_back
 
 # Shared with setup.py's ahead-of-time build. Portable: no -march=native (see csrc/bb_ops.cpp on vectors).
-CXX_FLAGS = ("-O3", "-fopenmp")
+# -fno-math-errno lets GCC vectorize the preconditioned step's square root (setting errno would make each one a
+# possible call); it changes no result: sqrt stays correctly rounded, and nothing is reassociated.
+CXX_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
 LD_FLAGS = ("-fopenmp",)
 PREBUILT_NAME = "_cpp_ops"  # bbfused/_cpp_ops*.so from setup.py
 _JIT_NAME = "bbfused_cpp_ops"
@@ -197,11 +199,22 @@ class CppBackend:
         momentum_buffer: torch.Tensor | None = None,
         momentum: float = 0.0,
         nesterov: bool = False,
+        second_moment: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        beta2: float = 0.0,
+        eps: float = 0.0,
     ) -> None:
-        torch.ops.bbfused.cpp_step(
-            param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite,
-            momentum_buffer, momentum, nesterov,
-        )  # fmt: skip
+        check_second_moment_arguments(second_moment, bias_correction)
+        if second_moment is None:
+            torch.ops.bbfused.cpp_step(
+                param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite,
+                momentum_buffer, momentum, nesterov,
+            )  # fmt: skip
+        else:
+            torch.ops.bbfused.cpp_preconditioned_step(
+                param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite,
+                momentum_buffer, momentum, nesterov, second_moment, bias_correction, beta2, eps,
+            )  # fmt: skip
 
     def epoch_end(
         self,
@@ -224,10 +237,16 @@ class CppBackend:
         prev_ema: torch.Tensor,
         *,
         enabled: torch.Tensor | None = None,
+        second_moment: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        eps: float = 0.0,
     ) -> torch.Tensor:
+        check_second_moment_arguments(second_moment, bias_correction)
         if _skipped(enabled):
             return torch.zeros(4, dtype=torch.float64)
-        return torch.ops.bbfused.cpp_epoch_measure(param, ema, prev_params, prev_ema)
+        return torch.ops.bbfused.cpp_epoch_measure(
+            param, ema, prev_params, prev_ema, second_moment, bias_correction, eps
+        )
 
     def epoch_commit(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import check_momentum_arguments, zero_momentum_if_rolled_back
+from .base import check_momentum_arguments, check_second_moment_arguments, zero_momentum_if_rolled_back
 
 
 class EagerBackend:
@@ -25,8 +25,13 @@ class EagerBackend:
         momentum_buffer: torch.Tensor | None = None,
         momentum: float = 0.0,
         nesterov: bool = False,
+        second_moment: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        beta2: float = 0.0,
+        eps: float = 0.0,
     ) -> None:
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
+        check_second_moment_arguments(second_moment, bias_correction)
         theta = param.to(ema.dtype)
         d = grad.to(ema.dtype)
         if grad_scale is not None:
@@ -34,11 +39,14 @@ class EagerBackend:
         if weight_decay != 0:
             d = d + weight_decay * theta
         direction = d
+        if second_moment is not None:
+            new_second_moment = beta2 * second_moment + (1.0 - beta2) * (d * d)
+            direction = d / _denominator(new_second_moment, bias_correction, eps)
         if momentum_buffer is not None:
             # Python floats: torch rounds each to the compute dtype once, as the fused kernels do.
             complement = 1.0 - momentum
-            new_momentum = momentum_buffer + complement * (d - momentum_buffer)
-            direction = complement * d + momentum * new_momentum if nesterov else new_momentum
+            new_momentum = momentum_buffer + complement * (direction - momentum_buffer)
+            direction = complement * direction + momentum * new_momentum if nesterov else new_momentum
         new_theta = theta - lr.to(ema.dtype) * direction
         new_ema = ema + beta * (d - ema)
         if nonfinite is not None:
@@ -51,6 +59,8 @@ class EagerBackend:
             new_ema = torch.where(finite, new_ema, ema)
             if momentum_buffer is not None:
                 new_momentum = torch.where(finite, new_momentum, momentum_buffer)
+            if second_moment is not None:
+                new_second_moment = torch.where(finite, new_second_moment, second_moment)
         if found_inf is not None:
             # torch.where instead of an `if`: deciding on the host would need a sync.
             skip = found_inf.reshape(()) != 0
@@ -58,10 +68,14 @@ class EagerBackend:
             new_ema = torch.where(skip, ema, new_ema)
             if momentum_buffer is not None:
                 new_momentum = torch.where(skip, momentum_buffer, new_momentum)
+            if second_moment is not None:
+                new_second_moment = torch.where(skip, second_moment, new_second_moment)
         param.copy_(new_theta)
         ema.copy_(new_ema)
         if momentum_buffer is not None:
             momentum_buffer.copy_(new_momentum)
+        if second_moment is not None:
+            second_moment.copy_(new_second_moment)
 
     def epoch_end(
         self,
@@ -88,14 +102,22 @@ class EagerBackend:
         prev_ema: torch.Tensor,
         *,
         enabled: torch.Tensor | None = None,
+        second_moment: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        eps: float = 0.0,
     ) -> torch.Tensor:
+        check_second_moment_arguments(second_moment, bias_correction)
         theta = param.double()
         g = ema.double()
         delta_theta = theta - prev_params.double()
         delta_ema = g - prev_ema.double()
+        if second_moment is None:
+            delta_sq = torch.dot(delta_theta, delta_theta)
+        else:
+            delta_sq = torch.dot(delta_theta * delta_theta, _denominator(second_moment, bias_correction, eps).double())
         sums = torch.stack(
             [
-                torch.dot(delta_theta, delta_theta),
+                delta_sq,
                 torch.dot(delta_theta, delta_ema),
                 torch.dot(theta, theta),
                 torch.dot(g, g),
@@ -120,6 +142,22 @@ class EagerBackend:
         torch.where(flag, prev_params, param, out=param)
         _write_if(enabled, prev_params, param)
         zero_momentum_if_rolled_back(momentum_buffer, rolled_back, enabled)
+
+
+def _denominator(second_moment: torch.Tensor, bias_correction: torch.Tensor, eps: float) -> torch.Tensor:
+    """√(v / c) + ε in v's dtype: the preconditioned step's denominator and the metric of its BB estimate."""
+    return correctly_rounded_sqrt(second_moment / bias_correction.to(second_moment.dtype)) + eps
+
+
+def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """√x rounded to nearest, as IEEE 754 and the fused kernels take it. torch's CPU sqrt (MKL) is not: it is one
+    ulp off for a fifth of float32 values and 1 % of float64 ones, so on the CPU NumPy's takes its place; CUDA's is
+    correctly rounded."""
+    if x.device.type != "cpu":
+        return x.sqrt()
+    import numpy
+
+    return torch.from_numpy(numpy.sqrt(x.detach().contiguous().numpy()))
 
 
 def _write_if(enabled: torch.Tensor | None, target: torch.Tensor, value: torch.Tensor) -> None:

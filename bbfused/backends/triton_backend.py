@@ -26,7 +26,7 @@ except ImportError as error:
     raise ImportError(f"{error}; the triton backend needs the triton package: pip install triton") from error
 
 from ..buffers import state_dtype
-from .base import check_momentum_arguments
+from .base import check_momentum_arguments, check_second_moment_arguments
 
 # Block size and warps, fixed for both kernels (no autotuning: it would time launches at first use and
 # keep one configuration per length). Both kernels stream: each element is loaded and stored once, so what
@@ -85,6 +85,24 @@ def _divide(numerator, denominator):
 
 
 @triton.jit
+def _rounded_sqrt(x):
+    """√x rounded to nearest, as eager's reference takes it (Triton's fp32 ``tl.sqrt`` is approximate on a GPU; its
+    fp64 one is not)."""
+    if x.dtype == tl.float32:
+        root = tl.sqrt_rn(x)
+    else:
+        root = tl.sqrt(x)
+    return root
+
+
+@triton.jit
+def _denominator(second_moment, bias_correction, eps):
+    """√(v / c) + ε in v's dtype, each operation rounded once: the preconditioned step's denominator, and the metric
+    the measuring pass sums Δθ² in (the two must agree bit for bit, as eager's ``_denominator``)."""
+    return _rounded_sqrt(_divide(second_moment, bias_correction)) + eps
+
+
+@triton.jit
 def _step_block(
     param_ptr,
     grad_ptr,
@@ -93,19 +111,25 @@ def _step_block(
     grad_scale_ptr,
     nonfinite_ptr,
     momentum_ptr,
+    second_moment_ptr,
+    bias_correction_ptr,
     weight_decay,
     beta,
     momentum,
+    beta2,
+    eps,
     offsets,
     mask,
     HAS_SCALE: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
+    HAS_SECOND_MOMENT: tl.constexpr,
 ):
     """The step over the elements ``offsets`` (``mask``: which of them exist; None: all). SKIP_NONFINITE: an
-    element whose d is not finite keeps θ, g (and m), and is counted into *nonfinite_ptr. HAS_MOMENTUM: θ steps
-    along the momentum buffer m ← m + (1 − μ)·(d − m), or (NESTEROV) along (1 − μ)·d + μ·m."""
+    element whose d is not finite keeps θ, g (and m, v), and is counted into *nonfinite_ptr. HAS_SECOND_MOMENT: d
+    is scaled to u = d / (√(v / c) + ε) with v ← β₂·v + (1 − β₂)·d², and the momentum and θ step along u.
+    HAS_MOMENTUM: θ steps along the momentum buffer m ← m + (1 − μ)·(u − m), or (NESTEROV) along (1 − μ)·u + μ·m."""
     compute = ema_ptr.dtype.element_ty
     theta = _load(param_ptr + offsets, mask).to(compute)
     d = _load(grad_ptr + offsets, mask).to(compute)
@@ -116,21 +140,30 @@ def _step_block(
     # keeps their float64 value under the interpreter, which would otherwise round Python floats to fp32.
     d = d + tl.full((), weight_decay, compute) * theta
     direction = d
+    if HAS_SECOND_MOMENT:
+        v = _load(second_moment_ptr + offsets, mask)
+        # 1 − β₂ in float64, then rounded once, as eager's Python float is.
+        new_v = tl.full((), beta2, compute) * v + tl.full((), 1.0 - beta2, compute) * (d * d)
+        correction = tl.load(bias_correction_ptr).to(compute)  # on the device: a captured step sees each step's c
+        direction = _divide(d, _denominator(new_v, correction, tl.full((), eps, compute)))
     if HAS_MOMENTUM:
         m = _load(momentum_ptr + offsets, mask)
         complement = tl.full((), 1.0 - momentum, compute)  # 1 − μ in float64, then rounded once, as eager's
-        new_m = m + complement * (d - m)
-        direction = new_m
+        new_m = m + complement * (direction - m)
         if NESTEROV:
-            direction = complement * d + tl.full((), momentum, compute) * new_m
+            direction = complement * direction + tl.full((), momentum, compute) * new_m
+        else:
+            direction = new_m
     new_theta = theta - tl.load(lr_ptr).to(compute) * direction
-    new_ema = ema + tl.full((), beta, compute) * (d - ema)
+    new_ema = ema + tl.full((), beta, compute) * (d - ema)  # g averages the raw d, preconditioned or not
     if SKIP_NONFINITE:
         finite = (d - d) == 0  # inf - inf and NaN - NaN are NaN
         new_theta = tl.where(finite, new_theta, theta)
         new_ema = tl.where(finite, new_ema, ema)
         if HAS_MOMENTUM:
             new_m = tl.where(finite, new_m, m)
+        if HAS_SECOND_MOMENT:
+            new_v = tl.where(finite, new_v, v)
         skipped = tl.sum(tl.where(finite, 0, 1).to(tl.int64), axis=None)
         if skipped != 0:
             tl.atomic_add(nonfinite_ptr, skipped)
@@ -138,6 +171,67 @@ def _step_block(
     tl.store(ema_ptr + offsets, new_ema, mask=mask)
     if HAS_MOMENTUM:
         tl.store(momentum_ptr + offsets, new_m, mask=mask)
+    if HAS_SECOND_MOMENT:
+        tl.store(second_moment_ptr + offsets, new_v, mask=mask)
+
+
+@triton.jit
+def _step_program(
+    param_ptr,
+    grad_ptr,
+    ema_ptr,
+    lr_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    nonfinite_ptr,
+    momentum_ptr,
+    weight_decay_ptr,
+    second_moment_ptr,
+    bias_correction_ptr,
+    n_elements,
+    weight_decay,
+    beta,
+    momentum,
+    beta2,
+    eps,
+    HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT_DECAY_TABLE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    HAS_SECOND_MOMENT: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROW: tl.constexpr,
+):
+    """One program of a step kernel (_step_kernel, _preconditioned_step_kernel): the step over its block, or with
+    found_inf ≠ 0 no access at all.
+    HAS_WEIGHT_DECAY_TABLE: λ is this block's entry of the float64 table (a run of several groups' buffers).
+    ROW > 1: the block as (BLOCK / ROW, ROW) offsets (see STEP_ROW)."""
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    if HAS_WEIGHT_DECAY_TABLE:
+        weight_decay = tl.load(weight_decay_ptr + tl.program_id(0))
+    start, offsets = _block_span(tl.program_id(0), USE_INT64, BLOCK)
+    if ROW > 1:
+        offsets = start + tl.arange(0, BLOCK // ROW)[:, None] * ROW + tl.arange(0, ROW)[None, :]
+    # Full blocks go unmasked: Triton vectorizes an access only where it can prove the mask constant over
+    # the vector, which an unspecialized n_elements does not allow. (n - start, not start + BLOCK: no overflow.)
+    if n_elements - start >= BLOCK:
+        _step_block(
+            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, second_moment_ptr,
+            bias_correction_ptr, weight_decay, beta, momentum, beta2, eps, offsets, None, HAS_SCALE, SKIP_NONFINITE,
+            HAS_MOMENTUM, NESTEROV, HAS_SECOND_MOMENT,
+        )  # fmt: skip
+    else:
+        mask = offsets < n_elements
+        _step_block(
+            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, second_moment_ptr,
+            bias_correction_ptr, weight_decay, beta, momentum, beta2, eps, offsets, mask, HAS_SCALE, SKIP_NONFINITE,
+            HAS_MOMENTUM, NESTEROV, HAS_SECOND_MOMENT,
+        )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n_elements"])
@@ -167,33 +261,59 @@ def _step_kernel(
 ):
     """d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over one block; found_inf ≠ 0: no access.
     With HAS_MOMENTUM, θ steps along m ← m + (1 − μ)·(d − m) (NESTEROV: along (1 − μ)·d + μ·m) instead of d.
-    HAS_WEIGHT_DECAY_TABLE: λ is this block's entry of the float64 table (a run of several groups' buffers).
-    ROW > 1: the block as (BLOCK / ROW, ROW) offsets (see STEP_ROW).
 
     Arithmetic in the EMA dtype (fp32, or fp64 for fp64 parameters). Memory traffic per element: one
     read of θ, grad and g, one write of θ and g; with momentum also one read and one write of m.
     """
-    if HAS_FOUND_INF:
-        if tl.load(found_inf_ptr) != 0:
-            return
-    if HAS_WEIGHT_DECAY_TABLE:
-        weight_decay = tl.load(weight_decay_ptr + tl.program_id(0))
-    start, offsets = _block_span(tl.program_id(0), USE_INT64, BLOCK)
-    if ROW > 1:
-        offsets = start + tl.arange(0, BLOCK // ROW)[:, None] * ROW + tl.arange(0, ROW)[None, :]
-    # Full blocks go unmasked: Triton vectorizes an access only where it can prove the mask constant over
-    # the vector, which an unspecialized n_elements does not allow. (n - start, not start + BLOCK: no overflow.)
-    if n_elements - start >= BLOCK:
-        _step_block(
-            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, weight_decay, beta,
-            momentum, offsets, None, HAS_SCALE, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV,
-        )  # fmt: skip
-    else:
-        mask = offsets < n_elements
-        _step_block(
-            param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, weight_decay, beta,
-            momentum, offsets, mask, HAS_SCALE, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV,
-        )  # fmt: skip
+    _step_program(
+        param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, nonfinite_ptr, momentum_ptr,
+        weight_decay_ptr, None, None, n_elements, weight_decay, beta, momentum, 0.0, 0.0, HAS_SCALE,
+        HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, False, USE_INT64, BLOCK, ROW,
+    )  # fmt: skip
+
+
+# The preconditioned step is a kernel of its own rather than a flag of _step_kernel: its two pointers and two scalars
+# would change _step_kernel's signature, which the specialization and compiled-code tests pin; the code is the same
+# _step_program with HAS_SECOND_MOMENT set.
+@triton.jit(do_not_specialize=["n_elements"])
+def _preconditioned_step_kernel(
+    param_ptr,
+    grad_ptr,
+    ema_ptr,
+    lr_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    nonfinite_ptr,
+    momentum_ptr,
+    weight_decay_ptr,
+    n_elements,
+    weight_decay: tl.float64,
+    beta: tl.float64,
+    momentum: tl.float64,
+    second_moment_ptr,
+    bias_correction_ptr,
+    beta2: tl.float64,
+    eps: tl.float64,
+    HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT_DECAY_TABLE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROW: tl.constexpr,
+):
+    """_step_kernel with Adam's per-element scaling: v ← β₂·v + (1 − β₂)·d², u = d / (√(v / c) + ε), and the
+    momentum and θ step along u where _step_kernel's step along d; g still averages d. c (1 − β₂ᵗ) is read at
+    bias_correction_ptr (float64), so a captured step takes each step's. Adds one read and one write of v per
+    element."""
+    _step_program(
+        param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, nonfinite_ptr, momentum_ptr,
+        weight_decay_ptr, second_moment_ptr, bias_correction_ptr, n_elements, weight_decay, beta, momentum, beta2, eps,
+        HAS_SCALE, HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, True, USE_INT64,
+        BLOCK, ROW,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -270,8 +390,20 @@ def _epoch_end_kernel(
 
 
 @triton.jit
-def _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask):
-    """The safeguarded epoch end's first pass over ``offsets``: its four float64 sums; g_prev ← g, g ← 0."""
+def _epoch_measure_block(
+    param_ptr,
+    ema_ptr,
+    prev_params_ptr,
+    prev_ema_ptr,
+    second_moment_ptr,
+    bias_correction,
+    eps,
+    offsets,
+    mask,
+    HAS_SECOND_MOMENT: tl.constexpr,
+):
+    """The safeguarded epoch end's first pass over ``offsets``: its four float64 sums; g_prev ← g, g ← 0.
+    HAS_SECOND_MOMENT: the first sum is Σ Δθ²·(√(v / c) + ε), the metric taken in v's dtype as the step takes it."""
     theta = _load(param_ptr + offsets, mask).to(tl.float64)
     ema = _load(ema_ptr + offsets, mask)
     ema64 = ema.to(tl.float64)
@@ -279,12 +411,72 @@ def _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offs
     delta_ema = ema64 - _load(prev_ema_ptr + offsets, mask).to(tl.float64)
     tl.store(prev_ema_ptr + offsets, ema, mask=mask)
     tl.store(ema_ptr + offsets, tl.zeros_like(ema), mask=mask)
+    delta_sq = delta_theta * delta_theta
+    if HAS_SECOND_MOMENT:
+        # Masked-off lanes read v = 0 and Δθ = 0: their term is 0 for any c > 0.
+        metric = _denominator(_load(second_moment_ptr + offsets, mask), bias_correction, eps)
+        delta_sq = delta_sq * metric.to(tl.float64)
     return (
-        tl.sum(delta_theta * delta_theta, axis=0),
+        tl.sum(delta_sq, axis=0),
         tl.sum(delta_theta * delta_ema, axis=0),
         tl.sum(theta * theta, axis=0),
         tl.sum(ema64 * ema64, axis=0),
     )
+
+
+@triton.jit
+def _epoch_measure_program(
+    param_ptr,
+    ema_ptr,
+    prev_params_ptr,
+    prev_ema_ptr,
+    partials_ptr,
+    enabled_ptr,
+    second_moment_ptr,
+    bias_correction_ptr,
+    n_elements,
+    row_stride,
+    eps,
+    HAS_ENABLED: tl.constexpr,
+    HAS_SECOND_MOMENT: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program of a measuring kernel (_epoch_measure_kernel, _preconditioned_measure_kernel)."""
+    if _enabled(enabled_ptr, HAS_ENABLED):
+        pid = tl.program_id(0)
+        correction = None
+        epsilon = None
+        if HAS_SECOND_MOMENT:
+            correction = tl.load(bias_correction_ptr).to(ema_ptr.dtype.element_ty)
+            epsilon = tl.full((), eps, ema_ptr.dtype.element_ty)
+        a = tl.full((), 0.0, tl.float64)
+        b = tl.full((), 0.0, tl.float64)
+        c = tl.full((), 0.0, tl.float64)
+        d = tl.full((), 0.0, tl.float64)
+        for block in range(pid, tl.cdiv(n_elements, BLOCK), tl.num_programs(0)):
+            start, offsets = _block_span(block, USE_INT64, BLOCK)
+            if n_elements - start >= BLOCK:  # as in _step_kernel
+                sums = _epoch_measure_block(
+                    param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, second_moment_ptr, correction, epsilon, offsets,
+                    None, HAS_SECOND_MOMENT,
+                )  # fmt: skip
+            else:
+                mask = offsets < n_elements
+                sums = _epoch_measure_block(
+                    param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, second_moment_ptr, correction, epsilon, offsets,
+                    mask, HAS_SECOND_MOMENT,
+                )  # fmt: skip
+            a += sums[0]
+            b += sums[1]
+            c += sums[2]
+            d += sums[3]
+        tl.store(partials_ptr + pid, a)
+        tl.store(partials_ptr + row_stride + pid, b)
+        tl.store(partials_ptr + 2 * row_stride + pid, c)
+        tl.store(partials_ptr + 3 * row_stride + pid, d)
+    else:
+        _zero_partials(partials_ptr, row_stride, 4)
 
 
 @triton.jit(do_not_specialize=["n_elements", "row_stride"])
@@ -304,29 +496,36 @@ def _epoch_measure_kernel(
     """This program's blocks' ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖² into slots [k · row_stride + pid] (no atomics: deterministic);
     g_prev ← g, g ← 0. θ_prev is left for the second pass (a rollback restores it). HAS_ENABLED: as in
     _epoch_end_kernel."""
-    if _enabled(enabled_ptr, HAS_ENABLED):
-        pid = tl.program_id(0)
-        a = tl.full((), 0.0, tl.float64)
-        b = tl.full((), 0.0, tl.float64)
-        c = tl.full((), 0.0, tl.float64)
-        d = tl.full((), 0.0, tl.float64)
-        for block in range(pid, tl.cdiv(n_elements, BLOCK), tl.num_programs(0)):
-            start, offsets = _block_span(block, USE_INT64, BLOCK)
-            if n_elements - start >= BLOCK:  # as in _step_kernel
-                sums = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, None)
-            else:
-                mask = offsets < n_elements
-                sums = _epoch_measure_block(param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, offsets, mask)
-            a += sums[0]
-            b += sums[1]
-            c += sums[2]
-            d += sums[3]
-        tl.store(partials_ptr + pid, a)
-        tl.store(partials_ptr + row_stride + pid, b)
-        tl.store(partials_ptr + 2 * row_stride + pid, c)
-        tl.store(partials_ptr + 3 * row_stride + pid, d)
-    else:
-        _zero_partials(partials_ptr, row_stride, 4)
+    _epoch_measure_program(
+        param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, partials_ptr, enabled_ptr, None, None, n_elements,
+        row_stride, 0.0, HAS_ENABLED, False, USE_INT64, BLOCK,
+    )  # fmt: skip
+
+
+# A kernel of its own, as _preconditioned_step_kernel is: _epoch_measure_kernel's signature stays as the tests pin it.
+@triton.jit(do_not_specialize=["n_elements", "row_stride"])
+def _preconditioned_measure_kernel(
+    param_ptr,
+    ema_ptr,
+    prev_params_ptr,
+    prev_ema_ptr,
+    partials_ptr,
+    enabled_ptr,
+    n_elements,
+    row_stride,
+    second_moment_ptr,
+    bias_correction_ptr,
+    eps: tl.float64,
+    HAS_ENABLED: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """_epoch_measure_kernel with the first sum in the preconditioner's metric: Σ Δθ²·(√(v / c) + ε), c (1 − β₂ᵗ)
+    read at bias_correction_ptr. v is read, not written."""
+    _epoch_measure_program(
+        param_ptr, ema_ptr, prev_params_ptr, prev_ema_ptr, partials_ptr, enabled_ptr, second_moment_ptr,
+        bias_correction_ptr, n_elements, row_stride, eps, HAS_ENABLED, True, USE_INT64, BLOCK,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -409,19 +608,36 @@ def partial_columns(n_elements: int) -> int:
 
 
 def _epoch_sums(
-    kernel, rows: int, operation: str, param, ema, prev_params, prev_ema, enabled, out: torch.Tensor | None = None
+    kernel,
+    rows: int,
+    operation: str,
+    param,
+    ema,
+    prev_params,
+    prev_ema,
+    enabled,
+    out: torch.Tensor | None = None,
+    second_moment: torch.Tensor | None = None,
+    bias_correction: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """Launch an epoch-end ``kernel`` that writes ``rows`` per-block float64 partials; their sums, (rows,), or
     with ``out`` (a (rows, blocks) float64 view, rows at any stride) the partials written into it, unsummed.
+    With ``second_moment``, the measuring pass in the preconditioner's metric (_preconditioned_measure_kernel)
+    in place of ``kernel``.
 
     Summing a fixed-length float64 tensor gives the same bits every run; an empty buffer sums to zeros. With
     ``enabled`` false the kernel writes zeros into the partials and nothing else."""
+    check_second_moment_arguments(second_moment, bias_correction)
     state = state_dtype(param.dtype)
-    _check_flat(
-        operation,
-        {"param": param, "ema": ema, "prev_params": prev_params, "prev_ema": prev_ema},
-        {"param": param.dtype, "ema": state, "prev_params": param.dtype, "prev_ema": state},
-    )
+    flat = {"param": param, "ema": ema, "prev_params": prev_params, "prev_ema": prev_ema}
+    dtypes = {"param": param.dtype, "ema": state, "prev_params": param.dtype, "prev_ema": state}
+    preconditioner = ()
+    if second_moment is not None:
+        flat["second_moment"], dtypes["second_moment"] = second_moment, state
+        _check_scalar(operation, "bias_correction", bias_correction, param.device, torch.float64)
+        kernel, preconditioner = _preconditioned_measure_kernel, (second_moment, bias_correction, float(eps))
+    _check_flat(operation, flat, dtypes)
     if enabled is not None:
         _check_scalar(operation, "enabled", enabled, param.device)
     n_elements = param.numel()
@@ -443,6 +659,7 @@ def _epoch_sums(
                 enabled,
                 n_elements,
                 partials.stride(0),
+                *preconditioner,
                 HAS_ENABLED=enabled is not None,
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
@@ -461,12 +678,16 @@ def _check_weight_decay_table(table: torch.Tensor, n_elements: int, device: torc
         )
 
 
-def _check_scalar(operation: str, name: str, tensor: torch.Tensor, device: torch.device) -> None:
+def _check_scalar(
+    operation: str, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> None:
     if tensor.numel() != 1 or tensor.device != device:
         raise ValueError(
             f"triton backend {operation}: {name} must be a one-element tensor on {device}, got shape "
             f"{tuple(tensor.shape)} on {tensor.device}; move it to the parameters' device"
         )
+    if dtype is not None and tensor.dtype != dtype:
+        raise ValueError(f"triton backend {operation}: {name} must be {dtype}, got {tensor.dtype}")
 
 
 class TritonBackend:
@@ -491,17 +712,27 @@ class TritonBackend:
         momentum_buffer: torch.Tensor | None = None,
         momentum: float = 0.0,
         nesterov: bool = False,
+        second_moment: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        beta2: float = 0.0,
+        eps: float = 0.0,
     ) -> None:
-        """One launch over n elements; reads lr, grad_scale and found_inf on the device (no host sync).
+        """One launch over n elements; reads lr, grad_scale, found_inf and bias_correction on the device (no host
+        sync).
 
         ``weight_decay``: a number, or a float64 table with each block's (``weight_decay_block`` elements, from the
-        first), for buffers of several groups laid end to end (``bbfused.buffer_runs``)."""
+        first), for buffers of several groups laid end to end (``bbfused.buffer_runs``). ``second_moment``: Adam's
+        scaling of the step (base.Backend.step), in _preconditioned_step_kernel."""
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
+        check_second_moment_arguments(second_moment, bias_correction)
         state = state_dtype(param.dtype)
         flat = {"param": param, "grad": grad, "ema": ema}
         dtypes = {"param": param.dtype, "grad": param.dtype, "ema": state}
         if momentum_buffer is not None:
             flat["momentum_buffer"], dtypes["momentum_buffer"] = momentum_buffer, state
+        if second_moment is not None:
+            flat["second_moment"], dtypes["second_moment"] = second_moment, state
+            _check_scalar("step", "bias_correction", bias_correction, param.device, torch.float64)
         _check_flat("step", flat, dtypes)
         for name, scalar in (
             ("lr", lr),
@@ -517,8 +748,12 @@ class TritonBackend:
             _check_weight_decay_table(table, n_elements, param.device)
         if n_elements == 0:
             return
+        kernel, preconditioner = _step_kernel, ()
+        if second_moment is not None:
+            preconditioner = (second_moment, bias_correction, float(beta2), float(eps))
+            kernel = _preconditioned_step_kernel
         with _on_device(param.device):
-            _step_kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
+            kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
                 param,
                 grad,
                 ema,
@@ -532,6 +767,7 @@ class TritonBackend:
                 0.0 if table is not None else float(weight_decay),
                 float(beta),
                 float(momentum),
+                *preconditioner,
                 HAS_SCALE=grad_scale is not None,
                 HAS_WEIGHT_DECAY_TABLE=table is not None,
                 HAS_FOUND_INF=found_inf is not None,
@@ -567,22 +803,43 @@ class TritonBackend:
         prev_ema: torch.Tensor,
         *,
         enabled: torch.Tensor | None = None,
+        second_moment: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        eps: float = 0.0,
     ) -> torch.Tensor:
-        """One launch writing per-block float64 partials, summed in a fixed order on the device (no sync)."""
-        return _epoch_sums(_epoch_measure_kernel, 4, "epoch_measure", param, ema, prev_params, prev_ema, enabled)
+        """One launch writing per-block float64 partials, summed in a fixed order on the device (no sync). With
+        ``second_moment``, the first sum in the preconditioner's metric (base.Backend.epoch_measure)."""
+        return _epoch_sums(
+            _epoch_measure_kernel, 4, "epoch_measure", param, ema, prev_params, prev_ema, enabled,
+            second_moment=second_moment, bias_correction=bias_correction, eps=eps,
+        )  # fmt: skip
 
     def epoch_measure_partials(
-        self, buffers: list[tuple[torch.Tensor, ...]], *, enabled: torch.Tensor | None = None
+        self,
+        buffers: list[tuple[torch.Tensor, ...]],
+        *,
+        enabled: torch.Tensor | None = None,
+        bias_correction: torch.Tensor | None = None,
+        eps: float = 0.0,
     ) -> torch.Tensor:
-        """epoch_measure over several buffers (each ``(param, ema, prev_params, prev_ema)``, on one device), one
-        launch each, without the sums: their per-block partials side by side, float64 (4, blocks of all), for a
-        decision kernel that adds each row itself (``bbfused.control.safeguard_kernel``): no sum launches."""
+        """epoch_measure over several buffers (each ``(param, ema, prev_params, prev_ema)``, or with a fifth item,
+        that buffer's second moment or None; on one device), one launch each, without the sums: their per-block
+        partials side by side, float64 (4, blocks of all), for a decision kernel that adds each row itself
+        (``bbfused.control.safeguard_kernel``): no sum launches. A buffer with a second moment gives its first row
+        in the preconditioner's metric, with ``bias_correction`` and ``eps`` as in epoch_measure."""
+        for buffer in buffers:
+            # Before any launch: a missing bias correction must not leave the earlier buffers' passes done.
+            check_second_moment_arguments(buffer[4] if len(buffer) > 4 else None, bias_correction)
         columns = [partial_columns(buffer[0].numel()) for buffer in buffers]
         partials = torch.empty((4, sum(columns)), dtype=torch.float64, device=buffers[0][0].device)
         start = 0
         for buffer, width in zip(buffers, columns):
             view = partials[:, start : start + width]
-            _epoch_sums(_epoch_measure_kernel, 4, "epoch_measure", *buffer, enabled, out=view)
+            second_moment = buffer[4] if len(buffer) > 4 else None
+            _epoch_sums(
+                _epoch_measure_kernel, 4, "epoch_measure", *buffer[:4], enabled, out=view,
+                second_moment=second_moment, bias_correction=bias_correction, eps=eps,
+            )  # fmt: skip
             start += width
         return partials
 

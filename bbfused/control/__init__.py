@@ -5,6 +5,8 @@ Two implementations of one interface, :class:`RateControl`, that ``BB`` drives w
 * :class:`~bbfused.control.paper.PaperControl` (``safeguard=False``): the paper's eq. 13 exactly.
 * :class:`~bbfused.control.safeguard.SafeguardControl` (``safeguard=True``, the default): the same BB estimate,
   applied so that it cannot kill a network (its module has the rules and their constants).
+* :class:`~bbfused.control.preconditioned.PreconditionedControl` (``preconditioner="adam"``): the safeguard with the
+  constants of an Adam-scaled step.
 
 Both act through an epoch clock (``bbfused.clock``) and the optimizer's buffers (``bbfused.buffer_set``), so the
 same code runs host-counted and inside a captured CUDA graph.
@@ -20,6 +22,7 @@ from ..buffer_set import EpochBuffers
 from ..checkpoint import ControlState
 from ..clock import EpochClock
 from .paper import PaperControl
+from .preconditioned import PreconditionedControl
 from .safeguard import SafeguardControl
 
 
@@ -29,6 +32,7 @@ class RateControl(Protocol):
     DEFAULT_MOMENTUM: float
     FIRST_EPOCH_PERIODS: int  # how many rate periods the first epoch is split into
     DEFAULT_TAUS: tuple[float | None, float, float]  # tau0 (None: not used), tau_min, tau_max
+    FIRST_RATE_LIMIT: float  # the first rate is min(lr, this)
 
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
         """``lr``: the initial rate; ``epochs``: the planned number of epochs (None: not known)."""
@@ -86,10 +90,19 @@ def resolve_taus(
     return resolved
 
 
-def control_class(safeguard: bool) -> type[RateControl]:
+def control_class(safeguard: bool, preconditioner: str | None = None) -> type[RateControl]:
     """The implementation; its class attributes are its defaults (DEFAULT_MOMENTUM, DEFAULT_TAUS,
-    FIRST_EPOCH_PERIODS)."""
-    return SafeguardControl if safeguard else PaperControl
+    FIRST_EPOCH_PERIODS, FIRST_RATE_LIMIT). The paper's method has an SGD step only (checked with the arguments)."""
+    if not safeguard:
+        return PaperControl
+    return SafeguardControl if preconditioner is None else PreconditionedControl
 
 
-__all__ = ["PaperControl", "RateControl", "SafeguardControl", "control_class", "resolve_taus"]
+__all__ = [
+    "PaperControl",
+    "PreconditionedControl",
+    "RateControl",
+    "SafeguardControl",
+    "control_class",
+    "resolve_taus",
+]

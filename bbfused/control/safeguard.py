@@ -139,6 +139,12 @@ class SafeguardControl:
     FIRST_EPOCH_PERIODS = FIRST_EPOCH_PERIODS
     # (tau0, tau_min, tau_max): no fallback rate; the bounds of r.
     DEFAULT_TAUS = (None, LOWEST_RATE, HIGHEST_RATE)
+    # The constants a variant of the policy may set otherwise (``control.preconditioned``).
+    SEARCH_GROWTH = SEARCH_GROWTH
+    SEARCH_LIMIT = SEARCH_LIMIT
+    RATE_GROWTH_LIMIT = RATE_GROWTH_LIMIT
+    STUCK_MOVEMENT = STUCK_MOVEMENT
+    FIRST_RATE_LIMIT = math.inf  # the first rate is min(lr, this)
 
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
         self.device = device
@@ -252,7 +258,7 @@ class SafeguardControl:
             return (compared > 0) & (loss > LOSS_GROWTH * compared) & (loss - compared > margin)
 
         # Before any good period: no progress from the first step although the weights moved.
-        moved = delta_sq > STUCK_MOVEMENT**2 * self.snapshot_sq_norm
+        moved = delta_sq > self.STUCK_MOVEMENT**2 * self.snapshot_sq_norm
         stuck = torch.isnan(best) & (initial > 0) & (mean > (1 - STUCK_PROGRESS) * initial) & moved
         # The last step's loss sees damage done in the period's last steps, which the mean hides.
         loss_bad = complete & (~torch.isfinite(mean) | ~torch.isfinite(last) | stuck | wrecked(mean) | wrecked(last))
@@ -305,8 +311,8 @@ class SafeguardControl:
         usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot
         searching = self.searching & ~rose & ~(usable & (estimate < r)) & ~diverged
         searching = searching & torch.as_tensor(search_open, device=r.device)
-        search = torch.maximum(r * SEARCH_GROWTH, torch.minimum(estimate, r * SEARCH_LIMIT))
-        growth = torch.where(rose, torch.full_like(r, LOSS_BRAKE), torch.full_like(r, RATE_GROWTH_LIMIT))
+        search = torch.maximum(r * self.SEARCH_GROWTH, torch.minimum(estimate, r * self.SEARCH_LIMIT))
+        growth = torch.where(rose, torch.full_like(r, LOSS_BRAKE), torch.full_like(r, self.RATE_GROWTH_LIMIT))
         follow = torch.minimum(torch.maximum(estimate, r * RATE_SHRINK_LIMIT), r * growth)
         # Without an estimate (the first period, or one right after a rollback) r stays, or brakes.
         kept = torch.where(usable, torch.where(searching, search, follow), torch.minimum(r, r * growth))
@@ -371,9 +377,9 @@ class SafeguardControl:
             from .safeguard_kernel import KernelPolicy, SafeguardKernels
 
             policy = KernelPolicy(
-                WEIGHT_GROWTH, LOSS_MARGIN, LOSS_GROWTH, STUCK_MOVEMENT**2, 1 - STUCK_PROGRESS, SEARCH_GROWTH,
-                SEARCH_LIMIT, RATE_GROWTH_LIMIT, RATE_SHRINK_LIMIT, LOSS_BRAKE, CEILING, BACKOFF, CAP, RISE_ROLLBACK,
-                SEARCH_UNTIL_PROGRESS,
+                WEIGHT_GROWTH, LOSS_MARGIN, LOSS_GROWTH, self.STUCK_MOVEMENT**2, 1 - STUCK_PROGRESS,
+                self.SEARCH_GROWTH, self.SEARCH_LIMIT, self.RATE_GROWTH_LIMIT, RATE_SHRINK_LIMIT, LOSS_BRAKE, CEILING,
+                BACKOFF, CAP, RISE_ROLLBACK, SEARCH_UNTIL_PROGRESS,
             )  # fmt: skip
             self._kernels = SafeguardKernels(self, policy, FIRST_EPOCH_RISE)
         return self._kernels

@@ -1,0 +1,30 @@
+"""The default rate control for a preconditioned step (``BB(preconditioner="adam")``): the safeguard's rules with
+the constants an Adam-scaled step needs.
+
+The measuring pass already takes BB's estimate in the preconditioner's metric (``bbfused.preconditioner``); what
+differs is how fast the rate may move, where it starts and one divergence test. The measurements behind each
+constant: ``benchmarks/results/2026-12-05_cpu_preconditioned_prototype.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .safeguard import SafeguardControl
+
+
+class PreconditionedControl(SafeguardControl):
+    """:class:`SafeguardControl` for an Adam-scaled step."""
+
+    # An Adam step moves every weight by about the rate, whatever its gradient: from a rate past 1e-3 one period can
+    # kill a network (an autoencoder's ReLUs at 0.1) before any test sees it, so the run starts at most here.
+    FIRST_RATE_LIMIT = 1e-3
+    # Under gradient noise the estimate in Adam's metric grows with the rate itself (4-20x the rates that train
+    # well), so the rate may only climb slowly: a fast search overshot into rates that train slowly without a rise
+    # large enough to roll back.
+    SEARCH_GROWTH = 2.0
+    SEARCH_LIMIT = 2.0
+    RATE_GROWTH_LIMIT = 1.25
+    # No "stuck at chance" test: it reads weights that moved 10 % without the loss falling 5 % as a rate too large,
+    # and an Adam step moves small networks' weights that far at 1e-3 while they learn.
+    STUCK_MOVEMENT = math.inf
