@@ -1,11 +1,16 @@
-"""Time one optimizer step, and the BB epoch end, against torch.optim.SGD and the device's copy bandwidth.
+"""Time one optimizer step, and the BB epoch end, against torch.optim.SGD, torch.optim.Adam and the device's copy
+bandwidth.
 
 For every parameter set (model shapes) and dtype, each implementation is built over its own copies of the
 parameters, with random gradients set once (never zeros; backward and zero_grad are not timed):
 
 * ``bb-<backend>``: ``bbfused.BB`` with each available backend (eager, triton, cpp), step and epoch end;
 * ``bb-<backend>-momentum``: the same with heavy-ball momentum 0.9 fused into the step;
-* ``sgd-forloop``, ``sgd-foreach``, ``sgd-fused``: ``torch.optim.SGD(momentum=0.9, weight_decay)``.
+* ``bb-<backend>-adam``: momentum 0.9 and ``preconditioner="adam"`` (the step divides d by √v̂ + ε, v the second
+  moment, before the momentum). It always runs BB's default rate control, whatever ``--safeguard`` says: the
+  paper's method is SGD and refuses a preconditioner;
+* ``sgd-forloop``, ``sgd-foreach``, ``sgd-fused``: ``torch.optim.SGD(momentum=0.9, weight_decay)``;
+* ``adam-fused``: ``torch.optim.Adam(weight_decay, fused=True)``, the reference of the Adam-scaled step.
 
 Bytes moved per element (each input read once, each output written once; p = parameter dtype size,
 e = EMA size, 4 for fp32 and bf16 parameters):
@@ -13,12 +18,20 @@ e = EMA size, 4 for fp32 and bf16 parameters):
 * BB step: read θ, grad, ema; write θ, ema = 3p + 2e  (fp32: 20 B, bf16: 14 B)
 * BB step with momentum: read θ, grad, ema, m; write θ, ema, m = 3p + 4e  (fp32: 28 B, bf16: 22 B; the momentum
   buffer has the EMA's dtype)
+* BB step with momentum and Adam's scaling: read θ, grad, ema, m, v; write θ, ema, m, v = 3p + 6e  (fp32: 36 B,
+  bf16: 30 B; v has the EMA's dtype)
 * BB epoch end: read θ, θprev, g, gprev; write θprev, gprev, g = 3p + 4e  (fp32: 28 B, bf16: 22 B)
   BB is timed paper-exact (``safeguard=False``): the kernels alone. ``--safeguard`` times BB's default, whose
-  epoch end is two passes (bbfused.control): one measuring (read θ, θprev, g, gprev: ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖²),
-  then one committing (read θ, g; write θprev, gprev, g) or rolling back: + p + e (fp32: 36 B), and whose
+  epoch end is two passes (bbfused.control): one measuring (read θ, θprev, g, gprev: ‖Δθ‖², Δθᵀy, ‖θ‖², ‖g‖²;
+  write gprev, g), then one committing (read θ; write θprev) or rolling back: + p (fp32: 32 B), and whose
   steps get a loss (``step(loss=...)``, summed on the device for the loss check), as in training
+* BB epoch end with Adam's scaling (always the two passes above): the measuring pass takes ‖Δθ‖² in the step's
+  metric, Σ Δθ²·(√v̂ + ε), so it reads v too (BufferSet.measure hands each buffer's second moment to
+  epoch_measure): read θ, θprev, g, gprev, v; write gprev, g; then the commit's copy, read θ, write θprev
+  = 4p + 5e  (fp32: 36 B, bf16: 28 B). Its steps get a loss, as with ``--safeguard``
 * SGD with momentum: read θ, grad, buf; write θ, buf = 5p (the buffer has the parameter dtype; fp32: 20 B)
+* torch's Adam: read θ, grad, exp_avg, exp_avg_sq; write θ, exp_avg, exp_avg_sq = 7p (its state has the parameter
+  dtype; fp32: 28 B, bf16: 14 B)
 * copy (the ceiling): read + write = 2 × 4 B of a large fp32 ``copy_``; ``add_`` (in place): 3 × 4 B
 
 Timing: warm-up (compilation, momentum-buffer creation) first; then samples of several back-to-back calls
@@ -69,6 +82,7 @@ try:
     from bbfused.backends import BACKEND_NAMES, unavailable_reason
     from bbfused.buffer_set import BufferSet
     from bbfused.buffers import state_dtype
+    from bbfused.checkpoint import SECOND_MOMENT_KEY
 except ImportError as error:
     raise SystemExit(f"cannot import bbfused ({error}): install the package (pip install -e .)") from error
 
@@ -79,9 +93,11 @@ SGD_FORMS = {  # implementation name -> torch.optim.SGD keyword arguments choosi
     "sgd-fused": {"fused": True},
 }
 MOMENTUM_SUFFIX = "-momentum"  # bb-<backend>-momentum: BB with momentum fused into the step
+ADAM_SUFFIX = "-adam"  # bb-<backend>-adam: BB with momentum and preconditioner="adam"
 _BB_PLAIN = tuple(f"bb-{name}" for name in BACKEND_NAMES if name != "auto")
-BB_IMPLS = (*_BB_PLAIN, *(impl + MOMENTUM_SUFFIX for impl in _BB_PLAIN))
-IMPLS = (*BB_IMPLS, *SGD_FORMS)
+BB_IMPLS = (*_BB_PLAIN, *(impl + MOMENTUM_SUFFIX for impl in _BB_PLAIN), *(impl + ADAM_SUFFIX for impl in _BB_PLAIN))
+ADAM_BASELINE = "adam-fused"  # torch.optim.Adam(fused=True): what BB's Adam-scaled step is set against
+IMPLS = (*BB_IMPLS, *SGD_FORMS, ADAM_BASELINE)
 FUSED_IMPL = {"cuda": "bb-triton", "cpu": "bb-cpp"}  # the fused backend each device type's targets are about
 EAGER_BASELINE = "bb-eager"
 SGD_BASELINE = "sgd-fused"
@@ -118,13 +134,34 @@ def default_out_prefix(device_type: str, quick: bool, date: datetime.date | None
 
 
 def backend_of(impl: str) -> str:
-    """The bbfused backend of a BB implementation: ``bb-cpp-momentum`` -> ``cpp``."""
-    return impl.removeprefix("bb-").removesuffix(MOMENTUM_SUFFIX)
+    """The bbfused backend of a BB implementation: ``bb-cpp-momentum`` -> ``cpp``, ``bb-triton-adam`` -> ``triton``."""
+    return impl.removeprefix("bb-").removesuffix(MOMENTUM_SUFFIX).removesuffix(ADAM_SUFFIX)
 
 
 def has_momentum(impl: str) -> bool:
-    """Whether a BB implementation runs with momentum (torch's SGD always does)."""
-    return impl.endswith(MOMENTUM_SUFFIX)
+    """Whether a BB implementation runs with momentum: its -momentum and -adam forms (torch's SGD always does)."""
+    return impl.endswith((MOMENTUM_SUFFIX, ADAM_SUFFIX))
+
+
+def is_adam(impl: str) -> bool:
+    """Whether ``impl``'s step is Adam-scaled: BB's -adam forms and torch's Adam."""
+    return impl == ADAM_BASELINE or (impl.startswith("bb-") and impl.endswith(ADAM_SUFFIX))
+
+
+def runs_safeguard(impl: str, safeguard: bool) -> bool:
+    """Whether BB implementation ``impl`` runs the default rate control: with ``--safeguard``, and always with
+    Adam's scaling (the paper's method refuses a preconditioner)."""
+    return safeguard or is_adam(impl)
+
+
+def eager_twin(impl: str) -> str:
+    """The eager BB implementation ``impl``'s row is set against: the same step on the eager backend (torch's Adam:
+    BB's Adam-scaled one; torch's SGD: BB's plain step)."""
+    if impl == ADAM_BASELINE:
+        return EAGER_BASELINE + ADAM_SUFFIX
+    if not impl.startswith("bb-"):
+        return EAGER_BASELINE
+    return EAGER_BASELINE + impl.removeprefix(f"bb-{backend_of(impl)}")
 
 
 # ----------------------------------------------------------------------------------------------- bytes
@@ -133,10 +170,14 @@ def bytes_per_element(impl: str, op: str, dtype: torch.dtype, safeguard: bool = 
     p = torch.empty((), dtype=dtype).element_size()
     if impl.startswith("sgd-"):
         return 5 * p
+    if impl == ADAM_BASELINE:
+        return 7 * p
     e = torch.empty((), dtype=state_dtype(dtype)).element_size()
     if op == "step":
-        return 3 * p + (4 if has_momentum(impl) else 2) * e
-    return 3 * p + 4 * e + (p + e if safeguard else 0)
+        return 3 * p + (6 if is_adam(impl) else 4 if has_momentum(impl) else 2) * e
+    if is_adam(impl):
+        return 4 * p + 5 * e
+    return 3 * p + 4 * e + (p if safeguard else 0)
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -268,10 +309,19 @@ def build_optimizer(impl: str, params: list[torch.nn.Parameter], safeguard: bool
     """Implementation ``impl`` over ``params`` (gradients already set, so BB sees every one as written)."""
     if impl in SGD_FORMS:
         return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **SGD_FORMS[impl])
+    if impl == ADAM_BASELINE:
+        return torch.optim.Adam(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     # steps_per_epoch=None: a timed step never closes an epoch; the epoch end is timed on its own.
     options = dict(
-        lr=LR, steps_per_epoch=None, beta=BETA, weight_decay=WEIGHT_DECAY, backend=backend_of(impl), safeguard=safeguard
+        lr=LR,
+        steps_per_epoch=None,
+        beta=BETA,
+        weight_decay=WEIGHT_DECAY,
+        backend=backend_of(impl),
+        safeguard=runs_safeguard(impl, safeguard),
     )
+    if is_adam(impl):
+        return bbfused.BB(params, momentum=MOMENTUM, preconditioner="adam", **options)
     if not has_momentum(impl):
         return bbfused.BB(params, **options)
     if "momentum" in inspect.signature(bbfused.BB).parameters:
@@ -281,11 +331,23 @@ def build_optimizer(impl: str, params: list[torch.nn.Parameter], safeguard: bool
         return bbfused.BB(params, **options)
 
 
-def check_updates(params: list[torch.nn.Parameter], step: Callable[[], object]) -> None:
-    """Raise unless one ``step`` changes every parameter tensor: a no-op must never be timed."""
+def check_updates(
+    params: list[torch.nn.Parameter], step: Callable[[], object], written: list[torch.Tensor] | None = None
+) -> None:
+    """Raise unless one ``step`` changes every parameter tensor: a no-op must never be timed.
+
+    ``written``: per parameter, a state tensor the step writes wherever it steps; a parameter whose values all stayed
+    then passes if it changed (and some parameter changed). BB's Adam-scaled step needs this: its first moves, about
+    lr·(1 − μ) = 1e-4 (its rate starts at 1e-3), are under half a bf16 ulp of all but the smallest weights, so a
+    small bf16 tensor (the MLP's 10 biases) can keep every value while its second moment changes.
+    """
     before = [p.detach().clone() for p in params]
+    written_before = None if written is None else [t.detach().clone() for t in written]
     step()
-    unchanged = sum(1 for p, old in zip(params, before) if torch.equal(p.detach(), old))
+    changed = [not torch.equal(p.detach(), old) for p, old in zip(params, before)]
+    if written is not None and any(changed):
+        changed = [c or not torch.equal(t.detach(), old) for c, t, old in zip(changed, written, written_before)]
+    unchanged = changed.count(False)
     if unchanged:
         raise RuntimeError(f"one step left {unchanged} of {len(params)} parameter tensors unchanged")
 
@@ -321,8 +383,11 @@ def build_workload(
     copies = copies_for(numel, bytes_per_element(impl, "step", dtype), rotate_bytes)
     params = [make_parameters(shapes, dtype, device, seed=copy) for copy in range(copies)]
     optimizers = [build_optimizer(impl, ps, safeguard) for ps in params]
-    check_updates(params[0], optimizers[0].step)
-    loss = torch.tensor(1.0, device=device) if safeguard and impl in BB_IMPLS else None
+    written = None
+    if impl in BB_IMPLS and is_adam(impl):
+        written = [optimizers[0].state[p][SECOND_MOMENT_KEY] for p in params[0]]
+    check_updates(params[0], optimizers[0].step, written)
+    loss = torch.tensor(1.0, device=device) if impl in BB_IMPLS and runs_safeguard(impl, safeguard) else None
     return Workload(impl, optimizers, params, loss)
 
 
@@ -367,6 +432,7 @@ class Row:
     x_faster_than_eager: float | None = None  # the eager BB time of the same op over this time
     time_over_sgd_fused: float | None = None  # this step's time over torch's fused SGD step
     time_over_own_step: float | None = None  # epoch end only: over the same implementation's step
+    time_over_adam_fused: float | None = None  # an Adam-scaled step's time over torch's fused Adam step
 
 
 def make_row(set_name: str, dtype: str, impl: str, op: str, shapes: Shapes, bpe: int, copies: int, t: Timing) -> Row:
@@ -394,13 +460,15 @@ def add_ratios(rows: list[Row], copy_gb_per_s: float) -> None:
     by_key = {(r.set, r.dtype, r.impl, r.op): r for r in rows}
     for r in rows:
         r.pct_of_copy = 100 * r.gb_per_s / copy_gb_per_s
-        eager_impl = EAGER_BASELINE + (MOMENTUM_SUFFIX if has_momentum(r.impl) else "")
-        eager = by_key.get((r.set, r.dtype, eager_impl, r.op))
+        eager = by_key.get((r.set, r.dtype, eager_twin(r.impl), r.op))
         if eager is not None:
             r.x_faster_than_eager = eager.median_ms / r.median_ms
         sgd = by_key.get((r.set, r.dtype, SGD_BASELINE, "step"))
         if r.op == "step" and sgd is not None:
             r.time_over_sgd_fused = r.median_ms / sgd.median_ms
+        adam = by_key.get((r.set, r.dtype, ADAM_BASELINE, "step"))
+        if r.op == "step" and adam is not None and is_adam(r.impl):
+            r.time_over_adam_fused = r.median_ms / adam.median_ms
         own_step = by_key.get((r.set, r.dtype, r.impl, "step"))
         if r.op == "epoch_end" and own_step is not None:
             r.time_over_own_step = r.median_ms / own_step.median_ms
@@ -635,6 +703,7 @@ COLUMNS = (  # header, Row attribute, format
     ("% copy", "pct_of_copy", "{:.0f}"),
     ("x faster than eager", "x_faster_than_eager", "{:.2f}"),
     ("time / SGD fused", "time_over_sgd_fused", "{:.2f}"),
+    ("time / Adam fused", "time_over_adam_fused", "{:.2f}"),
     ("time / own step", "time_over_own_step", "{:.2f}"),
 )
 
@@ -800,7 +869,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--safeguard",
         action="store_true",
-        help="time BB with its default safeguard=True (epoch end + divergence check); default: paper-exact kernels",
+        help="time BB with its default safeguard=True (epoch end + divergence check); default: paper-exact kernels "
+        "(bb-<backend>-adam always runs the default: the paper's method has no preconditioner)",
     )
     parser.add_argument(
         "--end-to-end",
@@ -832,7 +902,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> Report:
+    """Run the benchmark ``argv`` asks for; print, save and return its report."""
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -879,6 +950,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"(to record results in the repository: --out {RESULTS_DIR.relative_to(REPO_ROOT)}/<name>)",
                 file=sys.stderr,
             )
+    return report
 
 
 if __name__ == "__main__":

@@ -38,7 +38,12 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build(
-    model: torch.nn.Module, capturable: bool, safeguard: bool, backend: str, lr: float, preconditioner: str | None = None
+    model: torch.nn.Module,
+    capturable: bool,
+    safeguard: bool,
+    backend: str,
+    lr: float,
+    preconditioner: str | None = None,
 ) -> BB:
     groups = [
         {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 1e-3},
