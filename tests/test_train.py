@@ -261,6 +261,11 @@ def test_optimizer_settings():
     assert settings(bb_for(["--data", "synthetic", "--no-bb-safeguard"])) == (0.1, 10.0, 1.0, 0.4, 0.0)
     assert settings(bb_for(["--momentum", "0", "--tau-max", "5"])) == (1e-4, 5.0, None, 0.4, 0.0)
     assert bb_for(["--epochs", "7"]).epochs == 7
+    # Adam's scaling: the run starts at min(--lr, 1e-3) and keeps the second moments.
+    adam = bb_for(["--bb-preconditioner", "adam"])
+    assert adam.lr == 1e-3 and adam.state_dict()["bb"]["preconditioner"] == "adam"
+    assert bb_for(["--bb-preconditioner", "none"]).state_dict()["bb"]["preconditioner"] is None
+    assert parse_args([]).bb_preconditioner is None
     deep = parse_args(["--data", "synthetic"])
     assert (deep.model, deep.tau_min, deep.tau_max, deep.image_size) == ("resnet50", None, None, 224)
     assert parse_args(["--tau-min", "0.2"]).tau_min == 0.2
@@ -478,6 +483,9 @@ NO_TRAINING = ["--limit-train", "64", "--limit-test", "64", "--epochs", "1"]
         # The paper's method gives the mlp the paper's shallow bounds 1/3..3.
         (["--no-bb-safeguard", "--tau-min", "4"], "--tau-min 4 is above --tau-max 3"),
         (["--tau0", "2"], "--tau0 is the paper's fallback rate: it applies with --no-bb-safeguard only"),
+        (["--no-bb-safeguard", "--bb-preconditioner", "adam"], "--bb-preconditioner adam needs BB's rate control"),
+        (["--optimizer", "sgd", "--bb-preconditioner", "adam"], "--bb-preconditioner apply to --optimizer bb only"),
+        (["--bb-preconditioner", "lamb"], "invalid choice: 'lamb'"),
         (["--batch-size", "0"], "must be an integer > 0"),
         (["--lr", "nan"], "must be > 0"),
         (["--device", "foo"], "'foo' is not a device"),

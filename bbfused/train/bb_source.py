@@ -123,3 +123,15 @@ def control_taus(safeguard: bool) -> tuple[float | None, float, float]:
     from ..control import control_class
 
     return control_class(safeguard).DEFAULT_TAUS
+
+
+@functools.cache
+def preconditioner_names() -> tuple[str, ...]:
+    """``bbfused.preconditioner.NAMES`` as ``--bb-preconditioner`` takes them: "none" for None."""
+    tree = _tree("preconditioner.py")
+    names = _literal_names(tree, "NAMES") if tree is not None else None
+    if names is None or not all(name is None or isinstance(name, str) for name in names):
+        from ..preconditioner import NAMES
+
+        names = NAMES
+    return tuple("none" if name is None else name for name in names)

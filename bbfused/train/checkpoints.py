@@ -40,7 +40,7 @@ INVOCATION_OPTIONS = ("resume", "auto_resume", "output_dir", "given_options", "o
 # them, so a value typed here would be ignored.
 RESUME_FIXED = (
     "lr", "weight_decay", "momentum", "no_decay_norm_bias", "tau_min", "tau_max", "tau0", "beta", "bb_safeguard",
-    "dropout", "seed",
+    "bb_preconditioner", "dropout", "seed",
 )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from .bb_source import backend_names, bb_default, control_taus
+from .bb_source import backend_names, bb_default, control_taus, preconditioner_names
 from .errors import UsageError
 from .models import SHALLOW_TAUS, is_shallow, model_names
 
@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"{'on' if bb_default('safeguard') else 'off'}; see bbfused/control/); --no-bb-safeguard is the "
         "paper's method exactly",
     )
+    optim.add_argument(
+        "--bb-preconditioner",
+        choices=preconditioner_names(),
+        help="BB's step: none (SGD with momentum; the default) or adam (Adam's per-element scaling under BB's rate, "
+        "which starts at min(--lr, 1e-3); with BB's rate control only, see docs/behaviour.md)",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--epochs", type=positive_int, default=10, help="(default: 10)")
@@ -261,6 +267,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         "--tau0": args.tau0,
         "--beta": args.beta,
         "--bb-safeguard": args.bb_safeguard,
+        "--bb-preconditioner": args.bb_preconditioner,
     }
     if args.optimizer == "bb":
         args.bb_backend = args.bb_backend or bb_default("backend")
@@ -270,6 +277,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.tau_max = default_max if args.tau_max is None else args.tau_max
         if args.tau0 is not None and args.bb_safeguard:
             raise UsageError("--tau0 is the paper's fallback rate: it applies with --no-bb-safeguard only")
+        args.bb_preconditioner = None if args.bb_preconditioner == "none" else args.bb_preconditioner
+        if args.bb_preconditioner is not None and not args.bb_safeguard:
+            raise UsageError(
+                f"--bb-preconditioner {args.bb_preconditioner} needs BB's rate control: the paper's method "
+                f"(--no-bb-safeguard) is SGD exactly; drop one of the two"
+            )
         _, control_min, control_max = control_taus(args.bb_safeguard)
         tau_min = control_min if args.tau_min is None else args.tau_min
         tau_max = control_max if args.tau_max is None else args.tau_max
