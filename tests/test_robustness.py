@@ -32,9 +32,10 @@ NEW_SETTINGS = suite.SETTING_GROUPS["new"]
 
 
 def test_settings_groups_and_holdout() -> None:
-    assert len(suite.SETTINGS) == 16 and len(NEW_SETTINGS) == 10
+    assert len(suite.SETTINGS) == 19 and len(NEW_SETTINGS) == 13
     assert suite.SETTING_GROUPS["holdout"] == (
-        "mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn", "logistic", "ln-mlp-digits",
+        "mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn", "logistic", "ln-mlp-digits", "mixer",
+        "lstm-digits", "digits-ae",
     )  # fmt: skip
     assert set(suite.SETTING_GROUPS["dev"]) | set(suite.SETTING_GROUPS["holdout"]) == set(suite.SETTINGS)
     # Few steps an epoch where the issue asks for them.
@@ -48,6 +49,9 @@ def test_settings_groups_and_holdout() -> None:
         "digits-cnn",
         "logistic",
         "ln-mlp-digits",
+        "mixer",
+        "lstm-digits",
+        "digits-ae",
         "mlp",
     ]
 

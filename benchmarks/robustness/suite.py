@@ -169,6 +169,21 @@ SETTINGS = {
             "ln-mlp-digits", "ln_mlp", "digits", 8, 8, 0.0, None,
             "MLP 64-128-128-10 with LayerNorm and GELU on the digits, batches of 8", holdout=True,
         ),
+        # Holdout settings chosen before the preconditioned mode (BB(preconditioner="adam")) ran on them: a token
+        # mixer without attention, an LSTM without clipping, a second regression.
+        Setting(
+            "mixer", "mixer", "mnist", 128, 8, 5e-4, 3_072,
+            "MLP-Mixer: 7x7 patches, width 64, 2 pre-LayerNorm blocks (token and channel MLPs), no BatchNorm",
+            holdout=True,
+        ),
+        Setting(
+            "lstm-digits", "lstm_rows", "digits", 32, 15, 0.0, None,
+            "LSTM (hidden 32) reading the digits' 8 rows, no clipping", holdout=True,
+        ),
+        Setting(
+            "digits-ae", "digits_autoencoder", "digits", 32, 25, 0.0, None,
+            "MLP autoencoder 64-128-8-128-64 on the digits, MSE on pixels in [0, 1]", task="regress", holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -254,6 +269,58 @@ class GRURows(nn.Module):
         return self.head(last[-1])
 
 
+class MixerBlock(nn.Module):
+    """One MLP-Mixer block: a pre-LayerNorm token-mixing MLP, then a pre-LayerNorm channel MLP, both residual."""
+
+    def __init__(self, tokens: int, width: int, token_hidden: int, channel_hidden: int) -> None:
+        super().__init__()
+        self.token_norm = nn.LayerNorm(width)
+        self.token_mlp = nn.Sequential(nn.Linear(tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, tokens))
+        self.channel_norm = nn.LayerNorm(width)
+        self.channel_mlp = nn.Sequential(nn.Linear(width, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.token_mlp(self.token_norm(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mlp(self.channel_norm(x))
+
+
+class Mixer(nn.Module):
+    """An MLP-Mixer (Tolstikhin et al.) on 7x7 patches: no attention, no BatchNorm; mean-pooled tokens, a head."""
+
+    def __init__(self, width: int = 64, depth: int = 2, patch: int = 7, image: int = 28) -> None:
+        super().__init__()
+        tokens = (image // patch) ** 2
+        self.embed = nn.Conv2d(1, width, patch, stride=patch)
+        self.blocks = nn.Sequential(*(MixerBlock(tokens, width, 32, 2 * width) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.blocks(self.embed(images).flatten(2).transpose(1, 2))
+        return self.head(self.norm(tokens).mean(1))
+
+
+class LSTMRows(nn.Module):
+    """A one-layer LSTM that reads the flat 8x8 digits as 8 rows; a linear head on its last hidden state."""
+
+    def __init__(self, hidden: int = 32, rows: int = 8) -> None:
+        super().__init__()
+        self.rows = rows
+        self.rnn = nn.LSTM(rows, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _, (last, _) = self.rnn(images.reshape(len(images), self.rows, -1))
+        return self.head(last[-1])
+
+
+def digits_autoencoder() -> nn.Sequential:
+    """An MLP autoencoder 64-128-8-128-64 with ReLU for the 8x8 digits; a linear output."""
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8), nn.ReLU(), nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 64),
+    )  # fmt: skip
+
+
 def deep_tanh(width: int = 256, depth: int = 5) -> nn.Sequential:
     """An MLP of ``depth`` tanh layers without normalisation: gradients shrink with depth."""
     layers: list[nn.Module] = [nn.Flatten()]
@@ -304,6 +371,9 @@ def build_model(name: str) -> nn.Module:
         "digits_cnn": digits_cnn,
         "logistic": lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 10)),
         "ln_mlp": ln_mlp,
+        "mixer": Mixer,
+        "lstm_rows": LSTMRows,
+        "digits_autoencoder": digits_autoencoder,
     }
     return builders[name]()
 
@@ -323,8 +393,13 @@ def load_data(setting: Setting, seed: int, quick: bool) -> Tensors:
         images = torch.tensor(digits.data, dtype=torch.float32) / 16.0
         labels = torch.tensor(digits.target, dtype=torch.int64)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
-        images, labels = (images[order] - 0.3) / 0.4, labels[order]
         split = 1347  # 75 % train, 25 % test, fixed across seeds
+        if setting.task == "regress":
+            # The autoencoder reconstructs the pixels in [0, 1] from themselves.
+            images = images[order]
+            train_x, test_x = images[: limit if quick else split], images[split:]
+            return train_x, train_x, test_x, test_x
+        images, labels = (images[order] - 0.3) / 0.4, labels[order]
         train_x, train_y, test_x, test_y = images[:split], labels[:split], images[split:], labels[split:]
         if quick:
             train_x, train_y = train_x[:limit], train_y[:limit]
