@@ -1,6 +1,7 @@
 """BB under FSDP2 (``fully_shard``) on two gloo ranks on the CPU decides as one process over the whole model: the same
 rates and rollbacks, the same parameters within float rounding, uneven shards (7 and 1 rows over 2 ranks: one rank's
-shard is empty) included, on the eager, C++ and Triton (interpreted) backends. A mid-epoch resume, from
+shard is empty) included, on the eager, C++ and Triton (interpreted) backends, with Adam's scaling too (each shard's
+second moments, the metric's sums added across ranks). A mid-epoch resume, from
 ``opt.state_dict()`` or from ``dcp.save`` of ``get_optimizer_state_dict``, continues bit-identically, and the
 per-parameter state is sharded like its parameter. A DTensor sharded on dim 1 (``distribute_tensor``, outside FSDP2)
 trains as the plain tensor does."""
@@ -19,7 +20,10 @@ import torch
 from bbfused import BB
 
 STEPS, STEPS_PER_EPOCH, SAVED_AT = 12, 4, 6
-RUNS = {"adapts": (0.05, "eager"), "rolls_back": (30.0, "eager"), "cpp": (30.0, "cpp"), "triton": (0.05, "triton")}
+RUNS = {
+    "adapts": (0.05, "eager", None), "rolls_back": (30.0, "eager", None), "cpp": (30.0, "cpp", None),
+    "triton": (0.05, "triton", None), "adam": (0.05, "cpp", "adam"), "adam_triton": (0.05, "triton", "adam"),
+}  # fmt: skip
 
 
 def net():
@@ -29,8 +33,11 @@ def net():
 
 
 def optimizer(model, run):
-    lr, backend = RUNS[run]
-    return BB(model.parameters(), lr=lr, steps_per_epoch=STEPS_PER_EPOCH, epochs=3, weight_decay=0.01, backend=backend)
+    lr, backend, preconditioner = RUNS[run]
+    return BB(
+        model.parameters(), lr=lr, steps_per_epoch=STEPS_PER_EPOCH, epochs=3, weight_decay=0.01, backend=backend,
+        preconditioner=preconditioner,
+    )
 
 
 def train(model, opt, rows, start, stop):
@@ -165,7 +172,7 @@ def assert_ranks_identical(ranks: list[dict[str, Any]], run: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first["params"], second["params"])), run
 
 
-@pytest.mark.parametrize("run", ["adapts", "rolls_back", "cpp", "triton", "shard1"])
+@pytest.mark.parametrize("run", ["adapts", "rolls_back", "cpp", "triton", "adam", "adam_triton", "shard1"])
 def test_sharded_run_decides_as_one_process_over_the_whole_model(runs: dict[str, Any], run: str) -> None:
     assert_ranks_identical(runs["ranks"], run)
     sharded, single = runs["ranks"][0][run], runs["single"][run]
