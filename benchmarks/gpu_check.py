@@ -11,9 +11,10 @@ killed half-way still leaves every finished section on disk. Sections (``--secti
   under it too, recording honestly whether it synchronises (the host-counted epoch end reads the rate once).
 - ``rounding``: fp16 and bf16, lr=1, weight_decay=0, momentum=0, safeguard=False: one Triton step must equal
   ``(θ − grad).to(dtype)`` bit for bit on a GPU (the interpreter truncates: recorded, not failed, on the CPU).
-- ``step_bench``: ResNet-50's parameters, fp32 and bf16: BB default and paper (triton), BB default (eager), torch's
-  fused SGD (momentum 0.9), a device copy; wall time (do_bench, L2 flushed), host time per call (no sync), device
-  time per call (profiler kernel totals) and kernels per call; the whole epoch end (``end_epoch()``) timed likewise.
+- ``step_bench``: ResNet-50's parameters, fp32 and bf16: BB default and paper (triton), BB default (eager), BB with
+  Adam's scaling (``preconditioner="adam"``, triton), torch's fused SGD (momentum 0.9) and fused Adam, a device
+  copy; wall time (do_bench, L2 flushed), host time per call (no sync), device time per call (profiler kernel
+  totals) and kernels per call; the whole epoch end (``end_epoch()``) timed likewise.
 - ``block_sweep``: the step kernel over (BLOCK, num_warps), and the 16-bit step's two layouts, through the backend's
   own launch (no argument list here).
 - ``end_to_end``: training images/s of a small ResNet (ResNet-18, 112 px) with BB default and paper against
@@ -90,7 +91,7 @@ ESTIMATE_S = {
     "launches": 20,
     "no_sync": 20,
     "rounding": 10,
-    "step_bench": 60,
+    "step_bench": 80,
     "block_sweep": 40,
     "capture": 60,
     "end_to_end": 40,
@@ -124,6 +125,9 @@ GPU_ONLY_NOTE = """\
   memory with barriers. Only a GPU's timing shows which is faster.
 - A run of several parameter groups' buffers in one step launch, reading each block's weight decay from a table
   (bbfused/buffer_runs.py).
+- The Adam-scaled step's correctly rounded square root and division (`sqrt.rn`, `div.rn`) against torch's on CUDA,
+  bit for bit in fp32 and fp64 (`tests` runs tests/test_preconditioned_backends.py compiled), and its cost against
+  torch's fused Adam (`step_bench`).
 """
 
 
@@ -581,13 +585,18 @@ def section_step_bench(report: Report, cfg: Config) -> None:
             "BB default (triton)": make_bb(cfg, dtype, "default", steps_per_epoch=None),
             "BB paper (triton)": make_bb(cfg, dtype, "paper", steps_per_epoch=None),
             "BB default (eager)": make_bb(cfg, dtype, "default", backend="eager", steps_per_epoch=None),
+            "BB adam (triton)": make_bb(cfg, dtype, "default", steps_per_epoch=None, preconditioner="adam"),
         }
         for name, opt in optimizers.items():
-            momentum_bytes = 2 * e if "default" in name else 0
-            impls[name] = (opt.step, 3 * p + 2 * e + momentum_bytes)
+            # θ, grad, ema; the momentum buffer (not in the paper's mode) and the second moment (adam): 2e each.
+            state_bytes = 2 * e * (("paper" not in name) + ("adam" in name))
+            impls[name] = (opt.step, 3 * p + 2 * e + state_bytes)
         groups, _ = make_params(cfg, dtype, seed=0)
         sgd = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, fused=True)
         impls["SGD momentum fused"] = (sgd.step, 5 * p)
+        adam_groups, _ = make_params(cfg, dtype, seed=0)
+        adam = torch.optim.Adam(adam_groups, lr=1e-3, fused=True)
+        impls["Adam fused"] = (adam.step, 7 * p)  # its moments in the parameter dtype
         sgd_ms = None
         for name, (fn, bytes_per_element) in impls.items():
             fn()  # first call: compilation, momentum buffers
@@ -604,7 +613,7 @@ def section_step_bench(report: Report, cfg: Config) -> None:
             row[-1] = f"{float(row[2]) / sgd_ms:.2f}"
         for name in ("BB default (triton)", "BB paper (triton)"):
             end_rows.append([name, dtype_name, *time_epoch_end(optimizers[name], cfg)])
-        del impls, optimizers, sgd, groups
+        del impls, optimizers, sgd, groups, adam, adam_groups
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
     report.add(f"{n_total:,} values, {len(shapes)} tensors in 2 groups; steps_per_epoch=None (no epoch end).", "")
@@ -869,6 +878,7 @@ def section_tests(report: Report, cfg: Config, seconds_left: float) -> None:
     """pytest over the Triton and CUDA-graph tests, compiled; the dry run only collects them."""
     command = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", "triton or cuda_graph"]
     command += ["tests/test_backends.py", "tests/test_triton_backend.py", "tests/test_capture.py"]
+    command += ["tests/test_preconditioned_backends.py"]
     if cfg.dry:
         command.append("--collect-only")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
