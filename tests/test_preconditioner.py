@@ -217,3 +217,22 @@ def test_version_3_checkpoint_resumes_as_sgd() -> None:
     adam = BB(model_and_data()[0].parameters(), lr=0.1, steps_per_epoch=4, backend="eager", preconditioner="adam")
     with pytest.raises(ValueError, match="saved with preconditioner=None"):
         adam.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_copies_go_on_as_the_original(backend: str) -> None:
+    """deepcopy and pickle of (model, optimizer) mid-run carry the second moments and each group's count."""
+    import pickle
+
+    model, x, y = model_and_data()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "weight_decay": 1e-3}]
+    opt = BB(groups, lr=1e-3, steps_per_epoch=4, epochs=4, backend=backend, preconditioner="adam")
+    train(opt, model, x, y, steps=6)
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    losses = train(opt, model, x, y, steps=8)
+    for copied_model, copied in copies:
+        assert train(copied, copied_model, x, y, steps=8) == losses
+        assert copied.lr_history == opt.lr_history
+        assert copied.state_dict()["bb"]["beta2_powers"] == opt.state_dict()["bb"]["beta2_powers"]
+        for p, q in zip(model.parameters(), copied_model.parameters()):
+            assert torch.equal(opt.state[p]["exp_avg_sq"], copied.state[q]["exp_avg_sq"])
