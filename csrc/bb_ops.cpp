@@ -226,10 +226,12 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
       if constexpr (kSkip) {
         // A non-finite d steps θ with a zero direction instead (θ − lr·0 keeps every bit of θ; zeroing is an AND
         // with the inverted "exponent all ones" mask, cheaper than selecting between two results) and keeps the
-        // bits of g, m and v.
+        // bits of g, m and v. With Adam's scaling a non-finite new v counts too (d non-finite, or d·d overflowing):
+        // an infinite v would freeze the element for good.
         constexpr bits_t kExponentBits = ((bits_t{1} << FloatBits<opmath_t>::kExponent) - 1)
                                          << FloatBits<opmath_t>::kMantissa;
-        const bits_t bad = -static_cast<bits_t>((bits_of(d) & kExponentBits) == kExponentBits);
+        const opmath_t checked = kPreconditioned ? new_v : d;
+        const bits_t bad = -static_cast<bits_t>((bits_of(checked) & kExponentBits) == kExponentBits);
         const opmath_t kept_d = from_bits<opmath_t>(bits_of(d) & ~bad);
         const opmath_t kept_direction = kDirectionIsD ? kept_d : from_bits<opmath_t>(bits_of(direction) & ~bad);
         param[i] = static_cast<scalar_t>(theta - s.lr * kept_direction);

@@ -126,12 +126,18 @@ def test_preconditioned_step_values(backend: str, momentum: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["eager", *BACKENDS_ON_DEVICE])
-def test_second_moment_needs_bias_correction(backend: str) -> None:
+@pytest.mark.parametrize(
+    ("missing", "message"), [("bias_correction", "needs its bias_correction"), ("beta2", "needs beta2 in")]
+)
+def test_second_moment_needs_its_arguments(backend: str, missing: str, message: str) -> None:
+    """Without its bias correction, or with the default β₂ = 0, the step refuses before writing anything."""
     param, grad, ema, v = (torch.ones(4, device=DEVICE) for _ in range(4))
-    with pytest.raises((ValueError, RuntimeError), match="bias_correction"):
+    arguments = dict(bias_correction=torch.tensor(0.5, dtype=torch.float64, device=DEVICE), beta2=BETA2, eps=EPS)
+    del arguments[missing]
+    with pytest.raises(ValueError, match=message):
         load_backend(backend, DEVICE).step(
             param, grad, ema, lr=torch.tensor(0.5, dtype=torch.float64, device=DEVICE), weight_decay=0.0, beta=0.5,
-            second_moment=v, beta2=BETA2, eps=EPS,
+            second_moment=v, **arguments,
         )  # fmt: skip
     assert torch.equal(param, torch.ones(4, device=DEVICE)) and torch.equal(v, torch.ones(4, device=DEVICE))
 
@@ -241,3 +247,26 @@ def test_preconditioned_trajectory_matches_eager(backend: str, dtype: torch.dtyp
     assert powers == eager.state_dict()["bb"]["beta2_powers"]
     steps = [24, 24] if add_group_at is None else [24, 24 - add_group_at]
     assert powers == pytest.approx([BETA2**t for t in steps], rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", *BACKENDS_ON_DEVICE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_overflowing_square_is_skipped(backend: str, dtype: torch.dtype) -> None:
+    """A finite d whose square overflows would make v infinite and freeze the element for good: it is skipped (θ, g,
+    m, v kept) and counted, as a non-finite d is."""
+    huge = 1e20 if dtype == torch.float32 else 1e160
+    values = {name: torch.ones(3, dtype=dtype, device=DEVICE) for name in ("param", "ema", "momentum", "v")}
+    grad = torch.tensor([0.5, huge, float("nan")], dtype=dtype, device=DEVICE)
+    before = {name: value.clone() for name, value in values.items()}
+    nonfinite = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    load_backend(backend, DEVICE).step(
+        values["param"], grad, values["ema"], lr=torch.tensor(0.1, dtype=torch.float64, device=DEVICE),
+        weight_decay=0.0, beta=0.5, nonfinite=nonfinite, momentum_buffer=values["momentum"], momentum=0.9,
+        second_moment=values["v"], bias_correction=torch.tensor(0.5, dtype=torch.float64, device=DEVICE),
+        beta2=BETA2, eps=EPS,
+    )  # fmt: skip
+    assert int(nonfinite) == 2
+    for name, value in values.items():
+        assert same_bits(value[1:], before[name][1:]), name  # the huge and the NaN element kept every bit
+        assert not torch.equal(value[:1], before[name][:1]), name  # the ordinary one moved
+        assert torch.isfinite(value).all(), name

@@ -265,7 +265,7 @@ def test_optimizer_settings():
     adam = bb_for(["--bb-preconditioner", "adam"])
     assert adam.lr == 1e-3 and adam.state_dict()["bb"]["preconditioner"] == "adam"
     assert bb_for(["--bb-preconditioner", "none"]).state_dict()["bb"]["preconditioner"] is None
-    assert parse_args([]).bb_preconditioner is None
+    assert parse_args([]).bb_preconditioner == "none"
     deep = parse_args(["--data", "synthetic"])
     assert (deep.model, deep.tau_min, deep.tau_max, deep.image_size) == ("resnet50", None, None, 224)
     assert parse_args(["--tau-min", "0.2"]).tau_min == 0.2

@@ -526,7 +526,10 @@ def test_figure_marks_rolled_back_epochs_and_has_integer_ticks():
         assert ticks and all(float(t).is_integer() for t in ticks)
 
 
-@pytest.mark.parametrize("option", [["--lr", "0.01"], ["--weight-decay", "0"], ["--seed", "3"], ["--tau-max", "5"]])
+@pytest.mark.parametrize(
+    "option",
+    [["--lr", "0.01"], ["--weight-decay", "0"], ["--seed", "3"], ["--tau-max", "5"], ["--bb-preconditioner", "adam"]],
+)
 def test_resume_refuses_settings_it_would_ignore(one_epoch, tmp_path, capsys, option):
     """The checkpoint restores the optimizer state and the random numbers: a changed value would do nothing."""
     run = copy_run(one_epoch, tmp_path / "run")
@@ -535,6 +538,13 @@ def test_resume_refuses_settings_it_would_ignore(one_epoch, tmp_path, capsys, op
     assert f"so {option[0]} " in err and "(saved " in err
     assert "would be ignored" in err and "start a new run" in err
     assert [r["epoch"] for r in read_log(run)] == [1]
+
+
+def test_resume_takes_the_saved_preconditioner_typed_again(one_epoch, tmp_path):
+    """Typing the value the run was saved with (the default, "none") is no change: the resume goes on."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    assert main(["--resume", str(run / "checkpoint.pth"), "--epochs", "2", "--bb-preconditioner", "none"]) == 0
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
 
 
 def test_resume_from_best_in_its_own_folder_is_refused(one_epoch, tmp_path, capsys):

@@ -63,7 +63,8 @@ class Backend(Protocol):
         per-element scaling of d: v ← β₂·v + (1 − β₂)·(d·d), u = d / (√(v / c) + ε) with c = ``bias_correction``
         (a float64 0-dim device tensor, 1 − β₂ᵗ for this step) rounded to the compute dtype once, as β₂, 1 − β₂
         (taken in float64) and ε are; the momentum and θ then step along u in place of d. g still averages d. A
-        skipped element keeps v too.
+        skipped element keeps v too, and with ``nonfinite`` an element whose new v is not finite (d·d overflowing) is
+        skipped and counted as one whose d is not.
         """
         ...
 
@@ -145,10 +146,20 @@ def zero_momentum_if_rolled_back(
         momentum_buffer.masked_fill_(restart, 0)
 
 
-def check_second_moment_arguments(second_moment: torch.Tensor | None, bias_correction: torch.Tensor | None) -> None:
-    """Raise when a second moment comes without its bias correction (the step could not scale by it)."""
-    if second_moment is not None and bias_correction is None:
+def check_second_moment_arguments(
+    second_moment: torch.Tensor | None, bias_correction: torch.Tensor | None, beta2: float | None = None
+) -> None:
+    """Raise when a second moment comes without its bias correction (the step could not scale by it), or, for the
+    step (``beta2`` given), with a β₂ outside (0, 1), which would not average the squares (0, the argument's
+    default, makes v = d² and 0/0 where d = 0)."""
+    if second_moment is None:
+        return
+    if bias_correction is None:
         raise ValueError(
             "a second_moment needs its bias_correction (a float64 0-dim tensor, 1 - beta2**t, on the buffer's "
             "device); pass both, or neither for BB's SGD step"
+        )
+    if beta2 is not None and not 0.0 < beta2 < 1.0:
+        raise ValueError(
+            f"a second_moment needs beta2 in (0, 1), got {beta2!r}; pass bbfused.preconditioner.BETA2 (Adam's 0.999)"
         )

@@ -204,7 +204,7 @@ class CppBackend:
         beta2: float = 0.0,
         eps: float = 0.0,
     ) -> None:
-        check_second_moment_arguments(second_moment, bias_correction)
+        check_second_moment_arguments(second_moment, bias_correction, beta2)
         if second_moment is None:
             torch.ops.bbfused.cpp_step(
                 param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite,

@@ -31,7 +31,7 @@ class EagerBackend:
         eps: float = 0.0,
     ) -> None:
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
-        check_second_moment_arguments(second_moment, bias_correction)
+        check_second_moment_arguments(second_moment, bias_correction, beta2)
         theta = param.to(ema.dtype)
         d = grad.to(ema.dtype)
         if grad_scale is not None:
@@ -50,7 +50,8 @@ class EagerBackend:
         new_theta = theta - lr.to(ema.dtype) * direction
         new_ema = ema + beta * (d - ema)
         if nonfinite is not None:
-            finite = torch.isfinite(d)
+            # With Adam's scaling a non-finite new v counts too (d·d overflowing): it would freeze the element.
+            finite = torch.isfinite(d if second_moment is None else new_second_moment)
             skipped = (~finite).sum()
             if found_inf is not None:
                 skipped = torch.where(found_inf.reshape(()) != 0, torch.zeros_like(skipped), skipped)

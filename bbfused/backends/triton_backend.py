@@ -157,7 +157,12 @@ def _step_block(
     new_theta = theta - tl.load(lr_ptr).to(compute) * direction
     new_ema = ema + tl.full((), beta, compute) * (d - ema)  # g averages the raw d, preconditioned or not
     if SKIP_NONFINITE:
-        finite = (d - d) == 0  # inf - inf and NaN - NaN are NaN
+        # inf - inf and NaN - NaN are NaN. With Adam's scaling a non-finite new v counts too (d non-finite, or d·d
+        # overflowing): an infinite v would freeze the element for good.
+        checked = d
+        if HAS_SECOND_MOMENT:
+            checked = new_v
+        finite = (checked - checked) == 0
         new_theta = tl.where(finite, new_theta, theta)
         new_ema = tl.where(finite, new_ema, ema)
         if HAS_MOMENTUM:
@@ -724,7 +729,7 @@ class TritonBackend:
         first), for buffers of several groups laid end to end (``bbfused.buffer_runs``). ``second_moment``: Adam's
         scaling of the step (base.Backend.step), in _preconditioned_step_kernel."""
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
-        check_second_moment_arguments(second_moment, bias_correction)
+        check_second_moment_arguments(second_moment, bias_correction, beta2)
         state = state_dtype(param.dtype)
         flat = {"param": param, "grad": grad, "ema": ema}
         dtypes = {"param": param.dtype, "grad": param.dtype, "ema": state}

@@ -72,7 +72,7 @@ def build_optimizer(
             tau_max=args.tau_max,
             backend=args.bb_backend,
             safeguard=args.bb_safeguard,
-            preconditioner=args.bb_preconditioner,
+            preconditioner=None if args.bb_preconditioner == "none" else args.bb_preconditioner,
         )
     on_cuda = all(p.is_cuda for group in groups for p in group["params"])
     fused = {"fused": True} if on_cuda else {}

@@ -277,8 +277,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.tau_max = default_max if args.tau_max is None else args.tau_max
         if args.tau0 is not None and args.bb_safeguard:
             raise UsageError("--tau0 is the paper's fallback rate: it applies with --no-bb-safeguard only")
-        args.bb_preconditioner = None if args.bb_preconditioner == "none" else args.bb_preconditioner
-        if args.bb_preconditioner is not None and not args.bb_safeguard:
+        args.bb_preconditioner = args.bb_preconditioner or "none"
+        if args.bb_preconditioner != "none" and not args.bb_safeguard:
             raise UsageError(
                 f"--bb-preconditioner {args.bb_preconditioner} needs BB's rate control: the paper's method "
                 f"(--no-bb-safeguard) is SGD exactly; drop one of the two"

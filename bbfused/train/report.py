@@ -34,7 +34,7 @@ def describe(
     if isinstance(optimizer, BB):
         backends = ", ".join(sorted(set(optimizer.active_backends.values())))
         mode = "default" if args.bb_safeguard else "paper's method"
-        mode += ", Adam-scaled step" if args.bb_preconditioner else ""
+        mode += ", Adam-scaled step" if args.bb_preconditioner == "adam" else ""
         line += f" ({mode}, rate bounds {optimizer.tau_min:.3g}..{optimizer.tau_max:.3g}, {backends})"
     line = f"{line}, weight decay {args.weight_decay:g}, device {device}, amp {args.amp}"
     return f"{line}; resuming after epoch {start_epoch}" if start_epoch else line
