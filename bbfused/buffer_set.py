@@ -20,7 +20,7 @@ from .buffer_runs import BufferRun, plan_runs
 from .buffers import FlatBuffer, planned_numel, state_dtype, warn_replaced_gradients
 from .clock import EpochClock, choose
 from .devices import on as _on
-from .preconditioner import BETA2, EPS, BiasCorrection
+from .preconditioner import scaling_for
 from .sharded import reduce_sums
 
 
@@ -68,9 +68,8 @@ class BufferSet:
         # Heavy-ball momentum in its EMA form (see base.Backend.step); 0: none, and no momentum buffers.
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
-        # The step's preconditioner (``bbfused.preconditioner``): None, or "adam" with a second moment per buffer.
-        self.preconditioner = preconditioner
-        self.bias_correction = None if preconditioner is None else BiasCorrection()
+        # How the step scales d (``bbfused.preconditioner``): not at all, or Adam's way with a second moment per buffer.
+        self.scaling = scaling_for(preconditioner)
         self.buffers: list[FlatBuffer] = []
         # The constructor's buffers that share one allocation per (device, dtype), each stepped with one launch.
         self.runs: list[BufferRun] = []
@@ -110,8 +109,7 @@ class BufferSet:
             self.lrs[device] = torch.as_tensor(rate, dtype=torch.float64).to(device).clone()
             if self.skip_nonfinite:
                 self.nonfinite[device] = torch.zeros((), dtype=torch.int64, device=device)
-            if self.bias_correction is not None:
-                self.bias_correction.add_device(device)
+            self.scaling.add_device(device)
 
     def pack_groups(self, groups: Sequence[dict[str, Any]], names: Sequence[list[str]]) -> None:
         """Pack the constructor's groups (see :meth:`pack`). On a backend that steps by blocks, the buffers that
@@ -121,7 +119,7 @@ class BufferSet:
             for group in groups
         ]
         blocks = {device: getattr(backend, "weight_decay_block", None) for device, backend in self.backends.items()}
-        runs = plan_runs(kinds, blocks, self.momentum > 0, self.preconditioner is not None)
+        runs = plan_runs(kinds, blocks, self.momentum > 0, self.scaling.second_moment)
         for index, (group, group_names) in enumerate(zip(groups, names)):
             self.pack(group, group_names, index, join_epoch=0, runs=runs)
         self.runs = list(runs.values())
@@ -139,8 +137,7 @@ class BufferSet:
         on each parameter's ``.data`` and ``.grad`` are views of them. ``added``: a group added after construction
         (``BB.add_param_group``): prev_params ← θ, and its second moments count their own steps. ``runs``: the
         runs whose next member a buffer of their kind is. Returns the new buffers."""
-        if self.bias_correction is not None:
-            self.bias_correction.add_group(constructor=not added)
+        self.scaling.add_group(constructor=not added)
         packed = []
         for kind, indices in _by_kind(group).items():
             run = (runs or {}).get(kind)
@@ -150,7 +147,7 @@ class BufferSet:
                 group_index,
                 momentum=self.momentum > 0,
                 storage=None if run is None else run.next_storage(),
-                second_moment=self.preconditioner is not None,
+                second_moment=self.scaling.second_moment,
             )
             if run is not None:
                 run.buffers.append(buffer)
@@ -231,19 +228,11 @@ class BufferSet:
     ) -> None:
         """One update of every parameter with a gradient (every parameter with ``whole_buffers``).
         ``weight_decays``: per group."""
-        preconditioned = self.bias_correction is not None
-        if preconditioned:
-            self.bias_correction.advance(found_inf)
+        self.scaling.advance(found_inf)
         for buffer, start, end, weight_decay in self._step_launches(weight_decays, whole_buffers, found_inf is None):
             device = buffer.device
-            second_moment = {}
-            if preconditioned:
-                second_moment = dict(
-                    second_moment=buffer.second_moment[start:end],
-                    bias_correction=self.bias_correction.correction(buffer_group(buffer), device),
-                    beta2=BETA2,
-                    eps=EPS,
-                )
+            second_moment = None if buffer.second_moment is None else buffer.second_moment[start:end]
+            scaling = self.scaling.step_arguments(buffer_group(buffer), device, second_moment)
             self.backends[device].step(
                 buffer.param[start:end],
                 buffer.grad[start:end],
@@ -257,7 +246,7 @@ class BufferSet:
                 momentum_buffer=None if buffer.momentum is None else buffer.momentum[start:end],
                 momentum=self.momentum,
                 nesterov=self.nesterov,
-                **second_moment,
+                **scaling,
             )
 
     def _step_launches(
@@ -290,20 +279,11 @@ class BufferSet:
         whole = all(self.join_epochs[b.group_index] == 0 and b.shard_group is None for b in self.buffers)
         if partials and run is not None and len(self.backends) == 1 and whole and self.buffers:
             # Every buffer on one backend that can leave the sums to the decision kernel: no sum launches.
-            units = [_pass_args(u) + ((u.second_moment,) if self.preconditioner else ()) for u in self._units()]
-            metric = self._metric(self.master)
+            units = [(*_pass_args(u), u.second_moment) for u in self._units()]
+            # A run's constructor groups share one count, so group 0's correction serves every unit.
+            metric = self.scaling.measure_arguments(0, self.master)
             return self._run_pass(("partials", 0), clock, self.master, functools.partial(run, **metric), units)
         return reduce_sums(self._pass("epoch_measure", clock), self.buffers)
-
-    def _metric(self, device: torch.device, buffer: FlatBuffer | None = None) -> dict[str, Any]:
-        """The measuring pass's arguments that take its first sum in the preconditioner's metric (none without one;
-        ``buffer``: the one whose second moment it reads)."""
-        if self.bias_correction is None:
-            return {}
-        # A run's constructor groups share one count, so its first member's correction serves every member.
-        group = 0 if buffer is None else buffer_group(buffer)
-        metric = {"bias_correction": self.bias_correction.correction(group, device), "eps": EPS}
-        return metric if buffer is None else {**metric, "second_moment": buffer.second_moment}
 
     def paper_pass(self, clock: EpochClock) -> torch.Tensor:
         return reduce_sums(self._pass("epoch_end", clock), self.buffers)
@@ -342,8 +322,9 @@ class BufferSet:
         sums = []
         for index, buffer in enumerate(self.buffers):
             run = getattr(self.backends[buffer.device], kind)
-            if kind == "epoch_measure":
-                run = functools.partial(run, **self._metric(buffer.device, buffer))
+            if kind == "epoch_measure" and buffer.second_moment is not None:
+                metric = self.scaling.measure_arguments(buffer.group_index, buffer.device)
+                run = functools.partial(run, second_moment=buffer.second_moment, **metric)
             buffer_sums = self._run_pass((kind, index), clock, buffer.device, run, *_pass_args(buffer))
             sums.append(self._rule_sums(buffer, buffer_sums, clock))
         if len(sums) == 1:

@@ -410,11 +410,13 @@ def check_param_state(
             saved_state = state_dict["state"].get(key, {})
             for state_key in keys:
                 value = saved_state.get(state_key)
-                _check_state_tensor(value, state_key, name, p, finite)
-                if state_key == SECOND_MOMENT_KEY and bool((value < 0).any()):
+                second_moment = state_key == SECOND_MOMENT_KEY
+                _check_state_tensor(value, state_key, name, p, finite and not second_moment)
+                if second_moment and not bool((torch.isfinite(value) & (value >= 0)).all()):
                     raise ValueError(
-                        f"the state dict's {state_key!r} for parameter {name} holds negative values, which a second "
-                        f"moment (an average of squares) cannot; load a checkpoint of a BB optimizer as saved"
+                        f"the state dict's {state_key!r} for parameter {name} holds negative, inf or NaN values, "
+                        f"which a second moment (an average of finite squares) cannot; load a checkpoint saved "
+                        f"before they went bad"
                     )
                 copies.append((p, state_key, value))
     return copies

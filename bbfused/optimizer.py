@@ -52,10 +52,10 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         backend: "eager" (reference), "triton" (CUDA), "cpp" (CPU) or "auto" (the fastest for each device).
         safeguard: the default rate control; False for the paper's method exactly.
         capturable: a whole training step (its epoch end included) can be captured in a CUDA graph and replayed.
-        preconditioner: None (the SGD step above) or "adam": d is divided elementwise by √v̂ + ε (v the EMA of d²,
-            Adam's β₂ = 0.999 and ε = 1e-8, bias-corrected) before the momentum, BB's estimate is taken in that
-            metric (``bbfused.preconditioner``), and the run starts at min(lr, 1e-3), the rate control moving it
-            from there (``bbfused.control.preconditioned``). One more state buffer (``exp_avg_sq``).
+        preconditioner: None (the SGD step above) or "adam": d is divided elementwise by √v̂ + ε (v the EMA of d²
+            with Adam's β₂ and ε, bias-corrected: ``bbfused.preconditioner``) before the momentum, BB's estimate is
+            taken in that metric, and the run starts at lr or the control's first-rate limit, whichever is smaller
+            (``bbfused.control.preconditioned``). One more state buffer (``exp_avg_sq``).
 
     Parameters and gradients live in flat buffers (each ``p.data`` and ``p.grad`` becomes a view), so build the
     optimizer after ``model.to(...)``. The full behaviour reference is ``docs/behaviour.md``.
@@ -341,7 +341,6 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         for group in state_dict["param_groups"]:
             group["lr"] = rate
         epoch, step = self._clock.counts()
-        correction = self._buffers.bias_correction
         run = checkpoint.RunState(
             epoch=epoch,
             step_in_epoch=step,
@@ -360,8 +359,8 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             tau_max=self.tau_max,
             join_epochs=list(self._buffers.join_epochs),
             control=self._control.state(epoch),
-            preconditioner=self._buffers.preconditioner,
-            beta2_powers=[] if correction is None else correction.group_powers(),
+            preconditioner=self._buffers.scaling.name,
+            beta2_powers=self._buffers.scaling.group_powers(),
         )
         checkpoint.attach(state_dict, run)
 
@@ -376,9 +375,8 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             state_dict = state_dict if result is None else result
         run = checkpoint.read(state_dict)
-        checkpoint.check_resumable(run, self.steps_per_epoch, self._buffers.momentum, self._buffers.preconditioner)
-        if self._buffers.bias_correction is not None:
-            self._buffers.bias_correction.check_powers(run.beta2_powers)
+        checkpoint.check_resumable(run, self.steps_per_epoch, self._buffers.momentum, self._buffers.scaling.name)
+        self._buffers.scaling.check_powers(run.beta2_powers)
         names = [groups.param_names(group, index) for index, group in enumerate(self.param_groups)]
         copies = checkpoint.check_param_state(state_dict, self.param_groups, names, self._control.rolls_back)
         self._control.check_state(run.control)
@@ -398,8 +396,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self.epochs = run.epochs if self.epochs is None else self.epochs  # a new plan given to the constructor wins
         self._control.epochs = self.epochs
         self._buffers.join_epochs = list(run.join_epochs)
-        if self._buffers.bias_correction is not None:
-            self._buffers.bias_correction.load(run.beta2_powers)
+        self._buffers.scaling.load(run.beta2_powers)
         self._control.load_state(run.control, self._buffers)
         applied, rule_lr = run.lr, run.rule_lr
         if replanned and (rate := self._control.replanned_rate(run.epoch)) is not None:

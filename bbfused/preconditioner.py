@@ -6,14 +6,20 @@ becomes ΔθᵀDΔθ (the measuring pass sums it in place of ‖Δθ‖²), whic
 coordinates D^½θ, where the preconditioned step is plain gradient descent. The gradient average y stays the raw
 gradient's. Why and how it was measured: ``benchmarks/results/2026-12-05_cpu_preconditioned_prototype.md``.
 
-This module holds the preconditioner's constants and its one piece of global state, the bias correction
-1 − β₂ᵗ of each device; the buffers hold v (``FlatBuffer.second_moment``) and the backends the arithmetic
+The buffer set drives one :class:`StepScaling` without asking which: :class:`NoScaling` (BB's SGD step) or
+:class:`AdamScaling`, which holds the constants and the one piece of global state, each group's bias correction
+1 − β₂ᵗ on each device. The buffers hold v (``FlatBuffer.second_moment``) and the backends the arithmetic
 (``bbfused.backends.base.Backend.step``).
+
+A group's count advances with every step of the group, so a parameter that gets its first gradient later than its
+group (one unfrozen within it, or unused in the first steps) starts with a correction that assumes more steps than
+it took: its first steps are up to √((1 − β₂ᵗ)/(1 − β₂)) (at most 31.6) times Adam's. Give such parameters a group of
+their own when they join (``add_param_group``), which counts from its own first step.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -34,15 +40,80 @@ def check_preconditioner(value: Any) -> str | None:
     return value
 
 
-class BiasCorrection:
-    """1 − β₂ᵗ for each parameter group on each of its devices, t the steps the group's second moments have taken.
+class StepScaling(Protocol):
+    """How the step scales d and how the measuring pass weighs Δθ² (``BufferSet`` calls it; backends do the work)."""
+
+    name: str | None  # BB's ``preconditioner`` argument
+    second_moment: bool  # whether each buffer keeps a second moment
+
+    def add_device(self, device: torch.device) -> None: ...
+
+    def add_group(self, constructor: bool) -> None:
+        """The next parameter group: one of the constructor's, or one added later (``BB.add_param_group``)."""
+
+    def advance(self, found_inf: torch.Tensor | None) -> None:
+        """Before a step's launches: one more step, unless GradScaler's ``found_inf`` is set (on the device)."""
+
+    def step_arguments(self, group: int, device: torch.device, second_moment: torch.Tensor | None) -> dict[str, Any]:
+        """The backend step's keyword arguments for group ``group``'s slice ``second_moment`` on ``device``."""
+
+    def measure_arguments(self, group: int, device: torch.device) -> dict[str, Any]:
+        """The measuring pass's keyword arguments (its second moments aside) for group ``group`` on ``device``."""
+
+    def group_powers(self) -> list[float]:
+        """What a checkpoint keeps: per group, β₂ᵗ (none without a second moment)."""
+
+    def check_powers(self, powers: list[float]) -> None:
+        """Raise ValueError unless a checkpoint's ``powers`` fit these groups."""
+
+    def load(self, powers: list[float]) -> None:
+        """Take a checked checkpoint's ``powers``."""
+
+
+class NoScaling:
+    """BB's SGD step: d as it is, and ‖Δθ‖² in the plain metric."""
+
+    name = None
+    second_moment = False
+
+    def add_device(self, device: torch.device) -> None:
+        pass
+
+    def add_group(self, constructor: bool) -> None:
+        pass
+
+    def advance(self, found_inf: torch.Tensor | None) -> None:
+        pass
+
+    def step_arguments(self, group: int, device: torch.device, second_moment: torch.Tensor | None) -> dict[str, Any]:
+        return {}
+
+    def measure_arguments(self, group: int, device: torch.device) -> dict[str, Any]:
+        return {}
+
+    def group_powers(self) -> list[float]:
+        return []
+
+    def check_powers(self, powers: list[float]) -> None:
+        pass  # the checkpoint's reader refuses powers without a preconditioner
+
+    def load(self, powers: list[float]) -> None:
+        pass
+
+
+class AdamScaling:
+    """Adam's scaling, with 1 − β₂ᵗ for each parameter group on each of its devices, t the steps the group's second
+    moments have taken.
 
     The constructor's groups start together and share one count (their buffers may step in one launch); a group
-    added later (``BB.add_param_group``) counts from its own first step, so that its first steps are Adam's first
-    steps (a count it did not take would leave its zero second moment uncorrected, and the step ~30x too large).
-    Kept as β₂ᵗ in a float64 0-dim tensor per device, multiplied by β₂ once a step on the device (no host sync, so
-    a CUDA graph can capture it); a step GradScaler skips does not count, as in torch's fused Adam. Checkpoints save
-    β₂ᵗ itself, so a resumed run continues with the same bits."""
+    added later counts from its own first step, so that its first steps are Adam's first steps (a count it did not
+    take would leave its zero second moment uncorrected). Kept as β₂ᵗ in a float64 0-dim tensor per device,
+    multiplied by β₂ once a step on the device (no host sync, so a CUDA graph can capture it); a step GradScaler
+    skips does not count, as in torch's fused Adam. Checkpoints save β₂ᵗ itself, so a resumed run continues with the
+    same bits."""
+
+    name = "adam"
+    second_moment = True
 
     def __init__(self) -> None:
         self.devices: list[torch.device] = []
@@ -59,22 +130,16 @@ class BiasCorrection:
             corrections[device] = torch.tensor(1.0 - value, dtype=torch.float64, device=device)
 
     def add_group(self, constructor: bool) -> None:
-        """The next group: one of the constructor's (sharing their count) or one added later (a count of its own)."""
         if not constructor or not self.powers:
             self.powers.append({d: torch.ones((), dtype=torch.float64, device=d) for d in self.devices})
             self.corrections.append({d: torch.zeros((), dtype=torch.float64, device=d) for d in self.devices})
         self.entry_of_group.append(0 if constructor else len(self.powers) - 1)
 
-    def correction(self, group_index: int, device: torch.device) -> torch.Tensor:
-        """1 − β₂ᵗ of group ``group_index`` on ``device`` (a float64 0-dim tensor, updated in place)."""
-        return self.corrections[self.entry_of_group[group_index]][device]
-
-    def group_powers(self) -> list[float]:
-        """β₂ᵗ of every group, in group order (reading them synchronises)."""
-        return [float(next(iter(self.powers[entry].values()))) for entry in self.entry_of_group]
+    def correction(self, group: int, device: torch.device) -> torch.Tensor:
+        """1 − β₂ᵗ of group ``group`` on ``device`` (a float64 0-dim tensor, updated in place)."""
+        return self.corrections[self.entry_of_group[group]][device]
 
     def advance(self, found_inf: torch.Tensor | None) -> None:
-        """One more step (unless ``found_inf`` is set): β₂ᵗ ← β₂ᵗ·β₂ and the correction with it."""
         for powers, corrections in zip(self.powers, self.corrections):
             for device, power in powers.items():
                 if found_inf is None:
@@ -83,27 +148,45 @@ class BiasCorrection:
                     torch.where(on(found_inf, device).reshape(()) != 0, power, power * BETA2, out=power)
                 _correct(power, corrections[device])
 
+    def step_arguments(self, group: int, device: torch.device, second_moment: torch.Tensor | None) -> dict[str, Any]:
+        correction = self.correction(group, device)
+        return {"second_moment": second_moment, "bias_correction": correction, "beta2": BETA2, "eps": EPS}
+
+    def measure_arguments(self, group: int, device: torch.device) -> dict[str, Any]:
+        return {"bias_correction": self.correction(group, device), "eps": EPS}
+
+    def group_powers(self) -> list[float]:
+        """β₂ᵗ of every group, in group order (reading them synchronises)."""
+        return [float(next(iter(self.powers[entry].values()))) for entry in self.entry_of_group]
+
     def check_powers(self, powers: list[float]) -> None:
-        """Raise ValueError unless ``powers`` (per group, from a checkpoint) fit these groups: the constructor's
-        groups share one count, so their saved powers must agree."""
+        """The constructor's groups share one count, so their saved powers must agree: a checkpoint whose groups
+        were added one by one loads only into an optimizer built and grown the same way."""
         if len(powers) != len(self.entry_of_group):
             raise ValueError(
                 f"corrupt state dict: beta2_powers lists {len(powers)} parameter groups, this optimizer has "
                 f"{len(self.entry_of_group)}"
             )
-        shared = {power for power, entry in zip(powers, self.entry_of_group) if entry == 0}
-        if len(shared) > 1:
+        shared = [index for index, entry in enumerate(self.entry_of_group) if entry == 0]
+        differing = [index for index in shared if powers[index] != powers[shared[0]]]
+        if differing:
             raise ValueError(
-                f"corrupt state dict: the constructor's parameter groups step together, but their beta2_powers differ "
-                f"({sorted(shared)}); load a state dict as BB.state_dict() saved it"
+                f"the state dict's param_groups[{differing[0]}] took other steps than param_groups[{shared[0]}] "
+                f"(beta2_powers {powers[differing[0]]!r} and {powers[shared[0]]!r}): it was added to the saved "
+                f"optimizer later (add_param_group), while this optimizer was built with both. Build it with the "
+                f"groups the saved one was built with, add the others with add_param_group, then load"
             )
 
     def load(self, powers: list[float]) -> None:
-        """Set each group's β₂ᵗ (checked by :meth:`check_powers`), in place."""
         for power, entry in zip(powers, self.entry_of_group):
             for device, tensor in self.powers[entry].items():
                 tensor.fill_(power)
                 _correct(tensor, self.corrections[entry][device])
+
+
+def scaling_for(preconditioner: str | None) -> StepScaling:
+    """The implementation of BB's ``preconditioner`` argument (checked already)."""
+    return NoScaling() if preconditioner is None else AdamScaling()
 
 
 def _correct(power: torch.Tensor, correction: torch.Tensor) -> None:

@@ -142,7 +142,7 @@ def test_adam_workload_runs_the_preconditioned_step() -> None:
     loss; torch's reference is its fused Adam."""
     workload = build_workload("bb-cpp-adam", [(33,), (4, 5)], torch.float32, CPU, 0)
     (optimizer,) = workload.optimizers
-    assert optimizer._buffers.preconditioner == "adam" and optimizer._buffers.momentum == bench_step.MOMENTUM
+    assert optimizer._buffers.scaling.name == "adam" and optimizer._buffers.momentum == bench_step.MOMENTUM
     assert workload.loss is not None
     (buffer,) = optimizer._buffers.buffers
     before = buffer.second_moment.clone()  # build_workload took one step already

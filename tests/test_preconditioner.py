@@ -10,7 +10,7 @@ import torch
 
 from bbfused import BB
 from bbfused.control import PreconditionedControl
-from bbfused.preconditioner import BETA2
+from bbfused.preconditioner import BETA2, EPS
 
 BACKENDS = ["eager", "cpp"]
 
@@ -43,7 +43,7 @@ def test_first_epoch_is_adam(backend: str) -> None:
         model.parameters(), lr=1e-3, steps_per_epoch=40, weight_decay=1e-2, momentum=0.0, backend=backend,
         preconditioner="adam",
     )  # fmt: skip
-    adam = torch.optim.Adam(twin.parameters(), lr=1e-3, betas=(0.0, BETA2), eps=1e-8, weight_decay=1e-2)
+    adam = torch.optim.Adam(twin.parameters(), lr=1e-3, betas=(0.0, BETA2), eps=EPS, weight_decay=1e-2)
     train(opt, model, x, y, steps=8)
     for step in range(8):
         batch = slice(10 * (step % 4), 10 * (step % 4) + 10)
@@ -128,7 +128,8 @@ def test_load_refuses_another_step_kind() -> None:
         (lambda sd: sd["bb"].update(beta2_powers=[]), "beta2_powers must list 1"),
         (lambda sd: sd["bb"].update(beta2_powers=[1.5]), "beta2_powers must list 1 numbers in"),
         (lambda sd: sd["bb"].update(preconditioner="lamb"), "preconditioner must be one of"),
-        (lambda sd: sd["state"][0]["exp_avg_sq"].fill_(-1.0), "negative values"),
+        (lambda sd: sd["state"][0]["exp_avg_sq"].fill_(-1.0), "holds negative, inf or NaN values"),
+        (lambda sd: sd["state"][0]["exp_avg_sq"].fill_(float("inf")), "holds negative, inf or NaN values"),
         (lambda sd: sd["state"][0].pop("exp_avg_sq"), "'exp_avg_sq' for parameter .* is missing"),
     ],
 )
@@ -146,15 +147,29 @@ def test_corrupt_checkpoints_are_refused(edit, message: str) -> None:
     assert all(torch.equal(opt.state[p]["exp_avg_sq"], v) for p, v in zip(model.parameters(), second_moments))
 
 
-def test_constructor_groups_must_share_their_count() -> None:
+def test_a_group_added_later_loads_only_into_an_optimizer_grown_alike() -> None:
+    """A checkpoint whose second group was added after 3 steps counts that group's steps apart: an optimizer built
+    with both groups at once cannot hold that and says how to build one that can; one grown alike resumes it."""
     model, x, y = model_and_data()
-    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "weight_decay": 1e-3}]
-    opt = BB(groups, lr=1e-3, steps_per_epoch=4, backend="eager", preconditioner="adam")
+    model[2].requires_grad_(False)
+    opt = BB(model[0].parameters(), lr=1e-3, steps_per_epoch=4, backend="eager", preconditioner="adam")
     train(opt, model, x, y, steps=3)
-    state_dict = copy.deepcopy(opt.state_dict())
-    state_dict["bb"]["beta2_powers"] = [BETA2**3, BETA2**2]
-    with pytest.raises(ValueError, match="step together"):
-        opt.load_state_dict(state_dict)
+    model[2].requires_grad_(True)
+    opt.add_param_group({"params": model[2].parameters(), "weight_decay": 1e-3})
+    train(opt, model, x, y, steps=2)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["bb"]["beta2_powers"] == pytest.approx([BETA2**5, BETA2**2], rel=1e-15)
+    other_model = model_and_data(seed=3)[0]
+    groups = [{"params": other_model[0].parameters()}, {"params": other_model[2].parameters(), "weight_decay": 1e-3}]
+    at_once = BB(groups, lr=1e-3, steps_per_epoch=4, backend="eager", preconditioner="adam")
+    before = [p.detach().clone() for p in other_model.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[1\] took other steps .* add the others with add_param_group"):
+        at_once.load_state_dict(saved)
+    assert all(torch.equal(p, b) for p, b in zip(other_model.parameters(), before))
+    grown = BB(other_model[0].parameters(), lr=1e-3, steps_per_epoch=4, backend="eager", preconditioner="adam")
+    grown.add_param_group({"params": other_model[2].parameters(), "weight_decay": 1e-3})
+    grown.load_state_dict(saved)
+    assert grown.state_dict()["bb"]["beta2_powers"] == saved["bb"]["beta2_powers"]
 
 
 def test_added_group_counts_its_own_steps() -> None:
@@ -236,3 +251,22 @@ def test_copies_go_on_as_the_original(backend: str) -> None:
         assert copied.state_dict()["bb"]["beta2_powers"] == opt.state_dict()["bb"]["beta2_powers"]
         for p, q in zip(model.parameters(), copied_model.parameters()):
             assert torch.equal(opt.state[p]["exp_avg_sq"], copied.state[q]["exp_avg_sq"])
+
+
+def test_a_step_gradscaler_skips_does_not_count() -> None:
+    """With GradScaler's found_inf set the step writes nothing and β₂ᵗ stays, as torch's fused Adam's step count."""
+    model, x, y = model_and_data()
+    opt = BB(model.parameters(), lr=1e-3, steps_per_epoch=8, backend="eager", preconditioner="adam")
+    train(opt, model, x, y, steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    second_moments = [opt.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[:10]), y[:10]).backward()
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)  # as GradScaler sets them around step()
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(opt.state[p]["exp_avg_sq"], v) for p, v in zip(model.parameters(), second_moments))
+    assert opt.state_dict()["bb"]["beta2_powers"] == [pytest.approx(BETA2**2, rel=1e-15)]
+    train(opt, model, x, y, steps=1)
+    assert opt.state_dict()["bb"]["beta2_powers"] == [pytest.approx(BETA2**3, rel=1e-15)]
