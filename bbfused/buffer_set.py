@@ -9,6 +9,7 @@ same bits.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -156,6 +157,8 @@ class BufferSet:
             with torch.no_grad():
                 for buffer in packed:
                     buffer.prev_params.copy_(buffer.param)
+        for buffer in packed:
+            self.scaling.add_buffer(len(buffer.params))
         self.buffers.extend(packed)
         self.join_epochs.append(join_epoch)
         return packed
@@ -197,6 +200,23 @@ class BufferSet:
     def numel(self) -> int:
         return sum(p.numel() for buffer in self.buffers for p in buffer.params)
 
+    def second_moment_lags(self, groups: Sequence[dict[str, Any]]) -> list[list[int]]:
+        """Per group, each parameter's lag (the group's steps it missed; ``bbfused.preconditioner``), in the groups'
+        parameter order; none without a second moment."""
+        if not self.scaling.second_moment:
+            return []
+        lag_of = {}
+        for index, buffer in enumerate(self.buffers):
+            lags = self.scaling.lags(index) or [0] * len(buffer.params)
+            lag_of.update({id(p): lag for p, lag in zip(buffer.params, lags)})
+        return [[lag_of[id(p)] for p in group["params"]] for group in groups]
+
+    def load_second_moment_lags(self, groups: Sequence[dict[str, Any]], lags: list[list[int]]) -> None:
+        """Take :meth:`second_moment_lags` of a checkpoint (checked) into the buffers' parameters."""
+        lag_of = {id(p): lag for group, group_lags in zip(groups, lags) for p, lag in zip(group["params"], group_lags)}
+        for index, buffer in enumerate(self.buffers):
+            self.scaling.load_lags(index, [lag_of.get(id(p), 0) for p in buffer.params])
+
     def skipped_values(self) -> int:
         """How many gradient values were skipped for not being finite (reading it synchronises)."""
         return int(sum(int(count) for count in self.nonfinite.values()))
@@ -229,10 +249,11 @@ class BufferSet:
         """One update of every parameter with a gradient (every parameter with ``whole_buffers``).
         ``weight_decays``: per group."""
         self.scaling.advance(found_inf)
-        for buffer, start, end, weight_decay in self._step_launches(weight_decays, whole_buffers, found_inf is None):
+        launches = self._step_launches(weight_decays, whole_buffers, found_inf is None)
+        for buffer, start, end, weight_decay, lag in launches:
             device = buffer.device
             second_moment = None if buffer.second_moment is None else buffer.second_moment[start:end]
-            scaling = self.scaling.step_arguments(buffer_group(buffer), device, second_moment)
+            scaling = self.scaling.step_arguments(buffer_group(buffer), device, second_moment, lag)
             self.backends[device].step(
                 buffer.param[start:end],
                 buffer.grad[start:end],
@@ -251,22 +272,30 @@ class BufferSet:
 
     def _step_launches(
         self, weight_decays: Sequence[float], whole_buffers: bool, count_in_place_writes: bool
-    ) -> Iterator[tuple[FlatBuffer | BufferRun, int, int, float | torch.Tensor]]:
-        """What each step launch updates: (buffer or run, start, end, weight decay or a run's per-block table). A run
-        whose every member has a gradient everywhere is one launch; otherwise its members step by their ranges."""
-        ranges = {
-            id(buffer): [(0, buffer.numel)] if whole_buffers else buffer.ranges_with_gradients(count_in_place_writes)
-            for buffer in self.buffers
-        }
+    ) -> list[tuple[FlatBuffer | BufferRun, int, int, float | torch.Tensor, int]]:
+        """What each step launch updates: (buffer or run, start, end, weight decay or a run's per-block table, the
+        steps its parameters missed). A run whose every member has a gradient everywhere (and no parameter that
+        missed steps) is one launch; otherwise its members step by their ranges, one for each run of parameters with
+        gradients and equal lags. The scaling learns which parameters step."""
+        ranges, lags = {}, {}
+        for index, buffer in enumerate(self.buffers):
+            stepped = [True] * len(buffer.params) if whole_buffers else buffer.with_gradients(count_in_place_writes)
+            lags[id(buffer)] = self.scaling.lags(index)
+            ranges[id(buffer)] = buffer.ranges(stepped, lags[id(buffer)])
+            self.scaling.note_step(index, stepped)
+        launches = []
         in_one_launch = set()
         for run in self.runs:
-            if all(ranges[id(buffer)] == [(0, buffer.numel)] for buffer in run.buffers):
+            if all(ranges[id(b)] == [(0, b.numel)] and lags[id(b)] is None for b in run.buffers):
                 in_one_launch.update(id(buffer) for buffer in run.buffers)
-                yield run, 0, run.numel, run.weight_decay_table(weight_decays)
+                launches.append((run, 0, run.numel, run.weight_decay_table(weight_decays), 0))
         for buffer in self.buffers:
             if id(buffer) not in in_one_launch:
+                buffer_lags = lags[id(buffer)]
                 for start, end in ranges[id(buffer)]:
-                    yield buffer, start, end, weight_decays[buffer.group_index]
+                    lag = 0 if buffer_lags is None else buffer_lags[bisect.bisect_right(buffer.offsets, start) - 1]
+                    launches.append((buffer, start, end, weight_decays[buffer.group_index], lag))
+        return launches
 
     def _units(self) -> list[FlatBuffer | BufferRun]:
         """What an epoch-end pass launches over: each run, and each buffer in no run."""

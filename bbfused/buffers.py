@@ -318,15 +318,11 @@ class FlatBuffer:
             p.grad = view
         return replaced
 
-    def ranges_with_gradients(self, count_in_place_writes: bool) -> list[tuple[int, int]]:
-        """Element ranges [start, end) covering the parameters that have a gradient in this step.
-
-        The whole buffer when every parameter has one (the usual case: one launch); otherwise one range
-        per run of consecutive parameters with gradients, so frozen and unused ones stay untouched.
-        ``count_in_place_writes``: a gradient written in place since zero_grad (``p.grad.copy_(...)``)
-        counts too. GradScaler rewrites every gradient in place to look for infs, so under it only
-        backward and assignment count. A parameter unfrozen since zero_grad has no hook yet: it counts.
-        """
+    def with_gradients(self, count_in_place_writes: bool) -> list[bool]:
+        """Which parameters have a gradient in this step. ``count_in_place_writes``: a gradient written in place
+        since zero_grad (``p.grad.copy_(...)``) counts too. GradScaler rewrites every gradient in place to look for
+        infs, so under it only backward and assignment count. A parameter unfrozen since zero_grad has no hook yet:
+        it counts."""
         for i in self.register_hooks():
             self.written[i] = True
         written = self.written
@@ -335,14 +331,20 @@ class FlatBuffer:
                 has_grad or view._version != version
                 for has_grad, view, version in zip(written, self.grad_locals, self.zeroed_versions)
             ]
-        if all(written):
+        return list(written)
+
+    def ranges(self, stepped: list[bool], keys: list[int] | None = None) -> list[tuple[int, int]]:
+        """Element ranges [start, end) covering the parameters ``stepped`` marks: the whole buffer when it marks
+        every one (the usual case: one launch); otherwise one range per run of consecutive marked parameters (with
+        equal ``keys``, when given), so frozen and unused ones stay untouched."""
+        if all(stepped) and (keys is None or len(set(keys)) <= 1):
             return [(0, self.numel)]
         ranges: list[tuple[int, int]] = []
-        for i, has_grad in enumerate(written):
+        for i, has_grad in enumerate(stepped):
             if not has_grad:
                 continue
             end = self.offsets[i] + sharded.local(self.params[i]).numel()
-            if i > 0 and written[i - 1]:
+            if i > 0 and stepped[i - 1] and (keys is None or keys[i] == keys[i - 1]):
                 ranges[-1] = (ranges[-1][0], end)  # extends over the zero padding between the two slices
             else:
                 ranges.append((self.offsets[i], end))

@@ -90,10 +90,11 @@ class RunState:
     control: ControlState
     preconditioner: str | None = None  # None: BB's SGD step; "adam": the step's per-element scaling
     beta2_powers: list[float] = field(default_factory=list)  # per group, β₂ᵗ of its second moments' bias correction
+    beta2_lags: list[list[int]] = field(default_factory=list)  # per group and parameter, the group's steps it missed
 
 
 _RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunState) if f.name != "control")
-_PRECONDITIONER_KEYS = ("preconditioner", "beta2_powers")
+_PRECONDITIONER_KEYS = ("preconditioner", "beta2_powers", "beta2_lags")
 _CONTROL_KEYS = tuple(f.name for f in dataclasses.fields(ControlState))
 # The rate control's keys (its state and the rollback history), which version 1 did not have.
 CONTROL_KEYS = ("rolled_back_epochs", *_CONTROL_KEYS)
@@ -137,6 +138,7 @@ def upgrade(bb: dict[str, Any], groups: int) -> dict[str, Any]:
         "nesterov": False,
         "preconditioner": None,
         "beta2_powers": [],
+        "beta2_lags": [],
     }
     upgraded = {**{key: defaults[key] for key in _ADDED_LATER}, "rule_lr": bb.get("lr"), **bb, "version": VERSION}
     if upgraded["rate"] is None:  # before the rate r was kept apart from the applied rate, they were one
@@ -179,6 +181,7 @@ def read(state_dict: Any) -> RunState:
         )
         raise ValueError(f"corrupt state dict: the 'bb' entry lacks {', '.join(missing)}{hint}")
     _check_counters(bb, len(state_dict["param_groups"]))
+    _check_lags(bb, state_dict["param_groups"])
     _check_control(bb)
     control = ControlState(**{key: bb[key] for key in _CONTROL_KEYS})
     return RunState(**{key: bb[key] for key in _RUN_KEYS}, control=control)
@@ -317,6 +320,23 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
     ):
         raise ValueError(
             f"corrupt state dict: rolled_back_epochs must be increasing epochs in [0, {upper}), got {rolled_back!r}"
+        )
+
+
+def _check_lags(bb: dict[str, Any], groups: Any) -> None:
+    """Raise unless ``beta2_lags`` lists, for each saved group with a preconditioner, one count >= 0 a parameter."""
+    lags = bb["beta2_lags"]
+    sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None for g in groups]
+    wanted = sizes if bb["preconditioner"] is not None else []
+    if (
+        not isinstance(lags, list)
+        or len(lags) != len(wanted)
+        or any(not isinstance(group, list) or len(group) != size for group, size in zip(lags, wanted))
+        or any(not is_int(lag) or lag < 0 for group in lags for lag in group)
+    ):
+        raise ValueError(
+            f"corrupt state dict: beta2_lags must list, for each parameter group with a preconditioner, one int >= 0 "
+            f"per parameter (the group's steps it missed), {wanted} of them; got {lags!r}"
         )
 
 

@@ -361,6 +361,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             control=self._control.state(epoch),
             preconditioner=self._buffers.scaling.name,
             beta2_powers=self._buffers.scaling.group_powers(),
+            beta2_lags=self._buffers.second_moment_lags(self.param_groups),
         )
         checkpoint.attach(state_dict, run)
 
@@ -397,6 +398,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self._control.epochs = self.epochs
         self._buffers.join_epochs = list(run.join_epochs)
         self._buffers.scaling.load(run.beta2_powers)
+        self._buffers.load_second_moment_lags(self.param_groups, run.beta2_lags)
         self._control.load_state(run.control, self._buffers)
         applied, rule_lr = run.lr, run.rule_lr
         if replanned and (rate := self._control.replanned_rate(run.epoch)) is not None:

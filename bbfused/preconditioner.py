@@ -7,14 +7,16 @@ coordinates D^½θ, where the preconditioned step is plain gradient descent. The
 gradient's. Why and how it was measured: ``benchmarks/results/2026-12-05_cpu_preconditioned_prototype.md``.
 
 The buffer set drives one :class:`StepScaling` without asking which: :class:`NoScaling` (BB's SGD step) or
-:class:`AdamScaling`, which holds the constants and the one piece of global state, each group's bias correction
-1 − β₂ᵗ on each device. The buffers hold v (``FlatBuffer.second_moment``) and the backends the arithmetic
+:class:`AdamScaling`, which holds the constants and the scaling's global state: each group's bias correction
+1 − β₂ᵗ on each device and each parameter's lag (below). The buffers hold v (``FlatBuffer.second_moment``) and the backends the arithmetic
 (``bbfused.backends.base.Backend.step``).
 
-A group's count advances with every step of the group, so a parameter that gets its first gradient later than its
-group (one unfrozen within it, or unused in the first steps) starts with a correction that assumes more steps than
-it took: its first steps are up to √((1 − β₂ᵗ)/(1 − β₂)) (at most 31.6) times Adam's. Give such parameters a group of
-their own when they join (``add_param_group``), which counts from its own first step.
+Each parameter counts its own steps, as torch's Adam does: a group's count t advances on the device (no sync) and
+each parameter keeps, on the host, the steps of its group it missed (it had no gradient: frozen, or unused), its
+lag L; its correction is 1 − β₂^(t − L). Parameters with other lags step in launches of their own. The measuring
+pass weighs Δθ² with the group's correction (a parameter that missed steps is weighed a little lighter). The host
+cannot see GradScaler's skip (it is decided on the device): a parameter without a gradient in a skipped step counts
+it as missed, one step more than it lost.
 """
 
 from __future__ import annotations
@@ -54,14 +56,29 @@ class StepScaling(Protocol):
     def advance(self, found_inf: torch.Tensor | None) -> None:
         """Before a step's launches: one more step, unless GradScaler's ``found_inf`` is set (on the device)."""
 
-    def step_arguments(self, group: int, device: torch.device, second_moment: torch.Tensor | None) -> dict[str, Any]:
-        """The backend step's keyword arguments for group ``group``'s slice ``second_moment`` on ``device``."""
+    def add_buffer(self, params: int) -> None:
+        """The next flat buffer (in the buffer set's order) holds ``params`` parameters."""
+
+    def lags(self, buffer: int) -> list[int] | None:
+        """Each parameter's lag in flat buffer ``buffer``; None when none has one (every parameter steps alike)."""
+
+    def note_step(self, buffer: int, stepped: list[bool]) -> None:
+        """Which parameters of flat buffer ``buffer`` this step updates (the others fall one more step behind)."""
+
+    def step_arguments(
+        self, group: int, device: torch.device, second_moment: torch.Tensor | None, lag: int = 0
+    ) -> dict[str, Any]:
+        """The backend step's keyword arguments for group ``group``'s slice ``second_moment`` on ``device``, whose
+        parameters missed ``lag`` of the group's steps."""
 
     def measure_arguments(self, group: int, device: torch.device) -> dict[str, Any]:
         """The measuring pass's keyword arguments (its second moments aside) for group ``group`` on ``device``."""
 
     def group_powers(self) -> list[float]:
         """What a checkpoint keeps: per group, β₂ᵗ (none without a second moment)."""
+
+    def load_lags(self, buffer: int, lags: list[int]) -> None:
+        """Take a checked checkpoint's lags of flat buffer ``buffer``'s parameters."""
 
     def check_powers(self, powers: list[float]) -> None:
         """Raise ValueError unless a checkpoint's ``powers`` fit these groups."""
@@ -85,7 +102,18 @@ class NoScaling:
     def advance(self, found_inf: torch.Tensor | None) -> None:
         pass
 
-    def step_arguments(self, group: int, device: torch.device, second_moment: torch.Tensor | None) -> dict[str, Any]:
+    def add_buffer(self, params: int) -> None:
+        pass
+
+    def lags(self, buffer: int) -> list[int] | None:
+        return None
+
+    def note_step(self, buffer: int, stepped: list[bool]) -> None:
+        pass
+
+    def step_arguments(
+        self, group: int, device: torch.device, second_moment: torch.Tensor | None, lag: int = 0
+    ) -> dict[str, Any]:
         return {}
 
     def measure_arguments(self, group: int, device: torch.device) -> dict[str, Any]:
@@ -98,6 +126,9 @@ class NoScaling:
         pass  # the checkpoint's reader refuses powers without a preconditioner
 
     def load(self, powers: list[float]) -> None:
+        pass
+
+    def load_lags(self, buffer: int, lags: list[int]) -> None:
         pass
 
 
@@ -121,6 +152,7 @@ class AdamScaling:
         self.powers: list[dict[torch.device, torch.Tensor]] = []  # β₂ᵗ
         self.corrections: list[dict[torch.device, torch.Tensor]] = []  # 1 − β₂ᵗ
         self.entry_of_group: list[int] = []
+        self.buffer_lags: list[list[int]] = []  # per flat buffer, each parameter's missed steps
 
     def add_device(self, device: torch.device) -> None:
         self.devices.append(device)
@@ -148,8 +180,25 @@ class AdamScaling:
                     torch.where(on(found_inf, device).reshape(()) != 0, power, power * BETA2, out=power)
                 _correct(power, corrections[device])
 
-    def step_arguments(self, group: int, device: torch.device, second_moment: torch.Tensor | None) -> dict[str, Any]:
+    def add_buffer(self, params: int) -> None:
+        self.buffer_lags.append([0] * params)
+
+    def lags(self, buffer: int) -> list[int] | None:
+        lags = self.buffer_lags[buffer]
+        return lags if any(lags) else None
+
+    def note_step(self, buffer: int, stepped: list[bool]) -> None:
+        if not all(stepped):
+            self.buffer_lags[buffer] = [lag + (not has) for lag, has in zip(self.buffer_lags[buffer], stepped)]
+
+    def step_arguments(
+        self, group: int, device: torch.device, second_moment: torch.Tensor | None, lag: int = 0
+    ) -> dict[str, Any]:
         correction = self.correction(group, device)
+        if lag:
+            # 1 − β₂^(t − L) = 1 − β₂ᵗ·β₂^(−L), from the group's β₂ᵗ on the device (no sync).
+            power = self.powers[self.entry_of_group[group]][device]
+            correction = torch.mul(power, BETA2**-lag).neg_().add_(1.0)
         return {"second_moment": second_moment, "bias_correction": correction, "beta2": BETA2, "eps": EPS}
 
     def measure_arguments(self, group: int, device: torch.device) -> dict[str, Any]:
@@ -176,6 +225,9 @@ class AdamScaling:
                 f"optimizer later (add_param_group), while this optimizer was built with both. Build it with the "
                 f"groups the saved one was built with, add the others with add_param_group, then load"
             )
+
+    def load_lags(self, buffer: int, lags: list[int]) -> None:
+        self.buffer_lags[buffer] = list(lags)
 
     def load(self, powers: list[float]) -> None:
         for power, entry in zip(powers, self.entry_of_group):

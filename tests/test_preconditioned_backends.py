@@ -199,9 +199,10 @@ def test_triton_partials_take_the_metric() -> None:
 
 
 # ------------------------------------------------------------------------------------------ whole runs
-def preconditioned_run(backend: str, dtype: torch.dtype, add_group_at: int | None = None):
+def preconditioned_run(backend: str, dtype: torch.dtype, add_group_at: int | None = None, unfreeze_at: int = 0):
     """Six epochs of four steps on a noisy quadratic, with the loss given; two groups (one added at step
-    ``add_group_at`` when given). Returns the optimizer and its parameters."""
+    ``add_group_at`` when given); the last parameter frozen until step ``unfreeze_at`` (it then steps with its own
+    count). Returns the optimizer and its parameters."""
     shapes = SIZES_SEVERAL + [(1000 + 37,)]
     params = make_params(shapes, dtype)
     half = len(params) // 2
@@ -212,9 +213,12 @@ def preconditioned_run(backend: str, dtype: torch.dtype, add_group_at: int | Non
     opt = BB(groups, lr=0.05, steps_per_epoch=4, epochs=6, backend=backend, preconditioner="adam")
     curvature = [torch.linspace(0.5, 2.0, p.numel(), dtype=torch.float64).reshape(p.shape) for p in params]
     generator = torch.Generator().manual_seed(0)
+    params[-1].requires_grad_(unfreeze_at == 0)
     for step in range(6 * 4):
         if step == add_group_at:
             opt.add_param_group({"params": params[half:], "weight_decay": 0.0})
+        if step == unfreeze_at:
+            params[-1].requires_grad_(True)
         active = params if add_group_at is None or step >= add_group_at else first
         opt.zero_grad()
         loss = 0
@@ -229,12 +233,17 @@ def preconditioned_run(backend: str, dtype: torch.dtype, add_group_at: int | Non
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_DEVICE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("add_group_at", [None, 6], ids=["two_groups", "group_added"])
-def test_preconditioned_trajectory_matches_eager(backend: str, dtype: torch.dtype, add_group_at: int | None) -> None:
+@pytest.mark.parametrize(
+    ("add_group_at", "unfreeze_at"), [(None, 0), (6, 0), (None, 7)], ids=["two_groups", "group_added", "unfrozen"]
+)
+def test_preconditioned_trajectory_matches_eager(
+    backend: str, dtype: torch.dtype, add_group_at: int | None, unfreeze_at: int
+) -> None:
     """Whole epochs: the step, the measuring pass in the preconditioner's metric and the rate control's decisions,
-    every state buffer (the second moments included) against eager."""
+    every state buffer (the second moments included) against eager; "unfrozen": a parameter that missed 7 of its
+    group's steps steps in a launch of its own, with its own count."""
     (eager, eager_params), (fused, fused_params) = (
-        preconditioned_run(name, dtype, add_group_at) for name in ("eager", backend)
+        preconditioned_run(name, dtype, add_group_at, unfreeze_at) for name in ("eager", backend)
     )
     assert len(set(eager.lr_history)) > 2  # the rate moved
     torch.testing.assert_close(torch.tensor(fused.lr_history), torch.tensor(eager.lr_history), rtol=1e-5, atol=0)
@@ -247,6 +256,8 @@ def test_preconditioned_trajectory_matches_eager(backend: str, dtype: torch.dtyp
     assert powers == eager.state_dict()["bb"]["beta2_powers"]
     steps = [24, 24] if add_group_at is None else [24, 24 - add_group_at]
     assert powers == pytest.approx([BETA2**t for t in steps], rel=1e-12)
+    lags = fused.state_dict()["bb"]["beta2_lags"]
+    assert lags == eager.state_dict()["bb"]["beta2_lags"] and lags[-1][-1] == unfreeze_at
 
 
 @pytest.mark.parametrize("backend", ["eager", *BACKENDS_ON_DEVICE])

@@ -128,6 +128,8 @@ def test_load_refuses_another_step_kind() -> None:
         (lambda sd: sd["bb"].update(beta2_powers=[]), "beta2_powers must list 1"),
         (lambda sd: sd["bb"].update(beta2_powers=[1.5]), "beta2_powers must list 1 numbers in"),
         (lambda sd: sd["bb"].update(preconditioner="lamb"), "preconditioner must be one of"),
+        (lambda sd: sd["bb"].update(beta2_lags=[[0]]), r"beta2_lags must list, .* \[4\] of them"),
+        (lambda sd: sd["bb"].update(beta2_lags=[[0, -1, 0, 0]]), "beta2_lags must list"),
         (lambda sd: sd["state"][0]["exp_avg_sq"].fill_(-1.0), "holds negative, inf or NaN values"),
         (lambda sd: sd["state"][0]["exp_avg_sq"].fill_(float("inf")), "holds negative, inf or NaN values"),
         (lambda sd: sd["state"][0].pop("exp_avg_sq"), "'exp_avg_sq' for parameter .* is missing"),
@@ -220,7 +222,7 @@ def test_version_3_checkpoint_resumes_as_sgd() -> None:
     saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     rest = train(opt, model, x, y, steps=6)
     for bb in [saved["bb"], *(group["bb"] for group in saved["param_groups"])]:
-        for key in ("preconditioner", "beta2_powers"):
+        for key in ("preconditioner", "beta2_powers", "beta2_lags"):
             bb.pop(key, None)
         bb["version"] = 3
     resumed_model = model_and_data(seed=1)[0]
@@ -270,3 +272,27 @@ def test_a_step_gradscaler_skips_does_not_count() -> None:
     assert opt.state_dict()["bb"]["beta2_powers"] == [pytest.approx(BETA2**2, rel=1e-15)]
     train(opt, model, x, y, steps=1)
     assert opt.state_dict()["bb"]["beta2_powers"] == [pytest.approx(BETA2**3, rel=1e-15)]
+
+
+def test_a_parameter_unfrozen_within_its_group_takes_adams_first_step() -> None:
+    """A parameter that gets its first gradient after its group's fifth step counts its own steps, as torch's Adam
+    does: without momentum its first step moves each weight by about lr (d / |d|), and its lag (the group's steps
+    it missed) survives a checkpoint, so a resumed run steps it alike."""
+    model, x, y = model_and_data()
+    model[2].weight.requires_grad_(False)
+    opt = BB(model.parameters(), lr=1e-3, steps_per_epoch=40, momentum=0.0, backend="eager", preconditioner="adam")
+    train(opt, model, x, y, steps=5)
+    model[2].weight.requires_grad_(True)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert saved["bb"]["beta2_lags"] == [[0, 0, 5, 0]]
+    before = model[2].weight.detach().clone()
+    losses = [train(opt, model, x, y, steps=1), train(opt, model, x, y, steps=2)]
+    assert opt.state_dict()["bb"]["beta2_lags"] == [[0, 0, 5, 0]]
+    first = model_and_data(seed=1)[0]
+    first.load_state_dict(saved_model)
+    resumed = BB(first.parameters(), lr=1e-3, steps_per_epoch=40, momentum=0.0, backend="eager", preconditioner="adam")
+    resumed.load_state_dict(saved)
+    assert train(resumed, first, x, y, steps=1) == losses[0]
+    moved = (first[2].weight.detach() - before).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, 1e-3), rtol=1e-3, atol=0)
+    assert train(resumed, first, x, y, steps=2) == losses[1]
