@@ -181,7 +181,7 @@ def read(state_dict: Any) -> RunState:
         )
         raise ValueError(f"corrupt state dict: the 'bb' entry lacks {', '.join(missing)}{hint}")
     _check_counters(bb, len(state_dict["param_groups"]))
-    _check_lags(bb, state_dict["param_groups"])
+    _check_preconditioner(bb, state_dict["param_groups"])
     _check_control(bb)
     control = ControlState(**{key: bb[key] for key in _CONTROL_KEYS})
     return RunState(**{key: bb[key] for key in _RUN_KEYS}, control=control)
@@ -293,16 +293,6 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
             check_positive(f"the saved {name}", bb[name])
     if bb["tau_min"] > bb["tau_max"]:
         raise ValueError(f"corrupt state dict: tau_min {bb['tau_min']} > tau_max {bb['tau_max']}")
-    if bb["preconditioner"] not in PRECONDITIONERS:
-        raise ValueError(
-            f"corrupt state dict: preconditioner must be one of {PRECONDITIONERS}, got {bb['preconditioner']!r}"
-        )
-    powers, wanted = bb["beta2_powers"], groups if bb["preconditioner"] is not None else 0
-    if not isinstance(powers, list) or len(powers) != wanted or any(not is_real(p) or not 0 <= p <= 1 for p in powers):
-        raise ValueError(
-            f"corrupt state dict: beta2_powers must list {wanted} numbers in [0, 1] (one a parameter group with a "
-            f"preconditioner, none without), got {powers!r}"
-        )
     join_epochs = bb["join_epochs"]
     if not isinstance(join_epochs, list) or any(not is_int(e) or e < 0 for e in join_epochs):
         raise ValueError(f"corrupt state dict: join_epochs must be a list of ints >= 0, got {join_epochs!r}")
@@ -323,11 +313,27 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
         )
 
 
-def _check_lags(bb: dict[str, Any], groups: Any) -> None:
-    """Raise unless ``beta2_lags`` lists, for each saved group with a preconditioner, one count >= 0 a parameter."""
+def _check_preconditioner(bb: dict[str, Any], groups: Any) -> None:
+    """Raise unless the saved preconditioner is one BB has and, with one, ``beta2_powers`` lists each saved group's
+    β₂ᵗ and ``beta2_lags`` each of its parameters' missed steps (both empty without one)."""
+    preconditioned = bb["preconditioner"] is not None
+    if bb["preconditioner"] not in PRECONDITIONERS:
+        raise ValueError(
+            f"corrupt state dict: preconditioner must be one of {PRECONDITIONERS}, got {bb['preconditioner']!r}"
+        )
+    powers, wanted_powers = bb["beta2_powers"], len(groups) if preconditioned else 0
+    if (
+        not isinstance(powers, list)
+        or len(powers) != wanted_powers
+        or any(not is_real(p) or not 0 <= p <= 1 for p in powers)
+    ):
+        raise ValueError(
+            f"corrupt state dict: beta2_powers must list {wanted_powers} numbers in [0, 1] (one a parameter group "
+            f"with a preconditioner, none without), got {powers!r}"
+        )
     lags = bb["beta2_lags"]
     sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None for g in groups]
-    wanted = sizes if bb["preconditioner"] is not None else []
+    wanted = sizes if preconditioned else []
     if (
         not isinstance(lags, list)
         or len(lags) != len(wanted)

@@ -8,8 +8,8 @@ gradient's. Why and how it was measured: ``benchmarks/results/2026-12-05_cpu_pre
 
 The buffer set drives one :class:`StepScaling` without asking which: :class:`NoScaling` (BB's SGD step) or
 :class:`AdamScaling`, which holds the constants and the scaling's global state: each group's bias correction
-1 − β₂ᵗ on each device and each parameter's lag (below). The buffers hold v (``FlatBuffer.second_moment``) and the backends the arithmetic
-(``bbfused.backends.base.Backend.step``).
+1 − β₂ᵗ on each device and each parameter's lag (below). The buffers hold v (``FlatBuffer.second_moment``) and
+the backends the arithmetic (``bbfused.backends.base.Backend.step``).
 
 Each parameter counts its own steps, as torch's Adam does: a group's count t advances on the device (no sync) and
 each parameter keeps, on the host, the steps of its group it missed (it had no gradient: frozen, or unused), its
@@ -159,7 +159,7 @@ class AdamScaling:
         for powers, corrections in zip(self.powers, self.corrections):
             value = float(next(iter(powers.values())))
             powers[device] = torch.tensor(value, dtype=torch.float64, device=device)
-            corrections[device] = torch.tensor(1.0 - value, dtype=torch.float64, device=device)
+            corrections[device] = _one_minus(powers[device])
 
     def add_group(self, constructor: bool) -> None:
         if not constructor or not self.powers:
@@ -178,7 +178,7 @@ class AdamScaling:
                     power.mul_(BETA2)
                 else:
                     torch.where(on(found_inf, device).reshape(()) != 0, power, power * BETA2, out=power)
-                _correct(power, corrections[device])
+                _one_minus(power, out=corrections[device])
 
     def add_buffer(self, params: int) -> None:
         self.buffer_lags.append([0] * params)
@@ -198,7 +198,7 @@ class AdamScaling:
         if lag:
             # 1 − β₂^(t − L) = 1 − β₂ᵗ·β₂^(−L), from the group's β₂ᵗ on the device (no sync).
             power = self.powers[self.entry_of_group[group]][device]
-            correction = torch.mul(power, BETA2**-lag).neg_().add_(1.0)
+            correction = _one_minus(power * BETA2**-lag)
         return {"second_moment": second_moment, "bias_correction": correction, "beta2": BETA2, "eps": EPS}
 
     def measure_arguments(self, group: int, device: torch.device) -> dict[str, Any]:
@@ -233,7 +233,7 @@ class AdamScaling:
         for power, entry in zip(powers, self.entry_of_group):
             for device, tensor in self.powers[entry].items():
                 tensor.fill_(power)
-                _correct(tensor, self.corrections[entry][device])
+                _one_minus(tensor, out=self.corrections[entry][device])
 
 
 def scaling_for(preconditioner: str | None) -> StepScaling:
@@ -241,7 +241,7 @@ def scaling_for(preconditioner: str | None) -> StepScaling:
     return NoScaling() if preconditioner is None else AdamScaling()
 
 
-def _correct(power: torch.Tensor, correction: torch.Tensor) -> None:
-    """correction ← 1 − power, as 1 + (−power): the same bits, written in place (a captured step allocates nothing)."""
-    torch.mul(power, -1.0, out=correction)
-    correction.add_(1.0)
+def _one_minus(power: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """1 − power as 1 + (−power): the same bits, and with ``out`` written in place (a captured step allocates
+    nothing)."""
+    return torch.mul(power, -1.0, out=out).add_(1.0)

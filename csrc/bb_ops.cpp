@@ -162,6 +162,13 @@ inline T from_bits(typename FloatBits<T>::type b) {
 // Which update direction the step takes: d itself, or d through heavy-ball momentum (plain or Nesterov).
 enum class Momentum { kNone, kHeavyBall, kNesterov };
 
+// Adam's denominator √(v / c) + ε, one rounding per operation: the preconditioned step divides by it and the measuring
+// pass weighs Δθ² with it, and the two must agree bit for bit (eager's _denominator).
+template <typename opmath_t>
+__attribute__((always_inline)) inline opmath_t adam_denominator(opmath_t v, opmath_t bias_correction, opmath_t eps) {
+  return std::sqrt(v / bias_correction) + eps;
+}
+
 // The step's scalars, each rounded once to the arithmetic dtype as the eager reference rounds them.
 template <typename opmath_t>
 struct StepScalars {
@@ -213,7 +220,7 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
       if constexpr (kPreconditioned) {
         v = second_moment[i];
         new_v = s.beta2 * v + s.beta2_complement * (d * d);
-        u = d / (std::sqrt(new_v / s.bias_correction) + s.eps);
+        u = d / adam_denominator(new_v, s.bias_correction, s.eps);
       }
       opmath_t m = 0;
       opmath_t new_m = 0;
@@ -492,7 +499,7 @@ void epoch_measure_chunk(const scalar_t* __restrict__ param, opmath_t* __restric
     const double delta_theta = static_cast<double>(param[j]) - static_cast<double>(prev_params[j]);
     const double delta_ema = static_cast<double>(g) - static_cast<double>(prev_ema[j]);
     if constexpr (kMetric) {
-      const opmath_t metric = std::sqrt(second_moment[j] / bias_correction) + eps;
+      const opmath_t metric = adam_denominator(second_moment[j], bias_correction, eps);
       sq_norm[lane] += (delta_theta * delta_theta) * static_cast<double>(metric);
     } else {
       sq_norm[lane] += delta_theta * delta_theta;
