@@ -184,6 +184,27 @@ SETTINGS = {
             "digits-ae", "digits_autoencoder", "digits", 32, 25, 0.0, None,
             "MLP autoencoder 64-128-8-128-64 on the digits, MSE on pixels in [0, 1]", task="regress", holdout=True,
         ),
+        # Holdout settings chosen before any change to the preconditioned control's growth ran on them: a deep net
+        # without normalisation of another activation and depth, a BatchNorm CNN with 10 steps an epoch, noisy
+        # labels on another data set.
+        Setting(
+            "deep-relu-digits", "deep_relu_digits", "digits", 16, 12, 0.0, None,
+            "MLP 64-(128 ReLU)x6-10 on the digits, no normalisation", holdout=True,
+        ),
+        Setting(
+            "deep-gelu", "deep_gelu", "mnist", 128, 8, 0.0, 5_120,
+            "MLP 784-(256 GELU)x4-10, no normalisation", holdout=True,
+        ),
+        Setting(
+            "bn-digits-large", "digits_bn_cnn", "digits", 128, 20, 5e-4, None,
+            "conv16-BN-ReLU, conv32-BN-ReLU-pool, fc10 on the digits, batches of 128: 10 steps an epoch",
+            holdout=True,
+        ),
+        Setting(
+            "noisy-digits", "digits_mlp", "digits", 32, 20, 0.0, None,
+            "the digits MLP with 20 % of the training labels replaced by random classes", label_noise=0.2,
+            holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -321,12 +342,16 @@ def digits_autoencoder() -> nn.Sequential:
     )  # fmt: skip
 
 
-def deep_tanh(width: int = 256, depth: int = 5) -> nn.Sequential:
-    """An MLP of ``depth`` tanh layers without normalisation: gradients shrink with depth."""
+def plain_mlp(inputs: int, width: int, depth: int, activation: Callable[[], nn.Module]) -> nn.Sequential:
+    """An MLP of ``depth`` hidden layers without normalisation: gradients shrink or grow with depth."""
     layers: list[nn.Module] = [nn.Flatten()]
     for index in range(depth):
-        layers += [nn.Linear(784 if index == 0 else width, width), nn.Tanh()]
+        layers += [nn.Linear(inputs if index == 0 else width, width), activation()]
     return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def deep_tanh(width: int = 256, depth: int = 5) -> nn.Sequential:
+    return plain_mlp(784, width, depth, nn.Tanh)
 
 
 def ln_mlp(width: int = 128) -> nn.Sequential:
@@ -342,6 +367,15 @@ def digits_cnn() -> nn.Sequential:
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )  # fmt: skip
+
+
+def digits_bn_cnn() -> nn.Sequential:
+    """The digits CNN with BatchNorm after each convolution."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     )  # fmt: skip
 
 
@@ -374,6 +408,9 @@ def build_model(name: str) -> nn.Module:
         "mixer": Mixer,
         "lstm_rows": LSTMRows,
         "digits_autoencoder": digits_autoencoder,
+        "deep_relu_digits": lambda: plain_mlp(64, 128, 6, nn.ReLU),
+        "deep_gelu": lambda: plain_mlp(784, 256, 4, nn.GELU),
+        "digits_bn_cnn": digits_bn_cnn,
     }
     return builders[name]()
 
