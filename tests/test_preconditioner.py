@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bbfused import BB
-from bbfused.control import PreconditionedControl
+from bbfused.control import PreconditionedControl, safeguard
 from bbfused.preconditioner import BETA2, EPS
 
 BACKENDS = ["eager", "cpp"]
@@ -70,6 +70,34 @@ def test_first_rate_is_at_most_1e_3() -> None:
         opt = BB(model.parameters(), lr=lr, steps_per_epoch=4, epochs=3, backend="eager", preconditioner="adam")
         runs.append((train(opt, model, x, y, steps=12), opt.lr_history))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_rise_in_the_first_epoch_brakes(backend: str) -> None:
+    """A first-epoch period whose mean loss rose 5 % (under the SGD control's 10 % tolerance) ends the search, halves
+    the rate and caps it at 0.7 times the rate that rose for the rest of the run; the same run with the SGD
+    control's tolerance goes on growing."""
+    losses = [2.0, 1.0, 1.0] + [1.0] * 3 + [0.9] * 3 + [0.945] * 3 + [0.9] * 24
+    runs = {}
+    for tolerance in (PreconditionedControl.FIRST_EPOCH_RISE, safeguard.FIRST_EPOCH_RISE):
+        theta = torch.nn.Parameter(torch.ones(16))
+        opt = BB([theta], lr=1e-3, steps_per_epoch=12, momentum=0.0, backend=backend, preconditioner="adam")
+        opt._control.FIRST_EPOCH_RISE = tolerance
+        rates = []
+        for step, loss in enumerate(losses):
+            opt.zero_grad()
+            (0.5 * theta.square().sum()).backward()
+            opt.step(loss=loss)
+            if step % 3 == 2:  # the first epoch's four periods, then every quarter epoch
+                rates.append(opt.lr)
+        runs[tolerance] = rates, opt.state_dict()["bb"]["ceiling"]
+    assert PreconditionedControl.FIRST_EPOCH_RISE == 0.0
+    (braked, ceiling), (grown, _) = runs[0.0], runs[safeguard.FIRST_EPOCH_RISE]
+    assert braked[:3] == grown[:3] == [1e-3, 2e-3, 4e-3]  # the search doubles while the loss falls
+    assert braked[3] == pytest.approx(4e-3 * safeguard.LOSS_BRAKE)
+    assert ceiling == pytest.approx(4e-3 * safeguard.CEILING)
+    assert max(braked[3:]) <= ceiling and braked[-1] > braked[3]  # it grows again, under the ceiling
+    assert grown[3] == pytest.approx(4e-3 * PreconditionedControl.RATE_GROWTH_LIMIT) and max(grown) > ceiling
 
 
 def test_state_holds_second_moments() -> None:

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from bbfused.clock import DeviceClock, HostClock  # noqa: E402
+from bbfused.control.preconditioned import PreconditionedControl  # noqa: E402
 from bbfused.control.safeguard import SafeguardControl  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -47,7 +48,9 @@ def number(rng: random.Random, positive: bool = False) -> float:
 
 
 def random_control(rng: random.Random, clock, epochs: int | None) -> SafeguardControl:
-    control = SafeguardControl(clock, DEVICE, numel=rng.choice([10, 1000]), lr=number(rng, True), epochs=epochs)
+    # The preconditioned control's constants (a first epoch's rise counted from 0 %) go through the kernels too.
+    kind = rng.choice([SafeguardControl, PreconditionedControl])
+    control = kind(clock, DEVICE, numel=rng.choice([10, 1000]), lr=number(rng, True), epochs=epochs)
     for name in STATE:
         getattr(control, name).fill_(number(rng))
     for name in FLAGS:
@@ -62,6 +65,14 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype.is_floating_point:
         return bool(((a == b) | (a.isnan() & b.isnan())).all())
     return torch.equal(a, b)
+
+
+def small_rise(control: SafeguardControl) -> float:
+    """Set the last good period's mean loss to 1 and return a loss 5 % above it: a rise that brakes the preconditioned
+    control in the first epoch and the SGD control only after it."""
+    control.last_loss.fill_(1.0)
+    control.loss_rollback.fill_(False)
+    return 1.05
 
 
 def host_case(rng: random.Random) -> tuple[SafeguardControl, HostClock, torch.Tensor, tuple[float, float]]:
@@ -80,6 +91,8 @@ def host_case(rng: random.Random) -> tuple[SafeguardControl, HostClock, torch.Te
         control.initial_loss.fill_(2.3)
         control.searching.fill_(True)
         near = 2.3 * rng.choice([0.99, 0.9])
+    elif rng.random() < 0.3:
+        near = small_rise(control)
     for _ in range(steps):
         control.add_loss(torch.tensor(number(rng) if near is None else near, dtype=torch.float64))
     return control, clock, torch.tensor([number(rng) for _ in range(4)], dtype=torch.float64), (1e-4, 100.0)
@@ -98,6 +111,8 @@ def device_case(rng: random.Random) -> tuple[SafeguardControl, DeviceClock, torc
         control.initial_loss.fill_(2.3)
         control.searching.fill_(True)
         control.loss.sum.fill_(2.3 * rng.choice([0.99, 0.9]) * float(control.loss.steps))
+    elif rng.random() < 0.3:
+        control.loss.sum.fill_(small_rise(control) * float(control.loss.steps))
     else:
         control.loss.sum.fill_(number(rng))
     control.loss.last.fill_(number(rng))

@@ -144,6 +144,7 @@ class SafeguardControl:
     SEARCH_LIMIT = SEARCH_LIMIT
     RATE_GROWTH_LIMIT = RATE_GROWTH_LIMIT
     STUCK_MOVEMENT = STUCK_MOVEMENT
+    FIRST_EPOCH_RISE = FIRST_EPOCH_RISE
     FIRST_RATE_LIMIT = math.inf  # the first rate is min(lr, this)
 
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
@@ -276,7 +277,7 @@ class SafeguardControl:
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
         nan_like = torch.full_like(mean, math.nan)
         tolerance = torch.where(
-            torch.as_tensor(clock.in_first_epoch_periods, device=mean.device), FIRST_EPOCH_RISE, 0.0
+            torch.as_tensor(clock.in_first_epoch_periods, device=mean.device), self.FIRST_EPOCH_RISE, 0.0
         )
         rose = good_loss & (mean > self.last_loss * (1 + tolerance))
         references = [
@@ -381,7 +382,7 @@ class SafeguardControl:
                 self.SEARCH_GROWTH, self.SEARCH_LIMIT, self.RATE_GROWTH_LIMIT, RATE_SHRINK_LIMIT, LOSS_BRAKE, CEILING,
                 BACKOFF, CAP, RISE_ROLLBACK, SEARCH_UNTIL_PROGRESS,
             )  # fmt: skip
-            self._kernels = SafeguardKernels(self, policy, FIRST_EPOCH_RISE)
+            self._kernels = SafeguardKernels(self, policy, self.FIRST_EPOCH_RISE)
         return self._kernels
 
     # ------------------------------------------------------------------ checkpoints
