@@ -205,6 +205,16 @@ SETTINGS = {
             "the digits MLP with 20 % of the training labels replaced by random classes", label_noise=0.2,
             holdout=True,
         ),
+        # Holdout settings chosen before any change to the default control's "stuck" test ran on them: networks
+        # that sit on the initial loss for a while, where a rate too large kills them without a rise of the loss.
+        Setting(
+            "deep-relu-mnist", "deep_relu_mnist", "mnist", 64, 6, 0.0, 4_096,
+            "MLP 784-(128 ReLU)x8-10, no normalisation", holdout=True,
+        ),
+        Setting(
+            "deep-cnn-digits", "deep_cnn_digits", "digits", 32, 15, 5e-4, None,
+            "five conv16-ReLU layers, pool, fc10 on the digits, no normalisation", holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -379,6 +389,14 @@ def digits_bn_cnn() -> nn.Sequential:
     )  # fmt: skip
 
 
+def deep_cnn_digits(width: int = 16, depth: int = 5) -> nn.Sequential:
+    """A CNN of ``depth`` 3x3 ReLU convolutions without normalisation on the 8x8 digits."""
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, 8, 8))]
+    for index in range(depth):
+        layers += [nn.Conv2d(1 if index == 0 else width, width, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(width * 4 * 4, 10))
+
+
 def autoencoder() -> nn.Sequential:
     """An MLP autoencoder 784-256-32-256-784 with ReLU; a linear output (the pixels' reconstruction)."""
     return nn.Sequential(
@@ -411,6 +429,8 @@ def build_model(name: str) -> nn.Module:
         "deep_relu_digits": lambda: plain_mlp(64, 128, 6, nn.ReLU),
         "deep_gelu": lambda: plain_mlp(784, 256, 4, nn.GELU),
         "digits_bn_cnn": digits_bn_cnn,
+        "deep_relu_mnist": lambda: plain_mlp(784, 128, 8, nn.ReLU),
+        "deep_cnn_digits": deep_cnn_digits,
     }
     return builders[name]()
 
