@@ -4,6 +4,7 @@ moments, a group added later starts its own bias correction, and bad inputs are 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -72,32 +73,49 @@ def test_first_rate_is_at_most_1e_3() -> None:
     assert runs[0] == runs[1]
 
 
+def first_epoch_rates(backend: str, losses: list[float], tolerance: float | None = None) -> tuple[list[float], float]:
+    """½‖θ‖² from lr = 1e-3 with 12 steps an epoch, each step given the next loss; the rate after every 3 steps (the
+    first epoch's four periods, then every quarter epoch) and the ceiling at the end. ``tolerance``: the first
+    epoch's rise tolerance after progress, in place of the control's."""
+    theta = torch.nn.Parameter(torch.ones(16))
+    opt = BB([theta], lr=1e-3, steps_per_epoch=12, momentum=0.0, backend=backend, preconditioner="adam")
+    if tolerance is not None:
+        opt._control.FIRST_EPOCH_RISE_AFTER_PROGRESS = tolerance
+    rates = []
+    for step, loss in enumerate(losses):
+        opt.zero_grad()
+        (0.5 * theta.square().sum()).backward()
+        opt.step(loss=loss)
+        if step % 3 == 2:
+            rates.append(opt.lr)
+    return rates, opt.state_dict()["bb"]["ceiling"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_any_rise_in_the_first_epoch_brakes(backend: str) -> None:
-    """A first-epoch period whose mean loss rose 5 % (under the SGD control's 10 % tolerance) ends the search, halves
-    the rate and caps it at 0.7 times the rate that rose for the rest of the run; the same run with the SGD
-    control's tolerance goes on growing."""
+def test_any_rise_in_the_first_epoch_after_progress_brakes(backend: str) -> None:
+    """A first-epoch period whose mean loss rose 5 % (under the SGD control's 10 % tolerance) after the loss fell well
+    below its start ends the search, halves the rate and caps it at 0.7 times the rate that rose for the rest of the
+    run; the same run with the SGD control's tolerance goes on growing."""
     losses = [2.0, 1.0, 1.0] + [1.0] * 3 + [0.9] * 3 + [0.945] * 3 + [0.9] * 24
-    runs = {}
-    for tolerance in (PreconditionedControl.FIRST_EPOCH_RISE, safeguard.FIRST_EPOCH_RISE):
-        theta = torch.nn.Parameter(torch.ones(16))
-        opt = BB([theta], lr=1e-3, steps_per_epoch=12, momentum=0.0, backend=backend, preconditioner="adam")
-        opt._control.FIRST_EPOCH_RISE = tolerance
-        rates = []
-        for step, loss in enumerate(losses):
-            opt.zero_grad()
-            (0.5 * theta.square().sum()).backward()
-            opt.step(loss=loss)
-            if step % 3 == 2:  # the first epoch's four periods, then every quarter epoch
-                rates.append(opt.lr)
-        runs[tolerance] = rates, opt.state_dict()["bb"]["ceiling"]
-    assert PreconditionedControl.FIRST_EPOCH_RISE == 0.0
-    (braked, ceiling), (grown, _) = runs[0.0], runs[safeguard.FIRST_EPOCH_RISE]
+    assert PreconditionedControl.FIRST_EPOCH_RISE_AFTER_PROGRESS == 0.0
+    braked, ceiling = first_epoch_rates(backend, losses)
+    grown, _ = first_epoch_rates(backend, losses, tolerance=safeguard.FIRST_EPOCH_RISE)
     assert braked[:3] == grown[:3] == [1e-3, 2e-3, 4e-3]  # the search doubles while the loss falls
     assert braked[3] == pytest.approx(4e-3 * safeguard.LOSS_BRAKE)
     assert ceiling == pytest.approx(4e-3 * safeguard.CEILING)
     assert max(braked[3:]) <= ceiling and braked[-1] > braked[3]  # it grows again, under the ceiling
     assert grown[3] == pytest.approx(4e-3 * PreconditionedControl.RATE_GROWTH_LIMIT) and max(grown) > ceiling
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_small_rise_while_the_loss_is_on_its_start_is_noise(backend: str) -> None:
+    """On a plateau at the first step's loss a 1 % rise of a period's mean does not brake (it takes the SGD control's
+    10 %): the search goes on doubling, and no ceiling is set."""
+    rates, ceiling = first_epoch_rates(backend, [2.0] * 3 + [2.02] * 3 + [2.0] * 6)
+    assert rates == [1e-3, 2e-3, 4e-3, 8e-3] and ceiling == math.inf
+    braked, ceiling = first_epoch_rates(backend, [2.0] * 3 + [2.24] * 3 + [2.0] * 6)  # a 12 % rise: not noise
+    assert braked[1] == pytest.approx(1e-3 * safeguard.LOSS_BRAKE)
+    assert ceiling == pytest.approx(1e-3 * safeguard.CEILING)
 
 
 def test_state_holds_second_moments() -> None:

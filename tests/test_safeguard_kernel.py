@@ -67,10 +67,12 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def small_rise(control: SafeguardControl) -> float:
+def small_rise(control: SafeguardControl, rng: random.Random) -> float:
     """Set the last good period's mean loss to 1 and return a loss 5 % above it: a rise that brakes the preconditioned
-    control in the first epoch and the SGD control only after it."""
+    control in the first epoch once the loss has left its start (here half the time) and the SGD control only after
+    the first epoch."""
     control.last_loss.fill_(1.0)
+    control.initial_loss.fill_(rng.choice([1.02, 3.0]))
     control.loss_rollback.fill_(False)
     return 1.05
 
@@ -92,7 +94,7 @@ def host_case(rng: random.Random) -> tuple[SafeguardControl, HostClock, torch.Te
         control.searching.fill_(True)
         near = 2.3 * rng.choice([0.99, 0.9])
     elif rng.random() < 0.3:
-        near = small_rise(control)
+        near = small_rise(control, rng)
     for _ in range(steps):
         control.add_loss(torch.tensor(number(rng) if near is None else near, dtype=torch.float64))
     return control, clock, torch.tensor([number(rng) for _ in range(4)], dtype=torch.float64), (1e-4, 100.0)
@@ -112,7 +114,7 @@ def device_case(rng: random.Random) -> tuple[SafeguardControl, DeviceClock, torc
         control.searching.fill_(True)
         control.loss.sum.fill_(2.3 * rng.choice([0.99, 0.9]) * float(control.loss.steps))
     elif rng.random() < 0.3:
-        control.loss.sum.fill_(small_rise(control) * float(control.loss.steps))
+        control.loss.sum.fill_(small_rise(control, rng) * float(control.loss.steps))
     else:
         control.loss.sum.fill_(number(rng))
     control.loss.last.fill_(number(rng))
@@ -153,3 +155,24 @@ def test_kernel_decision_is_the_torch_decision_bit_for_bit(make_case):
         outcomes.add((bool(torch_div), bool(torch_c.searching), bool(torch_rate.isfinite())))
     # The random states reached both verdicts, both search states and finite rates (the comparison was not vacuous).
     assert {(True, False), (False, True), (False, False)} <= {o[:2] for o in outcomes}
+
+
+@pytest.mark.parametrize("kind", [SafeguardControl, PreconditionedControl])
+@pytest.mark.parametrize("initial", [1.02, 3.0], ids=["on its start", "after progress"])
+def test_kernel_counts_a_first_epoch_rise_like_torch(kind, initial: float) -> None:
+    """A first-epoch period whose mean rose 5 %: the kernels brake where the torch decision does, which is only the
+    preconditioned control's once the loss has left its start."""
+    clock = HostClock(8, DEVICE, first_epoch_periods=4)
+    clock.step_in_epoch = clock.periods.length
+    control = kind(clock, DEVICE, numel=10, lr=0.01, epochs=None)
+    for name, value in (("initial_loss", initial), ("best_loss", 1.0), ("last_loss", 1.0), ("snapshot_loss", 1.0)):
+        getattr(control, name).fill_(value)
+    control.has_snapshot.fill_(True)
+    control.snapshot_sq_norm.fill_(1.0)
+    for _ in range(clock.closing_steps):
+        control.add_loss(torch.tensor(1.05, dtype=torch.float64))
+    sums = torch.tensor([1e-6, 1e-6, 1.0, 1e-3], dtype=torch.float64)  # an estimate of 0.5: above the rate
+    (torch_c, torch_rate, *_), (kern_c, kern_rate, *_) = close_both(control, clock, sums, (1e-4, 100.0))
+    assert same(torch_rate, kern_rate) and same(torch_c.ceiling, kern_c.ceiling)
+    braked = kind is PreconditionedControl and initial == 3.0
+    assert float(torch_rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)  # halved, or searching

@@ -26,10 +26,11 @@ class PreconditionedControl(SafeguardControl):
     SEARCH_GROWTH = 2.0
     SEARCH_LIMIT = 2.0
     RATE_GROWTH_LIMIT = 1.25
-    # Every rise of a first-epoch period's mean loss brakes, not only one past 10 %: the estimate sits above the rate
-    # whatever the rate, so a rise is the only sign that the search went past the rates that train well (a deep tanh
-    # MLP rose 7 % and then climbed to several times its best rate); a 2x search loses little to a rise that was noise.
-    FIRST_EPOCH_RISE = 0.0
+    # Once the loss has left its start, every rise of a first-epoch period's mean loss brakes, not only one past
+    # 10 %: the estimate sits above the rate whatever the rate, so a rise is the only sign that the search went past
+    # the rates that train well (a deep tanh MLP rose 7 % and then climbed to several times its best rate). While
+    # the loss is still on its start, a small rise is noise (an LSTM's plateau rose 0.1 % and was capped for good).
+    FIRST_EPOCH_RISE_AFTER_PROGRESS = 0.0
     # No "stuck at chance" test: it reads weights that moved 10 % without the loss falling 5 % as a rate too large,
     # and an Adam step moves small networks' weights that far at 1e-3 while they learn.
     STUCK_MOVEMENT = math.inf

@@ -15,7 +15,8 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
 - **follow**: after that, r moves towards η by at most a factor 2 up or 10 down (a stabilised BB step, in the
   spirit of Tan et al.'s smoothing of SGD-BB rates), inside [:data:`LOWEST_RATE`, :data:`HIGHEST_RATE`] (or
   ``tau_min``, ``tau_max`` when given); an η that is zero, inf or NaN keeps r. A period whose mean loss rose
-  (by more than :data:`FIRST_EPOCH_RISE` within the first epoch, where periods are short and noisy) halves r at
+  (by more than :data:`FIRST_EPOCH_RISE` within the first epoch, where periods are short and noisy; a variant may
+  count a rise there from another fraction once the period's mean is below the search's progress mark) halves r at
   most, and r never again grows past :data:`CEILING` times the rate at which the loss rose. A rise past
   :data:`RISE_ROLLBACK` times the last good period's mean (and by more than the loss margin below) is rolled back
   instead, and r returns to the last good rate, under that ceiling (the cap of a diverged period does not apply).
@@ -145,6 +146,7 @@ class SafeguardControl:
     RATE_GROWTH_LIMIT = RATE_GROWTH_LIMIT
     STUCK_MOVEMENT = STUCK_MOVEMENT
     FIRST_EPOCH_RISE = FIRST_EPOCH_RISE
+    FIRST_EPOCH_RISE_AFTER_PROGRESS = FIRST_EPOCH_RISE  # once a period's mean fell below SEARCH_UNTIL_PROGRESS
     FIRST_RATE_LIMIT = math.inf  # the first rate is min(lr, this)
 
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
@@ -276,9 +278,9 @@ class SafeguardControl:
         good_loss = complete & ~diverged
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
         nan_like = torch.full_like(mean, math.nan)
-        tolerance = torch.where(
-            torch.as_tensor(clock.in_first_epoch_periods, device=mean.device), self.FIRST_EPOCH_RISE, 0.0
-        )
+        in_first = torch.as_tensor(clock.in_first_epoch_periods, device=mean.device)
+        first_epoch_rise = torch.where(near_start, self.FIRST_EPOCH_RISE, self.FIRST_EPOCH_RISE_AFTER_PROGRESS)
+        tolerance = torch.where(in_first, first_epoch_rise, 0.0)
         rose = good_loss & (mean > self.last_loss * (1 + tolerance))
         references = [
             (self.loss_rollback, diverged & ~weights_bad),
@@ -382,7 +384,7 @@ class SafeguardControl:
                 self.SEARCH_GROWTH, self.SEARCH_LIMIT, self.RATE_GROWTH_LIMIT, RATE_SHRINK_LIMIT, LOSS_BRAKE, CEILING,
                 BACKOFF, CAP, RISE_ROLLBACK, SEARCH_UNTIL_PROGRESS,
             )  # fmt: skip
-            self._kernels = SafeguardKernels(self, policy, self.FIRST_EPOCH_RISE)
+            self._kernels = SafeguardKernels(self, policy, self.FIRST_EPOCH_RISE, self.FIRST_EPOCH_RISE_AFTER_PROGRESS)
         return self._kernels
 
     # ------------------------------------------------------------------ checkpoints

@@ -108,7 +108,8 @@ def _decide_kernel(
     epoch_ptr, step_ptr, epoch_gate_ptr, gate_ptr, anneal_ptr,
     pending_ptr, diverged_ptr, applied_ptr,
     host_loss_steps: tl.float64, host_closing_steps: tl.float64, host_in_first, host_search_open,
-    host_anneal: tl.float64, rise_factor: tl.float64, weight_floor: tl.float64, lowest: tl.float64,
+    host_anneal: tl.float64, rise_factor: tl.float64, progressed_rise_factor: tl.float64,
+    weight_floor: tl.float64, lowest: tl.float64,
     highest: tl.float64, weight_growth: tl.float64, loss_margin: tl.float64, loss_growth: tl.float64,
     stuck_movement_sq: tl.float64, stuck_fraction: tl.float64, search_growth: tl.float64,
     search_limit: tl.float64, growth_limit: tl.float64, shrink_limit: tl.float64, loss_brake: tl.float64,
@@ -123,6 +124,7 @@ def _decide_kernel(
     host_closing_steps = tl.full((), host_closing_steps, tl.float64)
     host_anneal = tl.full((), host_anneal, tl.float64)
     rise_factor = tl.full((), rise_factor, tl.float64)
+    progressed_rise_factor = tl.full((), progressed_rise_factor, tl.float64)
     weight_floor = tl.full((), weight_floor, tl.float64)
     lowest = tl.full((), lowest, tl.float64)
     highest = tl.full((), highest, tl.float64)
@@ -199,7 +201,7 @@ def _decide_kernel(
     near_start = complete & (initial > 0) & (mean > search_until * initial)
     good_loss = complete & (diverged == 0)
     lower = good_loss & ((mean >= best) == 0)
-    factor = tl.where(in_first, rise_factor, 1.0)
+    factor = tl.where(in_first, tl.where(near_start, rise_factor, progressed_rise_factor), 1.0)
     rose = good_loss & (mean > last_loss * factor)
     nan = tl.full((), float("nan"), tl.float64)
     new_best = tl.where(lower | (accept_anyway & good_loss), mean, best)
@@ -330,13 +332,15 @@ class SafeguardKernels:
     its state tensors are read and written in place), on its device; the outputs a captured step replays are
     allocated once."""
 
-    def __init__(self, control: Any, policy: KernelPolicy, first_epoch_rise: float) -> None:
+    def __init__(
+        self, control: Any, policy: KernelPolicy, first_epoch_rise: float, first_epoch_rise_after_progress: float
+    ) -> None:
         self.control = control
         device = control.device
         self.pending = torch.zeros(len(PENDING), dtype=torch.float64, device=device)
         self.diverged = torch.zeros((), dtype=torch.bool, device=device)
         self.applied = torch.zeros((), dtype=torch.float64, device=device)
-        self.rise_factor = rise_factor(first_epoch_rise)
+        self.rise_factors = (rise_factor(first_epoch_rise), rise_factor(first_epoch_rise_after_progress))
         self.policy = (*policy, DBL_MAX)
 
     def decide(
@@ -373,7 +377,7 @@ class SafeguardKernels:
             c.snapshot_loss, c.searching, c.has_snapshot, c.loss_rollback,
             *clock_ptrs,
             self.pending, diverged, applied,
-            *host, self.rise_factor, float(c.weight_floor), float(bounds[0]), float(bounds[1]), *self.policy,
+            *host, *self.rise_factors, float(c.weight_floor), float(bounds[0]), float(bounds[1]), *self.policy,
             periods.length, periods.last_inner_end, int(clock.steps_per_epoch or 0), int(c.epochs or 0), step_offset,
             DEVICE_CLOCK=device_clock, BLOCK=REDUCE_BLOCK,
             **SCALAR_OPTIONS,
