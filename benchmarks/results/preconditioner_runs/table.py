@@ -24,6 +24,10 @@ ALL_SEEDS = (0, 1, 2, 3, 4, 5)
 # Settings added to the suite after the preconditioned mode's constants were fixed, before it ran on them.
 UNSEEN = ("logistic", "ln-mlp-digits", "mixer", "lstm-digits", "digits-ae")
 NEVER_RUN = ("mixer", "lstm-digits", "digits-ae")  # not even the prototype ran on these
+# Settings added before the first epoch's rise rule (PreconditionedControl.FIRST_EPOCH_RISE) ran on them.
+BEFORE_RISE_RULE = ("deep-relu-digits", "deep-gelu", "bn-digits-large", "noisy-digits")
+# Settings added before the rise rule's exemption on the start (FIRST_EPOCH_RISE_AFTER_PROGRESS) ran on them.
+BEFORE_FINAL_RULE = ("deep-relu-mnist", "deep-cnn-digits")
 
 
 def adam_runs() -> dict:
@@ -59,7 +63,17 @@ def main() -> None:
         best = best_reference(references, setting, LRS, SEEDS)
         if best is None:
             continue
-        group = "unseen" if setting in UNSEEN else "holdout" if spec.holdout else "dev"
+        group = (
+            "before the rise rule"
+            if setting in BEFORE_RISE_RULE
+            else "before its final form"
+            if setting in BEFORE_FINAL_RULE
+            else "unseen"
+            if setting in UNSEEN
+            else "holdout"
+            if spec.holdout
+            else "dev"
+        )
         today = gap_stats(
             score(references.get((setting, "bb", lr, seed))) - best.mean
             if (setting, "bb", lr, seed) in references
@@ -101,6 +115,8 @@ def main() -> None:
         "all": tuple(SETTINGS),
         "unseen": UNSEEN,
         "never run before": NEVER_RUN,
+        "chosen before the rise rule": BEFORE_RISE_RULE,
+        "chosen before its final form": BEFORE_FINAL_RULE,
     }
     for method in ("bb", METHOD):
         for group, settings in groups.items():
