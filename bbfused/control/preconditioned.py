@@ -3,8 +3,8 @@ the constants an Adam-scaled step needs.
 
 The measuring pass already takes BB's estimate in the preconditioner's metric (``bbfused.preconditioner``); what
 differs is how fast the rate may move, where it starts, what counts as a rise in the first epoch and one divergence
-test. The measurements behind each
-constant: ``benchmarks/results/2026-12-05_cpu_preconditioned_prototype.md``.
+test. The measurements behind the constants: ``benchmarks/results/2026-12-05_cpu_preconditioned_prototype.md``, and
+for the first epoch's rises ``benchmarks/results/2026-12-05_cpu_preconditioner_adam.md``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ class PreconditionedControl(SafeguardControl):
     SEARCH_GROWTH = 2.0
     SEARCH_LIMIT = 2.0
     RATE_GROWTH_LIMIT = 1.25
-    # Once the loss has left its start, every rise of a first-epoch period's mean loss brakes, not only one past
-    # 10 %: the estimate sits above the rate whatever the rate, so a rise is the only sign that the search went past
-    # the rates that train well (a deep tanh MLP rose 7 % and then climbed to several times its best rate). While
-    # the loss is still on its start, a small rise is noise (an LSTM's plateau rose 0.1 % and was capped for good).
+    # Once an earlier first-epoch period's mean fell below 0.95 times the first step's loss, every rise of a period's
+    # mean brakes, not only one past 10 %: the estimate sits above the rate whatever the rate, so a rise is the only
+    # sign that the search went past the rates that train well (a deep tanh MLP rose 7 % and then climbed to twelve
+    # times its best rate). Before that, a small rise is noise: on lstm-digits a period on the initial plateau rises
+    # 0.08 %, and braking there caps the rate at 7e-4 for the whole run.
     FIRST_EPOCH_RISE_AFTER_PROGRESS = 0.0
     # No "stuck at chance" test: it reads weights that moved 10 % without the loss falling 5 % as a rate too large,
     # and an Adam step moves small networks' weights that far at 1e-3 while they learn.

@@ -16,7 +16,8 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
   spirit of Tan et al.'s smoothing of SGD-BB rates), inside [:data:`LOWEST_RATE`, :data:`HIGHEST_RATE`] (or
   ``tau_min``, ``tau_max`` when given); an η that is zero, inf or NaN keeps r. A period whose mean loss rose
   (by more than :data:`FIRST_EPOCH_RISE` within the first epoch, where periods are short and noisy; a variant may
-  count a rise there from another fraction once the period's mean is below the search's progress mark) halves r at
+  count a rise there from another fraction once an earlier period's mean fell below the search's progress mark)
+  halves r at
   most, and r never again grows past :data:`CEILING` times the rate at which the loss rose. A rise past
   :data:`RISE_ROLLBACK` times the last good period's mean (and by more than the loss margin below) is rolled back
   instead, and r returns to the last good rate, under that ceiling (the cap of a diverged period does not apply).
@@ -146,7 +147,8 @@ class SafeguardControl:
     RATE_GROWTH_LIMIT = RATE_GROWTH_LIMIT
     STUCK_MOVEMENT = STUCK_MOVEMENT
     FIRST_EPOCH_RISE = FIRST_EPOCH_RISE
-    FIRST_EPOCH_RISE_AFTER_PROGRESS = FIRST_EPOCH_RISE  # once a period's mean fell below SEARCH_UNTIL_PROGRESS
+    # Once an earlier good period's mean was below SEARCH_UNTIL_PROGRESS times the first step's loss.
+    FIRST_EPOCH_RISE_AFTER_PROGRESS = FIRST_EPOCH_RISE
     FIRST_RATE_LIMIT = math.inf  # the first rate is min(lr, this)
 
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
@@ -279,7 +281,9 @@ class SafeguardControl:
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
         nan_like = torch.full_like(mean, math.nan)
         in_first = torch.as_tensor(clock.in_first_epoch_periods, device=mean.device)
-        first_epoch_rise = torch.where(near_start, self.FIRST_EPOCH_RISE, self.FIRST_EPOCH_RISE_AFTER_PROGRESS)
+        # Progress: an earlier good period's mean fell below the search's mark (a NaN best fails the comparison).
+        progressed = best < SEARCH_UNTIL_PROGRESS * initial
+        first_epoch_rise = torch.where(progressed, self.FIRST_EPOCH_RISE_AFTER_PROGRESS, self.FIRST_EPOCH_RISE)
         tolerance = torch.where(in_first, first_epoch_rise, 0.0)
         rose = good_loss & (mean > self.last_loss * (1 + tolerance))
         references = [

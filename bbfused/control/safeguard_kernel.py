@@ -14,8 +14,8 @@ compares them on random and non-finite states). Two launches a period end (one u
   step cannot stop half-way.
 
 The control hands over its constants (:class:`KernelPolicy`: the policy keeps one home, ``safeguard``), passed
-as float64 arguments; the float32 rounding the torch code applies to the first epoch's rise tolerance is reproduced
-on the host (:func:`rise_factor`).
+as float64 arguments; the float32 rounding the torch code applies to the first epoch's two rise tolerances (before
+and after progress) is reproduced on the host (:func:`rise_factor`).
 """
 
 from __future__ import annotations
@@ -201,7 +201,8 @@ def _decide_kernel(
     near_start = complete & (initial > 0) & (mean > search_until * initial)
     good_loss = complete & (diverged == 0)
     lower = good_loss & ((mean >= best) == 0)
-    factor = tl.where(in_first, tl.where(near_start, rise_factor, progressed_rise_factor), 1.0)
+    progressed = best < search_until * initial
+    factor = tl.where(in_first, tl.where(progressed, progressed_rise_factor, rise_factor), 1.0)
     rose = good_loss & (mean > last_loss * factor)
     nan = tl.full((), float("nan"), tl.float64)
     new_best = tl.where(lower | (accept_anyway & good_loss), mean, best)
