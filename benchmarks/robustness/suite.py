@@ -184,7 +184,7 @@ SETTINGS = {
             "digits-ae", "digits_autoencoder", "digits", 32, 25, 0.0, None,
             "MLP autoencoder 64-128-8-128-64 on the digits, MSE on pixels in [0, 1]", task="regress", holdout=True,
         ),
-        # Holdout settings chosen before any change to the preconditioned control's growth ran on them: a deep net
+        # Holdout settings chosen before the preconditioned control's first-epoch rise rule ran on them: a deep net
         # without normalisation of another activation and depth, a BatchNorm CNN with 10 steps an epoch, noisy
         # labels on another data set.
         Setting(
@@ -205,8 +205,9 @@ SETTINGS = {
             "the digits MLP with 20 % of the training labels replaced by random classes", label_noise=0.2,
             holdout=True,
         ),
-        # Holdout settings chosen before any change to the default control's "stuck" test ran on them: networks
-        # that sit on the initial loss for a while, where a rate too large kills them without a rise of the loss.
+        # Holdout settings chosen before the rise rule's exemption for a loss still on its start ran on them:
+        # networks that sit on the initial loss for a while, where a rate too large kills them without a rise of
+        # the loss.
         Setting(
             "deep-relu-mnist", "deep_relu_mnist", "mnist", 64, 6, 0.0, 4_096,
             "MLP 784-(128 ReLU)x8-10, no normalisation", holdout=True,
@@ -361,6 +362,7 @@ def plain_mlp(inputs: int, width: int, depth: int, activation: Callable[[], nn.M
 
 
 def deep_tanh(width: int = 256, depth: int = 5) -> nn.Sequential:
+    """An MLP of ``depth`` tanh layers on MNIST without normalisation."""
     return plain_mlp(784, width, depth, nn.Tanh)
 
 

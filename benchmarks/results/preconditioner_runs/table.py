@@ -24,10 +24,11 @@ ALL_SEEDS = (0, 1, 2, 3, 4, 5)
 # Settings added to the suite after the preconditioned mode's constants were fixed, before it ran on them.
 UNSEEN = ("logistic", "ln-mlp-digits", "mixer", "lstm-digits", "digits-ae")
 NEVER_RUN = ("mixer", "lstm-digits", "digits-ae")  # not even the prototype ran on these
-# Settings added before the first epoch's rise rule (PreconditionedControl.FIRST_EPOCH_RISE) ran on them.
+# Settings added before the first epoch's rise rule (PreconditionedControl.FIRST_EPOCH_RISE_AFTER_PROGRESS) ran on
+# them.
 BEFORE_RISE_RULE = ("deep-relu-digits", "deep-gelu", "bn-digits-large", "noisy-digits")
-# Settings added before the rise rule's exemption on the start (FIRST_EPOCH_RISE_AFTER_PROGRESS) ran on them.
-BEFORE_FINAL_RULE = ("deep-relu-mnist", "deep-cnn-digits")
+# Settings added before the rise rule's exemption for a loss still on its start ran on them.
+BEFORE_START_EXEMPTION = ("deep-relu-mnist", "deep-cnn-digits")
 
 
 def adam_runs() -> dict:
@@ -66,8 +67,8 @@ def main() -> None:
         group = (
             "before the rise rule"
             if setting in BEFORE_RISE_RULE
-            else "before its final form"
-            if setting in BEFORE_FINAL_RULE
+            else "before the start exemption"
+            if setting in BEFORE_START_EXEMPTION
             else "unseen"
             if setting in UNSEEN
             else "holdout"
@@ -116,7 +117,7 @@ def main() -> None:
         "unseen": UNSEEN,
         "never run before": NEVER_RUN,
         "chosen before the rise rule": BEFORE_RISE_RULE,
-        "chosen before its final form": BEFORE_FINAL_RULE,
+        "chosen before the start exemption": BEFORE_START_EXEMPTION,
     }
     for method in ("bb", METHOD):
         for group, settings in groups.items():
