@@ -533,7 +533,9 @@ def test_bb_settings_read_from_the_source_are_the_imported_ones():
     import inspect
 
     from bbfused.backends import BACKEND_NAMES
+    from bbfused.control import PaperControl, PreconditionedControl, SafeguardControl
     from bbfused.optimizer import BB
+    from bbfused.preconditioner import NAMES
     from bbfused.train import bb_source
 
     signature = inspect.signature(BB).parameters
@@ -542,6 +544,12 @@ def test_bb_settings_read_from_the_source_are_the_imported_ones():
         assert name in read and read[name] == signature[name].default, name
     assert bb_source.backend_names() == tuple(BACKEND_NAMES)
     assert bb_source._literal_names(bb_source._tree("backends/__init__.py"), "BACKEND_NAMES") == tuple(BACKEND_NAMES)
+    assert bb_source._literal_names(bb_source._tree("preconditioner.py"), "NAMES") == NAMES
+    for safeguard, (module, kind) in {True: ("safeguard", SafeguardControl), False: ("paper", PaperControl)}.items():
+        read_taus = bb_source._class_constant(f"control/{module}.py", kind.__name__, "DEFAULT_TAUS")
+        assert read_taus == kind.DEFAULT_TAUS == bb_source.control_taus(safeguard)
+    read_limit = bb_source._class_constant("control/preconditioned.py", "PreconditionedControl", "FIRST_RATE_LIMIT")
+    assert read_limit == PreconditionedControl.FIRST_RATE_LIMIT == bb_source.preconditioned_first_rate()
     parser_choices = {a.dest: a.choices for a in build_parser()._actions}
     assert parser_choices["bb_backend"] == tuple(BACKEND_NAMES)
 

@@ -94,35 +94,56 @@ def backend_names() -> tuple[str, ...]:
     return tuple(BACKEND_NAMES)
 
 
-@functools.cache
-def control_taus(safeguard: bool) -> tuple[float | None, float, float]:
-    """The rate control's DEFAULT_TAUS (tau0, tau_min, tau_max) for the mode: read from its class in
-    bbfused/control/ when the tuple holds literals and module-level numeric constants, else imported."""
-    module, name = ("control/safeguard.py", "SafeguardControl") if safeguard else ("control/paper.py", "PaperControl")
-    tree = _tree(module)
+def _class_constant(relative: str, class_name: str, attribute: str) -> Any:
+    """The value of ``class_name.attribute`` in the module at ``relative``: a literal, a module-level literal
+    constant's name, or a tuple of those. None when it is anything else."""
+    tree = _tree(relative)
     constants: dict[str, Any] = {}
+
+    def value(node: ast.expr) -> Any:
+        return constants[node.id] if isinstance(node, ast.Name) else ast.literal_eval(node)
+
     for node in tree.body if tree else []:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
                 constants[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
                 pass
-        if isinstance(node, ast.ClassDef) and node.name == name:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
             for statement in node.body:
                 targets = getattr(statement, "targets", [])
-                if len(targets) == 1 and getattr(targets[0], "id", None) == "DEFAULT_TAUS":
-                    elements = getattr(statement.value, "elts", [])
+                if len(targets) == 1 and getattr(targets[0], "id", None) == attribute:
                     try:
-                        values = tuple(
-                            constants[e.id] if isinstance(e, ast.Name) else ast.literal_eval(e) for e in elements
-                        )
+                        if isinstance(statement.value, ast.Tuple):
+                            return tuple(value(element) for element in statement.value.elts)
+                        return value(statement.value)
                     except (KeyError, ValueError):
-                        break
-                    if len(values) == 3:
-                        return values
+                        return None
+    return None
+
+
+@functools.cache
+def control_taus(safeguard: bool) -> tuple[float | None, float, float]:
+    """The rate control's DEFAULT_TAUS (tau0, tau_min, tau_max) for the mode: read from its class in
+    bbfused/control/ when the tuple holds literals and module-level numeric constants, else imported."""
+    module, name = ("control/safeguard.py", "SafeguardControl") if safeguard else ("control/paper.py", "PaperControl")
+    values = _class_constant(module, name, "DEFAULT_TAUS")
+    if isinstance(values, tuple) and len(values) == 3:
+        return values
     from ..control import control_class
 
     return control_class(safeguard).DEFAULT_TAUS
+
+
+@functools.cache
+def preconditioned_first_rate() -> float:
+    """``PreconditionedControl.FIRST_RATE_LIMIT``: a preconditioned run starts at min(lr, this)."""
+    limit = _class_constant("control/preconditioned.py", "PreconditionedControl", "FIRST_RATE_LIMIT")
+    if isinstance(limit, float):
+        return limit
+    from ..control import PreconditionedControl
+
+    return PreconditionedControl.FIRST_RATE_LIMIT
 
 
 @functools.cache

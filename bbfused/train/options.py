@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from .bb_source import backend_names, bb_default, control_taus, preconditioner_names
+from .bb_source import backend_names, bb_default, control_taus, preconditioned_first_rate, preconditioner_names
 from .errors import UsageError
 from .models import SHALLOW_TAUS, is_shallow, model_names
 
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bb-preconditioner",
         choices=preconditioner_names(),
         help="BB's step: none (SGD with momentum; the default) or adam (Adam's per-element scaling under BB's rate, "
-        "which starts at min(--lr, 1e-3); with BB's rate control only, see docs/behaviour.md)",
+        f"which starts at min(--lr, {preconditioned_first_rate():g}); with BB's rate control only, see "
+        "docs/behaviour.md)",
     )
 
     run = parser.add_argument_group("run")
