@@ -218,6 +218,27 @@ def bn_model() -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 
 
+@pytest.mark.parametrize("preconditioner", [None, "adam"])
+def test_a_falling_negative_loss_is_not_a_rise(preconditioner: str | None) -> None:
+    """A loss below zero (a negative log-likelihood of a density, say) that falls about 5 % a period through the first
+    epoch: the search grows the rate as for the same fall of a positive loss, with no brake and no ceiling."""
+    falls = [2.0] * 3 + [1.9] * 3 + [1.8] * 3 + [1.7] * 3 + [1.7] * 6
+    runs = []
+    for shift in (0.0, 4.0):  # the negative run's losses: -2.0, -2.1, -2.2, -2.3
+        opt, theta = quadratic(1e-3, momentum=0.0, steps=12, preconditioner=preconditioner)
+        rates = []
+        for step, loss in enumerate(falls):
+            opt.zero_grad()
+            (0.5 * theta.square().sum()).backward()
+            opt.step(loss=loss - shift)
+            if step % 3 == 2:
+                rates.append(opt.lr)
+        runs.append((rates, opt.state_dict()["bb"]["ceiling"]))
+    (positive, positive_ceiling), (negative, negative_ceiling) = runs
+    assert negative == positive and negative_ceiling == positive_ceiling == math.inf
+    assert negative[3] > 4 * negative[0]  # the search grew the rate
+
+
 def test_rollback_restores_tracked_model_buffers() -> None:
     """With track_buffers(model), a rolled-back epoch also brings back the BatchNorm running statistics of its
     start; without it they keep the rolled-back epoch's values."""

@@ -157,13 +157,9 @@ def test_kernel_decision_is_the_torch_decision_bit_for_bit(make_case):
     assert {(True, False), (False, True), (False, False)} <= {o[:2] for o in outcomes}
 
 
-@pytest.mark.parametrize("clock_kind", ["host", "device"])
-@pytest.mark.parametrize("kind", [SafeguardControl, PreconditionedControl])
-@pytest.mark.parametrize("initial", [1.02, 3.0], ids=["on its start", "after progress"])
-def test_kernel_counts_a_first_epoch_rise_like_torch(clock_kind: str, kind, initial: float) -> None:
-    """A first-epoch period whose mean rose 5 % above the last one's (1.0, also the best so far): the kernels brake
-    where the torch decision does, which is only the preconditioned control's, once the best mean is below 0.95 times
-    the first step's loss."""
+def close_first_epoch_period(clock_kind: str, kind, initial: float, last: float, mean: float) -> torch.Tensor:
+    """Close a first-epoch period of mean loss ``mean`` after a good one of mean ``last`` (also the best so far), by the
+    torch ops and by the kernels; both must give the same rate and ceiling, which is returned (the rate)."""
     if clock_kind == "host":
         clock = HostClock(8, DEVICE, first_epoch_periods=4)
         clock.step_in_epoch = clock.periods.length
@@ -172,19 +168,46 @@ def test_kernel_counts_a_first_epoch_rise_like_torch(clock_kind: str, kind, init
         clock.step.fill_(clock.periods.length)
         clock.gate.fill_(True)
     control = kind(clock, DEVICE, numel=10, lr=0.01, epochs=None)
-    for name, value in (("initial_loss", initial), ("best_loss", 1.0), ("last_loss", 1.0), ("snapshot_loss", 1.0)):
+    for name, value in (("initial_loss", initial), ("best_loss", last), ("last_loss", last), ("snapshot_loss", last)):
         getattr(control, name).fill_(value)
     control.has_snapshot.fill_(True)
     control.snapshot_sq_norm.fill_(1.0)
     if clock_kind == "host":
         for _ in range(clock.closing_steps):
-            control.add_loss(torch.tensor(1.05, dtype=torch.float64))
+            control.add_loss(torch.tensor(mean, dtype=torch.float64))
     else:  # the device meter's state, as device_case sets it
-        control.loss.sum.fill_(1.05 * clock.periods.length)
+        control.loss.sum.fill_(mean * clock.periods.length)
         control.loss.steps.fill_(float(clock.periods.length))
-        control.loss.last.fill_(1.05)
+        control.loss.last.fill_(mean)
     sums = torch.tensor([1e-6, 1e-6, 1.0, 1e-3], dtype=torch.float64)  # an estimate of 0.5: above the rate
     (torch_c, torch_rate, *_), (kern_c, kern_rate, *_) = close_both(control, clock, sums, (1e-4, 100.0))
     assert same(torch_rate, kern_rate) and same(torch_c.ceiling, kern_c.ceiling)
+    return torch_rate
+
+
+@pytest.mark.parametrize("clock_kind", ["host", "device"])
+@pytest.mark.parametrize("kind", [SafeguardControl, PreconditionedControl])
+@pytest.mark.parametrize("initial", [1.02, 3.0, -1.0], ids=["on its start", "after progress", "non-positive start"])
+def test_kernel_counts_a_first_epoch_rise_like_torch(clock_kind: str, kind, initial: float) -> None:
+    """A first-epoch period whose mean rose 5 % above the last one's (1.0, also the best so far): the kernels brake
+    where the torch decision does, which is only the preconditioned control's, once the best mean is below 0.95 times
+    the first step's loss (a non-positive first loss has no such mark)."""
+    rate = close_first_epoch_period(clock_kind, kind, initial, last=1.0, mean=1.05)
     braked = kind is PreconditionedControl and initial == 3.0
-    assert float(torch_rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)  # halved, or searching
+    assert float(rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)  # halved, or searching
+
+
+@pytest.mark.parametrize("clock_kind", ["host", "device"])
+@pytest.mark.parametrize("kind", [SafeguardControl, PreconditionedControl])
+@pytest.mark.parametrize(
+    ("initial", "best", "mean", "braked"),
+    [(-1.0, -2.0, -2.1, False), (-1.0, -2.0, -1.9, False), (-1.0, -2.0, -1.7, True), (0.0, 0.0, 1e-3, True)],
+    ids=["a fall", "a 5 % rise", "a 15 % rise", "a rise from zero"],
+)
+def test_a_non_positive_loss_rises_by_its_size(
+    clock_kind: str, kind, initial: float, best: float, mean: float, braked: bool
+) -> None:
+    """With non-positive losses the first epoch's rise tolerance is a fraction of the last mean's size: a fall, or a
+    rise within the SGD control's 10 %, goes on searching; a larger rise brakes (the kernels as the torch ops)."""
+    rate = close_first_epoch_period(clock_kind, kind, initial, last=best, mean=mean)
+    assert float(rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)

@@ -16,9 +16,9 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
   spirit of Tan et al.'s smoothing of SGD-BB rates), inside [:data:`LOWEST_RATE`, :data:`HIGHEST_RATE`] (or
   ``tau_min``, ``tau_max`` when given); an η that is zero, inf or NaN keeps r. A period whose mean loss rose
   (by more than :data:`FIRST_EPOCH_RISE` within the first epoch, where periods are short and noisy; a variant may
-  count a rise there from another fraction once an earlier period's mean fell below the search's progress mark)
-  halves r at
-  most, and r never again grows past :data:`CEILING` times the rate at which the loss rose. A rise past
+  count a rise there from another fraction once an earlier period's mean fell below the search's progress mark; a
+  tolerance is a fraction of the last mean's size, so a negative mean's bound lies above it too) halves r at most,
+  and r never again grows past :data:`CEILING` times the rate at which the loss rose. A rise past
   :data:`RISE_ROLLBACK` times the last good period's mean (and by more than the loss margin below) is rolled back
   instead, and r returns to the last good rate, under that ceiling (the cap of a diverged period does not apply).
 - **end phase**: with the planned number of epochs N (``BB(..., epochs=N)``), the applied rate is r times a
@@ -281,11 +281,14 @@ class SafeguardControl:
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
         nan_like = torch.full_like(mean, math.nan)
         in_first = torch.as_tensor(clock.in_first_epoch_periods, device=mean.device)
-        # Progress: an earlier good period's mean fell below the search's mark (a NaN best fails the comparison).
-        progressed = best < SEARCH_UNTIL_PROGRESS * initial
+        # Progress: an earlier good period's mean fell below the search's mark (a NaN best fails the comparison); a
+        # mark exists only for a positive first loss, as for ``near_start``.
+        progressed = (initial > 0) & (best < SEARCH_UNTIL_PROGRESS * initial)
         first_epoch_rise = torch.where(progressed, self.FIRST_EPOCH_RISE_AFTER_PROGRESS, self.FIRST_EPOCH_RISE)
-        tolerance = torch.where(in_first, first_epoch_rise, 0.0)
-        rose = good_loss & (mean > self.last_loss * (1 + tolerance))
+        factor = 1 + torch.where(in_first, first_epoch_rise, 0.0)
+        # The tolerance is a fraction of the last mean's size: a negative mean's bound lies above it too.
+        rise_bound = torch.where(self.last_loss > 0, self.last_loss * factor, self.last_loss * (2 - factor))
+        rose = good_loss & (mean > rise_bound)
         references = [
             (self.loss_rollback, diverged & ~weights_bad),
             (self.best_loss, torch.where(lower | (accept_anyway & good_loss), mean, best)),

@@ -201,9 +201,11 @@ def _decide_kernel(
     near_start = complete & (initial > 0) & (mean > search_until * initial)
     good_loss = complete & (diverged == 0)
     lower = good_loss & ((mean >= best) == 0)
-    progressed = best < search_until * initial
+    progressed = (initial > 0) & (best < search_until * initial)
     factor = tl.where(in_first, tl.where(progressed, progressed_rise_factor, rise_factor), 1.0)
-    rose = good_loss & (mean > last_loss * factor)
+    # 2 - factor is exact in float32 and float64 alike (Sterbenz), so a negative bound has torch's bits too.
+    rise_bound = tl.where(last_loss > 0, last_loss * factor, last_loss * (2.0 - factor))
+    rose = good_loss & (mean > rise_bound)
     nan = tl.full((), float("nan"), tl.float64)
     new_best = tl.where(lower | (accept_anyway & good_loss), mean, best)
     new_last_loss = tl.where(diverged, last_loss, tl.where(good_loss, mean, nan))
