@@ -677,6 +677,25 @@ def test_lr_scheduler_scales_the_rate() -> None:
         torch.testing.assert_close(p, q, rtol=1e-6, atol=0)
 
 
+def test_one_cycle_runs_without_cycling_momentum() -> None:
+    """The momentum is one constant of the optimizer, not a group setting: torch refuses OneCycleLR's default
+    cycle_momentum=True (no group "momentum"), and with cycle_momentum=False every step applies the rate it wrote."""
+    model, opt = _model_and_opt()
+    with pytest.raises(ValueError, match="cycle_momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=6)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=6, cycle_momentum=False)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)  # no gradient: its steps move nothing
+    sgd_scheduler = torch.optim.lr_scheduler.OneCycleLR(sgd, max_lr=0.5, total_steps=6, cycle_momentum=False)
+    for step in range(6):  # an epoch end (4 steps) in between: the scheduler's next write still holds
+        assert [g["lr"] for g in opt.param_groups] == [pytest.approx(opt.lr)] * 2
+        assert opt.lr == pytest.approx(sgd.param_groups[0]["lr"], rel=1e-12)  # the rate torch's SGD would take
+        _train_steps(model, opt, step, 1)
+        if step < 5:
+            scheduler.step()
+            sgd.step()
+            sgd_scheduler.step()
+
+
 def test_lr_written_badly_is_refused_and_shown_again() -> None:
     model, opt = _model_and_opt()
     opt.param_groups[0]["lr"] = float("nan")
