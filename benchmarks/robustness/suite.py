@@ -216,6 +216,16 @@ SETTINGS = {
             "deep-cnn-digits", "deep_cnn_digits", "digits", 32, 15, 5e-4, None,
             "five conv16-ReLU layers, pool, fc10 on the digits, no normalisation", holdout=True,
         ),
+        # Holdout settings chosen before a rule that reads which gradient values are exactly zero (ReLU units that
+        # died) ran on them: a wider deep ReLU net, and an autoencoder with a deeper, narrow ReLU bottleneck.
+        Setting(
+            "deep-relu-wide", "deep_relu_wide", "digits", 32, 12, 0.0, None,
+            "MLP 64-(256 ReLU)x8-10 on the digits, no normalisation", holdout=True,
+        ),
+        Setting(
+            "narrow-ae-mnist", "narrow_autoencoder", "mnist", 128, 15, 0.0, 4_096,
+            "MLP autoencoder 784-256-64-8-64-256-784 with ReLU, MSE on pixels", task="regress", holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -353,6 +363,14 @@ def digits_autoencoder() -> nn.Sequential:
     )  # fmt: skip
 
 
+def narrow_autoencoder() -> nn.Sequential:
+    """An MLP autoencoder 784-256-64-8-64-256-784 with ReLU: a deeper encoder into an 8-unit bottleneck."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 8), nn.ReLU(),
+        nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 784),
+    )  # fmt: skip
+
+
 def plain_mlp(inputs: int, width: int, depth: int, activation: Callable[[], nn.Module]) -> nn.Sequential:
     """An MLP of ``depth`` hidden layers without normalisation: gradients shrink or grow with depth."""
     layers: list[nn.Module] = [nn.Flatten()]
@@ -433,6 +451,8 @@ def build_model(name: str) -> nn.Module:
         "digits_bn_cnn": digits_bn_cnn,
         "deep_relu_mnist": lambda: plain_mlp(784, 128, 8, nn.ReLU),
         "deep_cnn_digits": deep_cnn_digits,
+        "deep_relu_wide": lambda: plain_mlp(64, 256, 8, nn.ReLU),
+        "narrow_autoencoder": narrow_autoencoder,
     }
     return builders[name]()
 
