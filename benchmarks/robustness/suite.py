@@ -226,6 +226,18 @@ SETTINGS = {
             "narrow-ae-mnist", "narrow_autoencoder", "mnist", 128, 15, 0.0, 4_096,
             "MLP autoencoder 784-256-64-8-64-256-784 with ReLU, MSE on pixels", task="regress", holdout=True,
         ),
+        # Holdout settings chosen before the dead-unit rule's loss condition ran on them: a deep ReLU net of another
+        # depth and batch on MNIST, and a three-layer ReLU net with noisy labels, where many units may stop without
+        # harm.
+        Setting(
+            "deep-relu-mnist-b32", "deep_relu_mnist_6", "mnist", 32, 8, 0.0, 2_048,
+            "MLP 784-(128 ReLU)x6-10, batches of 32, no normalisation", holdout=True,
+        ),
+        Setting(
+            "noisy-relu-digits", "relu_mlp_digits_3", "digits", 32, 15, 0.0, None,
+            "MLP 64-(128 ReLU)x3-10 with 30 % of the training labels replaced by random classes", label_noise=0.3,
+            holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -453,6 +465,8 @@ def build_model(name: str) -> nn.Module:
         "deep_cnn_digits": deep_cnn_digits,
         "deep_relu_wide": lambda: plain_mlp(64, 256, 8, nn.ReLU),
         "narrow_autoencoder": narrow_autoencoder,
+        "deep_relu_mnist_6": lambda: plain_mlp(784, 128, 6, nn.ReLU),
+        "relu_mlp_digits_3": lambda: plain_mlp(64, 128, 3, nn.ReLU),
     }
     return builders[name]()
 
