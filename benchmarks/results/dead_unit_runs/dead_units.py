@@ -8,7 +8,7 @@ weights exactly zero gradients; when a rate kills many units at once the share o
 The count is taken on the host at every step (a prototype: the optimizer would take it in its period-end pass).
 Each run is saved as the suite saves it, as method ``bb[dead<FRACTION>]`` (BB's default otherwise):
 
-    python benchmarks/results/dead_unit_runs/dead_units.py 0.5 OUT_DIR SETTINGS 0,1 0.001,0.01,0.1,1,10
+    python benchmarks/results/dead_unit_runs/dead_units.py 0.5 OUT_DIR SETTINGS 0,1 0.001,0.01,0.1,1,10 [loss]
 """
 
 import json
@@ -25,6 +25,9 @@ from bbfused import BB  # noqa: E402
 from bbfused.control.safeguard import SafeguardControl  # noqa: E402
 
 FRACTION = float(sys.argv[1])
+# With "loss" as the sixth argument, only a period whose mean loss did not fall below the best good period's counts
+# (a death that cost the loss; many units of a shallow net may stop while it still learns): bb[dead<FRACTION>-loss].
+LOSS_CONDITION = len(sys.argv) > 6 and sys.argv[6] == "loss"
 step_without_count = BB.step
 diverged_without_count = SafeguardControl.diverged
 
@@ -41,11 +44,18 @@ def step(self: BB, *args, **kwargs):
     return step_without_count(self, *args, **kwargs)
 
 
+def loss_fell(self: SafeguardControl, clock) -> bool:
+    """Whether the period's mean loss fell below the best good period's (the first step's before any)."""
+    mean, complete, initial, _ = self._epoch_loss(clock.closing_steps)
+    best = initial if math.isnan(float(self.best_loss)) else self.best_loss
+    return bool(complete) and float(mean) < float(best)
+
+
 def diverged(self: SafeguardControl, sums: torch.Tensor, clock):
     decision = diverged_without_count(self, sums, clock)
     if bool(decision[0]):
         return decision  # rolled back already: its own rule's consequences stand
-    if self.live_now < FRACTION * self.live_reference:
+    if self.live_now < FRACTION * self.live_reference and not (LOSS_CONDITION and loss_fell(self, clock)):
         sums = sums.clone()
         sums[3] = math.inf  # the divergence a non-finite gradient average is (the decision is a pure function)
         return diverged_without_count(self, sums, clock)
@@ -61,7 +71,7 @@ lrs = [float(x) for x in sys.argv[5].split(",")]
 for setting in sys.argv[3].split(","):
     for seed in [int(s) for s in sys.argv[4].split(",")]:
         for lr in lrs:
-            run = suite.Run(setting, f"bb[dead{sys.argv[1]}]", lr, seed)
+            run = suite.Run(setting, f"bb[dead{sys.argv[1]}{'-loss' if LOSS_CONDITION else ''}]", lr, seed)
             path = out / f"{run.name}.json"
             if path.exists():
                 continue
