@@ -24,10 +24,10 @@ import suite  # noqa: E402
 from bbfused import BB  # noqa: E402
 from bbfused.control.safeguard import SafeguardControl  # noqa: E402
 
-FRACTION = float(sys.argv[1])
-# With "loss" as the sixth argument, only a period whose mean loss did not fall below the best good period's counts
-# (a death that cost the loss; many units of a shallow net may stop while it still learns): bb[dead<FRACTION>-loss].
-LOSS_CONDITION = len(sys.argv) > 6 and sys.argv[6] == "loss"
+# Set by install(): the rule's fraction, and whether only a period whose mean loss did not fall below the best good
+# period's counts (a death that cost the loss; many units of a shallow net may stop while it still learns).
+FRACTION = 0.5
+LOSS_CONDITION = False
 step_without_count = BB.step
 diverged_without_count = SafeguardControl.diverged
 
@@ -63,18 +63,32 @@ def diverged(self: SafeguardControl, sums: torch.Tensor, clock):
     return decision
 
 
-BB.step = step
-SafeguardControl.diverged = diverged
-out = Path(sys.argv[2])
-out.mkdir(parents=True, exist_ok=True)
-lrs = [float(x) for x in sys.argv[5].split(",")]
-for setting in sys.argv[3].split(","):
-    for seed in [int(s) for s in sys.argv[4].split(",")]:
-        for lr in lrs:
-            run = suite.Run(setting, f"bb[dead{sys.argv[1]}{'-loss' if LOSS_CONDITION else ''}]", lr, seed)
-            path = out / f"{run.name}.json"
-            if path.exists():
-                continue
-            record = suite.train(run)
-            path.write_text(json.dumps(record))
-            print(setting, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+def install(fraction: float, loss_condition: bool = False) -> None:
+    """Patch the rule into BB's default control for the rest of the process."""
+    global FRACTION, LOSS_CONDITION
+    FRACTION, LOSS_CONDITION = fraction, loss_condition
+    BB.step = step
+    SafeguardControl.diverged = diverged
+
+
+def main(argv: list[str]) -> None:
+    """FRACTION OUT_DIR SETTINGS SEEDS LRS [loss]: every run saved as the suite saves it, as bb[dead<FRACTION>] (or
+    bb[dead<FRACTION>-loss] with the loss condition)."""
+    install(float(argv[0]), len(argv) > 5 and argv[5] == "loss")
+    out = Path(argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    lrs = [float(x) for x in argv[4].split(",")]
+    for setting in argv[2].split(","):
+        for seed in [int(s) for s in argv[3].split(",")]:
+            for lr in lrs:
+                run = suite.Run(setting, f"bb[dead{argv[0]}{'-loss' if LOSS_CONDITION else ''}]", lr, seed)
+                path = out / f"{run.name}.json"
+                if path.exists():
+                    continue
+                record = suite.train(run)
+                path.write_text(json.dumps(record))
+                print(setting, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
