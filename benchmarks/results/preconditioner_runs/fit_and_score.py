@@ -1,4 +1,4 @@
-"""How far a run fitted its noisy training labels, against its test accuracy, on the two label-noise settings of the
+"""How far a run fitted its noisy training labels, against its test accuracy, on the label-noise settings of the
 suite: every recorded run (references, BB's default, ``bb[adam]`` from the files next to this script), grouped by
 the last epoch's mean training loss. ``python benchmarks/results/preconditioner_runs/fit_and_score.py``; the
 tables of 2026-12-05_cpu_noisy_labels_fit.md.

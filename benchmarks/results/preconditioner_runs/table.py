@@ -29,6 +29,8 @@ NEVER_RUN = ("mixer", "lstm-digits", "digits-ae")  # not even the prototype ran 
 BEFORE_RISE_RULE = ("deep-relu-digits", "deep-gelu", "bn-digits-large", "noisy-digits")
 # Settings added before the rise rule's exemption for a loss still on its start ran on them.
 BEFORE_START_EXEMPTION = ("deep-relu-mnist", "deep-cnn-digits")
+# Settings added for the dead-unit prototype (2026-12-05_cpu_dead_units.md), after the mode's last rule was fixed.
+AFTER_LAST_RULE = ("deep-relu-wide", "narrow-ae-mnist", "deep-relu-mnist-b32", "noisy-relu-digits")
 
 
 def adam_runs() -> dict:
@@ -69,6 +71,8 @@ def main() -> None:
             if setting in BEFORE_RISE_RULE
             else "before the start exemption"
             if setting in BEFORE_START_EXEMPTION
+            else "after the last rule"
+            if setting in AFTER_LAST_RULE
             else "unseen"
             if setting in UNSEEN
             else "holdout"
@@ -118,6 +122,7 @@ def main() -> None:
         "never run before": NEVER_RUN,
         "chosen before the rise rule": BEFORE_RISE_RULE,
         "chosen before the start exemption": BEFORE_START_EXEMPTION,
+        "added after the last rule": AFTER_LAST_RULE,
     }
     for method in ("bb", METHOD):
         for group, settings in groups.items():
