@@ -222,7 +222,7 @@ def bn_model() -> torch.nn.Sequential:
 def test_a_falling_negative_loss_is_not_a_rise(preconditioner: str | None) -> None:
     """A loss below zero (a negative log-likelihood of a density, say) that falls about 5 % a period through the first
     epoch: the search grows the rate as for the same fall of a positive loss, with no brake and no ceiling."""
-    falls = [2.0] * 3 + [1.9] * 3 + [1.8] * 3 + [1.7] * 3 + [1.7] * 6
+    falls = [2.0] * 3 + [1.9] * 3 + [1.8] * 3 + [1.7] * 3 + [1.6] * 12  # the first epoch's four periods, a second epoch
     runs = []
     for shift in (0.0, 4.0):  # the negative run's losses: -2.0, -2.1, -2.2, -2.3
         opt, theta = quadratic(1e-3, momentum=0.0, steps=12, preconditioner=preconditioner)

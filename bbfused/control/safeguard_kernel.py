@@ -203,7 +203,8 @@ def _decide_kernel(
     lower = good_loss & ((mean >= best) == 0)
     progressed = (initial > 0) & (best < search_until * initial)
     factor = tl.where(in_first, tl.where(progressed, progressed_rise_factor, rise_factor), 1.0)
-    # 2 - factor is exact in float32 and float64 alike (Sterbenz), so a negative bound has torch's bits too.
+    # 2 - factor is exact in float32 and float64 alike (Sterbenz: the factor is 1 plus a tolerance in [0, 1]), so a
+    # negative bound has torch's bits too.
     rise_bound = tl.where(last_loss > 0, last_loss * factor, last_loss * (2.0 - factor))
     rose = good_loss & (mean > rise_bound)
     nan = tl.full((), float("nan"), tl.float64)
