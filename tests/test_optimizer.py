@@ -679,7 +679,8 @@ def test_lr_scheduler_scales_the_rate() -> None:
 
 def test_one_cycle_runs_without_cycling_momentum() -> None:
     """The momentum is one constant of the optimizer, not a group setting: torch refuses OneCycleLR's default
-    cycle_momentum=True (no group "momentum"), and with cycle_momentum=False every step applies the rate it wrote."""
+    cycle_momentum=True (BB's defaults hold neither "momentum" nor "betas"), and with cycle_momentum=False every step
+    applies the rate it wrote."""
     model, opt = _model_and_opt()
     with pytest.raises(ValueError, match="cycle_momentum"):
         torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=6)

@@ -226,9 +226,9 @@ SETTINGS = {
             "narrow-ae-mnist", "narrow_autoencoder", "mnist", 128, 15, 0.0, 4_096,
             "MLP autoencoder 784-256-64-8-64-256-784 with ReLU, MSE on pixels", task="regress", holdout=True,
         ),
-        # Holdout settings chosen before the dead-unit rule's loss condition ran on them: a deep ReLU net of another
-        # depth and batch on MNIST, and a three-layer ReLU net with noisy labels, where many units may stop without
-        # harm.
+        # Holdout settings chosen before the dead-unit rule's final version ran on them (and before its loss condition
+        # was tried): a deep ReLU net of another depth and batch on MNIST, and a three-layer ReLU net with noisy
+        # labels, where many units may stop without harm.
         Setting(
             "deep-relu-mnist-b32", "deep_relu_mnist_6", "mnist", 32, 8, 0.0, 2_048,
             "MLP 784-(128 ReLU)x6-10, batches of 32, no normalisation", holdout=True,

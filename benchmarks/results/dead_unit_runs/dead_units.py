@@ -52,6 +52,8 @@ def loss_fell(self: SafeguardControl, clock) -> bool:
 
 
 def diverged(self: SafeguardControl, sums: torch.Tensor, clock):
+    if clock.gate is not None:
+        raise RuntimeError("the dead-unit prototype decides on the host: run without capturable=True")
     decision = diverged_without_count(self, sums, clock)
     if bool(decision[0]):
         return decision  # rolled back already: its own rule's consequences stand
@@ -64,11 +66,13 @@ def diverged(self: SafeguardControl, sums: torch.Tensor, clock):
 
 
 def install(fraction: float, loss_condition: bool = False) -> None:
-    """Patch the rule into BB's default control for the rest of the process."""
+    """Patch the rule into BB's default control for the rest of the process. The rule lives in the torch decision:
+    the Triton decision kernels are turned off, and a device clock (``capturable=True``) is refused."""
     global FRACTION, LOSS_CONDITION
     FRACTION, LOSS_CONDITION = fraction, loss_condition
     BB.step = step
     SafeguardControl.diverged = diverged
+    SafeguardControl._decision_kernels = lambda self, buffers: None
 
 
 def main(argv: list[str]) -> None:

@@ -27,19 +27,25 @@ def step(self: BB, *args, **kwargs):
     return step_without_count(self, *args, **kwargs)
 
 
-BB.step = step
-for setting in sys.argv[1].split(","):
-    for seed in [int(s) for s in sys.argv[3].split(",")]:
-        for lr in [float(x) for x in sys.argv[2].split(",")]:
-            shares.clear()
-            record = suite.train(suite.Run(setting, "bb", lr, seed))
-            steps = record["steps_per_epoch"]
-            quarter = max(1, steps // 4)
-            ends = [quarter - 1, 2 * quarter - 1, 3 * quarter - 1]
-            ends += [epoch * steps + steps - 1 for epoch in range(len(shares) // steps)]
-            live = [shares[i] for i in ends if i < len(shares)]
-            halved = [i for i in range(1, len(live)) if live[i] < 0.5 * live[i - 1]]
-            print(
-                setting, lr, seed, "score", round(record["score"], 1), "live", [round(x, 2) for x in live],
-                "halved at", halved, "rolled back", record["rolled_back_epochs"], flush=True,
-            )  # fmt: skip
+def main(argv: list[str]) -> None:
+    """SETTINGS LRS SEEDS: one line a run."""
+    BB.step = step
+    for setting in argv[0].split(","):
+        for seed in [int(s) for s in argv[2].split(",")]:
+            for lr in [float(x) for x in argv[1].split(",")]:
+                shares.clear()
+                record = suite.train(suite.Run(setting, "bb", lr, seed))
+                steps = record["steps_per_epoch"]
+                quarter = max(2, steps // 4)  # the first epoch's period, as bbfused.clock.Periods has it
+                ends = [quarter - 1, 2 * quarter - 1, 3 * quarter - 1]
+                ends += [epoch * steps + steps - 1 for epoch in range(len(shares) // steps)]
+                live = [shares[i] for i in ends if i < len(shares)]
+                halved = [i for i in range(1, len(live)) if live[i] < 0.5 * live[i - 1]]
+                print(
+                    setting, lr, seed, "score", round(record["score"], 1), "live", [round(x, 2) for x in live],
+                    "halved at", halved, "rolled back", record["rolled_back_epochs"], flush=True,
+                )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
