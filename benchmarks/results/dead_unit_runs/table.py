@@ -4,6 +4,7 @@ the suite's records: ``python benchmarks/results/dead_unit_runs/table.py``."""
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ LOSS_METHOD = "bb[dead0.5-loss]"  # with the loss condition: loss_condition/, tw
 # Settings added to the suite before the prototype ran on them (the second pair: before the loss condition was
 # tried, and so also before the prototype ran on them).
 BEFORE_RULE = ("deep-relu-wide", "narrow-ae-mnist", "deep-relu-mnist-b32", "noisy-relu-digits")
+PAIRED_SEEDS = (2, 3)
 
 
 def cell(runs: dict, setting: str, method: str, best: float) -> str:
@@ -67,5 +69,33 @@ def main() -> None:
             )
 
 
+def paired_seeds(references: dict) -> None:
+    """BB's default and the rule on seeds 2 and 3 (seeds_2_3/), where the rule fired on seeds 0 and 1: the runs more
+    than 3 points short of the best tuned reference (of seeds 0 and 1) and the median of the paired differences."""
+    runs = load_runs(HERE / "seeds_2_3")
+    print("| setting | BB default: runs > 3 short | dead-unit rule: runs > 3 short | rule − default, median (points) |")
+    print("|---|---|---|---|")
+    total = [0, 0, 0]
+    for setting in SETTINGS:
+        pairs = [
+            (score(runs[(setting, "bb", lr, seed)]), score(runs[(setting, METHOD, lr, seed)]))
+            for lr in LRS
+            for seed in PAIRED_SEEDS
+            if (setting, "bb", lr, seed) in runs and (setting, METHOD, lr, seed) in runs
+        ]
+        best = best_reference(references, setting, LRS, SEEDS)
+        if not pairs or best is None:
+            continue
+        short = [sum(pair[i] - best.mean < -3 for pair in pairs) for i in (0, 1)]
+        total = [total[0] + short[0], total[1] + short[1], total[2] + len(pairs)]
+        difference = statistics.median(rule - default for default, rule in pairs)
+        print(f"| {setting} | {short[0]} of {len(pairs)} | {short[1]} of {len(pairs)} | {signed(difference)} |")
+    print(f"| all | {total[0]} of {total[2]} | {total[1]} of {total[2]} | |")
+
+
 if __name__ == "__main__":
     main()
+    print()
+    print("Seeds 2 and 3 on the settings where the rule fired (paired runs):")
+    print()
+    paired_seeds(load_runs(RUNS))
