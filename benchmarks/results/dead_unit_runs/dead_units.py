@@ -32,12 +32,17 @@ step_without_count = BB.step
 diverged_without_count = SafeguardControl.diverged
 
 
+def nonzero_share(optimizer: BB) -> float:
+    """The share of the gradients' values that are not exactly zero (1 without a gradient)."""
+    with torch.no_grad():
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        total = sum(g.numel() for g in grads)
+        return sum(int(torch.count_nonzero(g)) for g in grads) / total if total else 1.0
+
+
 def step(self: BB, *args, **kwargs):
     control = self._control
-    with torch.no_grad():
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        total = sum(g.numel() for g in grads)
-        live = sum(int(torch.count_nonzero(g)) for g in grads) / total if total else 1.0
+    live = nonzero_share(self)
     control.live_now = live
     if not hasattr(control, "live_reference"):
         control.live_reference = live  # the first step's: what a rolled-back epoch 0 returns to

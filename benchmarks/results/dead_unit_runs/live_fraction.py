@@ -8,10 +8,10 @@ of every epoch, in runs of BB's default (the rule is not applied): the trace beh
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "robustness"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
+from dead_units import nonzero_share  # noqa: E402
 
 from bbfused import BB  # noqa: E402
 
@@ -20,10 +20,7 @@ shares: list[float] = []
 
 
 def step(self: BB, *args, **kwargs):
-    with torch.no_grad():
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        total = sum(g.numel() for g in grads)
-        shares.append(sum(int(torch.count_nonzero(g)) for g in grads) / total if total else 1.0)
+    shares.append(nonzero_share(self))
     return step_without_count(self, *args, **kwargs)
 
 

@@ -35,23 +35,30 @@ def noise_entropy(noise: float, classes: int) -> float:
     return -(right * math.log(right) + (classes - 1) * wrong * math.log(wrong))
 
 
-def final_fits(setting: str) -> tuple[list[tuple[float, float, str]], int]:
-    """(last epoch's mean training loss, test accuracy, method) of every run that trained, and the count of the rest."""
+def compared_runs() -> dict:
+    """The suite's records but the methods left out, and the ``bb[adam]`` runs next to this script, read once."""
+    runs = {key: record for key, record in load_runs(RUNS).items() if key[1] not in METHODS_LEFT_OUT}
+    runs.update({key: record for key, record in load_runs(HERE).items() if key[1] == "bb[adam]"})
+    return runs
+
+
+def final_fits(runs: dict, setting: str) -> tuple[list[tuple[float, float, str]], int]:
+    """(last epoch's mean training loss, test accuracy, method) of every run of ``setting`` that trained, and the
+    count of the rest."""
     fits, failed = [], 0
-    for folder in (RUNS, HERE):
-        for (run_setting, method, _lr, _seed), record in load_runs(folder).items():
-            if run_setting != setting or method in METHODS_LEFT_OUT or (folder == HERE and method != "bb[adam]"):
-                continue
-            loss = record["train_loss"][-1]
-            if loss is None or not math.isfinite(loss) or score(record) < TRAINED:
-                failed += 1
-                continue
-            fits.append((loss, score(record), method))
+    for (run_setting, method, _lr, _seed), record in runs.items():
+        if run_setting != setting:
+            continue
+        loss, test = record["train_loss"][-1], score(record)
+        if loss is None or not math.isfinite(loss) or test < TRAINED:
+            failed += 1
+            continue
+        fits.append((loss, test, method))
     return fits, failed
 
 
-def table(setting: str, noise: float, classes: int = CLASSES) -> str:
-    fits, failed = final_fits(setting)
+def table(runs: dict, setting: str, noise: float, classes: int = CLASSES) -> str:
+    fits, failed = final_fits(runs, setting)
     lines = [
         f"**{setting}**: {noise * 100:.0f} % of training labels random; the noise's own cross-entropy "
         f"{noise_entropy(noise, classes):.2f}.",
@@ -64,7 +71,7 @@ def table(setting: str, noise: float, classes: int = CLASSES) -> str:
         band = [fit for fit in fits if low <= fit[0] < high]
         if not band:
             continue
-        scores = [score for _, score, _ in band]
+        scores = [test for _, test, _ in band]
         adam = sum(method == "bb[adam]" for *_, method in band)
         default = sum(method == "bb" for *_, method in band)
         lines.append(
@@ -75,8 +82,9 @@ def table(setting: str, noise: float, classes: int = CLASSES) -> str:
 
 
 def main() -> None:
+    runs = compared_runs()
     noisy = [(name, setting.label_noise) for name, setting in SETTINGS.items() if setting.label_noise > 0]
-    print("\n\n".join(table(name, noise) for name, noise in noisy))
+    print("\n\n".join(table(runs, name, noise) for name, noise in noisy))
 
 
 if __name__ == "__main__":

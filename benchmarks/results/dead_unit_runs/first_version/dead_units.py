@@ -21,26 +21,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "robustness"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import suite  # noqa: E402
+from dead_units import step  # noqa: E402  (the same count; only the decision below differs)
 
 from bbfused import BB  # noqa: E402
 from bbfused.control.safeguard import SafeguardControl  # noqa: E402
 
 FRACTION = float(sys.argv[1])
-step_without_count = BB.step
 diverged_without_count = SafeguardControl.diverged
-
-
-def step(self: BB, *args, **kwargs):
-    control = self._control
-    with torch.no_grad():
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        total = sum(g.numel() for g in grads)
-        live = sum(int(torch.count_nonzero(g)) for g in grads) / total if total else 1.0
-    control.live_now = live
-    if not hasattr(control, "live_reference"):
-        control.live_reference = live  # the first step's: what a rolled-back epoch 0 returns to
-    return step_without_count(self, *args, **kwargs)
 
 
 def diverged(self: SafeguardControl, sums: torch.Tensor, clock):
