@@ -13,11 +13,12 @@ must agree). A dict with neither, such as one saved through ``get_optimizer_stat
 it, is refused with the fix. The copies in the groups changed nothing in the entry itself: older dicts, which have
 only the top-level entry, load as before and need no upgrade.
 
-Version 4 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
+Version 5 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
 ``loss_reference``, the last good epoch's mean loss, becomes the best and the last mean loss), entries written
 before groups could be added have no ``join_epochs`` (every group was a constructor's group: all 0), version 2
-had no multiplier (a scheduler's writes were ignored: the rate applied was the rule's), and version 3 had no
-preconditioner (the step was SGD's).
+had no multiplier (a scheduler's writes were ignored: the rate applied was the rule's), version 3 had no
+preconditioner (the step was SGD's), and version 4 no gradient shares (the dead-unit test has no reference until
+the next good period end).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from .arguments import check_beta, check_positive, check_weight_decay, is_int, is_real
 from .preconditioner import NAMES as PRECONDITIONERS
 
-VERSION = 4
+VERSION = 5
 ENTRY = "bb"
 # Per-parameter state, shaped like the parameter.
 STATE_KEYS = ("ema", "prev_params", "prev_ema")
@@ -59,6 +60,11 @@ class ControlState:
     searching: bool = False  # the first epochs' search for the rate goes on
     ceiling: float = math.inf  # r never grows past it again (the loss rose there)
     snapshot_loss: float | None = None  # the last step's loss of the last good period
+    # The dead-unit test's shares of gradient values that are not zero: at the last good period end (None: none yet),
+    # at the step before the open period's last, and (without a known epoch length) at the last step (0: not taken).
+    live_reference: float | None = None
+    live_before: float = 0.0
+    live_last: float = 0.0
 
     @classmethod
     def empty(cls, epoch: int) -> ControlState:
@@ -163,7 +169,7 @@ def read(state_dict: Any) -> RunState:
         )
     if (
         not isinstance(bb, dict)
-        or version not in (1, 2, 3, VERSION)
+        or version not in (1, 2, 3, 4, VERSION)
         or not {"state", "param_groups"} <= state_dict.keys()
     ):
         raise ValueError(
@@ -346,6 +352,10 @@ def _check_preconditioner(bb: dict[str, Any], groups: Any) -> None:
         )
 
 
+def _is_share(value: Any) -> bool:
+    return is_real(value) and 0 <= value <= 1
+
+
 def _is_rate(value: Any) -> bool:
     return is_real(value) and math.isfinite(value) and value >= 0
 
@@ -367,6 +377,15 @@ def _check_control(bb: dict[str, Any]) -> None:
         value = bb[name]
         if value is not None and (not is_real(value) or math.isnan(value)):
             raise ValueError(f"corrupt state dict: {name} must be a number or None, got {value!r}")
+    reference = bb["live_reference"]
+    if (reference is not None and not _is_share(reference)) or not all(
+        _is_share(bb[name]) for name in ("live_before", "live_last")
+    ):
+        raise ValueError(
+            f"corrupt state dict: live_reference must be a number in [0, 1] or None, live_before and live_last numbers "
+            f"in [0, 1] (shares of gradient values that are not zero); got {reference!r}, {bb['live_before']!r} and "
+            f"{bb['live_last']!r}"
+        )
     good_lr = bb["good_lr"]
     if good_lr is not None and (not is_real(good_lr) or not good_lr > 0):
         raise ValueError(f"corrupt state dict: good_lr must be a number > 0 or None, got {good_lr!r}")

@@ -199,6 +199,19 @@ class HostClock:
         """Whether the closing period is one of a split first epoch's but not its last."""
         return self.in_first_epoch_periods and not self.ends_epoch
 
+    @property
+    def before_period_end(self) -> bool | None:
+        """After advance(): whether the counted step is the last before its period's closing one; None when the
+        epoch's length is not known (end_epoch() may close it after any step)."""
+        if self.steps_per_epoch is None:
+            return None
+        step = self.step_in_epoch
+        return not self._closes(step) and self._closes(step + 1)
+
+    def _closes(self, step: int) -> bool:
+        """Whether the open epoch's ``step``-th step closes a rate period."""
+        return step == self.steps_per_epoch or (self.epoch == 0 and self.periods.inner_end(step))
+
     def reached(self, epoch: int) -> Flag:
         """Whether the closing epoch is ``epoch`` or later."""
         return self.epoch >= epoch
@@ -274,6 +287,8 @@ class DeviceClock:
         # gate: a rate period ends at this step; epoch_gate: the epoch ends (the same tensor without split periods).
         self.epoch_gate = torch.zeros((), dtype=torch.bool, device=device)
         self.gate = torch.zeros((), dtype=torch.bool, device=device) if self.periods.length else self.epoch_gate
+        # The step is the last before its period's closing one (HostClock.before_period_end).
+        self.before_period_end = torch.zeros((), dtype=torch.bool, device=device)
         self._lr_history = torch.full((HISTORY_CAPACITY,), math.nan, dtype=torch.float64, device=device)
         self._rolled_back = torch.zeros(HISTORY_CAPACITY, dtype=torch.bool, device=device)
         # The first step records host-side state a replay never updates (where a diverged epoch 0 returns to, the
@@ -316,10 +331,18 @@ class DeviceClock:
         self.step.add_(1)
         torch.eq(self.step, self.steps_per_epoch, out=self.epoch_gate)
         if self.periods.length:
-            periods = self.periods
-            inner = (self.epoch == 0) & (self.step % periods.length == 0) & (self.step <= periods.last_inner_end)
-            torch.logical_or(self.epoch_gate, inner, out=self.gate)
+            torch.logical_or(self.epoch_gate, self._inner_end(self.step), out=self.gate)
+        following = self.step + 1  # in the same epoch unless the gate is set, and then unused
+        closes_next = following == self.steps_per_epoch
+        if self.periods.length:
+            closes_next = closes_next | self._inner_end(following)
+        torch.logical_and(~self.gate, closes_next, out=self.before_period_end)
         return True
+
+    def _inner_end(self, step: torch.Tensor) -> torch.Tensor:
+        """Whether the open epoch's ``step``-th step closes one of a split first epoch's periods before its end."""
+        periods = self.periods
+        return (self.epoch == 0) & (step % periods.length == 0) & (step <= periods.last_inner_end)
 
     @contextlib.contextmanager
     def epoch_end(self) -> Iterator[None]:
@@ -461,7 +484,8 @@ class KernelDeviceClock(DeviceClock):
     ) -> None:
         from . import clock_kernels
 
-        tensors = (self.gate, self.epoch_gate, self.epoch, self.step, self._lr_history, self._rolled_back)
+        tensors = (self.gate, self.epoch_gate, self.epoch, self.step, self._lr_history, self._rolled_back,
+                   self.before_period_end)  # fmt: skip
         counts = (self.steps_per_epoch, self.periods.length, self.periods.last_inner_end, HISTORY_CAPACITY)
         clock_kernels.finish_period(tensors, new_base, rolled_back, shown.rate_tensors(), counts)
         shown.published(param_groups)
@@ -475,9 +499,13 @@ class KernelDeviceClock(DeviceClock):
     def _set_gates(self) -> None:
         """The gates of the next step, from the counts (on the host: at construction and loading only)."""
         epoch, step = int(self.epoch), int(self.step) + 1
-        ends = step == self.steps_per_epoch
-        self.epoch_gate.fill_(ends)
-        self.gate.fill_(ends or (epoch == 0 and self.periods.inner_end(step)))
+
+        def closes(step: int) -> bool:
+            return step == self.steps_per_epoch or (epoch == 0 and self.periods.inner_end(step))
+
+        self.epoch_gate.fill_(step == self.steps_per_epoch)
+        self.gate.fill_(closes(step))
+        self.before_period_end.fill_(not closes(step) and closes(step + 1))
 
 
 EpochClock = Union[HostClock, DeviceClock]

@@ -29,7 +29,7 @@ def _add_loss_kernel(loss_ptr, sum_ptr, steps_ptr, last_ptr):
 @triton.jit
 def _finish_kernel(
     gate_ptr, epoch_gate_ptr, epoch_ptr, step_ptr, new_base_ptr, rolled_back_ptr, base_ptr, multiplier_ptr, lr_ptr,
-    lr_history_ptr, rolled_history_ptr,
+    lr_history_ptr, rolled_history_ptr, before_end_ptr,
     steps_per_epoch, period_length, last_inner_end, capacity,
     HAS_ROLLED_BACK: tl.constexpr,
 ):  # fmt: skip
@@ -60,6 +60,11 @@ def _finish_kernel(
     inner = inner & (following <= last_inner_end)
     tl.store(epoch_gate_ptr, next_ends_epoch)
     tl.store(gate_ptr, next_ends_epoch | inner)
+    # Whether the next step is the last before its period's closing one.
+    after = following + 1
+    inner_after = (period_length > 0) & (epoch == 0) & (after % tl.maximum(period_length, 1) == 0)
+    inner_after = inner_after & (after <= last_inner_end)
+    tl.store(before_end_ptr, ((next_ends_epoch | inner) == 0) & ((after == steps_per_epoch) | inner_after))
 
 
 def add_loss(loss: torch.Tensor, total: torch.Tensor, steps: torch.Tensor, last: torch.Tensor) -> None:
@@ -74,14 +79,14 @@ def finish_period(
     rate_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     counts: tuple[int, int, int, int],
 ) -> None:
-    """``clock_tensors``: gate, epoch_gate, epoch, step, lr history, rolled-back history; ``rate_tensors``: base,
-    multiplier, applied lr; ``counts``: steps per epoch, the first epoch's period length and last inner end, the
-    histories' capacity."""
-    gate, epoch_gate, epoch, step, lr_history, rolled_history = clock_tensors
+    """``clock_tensors``: gate, epoch_gate, epoch, step, lr history, rolled-back history, before-period-end flag;
+    ``rate_tensors``: base, multiplier, applied lr; ``counts``: steps per epoch, the first epoch's period length and
+    last inner end, the histories' capacity."""
+    gate, epoch_gate, epoch, step, lr_history, rolled_history, before_end = clock_tensors
     base, multiplier, lr = rate_tensors
     _finish_kernel[(1,)](
         gate, epoch_gate, epoch, step, new_base, gate if rolled_back is None else rolled_back, base, multiplier, lr,
-        lr_history, rolled_history, *counts,
+        lr_history, rolled_history, before_end, *counts,
         HAS_ROLLED_BACK=rolled_back is not None,
         **SCALAR_OPTIONS,
     )  # fmt: skip

@@ -287,7 +287,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             found_inf=getattr(self, "found_inf", None),
             whole_buffers=self._clock.steps_whole_buffers(),
         )
-        if self._clock.advance():
+        closes = self._clock.advance()
+        self._control.step_taken(self._buffers, self._clock)
+        if closes:
             self._close_epoch()
         return closure_loss
 

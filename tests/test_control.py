@@ -297,7 +297,7 @@ def test_version_1_state_dict_is_upgraded() -> None:
     fresh, _ = quadratic(0.1)
     fresh.load_state_dict(state)
     saved = fresh.state_dict()["bb"]
-    assert saved["version"] == checkpoint.VERSION == 4
+    assert saved["version"] == checkpoint.VERSION == 5
     assert saved["best_loss"] == saved["last_loss"] == 1.1 and saved["initial_loss"] is None
 
 
@@ -309,7 +309,11 @@ def test_version_1_state_dict_is_upgraded() -> None:
         ("good_lr", 0.0, "good_lr must be a number > 0 or None"),
         ("loss_rollback", 1, "loss_rollback must be True or False"),
         ("model_buffers", [1.0], "model_buffers must be a list of tensors"),
-        ("version", 5, "found version 5"),
+        ("version", 6, "found version 6"),
+        ("live_reference", -0.5, r"live_reference must be a number in \[0, 1\] or None"),
+        ("live_reference", 1.5, r"live_reference must be a number in \[0, 1\] or None"),
+        ("live_before", None, r"live_before and live_last numbers in \[0, 1\]"),
+        ("live_last", math.nan, r"live_before and live_last numbers in \[0, 1\]"),
     ],
 )
 def test_corrupt_control_state_is_rejected_before_anything_is_written(key: str, value, message: str) -> None:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bbfused import BB
+from bbfused import BB, checkpoint
 from bbfused.control import PreconditionedControl, safeguard
 from bbfused.preconditioner import BETA2, EPS
 
@@ -287,7 +287,7 @@ def test_version_3_checkpoint_resumes_as_sgd() -> None:
     resumed = BB(resumed_model.parameters(), lr=0.1, steps_per_epoch=4, epochs=4, backend="eager")
     resumed.load_state_dict(saved)
     assert train(resumed, resumed_model, x, y, steps=6) == rest
-    assert resumed.state_dict()["bb"]["version"] == 4
+    assert resumed.state_dict()["bb"]["version"] == checkpoint.VERSION
     adam = BB(model_and_data()[0].parameters(), lr=0.1, steps_per_epoch=4, backend="eager", preconditioner="adam")
     with pytest.raises(ValueError, match="saved with preconditioner=None"):
         adam.load_state_dict(saved)

@@ -109,6 +109,21 @@ class Backend(Protocol):
         ``bias_correction``)."""
         ...
 
+    def nonzero_count(
+        self,
+        grad: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        total: float = 1.0,
+        add: bool = False,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
+        """out ← (out if ``add`` else 0) + c / ``total``, c how many of ``grad``'s values are not exactly zero (NaN
+        counts), divided in float64. ``out``: a float64 0-dim tensor on grad's device. ``enabled`` as in epoch_end:
+        false reads nothing and leaves out as it is. A read only: the rate control measures the share of gradient
+        values that are not zero at period ends, to see units that stopped (``bbfused.control.live_gradients``)."""
+        ...
+
     def epoch_commit(
         self,
         param: torch.Tensor,
@@ -144,6 +159,19 @@ def zero_momentum_if_rolled_back(
     restart = rolled_back.reshape(()) if enabled is None else rolled_back.reshape(()) & enabled.reshape(())
     if momentum_buffer.device.type != "cpu" or bool(restart):
         momentum_buffer.masked_fill_(restart, 0)
+
+
+def add_count(
+    count: torch.Tensor, out: torch.Tensor, add: bool, enabled: torch.Tensor | None, total: float = 1.0
+) -> None:
+    """nonzero_count's write with torch ops: out ← (out if ``add`` else 0) + count / total where ``enabled`` (no host
+    read)."""
+    share = count.to(torch.float64) / total
+    value = out + share if add else share
+    if enabled is None:
+        out.copy_(value)
+    else:
+        torch.where(enabled.reshape(()), value, out, out=out)
 
 
 def check_second_moment_arguments(

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .base import BackendUnavailableError, check_second_moment_arguments, zero_momentum_if_rolled_back
+from .base import (
+    BackendUnavailableError,
+    add_count,
+    check_second_moment_arguments,
+    zero_momentum_if_rolled_back,
+)
 
 # Shared with setup.py's ahead-of-time build. Portable: no -march=native (see csrc/bb_ops.cpp on vectors).
 # -fno-math-errno lets GCC vectorize the preconditioned step's square root (setting errno would make each one a
@@ -247,6 +252,19 @@ class CppBackend:
         return torch.ops.bbfused.cpp_epoch_measure(
             param, ema, prev_params, prev_ema, second_moment, bias_correction, eps
         )
+
+    def nonzero_count(
+        self,
+        grad: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        total: float = 1.0,
+        add: bool = False,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
+        """ATen's count: a read-only reduction its CPU kernel already runs on every core, twice a period."""
+        if not _skipped(enabled):
+            add_count(torch.count_nonzero(grad), out, add, None, total)
 
     def epoch_commit(
         self,

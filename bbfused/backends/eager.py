@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import check_momentum_arguments, check_second_moment_arguments, zero_momentum_if_rolled_back
+from .base import (
+    add_count,
+    check_momentum_arguments,
+    check_second_moment_arguments,
+    zero_momentum_if_rolled_back,
+)
 
 
 class EagerBackend:
@@ -127,6 +132,17 @@ class EagerBackend:
         _write_if(enabled, prev_ema, ema)
         _zero_if(enabled, ema)
         return _sums_if(enabled, sums)
+
+    def nonzero_count(
+        self,
+        grad: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        total: float = 1.0,
+        add: bool = False,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
+        add_count(torch.count_nonzero(grad), out, add, enabled, total)
 
     def epoch_commit(
         self,

@@ -533,6 +533,35 @@ def _preconditioned_measure_kernel(
     )  # fmt: skip
 
 
+@triton.jit(do_not_specialize=["n_elements"])
+def _nonzero_count_kernel(
+    grad_ptr,
+    out_ptr,
+    enabled_ptr,
+    n_elements,
+    total: tl.float64,
+    ADD: tl.constexpr,
+    HAS_ENABLED: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: out ← (out if ADD) + the count of values that are not zero (NaN counts, as in
+    torch.count_nonzero) divided by ``total``, in float64. A zero flag reads nothing and writes nothing. One program,
+    because it runs twice a period and must write its sum without a second launch (a captured step launches it every
+    step)."""
+    if _enabled(enabled_ptr, HAS_ENABLED):
+        count = tl.full((), 0, tl.int64)
+        for block in range(0, tl.cdiv(n_elements, BLOCK)):
+            start, offsets = _block_span(block, USE_INT64, BLOCK)
+            values = tl.load(grad_ptr + offsets, mask=offsets < n_elements, other=0.0)
+            count += tl.sum((values != 0).to(tl.int64), axis=0)
+        # tl.full keeps the float64 argument's value under the interpreter too, which rounds bare floats to float32.
+        share = count.to(tl.float64) / tl.full((), total, tl.float64)
+        if ADD:
+            share = tl.load(out_ptr) + share
+        tl.store(out_ptr, share)
+
+
 @triton.jit
 def _epoch_commit_block(param_ptr, prev_params_ptr, momentum_ptr, restore, offsets, mask, HAS_MOMENTUM: tl.constexpr):
     if restore:
@@ -847,6 +876,35 @@ class TritonBackend:
             )  # fmt: skip
             start += width
         return partials
+
+    def nonzero_count(
+        self,
+        grad: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        total: float = 1.0,
+        add: bool = False,
+        enabled: torch.Tensor | None = None,
+    ) -> None:
+        """One launch (no sync), gated like the epoch-end passes."""
+        _check_flat("nonzero_count", {"grad": grad}, {"grad": grad.dtype})
+        _check_scalar("nonzero_count", "out", out, grad.device, torch.float64)
+        if enabled is not None:
+            _check_scalar("nonzero_count", "enabled", enabled, grad.device)
+        n_elements = grad.numel()
+        with _on_device(grad.device):
+            _nonzero_count_kernel[(1,)](
+                grad,
+                out,
+                enabled,
+                n_elements,
+                float(total),
+                ADD=bool(add),
+                HAS_ENABLED=enabled is not None,
+                USE_INT64=_needs_int64(n_elements),
+                BLOCK=BLOCK_SIZE,
+                num_warps=NUM_WARPS,
+            )
 
     def epoch_commit(
         self,

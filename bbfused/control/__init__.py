@@ -40,6 +40,9 @@ class RateControl(Protocol):
     def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
         """Before the run's first update."""
 
+    def step_taken(self, buffers: EpochBuffers, clock: EpochClock) -> None:
+        """After each update, once the clock counted it (before the period end it may close)."""
+
     def add_loss(self, loss: torch.Tensor) -> None:
         """This step's training loss (a 0-dim tensor on the master device)."""
 

@@ -25,6 +25,9 @@ class PaperControl:
     def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
         pass
 
+    def step_taken(self, buffers: EpochBuffers, clock: EpochClock) -> None:
+        pass
+
     def add_loss(self, loss: torch.Tensor) -> None:
         pass
 

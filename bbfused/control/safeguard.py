@@ -32,7 +32,9 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
   than 5 % of the initial loss (a ratio alone is noise at near-zero loss; the last step's
   loss sees damage in the period's last steps, which the mean hides), or, before any good period, a mean not 5 %
   below the first step's loss although the weights moved by more than 10 % (a rate so large that the network is
-  stuck at chance; a too-small rate barely moves them).
+  stuck at chance; a too-small rate barely moves them); and a period that no other test rolls back but whose last
+  steps' gradients have a share of values different from zero under :data:`DEAD_UNIT_SHARE` times the share at the
+  last good period end (the first step's before any): units that a too-large step killed (``live_gradients``).
 - **rollback**: a diverged period is undone: parameters, the tracked model buffers (BatchNorm running statistics,
   see ``BB.track_buffers``) and the momentum return to the last good period end; r becomes the last good rate, at
   most a quarter of the one that diverged (before any good period: a tenth of it), and r is capped at a quarter
@@ -56,6 +58,7 @@ from ..checkpoint import ControlState, check_model_buffers
 from ..clock import EpochClock, nan
 from ..rule import bb_ratio
 from ..tracked_buffers import TrackedBuffers
+from .live_gradients import GradientShares
 
 if TYPE_CHECKING:
     from .safeguard_kernel import SafeguardKernels
@@ -100,6 +103,8 @@ STUCK_MOVEMENT = 0.1
 # An epoch whose mean loss rose above the previous good epoch's (without diverging) brakes: the next rate is at
 # most this fraction of its rate, whatever the estimate says.
 LOSS_BRAKE = 0.5
+# Dead-unit test: a period's non-zero gradient values fell under this share of the last good period end's.
+DEAD_UNIT_SHARE = 0.5
 
 # Epoch-end sums a backend's measuring pass returns, in this order (float64).
 SUMS = ("delta_sq_norm", "delta_dot_y", "param_sq_norm", "ema_sq_norm")
@@ -150,6 +155,7 @@ class SafeguardControl:
     # Once an earlier good period's mean was below SEARCH_UNTIL_PROGRESS times the first step's loss.
     FIRST_EPOCH_RISE_AFTER_PROGRESS = FIRST_EPOCH_RISE
     FIRST_RATE_LIMIT = math.inf  # the first rate is min(lr, this)
+    DEAD_UNIT_SHARE = DEAD_UNIT_SHARE  # 0: no dead-unit test (and no counting)
 
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
         self.device = device
@@ -174,6 +180,7 @@ class SafeguardControl:
         # itself is no better (its own loss is high: the damage came in the previous period's last steps).
         self.loss_rollback = torch.tensor(False, device=device)
         self.model_buffers = TrackedBuffers([])
+        self.gradient_shares = GradientShares(device) if self.DEAD_UNIT_SHARE > 0 else None
         self._kernels: SafeguardKernels | None = None  # built at the first period end that uses them
 
     @property
@@ -202,6 +209,13 @@ class SafeguardControl:
         # updated BatchNorm's running statistics by now.
         if loss is not None:
             self.initial_loss.copy_(loss)
+        if self.gradient_shares is not None:
+            self.gradient_shares.first_step(buffers)
+
+    def step_taken(self, buffers: EpochBuffers, clock: EpochClock) -> None:
+        """After each update, once the clock counted it (before a period end it closes)."""
+        if self.gradient_shares is not None:
+            self.gradient_shares.step_taken(buffers, clock)
 
     def add_params(self, numel: int, snapshot_sq_norm: torch.Tensor) -> None:
         """``numel`` parameters were added (``BB.add_param_group``) with their snapshot taken now, whose ‖·‖² is
@@ -237,12 +251,13 @@ class SafeguardControl:
         return totals[0] / totals[1], totals[1] == steps, initial, last
 
     def diverged(
-        self, sums: torch.Tensor, clock: EpochClock
+        self, sums: torch.Tensor, clock: EpochClock, live: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Whether the period that ``sums`` (:data:`SUMS`) measured diverged, whether it is rolled back for a rise
         of the mean loss alone, whether it was a good period that raised the mean loss, whether its mean loss is
-        still near the first step's (bool device tensors), and the new loss references as (state tensor, new value)
-        pairs, which the caller writes once the period end has gone through."""
+        still near the first step's (bool device tensors), and the new references as (state tensor, new value)
+        pairs, which the caller writes once the period end has gone through. ``live``: the period's share of
+        gradient values that are not zero (:class:`GradientShares`), None without the dead-unit test."""
         delta_sq, param_sq, ema_sq = sums[0], sums[2], sums[3]
         limit = WEIGHT_GROWTH * self.snapshot_sq_norm.clamp(min=self.weight_floor)
         mean, complete, initial, last = self._epoch_loss(clock.closing_steps)
@@ -276,6 +291,15 @@ class SafeguardControl:
         )
         risen = risen & (mean - self.last_loss > margin)
         diverged = diverged | risen
+        if live is not None:
+            # Only where no other test rolls the period back: theirs decide how the rate backs off. Then it is
+            # rolled back as a non-finite average is (a NaN reference, before the first share, never fires). No
+            # value at all is a stationary point reached: a network whose every unit died still has its output
+            # bias's gradient.
+            fell = live < self.DEAD_UNIT_SHARE * self.gradient_shares.reference
+            dead = ~diverged & fell & (live > 0)
+            diverged = diverged | dead
+            weights_bad = weights_bad | dead
         near_start = complete & (initial > 0) & (mean > SEARCH_UNTIL_PROGRESS * initial)
         good_loss = complete & ~diverged
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
@@ -299,6 +323,8 @@ class SafeguardControl:
             (self.snapshot_sq_norm, torch.where(diverged, self.snapshot_sq_norm, param_sq)),
             (self.snapshot_loss, torch.where(diverged, self.snapshot_loss, torch.where(good_loss, last, nan_like))),
         ]
+        if live is not None:
+            references += self.gradient_shares.references(live, diverged)
         return diverged, risen, rose, near_start, references
 
     def next_rate(
@@ -344,6 +370,9 @@ class SafeguardControl:
         result when run twice, and the control's state changes only at the end (the buffers keep the measured
         sums). Every write goes through ``clock``, which applies it only at a period's end."""
         kernels = self._decision_kernels(buffers)
+        shares = self.gradient_shares
+        if shares is not None:
+            shares.count_closing_step(buffers, clock)
         sums = buffers.measure(clock, partials=kernels is not None)
         if kernels is not None:
             anneal = 1.0 if clock.gate is not None else float(anneal_factor(clock.next_epoch, self.epochs))
@@ -352,7 +381,8 @@ class SafeguardControl:
             self.model_buffers.commit(diverged, clock.gate, buffers.backends)
             kernels.apply(clock)
             return applied, diverged
-        diverged, risen, rose, near_start, references = self.diverged(sums, clock)
+        live = None if shares is None else shares.live()
+        diverged, risen, rose, near_start, references = self.diverged(sums, clock, live)
         # With a split first epoch the search ends with it: one full epoch at an overshooting estimate costs a short
         # run more than the climb it saves; but not while the loss has barely left the first step's.
         search_open = torch.as_tensor(clock.closes_inner_period if clock.periods.length else True, device=self.device)
@@ -389,7 +419,7 @@ class SafeguardControl:
             policy = KernelPolicy(
                 WEIGHT_GROWTH, LOSS_MARGIN, LOSS_GROWTH, self.STUCK_MOVEMENT**2, 1 - STUCK_PROGRESS,
                 self.SEARCH_GROWTH, self.SEARCH_LIMIT, self.RATE_GROWTH_LIMIT, RATE_SHRINK_LIMIT, LOSS_BRAKE, CEILING,
-                BACKOFF, CAP, RISE_ROLLBACK, SEARCH_UNTIL_PROGRESS,
+                BACKOFF, CAP, RISE_ROLLBACK, SEARCH_UNTIL_PROGRESS, self.DEAD_UNIT_SHARE,
             )  # fmt: skip
             self._kernels = SafeguardKernels(self, policy, self.FIRST_EPOCH_RISE, self.FIRST_EPOCH_RISE_AFTER_PROGRESS)
         return self._kernels
@@ -399,6 +429,8 @@ class SafeguardControl:
         def number_or_none(t: torch.Tensor) -> float | None:
             return None if math.isnan(value := float(t)) else value
 
+        shares = self.gradient_shares
+        live_reference, live_before, live_last = (None, 0.0, 0.0) if shares is None else shares.state()
         return ControlState(
             has_snapshot=bool(self.has_snapshot),
             lr_cap=float(self.lr_cap),
@@ -414,6 +446,9 @@ class SafeguardControl:
             searching=bool(self.searching),
             ceiling=float(self.ceiling),
             snapshot_loss=number_or_none(self.snapshot_loss),
+            live_reference=live_reference,
+            live_before=live_before,
+            live_last=live_last,
         )
 
     def check_state(self, state: ControlState) -> None:
@@ -440,6 +475,8 @@ class SafeguardControl:
             (self.snapshot_loss, state.snapshot_loss),
         ):
             number.fill_(math.nan if value is None else value)
+        if self.gradient_shares is not None:
+            self.gradient_shares.load(state.live_reference, state.live_before, state.live_last)
         # Checked against the tracked buffers already; none saved (an older state dict) keeps the current copies.
         if state.model_buffers:
             self.model_buffers.load_snapshots(state.model_buffers)

@@ -1,0 +1,221 @@
+"""The default control's dead-unit test (``bbfused.control.live_gradients``): the count of non-zero gradient values
+every backend takes, the clocks' step before a period's end, and whole runs: a rate that kills a deep ReLU net's
+units is rolled back, a small last batch or a zero_grad() before end_epoch() is not, under every clock and across
+a checkpoint. The decision's arithmetic against the kernels is in tests/test_safeguard_kernel.py."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_control import BACKENDS
+
+from bbfused import BB, checkpoint, clock_kernels
+from bbfused.backends.eager import EagerBackend
+from bbfused.clock import HISTORY_CAPACITY, DeviceClock, HostClock, KernelDeviceClock
+from bbfused.control import safeguard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "robustness"))
+import suite  # noqa: E402  (by its own name, as tests/test_robustness.py imports it)
+
+
+@pytest.mark.parametrize("backend", [EagerBackend(), *BACKENDS], ids=lambda b: b.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [0, 1, 17, 1024, 5000])
+def test_every_backend_counts_the_non_zero_values(backend, dtype: torch.dtype, n: int) -> None:
+    """Exact counts, NaN and inf counted and -0.0 not, as torch.count_nonzero; added to what ``out`` holds with
+    ``add``; a false flag reads nothing and leaves ``out`` as it was."""
+    generator = torch.Generator().manual_seed(n)
+    grad = torch.randn(n, generator=generator).to(dtype)
+    grad[torch.rand(n, generator=generator) < 0.4] = 0
+    if n >= 4:
+        grad[:4] = torch.tensor([float("nan"), float("inf"), -0.0, 0.0]).to(dtype)
+    expected = int(torch.count_nonzero(grad))
+    assert expected > 0 or n < 4
+    out = torch.tensor(7.0, dtype=torch.float64)
+    backend.nonzero_count(grad, out)
+    assert out.dtype == torch.float64 and float(out) == expected
+    backend.nonzero_count(grad, out, add=True, enabled=torch.tensor(True))
+    assert float(out) == 2 * expected
+    backend.nonzero_count(grad, out, enabled=torch.tensor(False))
+    assert float(out) == 2 * expected
+
+
+def _closing_and_before(clock, steps: int) -> list[tuple[bool, bool]]:
+    """(closes a period, is the last step before a closing one) for each of ``steps`` steps, the clock driven as a
+    step drives it (the Triton clock counts a step, and sets the next one's flags, at its end)."""
+    flags = []
+    rate = torch.ones((), dtype=torch.float64)
+    for _ in range(steps):
+        closes = clock.advance()
+        flags.append((bool(clock.gate) if isinstance(clock, DeviceClock) else closes, bool(clock.before_period_end)))
+        if isinstance(clock, KernelDeviceClock):
+            tensors = (clock.gate, clock.epoch_gate, clock.epoch, clock.step, clock._lr_history, clock._rolled_back,
+                       clock.before_period_end)  # fmt: skip
+            counts = (clock.steps_per_epoch, clock.periods.length, clock.periods.last_inner_end, HISTORY_CAPACITY)
+            clock_kernels.finish_period(tensors, rate, None, (rate, rate, rate.clone()), counts)
+        else:
+            clock.record(rate, None)  # a no-op but at an epoch's end
+    return flags
+
+
+@pytest.mark.parametrize(("steps_per_epoch", "periods"), [(8, 4), (10, 4), (5, 1), (2, 4), (1, 1), (3, 4)])
+def test_the_step_before_a_period_end_is_the_same_on_every_clock(steps_per_epoch: int, periods: int) -> None:
+    """Over three epochs (a split first one): the step before each closing one is flagged, and no other (a closing
+    step never is), on the host clock, the device clock and its Triton form."""
+    steps = 3 * steps_per_epoch
+    host = _closing_and_before(HostClock(steps_per_epoch, torch.device("cpu"), periods), steps + 1)
+    closing = [c for c, _ in host]
+    assert [b for _, b in host[:steps]] == [not closing[i] and closing[i + 1] for i in range(steps)]
+    assert sum(closing) >= 3
+    for kind in (DeviceClock, KernelDeviceClock):
+        assert _closing_and_before(kind(steps_per_epoch, torch.device("cpu"), periods), steps + 1) == host
+
+
+def test_without_an_epoch_length_every_step_counts() -> None:
+    """With steps_per_epoch=None the clock cannot tell: any step may be the last (end_epoch() closes the epoch)."""
+    clock = HostClock(None, torch.device("cpu"), 4)
+    clock.advance()
+    assert clock.before_period_end is None
+
+
+def _deep_relu_digits(lr: float, seed: int) -> dict:
+    torch.set_num_threads(1)
+    return suite.train(suite.Run("deep-relu-digits", "bb", lr, seed))
+
+
+def test_a_rate_that_kills_a_deep_relu_net_is_rolled_back(monkeypatch) -> None:
+    """The robustness suite's 6-hidden-layer ReLU MLP on the digits from η0 = 0.01 (seed 1): without the test the
+    search's rates kill the net, which then predicts one class; with it the period is rolled back and the run
+    ends near the best tuned reference (96.9 %, benchmarks/results/robustness.md)."""
+    with_test = _deep_relu_digits(0.01, 1)
+    monkeypatch.setattr(safeguard.SafeguardControl, "DEAD_UNIT_SHARE", 0.0)
+    without = _deep_relu_digits(0.01, 1)
+    assert without["score"] < 20 and without["rolled_back_epochs"] == []
+    assert with_test["score"] > 95 and with_test["rolled_back_epochs"] == [1]
+
+
+def _relu_net(seed: int = 0, depth: int = 6) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers, width = [], 20
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, 32), torch.nn.ReLU()]
+        width = 32
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 5))
+
+
+def _teacher_data(n: int = 640, sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 20, generator=generator)
+    if sparse:  # most features zero in most samples, as pixels off a digit's strokes
+        x = x * (torch.rand(n, 20, generator=generator) < 0.15)
+    y = (x @ torch.randn(20, 5, generator=generator)).argmax(1)
+    return x, y
+
+
+def _train(model, opt: BB, batches: list[slice], x, y, epochs: int, end_epoch: bool = False) -> list[int]:
+    """Plain loops; the closing steps' counts of non-zero gradient values (taken here, after each step)."""
+    closing_counts = []
+    for _ in range(epochs):
+        for index, batch in enumerate(batches):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            opt.step(loss=loss)
+            if index == len(batches) - 1:
+                closing_counts.append(sum(int(torch.count_nonzero(p.grad)) for p in model.parameters()))
+        if end_epoch:
+            opt.zero_grad()  # before end_epoch(): the count must not read the zeroed gradients
+            opt.end_epoch()
+    return closing_counts
+
+
+@pytest.mark.parametrize("end_epoch", [False, True], ids=["steps_per_epoch", "end_epoch"])
+def test_a_small_last_batch_is_no_dead_unit(end_epoch: bool) -> None:
+    """Sparse inputs, batches of 64 and a last batch of one sample: its gradient has under half the non-zero values
+    of a full batch's (checked), yet no period is rolled back, because the step before it counts too; the same with
+    end_epoch() after a zero_grad()."""
+    x, y = _teacher_data(7 * 64 + 1, sparse=True)
+    batches = [slice(i * 64, (i + 1) * 64) for i in range(7)] + [slice(448, 449)]
+    model = _relu_net(depth=2)
+    opt = BB(model.parameters(), lr=0.05, steps_per_epoch=None if end_epoch else 8, beta=0.5, backend="eager")
+    first = None
+
+    def first_count(optimizer, args, kwargs) -> None:
+        nonlocal first
+        if first is None:
+            first = sum(int(torch.count_nonzero(p.grad)) for p in model.parameters())
+
+    opt.register_step_pre_hook(first_count)
+    closing_counts = _train(model, opt, batches, x, y, epochs=4, end_epoch=end_epoch)
+    assert max(closing_counts) < 0.5 * first
+    assert opt.rolled_back_epochs == []
+
+
+def _kill_run(capturable: bool, backend: str, steps: int, share: float | None = None, monkeypatch=None):
+    """The deep ReLU net from η0 = 3, which the rule rolls back in its third epoch (10 steps an epoch)."""
+    if share is not None:
+        monkeypatch.setattr(safeguard.SafeguardControl, "DEAD_UNIT_SHARE", share)
+    x, y = _teacher_data()
+    model = _relu_net()
+    opt = BB(model.parameters(), lr=3.0, steps_per_epoch=10, epochs=3, backend=backend, capturable=capturable)
+    batches = [slice(i * 64, (i + 1) * 64) for i in range(10)]
+    for step in range(steps):
+        batch = batches[step % 10]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+        loss.backward()
+        opt.step(loss=loss)
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", ["eager", *(b.name for b in BACKENDS)])
+def test_a_captured_run_rolls_back_dead_units_as_the_host_counted_one(backend: str, monkeypatch) -> None:
+    """Same weights, rates, rollbacks and counts under the device clock; the rollback is the dead-unit test's (none
+    without it)."""
+    model, opt = _kill_run(False, backend, 30)
+    captured_model, captured = _kill_run(True, backend, 30)
+    assert opt.rolled_back_epochs == captured.rolled_back_epochs == [2]
+    assert opt.lr_history == captured.lr_history
+    for a, b in zip(model.parameters(), captured_model.parameters()):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["bb"]["live_reference"] == captured.state_dict()["bb"]["live_reference"] > 0
+    _, without = _kill_run(False, backend, 30, share=0.0, monkeypatch=monkeypatch)
+    assert without.rolled_back_epochs == []
+
+
+def test_a_checkpoint_between_the_two_counts_resumes_exactly() -> None:
+    """Saved after the count of the step before the closing one: the resumed run rolls back the same period."""
+    model, opt = _kill_run(False, "eager", 30)
+    cut_model, cut = _kill_run(False, "eager", 29)
+    saved = copy.deepcopy(cut.state_dict())
+    assert saved["bb"]["live_before"] > 0 and saved["bb"]["version"] == checkpoint.VERSION
+    resumed = BB(cut_model.parameters(), lr=3.0, steps_per_epoch=10, epochs=3, backend="eager")
+    resumed.load_state_dict(saved)
+    x, y = _teacher_data()
+    opt_step = slice(9 * 64, 10 * 64)
+    resumed.zero_grad()
+    loss = torch.nn.functional.cross_entropy(cut_model(x[opt_step]), y[opt_step])
+    loss.backward()
+    resumed.step(loss=loss)
+    assert resumed.rolled_back_epochs == opt.rolled_back_epochs == [2]
+    for a, b in zip(model.parameters(), cut_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_version_4_state_dict_has_no_reference_until_a_good_period_end() -> None:
+    """An entry saved before the counts existed loads with none: the test cannot fire until a good period end."""
+    _, opt = _kill_run(False, "eager", 15)
+    saved = copy.deepcopy(opt.state_dict())
+    for bb in [saved["bb"], *(group["bb"] for group in saved["param_groups"])]:
+        for key in ("live_reference", "live_before", "live_last"):
+            bb.pop(key, None)  # one dict, shared by the top-level entry and the groups
+        bb["version"] = 4
+    fresh = BB(_relu_net().parameters(), lr=3.0, steps_per_epoch=10, epochs=3, backend="eager")
+    fresh.load_state_dict(saved)
+    state = fresh.state_dict()["bb"]
+    assert state["version"] == 5 and state["live_reference"] is None
+    assert state["live_before"] == state["live_last"] == 0.0
