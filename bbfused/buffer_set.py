@@ -46,10 +46,13 @@ class EpochBuffers(Protocol):
     def snapshot_params(self) -> None:
         """prev_params ← θ (the point a diverged epoch 0 returns to)."""
 
-    def count_nonzero_gradients(self, out: torch.Tensor, enabled: torch.Tensor | None = None) -> None:
+    def count_nonzero_gradients(
+        self, out: torch.Tensor, enabled: torch.Tensor | None = None, slot: torch.Tensor | None = None
+    ) -> None:
         """out ← the share of the trainable parameters' gradient values that are not exactly zero, over every buffer
         (and the ranks that share sharded parameters); ``out``: a float64 0-dim tensor on the master device.
-        ``enabled`` gates the reads and the write as an epoch-end pass's flag."""
+        ``enabled`` gates the reads and the write as an epoch-end pass's flag; ``slot`` as in
+        ``Backend.nonzero_count`` (``out`` then has two elements)."""
 
     def kernel_device(self) -> torch.device | None:
         """The device of every buffer when the Triton backend runs them all there, else None."""
@@ -335,7 +338,9 @@ class BufferSet:
         for buffer in self.buffers:
             buffer.prev_params.copy_(buffer.param)
 
-    def count_nonzero_gradients(self, out: torch.Tensor, enabled: torch.Tensor | None = None) -> None:
+    def count_nonzero_gradients(
+        self, out: torch.Tensor, enabled: torch.Tensor | None = None, slot: torch.Tensor | None = None
+    ) -> None:
         # A frozen parameter (requires_grad=False) has no gradient, as a dead unit has none: it is left out of the
         # share's denominator. Read on the host at each count (a captured step keeps the capture's).
         total = float(max(1, sum(p.numel() for b in self.buffers for p in b.params if p.requires_grad)))
@@ -343,16 +348,18 @@ class BufferSet:
             # Each buffer's (or run of buffers') share added into ``out`` by its own launch: no torch op (a captured
             # step runs it).
             for index, unit in enumerate(self._units()):
-                self.backends[unit.device].nonzero_count(unit.grad, out, total=total, add=index > 0, enabled=enabled)
+                self.backends[unit.device].nonzero_count(
+                    unit.grad, out, total=total, add=index > 0, enabled=enabled, slot=slot
+                )
             if not self.buffers:
-                add_count(torch.zeros_like(out), out, False, enabled)
+                add_count(torch.zeros((), dtype=torch.float64, device=out.device), out, False, enabled, 1.0, slot)
             return
         counts = []
         for buffer in self.buffers:
             count = torch.zeros((), dtype=torch.float64, device=buffer.device)
-            self.backends[buffer.device].nonzero_count(buffer.grad, count, enabled=_on(enabled, buffer.device))
+            self.backends[buffer.device].nonzero_count(buffer.grad, count)
             counts.append(_on(count, self.master))
-        add_count(reduce_sums(torch.stack(counts).sum(), self.buffers), out, False, enabled, total)
+        add_count(reduce_sums(torch.stack(counts).sum(), self.buffers), out, False, enabled, total, slot)
 
     def kernel_device(self) -> torch.device | None:
         if len(self.backends) != 1:

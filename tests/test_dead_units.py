@@ -42,6 +42,20 @@ def test_every_backend_counts_the_non_zero_values(backend, dtype: torch.dtype, n
     assert float(out) == 2 * expected
     backend.nonzero_count(grad, out, enabled=torch.tensor(False))
     assert float(out) == 2 * expected
+    backend.nonzero_count(grad, out, total=3.0)
+    assert float(out) == expected / 3.0  # divided in float64, as the eager backend divides
+
+
+@pytest.mark.parametrize("backend", [EagerBackend(), *BACKENDS], ids=lambda b: b.name)
+def test_a_slot_chooses_which_of_two_counts_a_launch_writes(backend) -> None:
+    """A period's two counts as one launch: the slot flag writes out[1] (the closing step), the enabled flag alone
+    out[0] (the step before it), neither nothing."""
+    grad = torch.tensor([0.0, 1.0, -2.0, 0.0, float("nan")])
+    for enabled, slot, expected in ((True, False, [0.75, 9.0]), (False, True, [9.0, 0.75]), (True, True, [9.0, 0.75]),
+                                    (False, False, [9.0, 9.0])):  # fmt: skip
+        out = torch.full((2,), 9.0, dtype=torch.float64)
+        backend.nonzero_count(grad, out, total=4.0, enabled=torch.tensor(enabled), slot=torch.tensor(slot))
+        assert out.tolist() == expected, (enabled, slot)
 
 
 def _closing_and_before(clock, steps: int) -> list[tuple[bool, bool]]:

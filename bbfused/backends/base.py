@@ -117,11 +117,15 @@ class Backend(Protocol):
         total: float = 1.0,
         add: bool = False,
         enabled: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
     ) -> None:
         """out ← (out if ``add`` else 0) + c / ``total``, c how many of ``grad``'s values are not exactly zero (NaN
         counts), divided in float64. ``out``: a float64 0-dim tensor on grad's device. ``enabled`` as in epoch_end:
-        false reads nothing and leaves out as it is. A read only: the rate control measures the share of gradient
-        values that are not zero at period ends, to see units that stopped (``bbfused.control.live_gradients``)."""
+        false reads nothing and leaves out as it is. With ``slot`` (a bool 0-dim tensor on the device) ``out`` is a
+        (2,) tensor, the count runs where ``enabled`` or ``slot`` is set and goes to out[1] where ``slot`` is, else
+        to out[0]: a period's two counts (the step before its last, the last) as one gated launch per step. A read
+        only: the rate control measures the share of gradient values that are not zero, to see units that stopped
+        (``bbfused.control.live_gradients``)."""
         ...
 
     def epoch_commit(
@@ -162,16 +166,28 @@ def zero_momentum_if_rolled_back(
 
 
 def add_count(
-    count: torch.Tensor, out: torch.Tensor, add: bool, enabled: torch.Tensor | None, total: float = 1.0
+    count: torch.Tensor,
+    out: torch.Tensor,
+    add: bool,
+    enabled: torch.Tensor | None,
+    total: float = 1.0,
+    slot: torch.Tensor | None = None,
 ) -> None:
-    """nonzero_count's write with torch ops: out ← (out if ``add`` else 0) + count / total where ``enabled`` (no host
-    read)."""
+    """nonzero_count's write with torch ops (no host read of a flag)."""
     share = count.to(torch.float64) / total
-    value = out + share if add else share
-    if enabled is None:
-        out.copy_(value)
-    else:
-        torch.where(enabled.reshape(()), value, out, out=out)
+    if slot is None:
+        value = out + share if add else share
+        if enabled is None:
+            out.copy_(value)
+        else:
+            torch.where(enabled.reshape(()), value, out, out=out)
+        return
+    chosen = slot.reshape(())
+    target = torch.where(chosen, out[1], out[0])
+    value = target + share if add else share
+    written = torch.where(chosen, torch.stack([out[0], value]), torch.stack([value, out[1]]))
+    active = chosen if enabled is None else chosen | enabled.reshape(())
+    torch.where(active, written, out, out=out)
 
 
 def check_second_moment_arguments(

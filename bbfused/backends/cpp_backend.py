@@ -261,9 +261,12 @@ class CppBackend:
         total: float = 1.0,
         add: bool = False,
         enabled: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
     ) -> None:
         """ATen's count: a read-only reduction its CPU kernel already runs on every core, twice a period."""
-        if not _skipped(enabled):
+        if slot is not None:
+            add_count(torch.count_nonzero(grad), out, add, enabled, total, slot)
+        elif not _skipped(enabled):
             add_count(torch.count_nonzero(grad), out, add, None, total)
 
     def epoch_commit(

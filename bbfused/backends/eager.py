@@ -141,8 +141,9 @@ class EagerBackend:
         total: float = 1.0,
         add: bool = False,
         enabled: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
     ) -> None:
-        add_count(torch.count_nonzero(grad), out, add, enabled, total)
+        add_count(torch.count_nonzero(grad), out, add, enabled, total, slot)
 
     def epoch_commit(
         self,

@@ -533,23 +533,41 @@ def _preconditioned_measure_kernel(
     )  # fmt: skip
 
 
+@triton.jit
+def _count_flags(enabled_ptr, slot_ptr, HAS_ENABLED: tl.constexpr, HAS_SLOT: tl.constexpr):
+    """Whether _nonzero_count_kernel counts, and the slot it writes (0 without HAS_SLOT)."""
+    if HAS_SLOT:
+        chosen = tl.load(slot_ptr) != 0
+        if HAS_ENABLED:
+            go = chosen | (tl.load(enabled_ptr) != 0)
+        else:
+            go = chosen
+    else:
+        chosen = tl.full((), 0, tl.int1)
+        go = _enabled(enabled_ptr, HAS_ENABLED)
+    return go, chosen.to(tl.int32)
+
+
 @triton.jit(do_not_specialize=["n_elements"])
 def _nonzero_count_kernel(
     grad_ptr,
     out_ptr,
     enabled_ptr,
+    slot_ptr,
     n_elements,
     total: tl.float64,
     ADD: tl.constexpr,
     HAS_ENABLED: tl.constexpr,
+    HAS_SLOT: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program: out ← (out if ADD) + the count of values that are not zero (NaN counts, as in
-    torch.count_nonzero) divided by ``total``, in float64. A zero flag reads nothing and writes nothing. One program,
-    because it runs twice a period and must write its sum without a second launch (a captured step launches it every
-    step)."""
-    if _enabled(enabled_ptr, HAS_ENABLED):
+    """One program: out[s] ← (out[s] if ADD) + the count of values that are not zero (NaN counts, as in
+    torch.count_nonzero) divided by ``total``, in float64; s = 0, or with HAS_SLOT the flag at slot_ptr (the count
+    then runs where either flag is set). A zero flag reads nothing and writes nothing. One program, because it runs
+    twice a period and must write its sum without a second launch (a captured step launches it every step)."""
+    go, index = _count_flags(enabled_ptr, slot_ptr, HAS_ENABLED, HAS_SLOT)
+    if go:
         count = tl.full((), 0, tl.int64)
         for block in range(0, tl.cdiv(n_elements, BLOCK)):
             start, offsets = _block_span(block, USE_INT64, BLOCK)
@@ -558,8 +576,8 @@ def _nonzero_count_kernel(
         # tl.full keeps the float64 argument's value under the interpreter too, which rounds bare floats to float32.
         share = count.to(tl.float64) / tl.full((), total, tl.float64)
         if ADD:
-            share = tl.load(out_ptr) + share
-        tl.store(out_ptr, share)
+            share = tl.load(out_ptr + index) + share
+        tl.store(out_ptr + index, share)
 
 
 @triton.jit
@@ -885,10 +903,19 @@ class TritonBackend:
         total: float = 1.0,
         add: bool = False,
         enabled: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
     ) -> None:
         """One launch (no sync), gated like the epoch-end passes."""
         _check_flat("nonzero_count", {"grad": grad}, {"grad": grad.dtype})
-        _check_scalar("nonzero_count", "out", out, grad.device, torch.float64)
+        if slot is None:
+            _check_scalar("nonzero_count", "out", out, grad.device, torch.float64)
+        else:
+            _check_scalar("nonzero_count", "slot", slot, grad.device)
+            if out.shape != (2,) or out.dtype != torch.float64 or out.device != grad.device or out.stride(0) != 1:
+                raise ValueError(
+                    f"triton backend nonzero_count: with a slot, out must be a contiguous float64 (2,) tensor on "
+                    f"{grad.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+                )
         if enabled is not None:
             _check_scalar("nonzero_count", "enabled", enabled, grad.device)
         n_elements = grad.numel()
@@ -897,10 +924,12 @@ class TritonBackend:
                 grad,
                 out,
                 enabled,
+                slot,
                 n_elements,
                 float(total),
                 ADD=bool(add),
                 HAS_ENABLED=enabled is not None,
+                HAS_SLOT=slot is not None,
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
                 num_warps=NUM_WARPS,

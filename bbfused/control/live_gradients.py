@@ -27,9 +27,11 @@ class GradientShares:
 
     def __init__(self, device: torch.device) -> None:
         self.reference = nan(device)  # at the last good period end; NaN: none yet (the test cannot fire)
-        self.before_end = torch.zeros((), dtype=torch.float64, device=device)  # at the step before the closing one
+        # At the step before the closing one, and at the closing step: one tensor, so that a device clock takes both
+        # with one gated launch a step.
+        self.period = torch.zeros(2, dtype=torch.float64, device=device)
+        self.before_end, self.closing = self.period[0], self.period[1]
         self.last = torch.zeros((), dtype=torch.float64, device=device)  # at the last step, when T is not known
-        self.closing = torch.zeros((), dtype=torch.float64, device=device)  # at the closing step
 
     def first_step(self, buffers: EpochBuffers) -> None:
         """The first step's share: the reference until a period ends well."""
@@ -40,7 +42,8 @@ class GradientShares:
         last two steps' when the clock cannot tell)."""
         flag = clock.before_period_end
         if isinstance(flag, torch.Tensor):
-            buffers.count_nonzero_gradients(self.before_end, flag)
+            # The closing step's share too, into its slot: a device clock's closing step is gated, not known here.
+            buffers.count_nonzero_gradients(self.period, flag, slot=clock.gate)
         elif flag is None:
             self.before_end.copy_(self.last)
             buffers.count_nonzero_gradients(self.last)
@@ -48,8 +51,9 @@ class GradientShares:
             buffers.count_nonzero_gradients(self.before_end)
 
     def count_closing_step(self, buffers: EpochBuffers, clock: EpochClock) -> None:
-        """The closing step's share into :attr:`closing` (gated like an epoch-end pass)."""
-        buffers.count_nonzero_gradients(self.closing, clock.gate)
+        """The closing step's share into :attr:`closing` (a device clock's step_taken took it already)."""
+        if clock.gate is None:
+            buffers.count_nonzero_gradients(self.closing)
 
     def live(self) -> torch.Tensor:
         """The closing period's share: the largest of the closing step's, the step's before it and (without a known
