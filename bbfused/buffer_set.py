@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from .backends import Backend, load_backend
-from .backends.base import add_count
+from .backends.base import write_share
 from .buffer_runs import BufferRun, plan_runs
 from .buffers import FlatBuffer, planned_numel, state_dtype, warn_replaced_gradients
 from .clock import EpochClock, choose
@@ -46,13 +46,17 @@ class EpochBuffers(Protocol):
     def snapshot_params(self) -> None:
         """prev_params ← θ (the point a diverged epoch 0 returns to)."""
 
-    def count_nonzero_gradients(
-        self, out: torch.Tensor, enabled: torch.Tensor | None = None, slot: torch.Tensor | None = None
+    def nonzero_gradient_share(
+        self,
+        out: torch.Tensor,
+        enabled: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
     ) -> None:
         """out ← the share of the trainable parameters' gradient values that are not exactly zero, over every buffer
         (and the ranks that share sharded parameters); ``out``: a float64 0-dim tensor on the master device.
-        ``enabled`` gates the reads and the write as an epoch-end pass's flag; ``slot`` as in
-        ``Backend.nonzero_count`` (``out`` then has two elements)."""
+        ``enabled`` gates the reads and the write as an epoch-end pass's flag; ``slot`` and ``skip`` as in
+        ``Backend.nonzero_share`` (with a slot ``out`` has two elements)."""
 
     def kernel_device(self) -> torch.device | None:
         """The device of every buffer when the Triton backend runs them all there, else None."""
@@ -338,8 +342,12 @@ class BufferSet:
         for buffer in self.buffers:
             buffer.prev_params.copy_(buffer.param)
 
-    def count_nonzero_gradients(
-        self, out: torch.Tensor, enabled: torch.Tensor | None = None, slot: torch.Tensor | None = None
+    def nonzero_gradient_share(
+        self,
+        out: torch.Tensor,
+        enabled: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
     ) -> None:
         # A frozen parameter (requires_grad=False) has no gradient, as a dead unit has none: it is left out of the
         # share's denominator. Read on the host at each count (a captured step keeps the capture's).
@@ -348,18 +356,22 @@ class BufferSet:
             # Each buffer's (or run of buffers') share added into ``out`` by its own launch: no torch op (a captured
             # step runs it).
             for index, unit in enumerate(self._units()):
-                self.backends[unit.device].nonzero_count(
-                    unit.grad, out, total=total, add=index > 0, enabled=enabled, slot=slot
+                self.backends[unit.device].nonzero_share(
+                    unit.grad, out, total=total, add=index > 0, enabled=enabled, slot=slot, skip=_on(skip, out.device)
                 )
             if not self.buffers:
-                add_count(torch.zeros((), dtype=torch.float64, device=out.device), out, False, enabled, 1.0, slot)
+                zero = torch.zeros((), dtype=torch.float64, device=out.device)
+                write_share(zero, out, False, enabled, 1.0, slot, _on(skip, out.device))
             return
+        # Several devices or sharded parameters: per-buffer counts, gated alike, added (and reduced) on the master.
+        active = enabled if slot is None else slot if enabled is None else slot | enabled
         counts = []
         for buffer in self.buffers:
             count = torch.zeros((), dtype=torch.float64, device=buffer.device)
-            self.backends[buffer.device].nonzero_count(buffer.grad, count)
+            self.backends[buffer.device].nonzero_share(buffer.grad, count, enabled=_on(active, buffer.device))
             counts.append(_on(count, self.master))
-        add_count(reduce_sums(torch.stack(counts).sum(), self.buffers), out, False, enabled, total, slot)
+        total_count = reduce_sums(torch.stack(counts).sum(), self.buffers)
+        write_share(total_count, out, False, enabled, total, slot, _on(skip, self.master))
 
     def kernel_device(self) -> torch.device | None:
         if len(self.backends) != 1:

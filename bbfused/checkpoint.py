@@ -353,7 +353,9 @@ def _check_preconditioner(bb: dict[str, Any], groups: Any) -> None:
 
 
 def _is_share(value: Any) -> bool:
-    return is_real(value) and 0 <= value <= 1
+    """A share of gradient values: at most 1 but for a frozen parameter given a gradient by hand, which counts in the
+    numerator and not in the denominator."""
+    return is_real(value) and math.isfinite(value) and value >= 0
 
 
 def _is_rate(value: Any) -> bool:
@@ -382,9 +384,9 @@ def _check_control(bb: dict[str, Any]) -> None:
         _is_share(bb[name]) for name in ("live_before", "live_last")
     ):
         raise ValueError(
-            f"corrupt state dict: live_reference must be a number in [0, 1] or None, live_before and live_last numbers "
-            f"in [0, 1] (shares of gradient values that are not zero); got {reference!r}, {bb['live_before']!r} and "
-            f"{bb['live_last']!r}"
+            f"corrupt state dict: live_reference must be a finite number >= 0 or None, live_before and live_last "
+            f"finite numbers >= 0 (shares of gradient values that are not zero); got {reference!r}, "
+            f"{bb['live_before']!r} and {bb['live_last']!r}"
         )
     good_lr = bb["good_lr"]
     if good_lr is not None and (not is_real(good_lr) or not good_lr > 0):

@@ -61,6 +61,10 @@ class Periods:
         """Whether a period of the first epoch ends after its ``step``-th step (before the epoch ends)."""
         return bool(self.length) and step % self.length == 0 and step <= self.last_inner_end
 
+    def closes(self, epoch: int, step: int, steps_per_epoch: int | None) -> bool:
+        """Whether ``epoch``'s ``step``-th step closes a rate period (the epoch, or one of a split first epoch's)."""
+        return step == steps_per_epoch or (epoch == 0 and self.inner_end(step))
+
     def steps_before(self, step: int) -> int:
         """The steps of the first epoch's period that ends after its ``step``-th step."""
         if not self.length:
@@ -205,12 +209,8 @@ class HostClock:
         epoch's length is not known (end_epoch() may close it after any step)."""
         if self.steps_per_epoch is None:
             return None
-        step = self.step_in_epoch
-        return not self._closes(step) and self._closes(step + 1)
-
-    def _closes(self, step: int) -> bool:
-        """Whether the open epoch's ``step``-th step closes a rate period."""
-        return step == self.steps_per_epoch or (self.epoch == 0 and self.periods.inner_end(step))
+        step, closes = self.step_in_epoch, self.periods.closes
+        return not closes(self.epoch, step, self.steps_per_epoch) and closes(self.epoch, step + 1, self.steps_per_epoch)
 
     def reached(self, epoch: int) -> Flag:
         """Whether the closing epoch is ``epoch`` or later."""
@@ -498,14 +498,11 @@ class KernelDeviceClock(DeviceClock):
 
     def _set_gates(self) -> None:
         """The gates of the next step, from the counts (on the host: at construction and loading only)."""
-        epoch, step = int(self.epoch), int(self.step) + 1
-
-        def closes(step: int) -> bool:
-            return step == self.steps_per_epoch or (epoch == 0 and self.periods.inner_end(step))
-
-        self.epoch_gate.fill_(step == self.steps_per_epoch)
-        self.gate.fill_(closes(step))
-        self.before_period_end.fill_(not closes(step) and closes(step + 1))
+        epoch, step, steps_per_epoch = int(self.epoch), int(self.step) + 1, self.steps_per_epoch
+        closes = self.periods.closes(epoch, step, steps_per_epoch)
+        self.epoch_gate.fill_(step == steps_per_epoch)
+        self.gate.fill_(closes)
+        self.before_period_end.fill_(not closes and self.periods.closes(epoch, step + 1, steps_per_epoch))
 
 
 EpochClock = Union[HostClock, DeviceClock]

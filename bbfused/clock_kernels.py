@@ -27,6 +27,13 @@ def _add_loss_kernel(loss_ptr, sum_ptr, steps_ptr, last_ptr):
 
 
 @triton.jit
+def _closes(epoch, step, steps_per_epoch, period_length, last_inner_end):
+    """Periods.closes: the ``step``-th step of ``epoch`` closes the epoch or one of a split first epoch's periods."""
+    inner = (period_length > 0) & (epoch == 0) & (step % tl.maximum(period_length, 1) == 0)
+    return (step == steps_per_epoch) | (inner & (step <= last_inner_end))
+
+
+@triton.jit
 def _finish_kernel(
     gate_ptr, epoch_gate_ptr, epoch_ptr, step_ptr, new_base_ptr, rolled_back_ptr, base_ptr, multiplier_ptr, lr_ptr,
     lr_history_ptr, rolled_history_ptr, before_end_ptr,
@@ -53,18 +60,13 @@ def _finish_kernel(
     tl.store(step_ptr, step)
     tl.store(base_ptr, base)
     tl.store(lr_ptr, base * tl.load(multiplier_ptr))
-    # The next step's gates: it closes the epoch, or (first epoch, split) one of its periods.
+    # The next step's gates: it closes the epoch, or (first epoch, split) one of its periods; or the step after it does.
     following = step + 1
-    next_ends_epoch = following == steps_per_epoch
-    inner = (period_length > 0) & (epoch == 0) & (following % tl.maximum(period_length, 1) == 0)
-    inner = inner & (following <= last_inner_end)
-    tl.store(epoch_gate_ptr, next_ends_epoch)
-    tl.store(gate_ptr, next_ends_epoch | inner)
-    # Whether the next step is the last before its period's closing one.
-    after = following + 1
-    inner_after = (period_length > 0) & (epoch == 0) & (after % tl.maximum(period_length, 1) == 0)
-    inner_after = inner_after & (after <= last_inner_end)
-    tl.store(before_end_ptr, ((next_ends_epoch | inner) == 0) & ((after == steps_per_epoch) | inner_after))
+    next_closes = _closes(epoch, following, steps_per_epoch, period_length, last_inner_end)
+    tl.store(epoch_gate_ptr, following == steps_per_epoch)
+    tl.store(gate_ptr, next_closes)
+    after_closes = _closes(epoch, following + 1, steps_per_epoch, period_length, last_inner_end)
+    tl.store(before_end_ptr, (next_closes == 0) & after_closes)
 
 
 def add_loss(loss: torch.Tensor, total: torch.Tensor, steps: torch.Tensor, last: torch.Tensor) -> None:

@@ -275,20 +275,21 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self._missing_loss.step(watched)
         self._buffers.adopt_gradients()
         self._shown.take_writes(self.param_groups)
+        # Set by torch.amp.GradScaler around this call (see _step_supports_amp_scaling).
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if self._clock.first_step_pending:
-            self._control.first_step(self._buffers, watched)
+            self._control.first_step(self._buffers, watched, found_inf)
         if watched is not None:
             self._control.add_loss(watched)
         self._buffers.step(
             weight_decays=[group["weight_decay"] for group in self.param_groups],
             beta=self.beta,
-            # Set by torch.amp.GradScaler around this call (see _step_supports_amp_scaling).
-            grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
             whole_buffers=self._clock.steps_whole_buffers(),
         )
         closes = self._clock.advance()
-        self._control.step_taken(self._buffers, self._clock)
+        self._control.step_taken(self._buffers, self._clock, closes, found_inf)
         if closes:
             self._close_epoch()
         return closure_loss

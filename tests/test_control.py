@@ -310,10 +310,10 @@ def test_version_1_state_dict_is_upgraded() -> None:
         ("loss_rollback", 1, "loss_rollback must be True or False"),
         ("model_buffers", [1.0], "model_buffers must be a list of tensors"),
         ("version", 6, "found version 6"),
-        ("live_reference", -0.5, r"live_reference must be a number in \[0, 1\] or None"),
-        ("live_reference", 1.5, r"live_reference must be a number in \[0, 1\] or None"),
-        ("live_before", None, r"live_before and live_last numbers in \[0, 1\]"),
-        ("live_last", math.nan, r"live_before and live_last numbers in \[0, 1\]"),
+        ("live_reference", -0.5, "live_reference must be a finite number >= 0 or None"),
+        ("live_reference", math.inf, "live_reference must be a finite number >= 0 or None"),
+        ("live_before", None, "live_before and live_last finite numbers >= 0"),
+        ("live_last", math.nan, "live_before and live_last finite numbers >= 0"),
     ],
 )
 def test_corrupt_control_state_is_rejected_before_anything_is_written(key: str, value, message: str) -> None:

@@ -36,26 +36,32 @@ def test_every_backend_counts_the_non_zero_values(backend, dtype: torch.dtype, n
     expected = int(torch.count_nonzero(grad))
     assert expected > 0 or n < 4
     out = torch.tensor(7.0, dtype=torch.float64)
-    backend.nonzero_count(grad, out)
+    backend.nonzero_share(grad, out)
     assert out.dtype == torch.float64 and float(out) == expected
-    backend.nonzero_count(grad, out, add=True, enabled=torch.tensor(True))
+    backend.nonzero_share(grad, out, add=True, enabled=torch.tensor(True))
     assert float(out) == 2 * expected
-    backend.nonzero_count(grad, out, enabled=torch.tensor(False))
+    backend.nonzero_share(grad, out, enabled=torch.tensor(False))
     assert float(out) == 2 * expected
-    backend.nonzero_count(grad, out, total=3.0)
+    backend.nonzero_share(grad, out, total=3.0)
     assert float(out) == expected / 3.0  # divided in float64, as the eager backend divides
+    backend.nonzero_share(grad, out, skip=torch.tensor([1.0]))  # GradScaler's found_inf: a skipped step
+    assert float(out) == expected / 3.0
+    backend.nonzero_share(grad, out, skip=torch.tensor([0.0]))
+    assert float(out) == expected
 
 
 @pytest.mark.parametrize("backend", [EagerBackend(), *BACKENDS], ids=lambda b: b.name)
 def test_a_slot_chooses_which_of_two_counts_a_launch_writes(backend) -> None:
     """A period's two counts as one launch: the slot flag writes out[1] (the closing step), the enabled flag alone
-    out[0] (the step before it), neither nothing."""
+    out[0] (the step before it), neither nothing, nor a skipped step."""
     grad = torch.tensor([0.0, 1.0, -2.0, 0.0, float("nan")])
     for enabled, slot, expected in ((True, False, [0.75, 9.0]), (False, True, [9.0, 0.75]), (True, True, [9.0, 0.75]),
                                     (False, False, [9.0, 9.0])):  # fmt: skip
         out = torch.full((2,), 9.0, dtype=torch.float64)
-        backend.nonzero_count(grad, out, total=4.0, enabled=torch.tensor(enabled), slot=torch.tensor(slot))
+        backend.nonzero_share(grad, out, total=4.0, enabled=torch.tensor(enabled), slot=torch.tensor(slot))
         assert out.tolist() == expected, (enabled, slot)
+        backend.nonzero_share(grad, out, enabled=torch.tensor(True), slot=torch.tensor(True), skip=torch.tensor([1.0]))
+        assert out.tolist() == expected, "a skipped step writes nothing"
 
 
 def _closing_and_before(clock, steps: int) -> list[tuple[bool, bool]]:
@@ -188,7 +194,7 @@ def _kill_run(capturable: bool, backend: str, steps: int, share: float | None = 
 
 @pytest.mark.parametrize("backend", ["eager", *(b.name for b in BACKENDS)])
 def test_a_captured_run_rolls_back_dead_units_as_the_host_counted_one(backend: str, monkeypatch) -> None:
-    """Same weights, rates, rollbacks and counts under the device clock; the rollback is the dead-unit test's (none
+    """Same weights, rates, rollbacks and shares under the device clock; the rollback is the dead-unit test's (none
     without it)."""
     model, opt = _kill_run(False, backend, 30)
     captured_model, captured = _kill_run(True, backend, 30)
@@ -201,27 +207,105 @@ def test_a_captured_run_rolls_back_dead_units_as_the_host_counted_one(backend: s
     assert without.rolled_back_epochs == []
 
 
-def test_a_checkpoint_between_the_two_counts_resumes_exactly() -> None:
-    """Saved after the count of the step before the closing one: the resumed run rolls back the same period."""
-    model, opt = _kill_run(False, "eager", 30)
-    cut_model, cut = _kill_run(False, "eager", 29)
-    saved = copy.deepcopy(cut.state_dict())
-    assert saved["bb"]["live_before"] > 0 and saved["bb"]["version"] == checkpoint.VERSION
-    resumed = BB(cut_model.parameters(), lr=3.0, steps_per_epoch=10, epochs=3, backend="eager")
+def _resume_at_step_29(saved: dict, model: torch.nn.Module, capturable: bool) -> BB:
+    """A fresh optimizer loaded with ``saved`` that takes the kill run's 30th step (its third epoch's last)."""
+    resumed = BB(model.parameters(), lr=3.0, steps_per_epoch=10, epochs=3, backend="eager", capturable=capturable)
     resumed.load_state_dict(saved)
     x, y = _teacher_data()
-    opt_step = slice(9 * 64, 10 * 64)
+    batch = slice(9 * 64, 10 * 64)
     resumed.zero_grad()
-    loss = torch.nn.functional.cross_entropy(cut_model(x[opt_step]), y[opt_step])
+    loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
     loss.backward()
     resumed.step(loss=loss)
+    return resumed
+
+
+@pytest.mark.parametrize(("saving", "resuming"), [(False, False), (True, False), (False, True)])
+def test_a_checkpoint_between_the_two_counts_resumes_exactly(saving: bool, resuming: bool) -> None:
+    """Saved after the share of the step before the closing one (in either clock, resumed in either): the resumed run
+    rolls back the same period and ends on the same weights. With that share raised in the state dict past half the
+    reference the closing period is kept: the loaded share is the one the test reads."""
+    model, opt = _kill_run(False, "eager", 30)
+    cut_model, cut = _kill_run(saving, "eager", 29)
+    saved = copy.deepcopy(cut.state_dict())
+    assert 0 < saved["bb"]["live_before"] < 0.5 * saved["bb"]["live_reference"]
+    assert saved["bb"]["version"] == checkpoint.VERSION
+    raised_model = copy.deepcopy(cut_model)
+    resumed = _resume_at_step_29(saved, cut_model, resuming)
     assert resumed.rolled_back_epochs == opt.rolled_back_epochs == [2]
     for a, b in zip(model.parameters(), cut_model.parameters()):
         assert torch.equal(a, b)
+    saved["bb"]["live_before"] = saved["bb"]["live_reference"]
+    assert _resume_at_step_29(saved, raised_model, resuming).rolled_back_epochs == []
+
+
+def _shares_now(model: torch.nn.Module) -> float:
+    """The share of the model's gradient values that are not zero (every parameter trains)."""
+    grads = [p.grad for p in model.parameters()]
+    return sum(int(torch.count_nonzero(g)) for g in grads) / sum(g.numel() for g in grads)
+
+
+def test_without_an_epoch_length_the_last_two_steps_are_kept() -> None:
+    """With steps_per_epoch=None each step's share moves the last one's into the before-end slot."""
+    x, y = _teacher_data(64)
+    model = _relu_net(depth=2)
+    opt = BB(model.parameters(), lr=0.01, steps_per_epoch=None, beta=0.5, backend="eager")
+    shares = []
+    for step in range(3):
+        batch = slice(step * 16, step * 16 + 16 - 5 * step)  # batches of 16, 11, 6: different shares
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        shares.append(_shares_now(model))
+        opt.step()
+    state = opt.state_dict()["bb"]
+    assert len(set(shares)) == 3
+    assert state["live_last"] == pytest.approx(shares[2], rel=1e-12)
+    assert state["live_before"] == pytest.approx(shares[1], rel=1e-12)
+
+
+def test_a_step_gradscaler_skips_gives_no_share() -> None:
+    """GradScaler's found_inf set: the first step gives no reference, and a skipped closing step no share (the step
+    before it stands for the period). A period whose counts were all skipped keeps the reference."""
+    x, y = _teacher_data(128)
+    model = _relu_net(depth=2)
+    opt = BB(model.parameters(), lr=0.01, steps_per_epoch=8, backend="eager")  # first epoch: periods of 2 steps
+    shares = []
+    for step in range(4):
+        batch = slice(step * 32, step * 32 + 32)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        shares.append(_shares_now(model))
+        skipped = step in (0, 3)
+        opt.grad_scale = torch.ones((), dtype=torch.float32)  # as torch.amp.GradScaler sets them around step()
+        opt.found_inf = torch.tensor([1.0 if skipped else 0.0])
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        reference = opt.state_dict()["bb"]["live_reference"]
+        if step == 0:
+            assert reference is None
+        if step == 1:  # the first period's end: its closing step's share
+            assert reference == pytest.approx(shares[1], rel=1e-12)
+        if step == 3:  # the second period's closing step skipped: the step before it stands
+            assert reference == pytest.approx(shares[2], rel=1e-12)
+    assert opt.rolled_back_epochs == []
+
+
+def test_adding_a_group_drops_the_reference() -> None:
+    """add_param_group changes the share's denominator: no reference until the next good period end."""
+    x, y = _teacher_data(64)
+    model = _relu_net(depth=2)
+    layers = list(model.children())
+    opt = BB([p for layer in layers[:-1] for p in layer.parameters()], lr=0.01, steps_per_epoch=4, backend="eager")
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+    opt.step()
+    assert opt.state_dict()["bb"]["live_reference"] is not None
+    opt.add_param_group({"params": list(layers[-1].parameters())})
+    assert opt.state_dict()["bb"]["live_reference"] is None
 
 
 def test_a_version_4_state_dict_has_no_reference_until_a_good_period_end() -> None:
-    """An entry saved before the counts existed loads with none: the test cannot fire until a good period end."""
+    """An entry saved before the shares existed loads with none: the test cannot fire until a good period end."""
     _, opt = _kill_run(False, "eager", 15)
     saved = copy.deepcopy(opt.state_dict())
     for bb in [saved["bb"], *(group["bb"] for group in saved["param_groups"])]:

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from bbfused.backends.base import write_share  # noqa: E402
 from bbfused.clock import DeviceClock, HostClock  # noqa: E402
 from bbfused.control.preconditioned import PreconditionedControl  # noqa: E402
 from bbfused.control.safeguard import SafeguardControl  # noqa: E402
@@ -45,24 +46,24 @@ STATE = ("rate", "ceiling", "snapshot_sq_norm", "lr_cap", "good_lr", "initial_lo
 FLAGS = ("searching", "has_snapshot", "loss_rollback")
 
 
-# Counts of non-zero gradient values: ties with half the reference (100 or 10) and none at all.
-COUNTS = [0.0, 4.0, 5.0, 49.0, 50.0, 100.0, 1000.0]
+# Shares of gradient values that are not zero: ties with half the reference (1.0 or 0.1) and none at all.
+SHARES = [0.0, 0.04, 0.05, 0.49, 0.5, 1.0]
 
 
 class FakeBuffers:
-    """The EpochBuffers a control sees: the measured sums and the closing step's count of non-zero gradient values;
-    the commit pass records its flag."""
+    """The EpochBuffers a control sees: the measured sums and the share of gradient values that are not zero at the
+    closing step; the commit pass records its flag."""
 
-    def __init__(self, sums: torch.Tensor, use_kernels: bool, count: float = 100.0) -> None:
+    def __init__(self, sums: torch.Tensor, use_kernels: bool, share: float = 1.0) -> None:
         self.sums, self.use_kernels, self.committed = sums, use_kernels, None
-        self.count = torch.tensor(count, dtype=torch.float64)
+        self.share = torch.tensor(share, dtype=torch.float64)
         self.backends: dict = {}
 
     def measure(self, clock, partials: bool = False) -> torch.Tensor:
         return self.sums
 
-    def count_nonzero_gradients(self, out: torch.Tensor, enabled: torch.Tensor | None = None) -> None:
-        out.copy_(self.count if enabled is None else torch.where(enabled, self.count, out))
+    def nonzero_gradient_share(self, out, enabled=None, slot=None, skip=None) -> None:
+        write_share(self.share, out, False, enabled, 1.0, slot, skip)
 
     def commit(self, rolled_back: torch.Tensor, clock) -> None:
         self.committed = rolled_back.clone()
@@ -85,15 +86,15 @@ def random_control(rng: random.Random, clock, epochs: int | None) -> SafeguardCo
     for name in FLAGS:
         getattr(control, name).fill_(rng.random() < 0.5)
     if control.gradient_shares is not None:
-        control.gradient_shares.reference.fill_(rng.choice([math.nan, 0.0, 10.0, 100.0, 1000.0]))
-        control.gradient_shares.before_end.fill_(rng.choice(COUNTS[:5]))
-        control.gradient_shares.last.fill_(rng.choice([0.0, 0.0, 4.0, 60.0]))
+        control.gradient_shares.reference.fill_(rng.choice([math.nan, 0.0, 0.1, 1.0]))
+        control.gradient_shares.before_end.fill_(rng.choice(SHARES[:5]))
+        control.gradient_shares.last.fill_(rng.choice([0.0, 0.0, 0.04, 0.6]))
     return control
 
 
-def counts_of(control: SafeguardControl) -> list[torch.Tensor]:
-    counts = control.gradient_shares
-    return [] if counts is None else [counts.reference, counts.before_end, counts.last]
+def shares_of(control: SafeguardControl) -> list[torch.Tensor]:
+    shares = control.gradient_shares
+    return [] if shares is None else [shares.reference, shares.before_end, shares.closing, shares.last]
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -159,13 +160,14 @@ def device_case(rng: random.Random) -> tuple[SafeguardControl, DeviceClock, torc
     return control, clock, torch.tensor([number(rng) for _ in range(4)], dtype=torch.float64), (0.01, 10.0)
 
 
-def close_both(control, clock, sums, bounds, count: float = 100.0):
-    """close_epoch on two copies, by the torch ops and by the kernels (``count``: the closing step's non-zero
-    gradient values); both copies and results."""
+def close_both(control, clock, sums, bounds, share: float = 1.0):
+    """The closing step's step_taken (``share``: its gradient values' share that is not zero) and close_epoch on two
+    copies, by the torch ops and by the kernels; both copies and results."""
     results = []
     for use_kernels in (False, True):
         c, k = copy.deepcopy((control, clock))
-        buffers = FakeBuffers(sums.clone(), use_kernels, count)
+        buffers = FakeBuffers(sums.clone(), use_kernels, share)
+        c.step_taken(buffers, k, closes=True)
         applied, diverged = c.close_epoch(buffers, torch.tensor(1.0, dtype=torch.float64), k, (None, *bounds))
         results.append((c, applied, diverged, buffers.committed))
     return results
@@ -177,9 +179,9 @@ def test_kernel_decision_is_the_torch_decision_bit_for_bit(make_case):
     outcomes = set()
     for trial in range(120):
         control, clock, sums, bounds = make_case(rng)
-        count = rng.choice(COUNTS)
+        share = rng.choice(SHARES)
         (torch_c, torch_rate, torch_div, torch_commit), (kern_c, kern_rate, kern_div, kern_commit) = close_both(
-            control, clock, sums, bounds, count
+            control, clock, sums, bounds, share
         )
         context = f"trial {trial}: sums {sums.tolist()}"
         assert same(torch_rate, kern_rate), f"{context}: rate {torch_rate} vs {kern_rate}"
@@ -192,8 +194,8 @@ def test_kernel_decision_is_the_torch_decision_bit_for_bit(make_case):
         for name in ("sum", "last"):
             assert same(getattr(torch_c.loss, name), getattr(kern_c.loss, name)), f"{context}: loss.{name}"
         assert int(torch_c.loss.steps_tensor()) == int(kern_c.loss.steps_tensor()), context
-        for torch_count, kernel_count in zip(counts_of(torch_c), counts_of(kern_c), strict=True):
-            assert same(torch_count, kernel_count), f"{context}: counts {torch_count} vs {kernel_count}"
+        for torch_share, kernel_share in zip(shares_of(torch_c), shares_of(kern_c), strict=True):
+            assert same(torch_share, kernel_share), f"{context}: shares {torch_share} vs {kernel_share}"
         outcomes.add((bool(torch_div), bool(torch_c.searching), bool(torch_rate.isfinite())))
     # The random states reached both verdicts, both search states and finite rates (the comparison was not vacuous).
     assert {(True, False), (False, True), (False, False)} <= {o[:2] for o in outcomes}
@@ -265,11 +267,14 @@ def test_a_non_positive_loss_rises_by_its_size(
     assert float(rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)
 
 
-def close_good_period(clock_kind: str, reference: float, before: float, count: float, other_rollback: bool = False):
+def close_good_period(
+    clock_kind: str, reference: float, before: float, share: float, other_rollback: bool = False, last: float = 0.0
+):
     """Close a period of epoch 1 that every other test passes (the mean loss fell from 1.0 to 0.9), with the dead-unit
-    test's ``reference``, the count at the step ``before`` the closing one and the closing step's ``count``, or (with
-    ``other_rollback``) one whose mean rose 50 %, which the rise test rolls back; by the torch ops and by the
-    kernels, which must agree to the bit. Returns the torch copy of the control, its applied rate and its verdict."""
+    test's ``reference``, the share at the step ``before`` the closing one, the closing step's ``share`` (and the
+    ``last`` step's, kept without a known epoch length), or (with ``other_rollback``) one whose mean rose 50 %, which
+    the rise test rolls back; by the torch ops and by the kernels, which must agree to the bit. Returns the torch copy
+    of the control, its applied rate and its verdict."""
     if clock_kind == "host":
         clock = HostClock(8, DEVICE, first_epoch_periods=4)
         clock.epoch, clock.step_in_epoch = 1, 8
@@ -285,8 +290,7 @@ def close_good_period(clock_kind: str, reference: float, before: float, count: f
         getattr(control, name).fill_(value)
     control.has_snapshot.fill_(True)
     control.searching.fill_(False)
-    control.gradient_shares.reference.fill_(reference)
-    control.gradient_shares.before_end.fill_(before)
+    control.gradient_shares.load(reference, before, last)
     mean = 1.5 if other_rollback else 0.9
     if clock_kind == "host":
         for _ in range(8):
@@ -297,61 +301,73 @@ def close_good_period(clock_kind: str, reference: float, before: float, count: f
         control.loss.last.fill_(mean)
     sums = torch.tensor([8e-6, 1e-6, 1.0, 1e-3], dtype=torch.float64)  # an estimate of 1: the rate doubles
     (torch_c, torch_rate, torch_div, torch_commit), (kern_c, kern_rate, kern_div, kern_commit) = close_both(
-        control, clock, sums, (1e-4, 100.0), count
+        control, clock, sums, (1e-4, 100.0), share
     )
     assert same(torch_rate, kern_rate) and bool(torch_div) == bool(kern_div) == bool(torch_commit)
     for name in STATE + FLAGS:
         assert same(getattr(torch_c, name), getattr(kern_c, name)), name
-    for torch_count, kernel_count in zip(counts_of(torch_c), counts_of(kern_c), strict=True):
-        assert same(torch_count, kernel_count)
+    for torch_share, kernel_share in zip(shares_of(torch_c), shares_of(kern_c), strict=True):
+        assert same(torch_share, kernel_share)
     return torch_c, float(torch_rate), bool(torch_div)
 
 
 @pytest.mark.parametrize("clock_kind", ["host", "device"])
 @pytest.mark.parametrize(
-    ("reference", "before", "count", "dead"),
+    ("reference", "before", "share", "last", "dead"),
     [
-        (100.0, 0.0, 100.0, False),
-        (100.0, 0.0, 49.0, True),
-        (100.0, 0.0, 50.0, False),  # exactly half: not under it
-        (100.0, 60.0, 10.0, False),  # the step before the closing one (a full batch) still reaches the units
-        (100.0, 49.0, 10.0, True),
-        (100.0, 0.0, 0.0, False),  # no value at all: a stationary point, not dead units
-        (math.nan, 0.0, 1.0, False),  # no reference yet
+        (0.8, 0.0, 0.8, 0.0, False),
+        (0.8, 0.0, 0.39, 0.0, True),
+        (0.8, 0.0, 0.4, 0.0, False),  # exactly half: not under it
+        (0.8, 0.5, 0.1, 0.0, False),  # the step before the closing one (a full batch) still reaches the units
+        (0.8, 0.39, 0.1, 0.0, True),
+        (0.8, 0.0, 0.1, 0.5, False),  # the last step's share, kept without a known epoch length
+        (0.8, 0.0, 0.0, 0.0, False),  # no value at all: a stationary point (or every count skipped)
+        (math.nan, 0.0, 0.1, 0.0, False),  # no reference yet
     ],
-    ids=["kept", "under half", "at half", "before the end", "both under half", "none at all", "no reference"],
+    ids=[
+        "kept",
+        "under half",
+        "at half",
+        "before the end",
+        "both under half",
+        "the last step",
+        "none at all",
+        "no reference",
+    ],  # fmt: skip
 )
-def test_a_good_period_whose_gradient_count_collapsed_is_rolled_back(
-    clock_kind: str, reference: float, before: float, count: float, dead: bool
+def test_a_good_period_whose_gradient_share_collapsed_is_rolled_back(
+    clock_kind: str, reference: float, before: float, share: float, last: float, dead: bool
 ) -> None:
-    """The dead-unit test: a period every other test passes is rolled back when the larger of its last two steps'
-    counts of non-zero gradient values fell under half the last good period end's, as a non-finite average is (the
-    rate becomes the last good one, capped at a quarter of its own, and stays capped); else that count becomes the
-    reference. Either way the next period starts without a count before its end."""
-    control, rate, diverged = close_good_period(clock_kind, reference, before, count)
-    counts = control.gradient_shares
+    """The dead-unit test: a period every other test passes is rolled back when the largest of its last steps' shares
+    of gradient values that are not zero fell under half the last good period end's, as a non-finite average is (the
+    rate becomes the last good one, capped at a quarter of its own, and stays capped); else that share becomes the
+    reference, unless it has none. Either way the next period starts with no share of its own."""
+    control, rate, diverged = close_good_period(clock_kind, reference, before, share, last=last)
+    shares = control.gradient_shares
     assert diverged == dead
-    assert float(counts.before_end) == 0.0
+    assert shares.period.tolist() == [0.0, 0.0] and float(shares.last) == 0.0
     if dead:
         assert rate == pytest.approx(0.025) and float(control.lr_cap) == pytest.approx(0.025)
-        assert float(counts.reference) == reference and not bool(control.loss_rollback)
+        assert float(shares.reference) == reference and not bool(control.loss_rollback)
         assert float(control.best_loss) == 1.0  # the rolled-back period's mean is not a best
     else:
         assert rate == pytest.approx(0.2) and math.isinf(float(control.lr_cap))
-        assert float(counts.reference) == max(before, count) and float(control.best_loss) == pytest.approx(0.9)
+        assert float(control.best_loss) == pytest.approx(0.9)
+        live = max(before, share, last)
+        assert same(shares.reference, torch.tensor(live if live > 0 else reference, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("clock_kind", ["host", "device"])
 def test_the_dead_unit_test_leaves_another_rollback_as_it_is(clock_kind: str) -> None:
     """A period the rise test rolls back returns to the last good rate under the rise's ceiling (0.7 times its own) and
-    is not capped for good, whatever its count: the dead-unit test does not turn it into a divergence."""
-    control, rate, diverged = close_good_period(clock_kind, 100.0, 0.0, 10.0, other_rollback=True)
+    is not capped for good, whatever its share: the dead-unit test does not turn it into a divergence."""
+    control, rate, diverged = close_good_period(clock_kind, 0.8, 0.0, 0.1, other_rollback=True)
     assert diverged and rate == pytest.approx(0.07) and math.isinf(float(control.lr_cap))
-    assert float(control.gradient_shares.reference) == 100.0
+    assert float(control.gradient_shares.reference) == 0.8
 
 
 def test_the_preconditioned_control_has_no_dead_unit_test() -> None:
-    """The Adam-scaled policy neither counts nor keeps counts in its state."""
+    """The Adam-scaled policy neither counts nor keeps shares in its state."""
     clock = HostClock(8, DEVICE)
     control = PreconditionedControl(clock, DEVICE, numel=10, lr=1e-3, epochs=None)
     assert control.gradient_shares is None

@@ -1,4 +1,5 @@
-"""The single-program kernels (the safeguard's decision, the device clock's loss and period end) compile for a GPU
+"""The single-program kernels (the safeguard's decision, the device clock's loss and period end, the dead-unit test's
+gradient share) compile for a GPU
 (sm_90, no GPU needed: Triton compiles to PTX on the CPU), and their PTX has no fused multiply-add, so a GPU gives
 the bits the interpreter gives and the torch ops give. The interpreter checks their values (test_safeguard_kernel,
 test_capture); this checks what the interpreter cannot: that the compiler takes them."""
@@ -23,13 +24,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bbfused import clock_kernels as ck
+from bbfused.backends import triton_backend as tb
 from bbfused.control import safeguard_kernel as sk
 
 target = GPUTarget("cuda", 90, 32)
 FLAGS = {"searching_ptr", "has_snapshot_ptr", "loss_rollback_ptr", "diverged_ptr", "gate_ptr", "epoch_gate_ptr",
-         "rolled_back_ptr", "rolled_history_ptr"}
+         "rolled_back_ptr", "rolled_history_ptr", "before_end_ptr", "enabled_ptr", "slot_ptr"}
 INTS = {"epoch_ptr", "step_ptr"}
-LOSSES = {"loss_ptr", "last_ptr"}  # a float32 loss tensor where the meter keeps float64
+LOSSES = {"loss_ptr", "last_ptr", "grad_ptr", "skip_ptr"}  # float32 tensors (a loss, a gradient, found_inf)
 
 
 def signature(kernel, constexprs):
@@ -47,9 +49,14 @@ def signature(kernel, constexprs):
 
 
 kernels = {
-    "decide (device clock)": (sk._decide_kernel, {"DEVICE_CLOCK": True, "BLOCK": sk.REDUCE_BLOCK}),
-    "decide (host clock)": (sk._decide_kernel, {"DEVICE_CLOCK": False, "BLOCK": sk.REDUCE_BLOCK}),
-    "apply": (sk._apply_kernel, {}),
+    "decide (device clock)": (sk._decide_kernel, {"DEVICE_CLOCK": True, "HAS_SHARES": True, "BLOCK": sk.REDUCE_BLOCK}),
+    "decide (host clock)": (sk._decide_kernel, {"DEVICE_CLOCK": False, "HAS_SHARES": True, "BLOCK": sk.REDUCE_BLOCK}),
+    "decide (no shares)": (sk._decide_kernel, {"DEVICE_CLOCK": True, "HAS_SHARES": False, "BLOCK": sk.REDUCE_BLOCK}),
+    "apply": (sk._apply_kernel, {"HAS_SHARES": True}),
+    "gradient share (device clock)": (tb._nonzero_share_kernel, {"ADD": True, "HAS_ENABLED": True, "HAS_SLOT": True,
+                                      "HAS_SKIP": True, "USE_INT64": False, "BLOCK": tb.BLOCK_SIZE}),
+    "gradient share (host clock)": (tb._nonzero_share_kernel, {"ADD": False, "HAS_ENABLED": False, "HAS_SLOT": False,
+                                    "HAS_SKIP": False, "USE_INT64": False, "BLOCK": tb.BLOCK_SIZE}),
     "add_loss": (ck._add_loss_kernel, {}),
     "finish_period": (ck._finish_kernel, {"HAS_ROLLED_BACK": True}),
     "finish_period (paper)": (ck._finish_kernel, {"HAS_ROLLED_BACK": False}),
@@ -70,8 +77,9 @@ def test_scalar_kernels_compile_for_sm90_without_fused_multiply_add() -> None:
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert set(report) == {"decide (device clock)", "decide (host clock)", "apply", "add_loss", "finish_period",
-                           "finish_period (paper)"}  # fmt: skip
+    assert set(report) == {"decide (device clock)", "decide (host clock)", "decide (no shares)", "apply", "add_loss",
+                           "finish_period", "finish_period (paper)", "gradient share (device clock)",
+                           "gradient share (host clock)"}  # fmt: skip
     for name, figures in report.items():
         assert figures["lines"] > 20 and figures["fma"] == 0, (name, figures)
     # The mean loss and the BB estimate are IEEE float64 divisions, rounded to nearest as torch's.

@@ -109,7 +109,7 @@ class Backend(Protocol):
         ``bias_correction``)."""
         ...
 
-    def nonzero_count(
+    def nonzero_share(
         self,
         grad: torch.Tensor,
         out: torch.Tensor,
@@ -118,14 +118,16 @@ class Backend(Protocol):
         add: bool = False,
         enabled: torch.Tensor | None = None,
         slot: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
     ) -> None:
         """out ← (out if ``add`` else 0) + c / ``total``, c how many of ``grad``'s values are not exactly zero (NaN
         counts), divided in float64. ``out``: a float64 0-dim tensor on grad's device. ``enabled`` as in epoch_end:
         false reads nothing and leaves out as it is. With ``slot`` (a bool 0-dim tensor on the device) ``out`` is a
         (2,) tensor, the count runs where ``enabled`` or ``slot`` is set and goes to out[1] where ``slot`` is, else
-        to out[0]: a period's two counts (the step before its last, the last) as one gated launch per step. A read
-        only: the rate control measures the share of gradient values that are not zero, to see units that stopped
-        (``bbfused.control.live_gradients``)."""
+        to out[0]: a period's two counts (the step before its last, the last) as one gated launch per step. ``skip``:
+        GradScaler's found_inf (a float32 one-element tensor on the device); non-zero, nothing is read or written (a
+        skipped step's gradient is not the network's). A read only: the rate control measures the share of gradient
+        values that are not zero, to see units that stopped (``bbfused.control.live_gradients``)."""
         ...
 
     def epoch_commit(
@@ -165,29 +167,33 @@ def zero_momentum_if_rolled_back(
         momentum_buffer.masked_fill_(restart, 0)
 
 
-def add_count(
+def write_share(
     count: torch.Tensor,
     out: torch.Tensor,
     add: bool,
     enabled: torch.Tensor | None,
     total: float = 1.0,
     slot: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> None:
-    """nonzero_count's write with torch ops (no host read of a flag)."""
+    """nonzero_share's write with torch ops (no host read of a flag)."""
     share = count.to(torch.float64) / total
     if slot is None:
         value = out + share if add else share
-        if enabled is None:
-            out.copy_(value)
-        else:
-            torch.where(enabled.reshape(()), value, out, out=out)
-        return
-    chosen = slot.reshape(())
-    target = torch.where(chosen, out[1], out[0])
-    value = target + share if add else share
-    written = torch.where(chosen, torch.stack([out[0], value]), torch.stack([value, out[1]]))
-    active = chosen if enabled is None else chosen | enabled.reshape(())
-    torch.where(active, written, out, out=out)
+        active = None if enabled is None else enabled.reshape(())
+    else:
+        chosen = slot.reshape(())
+        target = torch.where(chosen, out[1], out[0])
+        total_share = target + share if add else share
+        value = torch.where(chosen, torch.stack([out[0], total_share]), torch.stack([total_share, out[1]]))
+        active = chosen if enabled is None else chosen | enabled.reshape(())
+    if skip is not None:
+        kept = skip.reshape(()) == 0
+        active = kept if active is None else active & kept
+    if active is None:
+        out.copy_(value)
+    else:
+        torch.where(active, value, out, out=out)
 
 
 def check_second_moment_arguments(

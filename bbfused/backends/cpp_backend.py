@@ -21,8 +21,8 @@ import torch
 
 from .base import (
     BackendUnavailableError,
-    add_count,
     check_second_moment_arguments,
+    write_share,
     zero_momentum_if_rolled_back,
 )
 
@@ -253,7 +253,7 @@ class CppBackend:
             param, ema, prev_params, prev_ema, second_moment, bias_correction, eps
         )
 
-    def nonzero_count(
+    def nonzero_share(
         self,
         grad: torch.Tensor,
         out: torch.Tensor,
@@ -262,12 +262,13 @@ class CppBackend:
         add: bool = False,
         enabled: torch.Tensor | None = None,
         slot: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
     ) -> None:
-        """ATen's count: a read-only reduction its CPU kernel already runs on every core, twice a period."""
-        if slot is not None:
-            add_count(torch.count_nonzero(grad), out, add, enabled, total, slot)
-        elif not _skipped(enabled):
-            add_count(torch.count_nonzero(grad), out, add, None, total)
+        """ATen's count: a read-only reduction its CPU kernel already runs on every core, twice a period. The flags
+        are CPU tensors: reading them costs no device sync."""
+        if (skip is not None and bool(skip.reshape(()) != 0)) or (slot is None and _skipped(enabled)):
+            return
+        write_share(torch.count_nonzero(grad), out, add, enabled if slot is not None else None, total, slot)
 
     def epoch_commit(
         self,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .base import (
-    add_count,
     check_momentum_arguments,
     check_second_moment_arguments,
+    write_share,
     zero_momentum_if_rolled_back,
 )
 
@@ -133,7 +133,7 @@ class EagerBackend:
         _zero_if(enabled, ema)
         return _sums_if(enabled, sums)
 
-    def nonzero_count(
+    def nonzero_share(
         self,
         grad: torch.Tensor,
         out: torch.Tensor,
@@ -142,8 +142,9 @@ class EagerBackend:
         add: bool = False,
         enabled: torch.Tensor | None = None,
         slot: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
     ) -> None:
-        add_count(torch.count_nonzero(grad), out, add, enabled, total, slot)
+        write_share(torch.count_nonzero(grad), out, add, enabled, total, slot, skip)
 
     def epoch_commit(
         self,

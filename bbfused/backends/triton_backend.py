@@ -534,8 +534,10 @@ def _preconditioned_measure_kernel(
 
 
 @triton.jit
-def _count_flags(enabled_ptr, slot_ptr, HAS_ENABLED: tl.constexpr, HAS_SLOT: tl.constexpr):
-    """Whether _nonzero_count_kernel counts, and the slot it writes (0 without HAS_SLOT)."""
+def _count_flags(
+    enabled_ptr, slot_ptr, skip_ptr, HAS_ENABLED: tl.constexpr, HAS_SLOT: tl.constexpr, HAS_SKIP: tl.constexpr
+):
+    """Whether _nonzero_share_kernel counts, and the slot it writes (0 without HAS_SLOT)."""
     if HAS_SLOT:
         chosen = tl.load(slot_ptr) != 0
         if HAS_ENABLED:
@@ -545,28 +547,35 @@ def _count_flags(enabled_ptr, slot_ptr, HAS_ENABLED: tl.constexpr, HAS_SLOT: tl.
     else:
         chosen = tl.full((), 0, tl.int1)
         go = _enabled(enabled_ptr, HAS_ENABLED)
-    return go, chosen.to(tl.int32)
+    if HAS_SKIP:
+        counted = go & (tl.load(skip_ptr) == 0)
+    else:
+        counted = go
+    return counted, chosen.to(tl.int32)
 
 
 @triton.jit(do_not_specialize=["n_elements"])
-def _nonzero_count_kernel(
+def _nonzero_share_kernel(
     grad_ptr,
     out_ptr,
     enabled_ptr,
     slot_ptr,
+    skip_ptr,
     n_elements,
     total: tl.float64,
     ADD: tl.constexpr,
     HAS_ENABLED: tl.constexpr,
     HAS_SLOT: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One program: out[s] ← (out[s] if ADD) + the count of values that are not zero (NaN counts, as in
     torch.count_nonzero) divided by ``total``, in float64; s = 0, or with HAS_SLOT the flag at slot_ptr (the count
-    then runs where either flag is set). A zero flag reads nothing and writes nothing. One program, because it runs
+    then runs where either flag is set). A zero flag, or a non-zero skip (GradScaler's found_inf), reads nothing and
+    writes nothing. One program, because it runs
     twice a period and must write its sum without a second launch (a captured step launches it every step)."""
-    go, index = _count_flags(enabled_ptr, slot_ptr, HAS_ENABLED, HAS_SLOT)
+    go, index = _count_flags(enabled_ptr, slot_ptr, skip_ptr, HAS_ENABLED, HAS_SLOT, HAS_SKIP)
     if go:
         count = tl.full((), 0, tl.int64)
         for block in range(0, tl.cdiv(n_elements, BLOCK)):
@@ -895,7 +904,7 @@ class TritonBackend:
             start += width
         return partials
 
-    def nonzero_count(
+    def nonzero_share(
         self,
         grad: torch.Tensor,
         out: torch.Tensor,
@@ -904,32 +913,36 @@ class TritonBackend:
         add: bool = False,
         enabled: torch.Tensor | None = None,
         slot: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
     ) -> None:
         """One launch (no sync), gated like the epoch-end passes."""
-        _check_flat("nonzero_count", {"grad": grad}, {"grad": grad.dtype})
+        _check_flat("nonzero_share", {"grad": grad}, {"grad": grad.dtype})
         if slot is None:
-            _check_scalar("nonzero_count", "out", out, grad.device, torch.float64)
+            _check_scalar("nonzero_share", "out", out, grad.device, torch.float64)
         else:
-            _check_scalar("nonzero_count", "slot", slot, grad.device)
+            _check_scalar("nonzero_share", "slot", slot, grad.device)
             if out.shape != (2,) or out.dtype != torch.float64 or out.device != grad.device or out.stride(0) != 1:
                 raise ValueError(
-                    f"triton backend nonzero_count: with a slot, out must be a contiguous float64 (2,) tensor on "
+                    f"triton backend nonzero_share: with a slot, out must be a contiguous float64 (2,) tensor on "
                     f"{grad.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
                 )
-        if enabled is not None:
-            _check_scalar("nonzero_count", "enabled", enabled, grad.device)
+        for name, flag in (("enabled", enabled), ("skip", skip)):
+            if flag is not None:
+                _check_scalar("nonzero_share", name, flag, grad.device)
         n_elements = grad.numel()
         with _on_device(grad.device):
-            _nonzero_count_kernel[(1,)](
+            _nonzero_share_kernel[(1,)](
                 grad,
                 out,
                 enabled,
                 slot,
+                skip,
                 n_elements,
                 float(total),
                 ADD=bool(add),
                 HAS_ENABLED=enabled is not None,
                 HAS_SLOT=slot is not None,
+                HAS_SKIP=skip is not None,
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
                 num_warps=NUM_WARPS,

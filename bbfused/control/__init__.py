@@ -37,11 +37,16 @@ class RateControl(Protocol):
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
         """``lr``: the initial rate; ``epochs``: the planned number of epochs (None: not known)."""
 
-    def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
-        """Before the run's first update."""
+    def first_step(
+        self, buffers: EpochBuffers, loss: torch.Tensor | None, found_inf: torch.Tensor | None = None
+    ) -> None:
+        """Before the run's first update (``found_inf``: GradScaler's, when it wraps the step)."""
 
-    def step_taken(self, buffers: EpochBuffers, clock: EpochClock) -> None:
-        """After each update, once the clock counted it (before the period end it may close)."""
+    def step_taken(
+        self, buffers: EpochBuffers, clock: EpochClock, closes: bool, found_inf: torch.Tensor | None = None
+    ) -> None:
+        """After each update, once the clock counted it (``closes``: a host clock closes a period now, after this
+        call)."""
 
     def add_loss(self, loss: torch.Tensor) -> None:
         """This step's training loss (a 0-dim tensor on the master device)."""

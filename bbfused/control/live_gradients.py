@@ -30,44 +30,54 @@ class GradientShares:
         # At the step before the closing one, and at the closing step: one tensor, so that a device clock takes both
         # with one gated launch a step.
         self.period = torch.zeros(2, dtype=torch.float64, device=device)
-        self.before_end, self.closing = self.period[0], self.period[1]
         self.last = torch.zeros((), dtype=torch.float64, device=device)  # at the last step, when T is not known
 
-    def first_step(self, buffers: EpochBuffers) -> None:
-        """The first step's share: the reference until a period ends well."""
-        buffers.count_nonzero_gradients(self.reference)
+    # Views made on each use: a view kept as an attribute would come out of a pickled copy as a tensor of its own.
+    @property
+    def before_end(self) -> torch.Tensor:
+        return self.period[0]
 
-    def step_taken(self, buffers: EpochBuffers, clock: EpochClock) -> None:
-        """After the clock counted the step: keep its share when it is the last before its period's closing one (the
-        last two steps' when the clock cannot tell)."""
+    @property
+    def closing(self) -> torch.Tensor:
+        return self.period[1]
+
+    def first_step(self, buffers: EpochBuffers, skip: torch.Tensor | None) -> None:
+        """The first step's share: the reference until a period ends well (none when GradScaler skips the step)."""
+        buffers.nonzero_gradient_share(self.reference, skip=skip)
+
+    def step_taken(self, buffers: EpochBuffers, clock: EpochClock, closes: bool, skip: torch.Tensor | None) -> None:
+        """After the clock counted the step (``closes``: a host clock closes a period now): keep its share when it is
+        its period's closing step or the step before it (the last two steps' when the clock cannot tell). A step
+        GradScaler skips (``skip``: its found_inf) gives none."""
         flag = clock.before_period_end
         if isinstance(flag, torch.Tensor):
-            # The closing step's share too, into its slot: a device clock's closing step is gated, not known here.
-            buffers.count_nonzero_gradients(self.period, flag, slot=clock.gate)
+            # A device clock's closing step is gated, not known here: the gate picks the slot.
+            buffers.nonzero_gradient_share(self.period, flag, slot=clock.gate, skip=skip)
         elif flag is None:
             self.before_end.copy_(self.last)
-            buffers.count_nonzero_gradients(self.last)
-        elif flag:
-            buffers.count_nonzero_gradients(self.before_end)
-
-    def count_closing_step(self, buffers: EpochBuffers, clock: EpochClock) -> None:
-        """The closing step's share into :attr:`closing` (a device clock's step_taken took it already)."""
-        if clock.gate is None:
-            buffers.count_nonzero_gradients(self.closing)
+            self.last.zero_()
+            buffers.nonzero_gradient_share(self.last, skip=skip)
+        elif flag or closes:
+            buffers.nonzero_gradient_share(self.before_end if flag else self.closing, skip=skip)
 
     def live(self) -> torch.Tensor:
         """The closing period's share: the largest of the closing step's, the step's before it and (without a known
-        epoch length) the last step's."""
+        epoch length) the last step's; 0 when every one of them was skipped."""
         return torch.maximum(torch.maximum(self.closing, self.before_end), self.last)
 
     def references(self, live: torch.Tensor, diverged: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The new shares as (state tensor, value) pairs for the period end's writes: a good period's share becomes
-        the reference, and the next period starts with none of its own."""
+        the reference (unless it has none), and the next period starts with none of its own."""
+        kept = diverged | ~(live > 0)
         return [
-            (self.reference, torch.where(diverged, self.reference, live)),
-            (self.before_end, torch.zeros_like(self.before_end)),
+            (self.reference, torch.where(kept, self.reference, live)),
+            (self.period, torch.zeros_like(self.period)),
             (self.last, torch.zeros_like(self.last)),
         ]
+
+    def reset(self) -> None:
+        """No reference (parameters were added: the shares' denominator changed) and no share of this period."""
+        self.load(None, 0.0, 0.0)
 
     def state(self) -> tuple[float | None, float, float]:
         """The reference (None: none yet), the share before the closing step, the last step's."""
@@ -76,5 +86,5 @@ class GradientShares:
 
     def load(self, reference: float | None, before_end: float, last: float) -> None:
         self.reference.fill_(float("nan") if reference is None else reference)
-        self.before_end.fill_(before_end)
+        self.period.copy_(torch.tensor([before_end, 0.0], dtype=torch.float64))
         self.last.fill_(last)

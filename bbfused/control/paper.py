@@ -22,10 +22,14 @@ class PaperControl:
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
         """The paper's method has no state of its own and no end phase (``epochs`` is not used)."""
 
-    def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
+    def first_step(
+        self, buffers: EpochBuffers, loss: torch.Tensor | None, found_inf: torch.Tensor | None = None
+    ) -> None:
         pass
 
-    def step_taken(self, buffers: EpochBuffers, clock: EpochClock) -> None:
+    def step_taken(
+        self, buffers: EpochBuffers, clock: EpochClock, closes: bool, found_inf: torch.Tensor | None = None
+    ) -> None:
         pass
 
     def add_loss(self, loss: torch.Tensor) -> None:

@@ -35,6 +35,6 @@ class PreconditionedControl(SafeguardControl):
     # No "stuck at chance" test: it reads weights that moved 10 % without the loss falling 5 % as a rate too large,
     # and an Adam step moves small networks' weights that far at 1e-3 while they learn.
     STUCK_MOVEMENT = math.inf
-    # No dead-unit test: the constants above were chosen without it, and on the settings where it helps the SGD step
-    # this policy already ends near the best reference (2026-12-05_cpu_dead_units.md).
+    # No dead-unit test: on the deep ReLU settings where it saves the SGD step this policy already ends near the best
+    # reference (2026-12-05_cpu_dead_units.md), and its measurements hold without it.
     DEAD_UNIT_SHARE = 0.0

@@ -201,7 +201,9 @@ class SafeguardControl:
         self.model_buffers = TrackedBuffers(tensors)
 
     # ------------------------------------------------------------------ per step
-    def first_step(self, buffers: EpochBuffers, loss: torch.Tensor | None) -> None:
+    def first_step(
+        self, buffers: EpochBuffers, loss: torch.Tensor | None, found_inf: torch.Tensor | None = None
+    ) -> None:
         """Before the run's first update: the point a diverged epoch 0 returns to, and the initial loss."""
         buffers.snapshot_params()
         self.snapshot_sq_norm.copy_(buffers.sq_norm("prev_params"))
@@ -210,20 +212,25 @@ class SafeguardControl:
         if loss is not None:
             self.initial_loss.copy_(loss)
         if self.gradient_shares is not None:
-            self.gradient_shares.first_step(buffers)
+            self.gradient_shares.first_step(buffers, found_inf)
 
-    def step_taken(self, buffers: EpochBuffers, clock: EpochClock) -> None:
+    def step_taken(
+        self, buffers: EpochBuffers, clock: EpochClock, closes: bool, found_inf: torch.Tensor | None = None
+    ) -> None:
         """After each update, once the clock counted it (before a period end it closes)."""
         if self.gradient_shares is not None:
-            self.gradient_shares.step_taken(buffers, clock)
+            self.gradient_shares.step_taken(buffers, clock, closes, found_inf)
 
     def add_params(self, numel: int, snapshot_sq_norm: torch.Tensor) -> None:
         """``numel`` parameters were added (``BB.add_param_group``) with their snapshot taken now, whose ‖·‖² is
         ``snapshot_sq_norm``: the weight growth test compares the next epoch end's ‖θ‖², which includes them, with a
-        reference and a floor that include them too (before the first step, first_step() takes the reference)."""
+        reference and a floor that include them too (before the first step, first_step() takes the reference). The
+        dead-unit test has no reference until the next good period end: the share's denominator changed."""
         self.numel += numel
         self.weight_floor = WEIGHT_FLOOR * self.numel
         self.snapshot_sq_norm.add_(snapshot_sq_norm)
+        if self.gradient_shares is not None:
+            self.gradient_shares.reset()
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss.add(loss)
@@ -371,8 +378,6 @@ class SafeguardControl:
         sums). Every write goes through ``clock``, which applies it only at a period's end."""
         kernels = self._decision_kernels(buffers)
         shares = self.gradient_shares
-        if shares is not None:
-            shares.count_closing_step(buffers, clock)
         sums = buffers.measure(clock, partials=kernels is not None)
         if kernels is not None:
             anneal = 1.0 if clock.gate is not None else float(anneal_factor(clock.next_epoch, self.epochs))

@@ -32,7 +32,7 @@ from ..clock_kernels import SCALAR_OPTIONS
 # The order of the control's state in the pending vector (bools as 0.0 / 1.0).
 PENDING = (
     "loss_rollback", "best_loss", "last_loss", "snapshot_sq_norm", "snapshot_loss", "lr_cap", "good_lr",
-    "has_snapshot", "searching", "ceiling", "rate", "live_reference", "live_before", "live_last",
+    "has_snapshot", "searching", "ceiling", "rate", "live_reference", "live_before", "live_last", "live_closing",
 )  # fmt: skip
 DBL_MAX = 1.7976931348623157e308
 REDUCE_BLOCK = 1024  # partials added per iteration of the decision's reduction
@@ -105,7 +105,7 @@ def _decide_kernel(
     sums_ptr, n_partials, loss_sum_ptr, loss_steps_ptr, last_ptr,
     rate_ptr, ceiling_ptr, snapshot_sq_ptr, lr_cap_ptr, good_lr_ptr, initial_ptr, best_ptr, last_loss_ptr,
     snapshot_loss_ptr, searching_ptr, has_snapshot_ptr, loss_rollback_ptr,
-    live_now_ptr, live_before_ptr, live_last_ptr, live_reference_ptr,
+    live_closing_ptr, live_before_ptr, live_last_ptr, live_reference_ptr,
     epoch_ptr, step_ptr, epoch_gate_ptr, gate_ptr, anneal_ptr,
     pending_ptr, diverged_ptr, applied_ptr,
     host_loss_steps: tl.float64, host_closing_steps: tl.float64, host_in_first, host_search_open,
@@ -117,7 +117,7 @@ def _decide_kernel(
     ceiling_fraction: tl.float64, backoff: tl.float64, cap: tl.float64, rise_rollback: tl.float64,
     search_until: tl.float64, dead_unit_share: tl.float64, dbl_max: tl.float64,
     period_length, last_inner_end, steps_per_epoch, epochs, step_offset,
-    DEVICE_CLOCK: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK: tl.constexpr,
+    DEVICE_CLOCK: tl.constexpr, HAS_SHARES: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program: the decision of SafeguardControl.diverged, next_rate and close_epoch, line for line."""
     # tl.full keeps the float64 arguments' value under the interpreter too, which rounds bare floats to float32.
@@ -201,7 +201,7 @@ def _decide_kernel(
     risen = risen & (mean - last_loss > margin)
     diverged = diverged | risen
     # Without the test (a share of 0) nothing is dead: the loads then read the rate's tensor, never used.
-    live = _maximum(_maximum(_f64(live_now_ptr), _f64(live_before_ptr)), _f64(live_last_ptr))
+    live = _maximum(_maximum(_f64(live_closing_ptr), _f64(live_before_ptr)), _f64(live_last_ptr))
     live_reference = _f64(live_reference_ptr)
     dead = (diverged == 0) & (live < dead_unit_share * live_reference) & (live > 0)
     diverged = diverged | dead
@@ -254,10 +254,12 @@ def _decide_kernel(
     tl.store(pending_ptr + 8, searching.to(tl.float64))
     tl.store(pending_ptr + 9, ceiling)
     tl.store(pending_ptr + 10, new_rate)
-    if HAS_COUNTS:
-        tl.store(pending_ptr + 11, tl.where(diverged, live_reference, live))
+    if HAS_SHARES:
+        # A good period's share becomes the reference unless it has none (every count of it skipped).
+        tl.store(pending_ptr + 11, tl.where(diverged | ((live > 0) == 0), live_reference, live))
         tl.store(pending_ptr + 12, tl.full((), 0.0, tl.float64))
         tl.store(pending_ptr + 13, tl.full((), 0.0, tl.float64))
+        tl.store(pending_ptr + 14, tl.full((), 0.0, tl.float64))
     tl.store(diverged_ptr, diverged)
     tl.store(applied_ptr, new_rate * anneal)
     if DEVICE_CLOCK:
@@ -265,7 +267,8 @@ def _decide_kernel(
             _write_state(
                 pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr,
                 lr_cap_ptr, good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr,
-                loss_steps_ptr, last_ptr, live_before_ptr, live_last_ptr, live_reference_ptr, True, HAS_COUNTS,
+                loss_steps_ptr, last_ptr, live_closing_ptr, live_before_ptr, live_last_ptr, live_reference_ptr, True,
+                HAS_SHARES,
             )  # fmt: skip
 
 
@@ -273,7 +276,8 @@ def _decide_kernel(
 def _write_state(
     pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
     good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_steps_ptr, last_ptr,
-    live_before_ptr, live_last_ptr, live_reference_ptr, DEVICE_METER: tl.constexpr, HAS_COUNTS: tl.constexpr,
+    live_closing_ptr, live_before_ptr, live_last_ptr, live_reference_ptr, DEVICE_METER: tl.constexpr,
+    HAS_SHARES: tl.constexpr,
 ):  # fmt: skip
     """The pending state into the control's tensors, and the loss meter reset."""
     tl.store(loss_rollback_ptr, tl.load(pending_ptr + 0) != 0)
@@ -287,10 +291,11 @@ def _write_state(
     tl.store(searching_ptr, tl.load(pending_ptr + 8) != 0)
     tl.store(ceiling_ptr, tl.load(pending_ptr + 9))
     tl.store(rate_ptr, tl.load(pending_ptr + 10))
-    if HAS_COUNTS:
+    if HAS_SHARES:
         tl.store(live_reference_ptr, tl.load(pending_ptr + 11))
         tl.store(live_before_ptr, tl.load(pending_ptr + 12))
         tl.store(live_last_ptr, tl.load(pending_ptr + 13))
+        tl.store(live_closing_ptr, tl.load(pending_ptr + 14))
     tl.store(loss_sum_ptr, tl.full((), 0.0, tl.float64))
     if DEVICE_METER:
         tl.store(loss_steps_ptr, tl.full((), 0.0, tl.float64))
@@ -300,14 +305,14 @@ def _write_state(
 @triton.jit
 def _apply_kernel(
     pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
-    good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, live_before_ptr,
-    live_last_ptr, live_reference_ptr, HAS_COUNTS: tl.constexpr,
+    good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, live_closing_ptr,
+    live_before_ptr, live_last_ptr, live_reference_ptr, HAS_SHARES: tl.constexpr,
 ):  # fmt: skip
     """Under a host clock, after the commit pass: the pending state in, and the loss sum reset."""
     _write_state(
         pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
         good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_sum_ptr, loss_sum_ptr,
-        live_before_ptr, live_last_ptr, live_reference_ptr, False, HAS_COUNTS,
+        live_closing_ptr, live_before_ptr, live_last_ptr, live_reference_ptr, False, HAS_SHARES,
     )  # fmt: skip
 
 
@@ -394,17 +399,17 @@ class SafeguardKernels:
             loss_steps, step_offset = applied, 0
         last = meter.last if meter.last.device == c.device else meter.last.to(c.device)
         periods = clock.periods
-        counts = self._share_ptrs()
+        shares = self._share_tensors()
         _decide_kernel[(1,)](
             sums, sums.numel() // 4, meter.sum, loss_steps, last,
             c.rate, c.ceiling, c.snapshot_sq_norm, c.lr_cap, c.good_lr, c.initial_loss, c.best_loss, c.last_loss,
             c.snapshot_loss, c.searching, c.has_snapshot, c.loss_rollback,
-            *counts,
+            *shares,
             *clock_ptrs,
             self.pending, diverged, applied,
             *host, *self.rise_factors, float(c.weight_floor), float(bounds[0]), float(bounds[1]), *self.policy,
             periods.length, periods.last_inner_end, int(clock.steps_per_epoch or 0), int(c.epochs or 0), step_offset,
-            DEVICE_CLOCK=device_clock, HAS_COUNTS=c.gradient_shares is not None, BLOCK=REDUCE_BLOCK,
+            DEVICE_CLOCK=device_clock, HAS_SHARES=c.gradient_shares is not None, BLOCK=REDUCE_BLOCK,
             **SCALAR_OPTIONS,
         )  # fmt: skip
         return diverged, applied
@@ -417,20 +422,20 @@ class SafeguardKernels:
         meter = c.loss
         _apply_kernel[(1,)](
             self.pending, c.loss_rollback, c.best_loss, c.last_loss, c.snapshot_sq_norm, c.snapshot_loss, c.lr_cap,
-            c.good_lr, c.has_snapshot, c.searching, c.ceiling, c.rate, meter.sum, *self._share_ptrs()[1:],
-            HAS_COUNTS=c.gradient_shares is not None,
+            c.good_lr, c.has_snapshot, c.searching, c.ceiling, c.rate, meter.sum, *self._share_tensors(),
+            HAS_SHARES=c.gradient_shares is not None,
             **SCALAR_OPTIONS,
         )  # fmt: skip
         meter.steps = 0
         meter.last = meter.no_loss
 
-    def _share_ptrs(self) -> tuple[torch.Tensor, ...]:
+    def _share_tensors(self) -> tuple[torch.Tensor, ...]:
         """The dead-unit test's tensors: the closing step's share, the share before it, the last step's (without a
         known epoch length), the reference (the rate's tensor, not used, without the test)."""
-        counts = self.control.gradient_shares
-        if counts is None:
+        shares = self.control.gradient_shares
+        if shares is None:
             return (self.control.rate,) * 4
-        return counts.closing, counts.before_end, counts.last, counts.reference
+        return shares.closing, shares.before_end, shares.last, shares.reference
 
 
 __all__ = ["PENDING", "SafeguardKernels"]

@@ -5,7 +5,9 @@ average does: it is rolled back and the rate backs off. A ReLU unit that no inpu
 weights exactly zero gradients; when a rate kills many units at once the share of non-zero values collapses
 (2026-12-05_cpu_dead_units.md).
 
-The count is taken on the host at every step (a prototype: the optimizer would take it in its period-end pass).
+The count is taken on the host at every step (a prototype: the optimizer takes it in two steps of a period). The
+optimizer has the rule since commit 43d0a49 (``bbfused/control/live_gradients.py``; ``adopted.py`` compares the two):
+this script patches the decision as it was at 5e45055 and runs there only.
 Each run is saved as the suite saves it, as method ``bb[dead<FRACTION>]`` (BB's default otherwise):
 
     python benchmarks/results/dead_unit_runs/dead_units.py 0.5 OUT_DIR SETTINGS 0,1 0.001,0.01,0.1,1,10 [loss]

@@ -1,6 +1,8 @@
 """The tables of 2026-12-05_cpu_dead_units.md: the dead-unit prototype (``dead_units.py`` next to this script, runs
 ``bb[dead0.5]``) against BB's default and the best tuned reference of every setting, from the run files here and
-the suite's records: ``python benchmarks/results/dead_unit_runs/table.py``."""
+the suite's records: ``python benchmarks/results/dead_unit_runs/table.py``. Its "BB default" columns read the
+suite's ``bb`` runs, which since the optimizer has the rule (``adopted.py``) are the default with it: run it at commit
+5e45055 to reproduce the report."""
 
 from __future__ import annotations
 
