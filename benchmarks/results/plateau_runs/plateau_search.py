@@ -4,10 +4,13 @@ plateau the estimate is noise that shrinks with the step taken (deep ReLU nets w
 η0: each epoch's estimate about 0.3 times the rate that produced it, down to the 1e-4 floor), and the search's
 growth is what leaves it; a rate that grows into a kill is rolled back by the dead-unit test, a rise by the rise test.
 
-The decision runs as torch ops (the Triton decision kernel is turned off; capturable=True is refused). Each run is
-saved as the suite saves it, as method ``bb[plateau]``:
+With ``hold`` the search ends as the default's does, and near the first step's loss (without a rise) a falling
+estimate does not lower the rate instead. The decision runs as torch ops (the Triton decision kernel is turned off).
+Each run is saved as the suite saves it, as method ``bb[plateau]`` (``bb[plateau-hold]``):
 
-    python benchmarks/results/plateau_runs/plateau_search.py OUT_DIR SETTINGS 0,1 0.001,0.01,0.1,1,10
+    python benchmarks/results/plateau_runs/plateau_search.py OUT_DIR SETTINGS 0,1 0.001,0.01,0.1,1,10 [hold]
+
+Results: ../2026-12-05_cpu_plateau_search.md.
 """
 
 import json
@@ -45,14 +48,17 @@ def next_rate(self, sums, diverged, rose, steps, bounds, search_open=True, risen
     r = self.rate
     estimate = bb_ratio(sums, steps)
     usable = torch.isfinite(estimate) & (estimate > 0) & self.has_snapshot
-    # The change: near the first step's loss an estimate below the rate does not end the search.
-    objection = usable & (estimate < r) & ~self.plateau_near_start
+    # The change (MODE "search"): near the first step's loss an estimate below the rate does not end the search.
+    plateau = self.plateau_near_start if MODE == "search" else torch.zeros_like(diverged)
+    objection = usable & (estimate < r) & ~plateau
     searching = self.searching & ~rose & ~objection & ~diverged
     searching = searching & torch.as_tensor(search_open, device=r.device)
     search = torch.maximum(r * self.SEARCH_GROWTH, torch.minimum(estimate, r * self.SEARCH_LIMIT))
     growth = torch.where(rose, torch.full_like(r, LOSS_BRAKE), torch.full_like(r, self.RATE_GROWTH_LIMIT))
     follow = torch.minimum(torch.maximum(estimate, r * RATE_SHRINK_LIMIT), r * growth)
     kept = torch.where(usable, torch.where(searching, search, follow), torch.minimum(r, r * growth))
+    if MODE == "hold":  # the change: near the first step's loss a falling estimate does not lower the rate
+        kept = torch.where(self.plateau_near_start & ~rose, torch.maximum(kept, r), kept)
     ceiling = torch.where(rose | risen, torch.minimum(self.ceiling, r * CEILING), self.ceiling)
     kept = torch.minimum(kept, torch.where(rose, ceiling, torch.maximum(ceiling, r)))
     kept = torch.minimum(kept.clamp(min=lowest, max=highest), self.lr_cap)
@@ -62,21 +68,27 @@ def next_rate(self, sums, diverged, rose, steps, bounds, search_open=True, risen
     return torch.where(diverged, backed_off.clamp(max=highest), kept), searching, ceiling
 
 
-def install() -> None:
+MODE = "search"
+
+
+def install(mode: str = "search") -> None:
+    global MODE
+    MODE = mode
     SafeguardControl.diverged = diverged
     SafeguardControl.next_rate = next_rate
     SafeguardControl._decision_kernels = lambda self, buffers: None
 
 
 def main(argv: list[str]) -> None:
-    install()
+    """OUT_DIR SETTINGS SEEDS LRS [hold]: runs saved as bb[plateau] (or bb[plateau-hold], the rate held instead)."""
+    install(argv[4] if len(argv) > 4 else "search")
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
     lrs = [float(x) for x in argv[3].split(",")]
     for setting in argv[1].split(","):
         for seed in [int(s) for s in argv[2].split(",")]:
             for lr in lrs:
-                run = suite.Run(setting, "bb[plateau]", lr, seed)
+                run = suite.Run(setting, "bb[plateau]" if MODE == "search" else f"bb[plateau-{MODE}]", lr, seed)
                 path = out / f"{run.name}.json"
                 if path.exists():
                     continue
