@@ -14,6 +14,7 @@ import torch
 from test_control import BACKENDS
 
 from bbfused import BB, checkpoint, clock_kernels
+from bbfused.backends import triton_backend
 from bbfused.backends.eager import EagerBackend
 from bbfused.clock import HISTORY_CAPACITY, DeviceClock, HostClock, KernelDeviceClock
 from bbfused.control import safeguard
@@ -21,13 +22,25 @@ from bbfused.control import safeguard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "robustness"))
 import suite  # noqa: E402  (by its own name, as tests/test_robustness.py imports it)
 
+# Every backend, and the Triton one again with every buffer counted by many programs and a second launch.
+SHARE_BACKENDS = [(EagerBackend(), False), *((backend, False) for backend in BACKENDS)]
+SHARE_BACKENDS += [(backend, True) for backend in BACKENDS if backend.name == "triton"]
 
-@pytest.mark.parametrize("backend", [EagerBackend(), *BACKENDS], ids=lambda b: b.name)
+
+def _share_backend(case, monkeypatch):
+    backend, many_programs = case
+    if many_programs:
+        monkeypatch.setattr(triton_backend, "SHARE_PROGRAM_LIMIT", 0)
+    return backend
+
+
+@pytest.mark.parametrize("case", SHARE_BACKENDS, ids=lambda c: c[0].name + (" (many programs)" if c[1] else ""))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [0, 1, 17, 1024, 5000])
-def test_every_backend_counts_the_non_zero_values(backend, dtype: torch.dtype, n: int) -> None:
+def test_every_backend_counts_the_non_zero_values(case, dtype: torch.dtype, n: int, monkeypatch) -> None:
     """Exact counts, NaN and inf counted and -0.0 not, as torch.count_nonzero; added to what ``out`` holds with
     ``add``; a false flag reads nothing and leaves ``out`` as it was."""
+    backend = _share_backend(case, monkeypatch)
     generator = torch.Generator().manual_seed(n)
     grad = torch.randn(n, generator=generator).to(dtype)
     grad[torch.rand(n, generator=generator) < 0.4] = 0
@@ -50,10 +63,11 @@ def test_every_backend_counts_the_non_zero_values(backend, dtype: torch.dtype, n
     assert float(out) == expected
 
 
-@pytest.mark.parametrize("backend", [EagerBackend(), *BACKENDS], ids=lambda b: b.name)
-def test_a_slot_chooses_which_of_two_counts_a_launch_writes(backend) -> None:
+@pytest.mark.parametrize("case", SHARE_BACKENDS, ids=lambda c: c[0].name + (" (many programs)" if c[1] else ""))
+def test_a_slot_chooses_which_of_two_counts_a_launch_writes(case, monkeypatch) -> None:
     """A period's two counts as one launch: the slot flag writes out[1] (the closing step), the enabled flag alone
     out[0] (the step before it), neither nothing, nor a skipped step."""
+    backend = _share_backend(case, monkeypatch)
     grad = torch.tensor([0.0, 1.0, -2.0, 0.0, float("nan")])
     for enabled, slot, expected in ((True, False, [0.75, 9.0]), (False, True, [9.0, 0.75]), (True, True, [9.0, 0.75]),
                                     (False, False, [9.0, 9.0])):  # fmt: skip

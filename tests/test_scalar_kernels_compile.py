@@ -32,6 +32,7 @@ FLAGS = {"searching_ptr", "has_snapshot_ptr", "loss_rollback_ptr", "diverged_ptr
          "rolled_back_ptr", "rolled_history_ptr", "before_end_ptr", "enabled_ptr", "slot_ptr"}
 INTS = {"epoch_ptr", "step_ptr"}
 LOSSES = {"loss_ptr", "last_ptr", "grad_ptr", "skip_ptr"}  # float32 tensors (a loss, a gradient, found_inf)
+INTS |= {"partials_ptr"}  # the gradient share's per-program counts
 
 
 def signature(kernel, constexprs):
@@ -57,6 +58,10 @@ kernels = {
                                       "HAS_SKIP": True, "USE_INT64": False, "BLOCK": tb.BLOCK_SIZE}),
     "gradient share (host clock)": (tb._nonzero_share_kernel, {"ADD": False, "HAS_ENABLED": False, "HAS_SLOT": False,
                                     "HAS_SKIP": False, "USE_INT64": False, "BLOCK": tb.BLOCK_SIZE}),
+    "gradient share partials": (tb._nonzero_partials_kernel, {"HAS_ENABLED": True, "HAS_SLOT": True, "HAS_SKIP": True,
+                                "USE_INT64": False, "BLOCK": tb.BLOCK_SIZE}),
+    "gradient share finish": (tb._nonzero_share_finish_kernel, {"ADD": True, "HAS_ENABLED": True, "HAS_SLOT": True,
+                              "HAS_SKIP": True, "BLOCK": tb.EPOCH_PROGRAMS}),
     "add_loss": (ck._add_loss_kernel, {}),
     "finish_period": (ck._finish_kernel, {"HAS_ROLLED_BACK": True}),
     "finish_period (paper)": (ck._finish_kernel, {"HAS_ROLLED_BACK": False}),
@@ -79,7 +84,8 @@ def test_scalar_kernels_compile_for_sm90_without_fused_multiply_add() -> None:
     report = json.loads(result.stdout.splitlines()[-1])
     assert set(report) == {"decide (device clock)", "decide (host clock)", "decide (no shares)", "apply", "add_loss",
                            "finish_period", "finish_period (paper)", "gradient share (device clock)",
-                           "gradient share (host clock)"}  # fmt: skip
+                           "gradient share (host clock)", "gradient share partials",
+                           "gradient share finish"}  # fmt: skip
     for name, figures in report.items():
         assert figures["lines"] > 20 and figures["fma"] == 0, (name, figures)
     # The mean loss and the BB estimate are IEEE float64 divisions, rounded to nearest as torch's.

@@ -50,6 +50,10 @@ STEP_ROW = {torch.bfloat16: 4, torch.float16: 4}
 # would spend its time starting programs that read the flag and exit. 1024 programs of 4 warps still fill an H200
 # (132 SMs) several times over for the passes that run.
 EPOCH_PROGRAMS = 1024
+# The gradient share (the dead-unit test's count) runs as one program up to this many elements: one launch, two steps
+# a period. A larger buffer is counted by up to EPOCH_PROGRAMS programs and their sums added by a second launch, so
+# that a count at every step (steps_per_epoch=None) is not one multiprocessor's serial read.
+SHARE_PROGRAM_LIMIT = 1 << 20
 # Offsets pid * BLOCK + i are int32 unless the last block's end passes this; int64 costs registers and
 # address arithmetic, so it is used only when needed: for buffers of more than 2**31 elements.
 INT32_INDEX_LIMIT = 2**31
@@ -554,6 +558,27 @@ def _count_flags(
     return counted, chosen.to(tl.int32)
 
 
+@triton.jit
+def _count_blocks(grad_ptr, n_elements, first, step, USE_INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """The values that are not zero (NaN counts, as in torch.count_nonzero) in blocks first, first + step, ..."""
+    count = tl.full((), 0, tl.int64)
+    for block in range(first, tl.cdiv(n_elements, BLOCK), step):
+        start, offsets = _block_span(block, USE_INT64, BLOCK)
+        values = tl.load(grad_ptr + offsets, mask=offsets < n_elements, other=0.0)
+        count += tl.sum((values != 0).to(tl.int64), axis=0)
+    return count
+
+
+@triton.jit
+def _write_share(out_ptr, index, count, total, ADD: tl.constexpr):
+    """out[index] ← (out[index] if ADD) + count / total, in float64."""
+    # tl.full keeps the float64 argument's value under the interpreter too, which rounds bare floats to float32.
+    share = count.to(tl.float64) / tl.full((), total, tl.float64)
+    if ADD:
+        share = tl.load(out_ptr + index) + share
+    tl.store(out_ptr + index, share)
+
+
 @triton.jit(do_not_specialize=["n_elements"])
 def _nonzero_share_kernel(
     grad_ptr,
@@ -570,23 +595,59 @@ def _nonzero_share_kernel(
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program: out[s] ← (out[s] if ADD) + the count of values that are not zero (NaN counts, as in
-    torch.count_nonzero) divided by ``total``, in float64; s = 0, or with HAS_SLOT the flag at slot_ptr (the count
-    then runs where either flag is set). A zero flag, or a non-zero skip (GradScaler's found_inf), reads nothing and
-    writes nothing. One program, because it runs
-    twice a period and must write its sum without a second launch (a captured step launches it every step)."""
+    """One program: out[s] ← (out[s] if ADD) + the count of values that are not zero divided by ``total``, in
+    float64; s = 0, or with HAS_SLOT the flag at slot_ptr (the count then runs where either flag is set). A zero flag,
+    or a non-zero skip (GradScaler's found_inf), reads nothing and writes nothing. For buffers up to
+    SHARE_PROGRAM_LIMIT elements: one launch, whose sum needs no second one."""
     go, index = _count_flags(enabled_ptr, slot_ptr, skip_ptr, HAS_ENABLED, HAS_SLOT, HAS_SKIP)
     if go:
-        count = tl.full((), 0, tl.int64)
-        for block in range(0, tl.cdiv(n_elements, BLOCK)):
-            start, offsets = _block_span(block, USE_INT64, BLOCK)
-            values = tl.load(grad_ptr + offsets, mask=offsets < n_elements, other=0.0)
-            count += tl.sum((values != 0).to(tl.int64), axis=0)
-        # tl.full keeps the float64 argument's value under the interpreter too, which rounds bare floats to float32.
-        share = count.to(tl.float64) / tl.full((), total, tl.float64)
-        if ADD:
-            share = tl.load(out_ptr + index) + share
-        tl.store(out_ptr + index, share)
+        _write_share(out_ptr, index, _count_blocks(grad_ptr, n_elements, 0, 1, USE_INT64, BLOCK), total, ADD)
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def _nonzero_partials_kernel(
+    grad_ptr,
+    partials_ptr,
+    enabled_ptr,
+    slot_ptr,
+    skip_ptr,
+    n_elements,
+    HAS_ENABLED: tl.constexpr,
+    HAS_SLOT: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    USE_INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """A larger buffer's count, per program (every EPOCH_PROGRAMS-th block) into partials[pid], gated as
+    _nonzero_share_kernel; _nonzero_share_finish_kernel adds them."""
+    go, index = _count_flags(enabled_ptr, slot_ptr, skip_ptr, HAS_ENABLED, HAS_SLOT, HAS_SKIP)
+    if go:
+        pid = tl.program_id(0)
+        tl.store(partials_ptr + pid, _count_blocks(grad_ptr, n_elements, pid, tl.num_programs(0), USE_INT64, BLOCK))
+
+
+@triton.jit
+def _nonzero_share_finish_kernel(
+    partials_ptr,
+    n_partials,
+    out_ptr,
+    enabled_ptr,
+    slot_ptr,
+    skip_ptr,
+    total: tl.float64,
+    ADD: tl.constexpr,
+    HAS_ENABLED: tl.constexpr,
+    HAS_SLOT: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: the partials' sum written as _nonzero_share_kernel writes its count (integers: exact in any
+    order)."""
+    go, index = _count_flags(enabled_ptr, slot_ptr, skip_ptr, HAS_ENABLED, HAS_SLOT, HAS_SKIP)
+    if go:
+        offsets = tl.arange(0, BLOCK)
+        count = tl.sum(tl.load(partials_ptr + offsets, mask=offsets < n_partials, other=0), axis=0)
+        _write_share(out_ptr, index, count, total, ADD)
 
 
 @triton.jit
@@ -930,23 +991,24 @@ class TritonBackend:
             if flag is not None:
                 _check_scalar("nonzero_share", name, flag, grad.device)
         n_elements = grad.numel()
+        flags = {"HAS_ENABLED": enabled is not None, "HAS_SLOT": slot is not None, "HAS_SKIP": skip is not None}
         with _on_device(grad.device):
-            _nonzero_share_kernel[(1,)](
-                grad,
-                out,
-                enabled,
-                slot,
-                skip,
-                n_elements,
-                float(total),
-                ADD=bool(add),
-                HAS_ENABLED=enabled is not None,
-                HAS_SLOT=slot is not None,
-                HAS_SKIP=skip is not None,
-                USE_INT64=_needs_int64(n_elements),
-                BLOCK=BLOCK_SIZE,
-                num_warps=NUM_WARPS,
-            )
+            if n_elements <= SHARE_PROGRAM_LIMIT:
+                _nonzero_share_kernel[(1,)](
+                    grad, out, enabled, slot, skip, n_elements, float(total), ADD=bool(add), **flags,
+                    USE_INT64=_needs_int64(n_elements), BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+                )  # fmt: skip
+                return
+            programs = partial_columns(n_elements)
+            partials = torch.empty(programs, dtype=torch.int64, device=grad.device)
+            _nonzero_partials_kernel[(programs,)](
+                grad, partials, enabled, slot, skip, n_elements, **flags,
+                USE_INT64=_needs_int64(n_elements), BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+            )  # fmt: skip
+            _nonzero_share_finish_kernel[(1,)](
+                partials, programs, out, enabled, slot, skip, float(total), ADD=bool(add), **flags,
+                BLOCK=EPOCH_PROGRAMS, num_warps=NUM_WARPS,
+            )  # fmt: skip
 
     def epoch_commit(
         self,
