@@ -61,10 +61,9 @@ class ControlState:
     ceiling: float = math.inf  # r never grows past it again (the loss rose there)
     snapshot_loss: float | None = None  # the last step's loss of the last good period
     # The dead-unit test's shares of gradient values that are not zero: at the last good period end (None: none yet),
-    # at the step before the open period's last, and (without a known epoch length) at the last step (0: not taken).
+    # and at the step before the open period's last (0: not taken).
     live_reference: float | None = None
     live_before: float = 0.0
-    live_last: float = 0.0
 
     @classmethod
     def empty(cls, epoch: int) -> ControlState:
@@ -379,14 +378,11 @@ def _check_control(bb: dict[str, Any]) -> None:
         value = bb[name]
         if value is not None and (not is_real(value) or math.isnan(value)):
             raise ValueError(f"corrupt state dict: {name} must be a number or None, got {value!r}")
-    reference = bb["live_reference"]
-    if (reference is not None and not _is_share(reference)) or not all(
-        _is_share(bb[name]) for name in ("live_before", "live_last")
-    ):
+    reference, before = bb["live_reference"], bb["live_before"]
+    if (reference is not None and not _is_share(reference)) or not _is_share(before):
         raise ValueError(
-            f"corrupt state dict: live_reference must be a finite number >= 0 or None, live_before and live_last "
-            f"finite numbers >= 0 (shares of gradient values that are not zero); got {reference!r}, "
-            f"{bb['live_before']!r} and {bb['live_last']!r}"
+            f"corrupt state dict: live_reference must be a finite number >= 0 or None and live_before a finite number "
+            f">= 0 (shares of gradient values that are not zero); got {reference!r} and {before!r}"
         )
     good_lr = bb["good_lr"]
     if good_lr is not None and (not is_real(good_lr) or not good_lr > 0):

@@ -312,8 +312,8 @@ def test_version_1_state_dict_is_upgraded() -> None:
         ("version", 6, "found version 6"),
         ("live_reference", -0.5, "live_reference must be a finite number >= 0 or None"),
         ("live_reference", math.inf, "live_reference must be a finite number >= 0 or None"),
-        ("live_before", None, "live_before and live_last finite numbers >= 0"),
-        ("live_last", math.nan, "live_before and live_last finite numbers >= 0"),
+        ("live_before", None, "live_before a finite number >= 0"),
+        ("live_before", math.nan, "live_before a finite number >= 0"),
     ],
 )
 def test_corrupt_control_state_is_rejected_before_anything_is_written(key: str, value, message: str) -> None:

@@ -88,13 +88,12 @@ def random_control(rng: random.Random, clock, epochs: int | None) -> SafeguardCo
     if control.gradient_shares is not None:
         control.gradient_shares.reference.fill_(rng.choice([math.nan, 0.0, 0.1, 1.0]))
         control.gradient_shares.before_end.fill_(rng.choice(SHARES[:5]))
-        control.gradient_shares.last.fill_(rng.choice([0.0, 0.0, 0.04, 0.6]))
     return control
 
 
 def shares_of(control: SafeguardControl) -> list[torch.Tensor]:
     shares = control.gradient_shares
-    return [] if shares is None else [shares.reference, shares.before_end, shares.closing, shares.last]
+    return [] if shares is None else [shares.reference, shares.before_end, shares.closing]
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -267,14 +266,11 @@ def test_a_non_positive_loss_rises_by_its_size(
     assert float(rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)
 
 
-def close_good_period(
-    clock_kind: str, reference: float, before: float, share: float, other_rollback: bool = False, last: float = 0.0
-):
+def close_good_period(clock_kind: str, reference: float, before: float, share: float, other_rollback: bool = False):
     """Close a period of epoch 1 that every other test passes (the mean loss fell from 1.0 to 0.9), with the dead-unit
-    test's ``reference``, the share at the step ``before`` the closing one, the closing step's ``share`` (and the
-    ``last`` step's, kept without a known epoch length), or (with ``other_rollback``) one whose mean rose 50 %, which
-    the rise test rolls back; by the torch ops and by the kernels, which must agree to the bit. Returns the torch copy
-    of the control, its applied rate and its verdict."""
+    test's ``reference``, the share at the step ``before`` the closing one and the closing step's ``share``, or (with
+    ``other_rollback``) one whose mean rose 50 %, which the rise test rolls back; by the torch ops and by the kernels,
+    which must agree to the bit. Returns the torch copy of the control, its applied rate and its verdict."""
     if clock_kind == "host":
         clock = HostClock(8, DEVICE, first_epoch_periods=4)
         clock.epoch, clock.step_in_epoch = 1, 8
@@ -290,7 +286,7 @@ def close_good_period(
         getattr(control, name).fill_(value)
     control.has_snapshot.fill_(True)
     control.searching.fill_(False)
-    control.gradient_shares.load(reference, before, last)
+    control.gradient_shares.load(reference, before)
     mean = 1.5 if other_rollback else 0.9
     if clock_kind == "host":
         for _ in range(8):
@@ -313,39 +309,29 @@ def close_good_period(
 
 @pytest.mark.parametrize("clock_kind", ["host", "device"])
 @pytest.mark.parametrize(
-    ("reference", "before", "share", "last", "dead"),
+    ("reference", "before", "share", "dead"),
     [
-        (0.8, 0.0, 0.8, 0.0, False),
-        (0.8, 0.0, 0.39, 0.0, True),
-        (0.8, 0.0, 0.4, 0.0, False),  # exactly half: not under it
-        (0.8, 0.5, 0.1, 0.0, False),  # the step before the closing one (a full batch) still reaches the units
-        (0.8, 0.39, 0.1, 0.0, True),
-        (0.8, 0.0, 0.1, 0.5, False),  # the last step's share, kept without a known epoch length
-        (0.8, 0.0, 0.0, 0.0, False),  # no value at all: a stationary point (or every count skipped)
-        (math.nan, 0.0, 0.1, 0.0, False),  # no reference yet
+        (0.8, 0.0, 0.8, False),
+        (0.8, 0.0, 0.39, True),
+        (0.8, 0.0, 0.4, False),  # exactly half: not under it
+        (0.8, 0.5, 0.1, False),  # the step before the closing one (a full batch) still reaches the units
+        (0.8, 0.39, 0.1, True),
+        (0.8, 0.0, 0.0, False),  # no value at all: a stationary point (or every count skipped)
+        (math.nan, 0.0, 0.1, False),  # no reference yet
     ],
-    ids=[
-        "kept",
-        "under half",
-        "at half",
-        "before the end",
-        "both under half",
-        "the last step",
-        "none at all",
-        "no reference",
-    ],  # fmt: skip
+    ids=["kept", "under half", "at half", "before the end", "both under half", "none at all", "no reference"],
 )
 def test_a_good_period_whose_gradient_share_collapsed_is_rolled_back(
-    clock_kind: str, reference: float, before: float, share: float, last: float, dead: bool
+    clock_kind: str, reference: float, before: float, share: float, dead: bool
 ) -> None:
     """The dead-unit test: a period every other test passes is rolled back when the largest of its last steps' shares
     of gradient values that are not zero fell under half the last good period end's, as a non-finite average is (the
     rate becomes the last good one, capped at a quarter of its own, and stays capped); else that share becomes the
     reference, unless it has none. Either way the next period starts with no share of its own."""
-    control, rate, diverged = close_good_period(clock_kind, reference, before, share, last=last)
+    control, rate, diverged = close_good_period(clock_kind, reference, before, share)
     shares = control.gradient_shares
     assert diverged == dead
-    assert shares.period.tolist() == [0.0, 0.0] and float(shares.last) == 0.0
+    assert shares.period.tolist() == [0.0, 0.0]
     if dead:
         assert rate == pytest.approx(0.025) and float(control.lr_cap) == pytest.approx(0.025)
         assert float(shares.reference) == reference and not bool(control.loss_rollback)
@@ -353,7 +339,7 @@ def test_a_good_period_whose_gradient_share_collapsed_is_rolled_back(
     else:
         assert rate == pytest.approx(0.2) and math.isinf(float(control.lr_cap))
         assert float(control.best_loss) == pytest.approx(0.9)
-        live = max(before, share, last)
+        live = max(before, share)
         assert same(shares.reference, torch.tensor(live if live > 0 else reference, dtype=torch.float64))
 
 
@@ -372,4 +358,4 @@ def test_the_preconditioned_control_has_no_dead_unit_test() -> None:
     control = PreconditionedControl(clock, DEVICE, numel=10, lr=1e-3, epochs=None)
     assert control.gradient_shares is None
     state = control.state(0)
-    assert state.live_reference is None and state.live_before == state.live_last == 0.0
+    assert state.live_reference is None and state.live_before == 0.0

@@ -8,9 +8,9 @@ fell under :data:`~bbfused.control.safeguard.DEAD_UNIT_SHARE` of it.
 
 A period's share is the larger of its closing step's and the step's before it: an epoch's small last batch
 (``drop_last=False``) reaches fewer inputs and units than a full one, which must not read as units that died. It is
-a read of the gradients at those two steps of a period; with ``steps_per_epoch=None`` any step may be the last, so
-every step is counted and the last two kept, inside ``step()``: a ``zero_grad()`` before ``end_epoch()`` changes
-nothing. Frozen parameters (``requires_grad=False``) are left out, so freezing part of a network is not a death.
+a read of the gradients at those two steps of a period, inside ``step()``. With ``steps_per_epoch=None`` the test is
+off: any step may be the last, and counting every step would cost a read of the gradients per step. Frozen
+parameters (``requires_grad=False``) are left out, so freezing part of a network is not a death.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class GradientShares:
         # At the step before the closing one, and at the closing step: one tensor, so that a device clock takes both
         # with one gated launch a step.
         self.period = torch.zeros(2, dtype=torch.float64, device=device)
-        self.last = torch.zeros((), dtype=torch.float64, device=device)  # at the last step, when T is not known
 
     # Views made on each use: a view kept as an attribute would come out of a pickled copy as a tensor of its own.
     @property
@@ -47,23 +46,19 @@ class GradientShares:
 
     def step_taken(self, buffers: EpochBuffers, clock: EpochClock, closes: bool, skip: torch.Tensor | None) -> None:
         """After the clock counted the step (``closes``: a host clock closes a period now): keep its share when it is
-        its period's closing step or the step before it (the last two steps' when the clock cannot tell). A step
+        its period's closing step or the step before it (none when the clock cannot tell: the test is off). A step
         GradScaler skips (``skip``: its found_inf) gives none."""
         flag = clock.before_period_end
         if isinstance(flag, torch.Tensor):
             # A device clock's closing step is gated, not known here: the gate picks the slot.
             buffers.nonzero_gradient_share(self.period, flag, slot=clock.gate, skip=skip)
-        elif flag is None:
-            self.before_end.copy_(self.last)
-            self.last.zero_()
-            buffers.nonzero_gradient_share(self.last, skip=skip)
-        elif flag or closes:
+        elif flag is not None and (flag or closes):
             buffers.nonzero_gradient_share(self.before_end if flag else self.closing, skip=skip)
 
     def live(self) -> torch.Tensor:
-        """The closing period's share: the largest of the closing step's, the step's before it and (without a known
-        epoch length) the last step's; 0 when every one of them was skipped."""
-        return torch.maximum(torch.maximum(self.closing, self.before_end), self.last)
+        """The closing period's share: the larger of the closing step's and the step's before it; 0 when neither was
+        taken (both skipped, or no known epoch length)."""
+        return torch.maximum(self.closing, self.before_end)
 
     def references(self, live: torch.Tensor, diverged: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The new shares as (state tensor, value) pairs for the period end's writes: a good period's share becomes
@@ -72,19 +67,17 @@ class GradientShares:
         return [
             (self.reference, torch.where(kept, self.reference, live)),
             (self.period, torch.zeros_like(self.period)),
-            (self.last, torch.zeros_like(self.last)),
         ]
 
     def reset(self) -> None:
         """No reference (parameters were added: the shares' denominator changed) and no share of this period."""
-        self.load(None, 0.0, 0.0)
+        self.load(None, 0.0)
 
-    def state(self) -> tuple[float | None, float, float]:
-        """The reference (None: none yet), the share before the closing step, the last step's."""
+    def state(self) -> tuple[float | None, float]:
+        """The reference (None: none yet) and the share of the step before the closing one."""
         reference = float(self.reference)
-        return (None if reference != reference else reference), float(self.before_end), float(self.last)
+        return (None if reference != reference else reference), float(self.before_end)
 
-    def load(self, reference: float | None, before_end: float, last: float) -> None:
+    def load(self, reference: float | None, before_end: float) -> None:
         self.reference.fill_(float("nan") if reference is None else reference)
         self.period.copy_(torch.tensor([before_end, 0.0], dtype=torch.float64))
-        self.last.fill_(last)

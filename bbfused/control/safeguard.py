@@ -435,7 +435,7 @@ class SafeguardControl:
             return None if math.isnan(value := float(t)) else value
 
         shares = self.gradient_shares
-        live_reference, live_before, live_last = (None, 0.0, 0.0) if shares is None else shares.state()
+        live_reference, live_before = (None, 0.0) if shares is None else shares.state()
         return ControlState(
             has_snapshot=bool(self.has_snapshot),
             lr_cap=float(self.lr_cap),
@@ -453,7 +453,6 @@ class SafeguardControl:
             snapshot_loss=number_or_none(self.snapshot_loss),
             live_reference=live_reference,
             live_before=live_before,
-            live_last=live_last,
         )
 
     def check_state(self, state: ControlState) -> None:
@@ -481,7 +480,7 @@ class SafeguardControl:
         ):
             number.fill_(math.nan if value is None else value)
         if self.gradient_shares is not None:
-            self.gradient_shares.load(state.live_reference, state.live_before, state.live_last)
+            self.gradient_shares.load(state.live_reference, state.live_before)
         # Checked against the tracked buffers already; none saved (an older state dict) keeps the current copies.
         if state.model_buffers:
             self.model_buffers.load_snapshots(state.model_buffers)

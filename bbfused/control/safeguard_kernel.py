@@ -32,7 +32,7 @@ from ..clock_kernels import SCALAR_OPTIONS
 # The order of the control's state in the pending vector (bools as 0.0 / 1.0).
 PENDING = (
     "loss_rollback", "best_loss", "last_loss", "snapshot_sq_norm", "snapshot_loss", "lr_cap", "good_lr",
-    "has_snapshot", "searching", "ceiling", "rate", "live_reference", "live_before", "live_last", "live_closing",
+    "has_snapshot", "searching", "ceiling", "rate", "live_reference", "live_before", "live_closing",
 )  # fmt: skip
 DBL_MAX = 1.7976931348623157e308
 REDUCE_BLOCK = 1024  # partials added per iteration of the decision's reduction
@@ -105,7 +105,7 @@ def _decide_kernel(
     sums_ptr, n_partials, loss_sum_ptr, loss_steps_ptr, last_ptr,
     rate_ptr, ceiling_ptr, snapshot_sq_ptr, lr_cap_ptr, good_lr_ptr, initial_ptr, best_ptr, last_loss_ptr,
     snapshot_loss_ptr, searching_ptr, has_snapshot_ptr, loss_rollback_ptr,
-    live_closing_ptr, live_before_ptr, live_last_ptr, live_reference_ptr,
+    live_closing_ptr, live_before_ptr, live_reference_ptr,
     epoch_ptr, step_ptr, epoch_gate_ptr, gate_ptr, anneal_ptr,
     pending_ptr, diverged_ptr, applied_ptr,
     host_loss_steps: tl.float64, host_closing_steps: tl.float64, host_in_first, host_search_open,
@@ -201,7 +201,7 @@ def _decide_kernel(
     risen = risen & (mean - last_loss > margin)
     diverged = diverged | risen
     # Without the test (a share of 0) nothing is dead: the loads then read the rate's tensor, never used.
-    live = _maximum(_maximum(_f64(live_closing_ptr), _f64(live_before_ptr)), _f64(live_last_ptr))
+    live = _maximum(_f64(live_closing_ptr), _f64(live_before_ptr))
     live_reference = _f64(live_reference_ptr)
     dead = (diverged == 0) & (live < dead_unit_share * live_reference) & (live > 0)
     diverged = diverged | dead
@@ -259,7 +259,6 @@ def _decide_kernel(
         tl.store(pending_ptr + 11, tl.where(diverged | ((live > 0) == 0), live_reference, live))
         tl.store(pending_ptr + 12, tl.full((), 0.0, tl.float64))
         tl.store(pending_ptr + 13, tl.full((), 0.0, tl.float64))
-        tl.store(pending_ptr + 14, tl.full((), 0.0, tl.float64))
     tl.store(diverged_ptr, diverged)
     tl.store(applied_ptr, new_rate * anneal)
     if DEVICE_CLOCK:
@@ -267,8 +266,7 @@ def _decide_kernel(
             _write_state(
                 pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr,
                 lr_cap_ptr, good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr,
-                loss_steps_ptr, last_ptr, live_closing_ptr, live_before_ptr, live_last_ptr, live_reference_ptr, True,
-                HAS_SHARES,
+                loss_steps_ptr, last_ptr, live_closing_ptr, live_before_ptr, live_reference_ptr, True, HAS_SHARES,
             )  # fmt: skip
 
 
@@ -276,8 +274,7 @@ def _decide_kernel(
 def _write_state(
     pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
     good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_steps_ptr, last_ptr,
-    live_closing_ptr, live_before_ptr, live_last_ptr, live_reference_ptr, DEVICE_METER: tl.constexpr,
-    HAS_SHARES: tl.constexpr,
+    live_closing_ptr, live_before_ptr, live_reference_ptr, DEVICE_METER: tl.constexpr, HAS_SHARES: tl.constexpr,
 ):  # fmt: skip
     """The pending state into the control's tensors, and the loss meter reset."""
     tl.store(loss_rollback_ptr, tl.load(pending_ptr + 0) != 0)
@@ -294,8 +291,7 @@ def _write_state(
     if HAS_SHARES:
         tl.store(live_reference_ptr, tl.load(pending_ptr + 11))
         tl.store(live_before_ptr, tl.load(pending_ptr + 12))
-        tl.store(live_last_ptr, tl.load(pending_ptr + 13))
-        tl.store(live_closing_ptr, tl.load(pending_ptr + 14))
+        tl.store(live_closing_ptr, tl.load(pending_ptr + 13))
     tl.store(loss_sum_ptr, tl.full((), 0.0, tl.float64))
     if DEVICE_METER:
         tl.store(loss_steps_ptr, tl.full((), 0.0, tl.float64))
@@ -306,13 +302,13 @@ def _write_state(
 def _apply_kernel(
     pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
     good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, live_closing_ptr,
-    live_before_ptr, live_last_ptr, live_reference_ptr, HAS_SHARES: tl.constexpr,
+    live_before_ptr, live_reference_ptr, HAS_SHARES: tl.constexpr,
 ):  # fmt: skip
     """Under a host clock, after the commit pass: the pending state in, and the loss sum reset."""
     _write_state(
         pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
         good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_sum_ptr, loss_sum_ptr,
-        live_closing_ptr, live_before_ptr, live_last_ptr, live_reference_ptr, False, HAS_SHARES,
+        live_closing_ptr, live_before_ptr, live_reference_ptr, False, HAS_SHARES,
     )  # fmt: skip
 
 
@@ -430,12 +426,12 @@ class SafeguardKernels:
         meter.last = meter.no_loss
 
     def _share_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The dead-unit test's tensors: the closing step's share, the share before it, the last step's (without a
-        known epoch length), the reference (the rate's tensor, not used, without the test)."""
+        """The dead-unit test's tensors: the closing step's share, the share before it, the reference (the rate's
+        tensor, not used, without the test)."""
         shares = self.control.gradient_shares
         if shares is None:
-            return (self.control.rate,) * 4
-        return shares.closing, shares.before_end, shares.last, shares.reference
+            return (self.control.rate,) * 3
+        return shares.closing, shares.before_end, shares.reference
 
 
 __all__ = ["PENDING", "SafeguardKernels"]
