@@ -64,6 +64,7 @@ class ControlState:
     # and at the step before the open period's last (0: not taken).
     live_reference: float | None = None
     live_before: float = 0.0
+    live_rolled_back: bool = False  # the last period was rolled back by the dead-unit test
 
     @classmethod
     def empty(cls, epoch: int) -> ControlState:
@@ -363,7 +364,7 @@ def _is_rate(value: Any) -> bool:
 
 def _check_control(bb: dict[str, Any]) -> None:
     """Raise unless the rate control's saved state is valid."""
-    for name in ("has_snapshot", "loss_rollback"):
+    for name in ("has_snapshot", "loss_rollback", "live_rolled_back"):
         if not isinstance(bb[name], bool):
             raise ValueError(f"corrupt state dict: {name} must be True or False, got {bb[name]!r}")
     lr_cap = bb["lr_cap"]

@@ -314,6 +314,7 @@ def test_version_1_state_dict_is_upgraded() -> None:
         ("live_reference", math.inf, "live_reference must be a finite number >= 0 or None"),
         ("live_before", None, "live_before a finite number >= 0"),
         ("live_before", math.nan, "live_before a finite number >= 0"),
+        ("live_rolled_back", 0, "live_rolled_back must be True or False"),
     ],
 )
 def test_corrupt_control_state_is_rejected_before_anything_is_written(key: str, value, message: str) -> None:

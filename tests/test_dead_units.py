@@ -29,8 +29,9 @@ SHARE_BACKENDS += [(backend, True) for backend in BACKENDS if backend.name == "t
 
 def _share_backend(case, monkeypatch):
     backend, many_programs = case
-    if many_programs:
+    if many_programs:  # every buffer on the many-programs path, each program over several blocks
         monkeypatch.setattr(triton_backend, "SHARE_PROGRAM_LIMIT", 0)
+        monkeypatch.setattr(triton_backend, "EPOCH_PROGRAMS", 2)
     return backend
 
 
@@ -38,15 +39,18 @@ def _share_backend(case, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [0, 1, 17, 1024, 5000])
 def test_every_backend_counts_the_non_zero_values(case, dtype: torch.dtype, n: int, monkeypatch) -> None:
-    """Exact counts, NaN and inf counted and -0.0 not, as torch.count_nonzero; added to what ``out`` holds with
-    ``add``; a false flag reads nothing and leaves ``out`` as it was."""
+    """Exact counts of the values that are finite and not zero (NaN, inf and -0.0 do not count; float64's smallest
+    and largest values do); added to what ``out`` holds with ``add``; a false flag reads nothing and leaves ``out`` as
+    it was."""
     backend = _share_backend(case, monkeypatch)
     generator = torch.Generator().manual_seed(n)
     grad = torch.randn(n, generator=generator).to(dtype)
     grad[torch.rand(n, generator=generator) < 0.4] = 0
     if n >= 4:
         grad[:4] = torch.tensor([float("nan"), float("inf"), -0.0, 0.0]).to(dtype)
-    expected = int(torch.count_nonzero(grad))
+    if n >= 6 and dtype == torch.float64:
+        grad[4:6] = torch.tensor([5e-324, 1.7e308], dtype=dtype)  # zero and inf in float32
+    expected = int(((grad != 0) & torch.isfinite(grad)).sum())
     assert expected > 0 or n < 4
     out = torch.tensor(7.0, dtype=torch.float64)
     backend.nonzero_share(grad, out)
@@ -69,7 +73,7 @@ def test_a_slot_chooses_which_of_two_counts_a_launch_writes(case, monkeypatch) -
     out[0] (the step before it), neither nothing, nor a skipped step."""
     backend = _share_backend(case, monkeypatch)
     grad = torch.tensor([0.0, 1.0, -2.0, 0.0, float("nan")])
-    for enabled, slot, expected in ((True, False, [0.75, 9.0]), (False, True, [9.0, 0.75]), (True, True, [9.0, 0.75]),
+    for enabled, slot, expected in ((True, False, [0.5, 9.0]), (False, True, [9.0, 0.5]), (True, True, [9.0, 0.5]),
                                     (False, False, [9.0, 9.0])):  # fmt: skip
         out = torch.full((2,), 9.0, dtype=torch.float64)
         backend.nonzero_share(grad, out, total=4.0, enabled=torch.tensor(enabled), slot=torch.tensor(slot))
@@ -255,8 +259,10 @@ def _shares_now(model: torch.nn.Module) -> float:
 
 
 def test_without_an_epoch_length_the_test_is_off(monkeypatch) -> None:
-    """With steps_per_epoch=None and end_epoch() every 10 steps the kill run goes as it goes without the test: no
-    share is taken after the first step's (a read every step would cost a pass over the gradients)."""
+    """With steps_per_epoch=None and end_epoch() every 10 steps the kill run goes as it goes without the test (no
+    share is taken after the first step's: a read every step would cost a pass over the gradients), where with
+    steps_per_epoch=10 the test rolls its third epoch back."""
+    assert _kill_run(False, "eager", 30)[1].rolled_back_epochs == [2]
     runs = []
     for share in (safeguard.DEAD_UNIT_SHARE, 0.0):
         monkeypatch.setattr(safeguard.SafeguardControl, "DEAD_UNIT_SHARE", share)
@@ -271,38 +277,39 @@ def test_without_an_epoch_length_the_test_is_off(monkeypatch) -> None:
             opt.step(loss=loss)
             if step % 10 == 9:
                 opt.end_epoch()
-        runs.append(
-            (opt.lr_history, opt.state_dict()["bb"]["live_before"], [p.detach().clone() for p in model.parameters()])
-        )
-    (history, before, weights), (history_without, _, weights_without) = runs
-    assert history == history_without and before == 0.0
+        runs.append((opt.lr_history, opt.rolled_back_epochs, [p.detach().clone() for p in model.parameters()]))
+    (history, rolled_back, weights), (history_without, rolled_back_without, weights_without) = runs
+    assert history == history_without and rolled_back == rolled_back_without
     assert all(torch.equal(a, b) for a, b in zip(weights, weights_without))
 
 
 def test_a_step_gradscaler_skips_gives_no_share() -> None:
-    """GradScaler's found_inf set: the first step gives no reference, and a skipped closing step no share (the step
-    before it stands for the period). A period whose counts were all skipped keeps the reference."""
-    x, y = _teacher_data(128)
+    """GradScaler's found_inf set (and every gradient value made non-zero, so that a share taken would be 1): the
+    first step gives no reference, a skipped closing step no share (the step before it stands for the period), and a
+    period whose two steps were both skipped keeps the reference."""
+    x, y = _teacher_data(192)
     model = _relu_net(depth=2)
     opt = BB(model.parameters(), lr=0.01, steps_per_epoch=8, backend="eager")  # first epoch: periods of 2 steps
-    shares = []
-    for step in range(4):
+    shares, references = [], []
+    for step in range(6):
         batch = slice(step * 32, step * 32 + 32)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        skipped = step in (0, 3, 4, 5)
+        if skipped:
+            for p in model.parameters():
+                p.grad.fill_(1.0)
         shares.append(_shares_now(model))
-        skipped = step in (0, 3)
         opt.grad_scale = torch.ones((), dtype=torch.float32)  # as torch.amp.GradScaler sets them around step()
         opt.found_inf = torch.tensor([1.0 if skipped else 0.0])
         opt.step()
         del opt.grad_scale, opt.found_inf
-        reference = opt.state_dict()["bb"]["live_reference"]
-        if step == 0:
-            assert reference is None
-        if step == 1:  # the first period's end: its closing step's share
-            assert reference == pytest.approx(shares[1], rel=1e-12)
-        if step == 3:  # the second period's closing step skipped: the step before it stands
-            assert reference == pytest.approx(shares[2], rel=1e-12)
+        references.append(opt.state_dict()["bb"]["live_reference"])
+    assert shares[0] == 1.0 and shares[1] < 1.0 and shares[2] < 1.0
+    assert references[0] is None
+    assert references[1] == pytest.approx(shares[1], rel=1e-12)  # the first period's end: its closing step's share
+    assert references[3] == pytest.approx(shares[2], rel=1e-12)  # its closing step skipped: the step before stands
+    assert references[5] == references[3]  # both steps skipped: no share, the reference stays
     assert opt.rolled_back_epochs == []
 
 
@@ -318,6 +325,17 @@ def test_adding_a_group_drops_the_reference() -> None:
     assert opt.state_dict()["bb"]["live_reference"] is not None
     opt.add_param_group({"params": list(layers[-1].parameters())})
     assert opt.state_dict()["bb"]["live_reference"] is None
+    shares = []
+    for step in range(3):  # steps 2 to 4 of T = 4: the epoch's end closes a good period
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(
+            model(x[16 * step : 16 * step + 16]), y[16 * step : 16 * step + 16]
+        ).backward()
+        shares.append(_shares_now(model))
+        opt.step()
+    assert opt.rolled_back_epochs == []
+    # The period's share: the larger of its last step's and the step's before it.
+    assert opt.state_dict()["bb"]["live_reference"] == pytest.approx(max(shares[1:]), rel=1e-12)
 
 
 def test_a_version_4_state_dict_has_no_reference_until_a_good_period_end() -> None:

@@ -88,12 +88,13 @@ def random_control(rng: random.Random, clock, epochs: int | None) -> SafeguardCo
     if control.gradient_shares is not None:
         control.gradient_shares.reference.fill_(rng.choice([math.nan, 0.0, 0.1, 1.0]))
         control.gradient_shares.before_end.fill_(rng.choice(SHARES[:5]))
+        control.gradient_shares.rolled_back.fill_(rng.random() < 0.3)
     return control
 
 
 def shares_of(control: SafeguardControl) -> list[torch.Tensor]:
     shares = control.gradient_shares
-    return [] if shares is None else [shares.reference, shares.before_end, shares.closing]
+    return [] if shares is None else [shares.reference, shares.before_end, shares.closing, shares.rolled_back]
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -266,11 +267,14 @@ def test_a_non_positive_loss_rises_by_its_size(
     assert float(rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)
 
 
-def close_good_period(clock_kind: str, reference: float, before: float, share: float, other_rollback: bool = False):
+def close_good_period(
+    clock_kind: str, reference: float, before: float, share: float, other_rollback: bool = False, again: bool = False
+):
     """Close a period of epoch 1 that every other test passes (the mean loss fell from 1.0 to 0.9), with the dead-unit
     test's ``reference``, the share at the step ``before`` the closing one and the closing step's ``share``, or (with
-    ``other_rollback``) one whose mean rose 50 %, which the rise test rolls back; by the torch ops and by the kernels,
-    which must agree to the bit. Returns the torch copy of the control, its applied rate and its verdict."""
+    ``other_rollback``) one whose mean rose 50 %, which the rise test rolls back (``again``: the period before was
+    rolled back by the dead-unit test); by the torch ops and by the kernels, which must agree to the bit. Returns the
+    torch copy of the control, its applied rate and its verdict."""
     if clock_kind == "host":
         clock = HostClock(8, DEVICE, first_epoch_periods=4)
         clock.epoch, clock.step_in_epoch = 1, 8
@@ -286,7 +290,7 @@ def close_good_period(clock_kind: str, reference: float, before: float, share: f
         getattr(control, name).fill_(value)
     control.has_snapshot.fill_(True)
     control.searching.fill_(False)
-    control.gradient_shares.load(reference, before)
+    control.gradient_shares.load(reference, before, again)
     mean = 1.5 if other_rollback else 0.9
     if clock_kind == "host":
         for _ in range(8):
@@ -330,7 +334,7 @@ def test_a_good_period_whose_gradient_share_collapsed_is_rolled_back(
     reference, unless it has none. Either way the next period starts with no share of its own."""
     control, rate, diverged = close_good_period(clock_kind, reference, before, share)
     shares = control.gradient_shares
-    assert diverged == dead
+    assert diverged == dead == bool(shares.rolled_back)
     assert shares.period.tolist() == [0.0, 0.0]
     if dead:
         assert rate == pytest.approx(0.025) and float(control.lr_cap) == pytest.approx(0.025)
@@ -350,6 +354,18 @@ def test_the_dead_unit_test_leaves_another_rollback_as_it_is(clock_kind: str) ->
     control, rate, diverged = close_good_period(clock_kind, 0.8, 0.0, 0.1, other_rollback=True)
     assert diverged and rate == pytest.approx(0.07) and math.isinf(float(control.lr_cap))
     assert float(control.gradient_shares.reference) == 0.8
+
+
+@pytest.mark.parametrize("clock_kind", ["host", "device"])
+def test_a_second_collapse_in_a_row_is_kept(clock_kind: str) -> None:
+    """Right after a dead-unit rollback a period whose share is still under half is kept and its share becomes the
+    reference: the rollback did not bring the share back, so rolling back every period after it would stop the run."""
+    control, rate, diverged = close_good_period(clock_kind, 0.8, 0.0, 0.3, again=True)
+    shares = control.gradient_shares
+    assert not diverged and rate == pytest.approx(0.2) and math.isinf(float(control.lr_cap))
+    assert float(shares.reference) == 0.3 and not bool(shares.rolled_back)
+    control, _, diverged = close_good_period(clock_kind, 0.8, 0.0, 0.3)
+    assert diverged and bool(control.gradient_shares.rolled_back)
 
 
 def test_the_preconditioned_control_has_no_dead_unit_test() -> None:

@@ -120,14 +120,15 @@ class Backend(Protocol):
         slot: torch.Tensor | None = None,
         skip: torch.Tensor | None = None,
     ) -> None:
-        """out ← (out if ``add`` else 0) + c / ``total``, c how many of ``grad``'s values are not exactly zero (NaN
-        counts), divided in float64. ``out``: a float64 0-dim tensor on grad's device. ``enabled`` as in epoch_end:
-        false reads nothing and leaves out as it is. With ``slot`` (a bool 0-dim tensor on the device) ``out`` is a
-        (2,) tensor, the count runs where ``enabled`` or ``slot`` is set and goes to out[1] where ``slot`` is, else
-        to out[0]: a period's two counts (the step before its last, the last) as one gated launch per step. ``skip``:
-        GradScaler's found_inf (a float32 one-element tensor on the device); non-zero, nothing is read or written (a
-        skipped step's gradient is not the network's). A read only: the rate control measures the share of gradient
-        values that are not zero, to see units that stopped (``bbfused.control.live_gradients``)."""
+        """out ← (out if ``add`` else 0) + c / ``total``, c how many of ``grad``'s values are finite and not exactly
+        zero (a value the step skips for not being finite is no unit's life), divided in float64. ``out``: a float64
+        0-dim tensor on grad's device. ``enabled`` as in epoch_end: false reads nothing and leaves out as it is. With
+        ``slot`` (a bool 0-dim tensor on the device) ``out`` is a (2,) tensor, the count runs where ``enabled`` or
+        ``slot`` is set and goes to out[1] where ``slot`` is, else to out[0]: a period's two counts (the step before
+        its last, the last) as one gated launch per step. ``skip``: GradScaler's found_inf (a float32 tensor of one
+        element on the device); non-zero, nothing is read or written (a skipped step's gradient is not the
+        network's). A read only: the rate control measures the share of gradient values that are not zero, to see
+        units that stopped (``bbfused.control.live_gradients``)."""
         ...
 
     def epoch_commit(
@@ -165,6 +166,11 @@ def zero_momentum_if_rolled_back(
     restart = rolled_back.reshape(()) if enabled is None else rolled_back.reshape(()) & enabled.reshape(())
     if momentum_buffer.device.type != "cpu" or bool(restart):
         momentum_buffer.masked_fill_(restart, 0)
+
+
+def finite_nonzero(grad: torch.Tensor) -> torch.Tensor:
+    """How many of ``grad``'s values are finite and not zero (nonzero_share's count, with torch ops)."""
+    return torch.count_nonzero((grad != 0) & torch.isfinite(grad))
 
 
 def write_share(

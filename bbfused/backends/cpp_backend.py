@@ -22,6 +22,7 @@ import torch
 from .base import (
     BackendUnavailableError,
     check_second_moment_arguments,
+    finite_nonzero,
     write_share,
     zero_momentum_if_rolled_back,
 )
@@ -264,11 +265,11 @@ class CppBackend:
         slot: torch.Tensor | None = None,
         skip: torch.Tensor | None = None,
     ) -> None:
-        """ATen's count: a read-only reduction its CPU kernel already runs on every core, twice a period. The flags
+        """ATen's ops: read-only reductions its CPU kernels already run on every core, twice a period. The flags
         are CPU tensors: reading them costs no device sync."""
         if (skip is not None and bool(skip.reshape(()) != 0)) or (slot is None and _skipped(enabled)):
             return
-        write_share(torch.count_nonzero(grad), out, add, enabled if slot is not None else None, total, slot)
+        write_share(finite_nonzero(grad), out, add, enabled if slot is not None else None, total, slot)
 
     def epoch_commit(
         self,

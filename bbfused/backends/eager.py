@@ -7,6 +7,7 @@ import torch
 from .base import (
     check_momentum_arguments,
     check_second_moment_arguments,
+    finite_nonzero,
     write_share,
     zero_momentum_if_rolled_back,
 )
@@ -144,7 +145,7 @@ class EagerBackend:
         slot: torch.Tensor | None = None,
         skip: torch.Tensor | None = None,
     ) -> None:
-        write_share(torch.count_nonzero(grad), out, add, enabled, total, slot, skip)
+        write_share(finite_nonzero(grad), out, add, enabled, total, slot, skip)
 
     def epoch_commit(
         self,

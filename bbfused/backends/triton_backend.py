@@ -52,7 +52,7 @@ STEP_ROW = {torch.bfloat16: 4, torch.float16: 4}
 EPOCH_PROGRAMS = 1024
 # The gradient share (the dead-unit test's count) runs as one program up to this many elements: one launch, two steps
 # a period. A larger buffer is counted by up to EPOCH_PROGRAMS programs and their sums added by a second launch, so
-# that a count at every step (steps_per_epoch=None) is not one multiprocessor's serial read.
+# that its count is not one multiprocessor's serial read.
 SHARE_PROGRAM_LIMIT = 1 << 20
 # Offsets pid * BLOCK + i are int32 unless the last block's end passes this; int64 costs registers and
 # address arithmetic, so it is used only when needed: for buffers of more than 2**31 elements.
@@ -560,12 +560,15 @@ def _count_flags(
 
 @triton.jit
 def _count_blocks(grad_ptr, n_elements, first, step, USE_INT64: tl.constexpr, BLOCK: tl.constexpr):
-    """The values that are not zero (NaN counts, as in torch.count_nonzero) in blocks first, first + step, ..."""
+    """The values that are finite and not zero in blocks first, first + step, ..."""
     count = tl.full((), 0, tl.int64)
     for block in range(first, tl.cdiv(n_elements, BLOCK), step):
         start, offsets = _block_span(block, USE_INT64, BLOCK)
-        values = tl.load(grad_ptr + offsets, mask=offsets < n_elements, other=0.0)
-        count += tl.sum((values != 0).to(tl.int64), axis=0)
+        # float64 holds every gradient value exactly, and its inf - inf and NaN - NaN are NaN on every path (16-bit
+        # arithmetic under the interpreter is not IEEE's).
+        values = tl.load(grad_ptr + offsets, mask=offsets < n_elements, other=0.0).to(tl.float64)
+        live = (values != 0) & ((values - values) == 0)
+        count += tl.sum(live.to(tl.int64), axis=0)
     return count
 
 
@@ -595,7 +598,7 @@ def _nonzero_share_kernel(
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program: out[s] ← (out[s] if ADD) + the count of values that are not zero divided by ``total``, in
+    """One program: out[s] ← (out[s] if ADD) + the count of values that are finite and not zero divided by ``total``, in
     float64; s = 0, or with HAS_SLOT the flag at slot_ptr (the count then runs where either flag is set). A zero flag,
     or a non-zero skip (GradScaler's found_inf), reads nothing and writes nothing. For buffers up to
     SHARE_PROGRAM_LIMIT elements: one launch, whose sum needs no second one."""

@@ -4,7 +4,10 @@ A ReLU unit that no input of a batch activates gets exactly zero gradients on it
 many units at once makes the share collapse while the loss may still look like progress
 (``benchmarks/results/2026-12-05_cpu_dead_units.md``). The default rate control (``safeguard``) compares a period's
 share with the share at the last good period end (the first step's before any) and rolls the period back when it
-fell under :data:`~bbfused.control.safeguard.DEAD_UNIT_SHARE` of it.
+fell under :data:`~bbfused.control.safeguard.DEAD_UNIT_SHARE` of it. A second such period in a row is kept and its
+share becomes the reference, as a second rollback by the loss alone is kept: restoring the weights did not bring the
+share back, so what changed is not the units (the batches, or the part of the network that gets gradients), and
+rolling back every period after it would stop the run.
 
 A period's share is the larger of its closing step's and the step's before it: an epoch's small last batch
 (``drop_last=False``) reaches fewer inputs and units than a full one, which must not read as units that died. It is
@@ -30,6 +33,7 @@ class GradientShares:
         # At the step before the closing one, and at the closing step: one tensor, so that a device clock takes both
         # with one gated launch a step.
         self.period = torch.zeros(2, dtype=torch.float64, device=device)
+        self.rolled_back = torch.tensor(False, device=device)  # the last period was rolled back by this test
 
     # Views made on each use: a view kept as an attribute would come out of a pickled copy as a tensor of its own.
     @property
@@ -60,24 +64,30 @@ class GradientShares:
         taken (both skipped, or no known epoch length)."""
         return torch.maximum(self.closing, self.before_end)
 
-    def references(self, live: torch.Tensor, diverged: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The new shares as (state tensor, value) pairs for the period end's writes: a good period's share becomes
-        the reference (unless it has none), and the next period starts with none of its own."""
+    def references(
+        self, live: torch.Tensor, diverged: torch.Tensor, dead: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The new state as (state tensor, value) pairs for the period end's writes: a good period's share becomes
+        the reference (unless it has none), the next period starts with none of its own, and whether this test
+        rolled the period back (``dead``) is kept for the next."""
         kept = diverged | ~(live > 0)
         return [
             (self.reference, torch.where(kept, self.reference, live)),
             (self.period, torch.zeros_like(self.period)),
+            (self.rolled_back, dead),
         ]
 
     def reset(self) -> None:
         """No reference (parameters were added: the shares' denominator changed) and no share of this period."""
-        self.load(None, 0.0)
+        self.load(None, 0.0, False)
 
-    def state(self) -> tuple[float | None, float]:
-        """The reference (None: none yet) and the share of the step before the closing one."""
+    def state(self) -> tuple[float | None, float, bool]:
+        """The reference (None: none yet), the share of the step before the closing one, and whether the last period
+        was rolled back by this test."""
         reference = float(self.reference)
-        return (None if reference != reference else reference), float(self.before_end)
+        return (None if reference != reference else reference), float(self.before_end), bool(self.rolled_back)
 
-    def load(self, reference: float | None, before_end: float) -> None:
+    def load(self, reference: float | None, before_end: float, rolled_back: bool) -> None:
         self.reference.fill_(float("nan") if reference is None else reference)
         self.period.copy_(torch.tensor([before_end, 0.0], dtype=torch.float64))
+        self.rolled_back.fill_(rolled_back)

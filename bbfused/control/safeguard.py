@@ -34,7 +34,8 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
   below the first step's loss although the weights moved by more than 10 % (a rate so large that the network is
   stuck at chance; a too-small rate barely moves them); and a period that no other test rolls back but whose last
   steps' gradients have a share of values different from zero under :data:`DEAD_UNIT_SHARE` times the share at the
-  last good period end (the first step's before any): units that a too-large step killed (``live_gradients``).
+  last good period end (the first step's before any): units that a too-large step killed (``live_gradients``); a
+  second such period in a row is kept instead, its share the new reference.
 - **rollback**: a diverged period is undone: parameters, the tracked model buffers (BatchNorm running statistics,
   see ``BB.track_buffers``) and the momentum return to the last good period end; r becomes the last good rate, at
   most a quarter of the one that diverged (before any good period: a tenth of it), and r is capped at a quarter
@@ -303,8 +304,10 @@ class SafeguardControl:
             # rolled back as a non-finite average is (a NaN reference, before the first share, never fires). No
             # value at all is a stationary point reached: a network whose every unit died still has its output
             # bias's gradient.
-            fell = live < self.DEAD_UNIT_SHARE * self.gradient_shares.reference
-            dead = ~diverged & fell & (live > 0)
+            shares = self.gradient_shares
+            fell = live < self.DEAD_UNIT_SHARE * shares.reference
+            # A second fall in a row is kept (its share becomes the reference): the rollback did not bring it back.
+            dead = ~diverged & fell & (live > 0) & ~shares.rolled_back
             diverged = diverged | dead
             weights_bad = weights_bad | dead
         near_start = complete & (initial > 0) & (mean > SEARCH_UNTIL_PROGRESS * initial)
@@ -331,7 +334,7 @@ class SafeguardControl:
             (self.snapshot_loss, torch.where(diverged, self.snapshot_loss, torch.where(good_loss, last, nan_like))),
         ]
         if live is not None:
-            references += self.gradient_shares.references(live, diverged)
+            references += self.gradient_shares.references(live, diverged, dead)
         return diverged, risen, rose, near_start, references
 
     def next_rate(
@@ -435,7 +438,7 @@ class SafeguardControl:
             return None if math.isnan(value := float(t)) else value
 
         shares = self.gradient_shares
-        live_reference, live_before = (None, 0.0) if shares is None else shares.state()
+        live_reference, live_before, live_rolled_back = (None, 0.0, False) if shares is None else shares.state()
         return ControlState(
             has_snapshot=bool(self.has_snapshot),
             lr_cap=float(self.lr_cap),
@@ -453,6 +456,7 @@ class SafeguardControl:
             snapshot_loss=number_or_none(self.snapshot_loss),
             live_reference=live_reference,
             live_before=live_before,
+            live_rolled_back=live_rolled_back,
         )
 
     def check_state(self, state: ControlState) -> None:
@@ -480,7 +484,7 @@ class SafeguardControl:
         ):
             number.fill_(math.nan if value is None else value)
         if self.gradient_shares is not None:
-            self.gradient_shares.load(state.live_reference, state.live_before)
+            self.gradient_shares.load(state.live_reference, state.live_before, state.live_rolled_back)
         # Checked against the tracked buffers already; none saved (an older state dict) keeps the current copies.
         if state.model_buffers:
             self.model_buffers.load_snapshots(state.model_buffers)

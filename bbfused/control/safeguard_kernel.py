@@ -32,7 +32,7 @@ from ..clock_kernels import SCALAR_OPTIONS
 # The order of the control's state in the pending vector (bools as 0.0 / 1.0).
 PENDING = (
     "loss_rollback", "best_loss", "last_loss", "snapshot_sq_norm", "snapshot_loss", "lr_cap", "good_lr",
-    "has_snapshot", "searching", "ceiling", "rate", "live_reference", "live_before", "live_closing",
+    "has_snapshot", "searching", "ceiling", "rate", "live_reference", "live_before", "live_closing", "live_rolled_back",
 )  # fmt: skip
 DBL_MAX = 1.7976931348623157e308
 REDUCE_BLOCK = 1024  # partials added per iteration of the decision's reduction
@@ -105,7 +105,7 @@ def _decide_kernel(
     sums_ptr, n_partials, loss_sum_ptr, loss_steps_ptr, last_ptr,
     rate_ptr, ceiling_ptr, snapshot_sq_ptr, lr_cap_ptr, good_lr_ptr, initial_ptr, best_ptr, last_loss_ptr,
     snapshot_loss_ptr, searching_ptr, has_snapshot_ptr, loss_rollback_ptr,
-    live_closing_ptr, live_before_ptr, live_reference_ptr,
+    live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr,
     epoch_ptr, step_ptr, epoch_gate_ptr, gate_ptr, anneal_ptr,
     pending_ptr, diverged_ptr, applied_ptr,
     host_loss_steps: tl.float64, host_closing_steps: tl.float64, host_in_first, host_search_open,
@@ -203,7 +203,8 @@ def _decide_kernel(
     # Without the test (a share of 0) nothing is dead: the loads then read the rate's tensor, never used.
     live = _maximum(_f64(live_closing_ptr), _f64(live_before_ptr))
     live_reference = _f64(live_reference_ptr)
-    dead = (diverged == 0) & (live < dead_unit_share * live_reference) & (live > 0)
+    # A second fall in a row is kept (its share becomes the reference): the rollback did not bring it back.
+    dead = (diverged == 0) & (live < dead_unit_share * live_reference) & (live > 0) & (_flag(live_rolled_back_ptr) == 0)
     diverged = diverged | dead
     weights_bad = weights_bad | dead
     near_start = complete & (initial > 0) & (mean > search_until * initial)
@@ -259,6 +260,7 @@ def _decide_kernel(
         tl.store(pending_ptr + 11, tl.where(diverged | ((live > 0) == 0), live_reference, live))
         tl.store(pending_ptr + 12, tl.full((), 0.0, tl.float64))
         tl.store(pending_ptr + 13, tl.full((), 0.0, tl.float64))
+        tl.store(pending_ptr + 14, dead.to(tl.float64))
     tl.store(diverged_ptr, diverged)
     tl.store(applied_ptr, new_rate * anneal)
     if DEVICE_CLOCK:
@@ -266,7 +268,8 @@ def _decide_kernel(
             _write_state(
                 pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr,
                 lr_cap_ptr, good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr,
-                loss_steps_ptr, last_ptr, live_closing_ptr, live_before_ptr, live_reference_ptr, True, HAS_SHARES,
+                loss_steps_ptr, last_ptr, live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr,
+                True, HAS_SHARES,
             )  # fmt: skip
 
 
@@ -274,7 +277,8 @@ def _decide_kernel(
 def _write_state(
     pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
     good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_steps_ptr, last_ptr,
-    live_closing_ptr, live_before_ptr, live_reference_ptr, DEVICE_METER: tl.constexpr, HAS_SHARES: tl.constexpr,
+    live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr, DEVICE_METER: tl.constexpr,
+    HAS_SHARES: tl.constexpr,
 ):  # fmt: skip
     """The pending state into the control's tensors, and the loss meter reset."""
     tl.store(loss_rollback_ptr, tl.load(pending_ptr + 0) != 0)
@@ -292,6 +296,7 @@ def _write_state(
         tl.store(live_reference_ptr, tl.load(pending_ptr + 11))
         tl.store(live_before_ptr, tl.load(pending_ptr + 12))
         tl.store(live_closing_ptr, tl.load(pending_ptr + 13))
+        tl.store(live_rolled_back_ptr, tl.load(pending_ptr + 14) != 0)
     tl.store(loss_sum_ptr, tl.full((), 0.0, tl.float64))
     if DEVICE_METER:
         tl.store(loss_steps_ptr, tl.full((), 0.0, tl.float64))
@@ -302,13 +307,13 @@ def _write_state(
 def _apply_kernel(
     pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
     good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, live_closing_ptr,
-    live_before_ptr, live_reference_ptr, HAS_SHARES: tl.constexpr,
+    live_before_ptr, live_reference_ptr, live_rolled_back_ptr, HAS_SHARES: tl.constexpr,
 ):  # fmt: skip
     """Under a host clock, after the commit pass: the pending state in, and the loss sum reset."""
     _write_state(
         pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
         good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_sum_ptr, loss_sum_ptr,
-        live_closing_ptr, live_before_ptr, live_reference_ptr, False, HAS_SHARES,
+        live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr, False, HAS_SHARES,
     )  # fmt: skip
 
 
@@ -426,12 +431,12 @@ class SafeguardKernels:
         meter.last = meter.no_loss
 
     def _share_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The dead-unit test's tensors: the closing step's share, the share before it, the reference (the rate's
-        tensor, not used, without the test)."""
+        """The dead-unit test's tensors: the closing step's share, the share before it, the reference, whether the
+        last period was rolled back by it (without the test the rate's and a flag's tensors, not used)."""
         shares = self.control.gradient_shares
         if shares is None:
-            return (self.control.rate,) * 3
-        return shares.closing, shares.before_end, shares.reference
+            return (*(self.control.rate,) * 3, self.control.searching)
+        return shares.closing, shares.before_end, shares.reference, shares.rolled_back
 
 
 __all__ = ["PENDING", "SafeguardKernels"]
