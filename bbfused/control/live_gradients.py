@@ -1,4 +1,4 @@
-"""The dead-unit test's measure: the share of the trainable parameters' gradient values that are not exactly zero.
+"""The dead-unit test's measure: the share of the trainable parameters' gradient values that are finite and not zero.
 
 A ReLU unit that no input of a batch activates gets exactly zero gradients on its weights, and a rate that kills
 many units at once makes the share collapse while the loss may still look like progress
