@@ -277,11 +277,11 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
     history = bb["lr_history"]
     if not isinstance(history, list) or len(history) != epoch:
         raise ValueError(f"corrupt state dict: lr_history must list the {epoch} completed epochs' rates")
-    bad = [rate for rate in history if not _is_rate(rate)]
+    bad = [rate for rate in history if not _is_finite_nonnegative(rate)]
     if bad:
         raise ValueError(f"corrupt state dict: lr_history must hold finite rates >= 0, found {bad[0]!r}")
     for name in ("lr", "lr_multiplier"):
-        if not _is_rate(bb[name]):
+        if not _is_finite_nonnegative(bb[name]):
             raise ValueError(f"corrupt state dict: {name} must be a finite number >= 0, got {bb[name]!r}")
     check_positive("the saved rule_lr", bb["rule_lr"])
     check_beta(bb["beta"])
@@ -352,13 +352,9 @@ def _check_preconditioner(bb: dict[str, Any], groups: Any) -> None:
         )
 
 
-def _is_share(value: Any) -> bool:
-    """A share of gradient values: at most 1 but for a frozen parameter given a gradient by hand, which counts in the
-    numerator and not in the denominator."""
-    return is_real(value) and math.isfinite(value) and value >= 0
-
-
-def _is_rate(value: Any) -> bool:
+def _is_finite_nonnegative(value: Any) -> bool:
+    """A rate, or a share of gradient values (at most 1 but for a frozen parameter given a gradient by hand, which
+    counts in the numerator and not in the denominator)."""
     return is_real(value) and math.isfinite(value) and value >= 0
 
 
@@ -380,7 +376,7 @@ def _check_control(bb: dict[str, Any]) -> None:
         if value is not None and (not is_real(value) or math.isnan(value)):
             raise ValueError(f"corrupt state dict: {name} must be a number or None, got {value!r}")
     reference, before = bb["live_reference"], bb["live_before"]
-    if (reference is not None and not _is_share(reference)) or not _is_share(before):
+    if (reference is not None and not _is_finite_nonnegative(reference)) or not _is_finite_nonnegative(before):
         raise ValueError(
             f"corrupt state dict: live_reference must be a finite number >= 0 or None and live_before a finite number "
             f">= 0 (shares of gradient values that are not zero); got {reference!r} and {before!r}"

@@ -332,17 +332,19 @@ class DeviceClock:
         torch.eq(self.step, self.steps_per_epoch, out=self.epoch_gate)
         if self.periods.length:
             torch.logical_or(self.epoch_gate, self._inner_end(self.step), out=self.gate)
-        following = self.step + 1  # in the same epoch unless the gate is set, and then unused
-        closes_next = following == self.steps_per_epoch
-        if self.periods.length:
-            closes_next = closes_next | self._inner_end(following)
-        torch.logical_and(~self.gate, closes_next, out=self.before_period_end)
+        # The next step is in the same epoch unless the gate is set, and then the flag is false whatever it closes.
+        torch.logical_and(~self.gate, self._closes(self.step + 1), out=self.before_period_end)
         return True
 
     def _inner_end(self, step: torch.Tensor) -> torch.Tensor:
         """Whether the open epoch's ``step``-th step closes one of a split first epoch's periods before its end."""
         periods = self.periods
         return (self.epoch == 0) & (step % periods.length == 0) & (step <= periods.last_inner_end)
+
+    def _closes(self, step: torch.Tensor) -> torch.Tensor:
+        """Periods.closes on the device: the open epoch's ``step``-th step closes a rate period."""
+        ends_epoch = step == self.steps_per_epoch
+        return ends_epoch | self._inner_end(step) if self.periods.length else ends_epoch
 
     @contextlib.contextmanager
     def epoch_end(self) -> Iterator[None]:

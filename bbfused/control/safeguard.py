@@ -380,7 +380,6 @@ class SafeguardControl:
         result when run twice, and the control's state changes only at the end (the buffers keep the measured
         sums). Every write goes through ``clock``, which applies it only at a period's end."""
         kernels = self._decision_kernels(buffers)
-        shares = self.gradient_shares
         sums = buffers.measure(clock, partials=kernels is not None)
         if kernels is not None:
             anneal = 1.0 if clock.gate is not None else float(anneal_factor(clock.next_epoch, self.epochs))
@@ -389,7 +388,7 @@ class SafeguardControl:
             self.model_buffers.commit(diverged, clock.gate, buffers.backends)
             kernels.apply(clock)
             return applied, diverged
-        live = None if shares is None else shares.live()
+        live = None if self.gradient_shares is None else self.gradient_shares.live()
         diverged, risen, rose, near_start, references = self.diverged(sums, clock, live)
         # With a split first epoch the search ends with it: one full epoch at an overshooting estimate costs a short
         # run more than the climb it saves; but not while the loss has barely left the first step's.
@@ -437,8 +436,10 @@ class SafeguardControl:
         def number_or_none(t: torch.Tensor) -> float | None:
             return None if math.isnan(value := float(t)) else value
 
-        shares = self.gradient_shares
-        live_reference, live_before, live_rolled_back = (None, 0.0, False) if shares is None else shares.state()
+        shares = {}  # without the test: ControlState's defaults
+        if self.gradient_shares is not None:
+            reference, before, rolled_back = self.gradient_shares.state()
+            shares = dict(live_reference=reference, live_before=before, live_rolled_back=rolled_back)
         return ControlState(
             has_snapshot=bool(self.has_snapshot),
             lr_cap=float(self.lr_cap),
@@ -454,9 +455,7 @@ class SafeguardControl:
             searching=bool(self.searching),
             ceiling=float(self.ceiling),
             snapshot_loss=number_or_none(self.snapshot_loss),
-            live_reference=live_reference,
-            live_before=live_before,
-            live_rolled_back=live_rolled_back,
+            **shares,
         )
 
     def check_state(self, state: ControlState) -> None:

@@ -380,7 +380,7 @@ class SafeguardKernels:
         captured step replays their addresses); under a host clock new ones (the clock keeps the flags), and
         :meth:`apply` writes the state after the commit pass. ``anneal``: the end phase's factor for the next
         epoch (a host clock's; a device clock's is looked up in the control's table on the device). The dead-unit
-        test reads the control's gradient counts, the closing step's already taken."""
+        test reads the control's gradient shares, the closing step's already taken."""
         c = self.control
         meter = c.loss
         device_clock = isinstance(clock, DeviceClock)
