@@ -220,6 +220,20 @@ def test_a_captured_run_rolls_back_dead_units_as_the_host_counted_one(backend: s
     assert without.rolled_back_epochs == []
 
 
+@pytest.mark.parametrize("backend", [b.name for b in BACKENDS])
+def test_a_fused_backend_rolls_back_dead_units_as_eager_does(backend: str) -> None:
+    """The kill run's three epochs on a fused backend against the eager reference: the same rollback and shares, rates
+    and weights as close as the step's rounding leaves them."""
+    model, opt = _kill_run(False, "eager", 30)
+    fused_model, fused = _kill_run(False, backend, 30)
+    assert fused.rolled_back_epochs == opt.rolled_back_epochs == [2]
+    assert fused.lr_history == pytest.approx(opt.lr_history, rel=1e-6)
+    bb, fused_bb = opt.state_dict()["bb"], fused.state_dict()["bb"]
+    assert fused_bb["live_reference"] == bb["live_reference"] and fused_bb["live_rolled_back"] == bb["live_rolled_back"]
+    for a, b in zip(model.parameters(), fused_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def _resume_at_step_29(saved: dict, model: torch.nn.Module, capturable: bool) -> BB:
     """A fresh optimizer loaded with ``saved`` that takes the kill run's 30th step (its third epoch's last)."""
     resumed = BB(model.parameters(), lr=3.0, steps_per_epoch=10, epochs=3, backend="eager", capturable=capturable)
