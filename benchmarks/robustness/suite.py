@@ -238,6 +238,21 @@ SETTINGS = {
             "MLP 64-(128 ReLU)x3-10 with 30 % of the training labels replaced by random classes", label_noise=0.3,
             holdout=True,
         ),
+        # Holdout settings chosen, and their references recorded, before any BB method ran on them: normalisation
+        # other than BatchNorm (GroupNorm in a CNN, LayerNorm in a residual MLP) and a wide MLP with dropout.
+        Setting(
+            "gn-cnn", "gn_cnn", "mnist", 64, 10, 5e-4, 2_432,
+            "conv16-GN-ReLU-pool, conv32-GN-ReLU-pool, conv64-GN-ReLU, global average pool, fc10 (GroupNorm, 4 groups)",
+            holdout=True,
+        ),
+        Setting(
+            "resmlp-ln", "residual_ln_mlp", "mnist", 64, 8, 0.0, 4_096,
+            "MLP 784-128, three residual pre-LayerNorm blocks 128-256-128 (GELU), LayerNorm, fc10", holdout=True,
+        ),
+        Setting(
+            "dropout-digits", "wide_dropout_digits", "digits", 16, 15, 5e-4, None,
+            "MLP 64-512-512-10 with ReLU and dropout 0.3 on the digits, batches of 16", holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -429,6 +444,44 @@ def deep_cnn_digits(width: int = 16, depth: int = 5) -> nn.Sequential:
     return nn.Sequential(*layers, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(width * 4 * 4, 10))
 
 
+def gn_cnn(width: int = 16, groups: int = 4) -> nn.Sequential:
+    """The small-long CNN with GroupNorm in place of BatchNorm: no batch statistics, no running buffers."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.GroupNorm(groups, width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.GroupNorm(groups, 2 * width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.GroupNorm(groups, 4 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10),
+    )  # fmt: skip
+
+
+class ResidualBlock(nn.Module):
+    """x + MLP(LayerNorm(x)): a transformer's feed-forward half without attention."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def residual_ln_mlp(width: int = 128, depth: int = 3) -> nn.Sequential:
+    """An MLP of ``depth`` residual pre-LayerNorm blocks on the flat MNIST images."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, width), *(ResidualBlock(width, 2 * width) for _ in range(depth)),
+        nn.LayerNorm(width), nn.Linear(width, 10),
+    )  # fmt: skip
+
+
+def wide_dropout_digits(width: int = 512, dropout: float = 0.3) -> nn.Sequential:
+    """A wide two-layer ReLU MLP with dropout on the flat 8x8 digits."""
+    return nn.Sequential(
+        nn.Linear(64, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(width, 10),
+    )  # fmt: skip
+
+
 def autoencoder() -> nn.Sequential:
     """An MLP autoencoder 784-256-32-256-784 with ReLU; a linear output (the pixels' reconstruction)."""
     return nn.Sequential(
@@ -467,6 +520,9 @@ def build_model(name: str) -> nn.Module:
         "narrow_autoencoder": narrow_autoencoder,
         "deep_relu_mnist_6": lambda: plain_mlp(784, 128, 6, nn.ReLU),
         "relu_mlp_digits_3": lambda: plain_mlp(64, 128, 3, nn.ReLU),
+        "gn_cnn": gn_cnn,
+        "residual_ln_mlp": residual_ln_mlp,
+        "wide_dropout_digits": wide_dropout_digits,
     }
     return builders[name]()
 
