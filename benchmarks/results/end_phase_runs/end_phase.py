@@ -1,0 +1,92 @@
+"""Prototypes for the default rate control's end phase, not in the optimizer. Each run is saved as the suite saves
+it, as method ``bb[anneal-MODE]``:
+
+    python benchmarks/results/end_phase_runs/end_phase.py OUT_DIR SETTINGS SEEDS LRS MODE [adam]
+
+With ``adam`` the runs are of ``BB(..., preconditioner="adam")``, saved as ``bb[anneal-MODE-adam]``.
+
+- MODE a number F: the cosine of the end phase starts at F times the planned epochs instead of at half of them (0: it
+  falls over the whole run, as the tuned reference's cosine annealing does).
+- MODE ``hold``: once a period ran at an end-phase factor below 1, BB's estimate no longer moves r; only the loss
+  brake and the rollbacks do. In the end phase the estimate is mostly noise, which scales with the applied step,
+  so following it compounds the cosine (r falls up to 10x an epoch in the last epochs). The decision runs as
+  torch ops (the Triton decision kernel is turned off).
+
+Results: ../2026-12-05_cpu_end_phase.md.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "robustness"))
+import suite  # noqa: E402
+
+from bbfused.control import safeguard  # noqa: E402
+
+FRACTION = 0.5
+next_rate_as_shipped = safeguard.SafeguardControl.next_rate
+close_epoch_as_shipped = safeguard.SafeguardControl.close_epoch
+
+
+def close_epoch(self, buffers, base, clock, taus):
+    self.prototype_end_phase = safeguard.anneal_factor(clock.epoch, self.epochs) < 1
+    return close_epoch_as_shipped(self, buffers, base, clock, taus)
+
+
+def next_rate(self, sums, diverged, rose, steps, bounds, search_open=True, risen=None):
+    """The shipped next_rate, then in the end phase r kept (halved when the loss rose) instead of following η."""
+    new_rate, searching, ceiling = next_rate_as_shipped(self, sums, diverged, rose, steps, bounds, search_open, risen)
+    if getattr(self, "prototype_end_phase", False):
+        held = torch.where(rose, self.rate * safeguard.LOSS_BRAKE, self.rate)
+        held = torch.minimum(held.clamp(min=bounds[0], max=bounds[1]), self.lr_cap)
+        new_rate = torch.where(diverged, new_rate, held)
+    return new_rate, searching, ceiling
+
+
+def anneal_factor(epoch, epochs, table=None):
+    """safeguard.anneal_factor with the cosine's start at FRACTION of the run (the shipped one: half)."""
+    if epochs is None:
+        return 1.0
+    if isinstance(epoch, torch.Tensor):
+        table = safeguard.anneal_table(epochs, epoch.device) if table is None else table
+        return table[epoch.to(table.device).clamp(min=0, max=epochs - 1)]
+    start = int(epochs * FRACTION)
+    k = min(epoch, epochs - 1)
+    if k < start:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (k - start + 1) / (epochs - start + 1)))
+
+
+def main(argv: list[str]) -> None:
+    """OUT_DIR SETTINGS SEEDS LRS MODE [adam]: runs saved as bb[anneal-MODE] (bb[anneal-MODE-adam])."""
+    adam = len(argv) > 5 and argv[5] == "adam"
+    kwargs = {"preconditioner": "adam"} if adam else None
+    global FRACTION
+    if argv[4] == "hold":
+        safeguard.SafeguardControl.close_epoch = close_epoch
+        safeguard.SafeguardControl.next_rate = next_rate
+        safeguard.SafeguardControl._decision_kernels = lambda self, buffers: None
+    else:
+        FRACTION = float(argv[4])
+        safeguard.anneal_factor = anneal_factor
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    lrs = [float(x) for x in argv[3].split(",")]
+    for setting in argv[1].split(","):
+        for seed in [int(s) for s in argv[2].split(",")]:
+            for lr in lrs:
+                run = suite.Run(setting, f"bb[anneal-{argv[4]}{'-adam' if adam else ''}]", lr, seed)
+                path = out / f"{run.name}.json"
+                if path.exists():
+                    continue
+                record = suite.train(run, bb_kwargs=kwargs)
+                path.write_text(json.dumps(record))
+                print(setting, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
