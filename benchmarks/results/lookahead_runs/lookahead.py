@@ -1,0 +1,125 @@
+"""A prototype for the default rate control, not in the optimizer: BB's estimate on the momentum's look-ahead point
+z = θ − η·μ/(1−μ)·m instead of on θ. With the optimizer's momentum (m ← m + (1−μ)(d − m), θ ← θ − η·m),
+z_{t+1} = z_t − η·d_t exactly: z moves as plain SGD at the rate η does, so the estimate
+‖Δz‖² / (T·|Δzᵀy|) reads the run as the rule reads plain SGD. On θ, a gradient's noise has not yet reached θ
+through the momentum when the period ends, but it is in the gradient average already: the noise's share of Δθᵀy
+shrinks and the estimate of a noise-dominated period is about 1/(1−μ) = 10 times the rate that produced it
+(the rate it may grow to), where on z it is about that rate (``simulate``).
+
+The period's Δz = Δθ − c·(m_k − m_{k−1}), c = η·μ/(1−μ) with the closing period's rate; the momentum at the last
+period end is kept here (a copy per buffer; a rollback zeroes it, as it zeroes m). Runs are saved as the suite
+saves them, as method ``bb[lookahead]``:
+
+    python benchmarks/results/lookahead_runs/lookahead.py OUT_DIR SETTINGS SEEDS LRS
+    python benchmarks/results/lookahead_runs/lookahead.py simulate
+
+Results: ../2026-12-05_cpu_lookahead_estimate.md.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "robustness"))
+import suite  # noqa: E402
+
+from bbfused.control import safeguard  # noqa: E402
+
+close_epoch_as_shipped = safeguard.SafeguardControl.close_epoch
+next_rate_as_shipped = safeguard.SafeguardControl.next_rate
+
+
+def lookahead_sums(buffers, kept: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖Δz‖² and Δzᵀy (float64) over every buffer, before the measuring pass moves the gradient averages."""
+    mu = buffers.momentum
+    c = float(buffers.lr) * mu / (1 - mu)
+    sq = torch.zeros((), dtype=torch.float64)
+    dot = torch.zeros((), dtype=torch.float64)
+    for buffer in buffers.buffers:
+        momentum = buffer.momentum.double()
+        before = kept.get(id(buffer), torch.zeros_like(momentum))
+        delta = (buffer.param.double() - buffer.prev_params.double()) - c * (momentum - before)
+        y = buffer.ema.double() - buffer.prev_ema.double()
+        sq += delta.square().sum()
+        dot += (delta * y).sum()
+    return sq, dot
+
+
+def close_epoch(self, buffers, base, clock, taus):
+    """The shipped close_epoch; the estimate (``next_rate``) reads ‖Δz‖², Δzᵀy, the divergence tests the measured
+    sums (the "stuck" test's movement is ‖Δθ‖²)."""
+    kept = self.__dict__.setdefault("prototype_momentum", {})
+    self.prototype_sums = lookahead_sums(buffers, kept)
+    result = close_epoch_as_shipped(self, buffers, base, clock, taus)
+    for buffer in buffers.buffers:  # after the commit: zero where the period was rolled back
+        kept[id(buffer)] = buffer.momentum.double().clone()
+    return result
+
+
+def next_rate(self, sums, *args, **kwargs):
+    """The shipped next_rate on the look-ahead sums."""
+    sums = sums.clone()
+    sums[0], sums[1] = (value.to(sums.device) for value in self.prototype_sums)
+    return next_rate_as_shipped(self, sums, *args, **kwargs)
+
+
+def simulate(steps: int = 42, n: int = 20_000, epochs: int = 12, seed: int = 0) -> None:
+    """The estimate on θ and on z for a quadratic 0.5·λ‖θ‖² with unit gradient noise, momentum 0 and 0.9, η 0.1
+    (the optimizer's EMA of gradients, reset each period): the median over epochs 5-11."""
+    generator = torch.Generator().manual_seed(seed)
+    beta, eta = 4 / steps, 0.1
+    print("| λ | momentum | estimate on θ | estimate on z | 1/(Tλ) |")
+    print("|---|---|---|---|---|")
+    for lam in (0.0, 0.01, 0.1, 1.0):
+        for mu in (0.0, 0.9):
+            theta, m = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+            snaps = []
+            for _ in range(epochs):
+                g = torch.zeros(n, dtype=torch.float64)
+                for _ in range(steps):
+                    d = lam * theta + torch.randn(n, dtype=torch.float64, generator=generator)
+                    g += beta * (d - g)
+                    m += (1 - mu) * (d - m)
+                    theta -= eta * m
+                snaps.append((theta.clone(), theta - eta * mu / (1 - mu) * m, g))
+            found = [[], []]
+            for (t0, z0, g0), (t1, z1, g1) in zip(snaps[4:], snaps[5:]):
+                for k, delta in enumerate((t1 - t0, z1 - z0)):
+                    found[k].append(float(delta @ delta / (steps * abs(delta @ (g1 - g0)))))
+            medians = [torch.tensor(f).median().item() for f in found]
+            exact = f"{1 / (steps * lam):.3g}" if lam else "∞"
+            print(f"| {lam:g} | {mu:g} | {medians[0]:.3g} | {medians[1]:.3g} | {exact} |")
+
+
+def install() -> None:
+    """Patch the prototype into BB's default control (the decision as torch ops: the Triton kernel is turned off)."""
+    safeguard.SafeguardControl.close_epoch = close_epoch
+    safeguard.SafeguardControl.next_rate = next_rate
+    safeguard.SafeguardControl._decision_kernels = lambda self, buffers: None
+
+
+def main(argv: list[str]) -> None:
+    """OUT_DIR SETTINGS SEEDS LRS: runs saved as bb[lookahead]; or ``simulate``."""
+    if argv[:1] == ["simulate"]:
+        simulate()
+        return
+    install()
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    lrs = [float(x) for x in argv[3].split(",")]
+    for setting in argv[1].split(","):
+        for seed in [int(s) for s in argv[2].split(",")]:
+            for lr in lrs:
+                run = suite.Run(setting, "bb[lookahead]", lr, seed)
+                path = out / f"{run.name}.json"
+                if path.exists():
+                    continue
+                record = suite.train(run)
+                path.write_text(json.dumps(record))
+                print(setting, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

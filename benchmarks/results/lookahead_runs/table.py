@@ -1,0 +1,60 @@
+"""The tables of 2026-12-05_cpu_lookahead_estimate.md: the look-ahead estimate (``lookahead.py`` next to this
+script, runs ``bb[lookahead]``) against BB's default and the best tuned reference of every setting:
+``python benchmarks/results/lookahead_runs/table.py FOLDER [FOLDER ...]``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "robustness"))
+
+from report import best_reference, check, gap_stats, load_runs, score, signed  # noqa: E402
+from suite import LRS, PEERS, RUNS, SEEDS, SETTINGS  # noqa: E402
+
+
+def cell(runs: dict, setting: str, method: str, best: float) -> str:
+    stats = gap_stats(
+        score(runs[(setting, method, lr, seed)]) - best if (setting, method, lr, seed) in runs else None
+        for lr in LRS
+        for seed in SEEDS
+    )
+    if stats.count == 0:
+        return "·"
+    missing = f" ({stats.count} of {stats.expected})" if stats.count < stats.expected else ""
+    return f"{signed(stats.worst)} / {signed(stats.median)} / {stats.short}{missing}"
+
+
+def main(folders: list[str]) -> None:
+    references = load_runs(RUNS)
+    runs = dict(references)
+    for folder in folders:
+        runs.update(load_runs(Path(folder)))
+    methods = ["bb"] + sorted({key[1] for key in runs if key[1].startswith("bb[lookahead")})
+    print("| setting | group | best tuned reference | " + " | ".join(methods) + " |")
+    print("|---|---|---|" + "---|" * len(methods))
+    for setting, spec in SETTINGS.items():
+        best = best_reference(references, setting, LRS, SEEDS)
+        if best is None:
+            continue
+        cells = [cell(runs, setting, m, best.mean) for m in methods]
+        if all(c == "·" for c in cells[1:]):
+            continue
+        group = "holdout" if spec.holdout else "dev"
+        print(f"| {setting} | {group} | {best.method} @ {best.lr}: {best.mean:.2f} | " + " | ".join(cells) + " |")
+    print()
+    print("| method | settings | worst | medians below -1 | runs > 3 short | `bb` on the same settings |")
+    print("|---|---|---|---|---|---|")
+    for method in methods[1:]:
+        done = tuple(s for s in SETTINGS if all((s, method, lr, seed) in runs for lr in LRS for seed in SEEDS))
+        result = check(runs, method, "all", done, PEERS, LRS, SEEDS)
+        default = check(runs, "bb", "all", done, PEERS, LRS, SEEDS)
+        print(
+            f"| {method} | {len(done)} | {signed(result.worst)} | {', '.join(result.medians_short) or 'none'} "
+            f"| {result.short} of {result.count} | {default.short} of {default.count} |"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
