@@ -445,7 +445,7 @@ def deep_cnn_digits(width: int = 16, depth: int = 5) -> nn.Sequential:
 
 
 def gn_cnn(width: int = 16, groups: int = 4) -> nn.Sequential:
-    """The small-long CNN with GroupNorm in place of BatchNorm: no batch statistics, no running buffers."""
+    """:func:`gap_cnn` with GroupNorm in place of BatchNorm: no batch statistics, no running buffers."""
     return nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1), nn.GroupNorm(groups, width), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(width, 2 * width, 3, padding=1), nn.GroupNorm(groups, 2 * width), nn.ReLU(), nn.MaxPool2d(2),

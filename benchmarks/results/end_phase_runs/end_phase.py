@@ -9,7 +9,7 @@ With ``adam`` the runs are of ``BB(..., preconditioner="adam")``, saved as ``bb[
   falls over the whole run, as the tuned reference's cosine annealing does).
 - MODE ``hold``: once a period ran at an end-phase factor below 1, BB's estimate no longer moves r; only the loss
   brake and the rollbacks do. In the end phase the estimate is mostly noise, which scales with the applied step,
-  so following it compounds the cosine (r falls up to 10x an epoch in the last epochs). The decision runs as
+  so following it compounds the cosine. The decision runs as
   torch ops (the Triton decision kernel is turned off).
 
 Results: ../2026-12-05_cpu_end_phase.md.
@@ -33,6 +33,7 @@ close_epoch_as_shipped = safeguard.SafeguardControl.close_epoch
 
 
 def close_epoch(self, buffers, base, clock, taus):
+    """The shipped close_epoch, noting first whether the closing period ran at an end-phase factor below 1."""
     self.prototype_end_phase = safeguard.anneal_factor(clock.epoch, self.epochs) < 1
     return close_epoch_as_shipped(self, buffers, base, clock, taus)
 

@@ -1,10 +1,10 @@
 """A prototype for the default rate control, not in the optimizer: BB's estimate on the momentum's look-ahead point
 z = θ − η·μ/(1−μ)·m instead of on θ. With the optimizer's momentum (m ← m + (1−μ)(d − m), θ ← θ − η·m),
 z_{t+1} = z_t − η·d_t exactly: z moves as plain SGD at the rate η does, so the estimate
-‖Δz‖² / (T·|Δzᵀy|) reads the run as the rule reads plain SGD. On θ, a gradient's noise has not yet reached θ
-through the momentum when the period ends, but it is in the gradient average already: the noise's share of Δθᵀy
-shrinks and the estimate of a noise-dominated period is about 1/(1−μ) = 10 times the rate that produced it
-(the rate it may grow to), where on z it is about that rate (``simulate``).
+‖Δz‖² / (T·|Δzᵀy|) reads the run as the rule reads plain SGD. On θ, a period's last gradient noise has not yet
+reached θ through the momentum when the period ends, but it is in the gradient average already, so where noise
+dominates the estimate is a multiple of the rate that produced it, above 1 and largest on short periods; on z it is
+about that rate (``simulate`` prints both; ../2026-12-05_cpu_lookahead_estimate.md has the numbers).
 
 The period's Δz = Δθ − c·(m_k − m_{k−1}), c = η·μ/(1−μ) with the closing period's rate; the momentum at the last
 period end is kept here (a copy per buffer; a rollback zeroes it, as it zeroes m). Runs are saved as the suite
@@ -65,32 +65,48 @@ def next_rate(self, sums, *args, **kwargs):
     return next_rate_as_shipped(self, sums, *args, **kwargs)
 
 
-def simulate(steps: int = 42, n: int = 20_000, epochs: int = 12, seed: int = 0) -> None:
-    """The estimate on θ and on z for a quadratic 0.5·λ‖θ‖² with unit gradient noise, momentum 0 and 0.9, η 0.1
-    (the optimizer's EMA of gradients, reset each period): the median over epochs 5-11."""
+def estimates(lam: float, mu: float, steps: int, n: int = 20_000, epochs: int = 12, seed: int = 0) -> list[float]:
+    """The estimate on θ and on z, each divided by the rate η = 0.1, for a quadratic 0.5·λ‖θ‖² with unit gradient
+    noise and the optimizer's step and gradient average (β = 4/T, reset each period): medians over epochs 5-11."""
     generator = torch.Generator().manual_seed(seed)
     beta, eta = 4 / steps, 0.1
-    print("| λ | momentum | estimate on θ | estimate on z | 1/(Tλ) |")
+    theta, m = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    snaps = []
+    for _ in range(epochs):
+        g = torch.zeros(n, dtype=torch.float64)
+        for _ in range(steps):
+            d = lam * theta + torch.randn(n, dtype=torch.float64, generator=generator)
+            g += beta * (d - g)
+            m += (1 - mu) * (d - m)
+            theta -= eta * m
+        snaps.append((theta.clone(), theta - eta * mu / (1 - mu) * m, g))
+    found: list[list[float]] = [[], []]
+    for (t0, z0, g0), (t1, z1, g1) in zip(snaps[4:], snaps[5:]):
+        for k, delta in enumerate((t1 - t0, z1 - z0)):
+            found[k].append(float(delta @ delta / (steps * abs(delta @ (g1 - g0)))) / eta)
+    return [torch.tensor(f).median().item() for f in found]
+
+
+def simulate() -> None:
+    """Two tables: the estimates against the curvature at T = 42, and the pure-noise bias against T with the
+    closed form (1 − μ + βμ) / |1 − μ − βμ| for the estimate on θ (the previous period's momentum, carried into Δθ,
+    cancels part of the shared noise; the last steps' noise, not yet in θ, leaves the rest)."""
+    print("| λ | momentum | estimate on θ / η | estimate on z / η | 1/(Tλη) |")
     print("|---|---|---|---|---|")
     for lam in (0.0, 0.01, 0.1, 1.0):
         for mu in (0.0, 0.9):
-            theta, m = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-            snaps = []
-            for _ in range(epochs):
-                g = torch.zeros(n, dtype=torch.float64)
-                for _ in range(steps):
-                    d = lam * theta + torch.randn(n, dtype=torch.float64, generator=generator)
-                    g += beta * (d - g)
-                    m += (1 - mu) * (d - m)
-                    theta -= eta * m
-                snaps.append((theta.clone(), theta - eta * mu / (1 - mu) * m, g))
-            found = [[], []]
-            for (t0, z0, g0), (t1, z1, g1) in zip(snaps[4:], snaps[5:]):
-                for k, delta in enumerate((t1 - t0, z1 - z0)):
-                    found[k].append(float(delta @ delta / (steps * abs(delta @ (g1 - g0)))))
-            medians = [torch.tensor(f).median().item() for f in found]
-            exact = f"{1 / (steps * lam):.3g}" if lam else "∞"
-            print(f"| {lam:g} | {mu:g} | {medians[0]:.3g} | {medians[1]:.3g} | {exact} |")
+            on_theta, on_z = estimates(lam, mu, 42)
+            exact = f"{1 / (42 * lam * 0.1):.3g}" if lam else "∞"
+            print(f"| {lam:g} | {mu:g} | {on_theta:.3g} | {on_z:.3g} | {exact} |")
+    print()
+    print("| T | β = 4/T | estimate on θ / η (λ = 0, μ = 0.9) | closed form | estimate on z / η |")
+    print("|---|---|---|---|---|")
+    mu = 0.9
+    for steps in (10, 20, 38, 42, 64, 78, 200, 469):
+        beta = 4 / steps
+        on_theta, on_z = estimates(0.0, mu, steps, n=5_000)
+        closed = (1 - mu + beta * mu) / abs(1 - mu - beta * mu)
+        print(f"| {steps} | {beta:.3g} | {on_theta:.3g} | {closed:.3g} | {on_z:.3g} |")
 
 
 def install() -> None:

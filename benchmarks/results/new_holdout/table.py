@@ -1,6 +1,6 @@
 """The table of 2026-12-05_cpu_new_holdout_settings.md: BB's default, the paper's BB, ``BB(preconditioner="adam")``
 and the look-ahead estimate prototype on the three settings added before any BB method ran on them, against their
-best tuned reference: ``python benchmarks/results/new_holdout_runs/table.py``.
+best tuned reference: ``python benchmarks/results/new_holdout/table.py``.
 
 Runs: the suite's records (references, ``bb``, ``bb-paper``), ``preconditioner_runs/`` (``bb[adam]``, η0 = 1e-3
 standing for the whole grid, seeds 0-5) and ``lookahead_runs/runs/`` (``bb[lookahead]``)."""
