@@ -10,7 +10,7 @@ The period's Δz = Δθ − c·(m_k − m_{k−1}), c = η·μ/(1−μ) with the
 period end is kept here (a copy per buffer; a rollback zeroes it, as it zeroes m). Runs are saved as the suite
 saves them, as method ``bb[lookahead]``:
 
-    python benchmarks/results/lookahead_runs/lookahead.py OUT_DIR SETTINGS SEEDS LRS
+    python benchmarks/results/lookahead_runs/lookahead.py OUT_DIR SETTINGS SEEDS LRS [adam]
     python benchmarks/results/lookahead_runs/lookahead.py simulate
 
 Results: ../2026-12-05_cpu_lookahead_estimate.md.
@@ -32,7 +32,8 @@ next_rate_as_shipped = safeguard.SafeguardControl.next_rate
 
 
 def lookahead_sums(buffers, kept: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """‖Δz‖² and Δzᵀy (float64) over every buffer, before the measuring pass moves the gradient averages."""
+    """‖Δz‖² (in the preconditioner's metric √v̂ + ε with ``preconditioner="adam"``, as the measuring pass takes
+    ‖Δθ‖²) and Δzᵀy, float64 over every buffer, before the measuring pass moves the gradient averages."""
     mu = buffers.momentum
     c = float(buffers.lr) * mu / (1 - mu)
     sq = torch.zeros((), dtype=torch.float64)
@@ -42,7 +43,12 @@ def lookahead_sums(buffers, kept: dict) -> tuple[torch.Tensor, torch.Tensor]:
         before = kept.get(id(buffer), torch.zeros_like(momentum))
         delta = (buffer.param.double() - buffer.prev_params.double()) - c * (momentum - before)
         y = buffer.ema.double() - buffer.prev_ema.double()
-        sq += delta.square().sum()
+        metric = torch.ones_like(delta)
+        if buffer.second_moment is not None:
+            arguments = buffers.scaling.measure_arguments(buffer.group_index, buffers.master)
+            correction = arguments["bias_correction"].double()
+            metric = (buffer.second_moment.double() / correction).sqrt() + arguments["eps"]
+        sq += (delta.square() * metric).sum()
         dot += (delta * y).sum()
     return sq, dot
 
@@ -117,7 +123,8 @@ def install() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """OUT_DIR SETTINGS SEEDS LRS: runs saved as bb[lookahead]; or ``simulate``."""
+    """OUT_DIR SETTINGS SEEDS LRS [adam]: runs saved as bb[lookahead] (with ``adam``: of
+    ``BB(preconditioner="adam")``, saved as bb[lookahead-adam]); or ``simulate``."""
     if argv[:1] == ["simulate"]:
         simulate()
         return
@@ -125,14 +132,16 @@ def main(argv: list[str]) -> None:
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
     lrs = [float(x) for x in argv[3].split(",")]
+    adam = argv[4:5] == ["adam"]
+    method, kwargs = ("bb[lookahead-adam]", {"preconditioner": "adam"}) if adam else ("bb[lookahead]", None)
     for setting in argv[1].split(","):
         for seed in [int(s) for s in argv[2].split(",")]:
             for lr in lrs:
-                run = suite.Run(setting, "bb[lookahead]", lr, seed)
+                run = suite.Run(setting, method, lr, seed)
                 path = out / f"{run.name}.json"
                 if path.exists():
                     continue
-                record = suite.train(run)
+                record = suite.train(run, bb_kwargs=kwargs)
                 path.write_text(json.dumps(record))
                 print(setting, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
 

@@ -1,9 +1,11 @@
 """The tables of 2026-12-05_cpu_lookahead_estimate.md: the look-ahead estimate (``lookahead.py`` next to this
 script, runs ``bb[lookahead]``) against BB's default and the best tuned reference of every setting:
-``python benchmarks/results/lookahead_runs/table.py FOLDER [FOLDER ...]``."""
+``python benchmarks/results/lookahead_runs/table.py FOLDER [FOLDER ...]``; with ``--adam`` first, the Adam-scaled
+mode with and without it, per seed."""
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def main(folders: list[str]) -> None:
     runs = dict(references)
     for folder in folders:
         runs.update(load_runs(Path(folder)))
-    methods = ["bb"] + sorted({key[1] for key in runs if key[1].startswith("bb[lookahead")})
+    methods = ["bb", "bb[lookahead]"]
     print("| setting | group | best tuned reference | " + " | ".join(methods) + " |")
     print("|---|---|---|" + "---|" * len(methods))
     for setting, spec in SETTINGS.items():
@@ -56,5 +58,44 @@ def main(folders: list[str]) -> None:
         )
 
 
+def adam_main(folders: list[str], seeds: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+    """The Adam-scaled mode (every η0 is the same run, so η0 = 1e-3 stands for the grid): ``bb[adam]`` from
+    preconditioner_runs/ against ``bb[lookahead-adam]``, per seed; gaps to the best tuned reference of seeds 0, 1."""
+    references = load_runs(RUNS)
+    runs = dict(load_runs(HERE.parent / "preconditioner_runs"))
+    for folder in folders:
+        runs.update(load_runs(Path(folder)))
+    methods = ("bb[adam]", "bb[lookahead-adam]")
+    print("| setting | best tuned reference | " + " | ".join(f"{m}: gap per seed {seeds}" for m in methods) + " |")
+    print("|---|---|" + "---|" * len(methods))
+    gaps: dict[str, list[float]] = {m: [] for m in methods}
+    medians_short: dict[str, list[str]] = {m: [] for m in methods}
+    for setting in SETTINGS:
+        best = best_reference(references, setting, LRS, SEEDS)
+        keys = {m: [(setting, m, 0.001, seed) for seed in seeds] for m in methods}
+        if best is None or not all(k in runs for m in methods for k in keys[m]):
+            continue
+        cells = []
+        for m in methods:
+            values = [score(runs[k]) - best.mean for k in keys[m]]
+            gaps[m] += values
+            if statistics.median(values) < -1:
+                medians_short[m].append(setting)
+            cells.append(", ".join(signed(v) for v in values))
+        print(f"| {setting} | {best.method} @ {best.lr}: {best.mean:.2f} | " + " | ".join(cells) + " |")
+    print()
+    print("| method | runs | worst | runs > 3 short | runs > 2 short | settings with a median < -1 |")
+    print("|---|---|---|---|---|---|")
+    for m in methods:
+        values = gaps[m]
+        print(
+            f"| {m} | {len(values)} | {signed(min(values))} | {sum(v < -3 for v in values)} "
+            f"| {sum(v < -2 for v in values)} | {', '.join(medians_short[m]) or 'none'} |"
+        )
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--adam"]:
+        adam_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
