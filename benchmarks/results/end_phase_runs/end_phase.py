@@ -15,15 +15,14 @@ With ``adam`` the runs are of ``BB(..., preconditioner="adam")``, saved as ``bb[
 Results: ../2026-12-05_cpu_end_phase.md.
 """
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "robustness"))
-import suite  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prototypes import train_runs  # noqa: E402
 
 from bbfused.control import safeguard  # noqa: E402
 
@@ -74,19 +73,7 @@ def main(argv: list[str]) -> None:
     else:
         FRACTION = float(argv[4])
         safeguard.anneal_factor = anneal_factor
-    out = Path(argv[0])
-    out.mkdir(parents=True, exist_ok=True)
-    lrs = [float(x) for x in argv[3].split(",")]
-    for setting in argv[1].split(","):
-        for seed in [int(s) for s in argv[2].split(",")]:
-            for lr in lrs:
-                run = suite.Run(setting, f"bb[anneal-{argv[4]}{'-adam' if adam else ''}]", lr, seed)
-                path = out / f"{run.name}.json"
-                if path.exists():
-                    continue
-                record = suite.train(run, bb_kwargs=kwargs)
-                path.write_text(json.dumps(record))
-                print(setting, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+    train_runs(*argv[:4], f"bb[anneal-{argv[4]}{'-adam' if adam else ''}]", kwargs)
 
 
 if __name__ == "__main__":

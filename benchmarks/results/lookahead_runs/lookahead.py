@@ -16,14 +16,13 @@ saves them, as method ``bb[lookahead]``:
 Results: ../2026-12-05_cpu_lookahead_estimate.md.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "robustness"))
-import suite  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prototypes import train_runs  # noqa: E402
 
 from bbfused.control import safeguard  # noqa: E402
 
@@ -129,21 +128,9 @@ def main(argv: list[str]) -> None:
         simulate()
         return
     install()
-    out = Path(argv[0])
-    out.mkdir(parents=True, exist_ok=True)
-    lrs = [float(x) for x in argv[3].split(",")]
     adam = argv[4:5] == ["adam"]
     method, kwargs = ("bb[lookahead-adam]", {"preconditioner": "adam"}) if adam else ("bb[lookahead]", None)
-    for setting in argv[1].split(","):
-        for seed in [int(s) for s in argv[2].split(",")]:
-            for lr in lrs:
-                run = suite.Run(setting, method, lr, seed)
-                path = out / f"{run.name}.json"
-                if path.exists():
-                    continue
-                record = suite.train(run, bb_kwargs=kwargs)
-                path.write_text(json.dumps(record))
-                print(setting, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+    train_runs(*argv[:4], method, kwargs)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""Running a prototype of BB's rate control on the robustness suite, and its tables beside BB's default and the best
+tuned reference of every setting: what the prototype result scripts (``*_runs/``) share.
+
+- :func:`train_runs`: train and save the runs of one method (the prototype patched in by the caller), as the suite
+  saves them; saved runs are skipped.
+- :func:`side_by_side`: per setting, each method's worst / median gap / runs more than 3 points short over every η0
+  and seeds 0 and 1, then the issue's checks for each prototype method on the settings where it has every run.
+- :func:`adam_seeds`: the Adam-scaled mode, where every η0 is the same run (η0 = 1e-3 stands for the grid), its gap
+  per seed for each method.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "robustness"))
+
+from report import best_reference, check, gap_stats, gaps, load_runs, score, signed, stats_cell  # noqa: E402
+from suite import LRS, PEERS, RUNS, SEEDS, SETTINGS, Run, train  # noqa: E402
+
+ADAM_LR = 0.001
+
+
+def train_runs(out: str | Path, settings: str, seeds: str, lrs: str, method: str, bb_kwargs: Any = None) -> None:
+    """Train ``method`` (``bb[NAME]``) on every comma-separated setting, seed and η0 into ``out``, one file a run."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for setting in settings.split(","):
+        for seed in (int(s) for s in seeds.split(",")):
+            for lr in (float(x) for x in lrs.split(",")):
+                run = Run(setting, method, lr, seed)
+                path = out / f"{run.name}.json"
+                if path.exists():
+                    continue
+                record = train(run, bb_kwargs=bb_kwargs)
+                path.write_text(json.dumps(record))
+                print(setting, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+
+
+def load(folders: Sequence[str | Path], base: Sequence[Path] = (RUNS,)) -> tuple[dict, dict]:
+    """(the suite's records, those with every run file of ``base`` and ``folders`` added)."""
+    references = load_runs(RUNS)
+    runs = {}
+    for folder in (*base, *folders):
+        runs.update(load_runs(Path(folder)))
+    return references, runs
+
+
+def side_by_side(references: dict, runs: dict, methods: Sequence[str]) -> None:
+    """``methods[0]`` is the baseline (``bb``); the others are the prototypes compared with it."""
+    print("| setting | group | best tuned reference | " + " | ".join(methods) + " |")
+    print("|---|---|---|" + "---|" * len(methods))
+    for setting, spec in SETTINGS.items():
+        best = best_reference(references, setting, LRS, SEEDS)
+        if best is None:
+            continue
+        cells = [
+            stats_cell(gap_stats(gaps(runs, setting, method, LRS, SEEDS, best.mean).values())) for method in methods
+        ]
+        if all(c == "·" for c in cells[1:]):
+            continue
+        group = "holdout" if spec.holdout else "dev"
+        print(f"| {setting} | {group} | {best.method} @ {best.lr}: {best.mean:.2f} | " + " | ".join(cells) + " |")
+    print()
+    print(f"| method | settings | worst | medians below -1 | runs > 3 short | `{methods[0]}` on the same settings |")
+    print("|---|---|---|---|---|---|")
+    for method in methods[1:]:
+        done = tuple(s for s in SETTINGS if all((s, method, lr, seed) in runs for lr in LRS for seed in SEEDS))
+        result = check(runs, method, "all", done, PEERS, LRS, SEEDS)
+        baseline = check(runs, methods[0], "all", done, PEERS, LRS, SEEDS)
+        print(
+            f"| {method} | {len(done)} | {signed(result.worst)} | {', '.join(result.medians_short) or 'none'} "
+            f"| {result.short} of {result.count} | {baseline.short} of {baseline.count} |"
+        )
+
+
+def adam_seeds(references: dict, runs: dict, methods: Sequence[str], seeds: Sequence[int] = (0, 1, 2, 3)) -> None:
+    """Per setting where every method has every seed at η0 = 1e-3: each method's gap per seed; then per method the
+    runs, the worst gap, the runs more than 3 and 2 points short and the settings whose median is below -1."""
+    header = " | ".join(f"{m}: gap per seed {tuple(seeds)}" for m in methods)
+    print(f"| setting | best tuned reference | {header} |")
+    print("|---|---|" + "---|" * len(methods))
+    found: dict[str, list[float]] = {m: [] for m in methods}
+    medians_short: dict[str, list[str]] = {m: [] for m in methods}
+    for setting in SETTINGS:
+        best = best_reference(references, setting, LRS, SEEDS)
+        keys = {m: [(setting, m, ADAM_LR, seed) for seed in seeds] for m in methods}
+        if best is None or not all(k in runs for m in methods for k in keys[m]):
+            continue
+        cells = []
+        for m in methods:
+            values = [score(runs[k]) - best.mean for k in keys[m]]
+            found[m] += values
+            if statistics.median(values) < -1:
+                medians_short[m].append(setting)
+            cells.append(", ".join(signed(v) for v in values))
+        print(f"| {setting} | {best.method} @ {best.lr}: {best.mean:.2f} | " + " | ".join(cells) + " |")
+    print()
+    print("| method | runs | worst | runs > 3 short | runs > 2 short | settings with a median < -1 |")
+    print("|---|---|---|---|---|---|")
+    for m in methods:
+        values = found[m]
+        print(
+            f"| {m} | {len(values)} | {signed(min(values))} | {sum(v < -3 for v in values)} "
+            f"| {sum(v < -2 for v in values)} | {', '.join(medians_short[m]) or 'none'} |"
+        )
