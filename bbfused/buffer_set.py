@@ -349,9 +349,10 @@ class BufferSet:
         slot: torch.Tensor | None = None,
         skip: torch.Tensor | None = None,
     ) -> None:
-        # A frozen parameter (requires_grad=False) has no gradient, as a dead unit has none: it is left out of the
-        # share's denominator. Read on the host at each count (a captured step keeps the capture's).
-        total = float(max(1, sum(p.numel() for b in self.buffers for p in b.params if p.requires_grad)))
+        # A frozen parameter (requires_grad=False), or one backward did not reach since zero_grad(set_to_none=True)
+        # (an unused branch), has no gradient, as a dead unit has none: it is left out of the share's denominator.
+        # Read on the host at each count (a captured step keeps the capture's).
+        total = float(max(1, sum(_numel_with_gradients(b) for b in self.buffers)))
         if all(b.device == self.master and b.shard_group is None for b in self.buffers):
             # Each buffer's (or run of buffers') share added into ``out`` by its own launch: no torch op (a captured
             # step runs it).
@@ -449,3 +450,10 @@ def _norm(flat: torch.Tensor) -> torch.Tensor:
     compares norms against a growth bound, and an overflow to inf reads as diverged, as it should.
     """
     return torch.linalg.vector_norm(flat, dtype=state_dtype(flat.dtype)).double()
+
+
+def _numel_with_gradients(buffer: FlatBuffer) -> int:
+    """The values of ``buffer``'s trainable parameters that have a gradient in this step (written in place counts:
+    under GradScaler every one was)."""
+    stepped = buffer.with_gradients(count_in_place_writes=True)
+    return sum(p.numel() for p, has_grad in zip(buffer.params, stepped) if has_grad and p.requires_grad)

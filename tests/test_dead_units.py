@@ -365,3 +365,44 @@ def test_a_version_4_state_dict_has_no_reference_until_a_good_period_end() -> No
     state = fresh.state_dict()["bb"]
     assert state["version"] == 5 and state["live_reference"] is None
     assert state["live_before"] == 0.0
+
+
+class _TwoHeads(torch.nn.Module):
+    """A small trunk with a small head and a large one: the large head holds 94 % of the values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(20, 8), torch.nn.ReLU())
+        self.head = torch.nn.Linear(8, 5)
+        self.aux = torch.nn.Linear(8, 400)
+
+
+def _drop_the_large_head(set_to_none: bool, backend: str = "eager") -> BB:
+    """Epoch 0 trains both heads (an auxiliary loss on the large one); from epoch 1 on the large head is never
+    reached by backward, as an unused branch or expert is not."""
+    x, y = _teacher_data()
+    aux_target = torch.randn(len(x), 400, generator=torch.Generator().manual_seed(1))
+    model = _TwoHeads()
+    # tau_max keeps the rate where no loss test rolls a period back, so that only the dead-unit test may.
+    opt = BB(model.parameters(), lr=0.05, steps_per_epoch=10, epochs=4, tau_max=0.5, backend=backend)
+    for epoch in range(4):
+        for step in range(10):
+            batch = slice(step * 64, step * 64 + 64)
+            opt.zero_grad(set_to_none=set_to_none)
+            features = model.trunk(x[batch])
+            loss = torch.nn.functional.cross_entropy(model.head(features), y[batch])
+            if epoch == 0:
+                loss = loss + 0.1 * torch.nn.functional.mse_loss(model.aux(features), aux_target[batch])
+            loss.backward()
+            opt.step(loss=loss)
+    return opt
+
+
+@pytest.mark.parametrize("backend", ["eager", *(b.name for b in BACKENDS)])
+def test_a_branch_backward_stops_reaching_is_no_dead_unit(backend: str) -> None:
+    """With zero_grad(set_to_none=True) (the default) the large head has no gradient from epoch 1 on and is left out
+    of the share, so nothing is rolled back; with set_to_none=False its zeroed gradients count as values that are
+    zero, and the share falls to about 6 % of the reference: one period is rolled back, then the next is kept."""
+    assert _drop_the_large_head(True, backend).rolled_back_epochs == []
+    assert _drop_the_large_head(False, backend).rolled_back_epochs == [1]

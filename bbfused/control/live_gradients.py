@@ -12,8 +12,9 @@ rolling back every period after it would stop the run.
 A period's share is the larger of its closing step's and the step's before it: an epoch's small last batch
 (``drop_last=False``) reaches fewer inputs and units than a full one, which must not read as units that died. It is
 a read of the gradients at those two steps of a period, inside ``step()``. With ``steps_per_epoch=None`` the test is
-off: any step may be the last, and counting every step would cost a read of the gradients per step. Frozen
-parameters (``requires_grad=False``) are left out, so freezing part of a network is not a death.
+off: any step may be the last, and counting every step would cost a read of the gradients per step. Parameters
+without a gradient in the step (frozen, or not reached by backward since ``zero_grad(set_to_none=True)``) are left
+out, so freezing part of a network, or a branch the batches stop reaching, is not a death.
 """
 
 from __future__ import annotations
