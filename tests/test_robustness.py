@@ -168,6 +168,13 @@ def test_report_gap_arithmetic(tmp_path) -> None:
     assert "| bb | dev | -4.5 ✗ | none ✓ | 1/4 ✗ | prodigy-default: 0/2 |" in text
     assert "| bb | -0.5 / -1.5 | -4.5 / +0.5 |" in text  # the gap per seed at each η0
     assert "No reference method has every seed of an η0 yet" in text  # gru-rows
+    # Against the peers at their defaults: prodigy-default's mean 94.0; no SGD-type peer ran.
+    assert "| small-long | prodigy-default: 94.00 | -4.0 / -0.5 / 1 | · | · |" in text
+    assert "| gru-rows | · | · | · | · |" in text
+    assert "| bb | any | 1 of 1 | 1 of 4 |" in text and "| bb | SGD-type |" not in text
+    # Folders that do not exist yet are made, the figure's too.
+    report.write_report(tmp_path, tmp_path / "out" / "r.md", tmp_path / "figures" / "r.png", lrs=lrs, seeds=seeds)
+    assert (tmp_path / "out" / "r.md").is_file() and (tmp_path / "figures" / "r.png").is_file()
     summary = report.summarize(tmp_path, lrs=lrs, seeds=seeds)
     small = summary["settings"]["small-long"]
     assert small["reference"] == {"method": "sgdm-cosine", "lr": 0.1, "mean": 94.5, "scores": (94.0, 95.0)}

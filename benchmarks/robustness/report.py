@@ -28,6 +28,7 @@ from suite import (  # noqa: E402
     BB_METHODS,
     COLLAPSE_ACCURACY,
     DEFAULT_LR,
+    DEFAULT_REFERENCES,
     LR,
     LRS,
     REFERENCES,
@@ -46,6 +47,8 @@ MEDIAN_GAP = -1.0
 SHORT_GAP = -3.0
 # The figure shows gaps down to this; lower ones are drawn on its edge as down-pointing triangles.
 FIGURE_FLOOR = -10.0
+# The learning-rate-free peers at their defaults whose step is SGD with momentum, as BB's default's is.
+SGD_DEFAULT_PEERS = ("dadapt-sgd-default", "schedulefree-sgd-default")
 
 Key = tuple[str, str, LR, int]  # (setting, method, η0, seed)
 
@@ -371,7 +374,10 @@ def write_report(
     lines += _reference_table(runs, settings, references, lrs, seeds)
     lines += _summary_tables(runs, settings, references, bb_shown, peers_shown, lrs, seeds)
     lines += _checks_section(runs, groups, bb_shown, lrs, seeds)
+    lines += _defaults_section(runs, settings, bb_shown, lrs, seeds)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if figure is not None and settings:
+        figure.parent.mkdir(parents=True, exist_ok=True)
         _plot(runs, settings, references, shown, lrs, seeds, figure)
         lines += [f"![gap to the best tuned reference per setting, every run]({figure.name})", ""]
     for group, title in (("dev", "Dev settings"), ("holdout", "Holdout settings (not to be tuned on)")):
@@ -381,7 +387,6 @@ def write_report(
             lines += _setting_section(runs, setting, references[setting], shown, bb_shown, lrs, seeds)
     lines += _recorded_section(runs, settings, shown, lrs, seeds)
     text = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
 
@@ -510,6 +515,55 @@ def _checks_section(runs, groups: dict[str, list[str]], bb_shown: list[str], lrs
                 f"{', '.join(c.medians_short) or 'none'} {'✓' if c.median_holds else '✗'} | "
                 f"{c.short}/{c.count} {'✓' if c.short_holds else '✗'} | {peer} | {verdict} |"
             )
+    return [*lines, ""]
+
+
+def _defaults_section(runs, settings: list[str], bb_shown: list[str], lrs, seeds) -> list[str]:
+    """Each BB method against what a user who tunes nothing would otherwise run: the learning-rate-free peers at their
+    documented defaults."""
+    against = (("any", DEFAULT_REFERENCES), ("SGD-type", SGD_DEFAULT_PEERS))
+    lines = [
+        "## Against the learning-rate-free peers at their defaults",
+        "",
+        "The user who tunes nothing. Per setting, each BB method's runs (every η0 and seed) against the best peer at "
+        f"its documented defaults (the mean over the seeds), of any kind ({', '.join(DEFAULT_REFERENCES)}) and of "
+        f"those whose step is SGD with momentum, as BB's default's is ({', '.join(SGD_DEFAULT_PEERS)}). Cells: worst / "
+        f"median gap / runs more than {-SHORT_GAP:g} points short.",
+        "",
+        "| setting | best peer at defaults | "
+        + " | ".join(bb_shown)
+        + " | best SGD-type peer at defaults | "
+        + " | ".join(bb_shown)
+        + " |",
+        "|---|---|" + "---|" * len(bb_shown) + "---|" + "---|" * len(bb_shown),
+    ]
+    totals = {(m, kind): [0, 0, 0, 0] for m in bb_shown for kind, _ in against}  # medians ok, settings, short, runs
+    for setting in settings:
+        cells = []
+        for kind, peers in against:
+            best = best_reference(runs, setting, lrs, seeds, peers)
+            if best is None:
+                cells += ["·"] * (1 + len(bb_shown))
+                continue
+            cells.append(f"{best.method}: {best.mean:.2f}")
+            for method in bb_shown:
+                stats = gap_stats(gaps(runs, setting, method, lrs, seeds, best.mean).values())
+                cells.append(stats_cell(stats))
+                if stats.count:
+                    total = totals[(method, kind)]
+                    total[0] += stats.median >= MEDIAN_GAP
+                    total[1] += 1
+                    total[2] += stats.short
+                    total[3] += stats.count
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"| method | against | settings with a median ≥ {MEDIAN_GAP:g} | runs > {-SHORT_GAP:g} short |",
+        "|---|---|---|---|",
+    ]
+    for (method, kind), (good, count, short, runs_counted) in totals.items():
+        if count:
+            lines.append(f"| {method} | {kind} | {good} of {count} | {short} of {runs_counted} |")
     return [*lines, ""]
 
 
