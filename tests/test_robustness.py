@@ -32,12 +32,13 @@ NEW_SETTINGS = suite.SETTING_GROUPS["new"]
 
 
 def test_settings_groups_and_holdout() -> None:
-    assert len(suite.SETTINGS) == 35 and len(NEW_SETTINGS) == 29
+    assert len(suite.SETTINGS) == 38 and len(NEW_SETTINGS) == 32
     holdout = (
         "mlp-batch32", "label-noise", "gru-rows", "deep-tanh", "digits-cnn", "logistic", "ln-mlp-digits", "mixer",
         "lstm-digits", "digits-ae", "deep-relu-digits", "deep-gelu", "bn-digits-large", "noisy-digits",
         "deep-relu-mnist", "deep-cnn-digits", "deep-relu-wide", "narrow-ae-mnist", "deep-relu-mnist-b32",
         "noisy-relu-digits", "gn-cnn", "resmlp-ln", "dropout-digits", "long-digits", "long-bn-cnn", "long-gn-cnn",
+        "ln-cnn", "gn-digits-cnn", "res-cnn",
     )  # fmt: skip
     assert suite.SETTING_GROUPS["holdout"] == holdout
     assert set(suite.SETTING_GROUPS["dev"]) | set(suite.SETTING_GROUPS["holdout"]) == set(suite.SETTINGS)

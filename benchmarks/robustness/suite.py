@@ -268,6 +268,22 @@ SETTINGS = {
             "long-gn-cnn", "gn_cnn", "mnist", 32, 4, 5e-4, 12_288,
             "the GroupNorm CNN with batches of 32: 384 steps an epoch", holdout=True,
         ),
+        # Holdout settings chosen, and their references recorded, before any BB method ran on them, to judge rules for
+        # the first epoch's search: CNNs whose normalisation is not BatchNorm, or which have none, at 38-42 steps an
+        # epoch.
+        Setting(
+            "ln-cnn", "ln_cnn", "mnist", 64, 10, 5e-4, 2_432,
+            "the GroupNorm CNN with one group a layer (LayerNorm over channels and positions)", holdout=True,
+        ),
+        Setting(
+            "gn-digits-cnn", "gn_digits_cnn", "digits", 32, 15, 5e-4, None,
+            "conv16-GN-ReLU, conv32-GN-ReLU-pool, fc10 on the digits (GroupNorm, 4 groups)", holdout=True,
+        ),
+        Setting(
+            "res-cnn", "residual_cnn", "mnist", 64, 10, 5e-4, 2_432,
+            "conv16-ReLU-pool, two residual blocks conv16-ReLU-conv16, pool, global average pool, fc10; no "
+            "normalisation", holdout=True,
+        ),
     )
 }  # fmt: skip
 OLD_SETTINGS = ("mlp", "lenet", "bn-cnn", "mlp-batch32", "digits", "resnet18")
@@ -497,6 +513,36 @@ def wide_dropout_digits(width: int = 512, dropout: float = 0.3) -> nn.Sequential
     )  # fmt: skip
 
 
+def gn_digits_cnn(groups: int = 4) -> nn.Sequential:
+    """The digits CNN with GroupNorm after each convolution."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(groups, 16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(groups, 32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )  # fmt: skip
+
+
+class ResidualConvBlock(nn.Module):
+    """ReLU(x + conv(ReLU(conv(x)))): a residual block without normalisation."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+def residual_cnn(width: int = 16) -> nn.Sequential:
+    """A small residual CNN without normalisation on MNIST."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), ResidualConvBlock(width),
+        ResidualConvBlock(width), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
+    )  # fmt: skip
+
+
 def autoencoder() -> nn.Sequential:
     """An MLP autoencoder 784-256-32-256-784 with ReLU; a linear output (the pixels' reconstruction)."""
     return nn.Sequential(
@@ -538,6 +584,9 @@ def build_model(name: str) -> nn.Module:
         "gn_cnn": gn_cnn,
         "residual_ln_mlp": residual_ln_mlp,
         "wide_dropout_digits": wide_dropout_digits,
+        "ln_cnn": lambda: gn_cnn(groups=1),
+        "gn_digits_cnn": gn_digits_cnn,
+        "residual_cnn": residual_cnn,
     }
     return builders[name]()
 
