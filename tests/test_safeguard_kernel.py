@@ -201,9 +201,12 @@ def test_kernel_decision_is_the_torch_decision_bit_for_bit(make_case):
     assert {(True, False), (False, True), (False, False)} <= {o[:2] for o in outcomes}
 
 
-def close_first_epoch_period(clock_kind: str, kind, initial: float, last: float, mean: float) -> torch.Tensor:
+def close_first_epoch_period(
+    clock_kind: str, kind, initial: float, last: float, mean: float
+) -> tuple[torch.Tensor, bool]:
     """Close a first-epoch period of mean loss ``mean`` after a good one of mean ``last`` (also the best so far), by the
-    torch ops and by the kernels; both must give the same rate and ceiling, which is returned (the rate)."""
+    torch ops and by the kernels; both must give the same rate, ceiling and verdict, which are returned (the rate
+    and whether the period was rolled back)."""
     if clock_kind == "host":
         clock = HostClock(8, DEVICE, first_epoch_periods=4)
         clock.step_in_epoch = clock.periods.length
@@ -224,9 +227,12 @@ def close_first_epoch_period(clock_kind: str, kind, initial: float, last: float,
         control.loss.steps.fill_(float(clock.periods.length))
         control.loss.last.fill_(mean)
     sums = torch.tensor([1e-6, 1e-6, 1.0, 1e-3], dtype=torch.float64)  # an estimate of 0.5: above the rate
-    (torch_c, torch_rate, *_), (kern_c, kern_rate, *_) = close_both(control, clock, sums, (1e-4, 100.0))
+    (torch_c, torch_rate, torch_div, _), (kern_c, kern_rate, kern_div, _) = close_both(
+        control, clock, sums, (1e-4, 100.0)
+    )
     assert same(torch_rate, kern_rate) and same(torch_c.ceiling, kern_c.ceiling)
-    return torch_rate
+    assert bool(torch_div) == bool(kern_div)
+    return torch_rate, bool(torch_div)
 
 
 @pytest.mark.parametrize("clock_kind", ["host", "device"])
@@ -236,9 +242,21 @@ def test_kernel_counts_a_first_epoch_rise_like_torch(clock_kind: str, kind, init
     """A first-epoch period whose mean rose 5 % above the last one's (1.0, also the best so far): the kernels brake
     where the torch decision does, which is only the preconditioned control's, once the best mean is below 0.95 times
     the first step's loss."""
-    rate = close_first_epoch_period(clock_kind, kind, initial, last=1.0, mean=1.05)
+    rate, _ = close_first_epoch_period(clock_kind, kind, initial, last=1.0, mean=1.05)
     braked = kind is PreconditionedControl and initial == 3.0
     assert float(rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)  # halved, or searching
+
+
+@pytest.mark.parametrize("clock_kind", ["host", "device"])
+@pytest.mark.parametrize("kind", [SafeguardControl, PreconditionedControl])
+def test_kernel_rolls_back_a_first_epoch_rise_like_torch(clock_kind: str, kind) -> None:
+    """A first-epoch period whose mean rose 15 % (past the first epoch's 10 % tolerance, under the later 25 %): the
+    SGD control rolls it back, the preconditioned one brakes; the kernels decide as the torch ops do. The rise, 0.15,
+    is past the loss margin (5 % of the first step's loss of 2)."""
+    rate, rolled_back = close_first_epoch_period(clock_kind, kind, 2.0, last=1.0, mean=1.15)
+    assert rolled_back == (kind is SafeguardControl)
+    if not rolled_back:
+        assert float(rate) == pytest.approx(0.005)  # braked: halved
 
 
 @pytest.mark.parametrize("clock_kind", ["host", "device"])
@@ -263,7 +281,7 @@ def test_a_non_positive_loss_rises_by_its_size(
     rise within the SGD control's 10 %, goes on searching; a larger rise brakes (the kernels as the torch ops, to the
     bound's last bit). A first loss of -1 sets no progress mark: the preconditioned control's 5 % rise is measured
     with the 10 % tolerance, not its tolerance after progress (0), although the best mean (-2) is below 0.95 · -1."""
-    rate = close_first_epoch_period(clock_kind, kind, initial, last=best, mean=mean)
+    rate, _ = close_first_epoch_period(clock_kind, kind, initial, last=best, mean=mean)
     assert float(rate) == pytest.approx(0.005 if braked else 0.01 * kind.SEARCH_LIMIT)
 
 

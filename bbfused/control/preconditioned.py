@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .safeguard import SafeguardControl
+from .safeguard import RISE_ROLLBACK, SafeguardControl
 
 
 class PreconditionedControl(SafeguardControl):
@@ -32,6 +32,9 @@ class PreconditionedControl(SafeguardControl):
     # times its best rate). Before that, a small rise is noise: on lstm-digits a period on the initial plateau rises
     # 0.08 %, and braking there caps the rate at 7e-4 for the whole run.
     FIRST_EPOCH_RISE_AFTER_PROGRESS = 0.0
+    # A first-epoch rise is rolled back only past the later epochs' factor: rolling back at the first epoch's
+    # tolerance was measured with the SGD step only.
+    FIRST_EPOCH_RISE_ROLLBACK = RISE_ROLLBACK
     # No "stuck at chance" test: it reads weights that moved 10 % without the loss falling 5 % as a rate too large,
     # and an Adam step moves small networks' weights that far at 1e-3 while they learn.
     STUCK_MOVEMENT = math.inf

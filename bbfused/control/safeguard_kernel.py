@@ -115,7 +115,7 @@ def _decide_kernel(
     stuck_movement_sq: tl.float64, stuck_fraction: tl.float64, search_growth: tl.float64,
     search_limit: tl.float64, growth_limit: tl.float64, shrink_limit: tl.float64, loss_brake: tl.float64,
     ceiling_fraction: tl.float64, backoff: tl.float64, cap: tl.float64, rise_rollback: tl.float64,
-    search_until: tl.float64, dead_unit_share: tl.float64, dbl_max: tl.float64,
+    first_rise_rollback: tl.float64, search_until: tl.float64, dead_unit_share: tl.float64, dbl_max: tl.float64,
     period_length, last_inner_end, steps_per_epoch, epochs, step_offset,
     DEVICE_CLOCK: tl.constexpr, HAS_SHARES: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -143,6 +143,7 @@ def _decide_kernel(
     backoff = tl.full((), backoff, tl.float64)
     cap = tl.full((), cap, tl.float64)
     rise_rollback = tl.full((), rise_rollback, tl.float64)
+    first_rise_rollback = tl.full((), first_rise_rollback, tl.float64)
     search_until = tl.full((), search_until, tl.float64)
     dead_unit_share = tl.full((), dead_unit_share, tl.float64)
     dbl_max = tl.full((), dbl_max, tl.float64)
@@ -197,7 +198,8 @@ def _decide_kernel(
     diverged = weights_bad | (loss_bad & (accept_anyway == 0))
     # A rise rolled back (not right after a loss rollback: then the snapshot is no better).
     last_loss = _f64(last_loss_ptr)
-    risen = complete & (diverged == 0) & (loss_rollback == 0) & (last_loss > 0) & (mean > rise_rollback * last_loss)
+    rollback_factor = tl.where(in_first, first_rise_rollback, rise_rollback)
+    risen = complete & (diverged == 0) & (loss_rollback == 0) & (last_loss > 0) & (mean > rollback_factor * last_loss)
     risen = risen & (mean - last_loss > margin)
     diverged = diverged | risen
     # Without the test (a share of 0) nothing is dead: the loads then read the rate's tensor, never used.
@@ -351,6 +353,7 @@ class KernelPolicy(NamedTuple):
     backoff: float
     cap: float
     rise_rollback: float
+    first_rise_rollback: float
     search_until: float
     dead_unit_share: float
 
