@@ -349,10 +349,13 @@ class BufferSet:
         slot: torch.Tensor | None = None,
         skip: torch.Tensor | None = None,
     ) -> None:
-        # A frozen parameter (requires_grad=False), or one backward did not reach since zero_grad(set_to_none=True)
-        # (an unused branch), has no gradient, as a dead unit has none: it is left out of the share's denominator.
-        # Read on the host at each count (a captured step keeps the capture's).
-        total = float(max(1, sum(_numel_with_gradients(b) for b in self.buffers)))
+        # A frozen parameter (requires_grad=False), or one that has no gradient in this step as the step counts them
+        # (an unused branch after zero_grad(set_to_none=True)), has no gradient, as a dead unit has none: it is left
+        # out of the share's denominator. Sharded parameters count whenever they train: the ranks' host flags are
+        # not reduced, and every rank must divide by the same number. Read on the host at each count (a captured
+        # step keeps the capture's).
+        any_sharded = any(b.shard_group is not None for b in self.buffers)
+        total = float(max(1, sum(_numel_with_gradients(b, skip is None, any_sharded) for b in self.buffers)))
         if all(b.device == self.master and b.shard_group is None for b in self.buffers):
             # Each buffer's (or run of buffers') share added into ``out`` by its own launch: no torch op (a captured
             # step runs it).
@@ -452,8 +455,9 @@ def _norm(flat: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(flat, dtype=state_dtype(flat.dtype)).double()
 
 
-def _numel_with_gradients(buffer: FlatBuffer) -> int:
-    """The values of ``buffer``'s trainable parameters that have a gradient in this step (written in place counts:
-    under GradScaler every one was)."""
-    stepped = buffer.with_gradients(count_in_place_writes=True)
+def _numel_with_gradients(buffer: FlatBuffer, count_in_place_writes: bool, every_trainable: bool) -> int:
+    """The values of ``buffer``'s trainable parameters that have a gradient in this step, as the step decides it
+    (``count_in_place_writes``: a gradient written in place counts, as without GradScaler); with ``every_trainable``,
+    those of every trainable parameter."""
+    stepped = [True] * len(buffer.params) if every_trainable else buffer.with_gradients(count_in_place_writes)
     return sum(p.numel() for p, has_grad in zip(buffer.params, stepped) if has_grad and p.requires_grad)

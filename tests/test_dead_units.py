@@ -378,9 +378,10 @@ class _TwoHeads(torch.nn.Module):
         self.aux = torch.nn.Linear(8, 400)
 
 
-def _drop_the_large_head(set_to_none: bool, backend: str = "eager") -> BB:
+def _drop_the_large_head(set_to_none: bool, backend: str = "eager", scaled: bool = False) -> BB:
     """Epoch 0 trains both heads (an auxiliary loss on the large one); from epoch 1 on the large head is never
-    reached by backward, as an unused branch or expert is not."""
+    reached by backward, as an unused branch or expert is not. ``scaled``: each step as under GradScaler, which
+    writes every gradient in place (unscale_) and hands the optimizer its scale and found_inf."""
     x, y = _teacher_data()
     aux_target = torch.randn(len(x), 400, generator=torch.Generator().manual_seed(1))
     model = _TwoHeads()
@@ -395,7 +396,13 @@ def _drop_the_large_head(set_to_none: bool, backend: str = "eager") -> BB:
             if epoch == 0:
                 loss = loss + 0.1 * torch.nn.functional.mse_loss(model.aux(features), aux_target[batch])
             loss.backward()
+            if scaled:
+                for p in model.parameters():
+                    p.grad.mul_(1.0)
+                opt.grad_scale, opt.found_inf = torch.ones(()), torch.zeros(1)
             opt.step(loss=loss)
+            if scaled:
+                del opt.grad_scale, opt.found_inf
     return opt
 
 
@@ -406,3 +413,9 @@ def test_a_branch_backward_stops_reaching_is_no_dead_unit(backend: str) -> None:
     zero, and the share falls to about 6 % of the reference: one period is rolled back, then the next is kept."""
     assert _drop_the_large_head(True, backend).rolled_back_epochs == []
     assert _drop_the_large_head(False, backend).rolled_back_epochs == [1]
+
+
+def test_under_gradscaler_an_in_place_write_is_no_gradient_for_the_share() -> None:
+    """GradScaler writes every gradient in place, so only backward and assignment count (as for the step): the large
+    head that backward stopped reaching stays out of the share, and nothing is rolled back."""
+    assert _drop_the_large_head(True, scaled=True).rolled_back_epochs == []
