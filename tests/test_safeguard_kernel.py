@@ -251,12 +251,14 @@ def test_kernel_counts_a_first_epoch_rise_like_torch(clock_kind: str, kind, init
 @pytest.mark.parametrize("kind", [SafeguardControl, PreconditionedControl])
 def test_kernel_rolls_back_a_first_epoch_rise_like_torch(clock_kind: str, kind) -> None:
     """A first-epoch period whose mean rose 15 % (past the first epoch's 10 % tolerance, under the later 25 %): the
-    SGD control rolls it back, the preconditioned one brakes; the kernels decide as the torch ops do. The rise, 0.15,
-    is past the loss margin (5 % of the first step's loss of 2)."""
-    rate, rolled_back = close_first_epoch_period(clock_kind, kind, 2.0, last=1.0, mean=1.15)
-    assert rolled_back == (kind is SafeguardControl)
-    if not rolled_back:
-        assert float(rate) == pytest.approx(0.005)  # braked: halved
+    SGD control rolls it back while the loss is near its start (the first step's 1.02), the preconditioned one
+    brakes, and after progress (a first loss of 3) both brake; the kernels decide as the torch ops do. The rise,
+    0.15, is past the loss margin (5 % of the first step's loss)."""
+    for initial in (1.02, 3.0):
+        rate, rolled_back = close_first_epoch_period(clock_kind, kind, initial, last=1.0, mean=1.15)
+        assert rolled_back == (kind is SafeguardControl and initial == 1.02)
+        if not rolled_back:
+            assert float(rate) == pytest.approx(0.005)  # braked: halved
 
 
 @pytest.mark.parametrize("clock_kind", ["host", "device"])

@@ -19,10 +19,10 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
   count a rise there from another fraction once an earlier period's mean fell below the search's progress mark; a
   tolerance is a fraction of the last mean's size, so a negative mean's bound lies above it too) halves r at most,
   and r never again grows past :data:`CEILING` times the rate at which the loss rose. A rise past
-  :data:`RISE_ROLLBACK` times the last good period's mean (within a split first epoch: past
-  :data:`FIRST_EPOCH_RISE_ROLLBACK` times it, the first epoch's own tolerance; and by more than the loss margin
-  below) is rolled back instead, and r returns to the last good rate, under that ceiling (the cap of a diverged
-  period does not apply).
+  :data:`RISE_ROLLBACK` times the last good period's mean (within a split first epoch, before any period's mean
+  fell below the search's progress mark: past :data:`FIRST_EPOCH_RISE_ROLLBACK` times it, the first epoch's own
+  tolerance; and by more than the loss margin below) is rolled back instead, and r returns to the last good rate,
+  under that ceiling (the cap of a diverged period does not apply).
 - **end phase**: with the planned number of epochs N (``BB(..., epochs=N)``), the applied rate is r times a
   cosine that falls from 1 to near 0 over the second half of the run: the part of the tuned recipe (SGD with
   momentum and cosine annealing) that a rate estimate cannot give.
@@ -85,9 +85,10 @@ FIRST_EPOCH_RISE = 0.1
 # A period whose mean loss rose past this factor times the last good period's (and by more than the loss margin)
 # is rolled back to the rate before it: in a short run the epoch spent recovering costs more than the redo.
 RISE_ROLLBACK = 1.25
-# Within a split first epoch, a rise past the first epoch's tolerance is rolled back too, not only braked: a search
-# step that overshoots can leave the weights where moderate rates no longer train (a GroupNorm CNN sat at chance for
-# five epochs after one such period), and undoing a quarter of an epoch costs little.
+# Within a split first epoch, while no period's mean has yet fallen below the search's progress mark, a rise past the
+# first epoch's tolerance is rolled back too, not only braked: a search step that overshoots there can leave the
+# weights where moderate rates no longer train (a GroupNorm CNN sat at chance for four epochs after one such
+# period), and the network has learned nothing a redo would lose. After progress the period's gains are kept.
 FIRST_EPOCH_RISE_ROLLBACK = 1 + FIRST_EPOCH_RISE
 # Bounds of the rate r when tau_min / tau_max are not given.
 LOWEST_RATE = 1e-4
@@ -302,8 +303,13 @@ class SafeguardControl:
         # A rise rolled back (not after a loss rollback: then the snapshot is no better).
         # A ratio of losses means something only for positive ones (as the 2.5-fold test's ``compared > 0``).
         in_first = torch.as_tensor(clock.in_first_epoch_periods, device=mean.device)
+        # Progress: an earlier good period's mean fell below the search's mark (a NaN best fails the comparison); a
+        # mark exists only for a positive first loss, as for ``near_start``.
+        progressed = (initial > 0) & (best < SEARCH_UNTIL_PROGRESS * initial)
         rollback_factor = torch.where(
-            in_first, torch.full_like(mean, self.FIRST_EPOCH_RISE_ROLLBACK), torch.full_like(mean, RISE_ROLLBACK)
+            in_first & ~progressed,
+            torch.full_like(mean, self.FIRST_EPOCH_RISE_ROLLBACK),
+            torch.full_like(mean, RISE_ROLLBACK),
         )
         rise_limit = rollback_factor * self.last_loss
         risen = complete & ~diverged & ~self.loss_rollback & (self.last_loss > 0) & (mean > rise_limit)
@@ -324,9 +330,6 @@ class SafeguardControl:
         good_loss = complete & ~diverged
         lower = good_loss & ~(mean >= best)  # NaN best: any mean is lower
         nan_like = torch.full_like(mean, math.nan)
-        # Progress: an earlier good period's mean fell below the search's mark (a NaN best fails the comparison); a
-        # mark exists only for a positive first loss, as for ``near_start``.
-        progressed = (initial > 0) & (best < SEARCH_UNTIL_PROGRESS * initial)
         first_epoch_rise = torch.where(progressed, self.FIRST_EPOCH_RISE_AFTER_PROGRESS, self.FIRST_EPOCH_RISE)
         factor = 1 + torch.where(in_first, first_epoch_rise, 0.0)
         # The tolerance is a fraction of the last mean's size: a negative mean's bound lies above it too.

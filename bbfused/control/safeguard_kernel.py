@@ -198,7 +198,8 @@ def _decide_kernel(
     diverged = weights_bad | (loss_bad & (accept_anyway == 0))
     # A rise rolled back (not right after a loss rollback: then the snapshot is no better).
     last_loss = _f64(last_loss_ptr)
-    rollback_factor = tl.where(in_first, first_rise_rollback, rise_rollback)
+    progressed = (initial > 0) & (best < search_until * initial)
+    rollback_factor = tl.where(in_first & (progressed == 0), first_rise_rollback, rise_rollback)
     risen = complete & (diverged == 0) & (loss_rollback == 0) & (last_loss > 0) & (mean > rollback_factor * last_loss)
     risen = risen & (mean - last_loss > margin)
     diverged = diverged | risen
@@ -212,7 +213,6 @@ def _decide_kernel(
     near_start = complete & (initial > 0) & (mean > search_until * initial)
     good_loss = complete & (diverged == 0)
     lower = good_loss & ((mean >= best) == 0)
-    progressed = (initial > 0) & (best < search_until * initial)
     factor = tl.where(in_first, tl.where(progressed, progressed_rise_factor, rise_factor), 1.0)
     # 2 - factor is exact in float32 and float64 alike (Sterbenz: the factor is 1 plus a tolerance in [0, 1]), so a
     # negative bound has torch's bits too.
