@@ -423,6 +423,12 @@ for epoch_losses in losses:
 torch.save({"theta": theta.detach(), "rolled_back": opt.rolled_back_epochs}, f"{sys.argv[1]}/rank{rank}.pt")
 dist.barrier()  # gloo may abort a process that tears its group down while the other is still in it
 dist.destroy_process_group()
+# A rank's C++ teardown at interpreter exit may abort ("terminate called without an active exception", after
+# everything above is written and the group is destroyed): end without the static destructors.
+import os as _os  # noqa: E402
+sys.stdout.flush()
+sys.stderr.flush()
+_os._exit(0)
 """
 
 
