@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torchrun import run_two_ranks
+from torchrun import END_OF_RANK, run_two_ranks
 
 from bbfused import BB, checkpoint
 
@@ -171,7 +171,8 @@ def test_state_dict_saved_before_the_groups_carried_the_entry_loads() -> None:
     assert opt.lr == 0.125
 
 
-DDP_SCRIPT = r"""
+DDP_SCRIPT = (
+    r"""
 import json
 import sys
 import warnings
@@ -232,15 +233,9 @@ loaded = [opt.epoch, opt.step_in_epoch]
 train(model, opt, 6, 6)
 with open(f"{folder}/rank{rank}.json", "w") as out:
     json.dump({"uninterrupted": uninterrupted, "resumed": result(model, opt), "loaded": loaded}, out)
-dist.barrier()  # gloo may abort a process that tears its group down while the other is still in it
-dist.destroy_process_group()
-# A rank's C++ teardown at interpreter exit may abort ("terminate called without an active exception", after
-# everything above is written and the group is destroyed): end without the static destructors.
-import os as _os  # noqa: E402
-sys.stdout.flush()
-sys.stderr.flush()
-_os._exit(0)
 """
+    + END_OF_RANK
+)
 
 
 def test_ddp_two_ranks_resume_through_dcp_is_bit_identical(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-from torchrun import run_two_ranks, torchrun_env
+from torchrun import END_OF_RANK, run_two_ranks, torchrun_env
 
 from bbfused import BB
 
@@ -37,9 +37,9 @@ def model_and_dataset() -> tuple[torch.nn.Module, TensorDataset]:
     return model, TensorDataset(x, y)
 
 
-RANK_SCRIPT = r"""
+RANK_SCRIPT = (
+    r"""
 import json
-import os
 import sys
 import torch
 import torch.distributed as dist
@@ -68,14 +68,9 @@ found = {
 }
 with open(f"{sys.argv[1]}_rank{dist.get_rank()}.json", "w") as out:
     json.dump(found, out)
-dist.barrier()  # gloo may abort a process that tears its group down while the other is still in it
-dist.destroy_process_group()
-# About one run in three, a rank's C++ teardown at interpreter exit aborts ("terminate called without an active
-# exception", after everything above is written and the group is destroyed): end without the static destructors.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
 """
+    + END_OF_RANK
+)
 
 
 def _launch(folder: Path, run: str) -> list[dict[str, Any]]:

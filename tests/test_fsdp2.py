@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from torchrun import run_two_ranks, torchrun_env
+from torchrun import END_OF_RANK, run_two_ranks, torchrun_env
 
 # Shared by the ranks and by the single-process reference (run here, without torch.distributed).
 COMMON = r"""
@@ -79,7 +79,8 @@ def shard1_weight():
     return torch.randn(6, 4) * 0.3
 """
 
-RANKS = r"""
+RANKS = (
+    r"""
 import sys
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -141,15 +142,9 @@ mesh = init_device_mesh("cpu", (2,))
 weight = torch.nn.Parameter(distribute_tensor(shard1_weight(), mesh, [Shard(1)]))
 found["shard1"] = shard1_run(weight)
 torch.save(found, f"{out}/rank{rank}.pt")
-dist.barrier()
-dist.destroy_process_group()
-# A rank's C++ teardown at interpreter exit may abort ("terminate called without an active exception", after
-# everything above is written and the group is destroyed): end without the static destructors.
-import os as _os  # noqa: E402
-sys.stdout.flush()
-sys.stderr.flush()
-_os._exit(0)
 """
+    + END_OF_RANK
+)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun import run_two_ranks
+from torchrun import END_OF_RANK, run_two_ranks
 
 from bbfused import BB, checkpoint
 from bbfused.control import safeguard as safeguard_control
@@ -399,7 +399,8 @@ def test_trainer_gives_bb_the_loss_and_restores_batchnorm_statistics() -> None:
     assert safe.optimizer.state_dict()["bb"]["initial_loss"] == pytest.approx(math.log(10), abs=0.3)
 
 
-DDP_LOSSES = """
+DDP_LOSSES = (
+    """
 import sys
 import torch
 import torch.distributed as dist
@@ -421,15 +422,9 @@ for epoch_losses in losses:
         (0.5 * theta.square().sum()).backward()
         opt.step(loss=loss)
 torch.save({"theta": theta.detach(), "rolled_back": opt.rolled_back_epochs}, f"{sys.argv[1]}/rank{rank}.pt")
-dist.barrier()  # gloo may abort a process that tears its group down while the other is still in it
-dist.destroy_process_group()
-# A rank's C++ teardown at interpreter exit may abort ("terminate called without an active exception", after
-# everything above is written and the group is destroyed): end without the static destructors.
-import os as _os  # noqa: E402
-sys.stdout.flush()
-sys.stderr.flush()
-_os._exit(0)
 """
+    + END_OF_RANK
+)
 
 
 def test_ranks_decide_alike_under_torch_distributed(tmp_path) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 
-from torchrun import run_two_ranks
+from torchrun import END_OF_RANK, run_two_ranks
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import json
 import sys
 import torch
@@ -65,15 +66,9 @@ moved.to(torch.float64)
 found["reallocated"] = refusal(moved_opt.zero_grad, RuntimeError)
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as out:
     json.dump(found, out)
-dist.barrier()
-dist.destroy_process_group()
-# A rank's C++ teardown at interpreter exit may abort ("terminate called without an active exception", after
-# everything above is written and the group is destroyed): end without the static destructors.
-import os as _os  # noqa: E402
-sys.stdout.flush()
-sys.stderr.flush()
-_os._exit(0)
 """
+    + END_OF_RANK
+)
 
 # Per case: what the message must say (the engine and the reason).
 EXPECTED = {

@@ -9,6 +9,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# The end of every rank script, once its results are written.
+END_OF_RANK = r"""
+import os as _os
+import sys as _sys
+import torch.distributed as _dist
+
+_dist.barrier()  # gloo may abort a process that tears its group down while the other is still in it
+_dist.destroy_process_group()
+# A rank's C++ teardown at interpreter exit may abort ("terminate called without an active exception", after
+# everything above is written and the group is destroyed): end without the static destructors.
+_sys.stdout.flush()
+_sys.stderr.flush()
+_os._exit(0)
+"""
 
 
 def torchrun_env(*paths: Path, **extra: str) -> dict[str, str]:
