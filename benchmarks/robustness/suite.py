@@ -458,13 +458,18 @@ def digits_cnn() -> nn.Sequential:
     )  # fmt: skip
 
 
-def digits_bn_cnn() -> nn.Sequential:
-    """The digits CNN with BatchNorm after each convolution."""
+def normed_digits_cnn(norm: Callable[[int], nn.Module]) -> nn.Sequential:
+    """The digits CNN with ``norm(channels)`` after each convolution."""
     return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), norm(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), norm(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(32 * 4 * 4, 10),
     )  # fmt: skip
+
+
+def digits_bn_cnn() -> nn.Sequential:
+    """The digits CNN with BatchNorm after each convolution."""
+    return normed_digits_cnn(nn.BatchNorm2d)
 
 
 def deep_cnn_digits(width: int = 16, depth: int = 5) -> nn.Sequential:
@@ -515,11 +520,7 @@ def wide_dropout_digits(width: int = 512, dropout: float = 0.3) -> nn.Sequential
 
 def gn_digits_cnn(groups: int = 4) -> nn.Sequential:
     """The digits CNN with GroupNorm after each convolution."""
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(groups, 16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(groups, 32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )  # fmt: skip
+    return normed_digits_cnn(lambda channels: nn.GroupNorm(groups, channels))
 
 
 class ResidualConvBlock(nn.Module):
