@@ -190,6 +190,7 @@ class Check:
     count: int
     fewest_peer: tuple[str, int, int] | None  # (peer, short, count) with the smallest share of short runs
     missing: int  # runs of this method or of the references not recorded yet
+    settings_run: int = 0  # settings where the method has a recorded run and a reference
 
     @property
     def worst_holds(self) -> bool:
@@ -223,15 +224,16 @@ def check(
     peers: Sequence[str],
     lrs: Sequence[float],
     seeds: Sequence[int],
+    references: Sequence[str] = REFERENCES,
 ) -> Check:
-    """``method``'s checks over ``settings`` against the best tuned reference of each, and ``peers``' counts of
-    runs more than 3 points short over the same settings."""
-    worst, medians_short, short, count, missing = None, [], 0, 0, 0
+    """``method``'s checks over ``settings`` against the best tuned of ``references`` on each, and ``peers``'
+    counts of runs more than 3 points short over the same settings."""
+    worst, medians_short, short, count, missing, settings_run = None, [], 0, 0, 0, 0
     peer_counts: dict[str, list[int]] = {peer: [0, 0] for peer in peers}
     for setting in settings:
-        reference = best_reference(runs, setting, lrs, seeds)
+        reference = best_reference(runs, setting, lrs, seeds, references)
         missing += sum(
-            (setting, m, lr, seed) not in runs for m in REFERENCES for lr in method_lrs(m, lrs) for seed in seeds
+            (setting, m, lr, seed) not in runs for m in references for lr in method_lrs(m, lrs) for seed in seeds
         )
         if reference is None:
             missing += len(method_lrs(method, lrs, runs, setting)) * len(seeds)
@@ -239,6 +241,7 @@ def check(
         stats = gap_stats(gaps(runs, setting, method, lrs, seeds, reference.mean).values())
         missing += stats.missing
         if stats.count:
+            settings_run += 1
             worst = stats.worst if worst is None else min(worst, stats.worst)
             if stats.median < MEDIAN_GAP:
                 medians_short.append(setting)
@@ -250,7 +253,7 @@ def check(
             peer_counts[peer][1] += peer_stats.count
     shares = [(peer, s, n) for peer, (s, n) in peer_counts.items() if n]
     fewest = min(shares, key=lambda t: t[1] / t[2]) if shares else None
-    return Check(method, group, worst, medians_short, short, count, fewest, missing)
+    return Check(method, group, worst, medians_short, short, count, fewest, missing, settings_run)
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -537,33 +540,29 @@ def _defaults_section(runs, settings: list[str], bb_shown: list[str], lrs, seeds
         + " |",
         "|---|---|" + "---|" * len(bb_shown) + "---|" + "---|" * len(bb_shown),
     ]
-    totals = {(m, kind): [0, 0, 0, 0] for m in bb_shown for kind, _ in against}  # medians ok, settings, short, runs
     for setting in settings:
         cells = []
-        for kind, peers in against:
+        for _, peers in against:
             best = best_reference(runs, setting, lrs, seeds, peers)
             if best is None:
                 cells += ["·"] * (1 + len(bb_shown))
                 continue
             cells.append(f"{best.method}: {best.mean:.2f}")
-            for method in bb_shown:
-                stats = gap_stats(gaps(runs, setting, method, lrs, seeds, best.mean).values())
-                cells.append(stats_cell(stats))
-                if stats.count:
-                    total = totals[(method, kind)]
-                    total[0] += stats.median >= MEDIAN_GAP
-                    total[1] += 1
-                    total[2] += stats.short
-                    total[3] += stats.count
+            cells += [stats_cell(gap_stats(gaps(runs, setting, m, lrs, seeds, best.mean).values())) for m in bb_shown]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"| method | against | settings with a median ≥ {MEDIAN_GAP:g} | runs > {-SHORT_GAP:g} short |",
         "|---|---|---|---|",
     ]
-    for (method, kind), (good, count, short, runs_counted) in totals.items():
-        if count:
-            lines.append(f"| {method} | {kind} | {good} of {count} | {short} of {runs_counted} |")
+    for method in bb_shown:
+        for kind, peers in against:
+            result = check(runs, method, kind, settings, (), lrs, seeds, peers)
+            if result.settings_run:
+                good = result.settings_run - len(result.medians_short)
+                lines.append(
+                    f"| {method} | {kind} | {good} of {result.settings_run} | {result.short} of {result.count} |"
+                )
     return [*lines, ""]
 
 
