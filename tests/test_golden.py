@@ -35,7 +35,9 @@ def test_trajectory_is_unchanged(name):
     for key in ("lr_history",):
         values = [float.fromhex(v) for v in got[key]]
         assert values == [pytest.approx(float.fromhex(v), rel=1e-5) for v in expected[key]]
-    assert math.isclose(float.fromhex(got["last_loss"]), float.fromhex(expected["last_loss"]), rel_tol=1e-3)
+    got_loss, expected_loss = float.fromhex(got["last_loss"]), float.fromhex(expected["last_loss"])
+    # A run that ends non-finite (the paper's method from a huge rate) ends so on every CPU.
+    assert (math.isnan(got_loss) and math.isnan(expected_loss)) or math.isclose(got_loss, expected_loss, rel_tol=1e-3)
 
 
 def test_every_scenario_is_recorded():
