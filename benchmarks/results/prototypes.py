@@ -5,6 +5,7 @@ tuned reference of every setting: what the prototype result scripts (``*_runs/``
   saves them; saved runs are skipped.
 - :func:`side_by_side`: per setting, each method's worst / median gap / runs more than 3 points short over every η0
   and seeds 0 and 1, then the issue's checks for each prototype method on the settings where it has every run.
+- :func:`prototype_main`: a prototype script's command line: train its runs, or print its table.
 - :func:`adam_seeds`: the Adam-scaled mode, where every η0 is the same run (η0 = 1e-3 stands for the grid), its gap
   per seed for each method.
 """
@@ -109,3 +110,13 @@ def adam_seeds(references: dict, runs: dict, methods: Sequence[str], seeds: Sequ
             f"| {m} | {len(values)} | {signed(min(values))} | {sum(v < -3 for v in values)} "
             f"| {sum(v < -2 for v in values)} | {', '.join(medians_short[m]) or 'none'} |"
         )
+
+
+def prototype_main(argv: Sequence[str], method: str, runs: Path, install: Any) -> None:
+    """``SCRIPT OUT_DIR SETTINGS SEEDS LRS``: ``install()`` the prototype, then train ``method``'s runs;
+    ``SCRIPT table``: its runs in ``runs`` beside BB's default, and the checks."""
+    if list(argv[1:2]) == ["table"]:
+        side_by_side(*load([runs]), ["bb", method])
+    else:
+        install()
+        train_runs(*argv[1:5], method)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prototypes import load, side_by_side, train_runs  # noqa: E402
+from prototypes import prototype_main  # noqa: E402
 
 from bbfused.control import safeguard  # noqa: E402
 
@@ -51,8 +51,4 @@ def install() -> None:
 METHOD = "bb[cap-release]"
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["table"]:
-        side_by_side(*load([Path(__file__).resolve().parent / "runs"]), ["bb", METHOD])
-    else:
-        install()
-        train_runs(*sys.argv[1:5], METHOD)
+    prototype_main(sys.argv, METHOD, Path(__file__).resolve().parent / "runs", install)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prototypes import load, side_by_side, train_runs  # noqa: E402
+from prototypes import prototype_main  # noqa: E402
 
 from bbfused import buffer_set  # noqa: E402
 from bbfused.control import safeguard  # noqa: E402
@@ -41,8 +41,4 @@ def install() -> None:
 METHOD = "bb[shared-ema]"
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["table"]:
-        side_by_side(*load([Path(__file__).resolve().parent / "runs"]), ["bb", METHOD])
-    else:
-        install()
-        train_runs(*sys.argv[1:5], METHOD)
+    prototype_main(sys.argv, METHOD, Path(__file__).resolve().parent / "runs", install)
