@@ -19,10 +19,11 @@ SCALAR_OPTIONS = {"num_warps": 1, "enable_fp_fusion": False}
 
 
 @triton.jit
-def _add_loss_kernel(loss_ptr, sum_ptr, steps_ptr, last_ptr):
+def _add_loss_kernel(loss_ptr, sum_ptr, steps_ptr, last_ptr, before_last_ptr):
     loss = tl.load(loss_ptr).to(tl.float64)
     tl.store(sum_ptr, tl.load(sum_ptr) + loss)
     tl.store(steps_ptr, tl.load(steps_ptr) + 1.0)
+    tl.store(before_last_ptr, tl.load(last_ptr))
     tl.store(last_ptr, loss)
 
 
@@ -69,9 +70,12 @@ def _finish_kernel(
     tl.store(before_end_ptr, (next_closes == 0) & after_closes)
 
 
-def add_loss(loss: torch.Tensor, total: torch.Tensor, steps: torch.Tensor, last: torch.Tensor) -> None:
-    """total += loss; steps += 1; last ← loss (float64 0-dim tensors; ``loss`` any floating dtype)."""
-    _add_loss_kernel[(1,)](loss, total, steps, last, **SCALAR_OPTIONS)
+def add_loss(
+    loss: torch.Tensor, total: torch.Tensor, steps: torch.Tensor, last: torch.Tensor, before_last: torch.Tensor
+) -> None:
+    """total += loss; steps += 1; before_last ← last; last ← loss (float64 0-dim tensors; ``loss`` any floating
+    dtype)."""
+    _add_loss_kernel[(1,)](loss, total, steps, last, before_last, **SCALAR_OPTIONS)
 
 
 def finish_period(

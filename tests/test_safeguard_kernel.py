@@ -157,6 +157,7 @@ def device_case(rng: random.Random) -> tuple[SafeguardControl, DeviceClock, torc
     else:
         control.loss.sum.fill_(number(rng))
     control.loss.last.fill_(number(rng))
+    control.loss.before_last.fill_(math.nan if rng.random() < 0.25 else number(rng))
     return control, clock, torch.tensor([number(rng) for _ in range(4)], dtype=torch.float64), (0.01, 10.0)
 
 
@@ -191,7 +192,7 @@ def test_kernel_decision_is_the_torch_decision_bit_for_bit(make_case):
             assert same(getattr(torch_c, name), getattr(kern_c, name)), (
                 f"{context}: {name} {getattr(torch_c, name)} vs {getattr(kern_c, name)}"
             )
-        for name in ("sum", "last"):
+        for name in ("sum", "last", "before_last"):
             assert same(getattr(torch_c.loss, name), getattr(kern_c.loss, name)), f"{context}: loss.{name}"
         assert int(torch_c.loss.steps_tensor()) == int(kern_c.loss.steps_tensor()), context
         for torch_share, kernel_share in zip(shares_of(torch_c), shares_of(kern_c), strict=True):
@@ -226,6 +227,7 @@ def close_first_epoch_period(
         control.loss.sum.fill_(mean * clock.periods.length)
         control.loss.steps.fill_(float(clock.periods.length))
         control.loss.last.fill_(mean)
+        control.loss.before_last.fill_(mean)
     sums = torch.tensor([1e-6, 1e-6, 1.0, 1e-3], dtype=torch.float64)  # an estimate of 0.5: above the rate
     (torch_c, torch_rate, torch_div, _), (kern_c, kern_rate, kern_div, _) = close_both(
         control, clock, sums, (1e-4, 100.0)
@@ -319,6 +321,7 @@ def close_good_period(
         control.loss.sum.fill_(mean * 8)
         control.loss.steps.fill_(8.0)
         control.loss.last.fill_(mean)
+        control.loss.before_last.fill_(mean)
     sums = torch.tensor([8e-6, 1e-6, 1.0, 1e-3], dtype=torch.float64)  # an estimate of 1: the rate doubles
     (torch_c, torch_rate, torch_div, torch_commit), (kern_c, kern_rate, kern_div, kern_commit) = close_both(
         control, clock, sums, (1e-4, 100.0), share

@@ -29,10 +29,11 @@ lr_scheduler's). At the end of every rate period (an epoch; the first epoch is s
 - **divergence tests** at every period end: a parameter or gradient average that is not finite; ‖θ‖² grown
   past 4 · max(its value at the last good period end, 0.0025 · number of values) unless the loss fell below the
   best mean (the weights of a solution far from a small initialisation grow fast too); with the training loss
-  given to ``step``: a mean or last-step loss that is not finite, or above 2.5 times the best period mean so far
-  (or the loss at the snapshot, when higher: a rollback must return to something better) and above it by more
-  than 5 % of the initial loss (a ratio alone is noise at near-zero loss; the last step's
-  loss sees damage in the period's last steps, which the mean hides), or, before any good period, a mean not 5 %
+  given to ``step``: a mean or last-step loss that is not finite, or a mean or closing loss (the smaller of the
+  period's last two steps' losses) above 2.5 times the best period mean so far (or the loss at the snapshot, when
+  higher: a rollback must return to something better) and above it by more than 5 % of the initial loss (a ratio
+  alone is noise at near-zero loss; the closing loss sees damage in the period's last steps, which the mean hides,
+  and not one odd batch, such as an epoch's small last one), or, before any good period, a mean not 5 %
   below the first step's loss although the weights moved by more than 10 % (a rate so large that the network is
   stuck at chance; a too-small rate barely moves them); and a period that no other test rolls back but whose last
   steps' gradients have a share of values different from zero under :data:`DEAD_UNIT_SHARE` times the share at the
@@ -58,7 +59,7 @@ import torch
 
 from ..buffer_set import EpochBuffers
 from ..checkpoint import ControlState, check_model_buffers
-from ..clock import EpochClock, nan
+from ..clock import EpochClock, closing_loss, nan
 from ..rule import bb_ratio
 from ..tracked_buffers import TrackedBuffers
 from .live_gradients import GradientShares
@@ -183,7 +184,7 @@ class SafeguardControl:
         self.initial_loss = nan(device)  # the first step's loss
         self.best_loss = nan(device)  # the lowest mean loss of a good period whose every step gave one
         self.last_loss = nan(device)  # the mean loss of the last good period (NaN: it did not give one each step)
-        # The last step's loss of the last good period: about the loss at the snapshot a rollback returns to.
+        # The closing loss of the last good period: about the loss at the snapshot a rollback returns to.
         self.snapshot_loss = nan(device)
         # Whether the last period was rolled back by a loss test alone: a second one in a row means the snapshot
         # itself is no better (its own loss is high: the damage came in the previous period's last steps).
@@ -245,26 +246,30 @@ class SafeguardControl:
         self.loss.add(loss)
 
     # ------------------------------------------------------------------ epoch end
-    def _epoch_loss(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The epoch's mean loss, whether every step gave one, the initial loss and the last step's loss; under
-        torch.distributed the sums and the ranks' initial and last-step losses are all-reduced over the default
-        group (one small collective, no host sync) so that every rank decides alike, as one process would."""
+    def _epoch_loss(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The epoch's mean loss, whether every step gave one, the initial loss, the last step's loss and the loss
+        the period closes at (:func:`closing_loss`); under torch.distributed the sums and the ranks' initial, last and
+        closing losses are all-reduced over the default group (one small collective, no host sync) so that every
+        rank decides alike, as one process would."""
+        dtype = self.loss.sum.dtype
+        last = self.loss.last.to(dtype)
         totals = torch.stack(
             [
                 self.loss.sum,
                 self.loss.steps_tensor(),
                 torch.nan_to_num(self.initial_loss),
-                self.loss.last.to(self.loss.sum.dtype),
+                last,
+                closing_loss(last, self.loss.before_last.to(dtype)),
             ]
         )
-        initial, last = self.initial_loss, totals[3]
+        initial, last, closing = self.initial_loss, totals[3], totals[4]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             torch.distributed.all_reduce(totals)
             steps *= world
             initial = torch.where(torch.isnan(initial), initial, totals[2] / world)
-            last = totals[3] / world
-        return totals[0] / totals[1], totals[1] == steps, initial, last
+            last, closing = totals[3] / world, totals[4] / world
+        return totals[0] / totals[1], totals[1] == steps, initial, last, closing
 
     def diverged(
         self, sums: torch.Tensor, clock: EpochClock, live: torch.Tensor | None = None
@@ -276,7 +281,7 @@ class SafeguardControl:
         gradient values that are not zero (:class:`GradientShares`), None without the dead-unit test."""
         delta_sq, param_sq, ema_sq = sums[0], sums[2], sums[3]
         limit = WEIGHT_GROWTH * self.snapshot_sq_norm.clamp(min=self.weight_floor)
-        mean, complete, initial, last = self._epoch_loss(clock.closing_steps)
+        mean, complete, initial, last, closing = self._epoch_loss(clock.closing_steps)
         best = self.best_loss
         # Weights that grew fast while the loss fell below the best mean (the first step's loss before any good
         # period) are learning a solution far from a small initialisation, not diverging.
@@ -296,8 +301,8 @@ class SafeguardControl:
         # Before any good period: no progress from the first step although the weights moved.
         moved = delta_sq > self.STUCK_MOVEMENT**2 * self.snapshot_sq_norm
         stuck = torch.isnan(best) & (initial > 0) & (mean > (1 - STUCK_PROGRESS) * initial) & moved
-        # The last step's loss sees damage done in the period's last steps, which the mean hides.
-        loss_bad = complete & (~torch.isfinite(mean) | ~torch.isfinite(last) | stuck | wrecked(mean) | wrecked(last))
+        # The closing loss sees damage done in the period's last steps, which the mean hides.
+        loss_bad = complete & (~torch.isfinite(mean) | ~torch.isfinite(last) | stuck | wrecked(mean) | wrecked(closing))
         accept_anyway = self.loss_rollback & ~weights_bad & torch.isfinite(mean) & torch.isfinite(last) & ~stuck
         diverged = weights_bad | (loss_bad & ~accept_anyway)
         # A rise rolled back (not after a loss rollback: then the snapshot is no better).
@@ -343,7 +348,7 @@ class SafeguardControl:
                 torch.where(diverged, self.last_loss, torch.where(good_loss, mean, torch.full_like(mean, math.nan))),
             ),
             (self.snapshot_sq_norm, torch.where(diverged, self.snapshot_sq_norm, param_sq)),
-            (self.snapshot_loss, torch.where(diverged, self.snapshot_loss, torch.where(good_loss, last, nan_like))),
+            (self.snapshot_loss, torch.where(diverged, self.snapshot_loss, torch.where(good_loss, closing, nan_like))),
         ]
         if live is not None:
             references += self.gradient_shares.references(live, diverged, dead)

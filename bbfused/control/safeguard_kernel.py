@@ -102,7 +102,7 @@ def _wrecked(loss, compared, margin, loss_growth):
 
 @triton.jit
 def _decide_kernel(
-    sums_ptr, n_partials, loss_sum_ptr, loss_steps_ptr, last_ptr,
+    sums_ptr, n_partials, loss_sum_ptr, loss_steps_ptr, last_ptr, before_last_ptr,
     rate_ptr, ceiling_ptr, snapshot_sq_ptr, lr_cap_ptr, good_lr_ptr, initial_ptr, best_ptr, last_loss_ptr,
     snapshot_loss_ptr, searching_ptr, has_snapshot_ptr, loss_rollback_ptr,
     live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr,
@@ -180,6 +180,8 @@ def _decide_kernel(
     complete = loss_steps == steps
     initial = _f64(initial_ptr)
     last = _f64(last_ptr)
+    before_last = _f64(before_last_ptr)
+    closing = tl.where(_isnan(before_last), last, _minimum(last, before_last))  # clock.closing_loss
     best = _f64(best_ptr)
     reference = tl.where(_isnan(best), initial, best)
     learning = complete & (mean < reference)
@@ -191,7 +193,7 @@ def _decide_kernel(
     moved = delta_sq > stuck_movement_sq * snapshot_sq
     stuck = _isnan(best) & (initial > 0) & (mean > stuck_fraction * initial) & moved
     bad_mean = (_isfinite(mean) == 0) | _wrecked(mean, compared, margin, loss_growth)
-    bad_last = (_isfinite(last) == 0) | _wrecked(last, compared, margin, loss_growth)
+    bad_last = (_isfinite(last) == 0) | _wrecked(closing, compared, margin, loss_growth)
     loss_bad = complete & (bad_mean | bad_last | stuck)
     loss_rollback = _flag(loss_rollback_ptr)
     accept_anyway = loss_rollback & (weights_bad == 0) & _isfinite(mean) & _isfinite(last) & (stuck == 0)
@@ -222,7 +224,7 @@ def _decide_kernel(
     new_best = tl.where(lower | (accept_anyway & good_loss), mean, best)
     new_last_loss = tl.where(diverged, last_loss, tl.where(good_loss, mean, nan))
     new_snapshot_sq = tl.where(diverged, snapshot_sq, param_sq)
-    new_snapshot_loss = tl.where(diverged, snapshot_loss, tl.where(good_loss, last, nan))
+    new_snapshot_loss = tl.where(diverged, snapshot_loss, tl.where(good_loss, closing, nan))
 
     # ---- next_rate()
     r = _f64(rate_ptr)
@@ -270,8 +272,8 @@ def _decide_kernel(
             _write_state(
                 pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr,
                 lr_cap_ptr, good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr,
-                loss_steps_ptr, last_ptr, live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr,
-                True, HAS_SHARES,
+                loss_steps_ptr, last_ptr, before_last_ptr, live_closing_ptr, live_before_ptr, live_reference_ptr,
+                live_rolled_back_ptr, True, HAS_SHARES,
             )  # fmt: skip
 
 
@@ -279,7 +281,8 @@ def _decide_kernel(
 def _write_state(
     pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
     good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_steps_ptr, last_ptr,
-    live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr, DEVICE_METER: tl.constexpr,
+    before_last_ptr, live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr,
+    DEVICE_METER: tl.constexpr,
     HAS_SHARES: tl.constexpr,
 ):  # fmt: skip
     """The pending state into the control's tensors, and the loss meter reset."""
@@ -303,6 +306,7 @@ def _write_state(
     if DEVICE_METER:
         tl.store(loss_steps_ptr, tl.full((), 0.0, tl.float64))
         tl.store(last_ptr, tl.full((), float("nan"), tl.float64))
+        tl.store(before_last_ptr, tl.full((), float("nan"), tl.float64))
 
 
 @triton.jit
@@ -315,7 +319,7 @@ def _apply_kernel(
     _write_state(
         pending_ptr, loss_rollback_ptr, best_ptr, last_loss_ptr, snapshot_sq_ptr, snapshot_loss_ptr, lr_cap_ptr,
         good_lr_ptr, has_snapshot_ptr, searching_ptr, ceiling_ptr, rate_ptr, loss_sum_ptr, loss_sum_ptr, loss_sum_ptr,
-        live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr, False, HAS_SHARES,
+        loss_sum_ptr, live_closing_ptr, live_before_ptr, live_reference_ptr, live_rolled_back_ptr, False, HAS_SHARES,
     )  # fmt: skip
 
 
@@ -402,10 +406,11 @@ class SafeguardKernels:
             clock_ptrs = (applied, applied, diverged, diverged, applied)  # not read
             loss_steps, step_offset = applied, 0
         last = meter.last if meter.last.device == c.device else meter.last.to(c.device)
+        before_last = meter.before_last if meter.before_last.device == c.device else meter.before_last.to(c.device)
         periods = clock.periods
         shares = self._share_tensors()
         _decide_kernel[(1,)](
-            sums, sums.numel() // 4, meter.sum, loss_steps, last,
+            sums, sums.numel() // 4, meter.sum, loss_steps, last, before_last,
             c.rate, c.ceiling, c.snapshot_sq_norm, c.lr_cap, c.good_lr, c.initial_loss, c.best_loss, c.last_loss,
             c.snapshot_loss, c.searching, c.has_snapshot, c.loss_rollback,
             *shares,
@@ -432,6 +437,7 @@ class SafeguardKernels:
         )  # fmt: skip
         meter.steps = 0
         meter.last = meter.no_loss
+        meter.before_last = meter.no_loss
 
     def _share_tensors(self) -> tuple[torch.Tensor, ...]:
         """The dead-unit test's tensors: the closing step's share, the share before it, the reference, whether the

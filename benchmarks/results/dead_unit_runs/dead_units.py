@@ -53,7 +53,7 @@ def step(self: BB, *args, **kwargs):
 
 def loss_fell(self: SafeguardControl, clock) -> bool:
     """Whether the period's mean loss fell below the best good period's (the first step's before any)."""
-    mean, complete, initial, _ = self._epoch_loss(clock.closing_steps)
+    mean, complete, initial, *_ = self._epoch_loss(clock.closing_steps)
     best = initial if math.isnan(float(self.best_loss)) else self.best_loss
     return bool(complete) and float(mean) < float(best)
 

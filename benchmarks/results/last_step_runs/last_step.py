@@ -30,8 +30,8 @@ def diverged(self, sums, clock, live=None):
     epoch_loss = self._epoch_loss
 
     def mean_as_last(steps):
-        mean, complete, initial, _ = epoch_loss(steps)
-        return mean, complete, initial, mean
+        mean, complete, initial, *_ = epoch_loss(steps)
+        return mean, complete, initial, mean, mean
 
     self._epoch_loss = mean_as_last
     try:

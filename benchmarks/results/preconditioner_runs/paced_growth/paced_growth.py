@@ -23,7 +23,7 @@ orig_next = safeguard.SafeguardControl.next_rate
 
 def diverged(self, sums, clock):
     out = orig_div(self, sums, clock)
-    mean, complete, initial, last = self._epoch_loss(clock.closing_steps)
+    mean, complete, initial, last, _ = self._epoch_loss(clock.closing_steps)
     self._progress = (mean, self.last_loss.clone(), complete)
     return out
 
