@@ -1,0 +1,83 @@
+"""The tables of 2026-12-06_cpu_preconditioner_adam_intel.md: ``BB(preconditioner="adam")`` trained again on the
+Intel Xeon (run files in ``runs/``), beside the same mode's runs on the AMD EPYC (``../preconditioner_runs/``) and
+BB's default as re-recorded on the Intel Xeon (the suite's records):
+``python benchmarks/results/preconditioner_intel_runs/table.py``.
+
+With the preconditioner every η0 ≥ 1e-3 is the same run, so each seed's η0 = 1e-3 run stands for the whole η0 grid
+(as ``../preconditioner_runs/table.py`` does)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1] / "robustness"))
+
+from prototypes import ADAM_LR  # noqa: E402
+from report import best_reference, check, gap_stats, gaps, load_runs, score, signed, stats_cell  # noqa: E402
+from suite import LRS, PEERS, RUNS, SEEDS, SETTINGS  # noqa: E402
+
+METHOD = "bb[adam]"
+INTEL = "bb[adam] Intel"
+AMD = "bb[adam] AMD"
+
+
+def grid(folder: Path, name: str) -> dict:
+    """The mode's seed 0 and 1 runs in ``folder``, each standing for every η0 of the grid, as method ``name``."""
+    runs = {}
+    for (setting, method, lr, seed), record in load_runs(folder).items():
+        if method == METHOD and lr == ADAM_LR and seed in SEEDS:
+            runs.update({(setting, name, grid_lr, seed): record for grid_lr in LRS})
+    return runs
+
+
+def main() -> None:
+    references = load_runs(RUNS)
+    runs = {**references, **grid(HERE / "runs", INTEL), **grid(HERE.parent / "preconditioner_runs", AMD)}
+    print(
+        "| setting | group | best tuned reference | bb (Intel): worst / median / > 3 short "
+        f"| {AMD}: seeds 0, 1 | {INTEL}: seeds 0, 1 |"
+    )
+    print("|---|---|---|---|---|---|")
+    changed = []
+    for setting, spec in SETTINGS.items():
+        best = best_reference(references, setting, LRS, SEEDS)
+        if best is None:
+            continue
+        default = stats_cell(gap_stats(gaps(runs, setting, "bb", LRS, SEEDS, best.mean).values()))
+        cells = []
+        for name in (AMD, INTEL):
+            cells.append(
+                " / ".join(signed(score(runs.get((setting, name, ADAM_LR, seed))) - best.mean) for seed in SEEDS)
+            )
+        for seed in SEEDS:
+            amd, intel = (score(runs[(setting, n, ADAM_LR, seed)]) for n in (AMD, INTEL))
+            if abs(amd - intel) >= 1:
+                changed.append(f"{setting} seed {seed}: {amd:.2f} → {intel:.2f}")
+        group = "holdout" if spec.holdout else "dev"
+        print(f"| {setting} | {group} | {best.method} @ {best.lr}: {best.mean:.2f} | {default} | {' | '.join(cells)} |")
+    print()
+    print("The issue's checks over seeds 0 and 1 and η0 ∈ {1e-3 … 10} on all settings (the report's `check`):")
+    print()
+    print("| method | worst | settings with a median below -1 | runs > 3 short | runs > 2 short | holds |")
+    print("|---|---|---|---|---|---|")
+    for method in ("bb", AMD, INTEL):
+        result = check(runs, method, "all", tuple(SETTINGS), PEERS, LRS, SEEDS)
+        over_two = sum(
+            gap_stats(gaps(runs, s, method, LRS, SEEDS, best.mean).values()).count
+            - sum(g is None or g >= -2 for g in gaps(runs, s, method, LRS, SEEDS, best.mean).values())
+            for s in SETTINGS
+            if (best := best_reference(references, s, LRS, SEEDS)) is not None
+        )
+        print(
+            f"| {method} | {signed(result.worst)} | {', '.join(result.medians_short) or 'none'} "
+            f"| {result.short} of {result.count} | {over_two} of {result.count} | {'yes' if result.holds else 'no'} |"
+        )
+    print()
+    print("Runs whose score moved by a point or more between the two CPUs: " + ("; ".join(changed) or "none") + ".")
+
+
+if __name__ == "__main__":
+    main()
