@@ -8,6 +8,7 @@ tuned reference of every setting: what the prototype result scripts (``*_runs/``
 - :func:`prototype_main`: a prototype script's command line: train its runs, or print its table.
 - :func:`adam_seeds`: the Adam-scaled mode, where every η0 is the same run (η0 = 1e-3 stands for the grid), its gap
   per seed for each method.
+- :func:`adam_grid`: the Adam-scaled mode's η0 = 1e-3 runs of a folder, each standing for every η0 of the grid.
 """
 
 from __future__ import annotations
@@ -120,3 +121,13 @@ def prototype_main(argv: Sequence[str], method: str, runs: Path, install: Any) -
     else:
         install()
         train_runs(*argv[1:5], method)
+
+
+def adam_grid(folder: Path, name: str = "bb[adam]", seeds: Sequence[int] | None = None) -> dict:
+    """The ``bb[adam]`` runs at η0 = 1e-3 in ``folder`` (of ``seeds``; None: every seed), each standing for every η0
+    of the grid (in that mode every η0 is the same run), keyed as method ``name``."""
+    runs = {}
+    for (setting, method, lr, seed), record in load_runs(folder).items():
+        if method == "bb[adam]" and lr == ADAM_LR and (seeds is None or seed in seeds):
+            runs.update({(setting, name, grid_lr, seed): record for grid_lr in LRS})
+    return runs

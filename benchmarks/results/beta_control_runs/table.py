@@ -25,18 +25,11 @@ METHODS = ["bb", "bb[beta0.1]", "bb[shared-ema]"]
 def by_epoch_length(references: dict, runs: dict) -> None:
     """Runs more than 3 points short per method, for settings grouped by steps an epoch (the default's β = 4/T)."""
     groups = {"T ≤ 24": (0, 24), "25 ≤ T ≤ 64": (25, 64), "T > 64": (65, 10**9)}
+    steps = {setting: record["steps_per_epoch"] for (setting, method, _, _), record in runs.items() if method == "bb"}
     print("| steps an epoch | settings | " + " | ".join(METHODS) + " |")
     print("|---|---|" + "---|" * len(METHODS))
     for label, (low, high) in groups.items():
-        chosen = [
-            s
-            for s in SETTINGS
-            if any(
-                low <= record["steps_per_epoch"] <= high
-                for (setting, method, _, _), record in runs.items()
-                if setting == s and method == "bb"
-            )
-        ]
+        chosen = [s for s in SETTINGS if s in steps and low <= steps[s] <= high]
         counts = []
         for method in METHODS:
             short = 0

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1] / "robustness"))
 
+from prototypes import adam_grid  # noqa: E402
 from report import best_reference, check, gap_stats, load_runs, score, signed, tuned  # noqa: E402
 from suite import DEFAULT_REFERENCES, LRS, PEERS, RUNS, SEEDS  # noqa: E402
 
@@ -27,9 +29,7 @@ METHODS = ("bb", "bb-paper", ADAM, "bb[lookahead]")
 def load() -> dict:
     runs = load_runs(RUNS)
     runs.update(load_runs(HERE.parent / "lookahead_runs" / "runs"))
-    for (setting, method, lr, seed), record in load_runs(HERE.parent / "preconditioner_runs").items():
-        if method == ADAM and lr == ADAM_LR:  # every η0 is the same run
-            runs.update({(setting, ADAM, grid_lr, seed): record for grid_lr in LRS})
+    runs.update(adam_grid(HERE.parent / "preconditioner_runs", ADAM))
     return runs
 
 

@@ -15,27 +15,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1] / "robustness"))
 
-from prototypes import ADAM_LR  # noqa: E402
+from prototypes import ADAM_LR, adam_grid  # noqa: E402
 from report import best_reference, check, gap_stats, gaps, load_runs, score, signed, stats_cell  # noqa: E402
 from suite import LRS, PEERS, RUNS, SEEDS, SETTINGS  # noqa: E402
 
-METHOD = "bb[adam]"
 INTEL = "bb[adam] Intel"
 AMD = "bb[adam] AMD"
 
 
-def grid(folder: Path, name: str) -> dict:
-    """The mode's seed 0 and 1 runs in ``folder``, each standing for every η0 of the grid, as method ``name``."""
-    runs = {}
-    for (setting, method, lr, seed), record in load_runs(folder).items():
-        if method == METHOD and lr == ADAM_LR and seed in SEEDS:
-            runs.update({(setting, name, grid_lr, seed): record for grid_lr in LRS})
-    return runs
-
-
 def main() -> None:
     references = load_runs(RUNS)
-    runs = {**references, **grid(HERE / "runs", INTEL), **grid(HERE.parent / "preconditioner_runs", AMD)}
+    runs = {
+        **references,
+        **adam_grid(HERE / "runs", INTEL, SEEDS),
+        **adam_grid(HERE.parent / "preconditioner_runs", AMD, SEEDS),
+    }
     print(
         "| setting | group | best tuned reference | bb (Intel): worst / median / > 3 short "
         f"| {AMD}: seeds 0, 1 | {INTEL}: seeds 0, 1 |"
@@ -66,10 +60,10 @@ def main() -> None:
     for method in ("bb", AMD, INTEL):
         result = check(runs, method, "all", tuple(SETTINGS), PEERS, LRS, SEEDS)
         over_two = sum(
-            gap_stats(gaps(runs, s, method, LRS, SEEDS, best.mean).values()).count
-            - sum(g is None or g >= -2 for g in gaps(runs, s, method, LRS, SEEDS, best.mean).values())
+            g is not None and g < -2
             for s in SETTINGS
             if (best := best_reference(references, s, LRS, SEEDS)) is not None
+            for g in gaps(runs, s, method, LRS, SEEDS, best.mean).values()
         )
         print(
             f"| {method} | {signed(result.worst)} | {', '.join(result.medians_short) or 'none'} "

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1] / "robustness"))
 
+from prototypes import adam_grid  # noqa: E402
 from report import best_reference, check, gap_stats, load_runs, score, signed  # noqa: E402
 from suite import LRS, PEERS, RUNS, SEEDS, SETTINGS  # noqa: E402
 
@@ -33,15 +35,6 @@ BEFORE_START_EXEMPTION = ("deep-relu-mnist", "deep-cnn-digits")
 AFTER_LAST_RULE = ("deep-relu-wide", "narrow-ae-mnist", "deep-relu-mnist-b32", "noisy-relu-digits")
 
 
-def adam_runs() -> dict:
-    """The preconditioned runs, each seed's η0 = 1e-3 run standing for every η0 of the grid."""
-    runs = {}
-    for (setting, method, lr, seed), record in load_runs(HERE).items():
-        if method == METHOD and lr == RUN_LR:
-            runs.update({(setting, METHOD, grid_lr, seed): record for grid_lr in LRS})
-    return runs
-
-
 def same_at_large_lr() -> list[str]:
     """Settings whose η0 = 10 run was trained too: each must equal the η0 = 1e-3 one (score and rates)."""
     runs, checked = load_runs(HERE), []
@@ -56,7 +49,7 @@ def same_at_large_lr() -> list[str]:
 def main() -> None:
     references = load_runs(RUNS)
     ours = load_runs(HERE)
-    runs = {**references, **adam_runs()}
+    runs = {**references, **adam_grid(HERE, METHOD)}
     print(
         "| setting | group | best tuned reference | BB default (SGD), seeds 0, 1: worst / median / > 3 short (runs) "
         "| adam: seeds 0, 1 (2-5) | adam, six seeds: worst / median | best peer at its defaults |"
