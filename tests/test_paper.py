@@ -21,6 +21,7 @@ Failure modes, each with a regression test of BB's safeguard (paper-exact BB is 
 from __future__ import annotations
 
 import io
+import json
 import math
 import sys
 from pathlib import Path
@@ -551,6 +552,17 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     mtimes = [f.stat().st_mtime_ns for f in files]
     sensitivity.main(argv)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
+    # --retrain trains the chosen methods' runs again, even one a comparison folder holds; the others stay.
+    (bb_file,) = [f for f in files if "_bb-safe_lr0.1_" in f.name]
+    comparison = runs / "comparison_quick"
+    comparison.mkdir()
+    (comparison / bb_file.name).write_text("{}")  # a stale copy that a plain run would have reused
+    bb_file.unlink()
+    sensitivity.main([*argv[:2], "bb-safe", *argv[3:], "--retrain"])
+    assert json.loads(bb_file.read_text())["run"]["method"] == "bb-safe"  # trained, not the stale copy
+    retrained = {f.name for f, before in zip(files, mtimes) if f.stat().st_mtime_ns != before}
+    assert retrained == {f.name for f in files if "_bb-safe_" in f.name}
+    (comparison / bb_file.name).unlink()
 
     figures = tmp_path / "figures"
     figures.mkdir()
@@ -595,3 +607,9 @@ def test_quick_comparison(tmp_path) -> None:
         scores = [r["history"][-1]["test_acc1"] for r in tuning if r["run"]["method"] == method]
         chosen = next(r for r in tuning if r["run"]["method"] == method and r["run"]["lr"] == lr)
         assert chosen["history"][-1]["test_acc1"] == max(scores)
+    # --retrain trains BB's compared run again; the baselines' tuning and compared runs stay as they were.
+    files = [*tmp_path.glob("tuning_quick/*.json"), *tmp_path.glob("comparison_quick/*.json")]
+    saved = {f: f.stat().st_mtime_ns for f in files}
+    compare.main(["--quick", "--runs", str(tmp_path), "--baselines", "sgd,adam", "--bb-methods", "bb", "--retrain"])
+    changed = {f"{f.parent.name}/{f.name.split('_lr')[0]}" for f, t in saved.items() if f.stat().st_mtime_ns != t}
+    assert changed == {"comparison_quick/mlp_bb"}

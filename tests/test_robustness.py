@@ -192,6 +192,28 @@ def test_report_gap_arithmetic(tmp_path) -> None:
     assert report.check(runs, "bb", "dev", ["small-long"], suite.REFERENCES, lrs, seeds).missing == 24 + 1
 
 
+def test_report_against_the_sgd_recipe(tmp_path) -> None:
+    """BB against tuned SGD momentum + cosine, and the settings where that recipe is itself far from the best."""
+    lrs, seeds = [0.1], [0, 1]
+    scores = {
+        ("small-long", "sgdm-cosine"): (94.0, 95.0),  # the best tuned reference there too
+        ("small-long", "bb"): (90.0, 95.0),
+        ("mixer", "sgdm-cosine"): (80.0, 80.0),
+        ("mixer", "adamw-cosine"): (90.0, 90.0),  # the recipe is 10 points short of it
+        ("mixer", "bb"): (85.0, 75.0),
+    }
+    for (setting, method), pair in scores.items():
+        for seed, value in zip(seeds, pair):
+            _write(tmp_path, setting, method, 0.1, seed, value)
+    text = report.write_report(tmp_path, tmp_path / "r.md", None, lrs=lrs, seeds=seeds)
+    section = text.split("## Against tuned SGD with momentum and cosine annealing")[1].split("\n## ")[0]
+    assert "| small-long | @ 0.1: 94.50 | +0.0 | -4.5 / -2.0 / 1 |" in section
+    assert "| mixer | @ 0.1: 80.00 | -10.0 | -5.0 / +0.0 / 1 |" in section
+    assert "more than 3 points short of the best tuned reference: mixer." in section
+    # small-long's median -2.0 is short of -1; 2 of 4 runs short, one of them on mixer.
+    assert "| bb | 1 of 2 | 2 of 4 | 1 |" in section
+
+
 def test_regression_score_and_label_noise() -> None:
     targets = torch.rand(50, 784)
     model = torch.nn.Identity()

@@ -11,6 +11,7 @@ protocol) are reused, not trained again.
     python benchmarks/paper/compare.py --tune-epochs 10 --tune-limit-train 0 --jobs 2   # the paper's: full runs
     python benchmarks/paper/compare.py --model lenet --jobs 2            # LeNet-5, tuned on LeNet-5
     python benchmarks/paper/compare.py --quick                           # smoke test
+    python benchmarks/paper/compare.py --retrain --jobs 2                # BB's runs again, after a change to BB
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each (default: %(default)s)")
     parser.add_argument("--runs", type=Path, default=RUNS, help="folder of the run folders (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 512 images, 1 epoch, a 3-point grid")
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train BB's compared runs again, replacing saved ones (after a change to BB); baselines are kept",
+    )
     return parser
 
 
@@ -83,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     print("best η0:", json.dumps(lrs))
     bb_methods = [m for m in args.bb_methods.split(",") if m]
     final = [Run(m, lrs[m], args.seed, args.epochs, args.model, final_options) for m in baselines]
-    final += [Run(m, 0.1, args.seed, args.epochs, args.model, final_options) for m in bb_methods]
-    run_all(final, args.runs / f"comparison{suffix}", args.jobs, reuse=(*sensitivity, args.runs / f"tuning{suffix}"))
+    bb_final = [Run(m, 0.1, args.seed, args.epochs, args.model, final_options) for m in bb_methods]
+    comparison, reuse = args.runs / f"comparison{suffix}", (*sensitivity, args.runs / f"tuning{suffix}")
+    run_all(final, comparison, args.jobs, reuse=reuse)
+    run_all(bb_final, comparison, args.jobs, reuse=reuse, retrain=args.retrain)
 
 
 if __name__ == "__main__":

@@ -119,16 +119,19 @@ def _train_to_file(run: Run, path: Path) -> tuple[str, float]:
     return run.name, result["wall_s"]
 
 
-def run_all(runs: list[Run], folder: Path, jobs: int, reuse: tuple[Path, ...] = ()) -> list[dict]:
+def run_all(
+    runs: list[Run], folder: Path, jobs: int, reuse: tuple[Path, ...] = (), retrain: bool = False
+) -> list[dict]:
     """Train every run of ``runs`` without a ``folder/<name>.json`` yet, then return every run's record in the
     order of ``runs``. ``jobs`` > 1: that many processes of one thread each; 1: in this process, with its
-    threads. A run already saved in a ``reuse`` folder (by another experiment) is copied instead of trained."""
+    threads. A run already saved in a ``reuse`` folder (by another experiment) is copied instead of trained.
+    ``retrain``: train every run again, replacing its file (saved runs here and in ``reuse`` are not used)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for run in runs:
+    for run in runs if not retrain else ():
         done = [other / f"{run.name}.json" for other in reuse if (other / f"{run.name}.json").exists()]
         if done and not (folder / done[0].name).exists():
             shutil.copy(done[0], folder / done[0].name)
-    todo = [run for run in runs if not (folder / f"{run.name}.json").exists()]
+    todo = [run for run in runs if retrain or not (folder / f"{run.name}.json").exists()]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already in {folder}; training {len(todo)}", flush=True)
     if jobs == 1:
         for run in todo:

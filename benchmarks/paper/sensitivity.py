@@ -3,12 +3,13 @@
 Every method of ``--methods`` is trained from every η0 of ``--lrs`` with every seed of ``--seeds`` on the paper's
 MNIST MLP (batch 128, weight decay 5e-4, BB's shallow-network taus 1/3..3: the training command's defaults).
 Each run is saved as ``<out>/<name>.json``; runs already saved (here or by ``compare.py``) are not trained
-again. ``report.py`` turns the files into tables and figures.
+again unless ``--retrain`` is given. ``report.py`` turns the files into tables and figures.
 
     python benchmarks/paper/sensitivity.py --jobs 2                  # 7 methods x 4 η0 x 2 seeds x 10 epochs
     python benchmarks/paper/sensitivity.py --methods bb-safe --jobs 2 # BB with --bb-safeguard on the same grid
     python benchmarks/paper/sensitivity.py --model lenet              # experiment 3's grid on LeNet-5
     python benchmarks/paper/sensitivity.py --quick                   # smoke test: 512 images, 2 epochs
+    python benchmarks/paper/sensitivity.py --methods bb-safe --retrain  # BB's runs again, after a change to BB
     python benchmarks/paper/sensitivity.py --model resnet18 --device cuda -- --amp bf16 --channels-last
 
 Options after ``--`` go to every run's ``bbfused-train`` command line (and into the run's name); a
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="folder of the run files (default: paper_runs/sensitivity[_quick])")
     parser.add_argument("--quick", action="store_true", help="smoke test: 512 train/test images, 2 epochs, 1 seed")
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train every run of the grid again, replacing saved ones here (runs saved by compare.py are not used)",
+    )
     return parser
 
 
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.epochs, args.seeds = 2, "0"
     out = args.out or RUNS / ("sensitivity_quick" if args.quick else "sensitivity")
-    run_all(grid(args), out, args.jobs, reuse=(out.parent / out.name.replace("sensitivity", "comparison"),))
+    comparison = out.parent / out.name.replace("sensitivity", "comparison")
+    run_all(grid(args), out, args.jobs, reuse=(comparison,), retrain=args.retrain)
 
 
 if __name__ == "__main__":

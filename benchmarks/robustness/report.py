@@ -49,6 +49,8 @@ SHORT_GAP = -3.0
 FIGURE_FLOOR = -10.0
 # The learning-rate-free peers at their defaults whose step is SGD with momentum, as BB's default's is.
 SGD_DEFAULT_PEERS = ("dadapt-sgd-default", "schedulefree-sgd-default")
+# The tuned recipe that BB's SGD step replaces in the ResNet training it is for.
+SGD_RECIPE = "sgdm-cosine"
 
 Key = tuple[str, str, LR, int]  # (setting, method, η0, seed)
 
@@ -378,6 +380,7 @@ def write_report(
     lines += _summary_tables(runs, settings, references, bb_shown, peers_shown, lrs, seeds)
     lines += _checks_section(runs, groups, bb_shown, lrs, seeds)
     lines += _defaults_section(runs, settings, bb_shown, lrs, seeds)
+    lines += _sgd_recipe_section(runs, settings, bb_shown, lrs, seeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     if figure is not None and settings:
         figure.parent.mkdir(parents=True, exist_ok=True)
@@ -563,6 +566,59 @@ def _defaults_section(runs, settings: list[str], bb_shown: list[str], lrs, seeds
                 lines.append(
                     f"| {method} | {kind} | {good} of {result.settings_run} | {result.short} of {result.count} |"
                 )
+    return [*lines, ""]
+
+
+def _sgd_recipe_section(runs, settings: list[str], bb_shown: list[str], lrs, seeds) -> list[str]:
+    """Each BB method against the one recipe BB's SGD step replaces, tuned SGD with momentum and cosine annealing,
+    and how far that recipe itself is from the best tuned reference: where it is far, the gap is the step's (Adam's
+    per-element scaling against SGD's), which no rate can close."""
+    lines = [
+        "## Against tuned SGD with momentum and cosine annealing",
+        "",
+        f"The recipe BB's SGD step replaces. Per setting, `{SGD_RECIPE}` at its best η0 (the mean over the seeds), "
+        "how far it is itself from the best tuned reference, and each BB method's runs (every η0 and seed) against "
+        f"it. Cells: worst / median gap / runs more than {-SHORT_GAP:g} points short.",
+        "",
+        f"| setting | {SGD_RECIPE} tuned | its gap to the best tuned reference | " + " | ".join(bb_shown) + " |",
+        "|---|---|---|" + "---|" * len(bb_shown),
+    ]
+    for setting in settings:
+        recipe = tuned(runs, setting, SGD_RECIPE, lrs, seeds)
+        best = best_reference(runs, setting, lrs, seeds)
+        if recipe is None or best is None:
+            lines.append(f"| {setting} | · | · | " + " | ".join("·" for _ in bb_shown) + " |")
+            continue
+        cells = [stats_cell(gap_stats(gaps(runs, setting, m, lrs, seeds, recipe.mean).values())) for m in bb_shown]
+        lines.append(
+            f"| {setting} | @ {lr_label(recipe.lr)}: {recipe.mean:.2f} | {signed(recipe.mean - best.mean)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    behind = [
+        s
+        for s in settings
+        if (r := tuned(runs, s, SGD_RECIPE, lrs, seeds)) is not None
+        and (b := best_reference(runs, s, lrs, seeds)) is not None
+        and r.mean - b.mean < SHORT_GAP
+    ]
+    lines += [
+        "",
+        f"Settings where the tuned recipe itself ends more than {-SHORT_GAP:g} points short of the best tuned "
+        f"reference: {', '.join(behind) or 'none'}.",
+        "",
+        f"| method | settings with a median ≥ {MEDIAN_GAP:g} | runs > {-SHORT_GAP:g} short "
+        "| of them on the settings above |",
+        "|---|---|---|---|",
+    ]
+    for method in bb_shown:
+        result = check(runs, method, "all", settings, (), lrs, seeds, (SGD_RECIPE,))
+        on_behind = check(runs, method, "behind", behind, (), lrs, seeds, (SGD_RECIPE,))
+        if result.settings_run:
+            good = result.settings_run - len(result.medians_short)
+            lines.append(
+                f"| {method} | {good} of {result.settings_run} | {result.short} of {result.count} | {on_behind.short} |"
+            )
     return [*lines, ""]
 
 
