@@ -21,8 +21,8 @@ orig_div = safeguard.SafeguardControl.diverged
 orig_next = safeguard.SafeguardControl.next_rate
 
 
-def diverged(self, sums, clock):
-    out = orig_div(self, sums, clock)
+def diverged(self, sums, clock, live=None):
+    out = orig_div(self, sums, clock, live)
     mean, complete, initial, last, _ = self._epoch_loss(clock.closing_steps)
     self._progress = (mean, self.last_loss.clone(), complete)
     return out
