@@ -284,3 +284,15 @@ def test_suite_rejects_unknown_names(capsys) -> None:
     with pytest.raises(SystemExit):
         suite.main(["--lrs", "0.1,-1", "--quick"])
     assert "--lrs must be positive" in capsys.readouterr().err
+
+
+def test_bb_without_epochs_is_said(monkeypatch) -> None:
+    """A BB whose signature shows no epochs= (an older checkout, or a prototype's wrapper of BB.__init__) trains
+    without the end phase: the suite warns, and the record's constructor arguments show it."""
+    model = torch.nn.Linear(4, 2)
+    _, _, kwargs = suite.build_optimizer("bb", model, 0.1, 10, 0.0, 5)
+    assert kwargs["epochs"] == 5
+    monkeypatch.setattr(suite, "bb_accepts_epochs", lambda: False)
+    with pytest.warns(UserWarning, match="no epochs=: bb trains without an end phase"):
+        _, _, kwargs = suite.build_optimizer("bb", model, 0.1, 10, 0.0, 5)
+    assert "epochs" not in kwargs

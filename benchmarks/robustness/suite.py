@@ -37,6 +37,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -713,6 +714,9 @@ def build_optimizer(
         kwargs: dict[str, Any] = {"weight_decay": weight_decay, "safeguard": method != "bb-paper"}
         if bb_accepts_epochs():
             kwargs["epochs"] = epochs
+        else:
+            # An older checkout, or a wrapper of BB.__init__ that hides its signature: say so, the run differs.
+            warnings.warn(f"BB's signature has no epochs=: {method} trains without an end phase", stacklevel=2)
         kwargs.update(bb_kwargs or {})
         optimizer = BB(params, lr=lr, steps_per_epoch=steps_per_epoch, **kwargs)
         optimizer.track_buffers(model)
