@@ -123,11 +123,13 @@ def prototype_main(argv: Sequence[str], method: str, runs: Path, install: Any) -
         train_runs(*argv[1:5], method)
 
 
-def adam_grid(folder: Path, name: str = "bb[adam]", seeds: Sequence[int] | None = None) -> dict:
-    """The ``bb[adam]`` runs at η0 = 1e-3 in ``folder`` (of ``seeds``; None: every seed), each standing for every η0
-    of the grid (in that mode every η0 is the same run), keyed as method ``name``."""
+def adam_grid(
+    folder: Path, name: str = "bb[adam]", seeds: Sequence[int] | None = None, source: str = "bb[adam]"
+) -> dict:
+    """The ``source`` runs (an Adam-scaled mode) at η0 = 1e-3 in ``folder`` (of ``seeds``; None: every seed), each
+    standing for every η0 of the grid (in that mode every η0 is the same run), keyed as method ``name``."""
     runs = {}
     for (setting, method, lr, seed), record in load_runs(folder).items():
-        if method == "bb[adam]" and lr == ADAM_LR and (seeds is None or seed in seeds):
+        if method == source and lr == ADAM_LR and (seeds is None or seed in seeds):
             runs.update({(setting, name, grid_lr, seed): record for grid_lr in LRS})
     return runs
