@@ -9,6 +9,7 @@ tuned reference of every setting: what the prototype result scripts (``*_runs/``
 - :func:`adam_seeds`: the Adam-scaled mode, where every η0 is the same run (η0 = 1e-3 stands for the grid), its gap
   per seed for each method.
 - :func:`adam_grid`: the Adam-scaled mode's η0 = 1e-3 runs of a folder, each standing for every η0 of the grid.
+- :func:`moved_runs`: the runs of an Adam-scaled mode whose score moved by a point or more from one method to another.
 """
 
 from __future__ import annotations
@@ -133,3 +134,17 @@ def adam_grid(
         if method == source and lr == ADAM_LR and (seeds is None or seed in seeds):
             runs.update({(setting, name, grid_lr, seed): record for grid_lr in LRS})
     return runs
+
+
+def moved_runs(runs: dict, before: str, after: str, seeds: Sequence[int] = SEEDS) -> list[str]:
+    """``"SETTING seed S: BEFORE → AFTER"`` for every setting and seed whose η0 = 1e-3 run of method ``after`` scores a
+    point or more away from that of ``before`` (both recorded)."""
+    moved = []
+    for setting in SETTINGS:
+        for seed in seeds:
+            keys = [(setting, method, ADAM_LR, seed) for method in (before, after)]
+            if all(key in runs for key in keys):
+                old, new = (score(runs[key]) for key in keys)
+                if abs(new - old) >= 1:
+                    moved.append(f"{setting} seed {seed}: {old:.2f} → {new:.2f}")
+    return moved

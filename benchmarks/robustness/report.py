@@ -380,7 +380,7 @@ def write_report(
     lines += _summary_tables(runs, settings, references, bb_shown, peers_shown, lrs, seeds)
     lines += _checks_section(runs, groups, bb_shown, lrs, seeds)
     lines += _defaults_section(runs, settings, bb_shown, lrs, seeds)
-    lines += _sgd_recipe_section(runs, settings, bb_shown, lrs, seeds)
+    lines += _sgd_recipe_section(runs, settings, references, bb_shown, lrs, seeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     if figure is not None and settings:
         figure.parent.mkdir(parents=True, exist_ok=True)
@@ -569,7 +569,7 @@ def _defaults_section(runs, settings: list[str], bb_shown: list[str], lrs, seeds
     return [*lines, ""]
 
 
-def _sgd_recipe_section(runs, settings: list[str], bb_shown: list[str], lrs, seeds) -> list[str]:
+def _sgd_recipe_section(runs, settings: list[str], references, bb_shown: list[str], lrs, seeds) -> list[str]:
     """Each BB method against the one recipe BB's SGD step replaces, tuned SGD with momentum and cosine annealing,
     and how far that recipe itself is from the best tuned reference: where it is far, matching the recipe does not
     pass the issue's check."""
@@ -583,25 +583,20 @@ def _sgd_recipe_section(runs, settings: list[str], bb_shown: list[str], lrs, see
         f"| setting | {SGD_RECIPE} tuned | its gap to the best tuned reference | " + " | ".join(bb_shown) + " |",
         "|---|---|---|" + "---|" * len(bb_shown),
     ]
+    behind = []  # the settings where the recipe itself is short of the best tuned reference
     for setting in settings:
-        recipe = tuned(runs, setting, SGD_RECIPE, lrs, seeds)
-        best = best_reference(runs, setting, lrs, seeds)
+        recipe, best = tuned(runs, setting, SGD_RECIPE, lrs, seeds), references[setting]
         if recipe is None or best is None:
             lines.append(f"| {setting} | · | · | " + " | ".join("·" for _ in bb_shown) + " |")
             continue
+        if recipe.mean - best.mean < SHORT_GAP:
+            behind.append(setting)
         cells = [stats_cell(gap_stats(gaps(runs, setting, m, lrs, seeds, recipe.mean).values())) for m in bb_shown]
         lines.append(
             f"| {setting} | @ {lr_label(recipe.lr)}: {recipe.mean:.2f} | {signed(recipe.mean - best.mean)} | "
             + " | ".join(cells)
             + " |"
         )
-    behind = [
-        s
-        for s in settings
-        if (r := tuned(runs, s, SGD_RECIPE, lrs, seeds)) is not None
-        and (b := best_reference(runs, s, lrs, seeds)) is not None
-        and r.mean - b.mean < SHORT_GAP
-    ]
     lines += [
         "",
         f"Settings where the tuned recipe itself ends more than {-SHORT_GAP:g} points short of the best tuned "

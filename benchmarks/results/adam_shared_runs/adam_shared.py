@@ -10,7 +10,7 @@ without the patch (``bb[adam-eager]``, the Adam mode on the eager backend):
 
     python benchmarks/results/adam_shared_runs/adam_shared.py OUT_DIR SETTINGS SEEDS [control]
     python benchmarks/results/adam_shared_runs/adam_shared.py table     # beside the default and the Adam mode
-    python benchmarks/results/adam_shared_runs/adam_shared.py seeds SETTINGS   # seeds 0-5 of both, run by run
+    python benchmarks/results/adam_shared_runs/adam_shared.py seeds     # seeds 0-5 of both, where both have them
 """
 
 import functools
@@ -21,14 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prototypes import (  # noqa: E402
-    ADAM_LR,
-    LRS,
-    SEEDS,
-    SETTINGS,
     adam_grid,
-    best_reference,
+    adam_seeds,
     load,
-    score,
+    moved_runs,
     side_by_side,
     train_runs,
 )
@@ -81,23 +77,9 @@ KWARGS = {"preconditioner": "adam", "backend": "eager"}
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     if sys.argv[1:2] == ["seeds"]:
-        # Seeds 0-5 of the two methods on the settings where they differ: score (gap to the best tuned reference).
+        # Seeds 0-5 of both methods on the settings where they were trained with all six.
         references, runs = load([here / "runs", here / "more_seeds"], base=())
-        print("| setting | best tuned reference | seed | bb[adam-eager] | bb[adam-shared] |")
-        print("|---|---|---|---|---|")
-        short = {"bb[adam-eager]": 0, "bb[adam-shared]": 0}
-        for setting in sys.argv[2].split(","):
-            best = best_reference(references, setting, LRS, SEEDS)
-            for seed in range(6):
-                cells = []
-                for name in short:
-                    value = score(runs.get((setting, name, ADAM_LR, seed)))
-                    cells.append("·" if value is None else f"{value:.2f} ({value - best.mean:+.1f})")
-                    short[name] += value is not None and value - best.mean < -3
-                head = f"| {setting} | {best.method} @ {best.lr}: {best.mean:.2f} | {seed} | "
-                print(head + " | ".join(cells) + " |")
-        print()
-        print("Runs more than 3 points short: " + ", ".join(f"`{name}` {count}" for name, count in short.items()))
+        adam_seeds(references, runs, ["bb[adam-eager]", "bb[adam-shared]"], seeds=range(6))
     elif sys.argv[1:2] == ["table"]:
         references, runs = load([])
         runs.update(adam_grid(here.parent / "preconditioner_intel_runs" / "runs", "bb[adam]", (0, 1)))
@@ -106,15 +88,7 @@ if __name__ == "__main__":
         side_by_side(references, runs, ["bb", "bb[adam]", "bb[adam-eager]", "bb[adam-shared]"])
         print()
         for a, b in (("bb[adam]", "bb[adam-eager]"), ("bb[adam-eager]", "bb[adam-shared]")):
-            moved = [
-                f"{setting} seed {seed}: {score(runs[setting, a, ADAM_LR, seed]):.2f} → "
-                f"{score(runs[setting, b, ADAM_LR, seed]):.2f}"
-                for setting in SETTINGS
-                for seed in (0, 1)
-                if (setting, a, ADAM_LR, seed) in runs
-                and (setting, b, ADAM_LR, seed) in runs
-                and abs(score(runs[setting, a, ADAM_LR, seed]) - score(runs[setting, b, ADAM_LR, seed])) >= 1
-            ]
+            moved = moved_runs(runs, a, b)
             print(f"Runs that moved by a point or more, `{a}` → `{b}`: {'; '.join(moved) or 'none'}.")
             print()
     else:

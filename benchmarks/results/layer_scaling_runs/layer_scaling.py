@@ -24,8 +24,8 @@ from prototypes import adam_grid, load, side_by_side, train_runs  # noqa: E402
 from bbfused import BB  # noqa: E402
 from bbfused.backends import eager  # noqa: E402
 
-# (first element's address, number of elements, element size) of every parameter of the live optimizer.
-SEGMENTS: list[tuple[int, int, int]] = []
+# (first element's address, number of elements) of every parameter of the live optimizer.
+SEGMENTS: list[tuple[int, int]] = []
 _segment_index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
 init_as_shipped = BB.__init__
 step_as_shipped = eager.EagerBackend.step
@@ -38,7 +38,7 @@ def init(self, params, *args, **kwargs):
     _segment_index.clear()
     for group in self.param_groups:
         for p in group["params"]:
-            SEGMENTS.append((p.data_ptr(), p.numel(), p.element_size()))
+            SEGMENTS.append((p.data_ptr(), p.numel()))
 
 
 def segments_of(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -49,7 +49,7 @@ def segments_of(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         start, size = flat.data_ptr(), flat.element_size()
         index = torch.full((flat.numel(),), -1, dtype=torch.long)
         count = 0
-        for ptr, numel, _ in SEGMENTS:
+        for ptr, numel in SEGMENTS:
             first = (ptr - start) // size
             if 0 <= first < flat.numel():
                 index[first : first + numel] = count

@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1] / "robustness"))
 
-from prototypes import ADAM_LR, adam_grid  # noqa: E402
+from prototypes import ADAM_LR, adam_grid, moved_runs  # noqa: E402
 from report import best_reference, check, gap_stats, gaps, load_runs, score, signed, stats_cell  # noqa: E402
 from suite import LRS, PEERS, RUNS, SEEDS, SETTINGS  # noqa: E402
 
@@ -35,7 +35,6 @@ def main() -> None:
         f"| {AMD}: seeds 0, 1 | {INTEL}: seeds 0, 1 |"
     )
     print("|---|---|---|---|---|---|")
-    changed = []
     for setting, spec in SETTINGS.items():
         best = best_reference(references, setting, LRS, SEEDS)
         if best is None:
@@ -46,10 +45,6 @@ def main() -> None:
             cells.append(
                 " / ".join(signed(score(runs.get((setting, name, ADAM_LR, seed))) - best.mean) for seed in SEEDS)
             )
-        for seed in SEEDS:
-            amd, intel = (score(runs[(setting, n, ADAM_LR, seed)]) for n in (AMD, INTEL))
-            if abs(amd - intel) >= 1:
-                changed.append(f"{setting} seed {seed}: {amd:.2f} → {intel:.2f}")
         group = "holdout" if spec.holdout else "dev"
         print(f"| {setting} | {group} | {best.method} @ {best.lr}: {best.mean:.2f} | {default} | {' | '.join(cells)} |")
     print()
@@ -70,6 +65,7 @@ def main() -> None:
             f"| {result.short} of {result.count} | {over_two} of {result.count} | {'yes' if result.holds else 'no'} |"
         )
     print()
+    changed = moved_runs(runs, AMD, INTEL)
     print("Runs whose score moved by a point or more between the two CPUs: " + ("; ".join(changed) or "none") + ".")
 
 
