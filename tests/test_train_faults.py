@@ -500,6 +500,52 @@ def test_progress_bar_shows_the_first_step(monkeypatch):
     assert updates[0] == 1 and sum(updates) == 5
 
 
+def test_ctrl_c_while_the_progress_bar_is_built_waits_until_it_is_whole(monkeypatch):
+    """A SIGINT (or a SIGTERM, passed on as one) that lands inside tqdm's constructor is held until the bar is
+    built: a half-built tqdm prints a traceback from its __del__ at exit. One during the steps closes the bar."""
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs) -> None:
+            bars.append(self)
+            if len(bars) == 1:
+                signal.raise_signal(signal.SIGINT)
+            self.whole, self.closed = True, False
+
+        def update(self, n: int) -> None:
+            pass
+
+        def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+    def interrupted_loader():
+        yield torch.randn(3, 4), torch.tensor([0, 1, 0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_loop, "tqdm", Bar)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(3, 4), torch.tensor([0, 1, 0]))] * 5
+    with pytest.raises(KeyboardInterrupt):
+        train_loop.train_one_epoch(model, optimizer, loader, torch.device("cpu"), progress=True)
+    assert len(bars) == 1 and bars[0].whole
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    class Loader:
+        def __len__(self) -> int:
+            return 5
+
+        def __iter__(self):
+            return interrupted_loader()
+
+    with pytest.raises(KeyboardInterrupt):
+        train_loop.train_one_epoch(model, optimizer, Loader(), torch.device("cpu"), progress=True)
+    assert len(bars) == 2 and bars[1].closed
+
+
 def test_gpu_sized_job_on_a_cpu_gets_a_hint():
     import torchvision
 

@@ -76,35 +76,41 @@ def train_one_epoch(
     images_seen = 0
     # BB's rate control checks each epoch's mean loss (the paper's rule ignores it): every BB step gets it.
     takes_loss = isinstance(optimizer, BB)
-    bar = tqdm(total=len(loader), desc=description, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
+    # A Ctrl-C or SIGTERM inside tqdm's constructor would leave an object whose __del__ prints a traceback.
+    with deferred_sigint():
+        bar = tqdm(
+            total=len(loader), desc=description, unit="step", leave=False, disable=not progress, dynamic_ncols=True
+        )
     start = last_time = time.perf_counter()
     last_step = last_images = 0
-    for step, (images, labels) in enumerate(loader, 1):
-        images, labels = _prepare_images(images, labels, device, channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        kwargs = {"loss": loss} if takes_loss else {}
-        if scaler is None:
-            loss.backward()
-            optimizer.step(**kwargs)
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer, **kwargs)
-            scaler.update()
-        loss_sum += loss.detach() * labels.shape[0]
-        images_seen += labels.shape[0]
-        if progress:
-            now = time.perf_counter()
-            due = step == 1 or step % print_freq == 0 or step == len(loader) or now - last_time >= PROGRESS_SECONDS
-            if due:
-                mean_loss = (loss_sum / images_seen).item()
-                rate = (images_seen - last_images) * world / max(now - last_time, 1e-9)
-                # BB's live rate: the first epoch's periods move it within the epoch.
-                bar.set_postfix_str(f"loss {mean_loss:.4f}  lr {float(lr):.4g}  {rate:,.0f} img/s", refresh=False)
-                bar.update(step - last_step)
-                last_step, last_images, last_time = step, images_seen, now
-    bar.close()
+    try:
+        for step, (images, labels) in enumerate(loader, 1):
+            images, labels = _prepare_images(images, labels, device, channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            kwargs = {"loss": loss} if takes_loss else {}
+            if scaler is None:
+                loss.backward()
+                optimizer.step(**kwargs)
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer, **kwargs)
+                scaler.update()
+            loss_sum += loss.detach() * labels.shape[0]
+            images_seen += labels.shape[0]
+            if progress:
+                now = time.perf_counter()
+                due = step == 1 or step % print_freq == 0 or step == len(loader) or now - last_time >= PROGRESS_SECONDS
+                if due:
+                    mean_loss = (loss_sum / images_seen).item()
+                    rate = (images_seen - last_images) * world / max(now - last_time, 1e-9)
+                    # BB's live rate: the first epoch's periods move it within the epoch.
+                    bar.set_postfix_str(f"loss {mean_loss:.4f}  lr {float(lr):.4g}  {rate:,.0f} img/s", refresh=False)
+                    bar.update(step - last_step)
+                    last_step, last_images, last_time = step, images_seen, now
+    finally:
+        bar.close()
     totals = _all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(images_seen), device=device)]), world)
     total_loss, total_images = totals.tolist()  # synchronises: the epoch's time includes all its work
     elapsed = time.perf_counter() - start
