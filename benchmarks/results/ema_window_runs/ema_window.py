@@ -128,9 +128,16 @@ if __name__ == "__main__":
         methods = [method("correct-adam", fraction) for fraction in sys.argv[2:]]
         for fraction, name in zip(sys.argv[2:], methods):
             runs.update(adam_grid(here / f"adam-window{fraction}", name, source=name))
+        # Seeds 2-5 of the mode and of the quarter window on the two settings the quarter cost most.
+        runs.update(adam_grid(here / "adam_more_seeds", "bb[adam]", range(2, 6)))
+        quarter = method("correct-adam", "0.25")
+        runs.update(adam_grid(here / "adam_more_seeds", quarter, range(2, 6), source=quarter))
         side_by_side(references, runs, ["bb[adam]", *methods])
         print()
         adam_seeds(references, runs, ["bb[adam]", *methods], seeds=range(6))
+        if quarter in methods:
+            print()
+            adam_seeds(references, runs, ["bb[adam]", quarter], seeds=range(6))
         for name in methods:
             moved = moved_runs(runs, "bb[adam]", name, seeds=range(6))
             print(f"\nRuns of `{name}` that moved by a point or more: {'; '.join(moved) or 'none'}.")
