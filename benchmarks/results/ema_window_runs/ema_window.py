@@ -18,11 +18,13 @@ saves them:
     python benchmarks/results/ema_window_runs/ema_window.py KIND FRACTION OUT_DIR SETTINGS SEEDS LRS  # KIND as above
     python benchmarks/results/ema_window_runs/ema_window.py table FOLDER [FOLDER ...]  # beside the default
     python benchmarks/results/ema_window_runs/ema_window.py seeds-table FRACTION  # seeds 2-5, more_seeds/
+    python benchmarks/results/ema_window_runs/ema_window.py rates  # how far each window moves the rates
     python benchmarks/results/ema_window_runs/ema_window.py adam-table FRACTION [FRACTION ...]  # beside the Adam mode
 """
 
 import functools
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -111,6 +113,24 @@ def moved_grid_runs(runs: dict, before: str, after: str) -> str:
     return f"`{after}`: {len(moves)} runs, {up} up and {down} down by a point or more, mean {mean:+.2f}"
 
 
+def rate_shift(runs: dict, before: str, after: str) -> str:
+    """Per run of ``after`` with a run of ``before`` (same setting, η0, seed): the mean over its epochs of
+    log10(rate / ``before``'s rate); their median and quartiles, and how many runs ran lower or higher by more than
+    0.05 (12 %)."""
+    shifts = []
+    for (setting, name, lr, seed), record in runs.items():
+        other = runs.get((setting, before, lr, seed))
+        if name != after or other is None:
+            continue
+        pairs = list(zip(record["bb_lr_history"], other["bb_lr_history"]))
+        shifts.append(statistics.mean(math.log10(new / old) for new, old in pairs))
+    low, _, high = statistics.quantiles(shifts, n=4)
+    return (
+        f"| `{after}` | `{before}` | {len(shifts)} | {statistics.median(shifts):+.3f} | {low:+.3f} / {high:+.3f} "
+        f"| {sum(s < -0.05 for s in shifts)} | {sum(s > 0.05 for s in shifts)} |"
+    )
+
+
 def method(kind: str, fraction: str) -> str:
     prefix = "adam-" if kind.endswith("-adam") else ""
     return f"bb[{prefix}window{fraction}]" if kind.startswith("correct") else f"bb[{prefix}window-first{fraction}]"
@@ -141,6 +161,18 @@ if __name__ == "__main__":
         for name in methods:
             moved = moved_runs(runs, "bb[adam]", name, seeds=range(6))
             print(f"\nRuns of `{name}` that moved by a point or more: {'; '.join(moved) or 'none'}.")
+    elif sys.argv[1:2] == ["rates"]:
+        references, runs = load([here / name for name in ("window0.5", "window0.25")])
+        runs.update(adam_grid(here.parent / "preconditioner_intel_runs" / "runs", "bb[adam]", (0, 1)))
+        for fraction in ("0.5", "0.25"):
+            name = method("correct-adam", fraction)
+            runs.update(adam_grid(here / f"adam-window{fraction}", name, (0, 1), source=name))
+        print("| method | against | runs | median shift | quartiles | runs lower | runs higher |")
+        print("|---|---|---|---|---|---|---|")
+        for fraction in ("0.5", "0.25"):
+            print(rate_shift(runs, "bb", method("correct", fraction)))
+        for fraction in ("0.5", "0.25"):
+            print(rate_shift(runs, "bb[adam]", method("correct-adam", fraction)))
     elif sys.argv[1:2] == ["seeds-table"]:
         # Seeds 2-5 of the default and of the prototype, every η0, against the best tuned reference of seeds 0, 1.
         references, runs = load([here / "more_seeds"], base=())
