@@ -8,6 +8,10 @@ adding up to about the full average's (1 − (1 − β)^T):
 - ``first`` (method ``bb[window-firstF]``): every period is windowed, and the window's first step sets g to that
   step's direction (β = 1 once), so its weights add up to 1 with no correction.
 
+- ``momentum`` (method ``bb[window-momentumF]``): as ``correct`` from the second epoch on, but with no rescaling: the
+  window's average starts from the momentum buffer m (an average of the last ten or so directions) instead of zero,
+  so the weights of the recent steps are the full average's and m stands for the older ones.
+
 ``correct-adam`` and ``first-adam``: the same in the Adam-scaled mode (``preconditioner="adam"``, methods
 ``bb[adam-windowF]``, ``bb[adam-window-firstF]``; its every η0 is the same run, so η0 = 1e-3 stands for the grid).
 
@@ -69,6 +73,7 @@ def window_start(clock, fraction: float, first_too: bool) -> int | None:
 
 def install(kind: str, fraction: float) -> None:
     first_too = kind.startswith("first")
+    from_momentum = kind == "momentum"
     init_as_shipped, step_as_shipped, measure_as_shipped = optimizer.BB.__init__, BufferSet.step, BufferSet.measure
 
     @functools.wraps(init_as_shipped)
@@ -80,7 +85,10 @@ def install(kind: str, fraction: float) -> None:
         opens = self.window_clock.counts()[1] == window_start(self.window_clock, fraction, first_too)
         if opens:
             for buffer in self.buffers:
-                buffer.ema.zero_()
+                if from_momentum:
+                    buffer.ema.copy_(buffer.momentum)
+                else:
+                    buffer.ema.zero_()
         self.window_beta = beta
         result = step_as_shipped(self, weight_decays, beta, *args, **kwargs)
         if opens and first_too:
@@ -89,7 +97,7 @@ def install(kind: str, fraction: float) -> None:
         return result
 
     def measure(self, clock, partials=False):
-        if not first_too and not clock.in_first_epoch_periods and clock.counts()[0] >= 1:
+        if kind.startswith("correct") and not clock.in_first_epoch_periods and clock.counts()[0] >= 1:
             steps, decay = clock.closing_steps, 1 - self.window_beta
             correction = (1 - decay**steps) / (1 - decay ** window(steps, fraction))
             for buffer in self.buffers:
@@ -133,6 +141,8 @@ def rate_shift(runs: dict, before: str, after: str) -> str:
 
 def method(kind: str, fraction: str) -> str:
     prefix = "adam-" if kind.endswith("-adam") else ""
+    if kind == "momentum":
+        return f"bb[window-momentum{fraction}]"
     return f"bb[{prefix}window{fraction}]" if kind.startswith("correct") else f"bb[{prefix}window-first{fraction}]"
 
 
@@ -162,7 +172,7 @@ if __name__ == "__main__":
             moved = moved_runs(runs, "bb[adam]", name, seeds=range(6))
             print(f"\nRuns of `{name}` that moved by a point or more: {'; '.join(moved) or 'none'}.")
     elif sys.argv[1:2] == ["rates"]:
-        references, runs = load([here / name for name in ("window0.5", "window0.25")])
+        references, runs = load([here / name for name in ("window0.5", "window0.25", "window-momentum0.25")])
         runs.update(adam_grid(here.parent / "preconditioner_intel_runs" / "runs", "bb[adam]", (0, 1)))
         for fraction in ("0.5", "0.25"):
             name = method("correct-adam", fraction)
@@ -171,6 +181,7 @@ if __name__ == "__main__":
         print("|---|---|---|---|---|---|---|")
         for fraction in ("0.5", "0.25"):
             print(rate_shift(runs, "bb", method("correct", fraction)))
+        print(rate_shift(runs, "bb", method("momentum", "0.25")))
         for fraction in ("0.5", "0.25"):
             print(rate_shift(runs, "bb[adam]", method("correct-adam", fraction)))
     elif sys.argv[1:2] == ["seeds-table"]:
