@@ -21,7 +21,7 @@ saves them:
 
     python benchmarks/results/ema_window_runs/ema_window.py KIND FRACTION OUT_DIR SETTINGS SEEDS LRS  # KIND as above
     python benchmarks/results/ema_window_runs/ema_window.py table FOLDER [FOLDER ...]  # beside the default
-    python benchmarks/results/ema_window_runs/ema_window.py seeds-table FRACTION  # seeds 2-5, more_seeds/
+    python benchmarks/results/ema_window_runs/ema_window.py seeds-table FRACTION  # seeds 2-5 (more_seeds/)
     python benchmarks/results/ema_window_runs/ema_window.py rates  # how far each window moves the rates
     python benchmarks/results/ema_window_runs/ema_window.py adam-table FRACTION [FRACTION ...]  # beside the Adam mode
 """
@@ -187,16 +187,17 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["seeds-table"]:
         # Seeds 2-5 of the default and of the prototype, every η0, against the best tuned reference of seeds 0, 1.
         references, runs = load([here / "more_seeds"], base=())
-        methods, seeds = ["bb", method("correct", sys.argv[2])], (2, 3, 4, 5)
+        methods, seeds = ["bb", *(method(kind, sys.argv[2]) for kind in ("correct", "momentum"))], (2, 3, 4, 5)
         print("| setting | best tuned reference | " + " | ".join(methods) + " |")
         print("|---|---|" + "---|" * len(methods))
         for setting in SETTINGS:
             best = best_reference(references, setting, LRS, SEEDS)
             cells = [stats_cell(gap_stats(gaps(runs, setting, m, LRS, seeds, best.mean).values())) for m in methods]
-            if all(cell != "·" for cell in cells):
+            if cells[0] != "·":
                 print(f"| {setting} | {best.method} @ {best.lr}: {best.mean:.2f} | " + " | ".join(cells) + " |")
         print()
-        print(moved_grid_runs(runs, *methods))
+        for name in methods[1:]:
+            print(moved_grid_runs(runs, "bb", name))
     elif sys.argv[1:2] == ["table"]:
         folders = sys.argv[2:]
         runs = load([here / folder for folder in folders])
