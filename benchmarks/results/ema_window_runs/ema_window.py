@@ -1,13 +1,12 @@
 """A prototype for BB's default, not in the optimizer: the gradient average g is updated only over the last
 ``FRACTION`` of a period's steps (L = ⌈FRACTION·T⌉ of its T). The steps before the window would then leave g alone:
-with momentum, 20 bytes an fp32 element instead of 28, torch's fused SGD's count. Two ways to keep g's weights
-adding up to about the full average's (1 − (1 − β)^T):
+with momentum, 20 bytes an fp32 element instead of 28, torch's fused SGD's count. Three ways to keep g's weights
+adding up to about the full average's (1 − (1 − β)^T), the KIND:
 
 - ``correct`` (method ``bb[windowF]``): only the epochs after the first are windowed (the first epoch's periods are
   short); g starts at zero as now and is scaled at the epoch's end by (1 − (1 − β)^T) / (1 − (1 − β)^L).
 - ``first`` (method ``bb[window-firstF]``): every period is windowed, and the window's first step sets g to that
   step's direction (β = 1 once), so its weights add up to 1 with no correction.
-
 - ``momentum`` (method ``bb[window-momentumF]``): as ``correct`` from the second epoch on, but with no rescaling: the
   window's average starts from the momentum buffer m (an average of the last ten or so directions) instead of zero,
   so the weights of the recent steps are the full average's and m stands for the older ones.
@@ -16,16 +15,18 @@ adding up to about the full average's (1 − (1 − β)^T):
 ``bb[adam-windowF]``, ``bb[adam-window-firstF]``; its every η0 is the same run, so η0 = 1e-3 stands for the grid).
 
 Emulated by zeroing g where the window opens (g starts each period at zero, so the updates before it are dropped;
-``first`` divides that step's update by β), so the prototype still moves 28 bytes. Runs are saved as the suite
+``first`` divides that step's update by β; ``momentum`` copies m into g instead), so the prototype still moves 28
+bytes. Runs are saved as the suite
 saves them:
 
-    python benchmarks/results/ema_window_runs/ema_window.py KIND FRACTION OUT_DIR SETTINGS SEEDS LRS  # KIND as above
+    python benchmarks/results/ema_window_runs/ema_window.py KIND FRACTION OUT_DIR SETTINGS SEEDS LRS
     python benchmarks/results/ema_window_runs/ema_window.py table FOLDER [FOLDER ...]  # beside the default
     python benchmarks/results/ema_window_runs/ema_window.py seeds-table FRACTION  # seeds 2-5 (more_seeds/)
     python benchmarks/results/ema_window_runs/ema_window.py rates  # how far each window moves the rates
     python benchmarks/results/ema_window_runs/ema_window.py adam-table FRACTION [FRACTION ...]  # beside the Adam mode
 """
 
+import collections
 import functools
 import math
 import statistics
@@ -79,7 +80,7 @@ def install(kind: str, fraction: float) -> None:
     @functools.wraps(init_as_shipped)
     def init(self, *args, **kwargs):
         init_as_shipped(self, *args, **kwargs)
-        self._buffers.window_clock = self._clock
+        self._buffers.window_clock, self._buffers.window_beta = self._clock, self.beta
 
     def step(self, weight_decays, beta, *args, **kwargs):
         opens = self.window_clock.counts()[1] == window_start(self.window_clock, fraction, first_too)
@@ -89,7 +90,6 @@ def install(kind: str, fraction: float) -> None:
                     buffer.ema.copy_(buffer.momentum)
                 else:
                     buffer.ema.zero_()
-        self.window_beta = beta
         result = step_as_shipped(self, weight_decays, beta, *args, **kwargs)
         if opens and first_too:
             for buffer in self.buffers:
@@ -110,15 +110,26 @@ def install(kind: str, fraction: float) -> None:
 
 
 def moved_grid_runs(runs: dict, before: str, after: str) -> str:
-    """How many of ``after``'s runs (every η0 and seed) moved up or down by a point or more from ``before``'s."""
+    """How many of ``after``'s runs (every η0 and seed) moved up or down by a point or more from ``before``'s, and
+    on which settings those that fell are."""
     moves = [
-        score(record) - score(runs[(setting, before, lr, seed)])
+        (setting, score(record) - score(runs[(setting, before, lr, seed)]))
         for (setting, name, lr, seed), record in runs.items()
         if name == after and (setting, before, lr, seed) in runs
     ]
-    up, down = sum(m >= 1 for m in moves), sum(m <= -1 for m in moves)
-    mean = sum(moves) / len(moves)
-    return f"`{after}`: {len(moves)} runs, {up} up and {down} down by a point or more, mean {mean:+.2f}"
+    up, down = sum(m >= 1 for _, m in moves), sum(m <= -1 for _, m in moves)
+    mean = sum(m for _, m in moves) / len(moves)
+    fell = collections.Counter(setting for setting, m in moves if m <= -1)
+    where = ", ".join(f"{setting} {count}" for setting, count in fell.most_common())
+    return (
+        f"`{after}`: {len(moves)} runs, {up} up and {down} down by a point or more, mean {mean:+.2f}"
+        f" (down: {where or 'none'})"
+    )
+
+
+RATE_HEADER = (
+    "| method | against | runs | median shift | quartiles | runs lower | runs higher |\n|---|---|---|---|---|---|---|"
+)
 
 
 def rate_shift(runs: dict, before: str, after: str) -> str:
@@ -140,10 +151,10 @@ def rate_shift(runs: dict, before: str, after: str) -> str:
 
 
 def method(kind: str, fraction: str) -> str:
-    prefix = "adam-" if kind.endswith("-adam") else ""
-    if kind == "momentum":
-        return f"bb[window-momentum{fraction}]"
-    return f"bb[{prefix}window{fraction}]" if kind.startswith("correct") else f"bb[{prefix}window-first{fraction}]"
+    """The runs' method name for a KIND (``correct``, ``first``, ``momentum``, optionally with ``-adam``)."""
+    base, _, adam = kind.partition("-")
+    window_name = {"correct": "window", "first": "window-first", "momentum": "window-momentum"}[base]
+    return f"bb[{'adam-' if adam else ''}{window_name}{fraction}]"
 
 
 if __name__ == "__main__":
@@ -177,8 +188,7 @@ if __name__ == "__main__":
         for fraction in ("0.5", "0.25"):
             name = method("correct-adam", fraction)
             runs.update(adam_grid(here / f"adam-window{fraction}", name, (0, 1), source=name))
-        print("| method | against | runs | median shift | quartiles | runs lower | runs higher |")
-        print("|---|---|---|---|---|---|---|")
+        print(RATE_HEADER)
         for fraction in ("0.5", "0.25"):
             print(rate_shift(runs, "bb", method("correct", fraction)))
         print(rate_shift(runs, "bb", method("momentum", "0.25")))
@@ -198,6 +208,10 @@ if __name__ == "__main__":
         print()
         for name in methods[1:]:
             print(moved_grid_runs(runs, "bb", name))
+        print()
+        print(RATE_HEADER)
+        for name in methods[1:]:
+            print(rate_shift(runs, "bb", name))
     elif sys.argv[1:2] == ["table"]:
         folders = sys.argv[2:]
         runs = load([here / folder for folder in folders])
