@@ -475,22 +475,29 @@ def test_closing_summary(tmp_path, capsys):
     assert f"outputs in {out}" in summary and f"best.pth (epoch {best['epoch']})" in summary
 
 
+class QuietBar:
+    """Stands in for tqdm in train_one_epoch: takes its calls and shows nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.closed = False
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def test_progress_bar_shows_the_first_step(monkeypatch):
     """The bar gets its first figure after step 1, not after --print-freq steps."""
     updates = []
 
-    class RecordingBar:
-        def __init__(self, *args, **kwargs) -> None:
-            pass
-
+    class RecordingBar(QuietBar):
         def update(self, n: int) -> None:
             updates.append(n)
-
-        def set_postfix_str(self, text: str, refresh: bool = True) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
 
     monkeypatch.setattr(train_loop, "tqdm", RecordingBar)
     model = torch.nn.Linear(4, 2)
@@ -505,21 +512,13 @@ def test_ctrl_c_while_the_progress_bar_is_built_waits_until_it_is_whole(monkeypa
     built: a half-built tqdm prints a traceback from its __del__ at exit. One during the steps closes the bar."""
     bars = []
 
-    class Bar:
+    class Bar(QuietBar):
         def __init__(self, *args, **kwargs) -> None:
             bars.append(self)
             if len(bars) == 1:
                 signal.raise_signal(signal.SIGINT)
-            self.whole, self.closed = True, False
-
-        def update(self, n: int) -> None:
-            pass
-
-        def set_postfix_str(self, text: str, refresh: bool = True) -> None:
-            pass
-
-        def close(self) -> None:
-            self.closed = True
+            super().__init__()
+            self.whole = True
 
     def interrupted_loader():
         yield torch.randn(3, 4), torch.tensor([0, 1, 0])
