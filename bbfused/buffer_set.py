@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .average_window import EMA_UPDATE, EmaMode
 from .backends import Backend, load_backend
 from .backends.base import write_share
 from .buffer_runs import BufferRun, plan_runs
@@ -258,9 +259,11 @@ class BufferSet:
         grad_scale: torch.Tensor | None,
         found_inf: torch.Tensor | None,
         whole_buffers: bool,
+        ema_mode: EmaMode = EMA_UPDATE,
     ) -> None:
         """One update of every parameter with a gradient (every parameter with ``whole_buffers``).
-        ``weight_decays``: per group."""
+        ``weight_decays``: per group; ``ema_mode``: how the step treats the gradient average
+        (``bbfused.average_window``)."""
         self.scaling.advance(found_inf)
         launches = self._step_launches(weight_decays, whole_buffers, found_inf is None)
         for buffer, start, end, weight_decay, lag in launches:
@@ -280,6 +283,7 @@ class BufferSet:
                 momentum_buffer=None if buffer.momentum is None else buffer.momentum[start:end],
                 momentum=self.momentum,
                 nesterov=self.nesterov,
+                ema_mode=_on(ema_mode, device) if isinstance(ema_mode, torch.Tensor) else ema_mode,
                 **scaling,
             )
 

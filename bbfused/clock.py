@@ -23,6 +23,7 @@ from typing import Union
 
 import torch
 
+from .average_window import EMA_UPDATE, NO_WINDOW, AverageWindow, EmaMode
 from .devices import on as _on
 from .interrupts import deferred_sigint
 
@@ -145,10 +146,17 @@ class HostClock:
 
     gate = None  # every pass and decision of an epoch end applies
 
-    def __init__(self, steps_per_epoch: int | None, device: torch.device, first_epoch_periods: int = 1) -> None:
+    def __init__(
+        self,
+        steps_per_epoch: int | None,
+        device: torch.device,
+        first_epoch_periods: int = 1,
+        window: AverageWindow = NO_WINDOW,
+    ) -> None:
         self.steps_per_epoch = steps_per_epoch
         self.device = device
         self.periods = Periods(steps_per_epoch, first_epoch_periods)
+        self.window = window
         self.epoch = 0
         self.step_in_epoch = 0
         self.first_step_pending = True
@@ -172,6 +180,10 @@ class HostClock:
     def steps_whole_buffers(self) -> bool:
         """Whether each step must run over whole buffers: no, the host picks the ranges with gradients."""
         return False
+
+    def ema_mode(self) -> EmaMode:
+        """How the running step treats BB's gradient average (``bbfused.average_window``)."""
+        return self.window.mode(self.epoch, self.step_in_epoch, self.steps_per_epoch)
 
     def advance(self) -> bool:
         """Count a step; whether a rate period (the epoch, or a period of the first epoch) ends now."""
@@ -292,10 +304,17 @@ class DeviceClock:
 
     counted = True  # while a step's epoch end runs, ``step`` includes it
 
-    def __init__(self, steps_per_epoch: int, device: torch.device, first_epoch_periods: int = 1) -> None:
+    def __init__(
+        self,
+        steps_per_epoch: int,
+        device: torch.device,
+        first_epoch_periods: int = 1,
+        window: AverageWindow = NO_WINDOW,
+    ) -> None:
         self.steps_per_epoch = steps_per_epoch
         self.device = device
         self.periods = Periods(steps_per_epoch, first_epoch_periods)
+        self.window = window
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.epoch = torch.zeros((), dtype=torch.int64, device=device)
         # gate: a rate period ends at this step; epoch_gate: the epoch ends (the same tensor without split periods).
@@ -338,6 +357,10 @@ class DeviceClock:
     def steps_whole_buffers(self) -> bool:
         """A captured step cannot choose its ranges on the host at replay: it steps whole buffers."""
         return True
+
+    def ema_mode(self) -> EmaMode:
+        """How the running step treats BB's gradient average: from the counters, on the device (no sync)."""
+        return self.window.mode(self.epoch, self.step, self.steps_per_epoch)
 
     def advance(self) -> bool:
         """Count a step and set the gates (a period ends, the epoch ends); the period end always runs, gated."""
@@ -483,8 +506,16 @@ class KernelDeviceClock(DeviceClock):
 
     counted = False  # the step counter excludes the running step (DeviceClock: includes it)
 
-    def __init__(self, steps_per_epoch: int, device: torch.device, first_epoch_periods: int = 1) -> None:
-        super().__init__(steps_per_epoch, device, first_epoch_periods)
+    def __init__(
+        self,
+        steps_per_epoch: int,
+        device: torch.device,
+        first_epoch_periods: int = 1,
+        window: AverageWindow = NO_WINDOW,
+    ) -> None:
+        super().__init__(steps_per_epoch, device, first_epoch_periods, window)
+        # The next step's gradient-average mode, set with the gates (no launch of its own).
+        self._ema_mode = torch.zeros((), dtype=torch.int32, device=device)
         self._set_gates()
 
     def loss_meter(self, device: torch.device) -> KernelLossMeter:
@@ -503,7 +534,9 @@ class KernelDeviceClock(DeviceClock):
         tensors = (self.gate, self.epoch_gate, self.epoch, self.step, self._lr_history, self._rolled_back,
                    self.before_period_end)  # fmt: skip
         counts = (self.steps_per_epoch, self.periods.length, self.periods.last_inner_end, HISTORY_CAPACITY)
-        clock_kernels.finish_period(tensors, new_base, rolled_back, shown.rate_tensors(), counts)
+        opening = self.window.opening_step(self.steps_per_epoch)
+        mode = None if opening is None else self._ema_mode
+        clock_kernels.finish_period(tensors, new_base, rolled_back, shown.rate_tensors(), counts, mode, opening or 0)
         shown.published(param_groups)
 
     def load(
@@ -519,6 +552,11 @@ class KernelDeviceClock(DeviceClock):
         self.epoch_gate.fill_(step == steps_per_epoch)
         self.gate.fill_(closes)
         self.before_period_end.fill_(not closes and self.periods.closes(epoch, step + 1, steps_per_epoch))
+        self._ema_mode.fill_(self.window.mode(epoch, step - 1, steps_per_epoch))
+
+    def ema_mode(self) -> EmaMode:
+        """The running step's gradient-average mode, as the last step's finish kernel set it."""
+        return EMA_UPDATE if self.window.opening_step(self.steps_per_epoch) is None else self._ema_mode
 
 
 EpochClock = Union[HostClock, DeviceClock]
@@ -530,11 +568,12 @@ def make_clock(
     device: torch.device,
     first_epoch_periods: int = 1,
     kernels: bool = False,
+    window: AverageWindow = NO_WINDOW,
 ) -> EpochClock:
     """The host clock, or (``capturable``) the device clock: its Triton form with ``kernels`` (the buffers run on
-    the Triton backend on ``device``)."""
+    the Triton backend on ``device``). ``window``: which steps update BB's gradient average."""
     kind = HostClock if not capturable else KernelDeviceClock if kernels else DeviceClock
-    return kind(steps_per_epoch, device, first_epoch_periods)
+    return kind(steps_per_epoch, device, first_epoch_periods, window)
 
 
 def _capturing() -> bool:

@@ -37,11 +37,12 @@ def _closes(epoch, step, steps_per_epoch, period_length, last_inner_end):
 @triton.jit
 def _finish_kernel(
     gate_ptr, epoch_gate_ptr, epoch_ptr, step_ptr, new_base_ptr, rolled_back_ptr, base_ptr, multiplier_ptr, lr_ptr,
-    lr_history_ptr, rolled_history_ptr, before_end_ptr,
-    steps_per_epoch, period_length, last_inner_end, capacity,
-    HAS_ROLLED_BACK: tl.constexpr,
+    lr_history_ptr, rolled_history_ptr, before_end_ptr, ema_mode_ptr,
+    steps_per_epoch, period_length, last_inner_end, capacity, window_opening,
+    HAS_ROLLED_BACK: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):  # fmt: skip
-    """select + record + set_base of DeviceClock, after counting this step; then the gates of the next step."""
+    """select + record + set_base of DeviceClock, after counting this step; then the gates of the next step, and
+    (HAS_WINDOW) its gradient-average mode (AverageWindow.mode: g's window opens after ``window_opening`` steps)."""
     gate = tl.load(gate_ptr) != 0
     ends_epoch = tl.load(epoch_gate_ptr) != 0
     epoch = tl.load(epoch_ptr)
@@ -68,6 +69,10 @@ def _finish_kernel(
     tl.store(gate_ptr, next_closes)
     after_closes = _closes(epoch, following + 1, steps_per_epoch, period_length, last_inner_end)
     tl.store(before_end_ptr, (next_closes == 0) & after_closes)
+    if HAS_WINDOW:
+        # EMA_UPDATE (0) in the first epoch and inside the window, EMA_KEEP (1) before it, EMA_FROM_MOMENTUM (2) at it.
+        before = tl.where(step < window_opening, 1, 2)
+        tl.store(ema_mode_ptr, tl.where((epoch == 0) | (step > window_opening), 0, before).to(tl.int32))
 
 
 def add_loss(
@@ -84,15 +89,19 @@ def finish_period(
     rolled_back: torch.Tensor | None,
     rate_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     counts: tuple[int, int, int, int],
+    ema_mode: torch.Tensor | None = None,
+    window_opening: int = 0,
 ) -> None:
     """``clock_tensors``: gate, epoch_gate, epoch, step, lr history, rolled-back history, before-period-end flag;
     ``rate_tensors``: base, multiplier, applied lr; ``counts``: steps per epoch, the first epoch's period length and
-    last inner end, the histories' capacity."""
+    last inner end, the histories' capacity. ``ema_mode`` (an int32 0-dim tensor, or None): set to the next step's
+    gradient-average mode, the window opening after ``window_opening`` steps of each epoch after the first."""
     gate, epoch_gate, epoch, step, lr_history, rolled_history, before_end = clock_tensors
     base, multiplier, lr = rate_tensors
     _finish_kernel[(1,)](
         gate, epoch_gate, epoch, step, new_base, gate if rolled_back is None else rolled_back, base, multiplier, lr,
-        lr_history, rolled_history, before_end, *counts,
+        lr_history, rolled_history, before_end, gate if ema_mode is None else ema_mode, *counts, window_opening,
         HAS_ROLLED_BACK=rolled_back is not None,
+        HAS_WINDOW=ema_mode is not None,
         **SCALAR_OPTIONS,
     )  # fmt: skip

@@ -15,6 +15,7 @@ import torch
 
 from . import checkpoint, groups
 from .arguments import check_nesterov, check_options, check_weight_decay, watched_loss
+from .average_window import AverageWindow
 from .buffer_set import BufferSet
 from .clock import make_clock
 from .compiling import eager_under_compile
@@ -34,7 +35,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
     η = ‖Δθ‖² / (T·|Δθᵀy|). ``safeguard=False`` is the paper exactly (eq. 13: η if τ_min/(k+2) ≤ η ≤ τ_max/(k+2),
     else τ_0/(k+2)). The default (``bbfused.control.safeguard``) splits the first epoch into rate periods, searches
     for the rate there, then follows the estimate in bounded steps, anneals over the second half of ``epochs`` and
-    rolls a diverged period back; pass the loss to :meth:`step` (``loss=``) so that it can watch it.
+    rolls a diverged period back; pass the loss to :meth:`step` (``loss=``) so that it can watch it. With momentum it
+    updates g only over the last quarter of each epoch after the first, starting it from the momentum buffer
+    (``bbfused.average_window``): the other steps move no bytes of g.
 
     Args:
         params: parameters or parameter groups, as for torch.optim; groups may set ``weight_decay``. The rate is
@@ -105,7 +108,8 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         )
         self._buffers.add_devices(devices)  # raises before any parameter is re-pointed at a buffer
         periods, kernels = kind.FIRST_EPOCH_PERIODS, self._buffers.kernel_device() == devices[0]  # Triton: clock too
-        self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], periods, kernels)
+        window = AverageWindow(kind.AVERAGE_WINDOW if momentum else None)  # g's window starts from m
+        self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], periods, kernels, window)
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
         self._control = kind(self._clock, devices[0], numel, lr, self.epochs)
         names = [groups.param_names(group, index) for index, group in enumerate(self.param_groups)]
@@ -287,6 +291,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             whole_buffers=self._clock.steps_whole_buffers(),
+            ema_mode=self._clock.ema_mode(),
         )
         closes = self._clock.advance()
         self._control.step_taken(self._buffers, self._clock, closes, found_inf)

@@ -162,6 +162,10 @@ inline T from_bits(typename FloatBits<T>::type b) {
 // Which update direction the step takes: d itself, or d through heavy-ball momentum (plain or Nesterov).
 enum class Momentum { kNone, kHeavyBall, kNesterov };
 
+// How the step treats BB's gradient average g (bbfused.average_window): g ← g + β·(d − g); g untouched (neither read
+// nor written); or g ← m + β·(d − m) from the momentum buffer before the step (written, not read).
+enum class EmaMode : int64_t { kUpdate = 0, kKeep = 1, kFromMomentum = 2 };
+
 // Adam's denominator √(v / c) + ε, one rounding per operation: the preconditioned step divides by it and the measuring
 // pass weighs Δθ² with it, and the two must agree bit for bit (eager's _denominator).
 template <typename opmath_t>
@@ -191,9 +195,11 @@ struct StepScalars {
 // kPreconditioned (Adam's scaling): v ← β₂·v + (1 − β₂)·(d·d) and u = d / (√(v / c) + ε), and the momentum and θ
 // step along u where they would step along d; g still averages d, and a skipped element keeps v too.
 // With momentum: m ← m + (1 − μ)·(u − m) and θ steps along m, or (Nesterov) along (1 − μ)·u + μ·m; a skipped
-// element keeps m too. Each line is one rounding per operation, in eager's order; std::sqrt is correctly rounded,
+// element keeps m too. kEma (with momentum, no preconditioner): g is left alone, or starts from m (a skipped element
+// then gets g ← m). Each line is one rounding per operation, in eager's order; std::sqrt is correctly rounded,
 // as eager's square root is.
-template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum, bool kPreconditioned>
+template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum, bool kPreconditioned,
+          EmaMode kEma>
 __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ param,
                                                          const scalar_t* __restrict__ grad,
                                                          opmath_t* __restrict__ ema,
@@ -203,6 +209,7 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
   using bits_t = typename FloatBits<opmath_t>::type;
   constexpr bool kHasMomentum = kMomentum != Momentum::kNone;
   constexpr bool kDirectionIsD = !kHasMomentum && !kPreconditioned;
+  static_assert(kEma == EmaMode::kUpdate || (kHasMomentum && !kPreconditioned), "g starts from a momentum of d");
   // The count has the lanes' integer width (it vectorizes with them), so it is taken over spans it cannot overflow.
   constexpr int64_t kCountSpan = int64_t{1} << 31;
   int64_t skipped = 0;
@@ -213,7 +220,8 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
       const opmath_t theta = static_cast<opmath_t>(param[i]);
       const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / s.scale : static_cast<opmath_t>(grad[i]);
       const opmath_t d = g + s.weight_decay * theta;
-      const opmath_t e = ema[i];
+      opmath_t e = 0;
+      if constexpr (kEma == EmaMode::kUpdate) e = ema[i];
       opmath_t v = 0;
       opmath_t new_v = 0;
       opmath_t u = d;
@@ -227,6 +235,7 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
       opmath_t direction = u;
       if constexpr (kHasMomentum) {
         m = momentum_buffer[i];
+        if constexpr (kEma == EmaMode::kFromMomentum) e = m;
         new_m = m + s.complement * (u - m);
         direction = kMomentum == Momentum::kNesterov ? s.complement * u + s.momentum * new_m : new_m;
       }
@@ -242,7 +251,9 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
         const opmath_t kept_d = from_bits<opmath_t>(bits_of(d) & ~bad);
         const opmath_t kept_direction = kDirectionIsD ? kept_d : from_bits<opmath_t>(bits_of(direction) & ~bad);
         param[i] = static_cast<scalar_t>(theta - s.lr * kept_direction);
-        ema[i] = from_bits<opmath_t>((bits_of(e + s.beta * (kept_d - e)) & ~bad) | (bits_of(e) & bad));
+        if constexpr (kEma != EmaMode::kKeep) {
+          ema[i] = from_bits<opmath_t>((bits_of(e + s.beta * (kept_d - e)) & ~bad) | (bits_of(e) & bad));
+        }
         if constexpr (kHasMomentum) {
           momentum_buffer[i] = from_bits<opmath_t>((bits_of(new_m) & ~bad) | (bits_of(m) & bad));
         }
@@ -252,7 +263,7 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
         count -= bad;  // bad is all ones (-1) for a skipped element
       } else {
         param[i] = static_cast<scalar_t>(theta - s.lr * direction);
-        ema[i] = e + s.beta * (d - e);
+        if constexpr (kEma != EmaMode::kKeep) ema[i] = e + s.beta * (d - e);
         if constexpr (kHasMomentum) momentum_buffer[i] = new_m;
         if constexpr (kPreconditioned) second_moment[i] = new_v;
       }
@@ -267,14 +278,15 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
 // every backend must give the eager reference's bits.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BBFUSED_HAVE_AVX2_CLONE 1
-template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum, bool kPreconditioned>
+template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum, bool kPreconditioned,
+          EmaMode kEma>
 __attribute__((target("avx2"))) int64_t step_range_avx2(scalar_t* __restrict__ param,
                                                         const scalar_t* __restrict__ grad,
                                                         opmath_t* __restrict__ ema,
                                                         opmath_t* __restrict__ momentum_buffer,
                                                         opmath_t* __restrict__ second_moment, int64_t begin,
                                                         int64_t end, const StepScalars<opmath_t> s) {
-  return step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned>(
+  return step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned, kEma>(
       param, grad, ema, momentum_buffer, second_moment, begin, end, s);
 }
 #endif
@@ -295,11 +307,20 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
                const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov,
                const std::optional<at::Tensor>& second_moment, const std::optional<at::Tensor>& bias_correction,
-               double beta2, double eps, const char* op) {
+               double beta2, double eps, int64_t ema_mode, const char* op) {
   check_step_args(param, grad, ema, lr, grad_scale, found_inf, nonfinite, momentum_buffer, momentum, nesterov,
                   second_moment, bias_correction, op);
-  // GradScaler's inf check: the flag is on the CPU, so reading it costs no device sync.
-  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;
+  TORCH_CHECK(ema_mode >= 0 && ema_mode <= 2, op, ": ema_mode must be 0 (update g), 1 (keep g) or 2 (g from the ",
+              "momentum buffer), got ", ema_mode);
+  const EmaMode ema_kind = static_cast<EmaMode>(ema_mode);
+  TORCH_CHECK(ema_kind == EmaMode::kUpdate || (momentum_buffer.has_value() && !second_moment.has_value()), op,
+              ": ema_mode ", ema_mode, " needs a momentum_buffer and no second_moment; pass ema_mode=0");
+  // GradScaler's inf check: the flag is on the CPU, so reading it costs no device sync. A skipped step that opens
+  // g's window still starts g from m.
+  if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
+    if (ema_kind == EmaMode::kFromMomentum) ema.copy_(*momentum_buffer);
+    return;
+  }
   const double lr_value = *lr.const_data_ptr<double>();
   const bool preconditioned = second_moment.has_value();
   const double bias_correction_value = preconditioned ? *bias_correction->const_data_ptr<double>() : 1.0;
@@ -332,30 +353,47 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
     // Elementwise: how the range is split over threads does not change a bit.
     at::parallel_for(0, n, kStepGrain, [&](int64_t begin, int64_t end) {
       int64_t count = 0;
-      const auto run = [&](auto scaled, auto skip, auto with_preconditioner, auto with_momentum) {
+      const auto run = [&](auto scaled, auto skip, auto with_preconditioner, auto with_momentum, auto with_ema) {
         constexpr bool kScaled = decltype(scaled)::value;
         constexpr bool kSkip = decltype(skip)::value;
         constexpr bool kPreconditioned = decltype(with_preconditioner)::value;
         constexpr Momentum kMomentum = decltype(with_momentum)::value;
+        constexpr EmaMode kEma = decltype(with_ema)::value;
 #ifdef BBFUSED_HAVE_AVX2_CLONE
         if (cpu_has_avx2()) {
-          count = step_range_avx2<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned>(
+          count = step_range_avx2<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned, kEma>(
               param_data, grad_data, ema_data, momentum_data, second_moment_data, begin, end, scalars);
           return;
         }
 #endif
-        count = step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned>(
+        count = step_range<scalar_t, opmath_t, kScaled, kSkip, kMomentum, kPreconditioned, kEma>(
             param_data, grad_data, ema_data, momentum_data, second_moment_data, begin, end, scalars);
       };
-      // The runtime choices as compile-time constants: each combination is a loop of its own.
+      // The runtime choices as compile-time constants: each combination is a loop of its own. g's other modes exist
+      // only with momentum and without the preconditioner (checked above), so only those loops are compiled.
+      const auto with_ema = [&](auto scaled, auto skip, auto with_preconditioner, auto with_momentum) {
+        using Mode = EmaMode;
+        if constexpr (decltype(with_momentum)::value != Momentum::kNone && !decltype(with_preconditioner)::value) {
+          if (ema_kind == Mode::kKeep) {
+            return run(scaled, skip, with_preconditioner, with_momentum, std::integral_constant<Mode, Mode::kKeep>{});
+          }
+          if (ema_kind == Mode::kFromMomentum) {
+            return run(scaled, skip, with_preconditioner, with_momentum,
+                       std::integral_constant<Mode, Mode::kFromMomentum>{});
+          }
+        }
+        return run(scaled, skip, with_preconditioner, with_momentum, std::integral_constant<Mode, Mode::kUpdate>{});
+      };
       const auto with_momentum = [&](auto scaled, auto skip, auto with_preconditioner) {
         switch (mode) {
           case Momentum::kNone:
-            return run(scaled, skip, with_preconditioner, std::integral_constant<Momentum, Momentum::kNone>{});
+            return with_ema(scaled, skip, with_preconditioner, std::integral_constant<Momentum, Momentum::kNone>{});
           case Momentum::kHeavyBall:
-            return run(scaled, skip, with_preconditioner, std::integral_constant<Momentum, Momentum::kHeavyBall>{});
+            return with_ema(scaled, skip, with_preconditioner,
+                            std::integral_constant<Momentum, Momentum::kHeavyBall>{});
           case Momentum::kNesterov:
-            return run(scaled, skip, with_preconditioner, std::integral_constant<Momentum, Momentum::kNesterov>{});
+            return with_ema(scaled, skip, with_preconditioner,
+                            std::integral_constant<Momentum, Momentum::kNesterov>{});
         }
       };
       const auto with_preconditioner = [&](auto scaled, auto skip) {
@@ -378,9 +416,9 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
 void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
               double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
-              const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov) {
+              const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov, int64_t ema_mode) {
   step_impl(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite, momentum_buffer, momentum,
-            nesterov, std::nullopt, std::nullopt, 0.0, 0.0, "bbfused::cpp_step");
+            nesterov, std::nullopt, std::nullopt, 0.0, 0.0, ema_mode, "bbfused::cpp_step");
 }
 
 void preconditioned_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema,
@@ -391,13 +429,13 @@ void preconditioned_step_cpu(const at::Tensor& param, const at::Tensor& grad, co
                              const at::Tensor& second_moment, const at::Tensor& bias_correction, double beta2,
                              double eps) {
   step_impl(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite, momentum_buffer, momentum,
-            nesterov, second_moment, bias_correction, beta2, eps, "bbfused::cpp_preconditioned_step");
+            nesterov, second_moment, bias_correction, beta2, eps, 0, "bbfused::cpp_preconditioned_step");
 }
 
 void step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
-               const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov) {}
+               const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov, int64_t ema_mode) {}
 
 void preconditioned_step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema,
                               const at::Tensor& lr, double weight_decay, double beta,
@@ -609,7 +647,7 @@ TORCH_LIBRARY_FRAGMENT(bbfused, m) {
   m.def(
       "cpp_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, float beta, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)? nonfinite=None, Tensor(d!)? momentum_buffer=None, "
-      "float momentum=0.0, bool nesterov=False) -> ()");
+      "float momentum=0.0, bool nesterov=False, int ema_mode=0) -> ()");
   // An op of its own, not optional arguments of cpp_step: a schema lists every tensor its op may write, and the
   // second moment is written, so cpp_step's schema would claim a write its callers never make.
   m.def(

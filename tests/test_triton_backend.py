@@ -224,6 +224,7 @@ def test_int64_offsets_chosen_exactly_when_needed() -> None:
 
 # ------------------------------------------------------------------------------------------ specialization
 CONSTEXPRS = {
+    "EMA_WINDOW",
     "HAS_SCALE",
     "HAS_WEIGHT_DECAY_TABLE",
     "ROW",
@@ -317,17 +318,19 @@ from bbfused.backends import triton_backend as tb
 param, ema = sys.argv[1], sys.argv[2]
 target = GPUTarget("cuda", 90, 32)
 aligned = make_backend(target).parse_attr("D")
-step_scalars = {"n_elements": "i32", "weight_decay": "fp64", "beta": "fp64", "momentum": "fp64"}
+step_scalars = {"n_elements": "i32", "weight_decay": "fp64", "beta": "fp64", "momentum": "fp64", "ema_mode_ptr": "*i32"}
 step_pointers = [param, param, ema, "fp64", "fp32", "fp32", "i64", ema, "fp64"]
 row = int(sys.argv[3])
 step_flags = {"HAS_SCALE": True, "HAS_WEIGHT_DECAY_TABLE": False, "HAS_FOUND_INF": True, "SKIP_NONFINITE": False,
-              "HAS_MOMENTUM": False, "NESTEROV": False, "ROW": row}
+              "HAS_MOMENTUM": False, "NESTEROV": False, "EMA_WINDOW": False, "ROW": row}
 kernels = {
     "step": (tb._step_kernel, step_pointers, step_scalars, step_flags),
     "step_skipping_nonfinite": (tb._step_kernel, step_pointers, step_scalars, step_flags | {"SKIP_NONFINITE": True}),
     "step_momentum": (tb._step_kernel, step_pointers, step_scalars, step_flags | {"HAS_MOMENTUM": True}),
     "step_nesterov_skipping_nonfinite": (tb._step_kernel, step_pointers, step_scalars,
              step_flags | {"HAS_MOMENTUM": True, "NESTEROV": True, "SKIP_NONFINITE": True}),
+    "step_momentum_windowed": (tb._step_kernel, step_pointers, step_scalars,
+             step_flags | {"HAS_MOMENTUM": True, "SKIP_NONFINITE": True, "EMA_WINDOW": True}),
 }
 # Each epoch-end kernel plain, and flagged as a captured step launches it (the flag is one scalar load).
 for flagged in (False, True):
@@ -376,7 +379,8 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
 
     Checked on the compiled kernels (sm_90): in the Triton IR, each of the two paths (full block, partial
     block) has exactly these block accesses; in the PTX, the full-block path moves exactly these bytes per
-    element (20 for the fp32 step, 28 with momentum), all in 128-bit accesses. The step kernels have no fused
+    element (20 for the fp32 step, 28 with momentum), all in 128-bit accesses; with g's window the same accesses,
+    masked by the step's mode. The step kernels have no fused
     multiply-add (tb.STEP_OPTIONS): each product is rounded before it is added, as in the eager reference.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -422,6 +426,16 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
     assert dtype != torch.float32 or sum(size[t] for t in expected["step"]["loads"] + expected["step"]["stores"]) == 20
     momentum_accesses = expected["step_momentum"]["loads"] + expected["step_momentum"]["stores"]
     assert dtype != torch.float32 or sum(size[t] for t in momentum_accesses) == 28
+    # The windowed step (g's mode read at a pointer, bbfused.average_window) has the momentum step's block accesses,
+    # masked by the mode, still 128-bit: a step that leaves g alone skips its 8 bytes. GradScaler's skip adds one
+    # copy m → g (its load and store come first) for the step that opens the window.
+    windowed, momentum_step = report["step_momentum_windowed"], expected["step_momentum"]
+    assert (
+        windowed["loads"] == [e] + momentum_step["loads"] * 2
+        and windowed["stores"] == [e] + momentum_step["stores"] * 2
+    )
+    for key in ("vector_load_bytes", "vector_store_bytes", "half_vector_load_bytes", "half_vector_store_bytes"):
+        assert windowed[key] == report["step_momentum"][key], key
     assert all(report[kernel]["fused_multiply_adds"] == 0 for kernel in report if kernel.startswith("step"))
     # No step passes values through shared memory (only the count of skipped values is a block reduction): 16-bit
     # parameters are read and written 64 bits at a time (rows of tb.STEP_ROW), every other access 128 bits.

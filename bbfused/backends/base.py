@@ -10,6 +10,8 @@ from typing import Protocol
 
 import torch
 
+from ..average_window import EMA_UPDATE, EmaMode
+
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and what to do."""
@@ -43,6 +45,7 @@ class Backend(Protocol):
         bias_correction: torch.Tensor | None = None,
         beta2: float = 0.0,
         eps: float = 0.0,
+        ema_mode: EmaMode = EMA_UPDATE,
     ) -> None:
         """One SGD step with L2 weight decay and the gradient EMA, in place, over n elements.
 
@@ -65,6 +68,11 @@ class Backend(Protocol):
         (taken in float64) and ε are; the momentum and θ then step along u in place of d. g still averages d. A
         skipped element keeps v too, and with ``nonfinite`` an element whose new v is not finite (d·d overflowing) is
         skipped and counted as one whose d is not.
+
+        ema_mode (``bbfused.average_window``): EMA_UPDATE is the g update above; EMA_KEEP neither reads nor writes g;
+        EMA_FROM_MOMENTUM (a momentum_buffer, no second_moment) writes g ← m + β·(d − m) with m the buffer before this
+        step, and g ← m where the element (or, with found_inf, the whole step) is skipped. An int32 device tensor
+        holding one of them is read on the device (the device clock's step).
         """
         ...
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..average_window import EMA_UPDATE, EmaMode, check_ema_mode
 from .base import (
     BackendUnavailableError,
     check_second_moment_arguments,
@@ -209,12 +210,14 @@ class CppBackend:
         bias_correction: torch.Tensor | None = None,
         beta2: float = 0.0,
         eps: float = 0.0,
+        ema_mode: EmaMode = EMA_UPDATE,
     ) -> None:
         check_second_moment_arguments(second_moment, bias_correction, beta2)
+        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None)
         if second_moment is None:
             torch.ops.bbfused.cpp_step(
                 param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite,
-                momentum_buffer, momentum, nesterov,
+                momentum_buffer, momentum, nesterov, int(ema_mode),  # a CPU tensor's value: no sync
             )  # fmt: skip
         else:
             torch.ops.bbfused.cpp_preconditioned_step(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..average_window import EMA_FROM_MOMENTUM, EMA_KEEP, EMA_UPDATE, EmaMode, check_ema_mode
 from .base import (
     check_momentum_arguments,
     check_second_moment_arguments,
@@ -35,9 +36,11 @@ class EagerBackend:
         bias_correction: torch.Tensor | None = None,
         beta2: float = 0.0,
         eps: float = 0.0,
+        ema_mode: EmaMode = EMA_UPDATE,
     ) -> None:
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
         check_second_moment_arguments(second_moment, bias_correction, beta2)
+        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None)
         theta = param.to(ema.dtype)
         d = grad.to(ema.dtype)
         if grad_scale is not None:
@@ -54,7 +57,13 @@ class EagerBackend:
             new_momentum = momentum_buffer + complement * (direction - momentum_buffer)
             direction = complement * direction + momentum * new_momentum if nesterov else new_momentum
         new_theta = theta - lr.to(ema.dtype) * direction
-        new_ema = ema + beta * (d - ema)
+        # What g averages from, and keeps where the step is skipped: g itself, or m before this step.
+        if isinstance(ema_mode, torch.Tensor):
+            mode = ema_mode.reshape(())
+            kept_ema = torch.where(mode == EMA_FROM_MOMENTUM, momentum_buffer, ema)
+        else:
+            kept_ema = momentum_buffer if ema_mode == EMA_FROM_MOMENTUM else ema
+        new_ema = kept_ema + beta * (d - kept_ema)
         if nonfinite is not None:
             # With Adam's scaling a non-finite new v counts too (d·d overflowing): it would freeze the element.
             finite = torch.isfinite(d if second_moment is None else new_second_moment)
@@ -63,7 +72,7 @@ class EagerBackend:
                 skipped = torch.where(found_inf.reshape(()) != 0, torch.zeros_like(skipped), skipped)
             nonfinite.add_(skipped)
             new_theta = torch.where(finite, new_theta, theta)
-            new_ema = torch.where(finite, new_ema, ema)
+            new_ema = torch.where(finite, new_ema, kept_ema)
             if momentum_buffer is not None:
                 new_momentum = torch.where(finite, new_momentum, momentum_buffer)
             if second_moment is not None:
@@ -72,13 +81,16 @@ class EagerBackend:
             # torch.where instead of an `if`: deciding on the host would need a sync.
             skip = found_inf.reshape(()) != 0
             new_theta = torch.where(skip, theta, new_theta)
-            new_ema = torch.where(skip, ema, new_ema)
+            new_ema = torch.where(skip, kept_ema, new_ema)
             if momentum_buffer is not None:
                 new_momentum = torch.where(skip, momentum_buffer, new_momentum)
             if second_moment is not None:
                 new_second_moment = torch.where(skip, second_moment, new_second_moment)
         param.copy_(new_theta)
-        ema.copy_(new_ema)
+        if isinstance(ema_mode, torch.Tensor):
+            ema.copy_(torch.where(mode == EMA_KEEP, ema, new_ema))
+        elif ema_mode != EMA_KEEP:
+            ema.copy_(new_ema)
         if momentum_buffer is not None:
             momentum_buffer.copy_(new_momentum)
         if second_moment is not None:

@@ -25,6 +25,7 @@ try:
 except ImportError as error:
     raise ImportError(f"{error}; the triton backend needs the triton package: pip install triton") from error
 
+from ..average_window import EMA_UPDATE, EmaMode, check_ema_mode
 from ..buffers import state_dtype
 from .base import check_momentum_arguments, check_second_moment_arguments
 
@@ -79,6 +80,25 @@ def _load(pointers, mask):
 
 
 @triton.jit
+def _load_if(pointers, mask, flag):
+    """_load where the scalar ``flag`` holds; where it does not, no memory is read and the values are zero."""
+    if mask is None:
+        values = tl.load(pointers, mask=flag, other=0.0)
+    else:
+        values = tl.load(pointers, mask=mask & flag, other=0.0)
+    return values
+
+
+@triton.jit
+def _store_if(pointers, values, mask, flag):
+    """Store where the scalar ``flag`` holds (and ``mask``, None: the whole block); nothing is written elsewhere."""
+    if mask is None:
+        tl.store(pointers, values, mask=flag)
+    else:
+        tl.store(pointers, values, mask=mask & flag)
+
+
+@triton.jit
 def _divide(numerator, denominator):
     """numerator / denominator rounded to nearest, as torch divides (Triton's fp32 ``/`` is approximate)."""
     if numerator.dtype == tl.float32:
@@ -117,6 +137,7 @@ def _step_block(
     momentum_ptr,
     second_moment_ptr,
     bias_correction_ptr,
+    ema_mode_ptr,
     weight_decay,
     beta,
     momentum,
@@ -129,15 +150,22 @@ def _step_block(
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     HAS_SECOND_MOMENT: tl.constexpr,
+    EMA_WINDOW: tl.constexpr,
 ):
     """The step over the elements ``offsets`` (``mask``: which of them exist; None: all). SKIP_NONFINITE: an
     element whose d is not finite keeps θ, g (and m, v), and is counted into *nonfinite_ptr. HAS_SECOND_MOMENT: d
     is scaled to u = d / (√(v / c) + ε) with v ← β₂·v + (1 − β₂)·d², and the momentum and θ step along u.
-    HAS_MOMENTUM: θ steps along the momentum buffer m ← m + (1 − μ)·(u − m), or (NESTEROV) along (1 − μ)·u + μ·m."""
+    HAS_MOMENTUM: θ steps along the momentum buffer m ← m + (1 − μ)·(u − m), or (NESTEROV) along (1 − μ)·u + μ·m.
+    EMA_WINDOW (with momentum): the mode at ema_mode_ptr says whether g is updated, left alone (neither read nor
+    written) or started from m (``bbfused.average_window``)."""
     compute = ema_ptr.dtype.element_ty
     theta = _load(param_ptr + offsets, mask).to(compute)
     d = _load(grad_ptr + offsets, mask).to(compute)
-    ema = _load(ema_ptr + offsets, mask)
+    if EMA_WINDOW:
+        ema_mode = tl.load(ema_mode_ptr)
+        ema = _load_if(ema_ptr + offsets, mask, ema_mode == 0)  # EMA_UPDATE: the only mode that reads g
+    else:
+        ema = _load(ema_ptr + offsets, mask)
     if HAS_SCALE:
         d = _divide(d, tl.load(grad_scale_ptr).to(compute))
     # tl.full converts the float64 scalars to the compute dtype (rounding once, like torch); it also
@@ -152,6 +180,8 @@ def _step_block(
         direction = _divide(d, _denominator(new_v, correction, tl.full((), eps, compute)))
     if HAS_MOMENTUM:
         m = _load(momentum_ptr + offsets, mask)
+        if EMA_WINDOW:
+            ema = tl.where(ema_mode == 2, m, ema)  # EMA_FROM_MOMENTUM: g starts from m before this step
         complement = tl.full((), 1.0 - momentum, compute)  # 1 − μ in float64, then rounded once, as eager's
         new_m = m + complement * (direction - m)
         if NESTEROV:
@@ -177,7 +207,10 @@ def _step_block(
         if skipped != 0:
             tl.atomic_add(nonfinite_ptr, skipped)
     tl.store(param_ptr + offsets, new_theta.to(param_ptr.dtype.element_ty), mask=mask)
-    tl.store(ema_ptr + offsets, new_ema, mask=mask)
+    if EMA_WINDOW:
+        _store_if(ema_ptr + offsets, new_ema, mask, ema_mode != 1)  # EMA_KEEP writes nothing
+    else:
+        tl.store(ema_ptr + offsets, new_ema, mask=mask)
     if HAS_MOMENTUM:
         tl.store(momentum_ptr + offsets, new_m, mask=mask)
     if HAS_SECOND_MOMENT:
@@ -197,6 +230,7 @@ def _step_program(
     weight_decay_ptr,
     second_moment_ptr,
     bias_correction_ptr,
+    ema_mode_ptr,
     n_elements,
     weight_decay,
     beta,
@@ -210,36 +244,41 @@ def _step_program(
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     HAS_SECOND_MOMENT: tl.constexpr,
+    EMA_WINDOW: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
     ROW: tl.constexpr,
 ):
     """One program of a step kernel (_step_kernel, _preconditioned_step_kernel): the step over its block, or with
-    found_inf ≠ 0 no access at all.
+    found_inf ≠ 0 no access at all (but the copy g ← m of a step that opens g's window, EMA_FROM_MOMENTUM).
     HAS_WEIGHT_DECAY_TABLE: λ is this block's entry of the float64 table (a run of several groups' buffers).
     ROW > 1: the block as (BLOCK / ROW, ROW) offsets (see STEP_ROW)."""
-    if HAS_FOUND_INF:
-        if tl.load(found_inf_ptr) != 0:
-            return
-    if HAS_WEIGHT_DECAY_TABLE:
-        weight_decay = tl.load(weight_decay_ptr + tl.program_id(0))
     start, offsets = _block_span(tl.program_id(0), USE_INT64, BLOCK)
     if ROW > 1:
         offsets = start + tl.arange(0, BLOCK // ROW)[:, None] * ROW + tl.arange(0, ROW)[None, :]
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            if EMA_WINDOW:
+                opens = tl.load(ema_mode_ptr) == 2
+                inside = offsets < n_elements
+                _store_if(ema_ptr + offsets, _load_if(momentum_ptr + offsets, inside, opens), inside, opens)
+            return
+    if HAS_WEIGHT_DECAY_TABLE:
+        weight_decay = tl.load(weight_decay_ptr + tl.program_id(0))
     # Full blocks go unmasked: Triton vectorizes an access only where it can prove the mask constant over
     # the vector, which an unspecialized n_elements does not allow. (n - start, not start + BLOCK: no overflow.)
     if n_elements - start >= BLOCK:
         _step_block(
             param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, second_moment_ptr,
-            bias_correction_ptr, weight_decay, beta, momentum, beta2, eps, offsets, None, HAS_SCALE, SKIP_NONFINITE,
-            HAS_MOMENTUM, NESTEROV, HAS_SECOND_MOMENT,
+            bias_correction_ptr, ema_mode_ptr, weight_decay, beta, momentum, beta2, eps, offsets, None, HAS_SCALE,
+            SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, HAS_SECOND_MOMENT, EMA_WINDOW,
         )  # fmt: skip
     else:
         mask = offsets < n_elements
         _step_block(
             param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, second_moment_ptr,
-            bias_correction_ptr, weight_decay, beta, momentum, beta2, eps, offsets, mask, HAS_SCALE, SKIP_NONFINITE,
-            HAS_MOMENTUM, NESTEROV, HAS_SECOND_MOMENT,
+            bias_correction_ptr, ema_mode_ptr, weight_decay, beta, momentum, beta2, eps, offsets, mask, HAS_SCALE,
+            SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, HAS_SECOND_MOMENT, EMA_WINDOW,
         )  # fmt: skip
 
 
@@ -258,26 +297,31 @@ def _step_kernel(
     weight_decay: tl.float64,
     beta: tl.float64,
     momentum: tl.float64,
+    ema_mode_ptr,
     HAS_SCALE: tl.constexpr,
     HAS_WEIGHT_DECAY_TABLE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
+    EMA_WINDOW: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK: tl.constexpr,
     ROW: tl.constexpr,
 ):
     """d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over one block; found_inf ≠ 0: no access.
-    With HAS_MOMENTUM, θ steps along m ← m + (1 − μ)·(d − m) (NESTEROV: along (1 − μ)·d + μ·m) instead of d.
+    With HAS_MOMENTUM, θ steps along m ← m + (1 − μ)·(d − m) (NESTEROV: along (1 − μ)·d + μ·m) instead of d, and
+    with EMA_WINDOW the int32 at ema_mode_ptr says how g is treated (``bbfused.average_window``).
 
     Arithmetic in the EMA dtype (fp32, or fp64 for fp64 parameters). Memory traffic per element: one
-    read of θ, grad and g, one write of θ and g; with momentum also one read and one write of m.
+    read of θ, grad and g, one write of θ and g; with momentum also one read and one write of m. A step that leaves
+    g alone (EMA_WINDOW) does not touch it; one that starts g from m writes g without reading it.
     """
     _step_program(
         param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, nonfinite_ptr, momentum_ptr,
-        weight_decay_ptr, None, None, n_elements, weight_decay, beta, momentum, 0.0, 0.0, HAS_SCALE,
-        HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, False, USE_INT64, BLOCK, ROW,
+        weight_decay_ptr, None, None, ema_mode_ptr, n_elements, weight_decay, beta, momentum, 0.0, 0.0, HAS_SCALE,
+        HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, False, EMA_WINDOW, USE_INT64,
+        BLOCK, ROW,
     )  # fmt: skip
 
 
@@ -319,9 +363,9 @@ def _preconditioned_step_kernel(
     element."""
     _step_program(
         param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, nonfinite_ptr, momentum_ptr,
-        weight_decay_ptr, second_moment_ptr, bias_correction_ptr, n_elements, weight_decay, beta, momentum, beta2, eps,
-        HAS_SCALE, HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, True, USE_INT64,
-        BLOCK, ROW,
+        weight_decay_ptr, second_moment_ptr, bias_correction_ptr, None, n_elements, weight_decay, beta, momentum, beta2,
+        eps, HAS_SCALE, HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, True, False,
+        USE_INT64, BLOCK, ROW,
     )  # fmt: skip
 
 
@@ -841,15 +885,17 @@ class TritonBackend:
         bias_correction: torch.Tensor | None = None,
         beta2: float = 0.0,
         eps: float = 0.0,
+        ema_mode: EmaMode = EMA_UPDATE,
     ) -> None:
-        """One launch over n elements; reads lr, grad_scale, found_inf and bias_correction on the device (no host
-        sync).
+        """One launch over n elements; reads lr, grad_scale, found_inf, bias_correction and a tensor ema_mode on the
+        device (no host sync).
 
         ``weight_decay``: a number, or a float64 table with each block's (``weight_decay_block`` elements, from the
         first), for buffers of several groups laid end to end (``bbfused.buffer_runs``). ``second_moment``: Adam's
         scaling of the step (base.Backend.step), in _preconditioned_step_kernel."""
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
         check_second_moment_arguments(second_moment, bias_correction, beta2)
+        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None)
         state = state_dtype(param.dtype)
         flat = {"param": param, "grad": grad, "ema": ema}
         dtypes = {"param": param.dtype, "grad": param.dtype, "ema": state}
@@ -864,6 +910,7 @@ class TritonBackend:
             ("grad_scale", grad_scale),
             ("found_inf", found_inf),
             ("nonfinite", nonfinite),
+            ("ema_mode", ema_mode if isinstance(ema_mode, torch.Tensor) else None),
         ):
             if scalar is not None:
                 _check_scalar("step", name, scalar, param.device)
@@ -873,9 +920,12 @@ class TritonBackend:
             _check_weight_decay_table(table, n_elements, param.device)
         if n_elements == 0:
             return
-        kernel, preconditioner = _step_kernel, ()
+        # A mode other than EMA_UPDATE is read at a pointer, an int from the host through a constant tensor.
+        windowed = momentum_buffer is not None and second_moment is None
+        mode = self._mode_tensor(ema_mode, param.device) if windowed else None
+        kernel, kernel_arguments = _step_kernel, (mode,)
         if second_moment is not None:
-            preconditioner = (second_moment, bias_correction, float(beta2), float(eps))
+            kernel_arguments = (second_moment, bias_correction, float(beta2), float(eps))
             kernel = _preconditioned_step_kernel
         with _on_device(param.device):
             kernel[(triton.cdiv(n_elements, BLOCK_SIZE),)](
@@ -892,18 +942,31 @@ class TritonBackend:
                 0.0 if table is not None else float(weight_decay),
                 float(beta),
                 float(momentum),
-                *preconditioner,
+                *kernel_arguments,
                 HAS_SCALE=grad_scale is not None,
                 HAS_WEIGHT_DECAY_TABLE=table is not None,
                 HAS_FOUND_INF=found_inf is not None,
                 SKIP_NONFINITE=nonfinite is not None,
                 HAS_MOMENTUM=momentum_buffer is not None,
                 NESTEROV=bool(nesterov),
+                **({"EMA_WINDOW": mode is not None} if second_moment is None else {}),
                 USE_INT64=_needs_int64(n_elements),
                 BLOCK=BLOCK_SIZE,
                 ROW=STEP_ROW.get(param.dtype, 1),
                 **STEP_OPTIONS,
             )
+
+    def _mode_tensor(self, ema_mode: EmaMode, device: torch.device) -> torch.Tensor | None:
+        """The step's ema_mode as the kernel reads it: a tensor as given; an int as a constant int32 tensor on the
+        device, made once (no copy a step); None for EMA_UPDATE, which needs no read."""
+        if isinstance(ema_mode, torch.Tensor):
+            return ema_mode
+        if ema_mode == EMA_UPDATE:
+            return None
+        constants = self.__dict__.setdefault("_mode_constants", {})
+        if (device, ema_mode) not in constants:
+            constants[(device, ema_mode)] = torch.tensor(ema_mode, dtype=torch.int32, device=device)
+        return constants[(device, ema_mode)]
 
     def epoch_end(
         self,

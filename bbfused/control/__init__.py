@@ -33,6 +33,7 @@ class RateControl(Protocol):
     FIRST_EPOCH_PERIODS: int  # how many rate periods the first epoch is split into
     DEFAULT_TAUS: tuple[float | None, float, float]  # tau0 (None: not used), tau_min, tau_max
     FIRST_RATE_LIMIT: float  # the first rate is min(lr, this)
+    AVERAGE_WINDOW: float | None  # with momentum, g averages only this last part of each epoch (None: all of it)
 
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
         """``lr``: the initial rate; ``epochs``: the planned number of epochs (None: not known)."""

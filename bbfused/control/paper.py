@@ -18,6 +18,7 @@ class PaperControl:
     FIRST_EPOCH_PERIODS = 1
     DEFAULT_TAUS = (1.0, 0.1, 10.0)  # the paper's deep-network setting
     FIRST_RATE_LIMIT = float("inf")  # the paper starts at lr as given
+    AVERAGE_WINDOW = None  # the paper's g averages every step
 
     def __init__(self, clock: EpochClock, device: torch.device, numel: int, lr: float, epochs: int | None) -> None:
         """The paper's method has no state of its own and no end phase (``epochs`` is not used)."""

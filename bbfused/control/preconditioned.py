@@ -20,6 +20,8 @@ class PreconditionedControl(SafeguardControl):
     # An Adam step moves every weight by about the rate, whatever its gradient: from a rate past 1e-3 one period can
     # kill a network (an autoencoder's ReLUs at 0.1) before any test sees it, so the run starts at most here.
     FIRST_RATE_LIMIT = 1e-3
+    # Its momentum averages d / D, not the d that g averages: g cannot start from it, so it averages every step.
+    AVERAGE_WINDOW = None
     # Under gradient noise the estimate in Adam's metric grows with the rate itself, well past the rates that train
     # well, so the rate may only climb slowly: a fast search overshot into rates that train slowly without a rise
     # large enough to roll back.

@@ -71,6 +71,9 @@ if TYPE_CHECKING:
 DEFAULT_MOMENTUM = 0.9
 # The first epoch's rate periods: the search moves the rate after each.
 FIRST_EPOCH_PERIODS = 4
+# With momentum, g averages only the last quarter of each epoch after the first, started from the momentum buffer: the
+# steps before it then leave g alone (bbfused.average_window).
+AVERAGE_WINDOW = 0.25
 # The search: growth per period while the estimate does not object, and at most this factor towards the estimate.
 SEARCH_GROWTH = 4.0
 SEARCH_LIMIT = 16.0
@@ -153,6 +156,7 @@ class SafeguardControl:
     rolls_back = True
     DEFAULT_MOMENTUM = DEFAULT_MOMENTUM
     FIRST_EPOCH_PERIODS = FIRST_EPOCH_PERIODS
+    AVERAGE_WINDOW = AVERAGE_WINDOW
     # (tau0, tau_min, tau_max): no fallback rate; the bounds of r.
     DEFAULT_TAUS = (None, LOWEST_RATE, HIGHEST_RATE)
     # The constants a variant of the policy may set otherwise (``control.preconditioned``).
