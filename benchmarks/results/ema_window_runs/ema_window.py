@@ -21,7 +21,7 @@ saves them:
 
     python benchmarks/results/ema_window_runs/ema_window.py KIND FRACTION OUT_DIR SETTINGS SEEDS LRS
     python benchmarks/results/ema_window_runs/ema_window.py table FOLDER [FOLDER ...]  # beside the default
-    python benchmarks/results/ema_window_runs/ema_window.py seeds-table FRACTION  # seeds 2-5 (more_seeds/)
+    python benchmarks/results/ema_window_runs/ema_window.py seeds-table FRACTION [FOLDER FIRST LAST]  # more seeds
     python benchmarks/results/ema_window_runs/ema_window.py rates  # how far each window moves the rates
     python benchmarks/results/ema_window_runs/ema_window.py adam-table FRACTION [FRACTION ...]  # beside the Adam mode
 """
@@ -121,9 +121,11 @@ def moved_grid_runs(runs: dict, before: str, after: str) -> str:
     mean = sum(m for _, m in moves) / len(moves)
     fell = collections.Counter(setting for setting, m in moves if m <= -1)
     where = ", ".join(f"{setting} {count}" for setting, count in fell.most_common())
+    # A sign test of up against down: how often a fair coin splits up + down runs at least this unevenly.
+    tail = sum(math.comb(up + down, k) for k in range(min(up, down) + 1)) / 2 ** (up + down)
     return (
-        f"`{after}`: {len(moves)} runs, {up} up and {down} down by a point or more, mean {mean:+.2f}"
-        f" (down: {where or 'none'})"
+        f"`{after}`: {len(moves)} runs, {up} up and {down} down by a point or more (sign test p = "
+        f"{min(1.0, 2 * tail):.2f}), mean {mean:+.2f} (down: {where or 'none'})"
     )
 
 
@@ -195,9 +197,13 @@ if __name__ == "__main__":
         for fraction in ("0.5", "0.25"):
             print(rate_shift(runs, "bb[adam]", method("correct-adam", fraction)))
     elif sys.argv[1:2] == ["seeds-table"]:
-        # Seeds 2-5 of the default and of the prototype, every η0, against the best tuned reference of seeds 0, 1.
-        references, runs = load([here / "more_seeds"], base=())
-        methods, seeds = ["bb", *(method(kind, sys.argv[2]) for kind in ("correct", "momentum"))], (2, 3, 4, 5)
+        # More seeds of the default and of the prototypes, every η0, against the best tuned reference of seeds 0, 1:
+        # seeds 2-5 in more_seeds/ (default), or FOLDER FIRST LAST.
+        folder, first, last = sys.argv[3:6] if len(sys.argv) > 3 else ("more_seeds", 2, 5)
+        references, runs = load([here / folder], base=())
+        seeds = range(int(first), int(last) + 1)
+        kinds = {key[1] for key in runs}
+        methods = ["bb", *(m for m in (method(kind, sys.argv[2]) for kind in ("correct", "momentum")) if m in kinds)]
         print("| setting | best tuned reference | " + " | ".join(methods) + " |")
         print("|---|---|" + "---|" * len(methods))
         for setting in SETTINGS:
