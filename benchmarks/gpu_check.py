@@ -13,8 +13,9 @@ killed half-way still leaves every finished section on disk. Sections (``--secti
   ``(θ − grad).to(dtype)`` bit for bit on a GPU (the interpreter truncates: recorded, not failed, on the CPU).
 - ``step_bench``: ResNet-50's parameters, fp32 and bf16: BB default and paper (triton), BB default (eager), BB with
   Adam's scaling (``preconditioner="adam"``, triton), torch's fused SGD (momentum 0.9) and fused Adam, a device
-  copy; wall time (do_bench, L2 flushed), host time per call (no sync), device time per call (profiler kernel
-  totals) and kernels per call; the whole epoch end (``end_epoch()``) timed likewise.
+  copy; in fp32 also the momentum step's kernel in each gradient-average mode and an ImageNet epoch's mean; wall
+  time (do_bench, L2 flushed), host time per call (no sync), device time per call (profiler kernel totals) and
+  kernels per call; the whole epoch end (``end_epoch()``) timed likewise.
 - ``block_sweep``: the step kernel over (BLOCK, num_warps), and the 16-bit step's two layouts, through the backend's
   own launch (no argument list here).
 - ``end_to_end``: training images/s of a small ResNet (ResNet-18, 112 px) with BB default and paper against
@@ -611,6 +612,8 @@ def section_step_bench(report: Report, cfg: Config) -> None:
                 sgd_ms = ms[0]
         for row in rows[-len(impls) :]:
             row[-1] = f"{float(row[2]) / sgd_ms:.2f}"
+        if dtype is torch.float32:
+            rows += window_rows(cfg, n_total, sgd_ms, copy_gbs)
         for name in ("BB default (triton)", "BB paper (triton)"):
             end_rows.append([name, dtype_name, *time_epoch_end(optimizers[name], cfg)])
         del impls, optimizers, sgd, groups, adam, adam_groups
@@ -627,6 +630,35 @@ def section_step_bench(report: Report, cfg: Config) -> None:
     )
     header = ["optimizer", "dtype", "wall median ms", "host ms", "device ms", "kernels", "wall / step wall"]
     report.table(header, end_rows)
+
+
+def window_rows(cfg: Config, n_total: int, sgd_ms: float, copy_gbs: float) -> list[list[object]]:
+    """BB's momentum step in each of its gradient-average modes (``bbfused.average_window``): the Triton kernel over
+    one flat fp32 buffer of the parameters' size, and the mean over an ImageNet epoch of 5,005 steps, as
+    ``bench_window_step.py`` times them on the CPU."""
+    from bench_window_step import BYTES, MODES, epoch_shares
+
+    backend = tb.TritonBackend()
+    buffers = [torch.randn(n_total, device=cfg.device) for _ in range(4)]  # θ, grad, g, m
+    lr = torch.tensor(LR, dtype=torch.float64, device=cfg.device)
+    rows, medians = [], {}
+    for name, mode in MODES.items():
+        step = functools.partial(
+            backend.step, *buffers[:3], lr=lr, weight_decay=WEIGHT_DECAY, beta=4 / 5005,
+            momentum_buffer=buffers[3], momentum=MOMENTUM, ema_mode=mode,
+        )  # fmt: skip
+        step()  # compilation
+        ms = wall_ms(step, cfg)
+        medians[name] = ms[0]
+        gbs = BYTES[name] * n_total / ms[0] / 1e6
+        rows.append([f"BB momentum step kernel, g: {name}", "fp32", *fmt3(ms), "", "", "", BYTES[name], f"{gbs:.0f}",
+                     "", f"{gbs / copy_gbs:.0%}", f"{ms[0] / sgd_ms:.2f}"])  # fmt: skip
+    shares = epoch_shares(5005)
+    mean = sum(shares[name] * medians[name] for name in MODES)
+    mean_bytes = sum(shares[name] * BYTES[name] for name in MODES)
+    rows.append(["BB momentum step kernel, an epoch of 5,005 steps", "fp32", f"{mean:.4f}", "", "", "", "",
+                 f"{mean_bytes:.1f}", "", "", "", f"{mean / sgd_ms:.2f}"])  # fmt: skip
+    return rows
 
 
 def fmt3(ms: tuple[float, float, float]) -> list[str]:
