@@ -910,7 +910,7 @@ def section_tests(report: Report, cfg: Config, seconds_left: float) -> None:
     """pytest over the Triton and CUDA-graph tests, compiled; the dry run only collects them."""
     command = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", "triton or cuda_graph"]
     command += ["tests/test_backends.py", "tests/test_triton_backend.py", "tests/test_capture.py"]
-    command += ["tests/test_preconditioned_backends.py"]
+    command += ["tests/test_preconditioned_backends.py", "tests/test_average_window.py"]
     if cfg.dry:
         command.append("--collect-only")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))

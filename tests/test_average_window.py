@@ -13,6 +13,9 @@ from bbfused.backends import load_backend
 from bbfused.control.safeguard import AVERAGE_WINDOW
 
 MODES = {"update": EMA_UPDATE, "keep": EMA_KEEP, "from_momentum": EMA_FROM_MOMENTUM}
+# On a GPU (benchmarks/gpu_check.py runs this file there) the tensors live on it, and the C++ backend does not run.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FUSED = ["triton"] if DEVICE.type == "cuda" else ["cpp", "triton"]
 
 
 def test_the_window_is_the_last_quarter_of_each_epoch_after_the_first() -> None:
@@ -42,7 +45,7 @@ def _step_inputs(n: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tenso
     generator = torch.Generator().manual_seed(seed)
 
     def draw() -> torch.Tensor:
-        return torch.randn(n, generator=generator, dtype=torch.float64).to(dtype)
+        return torch.randn(n, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
 
     grad = draw()
     if n > 3:
@@ -53,15 +56,15 @@ def _step_inputs(n: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tenso
 
 def _run_step(backend_name: str, inputs: dict, mode, *, skip: bool, found_inf: float, nesterov: bool) -> dict:
     copies = {name: tensor.clone() for name, tensor in inputs.items()}
-    load_backend(backend_name, torch.device("cpu")).step(
+    load_backend(backend_name, DEVICE).step(
         copies["param"],
         copies["grad"],
         copies["ema"],
-        lr=torch.tensor(0.05, dtype=torch.float64),
+        lr=torch.tensor(0.05, dtype=torch.float64, device=DEVICE),
         weight_decay=1e-3,
         beta=0.2,
-        found_inf=torch.tensor([found_inf]),
-        nonfinite=torch.zeros((), dtype=torch.int64) if skip else None,
+        found_inf=torch.tensor([found_inf], device=DEVICE),
+        nonfinite=torch.zeros((), dtype=torch.int64, device=DEVICE) if skip else None,
         momentum_buffer=copies["momentum_buffer"],
         momentum=0.9,
         nesterov=nesterov,
@@ -75,7 +78,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view({torch.float32: torch.int32, torch.float64: torch.int64}[tensor.dtype])
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -85,7 +88,7 @@ def test_every_backend_takes_each_mode_as_eager_does(backend, mode, as_tensor, d
     for skip, found_inf, nesterov in ((False, 0.0, False), (True, 0.0, False), (True, 1.0, False), (True, 0.0, True)):
         inputs = _step_inputs(n, dtype, seed=n)
         value = MODES[mode]
-        chosen = torch.tensor(value, dtype=torch.int32) if as_tensor else value
+        chosen = torch.tensor(value, dtype=torch.int32, device=DEVICE) if as_tensor else value
         options = {"skip": skip, "found_inf": found_inf, "nesterov": nesterov}
         expected = _run_step("eager", inputs, chosen, **options)
         got = _run_step(backend, inputs, chosen, **options)
@@ -112,20 +115,23 @@ def test_eager_modes_leave_g_alone_or_start_it_from_m(dtype) -> None:
     assert torch.equal(skipped_step["ema"], m) and torch.equal(skipped_step["param"], inputs["param"])
 
 
-@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["eager", *FUSED])
 def test_bad_modes_name_the_modes_and_the_buffer_they_need(backend) -> None:
-    step = load_backend(backend, torch.device("cpu")).step
+    step = load_backend(backend, DEVICE).step
     inputs = _step_inputs(8, torch.float32, seed=2)
-    lr = torch.tensor(0.1, dtype=torch.float64)
+    lr = torch.tensor(0.1, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match=r"EMA_UPDATE \(0\), EMA_KEEP \(1\) or EMA_FROM_MOMENTUM \(2\)"):
         step(**inputs, lr=lr, weight_decay=0.0, beta=0.1, momentum=0.9, ema_mode=3)
     with pytest.raises(ValueError, match="one int32 value"):
-        step(**inputs, lr=lr, weight_decay=0.0, beta=0.1, momentum=0.9, ema_mode=torch.tensor([1, 2]))
+        step(**inputs, lr=lr, weight_decay=0.0, beta=0.1, momentum=0.9, ema_mode=torch.tensor([1, 2], device=DEVICE))
     without = {name: inputs[name] for name in ("param", "grad", "ema")}
-    for mode in (EMA_KEEP, EMA_FROM_MOMENTUM, torch.tensor(EMA_KEEP, dtype=torch.int32)):
+    for mode in (EMA_KEEP, EMA_FROM_MOMENTUM, torch.tensor(EMA_KEEP, dtype=torch.int32, device=DEVICE)):
         with pytest.raises(ValueError, match="needs a momentum_buffer and no second_moment"):
             step(**without, lr=lr, weight_decay=0.0, beta=0.1, ema_mode=mode)
-    preconditioned = {"second_moment": torch.ones(8), "bias_correction": torch.tensor(0.5, dtype=torch.float64)}
+    preconditioned = {
+        "second_moment": torch.ones(8, device=DEVICE),
+        "bias_correction": torch.tensor(0.5, dtype=torch.float64, device=DEVICE),
+    }
     with pytest.raises(ValueError, match="needs a momentum_buffer and no second_moment"):
         step(**inputs, **preconditioned, lr=lr, weight_decay=0.0, beta=0.1, momentum=0.9, beta2=0.999, ema_mode=1)
     assert torch.equal(inputs["ema"], _step_inputs(8, torch.float32, seed=2)["ema"])  # nothing was written
@@ -139,7 +145,7 @@ def _train(opt_kwargs: dict, epochs: int, emulate: bool = False, seed: int = 0) 
     ``emulate`` the window is off and g, updated at every step, is overwritten by m before the window's first step:
     what the window computes, at the full average's cost."""
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(DEVICE)
     opt = BB(model.parameters(), steps_per_epoch=STEPS, backend=opt_kwargs.pop("backend", "eager"), **opt_kwargs)
     window = AverageWindow(AVERAGE_WINDOW)
     if emulate:
@@ -147,8 +153,8 @@ def _train(opt_kwargs: dict, epochs: int, emulate: bool = False, seed: int = 0) 
     generator = torch.Generator().manual_seed(seed)
     averages = []
     for _ in range(epochs * STEPS):
-        x = torch.randn(32, 6, generator=generator)
-        y = torch.randint(0, 3, (32,), generator=generator)
+        x = torch.randn(32, 6, generator=generator).to(DEVICE)
+        y = torch.randint(0, 3, (32,), generator=generator).to(DEVICE)
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
@@ -160,7 +166,7 @@ def _train(opt_kwargs: dict, epochs: int, emulate: bool = False, seed: int = 0) 
     return model, opt, averages
 
 
-@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["eager", *FUSED])
 @pytest.mark.parametrize("nesterov", [False, True], ids=["heavy_ball", "nesterov"])
 def test_the_windowed_run_is_the_full_average_restarted_from_m(backend, nesterov) -> None:
     """The same weights, rates and g at each window step as a run whose g averages every step and is set to m where
@@ -192,7 +198,7 @@ def test_without_a_momentum_of_d_every_step_updates_g(kwargs) -> None:
     assert all(average.any() for average in averages[STEPS : 2 * STEPS - 1])
 
 
-@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["eager", *FUSED])
 def test_the_device_clock_takes_the_host_clocks_modes(backend) -> None:
     """capturable=True computes each step's mode on the device from its counters: the same g after every step."""
     _, host, host_averages = _train({"lr": 0.3, "backend": backend}, epochs=3)
