@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -506,16 +506,11 @@ class KernelDeviceClock(DeviceClock):
 
     counted = False  # the step counter excludes the running step (DeviceClock: includes it)
 
-    def __init__(
-        self,
-        steps_per_epoch: int,
-        device: torch.device,
-        first_epoch_periods: int = 1,
-        window: AverageWindow = NO_WINDOW,
-    ) -> None:
-        super().__init__(steps_per_epoch, device, first_epoch_periods, window)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """DeviceClock's arguments."""
+        super().__init__(*args, **kwargs)
         # The next step's gradient-average mode, set with the gates (no launch of its own).
-        self._ema_mode = torch.zeros((), dtype=torch.int32, device=device)
+        self._ema_mode = torch.zeros((), dtype=torch.int32, device=self.device)
         self._set_gates()
 
     def loss_meter(self, device: torch.device) -> KernelLossMeter:
