@@ -24,7 +24,8 @@ from bbfused.average_window import NO_WINDOW  # noqa: E402
 OUTSIDE = (
     Setting("ln-mlp-digits-noisy", "ln_mlp", "digits", 64, 20, 0.0, None,
             "MLP 64-128-128-10 with LayerNorm and GELU, batches of 64, 15 % noisy labels", label_noise=0.15),
-    Setting("lstm-digits-b8", "lstm_rows", "digits", 8, 6, 0.0, None, "LSTM (hidden 32) on the digits' rows, batches of 8"),
+    Setting("lstm-digits-b8", "lstm_rows", "digits", 8, 6, 0.0, None,
+            "LSTM (hidden 32) on the digits' rows, batches of 8"),
     Setting("digits-cnn-noisy", "digits_cnn", "digits", 32, 15, 5e-4, None,
             "conv16-ReLU, conv32-ReLU-pool, fc10, batches of 32, 20 % noisy labels", label_noise=0.2),
     Setting("deep-relu-digits-b64", "deep_relu_digits", "digits", 64, 20, 0.0, None,
