@@ -3,7 +3,7 @@ settings outside the robustness suite, designed after the window was adopted and
 batch sizes, lengths and label noise. Only the two BB forms run (no references), so the comparison is paired: the
 same setting, η0 and seed.
 
-    python benchmarks/results/ema_window_runs/outside.py METHOD OUT_DIR SEEDS   # METHOD: bb or bb[full-average]
+    python benchmarks/results/ema_window_runs/outside.py METHOD OUT_DIR SEEDS [SETTINGS]  # bb or bb[full-average]
     python benchmarks/results/ema_window_runs/outside.py table                  # the two side by side
 """
 
@@ -80,6 +80,7 @@ if __name__ == "__main__":
         table(here / "outside")
     else:
         method, out, seeds = sys.argv[1:4]
+        settings = sys.argv[4] if len(sys.argv) > 4 else ",".join(s.name for s in OUTSIDE)
         if method == FULL:
             install_full_average()
-        train_runs(out, ",".join(s.name for s in OUTSIDE), seeds, ",".join(str(lr) for lr in LRS), method)
+        train_runs(out, settings, seeds, ",".join(str(lr) for lr in LRS), method)
