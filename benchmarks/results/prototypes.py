@@ -15,6 +15,7 @@ tuned reference of every setting: what the prototype result scripts (``*_runs/``
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from collections.abc import Sequence
@@ -134,6 +135,13 @@ def adam_grid(
         if method == source and lr == ADAM_LR and (seeds is None or seed in seeds):
             runs.update({(setting, name, grid_lr, seed): record for grid_lr in LRS})
     return runs
+
+
+def sign_test(up: int, down: int) -> float:
+    """Two-sided sign test of ``up`` runs against ``down``: how often a fair coin splits up + down runs at least this
+    unevenly."""
+    tail = sum(math.comb(up + down, k) for k in range(min(up, down) + 1)) / 2 ** (up + down)
+    return min(1.0, 2 * tail)
 
 
 def moved_runs(runs: dict, before: str, after: str, seeds: Sequence[int] = SEEDS) -> list[str]:

@@ -47,6 +47,7 @@ from prototypes import (  # noqa: E402
     moved_runs,
     score,
     side_by_side,
+    sign_test,
     stats_cell,
     train_runs,
 )
@@ -121,11 +122,9 @@ def moved_grid_runs(runs: dict, before: str, after: str) -> str:
     mean = sum(m for _, m in moves) / len(moves)
     fell = collections.Counter(setting for setting, m in moves if m <= -1)
     where = ", ".join(f"{setting} {count}" for setting, count in fell.most_common())
-    # A sign test of up against down: how often a fair coin splits up + down runs at least this unevenly.
-    tail = sum(math.comb(up + down, k) for k in range(min(up, down) + 1)) / 2 ** (up + down)
     return (
         f"`{after}`: {len(moves)} runs, {up} up and {down} down by a point or more (sign test p = "
-        f"{min(1.0, 2 * tail):.2f}), mean {mean:+.2f} (down: {where or 'none'})"
+        f"{sign_test(up, down):.2f}), mean {mean:+.2f} (down: {where or 'none'})"
     )
 
 

@@ -10,13 +10,12 @@ step) or ``bb[window0.5]`` (the last half).
 
 import collections
 import functools
-import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prototypes import LRS, SETTINGS, load_runs, score, train_runs  # noqa: E402
+from prototypes import LRS, SETTINGS, load_runs, score, sign_test, train_runs  # noqa: E402
 from suite import Setting  # noqa: E402
 
 from bbfused import optimizer  # noqa: E402
@@ -68,10 +67,9 @@ def table(folder: Path) -> None:
         print()
         for setting, setting_moves in [*moves.items(), ("all", every)]:
             up, down = sum(m >= 1 for m in setting_moves), sum(m <= -1 for m in setting_moves)
-            tail = sum(math.comb(up + down, k) for k in range(min(up, down) + 1)) / 2 ** (up + down)
             print(
                 f"- {setting}: `{name}` against `{FULL}` over {len(setting_moves)} paired runs: {up} up and {down} "
-                f"down by a point or more (sign test p = {min(1.0, 2 * tail):.2f}), mean "
+                f"down by a point or more (sign test p = {sign_test(up, down):.2f}), mean "
                 f"{statistics.mean(setting_moves):+.2f}, median {statistics.median(setting_moves):+.2f}"
             )
 
