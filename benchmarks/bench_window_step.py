@@ -16,10 +16,12 @@ steps takes them (ImageNet ResNet-50 at batch 256: 5005).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,13 +31,28 @@ from bench_step import TimerSettings, measure  # noqa: E402
 from shapes import parameter_set  # noqa: E402
 
 from bbfused.average_window import EMA_FROM_MOMENTUM, EMA_KEEP, EMA_UPDATE, AverageWindow  # noqa: E402
-from bbfused.backends import load_backend  # noqa: E402
+from bbfused.backends import Backend, load_backend  # noqa: E402
 from bbfused.control.safeguard import AVERAGE_WINDOW  # noqa: E402
 
 MODES = {"update": EMA_UPDATE, "keep": EMA_KEEP, "from_momentum": EMA_FROM_MOMENTUM}
 BYTES = {"update": 28, "keep": 20, "from_momentum": 24, "sgd-fused": 20}
 SETTINGS = TimerSettings(warmup_s=0.5, budget_s=6.0, max_samples=60, min_samples=15, min_sample_s=0.05)
 ROTATE_BYTES = 1 << 30  # each cycle moves more than any cache holds
+
+
+def step_buffers(numel: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """θ, grad, g and m of one flat fp32 buffer of ``numel`` values, standard-normal (never zeros)."""
+    return {name: torch.randn(numel, device=device) for name in ("param", "grad", "ema", "momentum_buffer")}
+
+
+def mode_step(
+    backend: Backend, buffers: dict[str, torch.Tensor], lr: torch.Tensor, mode: int, steps: int, weight_decay: float
+) -> Callable[[], None]:
+    """One momentum step (μ = 0.9, β = 4 / ``steps``) of ``backend`` over ``buffers`` in gradient-average ``mode``."""
+    return functools.partial(
+        backend.step, buffers["param"], buffers["grad"], buffers["ema"], lr=lr, weight_decay=weight_decay,
+        beta=4 / steps, momentum_buffer=buffers["momentum_buffer"], momentum=0.9, ema_mode=mode,
+    )  # fmt: skip
 
 
 def epoch_shares(steps: int) -> dict[str, float]:
@@ -60,23 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
     def flat() -> torch.Tensor:
         return torch.randn(numel, device=device)
 
-    sets = [{name: flat() for name in ("param", "grad", "ema", "momentum_buffer")} for _ in range(copies)]
+    sets = [step_buffers(numel, device) for _ in range(copies)]
     rows = {}
     for name, mode in MODES.items():
-        calls = [
-            lambda s=s, mode=mode: backend.step(
-                s["param"],
-                s["grad"],
-                s["ema"],
-                lr=lr,
-                weight_decay=5e-5,
-                beta=4 / args.steps,
-                momentum_buffer=s["momentum_buffer"],
-                momentum=0.9,
-                ema_mode=mode,
-            )  # fmt: skip
-            for s in sets
-        ]
+        calls = [mode_step(backend, s, lr, mode, args.steps, weight_decay=5e-5) for s in sets]
         rows[name] = measure(calls, device, SETTINGS).median
     params = [[torch.nn.Parameter(flat())] for _ in range(copies)]
     for group in params:

@@ -636,17 +636,14 @@ def window_rows(cfg: Config, n_total: int, sgd_ms: float, copy_gbs: float) -> li
     """BB's momentum step in each of its gradient-average modes (``bbfused.average_window``): the Triton kernel over
     one flat fp32 buffer of the parameters' size, and the mean over an ImageNet epoch of 5,005 steps, as
     ``bench_window_step.py`` times them on the CPU."""
-    from bench_window_step import BYTES, MODES, epoch_shares
+    from bench_window_step import BYTES, MODES, epoch_shares, mode_step, step_buffers
 
     backend = tb.TritonBackend()
-    buffers = [torch.randn(n_total, device=cfg.device) for _ in range(4)]  # θ, grad, g, m
+    buffers = step_buffers(n_total, cfg.device)
     lr = torch.tensor(LR, dtype=torch.float64, device=cfg.device)
     rows, medians = [], {}
     for name, mode in MODES.items():
-        step = functools.partial(
-            backend.step, *buffers[:3], lr=lr, weight_decay=WEIGHT_DECAY, beta=4 / 5005,
-            momentum_buffer=buffers[3], momentum=MOMENTUM, ema_mode=mode,
-        )  # fmt: skip
+        step = mode_step(backend, buffers, lr, mode, 5005, WEIGHT_DECAY)
         step()  # compilation
         ms = wall_ms(step, cfg)
         medians[name] = ms[0]
