@@ -866,6 +866,10 @@ class TritonBackend:
     # The step takes the weight decay as a table of one value per block of this many elements (see step).
     weight_decay_block = BLOCK_SIZE
 
+    def __init__(self) -> None:
+        # An ema_mode given as an int, as the constant int32 tensor the step kernel reads it from, per device.
+        self._mode_constants: dict[tuple[torch.device, int], torch.Tensor] = {}
+
     def step(
         self,
         param: torch.Tensor,
@@ -920,9 +924,9 @@ class TritonBackend:
             _check_weight_decay_table(table, n_elements, param.device)
         if n_elements == 0:
             return
-        # A mode other than EMA_UPDATE is read at a pointer, an int from the host through a constant tensor.
-        windowed = momentum_buffer is not None and second_moment is None
-        mode = self._mode_tensor(ema_mode, param.device) if windowed else None
+        # A mode other than EMA_UPDATE (checked above to come with a momentum buffer and no second moment) is read at
+        # a pointer, an int from the host through a constant tensor.
+        mode = self._mode_tensor(ema_mode, param.device)
         kernel, kernel_arguments = _step_kernel, (mode,)
         if second_moment is not None:
             kernel_arguments = (second_moment, bias_correction, float(beta2), float(eps))
@@ -963,10 +967,10 @@ class TritonBackend:
             return ema_mode
         if ema_mode == EMA_UPDATE:
             return None
-        constants = self.__dict__.setdefault("_mode_constants", {})
-        if (device, ema_mode) not in constants:
-            constants[(device, ema_mode)] = torch.tensor(ema_mode, dtype=torch.int32, device=device)
-        return constants[(device, ema_mode)]
+        key = (device, ema_mode)
+        if key not in self._mode_constants:
+            self._mode_constants[key] = torch.tensor(ema_mode, dtype=torch.int32, device=device)
+        return self._mode_constants[key]
 
     def epoch_end(
         self,
