@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .average_window import EMA_UPDATE, EmaMode
+from .average_window import EMA_UPDATE, EmaMode, point_coefficient
 from .backends import Backend, load_backend
 from .backends.base import write_share
 from .buffer_runs import BufferRun, plan_runs
@@ -260,10 +260,11 @@ class BufferSet:
         found_inf: torch.Tensor | None,
         whole_buffers: bool,
         ema_mode: EmaMode = EMA_UPDATE,
+        window_steps: int = 0,
     ) -> None:
         """One update of every parameter with a gradient (every parameter with ``whole_buffers``).
-        ``weight_decays``: per group; ``ema_mode``: how the step treats the gradient average
-        (``bbfused.average_window``)."""
+        ``weight_decays``: per group; ``ema_mode``: how the step treats the gradient average of a buffer that can
+        take the window (``bbfused.average_window``; the others update it), over windows of ``window_steps``."""
         self.scaling.advance(found_inf)
         launches = self._step_launches(weight_decays, whole_buffers, found_inf is None)
         for buffer, start, end, weight_decay, lag in launches:
@@ -283,9 +284,23 @@ class BufferSet:
                 momentum_buffer=None if buffer.momentum is None else buffer.momentum[start:end],
                 momentum=self.momentum,
                 nesterov=self.nesterov,
-                ema_mode=_on(ema_mode, device) if isinstance(ema_mode, torch.Tensor) else ema_mode,
+                ema_mode=_buffer_mode(buffer, ema_mode),
+                window_steps=window_steps,
                 **scaling,
             )
+
+    def open_window_late(self, steps_taken: int, buffers: Sequence[FlatBuffer] | None = None) -> None:
+        """Set the gradient average of each buffer that takes the window (of ``buffers``; None: all) to the point its
+        window would hold had it opened ``steps_taken`` steps ago with g, an average of d, as those steps' mean:
+        g ← θ − c·η·m + η·steps_taken·g (``bbfused.average_window``). For a checkpoint saved inside a window before g
+        held the point there, and for a group added inside one (m and g zero: g ← θ)."""
+        coefficient = point_coefficient(self.momentum, self.nesterov)
+        for buffer in self.buffers if buffers is None else buffers:
+            if buffer.momentum is None or buffer.second_moment is not None or not takes_window(buffer):
+                continue
+            lr = self.lrs[buffer.device].to(buffer.ema.dtype)
+            point = buffer.param - (lr * coefficient) * buffer.momentum
+            buffer.ema.copy_(point + (lr * steps_taken) * buffer.ema)
 
     def _step_launches(
         self, weight_decays: Sequence[float], whole_buffers: bool, count_in_place_writes: bool
@@ -443,6 +458,19 @@ def _by_kind(group: dict[str, Any]) -> dict[tuple[torch.device, torch.dtype], li
     for i, p in enumerate(group["params"]):
         by_kind.setdefault((p.device, p.dtype), []).append(i)
     return by_kind
+
+
+def takes_window(buffer: FlatBuffer | BufferRun) -> bool:
+    """Whether ``buffer``'s gradient average can be the window's mean: its parameters are in the state dtype. A
+    16-bit parameter rounds each step to 8 or 11 bits, which buries the steps' sum in the window's point difference."""
+    return buffer.param.dtype == buffer.ema.dtype
+
+
+def _buffer_mode(buffer: FlatBuffer | BufferRun, ema_mode: EmaMode) -> EmaMode:
+    """The step's ``ema_mode`` for ``buffer``: the clock's on its device, or EMA_UPDATE where it takes no window."""
+    if not takes_window(buffer):
+        return EMA_UPDATE
+    return _on(ema_mode, buffer.device) if isinstance(ema_mode, torch.Tensor) else ema_mode
 
 
 def _pass_args(buffer: FlatBuffer | BufferRun) -> tuple[torch.Tensor, ...]:

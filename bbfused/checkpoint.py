@@ -17,8 +17,9 @@ Version 5 is current. :func:`upgrade` brings an older entry up to it: version 1 
 ``loss_reference``, the last good epoch's mean loss, becomes the best and the last mean loss), entries written
 before groups could be added have no ``join_epochs`` (every group was a constructor's group: all 0), version 2
 had no multiplier (a scheduler's writes were ignored: the rate applied was the rule's), version 3 had no
-preconditioner (the step was SGD's), and version 4 no gradient shares (the dead-unit test has no reference until
-the next good period end).
+preconditioner (the step was SGD's), version 4 no gradient shares (the dead-unit test has no reference until
+the next good period end), and in version 5 and earlier a gradient average held an average of d inside the window
+(``window_point`` False: the optimizer turns it into the window's point at its next step, ``bbfused.average_window``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from .arguments import check_beta, check_positive, check_weight_decay, is_int, is_real
 from .preconditioner import NAMES as PRECONDITIONERS
 
-VERSION = 5
+VERSION = 6
 ENTRY = "bb"
 # Per-parameter state, shaped like the parameter.
 STATE_KEYS = ("ema", "prev_params", "prev_ema")
@@ -97,6 +98,9 @@ class RunState:
     preconditioner: str | None = None  # None: BB's SGD step; "adam": the step's per-element scaling
     beta2_powers: list[float] = field(default_factory=list)  # per group, β₂ᵗ of its second moments' bias correction
     beta2_lags: list[list[int]] = field(default_factory=list)  # per group and parameter, the group's steps it missed
+    # Inside an open window a windowed gradient average holds the window's point (False: an average of d, as saved by
+    # version 5 and earlier).
+    window_point: bool = True
 
 
 _RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunState) if f.name != "control")
@@ -105,7 +109,10 @@ _CONTROL_KEYS = tuple(f.name for f in dataclasses.fields(ControlState))
 # The rate control's keys (its state and the rollback history), which version 1 did not have.
 CONTROL_KEYS = ("rolled_back_epochs", *_CONTROL_KEYS)
 # The keys introduced after version 1; an entry without them takes the values of a run that never rolled back.
-_ADDED_LATER = ("join_epochs", "lr_multiplier", "epochs", "momentum", "nesterov", *_PRECONDITIONER_KEYS, *CONTROL_KEYS)
+_ADDED_LATER = (
+    "join_epochs", "lr_multiplier", "epochs", "momentum", "nesterov", "window_point", *_PRECONDITIONER_KEYS,
+    *CONTROL_KEYS,
+)  # fmt: skip
 
 
 def entry(run: RunState) -> dict[str, Any]:
@@ -145,6 +152,7 @@ def upgrade(bb: dict[str, Any], groups: int) -> dict[str, Any]:
         "preconditioner": None,
         "beta2_powers": [],
         "beta2_lags": [],
+        "window_point": False,
     }
     upgraded = {**{key: defaults[key] for key in _ADDED_LATER}, "rule_lr": bb.get("lr"), **bb, "version": VERSION}
     if upgraded["rate"] is None:  # before the rate r was kept apart from the applied rate, they were one
@@ -169,7 +177,7 @@ def read(state_dict: Any) -> RunState:
         )
     if (
         not isinstance(bb, dict)
-        or version not in (1, 2, 3, 4, VERSION)
+        or version not in (1, 2, 3, 4, 5, VERSION)
         or not {"state", "param_groups"} <= state_dict.keys()
     ):
         raise ValueError(
@@ -294,6 +302,8 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
             f"corrupt state dict: momentum must be a number in [0, 1) and nesterov True or False, got "
             f"{momentum!r} and {bb['nesterov']!r}"
         )
+    if not isinstance(bb["window_point"], bool):
+        raise ValueError(f"corrupt state dict: window_point must be True or False, got {bb['window_point']!r}")
     for name in ("tau0", "tau_min", "tau_max"):
         if not (name == "tau0" and bb[name] is None):
             check_positive(f"the saved {name}", bb[name])

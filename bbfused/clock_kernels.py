@@ -70,9 +70,10 @@ def _finish_kernel(
     after_closes = _closes(epoch, following + 1, steps_per_epoch, period_length, last_inner_end)
     tl.store(before_end_ptr, (next_closes == 0) & after_closes)
     if HAS_WINDOW:
-        # EMA_UPDATE (0) in the first epoch and inside the window, EMA_KEEP (1) before it, EMA_FROM_MOMENTUM (2) at it.
-        before = tl.where(step < window_opening, 1, 2)
-        tl.store(ema_mode_ptr, tl.where((epoch == 0) | (step > window_opening), 0, before).to(tl.int32))
+        # EMA_UPDATE (0) in the first epoch; later WINDOW_OPEN (2) where the window opens, WINDOW_CLOSE (3) at the
+        # epoch's last step, EMA_KEEP (1) elsewhere.
+        inside = tl.where(step == window_opening, 2, tl.where(step == steps_per_epoch - 1, 3, 1))
+        tl.store(ema_mode_ptr, tl.where(epoch == 0, 0, inside).to(tl.int32))
 
 
 def add_loss(

@@ -35,9 +35,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
     η = ‖Δθ‖² / (T·|Δθᵀy|). ``safeguard=False`` is the paper exactly (eq. 13: η if τ_min/(k+2) ≤ η ≤ τ_max/(k+2),
     else τ_0/(k+2)). The default (``bbfused.control.safeguard``) splits the first epoch into rate periods, searches
     for the rate there, then follows the estimate in bounded steps, anneals over the second half of ``epochs`` and
-    rolls a diverged period back; pass the loss to :meth:`step` (``loss=``) so that it can watch it. With momentum it
-    updates g only over the last quarter of each epoch after the first, starting it from the momentum buffer
-    (``bbfused.average_window``): the other steps move no bytes of g.
+    rolls a diverged period back; pass the loss to :meth:`step` (``loss=``) so that it can watch it. With momentum,
+    after the first epoch, g is the mean of d over the last quarter of each epoch, read from two points of the run
+    (``bbfused.average_window``): the steps in between move no bytes of g.
 
     Args:
         params: parameters or parameter groups, as for torch.optim; groups may set ``weight_decay``. The rate is
@@ -108,7 +108,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         )
         self._buffers.add_devices(devices)  # raises before any parameter is re-pointed at a buffer
         periods, kernels = kind.FIRST_EPOCH_PERIODS, self._buffers.kernel_device() == devices[0]  # Triton: clock too
-        window = AverageWindow(kind.AVERAGE_WINDOW if momentum else None)  # g's window starts from m
+        window = AverageWindow(kind.AVERAGE_WINDOW if momentum else None)  # g's window: its point needs m
         self._clock = make_clock(options.capturable, options.steps_per_epoch, devices[0], periods, kernels, window)
         numel = sum(p.numel() for group in self.param_groups for p in group["params"])
         self._control = kind(self._clock, devices[0], numel, lr, self.epochs)
@@ -117,6 +117,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self._packed = groups.PackedGroups(self.param_groups)
         self._closing = False  # set while an epoch end runs; still set after an exception in it
         self._ranks_checked = False
+        self._late_window_steps = 0  # a loaded window's steps whose g is an average, not the point (load_state_dict)
         self._missing_loss = MissingLoss()  # warns once when a step that needs the loss comes without it
         self._optimizer_period_hooks = PeriodHooks()  # dropped by copies, as torch.optim's hook tables
         self._shown = ShownRate(self._buffers, self._clock, self.param_groups)
@@ -180,6 +181,8 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         names = groups.param_names(param_group, index)
         # Its snapshot, the point a rollback of this epoch returns the group to, is its value now.
         buffers = self._buffers.pack(param_group, names, index, groups.join_epoch(epoch, step), added=True)
+        if self._clock.window.steps_since_opening(epoch, step, self.steps_per_epoch):
+            self._buffers.open_window_late(0, buffers)  # its window's point: where it joins, with m zero
         self._index_state()
         numel = sum(p.numel() for p in param_group["params"])
         self._control.add_params(numel, self._buffers.sq_norm("prev_params", buffers))
@@ -285,6 +288,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             self._control.first_step(self._buffers, watched, found_inf)
         if watched is not None:
             self._control.add_loss(watched)
+        if self._late_window_steps:  # never under capture: the first step after a load runs eagerly (check_capture)
+            self._buffers.open_window_late(self._late_window_steps)
+            self._late_window_steps = 0
         self._buffers.step(
             weight_decays=[group["weight_decay"] for group in self.param_groups],
             beta=self.beta,
@@ -292,6 +298,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             found_inf=found_inf,
             whole_buffers=self._clock.steps_whole_buffers(),
             ema_mode=self._clock.ema_mode(),
+            window_steps=self._clock.window.window_steps(self.steps_per_epoch) or 0,
         )
         closes = self._clock.advance()
         self._control.step_taken(self._buffers, self._clock, closes, found_inf)
@@ -415,5 +422,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         self._closing = False
         self._buffers.epoch_closed()
         self._ranks_checked = False  # the loaded steps_per_epoch is checked across ranks at the next step
+        # An older checkpoint saved inside a window holds an average there: the next step turns it into the point.
+        window = self._clock.window
+        late = 0 if run.window_point else window.steps_since_opening(run.epoch, run.step_in_epoch, self.steps_per_epoch)
+        self._late_window_steps = late
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

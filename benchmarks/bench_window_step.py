@@ -1,14 +1,15 @@
 """Time BB's momentum step in each of its gradient-average modes (``bbfused.average_window``) against
 ``torch.optim.SGD(momentum=0.9, fused=True)`` on ResNet-50's parameter count, in one process.
 
-BB's default leaves its gradient average g alone before the last quarter of each epoch (EMA_KEEP), starts it from the
-momentum buffer at the window's first step (EMA_FROM_MOMENTUM) and updates it inside the window (EMA_UPDATE). The
+After its first epoch BB's default leaves its gradient average g alone (EMA_KEEP) but at the two ends of each epoch's
+last quarter: the window's first step writes its point into g (WINDOW_OPEN), its last turns g into the window's mean
+(WINDOW_CLOSE). EMA_UPDATE, the first epoch's step (and every step without the window), is timed for reference. The
 step's kernel runs here directly over one flat fp32 buffer of that many elements (the optimizer steps such buffers);
 each row is the median per-call time over samples of back-to-back calls, cycling over enough copies to defeat the
 caches, and its ratio to torch's fused SGD over the same number of elements. Bytes an element (fp32): EMA_UPDATE
-reads θ, grad, g, m and writes θ, g, m (28); EMA_KEEP leaves g (20); EMA_FROM_MOMENTUM writes g unread (24); torch's
-fused SGD reads θ, grad, buf and writes θ, buf (20). The epoch's mean weighs the modes as an epoch of ``--steps``
-steps takes them (ImageNet ResNet-50 at batch 256: 5005).
+and WINDOW_CLOSE read θ, grad, g, m and write θ, g, m (28); EMA_KEEP leaves g (20); WINDOW_OPEN writes g unread (24);
+torch's fused SGD reads θ, grad, buf and writes θ, buf (20). The epoch's mean weighs the modes as an epoch of
+``--steps`` steps after the first takes them (ImageNet ResNet-50 at batch 256: 5005).
 
     python benchmarks/bench_window_step.py [--backend cpp] [--steps 5005] [--out benchmarks/results/NAME.json]
 """
@@ -30,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import TimerSettings, measure  # noqa: E402
 from shapes import parameter_set  # noqa: E402
 
-from bbfused.average_window import EMA_FROM_MOMENTUM, EMA_KEEP, EMA_UPDATE, AverageWindow  # noqa: E402
+from bbfused.average_window import EMA_KEEP, EMA_UPDATE, WINDOW_CLOSE, WINDOW_OPEN, AverageWindow  # noqa: E402
 from bbfused.backends import Backend, load_backend  # noqa: E402
 from bbfused.control.safeguard import AVERAGE_WINDOW  # noqa: E402
 
-MODES = {"update": EMA_UPDATE, "keep": EMA_KEEP, "from_momentum": EMA_FROM_MOMENTUM}
-BYTES = {"update": 28, "keep": 20, "from_momentum": 24, "sgd-fused": 20}
+MODES = {"update": EMA_UPDATE, "keep": EMA_KEEP, "open": WINDOW_OPEN, "close": WINDOW_CLOSE}
+BYTES = {"update": 28, "keep": 20, "open": 24, "close": 28, "sgd-fused": 20}
 SETTINGS = TimerSettings(warmup_s=0.5, budget_s=6.0, max_samples=60, min_samples=15, min_sample_s=0.05)
 ROTATE_BYTES = 1 << 30  # each cycle moves more than any cache holds
 
@@ -48,10 +49,12 @@ def step_buffers(numel: int, device: torch.device) -> dict[str, torch.Tensor]:
 def mode_step(
     backend: Backend, buffers: dict[str, torch.Tensor], lr: torch.Tensor, mode: int, steps: int, weight_decay: float
 ) -> Callable[[], None]:
-    """One momentum step (μ = 0.9, β = 4 / ``steps``) of ``backend`` over ``buffers`` in gradient-average ``mode``."""
+    """One momentum step (μ = 0.9, β = 4 / ``steps``, the window of an epoch of ``steps``) of ``backend`` over
+    ``buffers`` in gradient-average ``mode``."""
     return functools.partial(
         backend.step, buffers["param"], buffers["grad"], buffers["ema"], lr=lr, weight_decay=weight_decay,
         beta=4 / steps, momentum_buffer=buffers["momentum_buffer"], momentum=0.9, ema_mode=mode,
+        window_steps=AverageWindow(AVERAGE_WINDOW).window_steps(steps),
     )  # fmt: skip
 
 

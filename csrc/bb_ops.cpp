@@ -163,8 +163,9 @@ inline T from_bits(typename FloatBits<T>::type b) {
 enum class Momentum { kNone, kHeavyBall, kNesterov };
 
 // How the step treats BB's gradient average g (bbfused.average_window): g ← g + β·(d − g); g untouched (neither read
-// nor written); or g ← m + β·(d − m) from the momentum buffer before the step (written, not read).
-enum class EmaMode : int64_t { kUpdate = 0, kKeep = 1, kFromMomentum = 2 };
+// nor written); g ← θ − c·η·m from θ and m before the step (written, not read), where the window opens; or
+// g ← (g − (θ − c·η·m))·s from θ and m after it, where the window closes: the mean of d over the window.
+enum class EmaMode : int64_t { kUpdate = 0, kKeep = 1, kOpen = 2, kClose = 3 };
 
 // Adam's denominator √(v / c) + ε, one rounding per operation: the preconditioned step divides by it and the measuring
 // pass weighs Δθ² with it, and the two must agree bit for bit (eager's _denominator).
@@ -186,6 +187,8 @@ struct StepScalars {
   opmath_t beta2_complement;  // 1 − β₂, taken in double before the rounding
   opmath_t bias_correction;   // c = 1 − β₂ᵗ
   opmath_t eps;               // ε
+  opmath_t point_step;        // c·η of the window's point θ − c·η·m: c and η each rounded, then multiplied (kOpen)
+  opmath_t window_scale;      // 1 / (η·n) taken in double, then rounded (kClose)
 };
 
 // d = grad/scale + λ·θ;  θ ← θ − lr·d;  g ← g + β·(d − g), over [begin, end).
@@ -195,9 +198,10 @@ struct StepScalars {
 // kPreconditioned (Adam's scaling): v ← β₂·v + (1 − β₂)·(d·d) and u = d / (√(v / c) + ε), and the momentum and θ
 // step along u where they would step along d; g still averages d, and a skipped element keeps v too.
 // With momentum: m ← m + (1 − μ)·(u − m) and θ steps along m, or (Nesterov) along (1 − μ)·u + μ·m; a skipped
-// element keeps m too. kEma (with momentum, no preconditioner): g is left alone, or starts from m (a skipped element
-// then gets g ← m). Each line is one rounding per operation, in eager's order; std::sqrt is correctly rounded,
-// as eager's square root is.
+// element keeps m too. kEma (with momentum, no preconditioner): g is left alone, set to the window's point from θ and
+// m before the step, or turned into the window's mean with the point from θ and m after it (those a skipped element
+// kept). Each line is one rounding per operation, in eager's order; std::sqrt is correctly rounded, as eager's
+// square root is.
 template <typename scalar_t, typename opmath_t, bool kScaled, bool kSkip, Momentum kMomentum, bool kPreconditioned,
           EmaMode kEma>
 __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ param,
@@ -209,7 +213,7 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
   using bits_t = typename FloatBits<opmath_t>::type;
   constexpr bool kHasMomentum = kMomentum != Momentum::kNone;
   constexpr bool kDirectionIsD = !kHasMomentum && !kPreconditioned;
-  static_assert(kEma == EmaMode::kUpdate || (kHasMomentum && !kPreconditioned), "g starts from a momentum of d");
+  static_assert(kEma == EmaMode::kUpdate || (kHasMomentum && !kPreconditioned), "the window's point needs m of d");
   // The count has the lanes' integer width (it vectorizes with them), so it is taken over spans it cannot overflow.
   constexpr int64_t kCountSpan = int64_t{1} << 31;
   int64_t skipped = 0;
@@ -221,7 +225,7 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
       const opmath_t g = kScaled ? static_cast<opmath_t>(grad[i]) / s.scale : static_cast<opmath_t>(grad[i]);
       const opmath_t d = g + s.weight_decay * theta;
       opmath_t e = 0;
-      if constexpr (kEma == EmaMode::kUpdate) e = ema[i];
+      if constexpr (kEma == EmaMode::kUpdate || kEma == EmaMode::kClose) e = ema[i];
       opmath_t v = 0;
       opmath_t new_v = 0;
       opmath_t u = d;
@@ -235,7 +239,7 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
       opmath_t direction = u;
       if constexpr (kHasMomentum) {
         m = momentum_buffer[i];
-        if constexpr (kEma == EmaMode::kFromMomentum) e = m;
+        if constexpr (kEma == EmaMode::kOpen) ema[i] = theta - s.point_step * m;
         new_m = m + s.complement * (u - m);
         direction = kMomentum == Momentum::kNesterov ? s.complement * u + s.momentum * new_m : new_m;
       }
@@ -250,21 +254,26 @@ __attribute__((always_inline)) inline int64_t step_range(scalar_t* __restrict__ 
         const bits_t bad = -static_cast<bits_t>((bits_of(checked) & kExponentBits) == kExponentBits);
         const opmath_t kept_d = from_bits<opmath_t>(bits_of(d) & ~bad);
         const opmath_t kept_direction = kDirectionIsD ? kept_d : from_bits<opmath_t>(bits_of(direction) & ~bad);
-        param[i] = static_cast<scalar_t>(theta - s.lr * kept_direction);
-        if constexpr (kEma != EmaMode::kKeep) {
+        const opmath_t stepped = theta - s.lr * kept_direction;
+        param[i] = static_cast<scalar_t>(stepped);
+        if constexpr (kEma == EmaMode::kUpdate) {
           ema[i] = from_bits<opmath_t>((bits_of(e + s.beta * (kept_d - e)) & ~bad) | (bits_of(e) & bad));
         }
         if constexpr (kHasMomentum) {
-          momentum_buffer[i] = from_bits<opmath_t>((bits_of(new_m) & ~bad) | (bits_of(m) & bad));
+          const opmath_t kept_m = from_bits<opmath_t>((bits_of(new_m) & ~bad) | (bits_of(m) & bad));
+          momentum_buffer[i] = kept_m;
+          if constexpr (kEma == EmaMode::kClose) ema[i] = (e - (stepped - s.point_step * kept_m)) * s.window_scale;
         }
         if constexpr (kPreconditioned) {
           second_moment[i] = from_bits<opmath_t>((bits_of(new_v) & ~bad) | (bits_of(v) & bad));
         }
         count -= bad;  // bad is all ones (-1) for a skipped element
       } else {
-        param[i] = static_cast<scalar_t>(theta - s.lr * direction);
-        if constexpr (kEma != EmaMode::kKeep) ema[i] = e + s.beta * (d - e);
+        const opmath_t stepped = theta - s.lr * direction;
+        param[i] = static_cast<scalar_t>(stepped);
+        if constexpr (kEma == EmaMode::kUpdate) ema[i] = e + s.beta * (d - e);
         if constexpr (kHasMomentum) momentum_buffer[i] = new_m;
+        if constexpr (kEma == EmaMode::kClose) ema[i] = (e - (stepped - s.point_step * new_m)) * s.window_scale;
         if constexpr (kPreconditioned) second_moment[i] = new_v;
       }
     }
@@ -307,21 +316,33 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
                const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov,
                const std::optional<at::Tensor>& second_moment, const std::optional<at::Tensor>& bias_correction,
-               double beta2, double eps, int64_t ema_mode, const char* op) {
+               double beta2, double eps, int64_t ema_mode, int64_t window_steps, const char* op) {
   check_step_args(param, grad, ema, lr, grad_scale, found_inf, nonfinite, momentum_buffer, momentum, nesterov,
                   second_moment, bias_correction, op);
-  TORCH_CHECK(ema_mode >= 0 && ema_mode <= 2, op, ": ema_mode must be 0 (update g), 1 (keep g) or 2 (g from the ",
-              "momentum buffer), got ", ema_mode);
+  TORCH_CHECK(ema_mode >= 0 && ema_mode <= 3, op, ": ema_mode must be 0 (update g), 1 (keep g), 2 (open the ",
+              "window) or 3 (close it), got ", ema_mode);
   const EmaMode ema_kind = static_cast<EmaMode>(ema_mode);
   TORCH_CHECK(ema_kind == EmaMode::kUpdate || (momentum_buffer.has_value() && !second_moment.has_value()), op,
               ": ema_mode ", ema_mode, " needs a momentum_buffer and no second_moment; pass ema_mode=0");
-  // GradScaler's inf check: the flag is on the CPU, so reading it costs no device sync. A skipped step that opens
-  // g's window still starts g from m.
+  TORCH_CHECK(ema_kind != EmaMode::kClose || window_steps >= 2, op,
+              ": ema_mode 3 (close the window) needs window_steps >= 2, got ", window_steps);
+  const double lr_value = *lr.const_data_ptr<double>();
+  const double point_coefficient = nesterov ? momentum * momentum / (1.0 - momentum) : momentum / (1.0 - momentum);
+  // GradScaler's inf check: the flag is on the CPU, so reading it costs no device sync. A skipped step where the
+  // window opens or closes still sets g, from θ and m as they stay.
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
-    if (ema_kind == EmaMode::kFromMomentum) ema.copy_(*momentum_buffer);
+    if (ema_kind == EmaMode::kOpen || ema_kind == EmaMode::kClose) {
+      const at::Tensor point_step = lr.to(ema.scalar_type()).mul(point_coefficient);
+      const at::Tensor point = param.to(ema.scalar_type()).sub(point_step.mul(*momentum_buffer));
+      if (ema_kind == EmaMode::kOpen) {
+        ema.copy_(point);
+      } else {
+        const at::Tensor scale = lr.mul(static_cast<double>(window_steps)).reciprocal().to(ema.scalar_type());
+        ema.copy_(ema.sub(point).mul(scale));
+      }
+    }
     return;
   }
-  const double lr_value = *lr.const_data_ptr<double>();
   const bool preconditioned = second_moment.has_value();
   const double bias_correction_value = preconditioned ? *bias_correction->const_data_ptr<double>() : 1.0;
   const int64_t n = param.numel();
@@ -349,6 +370,8 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
         static_cast<opmath_t>(1.0 - beta2),
         static_cast<opmath_t>(bias_correction_value),
         static_cast<opmath_t>(eps),
+        static_cast<opmath_t>(lr_value) * static_cast<opmath_t>(point_coefficient),
+        static_cast<opmath_t>(window_steps >= 2 ? 1.0 / (lr_value * static_cast<double>(window_steps)) : 0.0),
     };
     // Elementwise: how the range is split over threads does not change a bit.
     at::parallel_for(0, n, kStepGrain, [&](int64_t begin, int64_t end) {
@@ -377,9 +400,11 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
           if (ema_kind == Mode::kKeep) {
             return run(scaled, skip, with_preconditioner, with_momentum, std::integral_constant<Mode, Mode::kKeep>{});
           }
-          if (ema_kind == Mode::kFromMomentum) {
-            return run(scaled, skip, with_preconditioner, with_momentum,
-                       std::integral_constant<Mode, Mode::kFromMomentum>{});
+          if (ema_kind == Mode::kOpen) {
+            return run(scaled, skip, with_preconditioner, with_momentum, std::integral_constant<Mode, Mode::kOpen>{});
+          }
+          if (ema_kind == Mode::kClose) {
+            return run(scaled, skip, with_preconditioner, with_momentum, std::integral_constant<Mode, Mode::kClose>{});
           }
         }
         return run(scaled, skip, with_preconditioner, with_momentum, std::integral_constant<Mode, Mode::kUpdate>{});
@@ -416,9 +441,10 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
 void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
               double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
-              const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov, int64_t ema_mode) {
+              const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov, int64_t ema_mode,
+              int64_t window_steps) {
   step_impl(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite, momentum_buffer, momentum,
-            nesterov, std::nullopt, std::nullopt, 0.0, 0.0, ema_mode, "bbfused::cpp_step");
+            nesterov, std::nullopt, std::nullopt, 0.0, 0.0, ema_mode, window_steps, "bbfused::cpp_step");
 }
 
 void preconditioned_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema,
@@ -429,13 +455,14 @@ void preconditioned_step_cpu(const at::Tensor& param, const at::Tensor& grad, co
                              const at::Tensor& second_moment, const at::Tensor& bias_correction, double beta2,
                              double eps) {
   step_impl(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite, momentum_buffer, momentum,
-            nesterov, second_moment, bias_correction, beta2, eps, 0, "bbfused::cpp_preconditioned_step");
+            nesterov, second_moment, bias_correction, beta2, eps, 0, 0, "bbfused::cpp_preconditioned_step");
 }
 
 void step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
-               const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov, int64_t ema_mode) {}
+               const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov, int64_t ema_mode,
+               int64_t window_steps) {}
 
 void preconditioned_step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema,
                               const at::Tensor& lr, double weight_decay, double beta,
@@ -647,7 +674,7 @@ TORCH_LIBRARY_FRAGMENT(bbfused, m) {
   m.def(
       "cpp_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, float beta, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)? nonfinite=None, Tensor(d!)? momentum_buffer=None, "
-      "float momentum=0.0, bool nesterov=False, int ema_mode=0) -> ()");
+      "float momentum=0.0, bool nesterov=False, int ema_mode=0, int window_steps=0) -> ()");
   // An op of its own, not optional arguments of cpp_step: a schema lists every tensor its op may write, and the
   // second moment is written, so cpp_step's schema would claim a write its callers never make.
   m.def(

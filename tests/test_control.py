@@ -319,7 +319,7 @@ def test_version_1_state_dict_is_upgraded() -> None:
     fresh, _ = quadratic(0.1)
     fresh.load_state_dict(state)
     saved = fresh.state_dict()["bb"]
-    assert saved["version"] == checkpoint.VERSION == 5
+    assert saved["version"] == checkpoint.VERSION == 6
     assert saved["best_loss"] == saved["last_loss"] == 1.1 and saved["initial_loss"] is None
 
 

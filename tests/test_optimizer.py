@@ -156,8 +156,9 @@ def test_zero_ratio_takes_fallback() -> None:
 def test_manual_boundaries_equal_automatic(steps: int, safeguard: bool) -> None:
     """Epochs ended by end_epoch() run exactly as epochs of steps_per_epoch steps. The default control splits an
     automatic first epoch into periods only when it holds two periods of at least 2 steps (T >= 4), and with momentum
-    averages g over the last quarter of each later epoch (bbfused.average_window), both of which a manual run cannot
-    know in advance: T = 3 has no split, and without momentum no window, so the two runs are the same there."""
+    takes g as the mean of d over the last quarter of each later epoch (bbfused.average_window), both of which a
+    manual run cannot know in advance: T = 3 has no split, and without momentum no window, so the two runs are the
+    same there."""
     runs = []
     for manual in (False, True):
         params = [torch.nn.Parameter(t.clone()) for t in initial_thetas()]

@@ -318,7 +318,8 @@ from bbfused.backends import triton_backend as tb
 param, ema = sys.argv[1], sys.argv[2]
 target = GPUTarget("cuda", 90, 32)
 aligned = make_backend(target).parse_attr("D")
-step_scalars = {"n_elements": "i32", "weight_decay": "fp64", "beta": "fp64", "momentum": "fp64", "ema_mode_ptr": "*i32"}
+step_scalars = {"n_elements": "i32", "weight_decay": "fp64", "beta": "fp64", "momentum": "fp64", "ema_mode_ptr": "*i32",
+                "point_coefficient": "fp64", "window_steps": "i32"}
 step_pointers = [param, param, ema, "fp64", "fp32", "fp32", "i64", ema, "fp64"]
 row = int(sys.argv[3])
 step_flags = {"HAS_SCALE": True, "HAS_WEIGHT_DECAY_TABLE": False, "HAS_FOUND_INF": True, "SKIP_NONFINITE": False,
@@ -427,11 +428,12 @@ def test_each_element_read_and_written_once(dtype: torch.dtype) -> None:
     momentum_accesses = expected["step_momentum"]["loads"] + expected["step_momentum"]["stores"]
     assert dtype != torch.float32 or sum(size[t] for t in momentum_accesses) == 28
     # The windowed step (g's mode read at a pointer, bbfused.average_window) has the momentum step's block accesses,
-    # masked by the mode, still 128-bit: a step that leaves g alone skips its 8 bytes. GradScaler's skip adds one
-    # copy m → g (its load and store come first) for the step that opens the window.
+    # masked by the mode, still 128-bit: a step that leaves g alone skips its 8 bytes. GradScaler's skip adds the
+    # window's point from θ and m (and g, where the window closes) into g, for the steps that open or close it: its
+    # loads and store come first.
     windowed, momentum_step = report["step_momentum_windowed"], expected["step_momentum"]
     assert (
-        windowed["loads"] == [e] + momentum_step["loads"] * 2
+        windowed["loads"] == [p, e, e] + momentum_step["loads"] * 2
         and windowed["stores"] == [e] + momentum_step["stores"] * 2
     )
     for key in ("vector_load_bytes", "vector_store_bytes", "half_vector_load_bytes", "half_vector_store_bytes"):

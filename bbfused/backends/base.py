@@ -46,6 +46,7 @@ class Backend(Protocol):
         beta2: float = 0.0,
         eps: float = 0.0,
         ema_mode: EmaMode = EMA_UPDATE,
+        window_steps: int = 0,
     ) -> None:
         """One SGD step with L2 weight decay and the gradient EMA, in place, over n elements.
 
@@ -70,9 +71,12 @@ class Backend(Protocol):
         skipped and counted as one whose d is not.
 
         ema_mode (``bbfused.average_window``): EMA_UPDATE is the g update above; EMA_KEEP neither reads nor writes g;
-        EMA_FROM_MOMENTUM (a momentum_buffer, no second_moment) writes g ← m + β·(d − m) with m the buffer before this
-        step, and g ← m where the element (or, with found_inf, the whole step) is skipped. An int32 device tensor
-        holding one of them is read on the device (the device clock's step).
+        with a momentum_buffer and no second_moment, WINDOW_OPEN writes g ← θ − c·η·m (θ and m before this step, c
+        ``point_coefficient(momentum, nesterov)`` in float64, then c and η each rounded to the compute dtype and
+        multiplied) and WINDOW_CLOSE writes g ← (g − (θ − c·η·m))·s with θ and m after this step (kept where it is
+        skipped) and s = 1 / (lr·``window_steps``) taken in float64 and rounded once: the mean of d over the
+        window's steps. An int32 device tensor holding one of them is read on the device (the device clock's step);
+        a mode that can close a window needs ``window_steps`` >= 2.
         """
         ...
 

@@ -211,13 +211,15 @@ class CppBackend:
         beta2: float = 0.0,
         eps: float = 0.0,
         ema_mode: EmaMode = EMA_UPDATE,
+        window_steps: int = 0,
     ) -> None:
         check_second_moment_arguments(second_moment, bias_correction, beta2)
-        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None)
+        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None, window_steps)
         if second_moment is None:
             torch.ops.bbfused.cpp_step(
                 param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite,
                 momentum_buffer, momentum, nesterov, int(ema_mode),  # a CPU tensor's value: no sync
+                window_steps,
             )  # fmt: skip
         else:
             torch.ops.bbfused.cpp_preconditioned_step(

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ..average_window import EMA_FROM_MOMENTUM, EMA_KEEP, EMA_UPDATE, EmaMode, check_ema_mode
+from ..average_window import (
+    EMA_KEEP,
+    EMA_UPDATE,
+    WINDOW_CLOSE,
+    WINDOW_OPEN,
+    EmaMode,
+    check_ema_mode,
+    point_coefficient,
+)
 from .base import (
     check_momentum_arguments,
     check_second_moment_arguments,
@@ -37,10 +45,11 @@ class EagerBackend:
         beta2: float = 0.0,
         eps: float = 0.0,
         ema_mode: EmaMode = EMA_UPDATE,
+        window_steps: int = 0,
     ) -> None:
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
         check_second_moment_arguments(second_moment, bias_correction, beta2)
-        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None)
+        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None, window_steps)
         theta = param.to(ema.dtype)
         d = grad.to(ema.dtype)
         if grad_scale is not None:
@@ -57,13 +66,7 @@ class EagerBackend:
             new_momentum = momentum_buffer + complement * (direction - momentum_buffer)
             direction = complement * direction + momentum * new_momentum if nesterov else new_momentum
         new_theta = theta - lr.to(ema.dtype) * direction
-        # What g averages from, and keeps where the step is skipped: g itself, or m before this step.
-        if isinstance(ema_mode, torch.Tensor):
-            mode = ema_mode.reshape(())
-            kept_ema = torch.where(mode == EMA_FROM_MOMENTUM, momentum_buffer, ema)
-        else:
-            kept_ema = momentum_buffer if ema_mode == EMA_FROM_MOMENTUM else ema
-        new_ema = kept_ema + beta * (d - kept_ema)
+        new_ema = ema + beta * (d - ema)
         if nonfinite is not None:
             # With Adam's scaling a non-finite new v counts too (d·d overflowing): it would freeze the element.
             finite = torch.isfinite(d if second_moment is None else new_second_moment)
@@ -72,7 +75,7 @@ class EagerBackend:
                 skipped = torch.where(found_inf.reshape(()) != 0, torch.zeros_like(skipped), skipped)
             nonfinite.add_(skipped)
             new_theta = torch.where(finite, new_theta, theta)
-            new_ema = torch.where(finite, new_ema, kept_ema)
+            new_ema = torch.where(finite, new_ema, ema)
             if momentum_buffer is not None:
                 new_momentum = torch.where(finite, new_momentum, momentum_buffer)
             if second_moment is not None:
@@ -81,14 +84,26 @@ class EagerBackend:
             # torch.where instead of an `if`: deciding on the host would need a sync.
             skip = found_inf.reshape(()) != 0
             new_theta = torch.where(skip, theta, new_theta)
-            new_ema = torch.where(skip, kept_ema, new_ema)
+            new_ema = torch.where(skip, ema, new_ema)
             if momentum_buffer is not None:
                 new_momentum = torch.where(skip, momentum_buffer, new_momentum)
             if second_moment is not None:
                 new_second_moment = torch.where(skip, second_moment, new_second_moment)
+        windowed = isinstance(ema_mode, torch.Tensor) or ema_mode in (WINDOW_OPEN, WINDOW_CLOSE)
+        if momentum_buffer is not None and second_moment is None and windowed:
+            # The window's point z = θ − c·η·m: before the step where it opens, after it where it closes. c·η is
+            # rounded once from c's and η's rounded values, as the fused kernels take it.
+            point_step = lr.to(ema.dtype) * point_coefficient(momentum, nesterov)
+            opened = theta - point_step * momentum_buffer
+            mean = (ema - (new_theta - point_step * new_momentum)) * (1.0 / (lr * window_steps)).to(ema.dtype)
+            if isinstance(ema_mode, torch.Tensor):
+                mode = ema_mode.reshape(())
+                new_ema = torch.where(mode == WINDOW_OPEN, opened, torch.where(mode == WINDOW_CLOSE, mean, new_ema))
+            else:
+                new_ema = opened if ema_mode == WINDOW_OPEN else mean
         param.copy_(new_theta)
         if isinstance(ema_mode, torch.Tensor):
-            ema.copy_(torch.where(mode == EMA_KEEP, ema, new_ema))
+            ema.copy_(torch.where(ema_mode.reshape(()) == EMA_KEEP, ema, new_ema))
         elif ema_mode != EMA_KEEP:
             ema.copy_(new_ema)
         if momentum_buffer is not None:

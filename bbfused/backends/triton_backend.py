@@ -25,7 +25,7 @@ try:
 except ImportError as error:
     raise ImportError(f"{error}; the triton backend needs the triton package: pip install triton") from error
 
-from ..average_window import EMA_UPDATE, EmaMode, check_ema_mode
+from ..average_window import EMA_UPDATE, EmaMode, check_ema_mode, point_coefficient
 from ..buffers import state_dtype
 from .base import check_momentum_arguments, check_second_moment_arguments
 
@@ -99,6 +99,12 @@ def _store_if(pointers, values, mask, flag):
 
 
 @triton.jit
+def _window_scale(lr_ptr, window_steps, compute):
+    """1 / (η·n) taken in float64 and rounded once to ``compute``: what the window's point difference is scaled by."""
+    return (1.0 / (tl.load(lr_ptr) * window_steps.to(tl.float64))).to(compute)
+
+
+@triton.jit
 def _divide(numerator, denominator):
     """numerator / denominator rounded to nearest, as torch divides (Triton's fp32 ``/`` is approximate)."""
     if numerator.dtype == tl.float32:
@@ -143,6 +149,8 @@ def _step_block(
     momentum,
     beta2,
     eps,
+    point_coefficient,
+    window_steps,
     offsets,
     mask,
     HAS_SCALE: tl.constexpr,
@@ -157,13 +165,13 @@ def _step_block(
     is scaled to u = d / (√(v / c) + ε) with v ← β₂·v + (1 − β₂)·d², and the momentum and θ step along u.
     HAS_MOMENTUM: θ steps along the momentum buffer m ← m + (1 − μ)·(u − m), or (NESTEROV) along (1 − μ)·u + μ·m.
     EMA_WINDOW (with momentum): the mode at ema_mode_ptr says whether g is updated, left alone (neither read nor
-    written) or started from m (``bbfused.average_window``)."""
+    written), set to the window's point or turned into the window's mean (``bbfused.average_window``)."""
     compute = ema_ptr.dtype.element_ty
     theta = _load(param_ptr + offsets, mask).to(compute)
     d = _load(grad_ptr + offsets, mask).to(compute)
     if EMA_WINDOW:
         ema_mode = tl.load(ema_mode_ptr)
-        ema = _load_if(ema_ptr + offsets, mask, ema_mode == 0)  # EMA_UPDATE: the only mode that reads g
+        ema = _load_if(ema_ptr + offsets, mask, (ema_mode == 0) | (ema_mode == 3))  # EMA_UPDATE, WINDOW_CLOSE read g
     else:
         ema = _load(ema_ptr + offsets, mask)
     if HAS_SCALE:
@@ -181,7 +189,8 @@ def _step_block(
     if HAS_MOMENTUM:
         m = _load(momentum_ptr + offsets, mask)
         if EMA_WINDOW:
-            ema = tl.where(ema_mode == 2, m, ema)  # EMA_FROM_MOMENTUM: g starts from m before this step
+            point_step = tl.load(lr_ptr).to(compute) * tl.full((), point_coefficient, compute)
+            opened = theta - point_step * m  # WINDOW_OPEN: the point before this step
         complement = tl.full((), 1.0 - momentum, compute)  # 1 − μ in float64, then rounded once, as eager's
         new_m = m + complement * (direction - m)
         if NESTEROV:
@@ -208,6 +217,8 @@ def _step_block(
             tl.atomic_add(nonfinite_ptr, skipped)
     tl.store(param_ptr + offsets, new_theta.to(param_ptr.dtype.element_ty), mask=mask)
     if EMA_WINDOW:
+        mean = (ema - (new_theta - point_step * new_m)) * _window_scale(lr_ptr, window_steps, compute)
+        new_ema = tl.where(ema_mode == 2, opened, tl.where(ema_mode == 3, mean, new_ema))
         _store_if(ema_ptr + offsets, new_ema, mask, ema_mode != 1)  # EMA_KEEP writes nothing
     else:
         tl.store(ema_ptr + offsets, new_ema, mask=mask)
@@ -237,6 +248,8 @@ def _step_program(
     momentum,
     beta2,
     eps,
+    point_coefficient,
+    window_steps,
     HAS_SCALE: tl.constexpr,
     HAS_WEIGHT_DECAY_TABLE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -250,7 +263,7 @@ def _step_program(
     ROW: tl.constexpr,
 ):
     """One program of a step kernel (_step_kernel, _preconditioned_step_kernel): the step over its block, or with
-    found_inf ≠ 0 no access at all (but the copy g ← m of a step that opens g's window, EMA_FROM_MOMENTUM).
+    found_inf ≠ 0 no access at all (but g's write where the window opens or closes, from θ and m as they stay).
     HAS_WEIGHT_DECAY_TABLE: λ is this block's entry of the float64 table (a run of several groups' buffers).
     ROW > 1: the block as (BLOCK / ROW, ROW) offsets (see STEP_ROW)."""
     start, offsets = _block_span(tl.program_id(0), USE_INT64, BLOCK)
@@ -259,9 +272,16 @@ def _step_program(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             if EMA_WINDOW:
-                opens = tl.load(ema_mode_ptr) == 2
+                ema_mode = tl.load(ema_mode_ptr)
+                ends = (ema_mode == 2) | (ema_mode == 3)
                 inside = offsets < n_elements
-                _store_if(ema_ptr + offsets, _load_if(momentum_ptr + offsets, inside, opens), inside, opens)
+                compute = ema_ptr.dtype.element_ty
+                theta = _load_if(param_ptr + offsets, inside, ends).to(compute)
+                point_step = tl.load(lr_ptr).to(compute) * tl.full((), point_coefficient, compute)
+                point = theta - point_step * _load_if(momentum_ptr + offsets, inside, ends)
+                ema = _load_if(ema_ptr + offsets, inside, ema_mode == 3)
+                mean = (ema - point) * _window_scale(lr_ptr, window_steps, compute)
+                _store_if(ema_ptr + offsets, tl.where(ema_mode == 2, point, mean), inside, ends)
             return
     if HAS_WEIGHT_DECAY_TABLE:
         weight_decay = tl.load(weight_decay_ptr + tl.program_id(0))
@@ -270,19 +290,21 @@ def _step_program(
     if n_elements - start >= BLOCK:
         _step_block(
             param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, second_moment_ptr,
-            bias_correction_ptr, ema_mode_ptr, weight_decay, beta, momentum, beta2, eps, offsets, None, HAS_SCALE,
+            bias_correction_ptr, ema_mode_ptr, weight_decay, beta, momentum, beta2, eps, point_coefficient,
+            window_steps, offsets, None, HAS_SCALE,
             SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, HAS_SECOND_MOMENT, EMA_WINDOW,
         )  # fmt: skip
     else:
         mask = offsets < n_elements
         _step_block(
             param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, nonfinite_ptr, momentum_ptr, second_moment_ptr,
-            bias_correction_ptr, ema_mode_ptr, weight_decay, beta, momentum, beta2, eps, offsets, mask, HAS_SCALE,
+            bias_correction_ptr, ema_mode_ptr, weight_decay, beta, momentum, beta2, eps, point_coefficient,
+            window_steps, offsets, mask, HAS_SCALE,
             SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, HAS_SECOND_MOMENT, EMA_WINDOW,
         )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["n_elements"])
+@triton.jit(do_not_specialize=["n_elements", "window_steps"])
 def _step_kernel(
     param_ptr,
     grad_ptr,
@@ -298,6 +320,8 @@ def _step_kernel(
     beta: tl.float64,
     momentum: tl.float64,
     ema_mode_ptr,
+    point_coefficient: tl.float64,
+    window_steps,
     HAS_SCALE: tl.constexpr,
     HAS_WEIGHT_DECAY_TABLE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
@@ -315,11 +339,13 @@ def _step_kernel(
 
     Arithmetic in the EMA dtype (fp32, or fp64 for fp64 parameters). Memory traffic per element: one
     read of θ, grad and g, one write of θ and g; with momentum also one read and one write of m. A step that leaves
-    g alone (EMA_WINDOW) does not touch it; one that starts g from m writes g without reading it.
+    g alone (EMA_WINDOW) does not touch it; one that opens the window writes g without reading it. ``window_steps``
+    (n) and ``point_coefficient`` (c) are the window's (base.Backend.step).
     """
     _step_program(
         param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, nonfinite_ptr, momentum_ptr,
-        weight_decay_ptr, None, None, ema_mode_ptr, n_elements, weight_decay, beta, momentum, 0.0, 0.0, HAS_SCALE,
+        weight_decay_ptr, None, None, ema_mode_ptr, n_elements, weight_decay, beta, momentum, 0.0, 0.0,
+        point_coefficient, window_steps, HAS_SCALE,
         HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, False, EMA_WINDOW, USE_INT64,
         BLOCK, ROW,
     )  # fmt: skip
@@ -364,8 +390,8 @@ def _preconditioned_step_kernel(
     _step_program(
         param_ptr, grad_ptr, ema_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr, nonfinite_ptr, momentum_ptr,
         weight_decay_ptr, second_moment_ptr, bias_correction_ptr, None, n_elements, weight_decay, beta, momentum, beta2,
-        eps, HAS_SCALE, HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, True, False,
-        USE_INT64, BLOCK, ROW,
+        eps, 0.0, 0, HAS_SCALE, HAS_WEIGHT_DECAY_TABLE, HAS_FOUND_INF, SKIP_NONFINITE, HAS_MOMENTUM, NESTEROV, True,
+        False, USE_INT64, BLOCK, ROW,
     )  # fmt: skip
 
 
@@ -890,6 +916,7 @@ class TritonBackend:
         beta2: float = 0.0,
         eps: float = 0.0,
         ema_mode: EmaMode = EMA_UPDATE,
+        window_steps: int = 0,
     ) -> None:
         """One launch over n elements; reads lr, grad_scale, found_inf, bias_correction and a tensor ema_mode on the
         device (no host sync).
@@ -899,7 +926,7 @@ class TritonBackend:
         scaling of the step (base.Backend.step), in _preconditioned_step_kernel."""
         check_momentum_arguments(momentum_buffer, momentum, nesterov)
         check_second_moment_arguments(second_moment, bias_correction, beta2)
-        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None)
+        check_ema_mode(ema_mode, momentum_buffer is not None, second_moment is not None, window_steps)
         state = state_dtype(param.dtype)
         flat = {"param": param, "grad": grad, "ema": ema}
         dtypes = {"param": param.dtype, "grad": param.dtype, "ema": state}
@@ -927,7 +954,7 @@ class TritonBackend:
         # A mode other than EMA_UPDATE (checked above to come with a momentum buffer and no second moment) is read at
         # a pointer, an int from the host through a constant tensor.
         mode = self._mode_tensor(ema_mode, param.device)
-        kernel, kernel_arguments = _step_kernel, (mode,)
+        kernel, kernel_arguments = _step_kernel, (mode, point_coefficient(momentum, nesterov), int(window_steps))
         if second_moment is not None:
             kernel_arguments = (second_moment, bias_correction, float(beta2), float(eps))
             kernel = _preconditioned_step_kernel

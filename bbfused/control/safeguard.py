@@ -71,8 +71,8 @@ if TYPE_CHECKING:
 DEFAULT_MOMENTUM = 0.9
 # The first epoch's rate periods: the search moves the rate after each.
 FIRST_EPOCH_PERIODS = 4
-# With momentum, g averages only the last quarter of each epoch after the first, started from the momentum buffer: the
-# steps before it then leave g alone (bbfused.average_window).
+# With momentum, g is the mean of d over the last quarter of each epoch after the first, read from the run's point at
+# the quarter's two ends: the steps between leave g alone (bbfused.average_window).
 AVERAGE_WINDOW = 0.25
 # The search: growth per period while the estimate does not object, and at most this factor towards the estimate.
 SEARCH_GROWTH = 4.0
