@@ -5,7 +5,7 @@ With momentum in EMA form (m ← m + (1 − μ)·(d − m), θ ← θ − η·m)
 last n steps of an epoch is (z_a − z_b) / (η·n), z_a where that window opens and z_b at the epoch's end: the default
 step writes z_a into g at the window's first step, leaves g alone at every other step but the last, and turns g into
 that mean at the last. The steps between move no byte of g, so the step moves torch's fused SGD's bytes, and the
-estimate holds (``benchmarks/results/2026-12-07_cpu_uniform_window.md``). The first epoch, whose rate periods are
+estimate holds (``benchmarks/results/2026-12-06_cpu_uniform_window.md``). The first epoch, whose rate periods are
 short, averages every step as the paper does (g ← g + β·(d − g)); so do 16-bit parameters, whose rounding would bury
 the steps' sum in z, and runs whose epochs ``end_epoch()`` closes (where the window opens is not known).
 """

@@ -331,7 +331,7 @@ def test_version_1_state_dict_is_upgraded() -> None:
         ("good_lr", 0.0, "good_lr must be a number > 0 or None"),
         ("loss_rollback", 1, "loss_rollback must be True or False"),
         ("model_buffers", [1.0], "model_buffers must be a list of tensors"),
-        ("version", 6, "found version 6"),
+        ("version", 7, "found version 7"),
         ("live_reference", -0.5, "live_reference must be a finite number >= 0 or None"),
         ("live_reference", math.inf, "live_reference must be a finite number >= 0 or None"),
         ("live_before", None, "live_before a finite number >= 0"),

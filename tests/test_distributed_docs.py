@@ -135,7 +135,9 @@ def test_ddp_and_dcp_snippets_on_two_ranks(tmp_path: Path) -> None:
     flat = torch.tensor([v for p in fresh[0]["params"] for v in p])
     expected = torch.tensor([v for p in params for v in p])
     torch.testing.assert_close(flat, expected, rtol=1e-5, atol=1e-5)  # found: 3e-6 on weights up to 4.3
-    assert losses[1] < 0.6 * losses[0]  # it learns: the check above compares a run that moved
+    # It learns: the check above compares a run that moved. (Its third epoch, at a rate of about 5, may be rolled back:
+    # the run then ends at the second epoch's weights, about a quarter below the start.)
+    assert losses[1] < 0.8 * losses[0]
 
 
 def test_fsdp2_snippet_on_two_ranks(tmp_path: Path) -> None:

@@ -68,8 +68,9 @@ def test_a_tiny_initial_rate_is_left_behind_within_the_first_epochs() -> None:
     final = train(model, opt, batches, 4)[-1]
     good_model, good, good_batches = regression(1.0, epochs=6)
     good_final = train(good_model, good, good_batches, 6)[-1]
-    # A stalled climb ends hundreds of times higher (8.4 against 0.011 from η0 = 0.01 after a misfired rollback).
-    assert final < 3 * good_final
+    # A stalled climb ends hundreds of times higher (8.4 against 0.011 from η0 = 0.01 after a misfired rollback); the
+    # climb that works ends within a few times the good run's loss, near the noise floor (0.01).
+    assert final < 5 * good_final
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
