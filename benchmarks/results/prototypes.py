@@ -144,6 +144,16 @@ def sign_test(up: int, down: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def moved_line(label: str, moves: Sequence[float]) -> str:
+    """``label`` over paired runs whose scores moved by ``moves``: how many moved a point or more each way, with the
+    sign test, the mean and the median."""
+    up, down = sum(m >= 1 for m in moves), sum(m <= -1 for m in moves)
+    return (
+        f"{label} over {len(moves)} paired runs: {up} up and {down} down by a point or more (sign test p = "
+        f"{sign_test(up, down):.2f}), mean {statistics.mean(moves):+.2f}, median {statistics.median(moves):+.2f}"
+    )
+
+
 def moved_runs(runs: dict, before: str, after: str, seeds: Sequence[int] = SEEDS) -> list[str]:
     """``"SETTING seed S: BEFORE → AFTER"`` for every setting and seed whose η0 = 1e-3 run of method ``after`` scores a
     point or more away from that of ``before`` (both recorded)."""

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prototypes import LRS, SETTINGS, load_runs, score, sign_test, train_runs  # noqa: E402
+from prototypes import LRS, SETTINGS, load_runs, moved_line, score, train_runs  # noqa: E402
 from suite import Setting  # noqa: E402
 
 from bbfused import optimizer  # noqa: E402
@@ -66,12 +66,7 @@ def table(folder: Path) -> None:
         every = [move for setting_moves in moves.values() for move in setting_moves]
         print()
         for setting, setting_moves in [*moves.items(), ("all", every)]:
-            up, down = sum(m >= 1 for m in setting_moves), sum(m <= -1 for m in setting_moves)
-            print(
-                f"- {setting}: `{name}` against `{FULL}` over {len(setting_moves)} paired runs: {up} up and {down} "
-                f"down by a point or more (sign test p = {sign_test(up, down):.2f}), mean "
-                f"{statistics.mean(setting_moves):+.2f}, median {statistics.median(setting_moves):+.2f}"
-            )
+            print(moved_line(f"- {setting}: `{name}` against `{FULL}`", setting_moves))
 
 
 if __name__ == "__main__":

@@ -25,18 +25,19 @@ quarter from m) and the suite's ``bb`` runs (the default of the day).
 and as it is (``short_epochs/window_mean/``, at 30b56a2).
 
 ``outside`` trains on the four settings of ``ema_window_runs/outside.py`` (designed after the windowed average was
-adopted, never tuned on) into ``uniform_window_runs/outside/``; ``outside-table`` pairs each run with the default's
-run of the same setting, η0 and seed in ``ema_window_runs/outside/``.
+adopted, never tuned on) into ``uniform_window_runs/outside/``; ``outside-table`` pairs each run with the run of the
+same setting, η0 and seed of the default before (the average from m, ``bb``) and of the average over every step
+(``bb[full-average]``), in ``ema_window_runs/outside/`` and, for the seeds added here (4-11 of the deep ReLU MLP,
+trained at 822afb8 with ``outside.py bb``), ``uniform_window_runs/outside_ema_window/``.
 """
 
 import collections
 import functools
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prototypes import LRS, SETTINGS, load, load_runs, score, side_by_side, sign_test, train_runs  # noqa: E402
+from prototypes import LRS, SETTINGS, load, load_runs, moved_line, score, side_by_side, train_runs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ema_window_runs"))
 from outside import OUTSIDE  # noqa: E402
@@ -129,18 +130,13 @@ def print_moves(runs: dict, methods: list[str], baseline: str = "bb") -> None:
         lengths = [(f"- `{method}` against `{baseline}`", every)]
         lengths += [(f"  - {name}", moves[name]) for name, _ in EPOCH_LENGTHS if moves[name]]
         for label, values in lengths:
-            up, down = sum(m >= 1 for m in values), sum(m <= -1 for m in values)
-            print(
-                f"{label}: {len(values)} paired runs, {up} up and {down} down by a point or more (sign test p = "
-                f"{sign_test(up, down):.2f}), mean {statistics.mean(values):+.2f}, "
-                f"median {statistics.median(values):+.2f}"
-            )
+            print(moved_line(label, values))
 
 
 def outside_table(here: Path) -> None:
     """Per outside setting and prototype: runs paired with the default's (``bb``, the average from m) and with the
     average over every step (``bb[full-average]``), how many moved a point or more each way."""
-    default = load_runs(here.parent / "ema_window_runs" / "outside")
+    default = {**load_runs(here.parent / "ema_window_runs" / "outside"), **load_runs(here / "outside_ema_window")}
     runs = load_runs(here / "outside")
     for baseline in ("bb", "bb[full-average]"):
         moves = collections.defaultdict(list)
@@ -150,12 +146,7 @@ def outside_table(here: Path) -> None:
         for method in sorted({m for m, _ in moves}):
             every = [move for (m, _), setting_moves in moves.items() if m == method for move in setting_moves]
             for setting, setting_moves in [*((s, v) for (m, s), v in moves.items() if m == method), ("all", every)]:
-                up, down = sum(m >= 1 for m in setting_moves), sum(m <= -1 for m in setting_moves)
-                print(
-                    f"- {setting}: `{method}` against `{baseline}` over {len(setting_moves)} paired runs: {up} up and "
-                    f"{down} down by a point or more (sign test p = {sign_test(up, down):.2f}), "
-                    f"mean {statistics.mean(setting_moves):+.2f}, median {statistics.median(setting_moves):+.2f}"
-                )
+                print(moved_line(f"- {setting}: `{method}` against `{baseline}`", setting_moves))
         print()
 
 
@@ -169,12 +160,7 @@ def short_table(here: Path) -> None:
             moves[key[0]].append(score(record) - score(before[key]))
     every = [move for setting_moves in moves.values() for move in setting_moves]
     for setting, setting_moves in [*moves.items(), ("both", every)]:
-        up, down = sum(m >= 1 for m in setting_moves), sum(m <= -1 for m in setting_moves)
-        print(
-            f"- {setting}: the window's mean against the average from m over {len(setting_moves)} paired runs: {up} "
-            f"up and {down} down by a point or more (sign test p = {sign_test(up, down):.2f}), "
-            f"mean {statistics.mean(setting_moves):+.2f}, median {statistics.median(setting_moves):+.2f}"
-        )
+        print(moved_line(f"- {setting}: the window's mean against the average from m", setting_moves))
 
 
 if __name__ == "__main__":
