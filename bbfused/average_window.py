@@ -4,10 +4,11 @@ With momentum in EMA form (m ← m + (1 − μ)·(d − m), θ ← θ − η·m)
 (Nesterov: μ² / (1 − μ)), takes plain SGD steps, z ← z − η·d, while η holds. So the mean of the directions d over the
 last n steps of an epoch is (z_a − z_b) / (η·n), z_a where that window opens and z_b at the epoch's end: the default
 step writes z_a into g at the window's first step, leaves g alone at every other step but the last, and turns g into
-that mean at the last. The steps between move no byte of g, so the step moves torch's fused SGD's bytes, and the
-estimate holds (``benchmarks/results/2026-12-06_cpu_uniform_window.md``). The first epoch, whose rate periods are
-short, averages every step as the paper does (g ← g + β·(d − g)); so do 16-bit parameters, whose rounding would bury
-the steps' sum in z, and runs whose epochs ``end_epoch()`` closes (where the window opens is not known).
+that mean at the last. The other steps move no byte of g, so over an epoch the step moves torch's fused SGD's bytes,
+and the estimate holds (``benchmarks/results/2026-12-06_cpu_uniform_window.md``). The first epoch, whose rate
+periods are short, averages every step as the paper does (g ← g + β·(d − g)); so do 16-bit parameters, whose
+rounding would bury the steps' sum in z, and runs whose epochs ``end_epoch()`` closes (where the window opens is not
+known).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ EMA_KEEP = 1  # g is neither read nor written
 WINDOW_OPEN = 2  # g ← θ − c·η·m, θ and m before this step (g is written, not read)
 WINDOW_CLOSE = 3  # g ← (g − (θ − c·η·m)) / (η·n), θ and m after this step: the mean of d over the window's n steps
 EMA_MODES = (EMA_UPDATE, EMA_KEEP, WINDOW_OPEN, WINDOW_CLOSE)
-MIN_WINDOW_STEPS = 2  # the window's first and last steps are two steps: each mode is one step's
+MIN_WINDOW_STEPS = 2  # the window opens and closes at different steps: a step takes one mode
 
 EmaMode = Union[int, torch.Tensor]
 
