@@ -113,6 +113,7 @@ def _install(fraction: float, prior_steps) -> None:
     optimizer.BB.__init__, optimizer.BB.step, optimizer.BB._close_epoch = init, step, close
 
 
+CHANCE = 20  # a digits classifier below this test accuracy (%) has collapsed (10 classes)
 EPOCH_LENGTHS = (("T <= 24", 24), ("25 <= T <= 64", 64), ("T > 64", None))  # steps an epoch
 
 
@@ -148,6 +149,11 @@ def outside_table(here: Path) -> None:
             for setting, setting_moves in [*((s, v) for (m, s), v in moves.items() if m == method), ("all", every)]:
                 print(moved_line(f"- {setting}: `{method}` against `{baseline}`", setting_moves))
         print()
+    for name, records in (("bb", default), ("bb[uniform0.25]", runs)):  # runs at chance: the collapses
+        scores = [(lr, score(r)) for (s, m, lr, _), r in records.items() if s == "deep-relu-digits-b64" and m == name]
+        low = [lr for lr, value in scores if value < CHANCE]
+        per_lr = ", ".join(f"{low.count(lr)} from η0 = {lr:g}" for lr in LRS)
+        print(f"- deep-relu-digits-b64, `{name}`: {len(low)} of {len(scores)} runs below {CHANCE} % ({per_lr})")
 
 
 def short_table(here: Path) -> None:
