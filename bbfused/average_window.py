@@ -34,6 +34,13 @@ def point_coefficient(momentum: float, nesterov: bool) -> float:
     return (momentum * momentum if nesterov else momentum) / (1.0 - momentum)
 
 
+def window_point(
+    theta: torch.Tensor, momentum_buffer: torch.Tensor, lr: torch.Tensor, momentum: float, nesterov: bool
+) -> torch.Tensor:
+    """z = θ − c·η·m in θ's dtype, c·η rounded once from c's and η's rounded values, as the fused kernels take it."""
+    return theta - (lr.to(theta.dtype) * point_coefficient(momentum, nesterov)) * momentum_buffer
+
+
 def check_ema_mode(ema_mode: EmaMode, has_momentum: bool, preconditioned: bool = False, window_steps: int = 0) -> None:
     """Raise for a mode that is not one of EMA_MODES; for a mode other than EMA_UPDATE without a momentum buffer
     averaging d (none, or with Adam's scaling one averaging d / D), which the window's point needs; and for

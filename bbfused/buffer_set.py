@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .average_window import EMA_UPDATE, EmaMode, point_coefficient
+from .average_window import EMA_UPDATE, EmaMode, window_point
 from .backends import Backend, load_backend
 from .backends.base import write_share
 from .buffer_runs import BufferRun, plan_runs
@@ -294,13 +294,12 @@ class BufferSet:
         window would hold had it opened ``steps_taken`` steps ago with g, an average of d, as those steps' mean:
         g ← θ − c·η·m + η·steps_taken·g (``bbfused.average_window``). For a checkpoint saved inside a window before g
         held the point there, and for a group added inside one (m and g zero: g ← θ)."""
-        coefficient = point_coefficient(self.momentum, self.nesterov)
         for buffer in self.buffers if buffers is None else buffers:
             if buffer.momentum is None or buffer.second_moment is not None or not takes_window(buffer):
                 continue
-            lr = self.lrs[buffer.device].to(buffer.ema.dtype)
-            point = buffer.param - (lr * coefficient) * buffer.momentum
-            buffer.ema.copy_(point + (lr * steps_taken) * buffer.ema)
+            lr = self.lrs[buffer.device]
+            point = window_point(buffer.param, buffer.momentum, lr, self.momentum, self.nesterov)
+            buffer.ema.copy_(point + (lr.to(buffer.ema.dtype) * steps_taken) * buffer.ema)
 
     def _step_launches(
         self, weight_decays: Sequence[float], whole_buffers: bool, count_in_place_writes: bool

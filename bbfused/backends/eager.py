@@ -11,7 +11,7 @@ from ..average_window import (
     WINDOW_OPEN,
     EmaMode,
     check_ema_mode,
-    point_coefficient,
+    window_point,
 )
 from .base import (
     check_momentum_arguments,
@@ -91,11 +91,10 @@ class EagerBackend:
                 new_second_moment = torch.where(skip, second_moment, new_second_moment)
         windowed = isinstance(ema_mode, torch.Tensor) or ema_mode in (WINDOW_OPEN, WINDOW_CLOSE)
         if momentum_buffer is not None and second_moment is None and windowed:
-            # The window's point z = θ − c·η·m: before the step where it opens, after it where it closes. c·η is
-            # rounded once from c's and η's rounded values, as the fused kernels take it.
-            point_step = lr.to(ema.dtype) * point_coefficient(momentum, nesterov)
-            opened = theta - point_step * momentum_buffer
-            mean = (ema - (new_theta - point_step * new_momentum)) * (1.0 / (lr * window_steps)).to(ema.dtype)
+            # The window's point: before the step where it opens, after it where it closes.
+            opened = window_point(theta, momentum_buffer, lr, momentum, nesterov)
+            closed = window_point(new_theta, new_momentum, lr, momentum, nesterov)
+            mean = (ema - closed) * (1.0 / (lr * window_steps)).to(ema.dtype)
             if isinstance(ema_mode, torch.Tensor):
                 mode = ema_mode.reshape(())
                 new_ema = torch.where(mode == WINDOW_OPEN, opened, torch.where(mode == WINDOW_CLOSE, mean, new_ema))

@@ -99,6 +99,12 @@ def _store_if(pointers, values, mask, flag):
 
 
 @triton.jit
+def _window_point(theta, m, lr_ptr, point_coefficient, compute):
+    """The window's point θ − c·η·m, c·η rounded once from c's and η's rounded values (``window_point``)."""
+    return theta - (tl.load(lr_ptr).to(compute) * tl.full((), point_coefficient, compute)) * m
+
+
+@triton.jit
 def _window_scale(lr_ptr, window_steps, compute):
     """1 / (η·n) taken in float64 and rounded once to ``compute``: what the window's point difference is scaled by."""
     return (1.0 / (tl.load(lr_ptr) * window_steps.to(tl.float64))).to(compute)
@@ -189,8 +195,7 @@ def _step_block(
     if HAS_MOMENTUM:
         m = _load(momentum_ptr + offsets, mask)
         if EMA_WINDOW:
-            point_step = tl.load(lr_ptr).to(compute) * tl.full((), point_coefficient, compute)
-            opened = theta - point_step * m  # WINDOW_OPEN: the point before this step
+            opened = _window_point(theta, m, lr_ptr, point_coefficient, compute)  # WINDOW_OPEN: before this step
         complement = tl.full((), 1.0 - momentum, compute)  # 1 − μ in float64, then rounded once, as eager's
         new_m = m + complement * (direction - m)
         if NESTEROV:
@@ -217,7 +222,8 @@ def _step_block(
             tl.atomic_add(nonfinite_ptr, skipped)
     tl.store(param_ptr + offsets, new_theta.to(param_ptr.dtype.element_ty), mask=mask)
     if EMA_WINDOW:
-        mean = (ema - (new_theta - point_step * new_m)) * _window_scale(lr_ptr, window_steps, compute)
+        closed = _window_point(new_theta, new_m, lr_ptr, point_coefficient, compute)  # WINDOW_CLOSE: after it
+        mean = (ema - closed) * _window_scale(lr_ptr, window_steps, compute)
         new_ema = tl.where(ema_mode == 2, opened, tl.where(ema_mode == 3, mean, new_ema))
         _store_if(ema_ptr + offsets, new_ema, mask, ema_mode != 1)  # EMA_KEEP writes nothing
     else:
@@ -277,8 +283,8 @@ def _step_program(
                 inside = offsets < n_elements
                 compute = ema_ptr.dtype.element_ty
                 theta = _load_if(param_ptr + offsets, inside, ends).to(compute)
-                point_step = tl.load(lr_ptr).to(compute) * tl.full((), point_coefficient, compute)
-                point = theta - point_step * _load_if(momentum_ptr + offsets, inside, ends)
+                m = _load_if(momentum_ptr + offsets, inside, ends)
+                point = _window_point(theta, m, lr_ptr, point_coefficient, compute)
                 ema = _load_if(ema_ptr + offsets, inside, ema_mode == 3)
                 mean = (ema - point) * _window_scale(lr_ptr, window_steps, compute)
                 _store_if(ema_ptr + offsets, tl.where(ema_mode == 2, point, mean), inside, ends)
