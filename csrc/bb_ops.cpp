@@ -316,7 +316,8 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
                const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov,
                const std::optional<at::Tensor>& second_moment, const std::optional<at::Tensor>& bias_correction,
-               double beta2, double eps, int64_t ema_mode, int64_t window_steps, const char* op) {
+               double beta2, double eps, int64_t ema_mode, int64_t window_steps, double point_coefficient,
+               const char* op) {
   check_step_args(param, grad, ema, lr, grad_scale, found_inf, nonfinite, momentum_buffer, momentum, nesterov,
                   second_moment, bias_correction, op);
   TORCH_CHECK(ema_mode >= 0 && ema_mode <= 3, op, ": ema_mode must be 0 (update g), 1 (keep g), 2 (open the ",
@@ -326,8 +327,10 @@ void step_impl(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
               ": ema_mode ", ema_mode, " needs a momentum_buffer and no second_moment; pass ema_mode=0");
   TORCH_CHECK(ema_kind != EmaMode::kClose || window_steps >= 2, op,
               ": ema_mode 3 (close the window) needs window_steps >= 2, got ", window_steps);
+  // c of the window's point θ − c·η·m, computed once in Python (average_window.point_coefficient) for every backend.
+  TORCH_CHECK(ema_kind < EmaMode::kOpen || (std::isfinite(point_coefficient) && point_coefficient >= 0.0), op,
+              ": ema_mode ", ema_mode, " needs the window's point_coefficient c >= 0, got ", point_coefficient);
   const double lr_value = *lr.const_data_ptr<double>();
-  const double point_coefficient = nesterov ? momentum * momentum / (1.0 - momentum) : momentum / (1.0 - momentum);
   // GradScaler's inf check: the flag is on the CPU, so reading it costs no device sync. A skipped step where the
   // window opens or closes still sets g, from θ and m as they stay.
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) {
@@ -442,9 +445,10 @@ void step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor&
               double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
               const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov, int64_t ema_mode,
-              int64_t window_steps) {
+              int64_t window_steps, double point_coefficient) {
   step_impl(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite, momentum_buffer, momentum,
-            nesterov, std::nullopt, std::nullopt, 0.0, 0.0, ema_mode, window_steps, "bbfused::cpp_step");
+            nesterov, std::nullopt, std::nullopt, 0.0, 0.0, ema_mode, window_steps, point_coefficient,
+            "bbfused::cpp_step");
 }
 
 void preconditioned_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema,
@@ -455,14 +459,14 @@ void preconditioned_step_cpu(const at::Tensor& param, const at::Tensor& grad, co
                              const at::Tensor& second_moment, const at::Tensor& bias_correction, double beta2,
                              double eps) {
   step_impl(param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite, momentum_buffer, momentum,
-            nesterov, second_moment, bias_correction, beta2, eps, 0, 0, "bbfused::cpp_preconditioned_step");
+            nesterov, second_moment, bias_correction, beta2, eps, 0, 0, 0.0, "bbfused::cpp_preconditioned_step");
 }
 
 void step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema, const at::Tensor& lr,
                double weight_decay, double beta, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& nonfinite,
                const std::optional<at::Tensor>& momentum_buffer, double momentum, bool nesterov, int64_t ema_mode,
-               int64_t window_steps) {}
+               int64_t window_steps, double point_coefficient) {}
 
 void preconditioned_step_meta(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& ema,
                               const at::Tensor& lr, double weight_decay, double beta,
@@ -674,7 +678,8 @@ TORCH_LIBRARY_FRAGMENT(bbfused, m) {
   m.def(
       "cpp_step(Tensor(a!) param, Tensor grad, Tensor(b!) ema, Tensor lr, float weight_decay, float beta, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor(c!)? nonfinite=None, Tensor(d!)? momentum_buffer=None, "
-      "float momentum=0.0, bool nesterov=False, int ema_mode=0, int window_steps=0) -> ()");
+      "float momentum=0.0, bool nesterov=False, int ema_mode=0, int window_steps=0, "
+      "float point_coefficient=0.0) -> ()");
   // An op of its own, not optional arguments of cpp_step: a schema lists every tensor its op may write, and the
   // second moment is written, so cpp_step's schema would claim a write its callers never make.
   m.def(

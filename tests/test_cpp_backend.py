@@ -3,6 +3,7 @@ registration, input checks, and what happens without a compiler, without ninja, 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -204,6 +205,8 @@ def test_torch_compile_traces_the_momentum_step() -> None:
         ("momentum_dtype", "momentum_buffer must be Float \\(the EMA's dtype\\)"),
         ("momentum_numel", "momentum_buffer has 99 elements"),
         ("momentum_without_buffer", "needs a momentum_buffer"),
+        ("negative_point_coefficient", "needs the window's point_coefficient c >= 0"),
+        ("nan_point_coefficient", "needs the window's point_coefficient c >= 0"),
     ],
 )
 def test_bad_step_input_raises_before_writing(case: str, message: str) -> None:
@@ -225,6 +228,8 @@ def test_bad_step_input_raises_before_writing(case: str, message: str) -> None:
         momentum_args = (momentum_buffer[:99], 0.9, False)
     elif case == "momentum_without_buffer":
         momentum_args = (None, 0.9, False)
+    elif case.endswith("point_coefficient"):  # a window's opening step (ema_mode 2) with a bad c
+        momentum_args = (momentum_buffer, 0.9, False, 2, 0, -9.0 if case.startswith("negative") else math.nan)
     before = param.clone(), ema.clone(), momentum_buffer.clone()
     with pytest.raises(RuntimeError, match=message):
         torch.ops.bbfused.cpp_step(param, grad, ema, lr, 0.0, 0.1, None, None, None, *momentum_args)

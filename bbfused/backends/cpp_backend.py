@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..average_window import EMA_UPDATE, EmaMode, check_ema_mode
+from ..average_window import EMA_UPDATE, EmaMode, check_ema_mode, point_coefficient
 from .base import (
     BackendUnavailableError,
     check_second_moment_arguments,
@@ -219,7 +219,7 @@ class CppBackend:
             torch.ops.bbfused.cpp_step(
                 param, grad, ema, lr, weight_decay, beta, grad_scale, found_inf, nonfinite,
                 momentum_buffer, momentum, nesterov, int(ema_mode),  # a CPU tensor's value: no sync
-                window_steps,
+                window_steps, point_coefficient(momentum, nesterov),
             )  # fmt: skip
         else:
             torch.ops.bbfused.cpp_preconditioned_step(
