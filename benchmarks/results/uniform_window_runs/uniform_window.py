@@ -149,6 +149,16 @@ def outside_table(here: Path) -> None:
             for setting, setting_moves in [*((s, v) for (m, s), v in moves.items() if m == method), ("all", every)]:
                 print(moved_line(f"- {setting}: `{method}` against `{baseline}`", setting_moves))
         print()
+    for low, high in ((0, 30), (30, 60)):  # the deep ReLU MLP's first 30 seeds and the 30 added after them
+        halves = [
+            score(record) - score(default[setting, "bb", lr, seed])
+            for (setting, method, lr, seed), record in runs.items()
+            if setting == "deep-relu-digits-b64"
+            and method == "bb[uniform0.25]"
+            and low <= seed < high
+            and (setting, "bb", lr, seed) in default
+        ]
+        print(moved_line(f"- deep-relu-digits-b64, seeds {low}-{high - 1}: `bb[uniform0.25]` against `bb`", halves))
     for name, records in (("bb", default), ("bb[uniform0.25]", runs)):  # runs at chance: the collapses
         scores = [(lr, score(r)) for (s, m, lr, _), r in records.items() if s == "deep-relu-digits-b64" and m == name]
         low = [lr for lr, value in scores if value < CHANCE]
