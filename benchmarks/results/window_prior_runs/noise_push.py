@@ -10,13 +10,23 @@ average over the last n = ⌈T/4⌉ steps, started from m); the window's mean (t
 mean with m counted as k steps (``window_prior.py``).
 
     python benchmarks/results/window_prior_runs/noise_push.py T[,T...]
+    python benchmarks/results/window_prior_runs/noise_push.py suite  # the push against the suite's rates
+
+``suite``: per suite setting, the window's mean's push over the window from m's at the setting's T, against how the
+rates of the suite's runs moved when the default went from the window from m (``bb[window-momentum0.25]``,
+``ema_window_runs/window-momentum0.25/``) to the window's mean (``bb``): per pair of runs (same η0 and seed) the mean
+over epochs 2 on of log10 of the ratio of their rates, and the median over the setting's pairs. Rollbacks and
+collapses make single pairs noisy; the question is whether the sign follows the push's.
 """
 
 import math
 import statistics
 import sys
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
 
 FORMS = {
     "full": "full average",
@@ -65,7 +75,47 @@ def push(steps_per_epoch: int, form: str, momentum: float = 0.9, rate: float = 0
     return statistics.median(ratios)
 
 
+def suite() -> None:
+    sys.path.insert(0, str(HERE.parent))
+    from prototypes import RUNS, SETTINGS, load_runs
+
+    old, new = "bb[window-momentum0.25]", "bb"
+    runs = {**load_runs(RUNS), **load_runs(HERE.parent / "ema_window_runs" / "window-momentum0.25")}
+    pushes: dict[int, float] = {}
+    moved: dict[str, list[float]] = {"lower": [], "higher": []}  # the rate ratios where the push moved that way
+    print("| setting | T | push: window's mean / window from m | rates: the mean's / from m's (median pair) | pairs |")
+    print("|---|---|---|---|---|")
+    for name in SETTINGS:
+        shifts = []
+        for (setting, method, lr, seed), record in runs.items():
+            if setting != name or method != new or (setting, old, lr, seed) not in runs:
+                continue
+            after, before = record["bb_lr_history"], runs[setting, old, lr, seed]["bb_lr_history"]
+            logs = [math.log10(a / b) for a, b in zip(after[2:], before[2:]) if a > 0 and b > 0]
+            if logs:
+                shifts.append(statistics.mean(logs))
+        if not shifts:
+            continue
+        steps = next(r["steps_per_epoch"] for (s, m, _, _), r in runs.items() if s == name and m == new)
+        if steps not in pushes:
+            pushes[steps] = push(steps, "mean") / push(steps, "from-m")
+        shift = 10 ** statistics.median(shifts)
+        if abs(math.log10(pushes[steps])) > 0.05:  # the push differs by more than 12 %
+            moved["higher" if pushes[steps] > 1 else "lower"].append(shift)
+        print(f"| {name} | {steps} | {pushes[steps]:.2f} | {shift:.2f} | {len(shifts)} |", flush=True)
+    print()
+    for way, shifts in moved.items():
+        low, high = sum(r < 10**-0.02 for r in shifts), sum(r > 10**0.02 for r in shifts)
+        print(
+            f"- the window's mean's push {way} by more than 12 %: {len(shifts)} settings; the median pair's rates "
+            f"lower by more than 5 % on {low}, higher on {high}, within 5 % on {len(shifts) - low - high}"
+        )
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "suite":
+        suite()
+        sys.exit()
     print("| T | n | " + " | ".join(FORMS.values()) + " |")
     print("|---|---|" + "---|" * len(FORMS))
     for steps in (int(t) for t in sys.argv[1].split(",")):
