@@ -10,6 +10,7 @@ average over the last n = ⌈T/4⌉ steps, started from m); the window's mean (t
 mean with m counted as k steps (``window_prior.py``).
 
     python benchmarks/results/window_prior_runs/noise_push.py T[,T...]
+    python benchmarks/results/window_prior_runs/noise_push.py analytic T[,T...]  # the window's mean, by formula
     python benchmarks/results/window_prior_runs/noise_push.py suite  # the push against the suite's rates
 
 ``suite``: per suite setting, the window's mean's push over the window from m's at the setting's T, against how the
@@ -34,6 +35,19 @@ FORMS = {
     "mean": "window's mean (default)",
     "mean-with-m": "window's mean with m as k steps",
 }
+
+
+def analytic_push(steps_per_epoch: int, momentum: float = 0.9) -> float:
+    """The window's mean's push as E‖Δθ‖² / (T·|E Δθᵀy|) on unit noise. A direction taken r steps before an epoch's
+    end is in that epoch's Δθ with weight 1 − μ^r, and in the next one's with μ^r·(1 − μ^T) (the momentum it left);
+    the window's mean gives each of its n steps 1/n, so E Δθᵀy = −η·(1 − q·(2 − μ^T)), q = μ·(1 − μ^n) / ((1 − μ)·n),
+    which crosses zero where n is near 2μ/(1 − μ): there the push runs away."""
+    mu, steps = momentum, steps_per_epoch
+    n = max(2, math.ceil(steps / 4))
+    within = sum((1 - mu**r) ** 2 for r in range(1, steps + 1))
+    carried = (1 - mu**steps) ** 2 * sum(mu ** (2 * r) for r in range(1, steps + 1)) / (1 - mu ** (2 * steps))
+    q = mu * (1 - mu**n) / ((1 - mu) * n)
+    return (within + carried) / (steps * abs(1 - q * (2 - mu**steps)))
 
 
 def push(steps_per_epoch: int, form: str, momentum: float = 0.9, rate: float = 0.1, size: int = 20000,
@@ -116,8 +130,12 @@ if __name__ == "__main__":
     if sys.argv[1] == "suite":
         suite()
         sys.exit()
-    print("| T | n | " + " | ".join(FORMS.values()) + " |")
-    print("|---|---|" + "---|" * len(FORMS))
+    if sys.argv[1] == "analytic":  # the window's mean only, at epoch lengths too long to simulate here
+        for steps in (int(t) for t in sys.argv[2].split(",")):
+            print(f"- T = {steps}: the window's mean's push {analytic_push(steps):.3f}")
+        sys.exit()
+    print("| T | n | " + " | ".join(FORMS.values()) + " | window's mean, analytic |")
+    print("|---|---|" + "---|" * (len(FORMS) + 1))
     for steps in (int(t) for t in sys.argv[1].split(",")):
-        cells = [f"{push(steps, form):.2f}" for form in FORMS]
+        cells = [f"{push(steps, form):.2f}" for form in FORMS] + [f"{analytic_push(steps):.2f}"]
         print(f"| {steps} | {max(2, math.ceil(steps / 4))} | " + " | ".join(cells) + " |", flush=True)
