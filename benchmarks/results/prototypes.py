@@ -10,10 +10,14 @@ tuned reference of every setting: what the prototype result scripts (``*_runs/``
   per seed for each method.
 - :func:`adam_grid`: the Adam-scaled mode's η0 = 1e-3 runs of a folder, each standing for every η0 of the grid.
 - :func:`moved_runs`: the runs of an Adam-scaled mode whose score moved by a point or more from one method to another.
+- :func:`print_moves`: runs paired with a baseline's, moved a point or more each way, by the settings' epoch lengths.
+- :func:`suite_table`: a prototype's suite runs beside BB's default, the checks and the moves.
+- :func:`train_outside`: train a prototype on the settings of ``ema_window_runs/outside.py``.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import statistics
@@ -28,6 +32,7 @@ from report import best_reference, check, gap_stats, gaps, load_runs, score, sig
 from suite import LRS, PEERS, RUNS, SEEDS, SETTINGS, Run, train  # noqa: E402
 
 ADAM_LR = 0.001
+EPOCH_LENGTHS = (("T <= 24", 24), ("25 <= T <= 64", 64), ("T > 64", None))  # steps an epoch
 
 
 def train_runs(out: str | Path, settings: str, seeds: str, lrs: str, method: str, bb_kwargs: Any = None) -> None:
@@ -166,3 +171,39 @@ def moved_runs(runs: dict, before: str, after: str, seeds: Sequence[int] = SEEDS
                 if abs(new - old) >= 1:
                     moved.append(f"{setting} seed {seed}: {old:.2f} → {new:.2f}")
     return moved
+
+
+def print_moves(runs: dict, methods: Sequence[str], baseline: str = "bb") -> None:
+    """Per method: its runs paired with ``baseline``'s (same setting, η0, seed), moved a point or more each way; then
+    the same by the settings' epoch lengths."""
+    for method in methods:
+        moves = collections.defaultdict(list)
+        for (setting, m, lr, seed), record in runs.items():
+            if m == method and (setting, baseline, lr, seed) in runs:
+                steps = SETTINGS[setting].steps_per_epoch()
+                length = next(name for name, top in EPOCH_LENGTHS if top is None or steps <= top)
+                moves[length].append(score(record) - score(runs[setting, baseline, lr, seed]))
+        every = [move for length_moves in moves.values() for move in length_moves]
+        lengths = [(f"- `{method}` against `{baseline}`", every)]
+        lengths += [(f"  - {name}", moves[name]) for name, _ in EPOCH_LENGTHS if moves[name]]
+        for label, values in lengths:
+            print(moved_line(label, values))
+
+
+def suite_table(folder: Path, method: str) -> None:
+    """``method``'s suite runs in ``folder`` beside BB's default: :func:`side_by_side`, then :func:`print_moves`."""
+    references, runs = load([folder])
+    side_by_side(references, runs, ["bb", method])
+    print()
+    print_moves(runs, [method], baseline="bb")
+
+
+def train_outside(out: Path, seeds: str, settings: str | None, method: str) -> None:
+    """Train ``method`` (the prototype installed by the caller) on the settings of ``ema_window_runs/outside.py``
+    (``settings``: comma-separated names; None: all four), every η0, into ``out``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "ema_window_runs"))
+    from outside import OUTSIDE  # imported here: outside.py imports this module
+
+    SETTINGS.update({setting.name: setting for setting in OUTSIDE})
+    names = settings or ",".join(setting.name for setting in OUTSIDE)
+    train_runs(out, names, seeds, ",".join(str(lr) for lr in LRS), method)

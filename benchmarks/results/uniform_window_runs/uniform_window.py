@@ -37,7 +37,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prototypes import LRS, SETTINGS, load, load_runs, moved_line, score, side_by_side, train_runs  # noqa: E402
+from prototypes import (  # noqa: E402
+    LRS,
+    SETTINGS,
+    load,
+    load_runs,
+    moved_line,
+    print_moves,
+    score,
+    side_by_side,
+    train_runs,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ema_window_runs"))
 from outside import OUTSIDE  # noqa: E402
@@ -114,24 +124,6 @@ def _install(fraction: float, prior_steps) -> None:
 
 
 CHANCE = 20  # a digits classifier below this test accuracy (%) has collapsed (10 classes)
-EPOCH_LENGTHS = (("T <= 24", 24), ("25 <= T <= 64", 64), ("T > 64", None))  # steps an epoch
-
-
-def print_moves(runs: dict, methods: list[str], baseline: str = "bb") -> None:
-    """Per method: its runs paired with ``baseline``'s (same setting, η0, seed), moved a point or more each way; then
-    the same by the settings' epoch lengths."""
-    for method in methods:
-        moves = collections.defaultdict(list)
-        for (setting, m, lr, seed), record in runs.items():
-            if m == method and (setting, baseline, lr, seed) in runs:
-                steps = SETTINGS[setting].steps_per_epoch()
-                length = next(name for name, top in EPOCH_LENGTHS if top is None or steps <= top)
-                moves[length].append(score(record) - score(runs[setting, baseline, lr, seed]))
-        every = [move for length_moves in moves.values() for move in length_moves]
-        lengths = [(f"- `{method}` against `{baseline}`", every)]
-        lengths += [(f"  - {name}", moves[name]) for name, _ in EPOCH_LENGTHS if moves[name]]
-        for label, values in lengths:
-            print(moved_line(label, values))
 
 
 def outside_table(here: Path) -> None:

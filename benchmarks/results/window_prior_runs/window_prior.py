@@ -29,10 +29,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "uniform_window_runs"))
-sys.path.insert(0, str(HERE.parent / "ema_window_runs"))
-from outside import OUTSIDE  # noqa: E402
-from prototypes import LRS, SETTINGS, load, load_runs, moved_line, score, side_by_side, train_runs  # noqa: E402
-from uniform_window import CHANCE, KeepAfterFirstEpoch, point_coefficient, print_moves, z_point  # noqa: E402
+from prototypes import LRS, load_runs, moved_line, score, suite_table, train_outside, train_runs  # noqa: E402
+from uniform_window import CHANCE, KeepAfterFirstEpoch, point_coefficient, z_point  # noqa: E402
 
 from bbfused import optimizer  # noqa: E402
 
@@ -138,17 +136,12 @@ if __name__ == "__main__":
     if sys.argv[1] == "rates":
         rates(sys.argv[2], *([float(sys.argv[3])] if len(sys.argv) > 3 else []), *sys.argv[4:5])
     elif sys.argv[1] == "table":
-        references, runs = load([HERE / "suite"])
-        side_by_side(references, runs, ["bb", METHOD])
-        print()
-        print_moves(runs, [METHOD], baseline="bb")
+        suite_table(HERE / "suite", METHOD)
     elif sys.argv[1] == "outside-table":
         outside_table()
     elif sys.argv[1] == "outside":
-        SETTINGS.update({setting.name: setting for setting in OUTSIDE})
-        settings = sys.argv[3] if len(sys.argv) > 3 else ",".join(s.name for s in OUTSIDE)
         install()
-        train_runs(HERE / "outside", settings, sys.argv[2], ",".join(str(lr) for lr in LRS), METHOD)
+        train_outside(HERE / "outside", sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None, METHOD)
     elif sys.argv[1] == "suite":
         install()
         train_runs(*sys.argv[2:6], METHOD)
