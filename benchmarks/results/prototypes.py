@@ -13,6 +13,7 @@ tuned reference of every setting: what the prototype result scripts (``*_runs/``
 - :func:`print_moves`: runs paired with a baseline's, moved a point or more each way, by the settings' epoch lengths.
 - :func:`suite_table`: a prototype's suite runs beside BB's default, the checks and the moves.
 - :func:`train_outside`: train a prototype on the settings of ``ema_window_runs/outside.py``.
+- :func:`rate_shift`: how one method's rates sit against another's on a setting, over paired runs.
 """
 
 from __future__ import annotations
@@ -207,3 +208,18 @@ def train_outside(out: Path, seeds: str, settings: str | None, method: str) -> N
     SETTINGS.update({setting.name: setting for setting in OUTSIDE})
     names = settings or ",".join(setting.name for setting in OUTSIDE)
     train_runs(out, names, seeds, ",".join(str(lr) for lr in LRS), method)
+
+
+def rate_shift(runs: dict, setting: str, method: str, baseline: str) -> tuple[float, int] | None:
+    """``method``'s rates over ``baseline``'s on ``setting``: per pair of runs (same η0 and seed) the mean over epochs
+    2 on of log10 of the ratio of their rates, and the median over the pairs as a ratio; with the number of pairs
+    (None: no pair)."""
+    shifts = []
+    for (name, m, lr, seed), record in runs.items():
+        if name != setting or m != method or (name, baseline, lr, seed) not in runs:
+            continue
+        after, before = record["bb_lr_history"], runs[name, baseline, lr, seed]["bb_lr_history"]
+        logs = [math.log10(a / b) for a, b in zip(after[2:], before[2:]) if a > 0 and b > 0]
+        if logs:
+            shifts.append(statistics.mean(logs))
+    return (10 ** statistics.median(shifts), len(shifts)) if shifts else None

@@ -7,7 +7,8 @@ no curvature every bit of Δθᵀy is the noise in g that Δθ shares, so the ra
 estimate above the rate that ran the epoch: where a plateau's curvature asks for a lower rate, a form with a larger
 push settles higher. Forms: the full average (g ← g + β·(d − g) from 0 each epoch, β = 4/T); the window from m (that
 average over the last n = ⌈T/4⌉ steps, started from m); the window's mean (the default since 30b56a2); the window's
-mean with m counted as k steps (``window_prior.py``).
+mean with m counted as k steps (``window_prior.py``); the window's mean with Δθᵀy corrected by η·σ̂²·(F_T − S_T), σ̂²
+the window's sample variance (``push_neutral_runs/push_neutral.py``), which should show a push of 1.
 
     python benchmarks/results/window_prior_runs/noise_push.py T[,T...]
     python benchmarks/results/window_prior_runs/noise_push.py analytic T[,T...]  # the window's mean, by formula
@@ -34,20 +35,27 @@ FORMS = {
     "from-m": "window from m",
     "mean": "window's mean (default)",
     "mean-with-m": "window's mean with m as k steps",
+    "mean-neutral": "window's mean, push-neutral",
 }
 
 
-def analytic_push(steps_per_epoch: int, momentum: float = 0.9) -> float:
-    """The window's mean's push as E‖Δθ‖² / (T·|E Δθᵀy|) on unit noise. A direction taken r steps before an epoch's
-    end is in that epoch's Δθ with weight 1 − μ^r, and in the next one's with μ^r·(1 − μ^T) (the momentum it left);
-    the window's mean gives each of its n steps 1/n, so E Δθᵀy = −η·(1 − q·(2 − μ^T)), q = μ·(1 − μ^n) / ((1 − μ)·n),
-    which crosses zero where n is near 2μ/(1 − μ): there the push runs away."""
-    mu, steps = momentum, steps_per_epoch
-    n = max(2, math.ceil(steps / 4))
+def noise_shares(steps_per_epoch: int, window_steps: int, momentum: float = 0.9) -> tuple[float, float]:
+    """(F_T, S_T) of the window's mean under heavy-ball momentum in EMA form, on noise of σ² = E‖d‖² a step:
+    E Δθᵀy = −η·σ²·F_T and E‖Δθ‖² = η²·σ²·T·S_T. A direction taken r steps before an epoch's end is in that epoch's Δθ
+    with weight 1 − μ^r, and in the next one's with μ^r·(1 − μ^T) (the momentum it left); the window's mean gives each
+    of its n steps 1/n, so F_T = 1 − q·(2 − μ^T), q = μ·(1 − μ^n) / ((1 − μ)·n), which crosses zero where n is near
+    2μ/(1 − μ): there the push runs away. S_T is the mean squared weight. A long epoch has F_T = S_T = 1."""
+    mu, steps, n = momentum, steps_per_epoch, window_steps
     within = sum((1 - mu**r) ** 2 for r in range(1, steps + 1))
     carried = (1 - mu**steps) ** 2 * sum(mu ** (2 * r) for r in range(1, steps + 1)) / (1 - mu ** (2 * steps))
     q = mu * (1 - mu**n) / ((1 - mu) * n)
-    return (within + carried) / (steps * abs(1 - q * (2 - mu**steps)))
+    return 1 - q * (2 - mu**steps), (within + carried) / steps
+
+
+def analytic_push(steps_per_epoch: int, momentum: float = 0.9) -> float:
+    """The window's mean's push as E‖Δθ‖² / (T·|E Δθᵀy|) on noise: S_T / |F_T| (:func:`noise_shares`)."""
+    share, square = noise_shares(steps_per_epoch, max(2, math.ceil(steps_per_epoch / 4)), momentum)
+    return square / abs(share)
 
 
 def push(steps_per_epoch: int, form: str, momentum: float = 0.9, rate: float = 0.1, size: int = 20000,
@@ -73,25 +81,31 @@ def push(steps_per_epoch: int, form: str, momentum: float = 0.9, rate: float = 0
                 g = m + beta * (d - m)
             elif form == "from-m" and step > opening:
                 g += beta * (d - g)
-            elif form in ("mean", "mean-with-m") and step >= opening:
+            elif form.startswith("mean") and step >= opening:
                 if step == opening:
                     total = k * m if form == "mean-with-m" else torch.zeros_like(theta)
                     weight = n + k if form == "mean-with-m" else n
+                    square_sum = 0.0
                 total = total + d
+                square_sum += (d @ d).item()
             m += (1 - momentum) * (d - m)
             theta -= rate * m
-        if form in ("mean", "mean-with-m"):
+        if form.startswith("mean"):
             g = total / weight
         if previous_g is not None:
             moved, y = theta - previous_theta, g - previous_g
-            ratios.append((moved @ moved).item() / (steps_per_epoch * abs((moved @ y).item())) / rate)
+            shared = (moved @ y).item()
+            if form == "mean-neutral":
+                share, square = noise_shares(steps_per_epoch, n, momentum)
+                shared += rate * (square_sum - n * (g @ g).item()) / (n - 1) * (share - square)
+            ratios.append((moved @ moved).item() / (steps_per_epoch * abs(shared)) / rate)
         previous_theta, previous_g = theta.clone(), g
     return statistics.median(ratios)
 
 
 def suite() -> None:
     sys.path.insert(0, str(HERE.parent))
-    from prototypes import RUNS, SETTINGS, load_runs
+    from prototypes import RUNS, SETTINGS, load_runs, rate_shift
 
     old, new = "bb[window-momentum0.25]", "bb"
     runs = {**load_runs(RUNS), **load_runs(HERE.parent / "ema_window_runs" / "window-momentum0.25")}
@@ -100,23 +114,16 @@ def suite() -> None:
     print("| setting | T | push: window's mean / window from m | rates: the mean's / from m's (median pair) | pairs |")
     print("|---|---|---|---|---|")
     for name in SETTINGS:
-        shifts = []
-        for (setting, method, lr, seed), record in runs.items():
-            if setting != name or method != new or (setting, old, lr, seed) not in runs:
-                continue
-            after, before = record["bb_lr_history"], runs[setting, old, lr, seed]["bb_lr_history"]
-            logs = [math.log10(a / b) for a, b in zip(after[2:], before[2:]) if a > 0 and b > 0]
-            if logs:
-                shifts.append(statistics.mean(logs))
-        if not shifts:
+        found = rate_shift(runs, name, new, old)
+        if found is None:
             continue
+        shift, pairs = found
         steps = next(r["steps_per_epoch"] for (s, m, _, _), r in runs.items() if s == name and m == new)
         if steps not in pushes:
             pushes[steps] = push(steps, "mean") / push(steps, "from-m")
-        shift = 10 ** statistics.median(shifts)
         if abs(math.log10(pushes[steps])) > 0.05:  # the push differs by more than 12 %
             moved["higher" if pushes[steps] > 1 else "lower"].append(shift)
-        print(f"| {name} | {steps} | {pushes[steps]:.2f} | {shift:.2f} | {len(shifts)} |", flush=True)
+        print(f"| {name} | {steps} | {pushes[steps]:.2f} | {shift:.2f} | {pairs} |", flush=True)
     print()
     for way, shifts in moved.items():
         low, high = sum(r < 10**-0.02 for r in shifts), sum(r > 10**0.02 for r in shifts)
