@@ -1,0 +1,81 @@
+"""BB's default on epochs as long as ImageNet's, where gradient noise no longer pushes its estimate up.
+
+On the suite's short epochs the window's mean lets noise push the estimate above the rate that ran the epoch
+(1.1-10x on pure noise, ``window_prior_runs/noise_push.py``), and BB's default relies on it: an estimate corrected to
+a push of 1 left 128 of 380 runs short against 79 (``push_neutral_runs/``). ImageNet's 5,005 steps an epoch give a
+push of 1.01. These two settings, designed before any of their runs and never tuned on, have 2,048 and 5,000 steps
+an epoch on two cores: does the default reach the tuned references there, and does the push-neutral estimate
+(``bb[push-neutral]``, which should change little at a push near 1) end where it does?
+
+    python benchmarks/results/long_epoch_runs/long_epochs.py train METHOD SEEDS [SETTINGS]  # METHOD: see below
+    python benchmarks/results/long_epoch_runs/long_epochs.py table
+
+METHOD: ``bb``, ``bb[push-neutral]``, ``sgdm-cosine``, ``adamw-cosine`` (each over η0 ∈ {1e-3 … 10}) or one of
+the learning-rate-free peers at their defaults (``prodigy-default``, ``dadapt-sgd-default``,
+``schedulefree-sgd-default``). Runs are saved as the suite saves them, into ``long_epoch_runs/runs/``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from prototypes import LRS, SETTINGS, Run, load_runs, print_moves, score, side_by_side, train  # noqa: E402
+from suite import DEFAULT_LR, DEFAULT_REFERENCES, Setting  # noqa: E402
+
+LONG = (
+    Setting("long-mlp-b8", "small_mlp", "mnist", 8, 3, 0.0, 40_000,
+            "MLP 784-512-10, batches of 8: 5,000 steps an epoch", holdout=True),
+    Setting("long-deep-relu-b16", "deep_relu_mnist", "mnist", 16, 3, 0.0, 32_768,
+            "MLP 784-(128 ReLU)x8-10, batches of 16: 2,048 steps an epoch", holdout=True),
+)  # fmt: skip
+PUSH_NEUTRAL = "bb[push-neutral]"
+RUNS = HERE / "runs"
+
+
+def train_method(method: str, seeds: str, settings: str | None) -> None:
+    if method == PUSH_NEUTRAL:
+        sys.path.insert(0, str(HERE.parent / "push_neutral_runs"))
+        from push_neutral import install
+
+        install()
+    lrs = [DEFAULT_LR] if method in DEFAULT_REFERENCES else list(LRS)
+    RUNS.mkdir(exist_ok=True)
+    for name in settings.split(",") if settings else [s.name for s in LONG]:
+        for seed in (int(s) for s in seeds.split(",")):
+            for lr in lrs:
+                run = Run(name, method, lr, seed)
+                path = RUNS / f"{run.name}.json"
+                if path.exists():
+                    continue
+                record = train(run)
+                path.write_text(json.dumps(record))
+                print(name, method, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+
+
+def scores(runs: dict) -> None:
+    """Every run's score (%): per setting and method, seed 0 / seed 1 at each η0 (or at the defaults)."""
+    methods = sorted({m for (_, m, _, _) in runs})
+    print("| setting | method | " + " | ".join(f"η0 = {lr:g}" for lr in LRS) + " | defaults |")
+    print("|---|---|" + "---|" * (len(LRS) + 1))
+    for setting in LONG:
+        for method in methods:
+            cells = []
+            for lr in (*LRS, DEFAULT_LR):
+                pair = [runs.get((setting.name, method, lr, seed)) for seed in (0, 1)]
+                cells.append(" / ".join(f"{score(r):.2f}" for r in pair) if all(pair) else "")
+            print(f"| {setting.name} | `{method}` | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    SETTINGS.update({setting.name: setting for setting in LONG})
+    if sys.argv[1] == "table":
+        runs = load_runs(RUNS)
+        side_by_side(runs, runs, ["bb", PUSH_NEUTRAL])
+        print()
+        print_moves(runs, [PUSH_NEUTRAL], baseline="bb")
+        print()
+        scores(runs)
+    else:
+        train_method(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
