@@ -11,6 +11,7 @@ tuned reference of every setting: what the prototype result scripts (``*_runs/``
 - :func:`adam_grid`: the Adam-scaled mode's η0 = 1e-3 runs of a folder, each standing for every η0 of the grid.
 - :func:`moved_runs`: the runs of an Adam-scaled mode whose score moved by a point or more from one method to another.
 - :func:`print_moves`: runs paired with a baseline's, moved a point or more each way, by the settings' epoch lengths.
+- :func:`print_setting_moves`: the same per setting and over all of them.
 - :func:`suite_table`: a prototype's suite runs beside BB's default, the checks and the moves.
 - :func:`train_outside`: train a prototype on the settings of ``ema_window_runs/outside.py``.
 - :func:`rate_shift`: how one method's rates sit against another's on a setting, over paired runs.
@@ -30,19 +31,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "robustness"))
 
 from report import best_reference, check, gap_stats, gaps, load_runs, score, signed, stats_cell  # noqa: E402
-from suite import LRS, PEERS, RUNS, SEEDS, SETTINGS, Run, train  # noqa: E402
+from suite import DEFAULT_LR, LRS, PEERS, RUNS, SEEDS, SETTINGS, Run, train  # noqa: E402
 
 ADAM_LR = 0.001
 EPOCH_LENGTHS = (("T <= 24", 24), ("25 <= T <= 64", 64), ("T > 64", None))  # steps an epoch
 
 
 def train_runs(out: str | Path, settings: str, seeds: str, lrs: str, method: str, bb_kwargs: Any = None) -> None:
-    """Train ``method`` (``bb[NAME]``) on every comma-separated setting, seed and η0 into ``out``, one file a run."""
+    """Train ``method`` on every comma-separated setting, seed and η0 (``default``: a peer at its defaults) into
+    ``out``, one file a run."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for setting in settings.split(","):
         for seed in (int(s) for s in seeds.split(",")):
-            for lr in (float(x) for x in lrs.split(",")):
+            for lr in (x if x == DEFAULT_LR else float(x) for x in lrs.split(",")):
                 run = Run(setting, method, lr, seed)
                 path = out / f"{run.name}.json"
                 if path.exists():
@@ -189,6 +191,18 @@ def print_moves(runs: dict, methods: Sequence[str], baseline: str = "bb") -> Non
         lengths += [(f"  - {name}", moves[name]) for name, _ in EPOCH_LENGTHS if moves[name]]
         for label, values in lengths:
             print(moved_line(label, values))
+
+
+def print_setting_moves(runs: dict, method: str, baseline_runs: dict, baseline: str) -> None:
+    """``method``'s runs in ``runs`` paired with ``baseline``'s in ``baseline_runs`` (same setting, η0, seed): per
+    setting and over all of them, how many moved a point or more each way."""
+    moves = collections.defaultdict(list)
+    for (setting, m, lr, seed), record in sorted(runs.items()):
+        if m == method and (setting, baseline, lr, seed) in baseline_runs:
+            moves[setting].append(score(record) - score(baseline_runs[setting, baseline, lr, seed]))
+    every = [move for setting_moves in moves.values() for move in setting_moves]
+    for setting, setting_moves in [*moves.items(), ("all", every)]:
+        print(moved_line(f"- {setting}: `{method}` against `{baseline}`", setting_moves))
 
 
 def suite_table(folder: Path, method: str) -> None:

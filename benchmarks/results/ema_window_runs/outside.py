@@ -8,14 +8,13 @@ step) or ``bb[window0.5]`` (the last half).
     python benchmarks/results/ema_window_runs/outside.py table                  # the two side by side
 """
 
-import collections
 import functools
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prototypes import LRS, SETTINGS, load_runs, moved_line, score, train_runs  # noqa: E402
+from prototypes import LRS, SETTINGS, load_runs, print_setting_moves, score, train_runs  # noqa: E402
 from suite import Setting  # noqa: E402
 
 from bbfused import optimizer  # noqa: E402
@@ -59,14 +58,8 @@ def table(folder: Path) -> None:
                     f"{min(scores):.2f} | {statistics.median(scores):.2f} | {max(scores):.2f} |"
                 )
     for name in ("bb", HALF):
-        moves = collections.defaultdict(list)
-        for (s, m, lr, seed), record in runs.items():
-            if m == name and (s, FULL, lr, seed) in runs:
-                moves[s].append(score(record) - score(runs[(s, FULL, lr, seed)]))
-        every = [move for setting_moves in moves.values() for move in setting_moves]
         print()
-        for setting, setting_moves in [*moves.items(), ("all", every)]:
-            print(moved_line(f"- {setting}: `{name}` against `{FULL}`", setting_moves))
+        print_setting_moves(runs, name, runs, FULL)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ the learning-rate-free peers at their defaults (``prodigy-default``, ``dadapt-sg
 ``schedulefree-sgd-default``). Runs are saved as the suite saves them, into ``long_epoch_runs/runs/``.
 """
 
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from prototypes import LRS, SETTINGS, Run, load_runs, print_moves, score, side_by_side, train  # noqa: E402
+from prototypes import LRS, SETTINGS, load_runs, print_moves, score, side_by_side, train_runs  # noqa: E402
 from suite import DEFAULT_LR, DEFAULT_REFERENCES, Setting  # noqa: E402
 
 LONG = (
@@ -40,18 +39,8 @@ def train_method(method: str, seeds: str, settings: str | None) -> None:
         from push_neutral import install
 
         install()
-    lrs = [DEFAULT_LR] if method in DEFAULT_REFERENCES else list(LRS)
-    RUNS.mkdir(exist_ok=True)
-    for name in settings.split(",") if settings else [s.name for s in LONG]:
-        for seed in (int(s) for s in seeds.split(",")):
-            for lr in lrs:
-                run = Run(name, method, lr, seed)
-                path = RUNS / f"{run.name}.json"
-                if path.exists():
-                    continue
-                record = train(run)
-                path.write_text(json.dumps(record))
-                print(name, method, lr, seed, round(record["score"], 2), record["rolled_back_epochs"], flush=True)
+    lrs = DEFAULT_LR if method in DEFAULT_REFERENCES else ",".join(str(lr) for lr in LRS)
+    train_runs(RUNS, settings or ",".join(s.name for s in LONG), seeds, lrs, method)
 
 
 def scores(runs: dict) -> None:

@@ -18,7 +18,6 @@ The correction is derived from the weights alone, not fitted to any run. ``--off
     python benchmarks/results/push_neutral_runs/push_neutral.py rates  # its rates against the default's
 """
 
-import collections
 import functools
 import sys
 from pathlib import Path
@@ -29,7 +28,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "window_prior_runs"))
 from noise_push import noise_shares  # noqa: E402
-from prototypes import SETTINGS, load, load_runs, moved_line, rate_shift, score, suite_table, train_outside, train_runs  # noqa: E402
+from prototypes import (  # noqa: E402
+    SETTINGS,
+    load,
+    load_runs,
+    print_setting_moves,
+    rate_shift,
+    suite_table,
+    train_outside,
+    train_runs,
+)
 
 from bbfused import optimizer  # noqa: E402
 from bbfused.buffer_set import BufferSet  # noqa: E402
@@ -87,13 +95,7 @@ def install(apply: bool = True) -> None:
 def outside_table() -> None:
     """Outside the suite: the prototype's runs paired with the default's (the same code, ``--off``)."""
     runs = load_runs(HERE / "outside")
-    moves = collections.defaultdict(list)
-    for (setting, method, lr, seed), record in sorted(runs.items()):
-        if method == METHOD and (setting, "bb", lr, seed) in runs:
-            moves[setting].append(score(record) - score(runs[setting, "bb", lr, seed]))
-    every = [move for setting_moves in moves.values() for move in setting_moves]
-    for setting, setting_moves in [*moves.items(), ("all", every)]:
-        print(moved_line(f"- {setting}: `{METHOD}` against `bb`", setting_moves))
+    print_setting_moves(runs, METHOD, runs, "bb")
 
 
 def rates() -> None:

@@ -44,6 +44,7 @@ from prototypes import (  # noqa: E402
     load_runs,
     moved_line,
     print_moves,
+    print_setting_moves,
     score,
     side_by_side,
     train_runs,
@@ -132,14 +133,8 @@ def outside_table(here: Path) -> None:
     default = {**load_runs(here.parent / "ema_window_runs" / "outside"), **load_runs(here / "outside_ema_window")}
     runs = load_runs(here / "outside")
     for baseline in ("bb", "bb[full-average]"):
-        moves = collections.defaultdict(list)
-        for (setting, method, lr, seed), record in sorted(runs.items()):
-            if (setting, baseline, lr, seed) in default:
-                moves[method, setting].append(score(record) - score(default[setting, baseline, lr, seed]))
-        for method in sorted({m for m, _ in moves}):
-            every = [move for (m, _), setting_moves in moves.items() if m == method for move in setting_moves]
-            for setting, setting_moves in [*((s, v) for (m, s), v in moves.items() if m == method), ("all", every)]:
-                print(moved_line(f"- {setting}: `{method}` against `{baseline}`", setting_moves))
+        for method in sorted({m for (s, m, lr, seed) in runs if (s, baseline, lr, seed) in default}):
+            print_setting_moves(runs, method, default, baseline)
         print()
     for low, high in ((0, 30), (30, 60)):  # the deep ReLU MLP's first 30 seeds and the 30 added after them
         halves = [
@@ -151,11 +146,21 @@ def outside_table(here: Path) -> None:
             and (setting, "bb", lr, seed) in default
         ]
         print(moved_line(f"- deep-relu-digits-b64, seeds {low}-{high - 1}: `bb[uniform0.25]` against `bb`", halves))
-    for name, records in (("bb", default), ("bb[uniform0.25]", runs)):  # runs at chance: the collapses
-        scores = [(lr, score(r)) for (s, m, lr, _), r in records.items() if s == "deep-relu-digits-b64" and m == name]
-        low = [lr for lr, value in scores if value < CHANCE]
-        per_lr = ", ".join(f"{low.count(lr)} from η0 = {lr:g}" for lr in LRS)
-        print(f"- deep-relu-digits-b64, `{name}`: {len(low)} of {len(scores)} runs below {CHANCE} % ({per_lr})")
+    for name, records in (("bb", default), ("bb[uniform0.25]", runs)):
+        print_collapses(records, name)
+
+
+def print_collapses(records: dict, method: str, seeds: set[int] | None = None) -> None:
+    """``method``'s runs of the deep ReLU MLP outside the suite that ended below CHANCE, per η0 (of ``seeds``; None:
+    every seed)."""
+    scores = [
+        (lr, score(r))
+        for (s, m, lr, seed), r in records.items()
+        if s == "deep-relu-digits-b64" and m == method and (seeds is None or seed in seeds)
+    ]
+    low = [lr for lr, value in scores if value < CHANCE]
+    per_lr = ", ".join(f"{low.count(lr)} from η0 = {lr:g}" for lr in LRS)
+    print(f"- deep-relu-digits-b64, `{method}`: {len(low)} of {len(scores)} runs below {CHANCE} % ({per_lr})")
 
 
 def short_table(here: Path) -> None:

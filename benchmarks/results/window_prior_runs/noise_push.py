@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from window_prior import prior_steps  # noqa: E402
 
 FORMS = {
     "full": "full average",
@@ -67,8 +69,7 @@ def push(steps_per_epoch: int, form: str, momentum: float = 0.9, rate: float = 0
     beta = 4.0 / steps_per_epoch
     n = max(2, math.ceil(steps_per_epoch / 4))
     opening = steps_per_epoch - n
-    w = (1 - beta) ** n  # the full average's weight of the steps before the window
-    k = n * w / (1 - w)
+    k = prior_steps(steps_per_epoch, n)
     previous_theta, previous_g, ratios = theta.clone(), None, []
     for _ in range(epochs):
         g = torch.zeros_like(theta)

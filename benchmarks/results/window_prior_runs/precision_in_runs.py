@@ -8,7 +8,6 @@ SETTING: a suite setting or one of ``ema_window_runs/outside.py``. Per run: the 
 g and of Δθᵀy over the run's epochs, and the largest while the rate was at least 1e-3.
 """
 
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "ema_window_runs"))
 from outside import OUTSIDE  # noqa: E402
 from prototypes import SETTINGS, Run, train  # noqa: E402
-from suite import batch_size, load_data  # noqa: E402
 
 from bbfused import optimizer  # noqa: E402
 from bbfused.buffer_set import BufferSet  # noqa: E402
@@ -32,9 +30,7 @@ STEP_AS_SHIPPED, MEASURE_AS_SHIPPED = optimizer.BB.step, BufferSet.measure
 class Recorder:
     """Patches BB's step to keep each step's d in float64, and the epoch-end pass to compare g with their mean."""
 
-    def __init__(self, steps_per_epoch: int) -> None:
-        self.steps_per_epoch = steps_per_epoch
-        self.window = math.ceil(steps_per_epoch / 4)
+    def __init__(self) -> None:
         self.directions: list[torch.Tensor] = []
         self.records: list[dict] = []
         self.previous_mean = None
@@ -58,14 +54,15 @@ class Recorder:
         optimizer.BB.step, BufferSet.measure = step, measure
 
     def compare(self, buffers: BufferSet) -> None:
-        taken = len(self.directions)
-        if taken < 2 * self.steps_per_epoch or taken % self.steps_per_epoch:
+        taken, steps_per_epoch = len(self.directions), self.optimizer.steps_per_epoch
+        if taken < 2 * steps_per_epoch or taken % steps_per_epoch:
             return  # the first epoch's periods, whose g is the average over every step
+        window = self.optimizer._clock.window.window_steps(steps_per_epoch)
 
         def flat(name: str) -> torch.Tensor:
             return torch.cat([getattr(b, name).double().flatten() for b in buffers.buffers])
 
-        mean = torch.stack(self.directions[-self.window :]).mean(0)
+        mean = torch.stack(self.directions[-window:]).mean(0)
         g, previous_g = flat("ema"), flat("prev_ema")
         record = {"lr": self.optimizer.lr_history[-1], "g": ((g - mean).norm() / mean.norm()).item()}
         if self.previous_mean is not None:
@@ -78,12 +75,11 @@ class Recorder:
 
 def main(setting_name: str, lr: float, seeds: str) -> None:
     SETTINGS.update({setting.name: setting for setting in OUTSIDE})
-    setting = SETTINGS[setting_name]
     errors = "g: median / largest | Δθᵀy: median / largest"
     print(f"| seed | score | {errors} | largest while η ≥ {RATE_FLOOR:g}: g / Δθᵀy |")
     print("|---|---|---|---|---|")
     for seed in (int(s) for s in seeds.split(",")):
-        recorder = Recorder(len(load_data(setting, seed, False)[1]) // batch_size(setting))
+        recorder = Recorder()
         recorder.install()
         record = train(Run(setting_name, "bb", lr, seed))
         errors = {key: [r[key] for r in recorder.records if key in r] for key in ("g", "sum")}

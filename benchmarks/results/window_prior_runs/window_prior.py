@@ -21,7 +21,6 @@ which that prototype showed equal to the optimizer's default bit for bit with k 
     rates (default: the deep ReLU MLP from η0 = 1e-3)
 """
 
-import collections
 import functools
 import sys
 from pathlib import Path
@@ -29,8 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "uniform_window_runs"))
-from prototypes import LRS, load_runs, moved_line, score, suite_table, train_outside, train_runs  # noqa: E402
-from uniform_window import CHANCE, KeepAfterFirstEpoch, point_coefficient, z_point  # noqa: E402
+from prototypes import load_runs, print_setting_moves, score, suite_table, train_outside, train_runs  # noqa: E402
+from uniform_window import KeepAfterFirstEpoch, point_coefficient, print_collapses, z_point  # noqa: E402
 
 from bbfused import optimizer  # noqa: E402
 
@@ -92,24 +91,11 @@ def outside_table() -> None:
     }
     runs = load_runs(HERE / "outside")
     for baseline, records in baselines.items():
-        moves = collections.defaultdict(list)
-        for (setting, _, lr, seed), record in sorted(runs.items()):
-            if (setting, baseline, lr, seed) in records:
-                moves[setting].append(score(record) - score(records[setting, baseline, lr, seed]))
-        every = [move for setting_moves in moves.values() for move in setting_moves]
-        for setting, setting_moves in [*moves.items(), ("all", every)]:
-            print(moved_line(f"- {setting}: `{METHOD}` against `{baseline}`", setting_moves))
+        print_setting_moves(runs, METHOD, records, baseline)
         print()
     seeds = {seed for (s, _, _, seed) in runs if s == "deep-relu-digits-b64"}
     for name, records in (*baselines.items(), (METHOD, runs)):
-        scores = [
-            (lr, score(r))
-            for (s, m, lr, seed), r in records.items()
-            if s == "deep-relu-digits-b64" and m == name and seed in seeds
-        ]
-        low = [lr for lr, value in scores if value < CHANCE]
-        per_lr = ", ".join(f"{low.count(lr)} from η0 = {lr:g}" for lr in LRS)
-        print(f"- deep-relu-digits-b64, `{name}`: {len(low)} of {len(scores)} runs below {CHANCE} % ({per_lr})")
+        print_collapses(records, name, seeds)
 
 
 def rates(seeds: str, lr: float = 0.001, setting: str = "deep-relu-digits-b64") -> None:
