@@ -28,6 +28,11 @@ LONG = (
             "MLP 784-512-10, batches of 8: 5,000 steps an epoch", holdout=True),
     Setting("long-deep-relu-b16", "deep_relu_mnist", "mnist", 16, 3, 0.0, 32_768,
             "MLP 784-(128 ReLU)x8-10, batches of 16: 2,048 steps an epoch", holdout=True),
+    Setting("long-cnn-b16", "gap_cnn", "mnist", 16, 3, 5e-4, 16_384,
+            "the small-long CNN (BatchNorm) with batches of 16: 1,024 steps an epoch", holdout=True),
+    Setting("long-noisy-cnn-b16", "gap_cnn", "mnist", 16, 3, 5e-4, 16_384,
+            "long-cnn-b16 with 30 % of the training labels replaced by random classes", label_noise=0.3,
+            holdout=True),
 )  # fmt: skip
 PUSH_NEUTRAL = "bb[push-neutral]"
 RUNS = HERE / "runs"
