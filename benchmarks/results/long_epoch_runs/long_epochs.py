@@ -33,6 +33,11 @@ LONG = (
     Setting("long-noisy-cnn-b16", "gap_cnn", "mnist", 16, 3, 5e-4, 16_384,
             "long-cnn-b16 with 30 % of the training labels replaced by random classes", label_noise=0.3,
             holdout=True),
+    Setting("long-vit-b16", "tiny_vit", "mnist", 16, 3, 5e-4, 16_384,
+            "the tiny ViT (LayerNorm, no BatchNorm) with batches of 16: 1,024 steps an epoch", holdout=True),
+    Setting("long-gru-b16", "gru_rows", "mnist", 16, 3, 0.0, 16_384,
+            "the GRU reading image rows, gradients clipped to norm 1, batches of 16: 1,024 steps an epoch",
+            clip_grad_norm=1.0, holdout=True),
 )  # fmt: skip
 PUSH_NEUTRAL = "bb[push-neutral]"
 RUNS = HERE / "runs"
