@@ -3,16 +3,17 @@
 On the suite's short epochs the window's mean lets noise push the estimate above the rate that ran the epoch
 (1.1-10x on pure noise, ``window_prior_runs/noise_push.py``), and BB's default relies on it: an estimate corrected to
 a push of 1 left 128 of 380 runs short against 79 (``push_neutral_runs/``). ImageNet's 5,005 steps an epoch give a
-push of 1.01. These two settings, designed before any of their runs and never tuned on, have 2,048 and 5,000 steps
-an epoch on two cores: does the default reach the tuned references there, and does the push-neutral estimate
+push of 1.01. These settings, each designed before any of its runs and never tuned on, have 1,024 to 5,000 steps an
+epoch on two cores: does the default reach the tuned references there, and does the push-neutral estimate
 (``bb[push-neutral]``, which should change little at a push near 1) end where it does?
 
     python benchmarks/results/long_epoch_runs/long_epochs.py train METHOD SEEDS [SETTINGS]  # METHOD: see below
     python benchmarks/results/long_epoch_runs/long_epochs.py table
+    python benchmarks/results/long_epoch_runs/long_epochs.py report  # report.md and report.png, as the suite's
 
-METHOD: ``bb``, ``bb[push-neutral]``, ``sgdm-cosine``, ``adamw-cosine`` (each over η0 ∈ {1e-3 … 10}) or one of
-the learning-rate-free peers at their defaults (``prodigy-default``, ``dadapt-sgd-default``,
-``schedulefree-sgd-default``). Runs are saved as the suite saves them, into ``long_epoch_runs/runs/``.
+METHOD: ``bb``, ``bb[push-neutral]``, or any reference of the robustness suite (``sgdm``, ``sgdm-cosine``,
+``prodigy``, ..., over η0 ∈ {1e-3 … 10}; ``prodigy-default``, ``dadapt-sgd-default``, ``schedulefree-sgd-default``
+at their defaults). Runs are saved as the suite saves them, into ``long_epoch_runs/runs/``.
 """
 
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from prototypes import LRS, SETTINGS, load_runs, print_moves, score, side_by_side, train_runs  # noqa: E402
+from report import write_report  # noqa: E402
 from suite import DEFAULT_LR, DEFAULT_REFERENCES, Setting  # noqa: E402
 
 LONG = (
@@ -69,7 +71,17 @@ def scores(runs: dict) -> None:
 
 if __name__ == "__main__":
     SETTINGS.update({setting.name: setting for setting in LONG})
-    if sys.argv[1] == "table":
+    if sys.argv[1] == "report":
+        write_report(
+            RUNS,
+            HERE / "report.md",
+            HERE / "report.png",
+            title="BB's default on long epochs (1,024 to 5,000 steps): how far it ends from what the user would "
+            "otherwise have run",
+            generator="python benchmarks/results/long_epoch_runs/long_epochs.py report",
+            trainer="python benchmarks/results/long_epoch_runs/long_epochs.py train",
+        )
+    elif sys.argv[1] == "table":
         runs = load_runs(RUNS)
         side_by_side(runs, runs, ["bb", PUSH_NEUTRAL])
         print()
