@@ -1,7 +1,9 @@
 """The tables of 2026-12-05_cpu_end_phase.md: the end-phase prototypes (``end_phase.py`` next to this script, runs
 ``bb[anneal-MODE]``) against BB's default and the best tuned reference of every setting:
 ``python benchmarks/results/end_phase_runs/table.py FOLDER [FOLDER ...]``; with ``--adam`` first, the Adam-scaled
-mode (``bb[adam]`` of preconditioner_runs/ against ``bb[anneal-MODE-adam]``), per seed."""
+mode (``bb[adam]`` of preconditioner_runs/ against ``bb[anneal-MODE-adam]``), per seed. A folder with BB's default's
+runs of its own (``midpoint/``, trained beside its prototype on one CPU) is paired with them too: the runs that moved
+by a point or more."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RESULTS))
 
-from prototypes import RUNS, adam_seeds, load, side_by_side  # noqa: E402
+from prototypes import RUNS, adam_seeds, load, load_runs, print_moves, side_by_side  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -22,6 +24,11 @@ def main(argv: list[str]) -> None:
         adam_seeds(references, runs, ["bb[adam]", *prototypes])
     else:
         side_by_side(references, runs, ["bb", *prototypes])
+        for folder in argv:
+            own = load_runs(Path(folder))
+            if any(key[1] == "bb" for key in own):
+                print()
+                print_moves(own, sorted({key[1] for key in own if key[1] != "bb"}), baseline="bb")
 
 
 if __name__ == "__main__":

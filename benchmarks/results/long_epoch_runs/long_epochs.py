@@ -11,9 +11,10 @@ epoch on two cores: does the default reach the tuned references there, and does 
     python benchmarks/results/long_epoch_runs/long_epochs.py table
     python benchmarks/results/long_epoch_runs/long_epochs.py report  # report.md and report.png, as the suite's
 
-METHOD: ``bb``, ``bb[push-neutral]``, or any reference of the robustness suite (``sgdm``, ``sgdm-cosine``,
-``prodigy``, ..., over η0 ∈ {1e-3 … 10}; ``prodigy-default``, ``dadapt-sgd-default``, ``schedulefree-sgd-default``
-at their defaults). Runs are saved as the suite saves them, into ``long_epoch_runs/runs/``.
+METHOD: ``bb``, ``bb[push-neutral]``, ``bb[anneal-midpoint]`` (``end_phase_runs/end_phase.py``'s ``midpoint``), or
+any reference of the robustness suite (``sgdm``, ``sgdm-cosine``, ``prodigy``, ..., over η0 ∈ {1e-3 … 10};
+``prodigy-default``, ``dadapt-sgd-default``, ``schedulefree-sgd-default`` at their defaults). Runs are saved as the
+suite saves them, into ``long_epoch_runs/runs/``.
 """
 
 import sys
@@ -42,6 +43,7 @@ LONG = (
             clip_grad_norm=1.0, holdout=True),
 )  # fmt: skip
 PUSH_NEUTRAL = "bb[push-neutral]"
+MIDPOINT = "bb[anneal-midpoint]"
 RUNS = HERE / "runs"
 
 
@@ -51,6 +53,13 @@ def train_method(method: str, seeds: str, settings: str | None) -> None:
         from push_neutral import install
 
         install()
+    if method == MIDPOINT:
+        sys.path.insert(0, str(HERE.parent / "end_phase_runs"))
+        from end_phase import midpoint_anneal_factor
+
+        from bbfused.control import safeguard
+
+        safeguard.anneal_factor = midpoint_anneal_factor
     lrs = DEFAULT_LR if method in DEFAULT_REFERENCES else ",".join(str(lr) for lr in LRS)
     train_runs(RUNS, settings or ",".join(s.name for s in LONG), seeds, lrs, method)
 
@@ -83,9 +92,9 @@ if __name__ == "__main__":
         )
     elif sys.argv[1] == "table":
         runs = load_runs(RUNS)
-        side_by_side(runs, runs, ["bb", PUSH_NEUTRAL])
+        side_by_side(runs, runs, ["bb", PUSH_NEUTRAL, MIDPOINT])
         print()
-        print_moves(runs, [PUSH_NEUTRAL], baseline="bb")
+        print_moves(runs, [PUSH_NEUTRAL, MIDPOINT], baseline="bb")
         print()
         scores(runs)
     else:
