@@ -155,6 +155,8 @@ def sign_test(up: int, down: int) -> float:
 def moved_line(label: str, moves: Sequence[float]) -> str:
     """``label`` over paired runs whose scores moved by ``moves``: how many moved a point or more each way, with the
     sign test, the mean and the median."""
+    if not moves:
+        return f"{label}: no paired runs"
     up, down = sum(m >= 1 for m in moves), sum(m <= -1 for m in moves)
     return (
         f"{label} over {len(moves)} paired runs: {up} up and {down} down by a point or more (sign test p = "
