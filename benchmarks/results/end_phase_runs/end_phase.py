@@ -50,32 +50,39 @@ def next_rate(self, sums, diverged, rose, steps, bounds, search_open=True, risen
     return new_rate, searching, ceiling
 
 
-def anneal_factor(epoch, epochs, table=None):
-    """safeguard.anneal_factor with the cosine's start at FRACTION of the run (the shipped one: half)."""
-    if epochs is None:
-        return 1.0
-    if isinstance(epoch, torch.Tensor):
-        table = safeguard.anneal_table(epochs, epoch.device) if table is None else table
-        return table[epoch.to(table.device).clamp(min=0, max=epochs - 1)]
+def end_phase(cosine):
+    """A replacement for safeguard.anneal_factor whose host factor for epoch k (of the run's planned ``epochs``,
+    k clamped to the last) is ``cosine(k, epochs)``; a device-counted epoch indexes the host's table, as shipped."""
+
+    def factor(epoch, epochs, table=None):
+        if epochs is None:
+            return 1.0
+        if isinstance(epoch, torch.Tensor):
+            table = safeguard.anneal_table(epochs, epoch.device) if table is None else table
+            return table[epoch.to(table.device).clamp(min=0, max=epochs - 1)]
+        return cosine(min(epoch, epochs - 1), epochs)
+
+    return factor
+
+
+def _late_start(k, epochs):
+    """The cosine's start at FRACTION of the run (the shipped one: half)."""
     start = int(epochs * FRACTION)
-    k = min(epoch, epochs - 1)
     if k < start:
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * (k - start + 1) / (epochs - start + 1)))
 
 
-def midpoint_anneal_factor(epoch, epochs, table=None):
-    """safeguard.anneal_factor with each end-phase epoch at the cosine's value at its middle."""
-    if epochs is None:
-        return 1.0
-    if isinstance(epoch, torch.Tensor):
-        table = safeguard.anneal_table(epochs, epoch.device) if table is None else table
-        return table[epoch.to(table.device).clamp(min=0, max=epochs - 1)]
+def _midpoint(k, epochs):
+    """The shipped start, each end-phase epoch at the cosine's value at its middle."""
     start = max(1, epochs // 2)
-    k = min(epoch, epochs - 1)
     if k < start:
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * (k - start + 0.5) / (epochs - start)))
+
+
+anneal_factor = end_phase(_late_start)
+midpoint_anneal_factor = end_phase(_midpoint)
 
 
 def main(argv: list[str]) -> None:
