@@ -10,6 +10,7 @@ tuned reference of every setting: what the prototype result scripts (``*_runs/``
   per seed for each method.
 - :func:`adam_grid`: the Adam-scaled mode's η0 = 1e-3 runs of a folder, each standing for every η0 of the grid.
 - :func:`moved_runs`: the runs of an Adam-scaled mode whose score moved by a point or more from one method to another.
+- :func:`paired_moves`: each run's score change against a baseline's run of the same setting, η0 and seed.
 - :func:`print_moves`: runs paired with a baseline's, moved a point or more each way, by the settings' epoch lengths.
 - :func:`print_setting_moves`: the same per setting and over all of them.
 - :func:`suite_table`: a prototype's suite runs beside BB's default, the checks and the moves.
@@ -178,16 +179,25 @@ def moved_runs(runs: dict, before: str, after: str, seeds: Sequence[int] = SEEDS
     return moved
 
 
+def paired_moves(runs: dict, method: str, baseline: str, baseline_runs: dict | None = None) -> list[tuple[str, float]]:
+    """(setting, score change) of every run of ``method`` in ``runs`` against ``baseline``'s run of the same setting,
+    η0 and seed in ``baseline_runs`` (default: ``runs``), in the runs' sorted order."""
+    baseline_runs = runs if baseline_runs is None else baseline_runs
+    return [
+        (setting, score(record) - score(baseline_runs[setting, baseline, lr, seed]))
+        for (setting, m, lr, seed), record in sorted(runs.items())
+        if m == method and (setting, baseline, lr, seed) in baseline_runs
+    ]
+
+
 def print_moves(runs: dict, methods: Sequence[str], baseline: str = "bb") -> None:
     """Per method: its runs paired with ``baseline``'s (same setting, η0, seed), moved a point or more each way; then
     the same by the settings' epoch lengths."""
     for method in methods:
         moves = collections.defaultdict(list)
-        for (setting, m, lr, seed), record in runs.items():
-            if m == method and (setting, baseline, lr, seed) in runs:
-                steps = SETTINGS[setting].steps_per_epoch()
-                length = next(name for name, top in EPOCH_LENGTHS if top is None or steps <= top)
-                moves[length].append(score(record) - score(runs[setting, baseline, lr, seed]))
+        for setting, move in paired_moves(runs, method, baseline):
+            steps = SETTINGS[setting].steps_per_epoch()
+            moves[next(name for name, top in EPOCH_LENGTHS if top is None or steps <= top)].append(move)
         every = [move for length_moves in moves.values() for move in length_moves]
         lengths = [(f"- `{method}` against `{baseline}`", every)]
         lengths += [(f"  - {name}", moves[name]) for name, _ in EPOCH_LENGTHS if moves[name]]
@@ -199,9 +209,8 @@ def print_setting_moves(runs: dict, method: str, baseline_runs: dict, baseline: 
     """``method``'s runs in ``runs`` paired with ``baseline``'s in ``baseline_runs`` (same setting, η0, seed): per
     setting and over all of them, how many moved a point or more each way."""
     moves = collections.defaultdict(list)
-    for (setting, m, lr, seed), record in sorted(runs.items()):
-        if m == method and (setting, baseline, lr, seed) in baseline_runs:
-            moves[setting].append(score(record) - score(baseline_runs[setting, baseline, lr, seed]))
+    for setting, move in paired_moves(runs, method, baseline, baseline_runs):
+        moves[setting].append(move)
     every = [move for setting_moves in moves.values() for move in setting_moves]
     for setting, setting_moves in [*moves.items(), ("all", every)]:
         print(moved_line(f"- {setting}: `{method}` against `{baseline}`", setting_moves))

@@ -85,20 +85,25 @@ anneal_factor = end_phase(_late_start)
 midpoint_anneal_factor = end_phase(_midpoint)
 
 
+def install(mode: str) -> None:
+    """Patch the shipped control with the end phase of ``mode`` (see the module docstring)."""
+    global FRACTION
+    if mode == "hold":
+        safeguard.SafeguardControl.close_epoch = close_epoch
+        safeguard.SafeguardControl.next_rate = next_rate
+        safeguard.SafeguardControl._decision_kernels = lambda self, buffers: None
+    elif mode == "midpoint":
+        safeguard.anneal_factor = midpoint_anneal_factor
+    else:
+        FRACTION = float(mode)
+        safeguard.anneal_factor = anneal_factor
+
+
 def main(argv: list[str]) -> None:
     """OUT_DIR SETTINGS SEEDS LRS MODE [adam]: runs saved as bb[anneal-MODE] (bb[anneal-MODE-adam])."""
     adam = len(argv) > 5 and argv[5] == "adam"
     kwargs = {"preconditioner": "adam"} if adam else None
-    global FRACTION
-    if argv[4] == "hold":
-        safeguard.SafeguardControl.close_epoch = close_epoch
-        safeguard.SafeguardControl.next_rate = next_rate
-        safeguard.SafeguardControl._decision_kernels = lambda self, buffers: None
-    elif argv[4] == "midpoint":
-        safeguard.anneal_factor = midpoint_anneal_factor
-    else:
-        FRACTION = float(argv[4])
-        safeguard.anneal_factor = anneal_factor
+    install(argv[4])
     train_runs(*argv[:4], f"bb[anneal-{argv[4]}{'-adam' if adam else ''}]", kwargs)
 
 

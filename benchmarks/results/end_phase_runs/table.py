@@ -13,7 +13,17 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(RESULTS))
 
-from prototypes import RUNS, SETTINGS, adam_seeds, load, load_runs, moved_line, print_moves, score, side_by_side  # noqa: E402
+from prototypes import (  # noqa: E402
+    RUNS,
+    SETTINGS,
+    adam_seeds,
+    load,
+    load_runs,
+    moved_line,
+    paired_moves,
+    print_moves,
+    side_by_side,
+)
 
 # The planned run lengths the end phase's factors differ most at, and the rest.
 FEW_EPOCHS = 6
@@ -23,10 +33,8 @@ def print_moves_by_epochs(runs: dict, method: str, baseline: str = "bb") -> None
     """``method``'s runs paired with ``baseline``'s, moved a point or more each way, by the planned number of epochs
     (the midpoint end phase's factors differ from the shipped ones most in short runs)."""
     few, many = [], []
-    for (setting, m, lr, seed), record in sorted(runs.items()):
-        if m == method and (setting, baseline, lr, seed) in runs:
-            move = score(record) - score(runs[setting, baseline, lr, seed])
-            (few if SETTINGS[setting].epochs <= FEW_EPOCHS else many).append(move)
+    for setting, move in paired_moves(runs, method, baseline):
+        (few if SETTINGS[setting].epochs <= FEW_EPOCHS else many).append(move)
     print(moved_line(f"  - runs of at most {FEW_EPOCHS} epochs", few))
     print(moved_line(f"  - runs of more than {FEW_EPOCHS} epochs", many))
 

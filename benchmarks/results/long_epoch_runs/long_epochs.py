@@ -53,13 +53,11 @@ def train_method(method: str, seeds: str, settings: str | None) -> None:
         from push_neutral import install
 
         install()
-    if method == MIDPOINT:
+    elif method == MIDPOINT:
         sys.path.insert(0, str(HERE.parent / "end_phase_runs"))
-        from end_phase import midpoint_anneal_factor
+        from end_phase import install
 
-        from bbfused.control import safeguard
-
-        safeguard.anneal_factor = midpoint_anneal_factor
+        install("midpoint")
     lrs = DEFAULT_LR if method in DEFAULT_REFERENCES else ",".join(str(lr) for lr in LRS)
     train_runs(RUNS, settings or ",".join(s.name for s in LONG), seeds, lrs, method)
 
