@@ -135,17 +135,18 @@ def test_the_rate_never_grows_back_past_the_one_at_which_the_loss_rose() -> None
 
 @pytest.mark.parametrize("epochs", [1, 2, 6, 25])
 def test_the_end_phase_anneals_the_second_half(epochs: int) -> None:
-    """The factor is 1 over the first half and falls along a cosine to near 0 at the last epoch; an epoch past the
-    plan keeps the last factor; the device form gives the same numbers."""
+    """The factor is 1 over the first half and falls along a cosine, each end-phase epoch at the cosine's value at
+    its middle; an epoch past the plan keeps the last factor; the device form gives the same numbers."""
     factors = [anneal_factor(k, epochs) for k in range(epochs + 2)]
     start = max(1, epochs // 2)
     assert factors[:start] == [1.0] * start
     assert all(later < earlier for earlier, later in zip(factors[start - 1 : epochs], factors[start:epochs]))
     assert factors[epochs - 1] == factors[epochs] == factors[epochs + 1]
+    middles = [(k - start + 0.5) / (epochs - start) for k in range(start, epochs)]
+    assert factors[start:epochs] == pytest.approx([0.5 * (1 + math.cos(math.pi * m)) for m in middles], rel=1e-15)
+    # The mean of the end phase's factors is the cosine's mean over it: a half, as in cosine annealing.
     if epochs > 1:
-        assert factors[epochs - 1] == pytest.approx(
-            0.5 * (1 + math.cos(math.pi * (epochs - start) / (epochs - start + 1)))
-        )
+        assert sum(factors[start:epochs]) / (epochs - start) == pytest.approx(0.5, rel=1e-12)
     device = anneal_factor(torch.arange(epochs + 2), epochs)
     assert device.tolist() == pytest.approx(factors, rel=1e-15)
     assert anneal_factor(3, None) == 1.0

@@ -126,7 +126,8 @@ def anneal_factor(
     epoch: int | torch.Tensor, epochs: int | None, table: torch.Tensor | None = None
 ) -> float | torch.Tensor:
     """The end phase: the factor on the rate for ``epoch`` of a run of ``epochs``; 1 in the first half, then a
-    cosine towards 0 that ends at the last epoch's small factor (an epoch past the plan keeps it). None: 1.
+    cosine from 1 to 0 over the second half, each epoch at the cosine's value at its middle (what cosine annealing
+    applies to it on average); an epoch past the plan keeps the last factor. None: 1.
 
     A device-counted epoch indexes a table of the host's factors (``table``, :func:`anneal_table`, built here when
     not given): the device's cosine may differ from the C library's in the last bit, and a captured run must apply
@@ -140,7 +141,7 @@ def anneal_factor(
     k = min(epoch, epochs - 1)
     if k < start:
         return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (k - start + 1) / (epochs - start + 1)))
+    return 0.5 * (1 + math.cos(math.pi * (k - start + 0.5) / (epochs - start)))
 
 
 def anneal_table(epochs: int, device: torch.device) -> torch.Tensor:
