@@ -5,11 +5,12 @@ it, as method ``bb[anneal-MODE]``:
 
 With ``adam`` the runs are of ``BB(..., preconditioner="adam")``, saved as ``bb[anneal-MODE-adam]``.
 
-- MODE a number F: the cosine of the end phase starts at F times the planned epochs instead of at half of them (0: it
-  falls over the whole run, as the tuned reference's cosine annealing does).
-- MODE ``midpoint``: the shipped end phase's start (half the run), but each of its epochs takes the cosine's value at
-  the epoch's middle, which is what cosine annealing applies to that epoch on average: the shipped factors end at
-  0.25 in a run of 3 or 4 epochs, 0.07 in one of 10; these end at 0.15 and 0.02.
+- MODE a number F: each end-phase epoch at the cosine's value at its end, the cosine starting at F times the planned
+  epochs (0: it falls over the whole run, as the tuned reference's cosine annealing does). F = 0.5 is the end phase
+  that BB's default's midpoint end phase was measured against: its factors end at 0.25 in a run of 3 or 4 epochs,
+  0.07 in one of 10.
+- MODE ``midpoint``: the end phase BB's default applies (half the run, each epoch at the cosine's value at its
+  middle, ending at 0.15 and 0.02); a run equals ``bb``'s, so the prototype's runs can be trained again.
 - MODE ``hold``: once a period ran at an end-phase factor below 1, BB's estimate no longer moves r; only the loss
   brake and the rollbacks do. In the end phase the estimate is mostly noise, which scales with the applied step,
   so following it compounds the cosine. The decision runs as
