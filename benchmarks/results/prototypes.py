@@ -64,8 +64,9 @@ def load(folders: Sequence[str | Path], base: Sequence[Path] = (RUNS,)) -> tuple
     return references, runs
 
 
-def side_by_side(references: dict, runs: dict, methods: Sequence[str]) -> None:
-    """``methods[0]`` is the baseline (``bb``); the others are the prototypes compared with it."""
+def side_by_side(references: dict, runs: dict, methods: Sequence[str], seeds: Sequence[int] = SEEDS) -> None:
+    """``methods[0]`` is the baseline (``bb``); the others are the prototypes compared with it, over ``seeds``. The
+    issue's checks follow for the suite's own seeds only: they need the references' runs of the same seeds."""
     print("| setting | group | best tuned reference | " + " | ".join(methods) + " |")
     print("|---|---|---|" + "---|" * len(methods))
     for setting, spec in SETTINGS.items():
@@ -73,19 +74,21 @@ def side_by_side(references: dict, runs: dict, methods: Sequence[str]) -> None:
         if best is None:
             continue
         cells = [
-            stats_cell(gap_stats(gaps(runs, setting, method, LRS, SEEDS, best.mean).values())) for method in methods
+            stats_cell(gap_stats(gaps(runs, setting, method, LRS, seeds, best.mean).values())) for method in methods
         ]
         if all(c == "·" for c in cells[1:]):
             continue
         group = "holdout" if spec.holdout else "dev"
         print(f"| {setting} | {group} | {best.method} @ {best.lr}: {best.mean:.2f} | " + " | ".join(cells) + " |")
+    if tuple(seeds) != tuple(SEEDS):
+        return
     print()
     print(f"| method | settings | worst | medians below -1 | runs > 3 short | `{methods[0]}` on the same settings |")
     print("|---|---|---|---|---|---|")
     for method in methods[1:]:
-        done = tuple(s for s in SETTINGS if all((s, method, lr, seed) in runs for lr in LRS for seed in SEEDS))
-        result = check(runs, method, "all", done, PEERS, LRS, SEEDS)
-        baseline = check(runs, methods[0], "all", done, PEERS, LRS, SEEDS)
+        done = tuple(s for s in SETTINGS if all((s, method, lr, seed) in runs for lr in LRS for seed in seeds))
+        result = check(runs, method, "all", done, PEERS, LRS, seeds)
+        baseline = check(runs, methods[0], "all", done, PEERS, LRS, seeds)
         print(
             f"| {method} | {len(done)} | {signed(result.worst)} | {', '.join(result.medians_short) or 'none'} "
             f"| {result.short} of {result.count} | {baseline.short} of {baseline.count} |"

@@ -15,6 +15,7 @@ sys.path.insert(0, str(RESULTS))
 
 from prototypes import (  # noqa: E402
     RUNS,
+    SEEDS,
     SETTINGS,
     adam_seeds,
     load,
@@ -22,6 +23,7 @@ from prototypes import (  # noqa: E402
     moved_line,
     paired_moves,
     print_moves,
+    print_setting_moves,
     side_by_side,
 )
 
@@ -50,10 +52,16 @@ def main(argv: list[str]) -> None:
         for folder in argv:
             own = load_runs(Path(folder))
             if any(key[1] == "bb" for key in own):
+                methods = sorted({key[1] for key in own if key[1] != "bb"})
+                seeds = tuple(sorted({key[3] for key in own}))
+                if seeds != tuple(SEEDS):
+                    print(f"\n{folder}, seeds {', '.join(map(str, seeds))}:\n")
+                    side_by_side(references, own, ["bb", *methods], seeds)
                 print()
-                for method in sorted({key[1] for key in own if key[1] != "bb"}):
+                for method in methods:
                     print_moves(own, [method], baseline="bb")
                     print_moves_by_epochs(own, method)
+                    print_setting_moves(own, method, own, "bb")
 
 
 if __name__ == "__main__":
