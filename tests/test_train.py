@@ -304,15 +304,16 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 def test_resume_with_more_epochs_follows_the_new_plan_at_once(tmp_path):
     """A finished 2-epoch run continued to 4 epochs: BB takes the new plan ("a new plan given to the constructor
-    wins"), so epoch 3 runs at r times the 4-epoch plan's factor for it, 0.5 (1 + cos(π/3)) = 0.75, not the
-    2-epoch plan's 0.5 (r: the rate control's rate, which the checkpoint holds)."""
+    wins"), so epoch 3 runs at r times the 4-epoch plan's factor for it, the cosine at the middle of the first of
+    its two end-phase epochs, 0.5 (1 + cos(π/4)) ≈ 0.854, not the 2-epoch plan's 0.5 (r: the rate control's rate,
+    which the checkpoint holds)."""
     out = tmp_path / "run"
     assert main([*TINY, "--epochs", "2", "--output-dir", str(out)]) == 0
     saved = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["bb"]
     assert saved["epochs"] == 2 and saved["lr"] == pytest.approx(0.5 * saved["rate"])  # past the 2-epoch plan
     assert main([*TINY, "--epochs", "4", "--resume", str(out / "checkpoint.pth")]) == 0
     assert torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["bb"]["epochs"] == 4
-    assert read_log(out)[2]["lr"] == pytest.approx(0.75 * saved["rate"])
+    assert read_log(out)[2]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)) * saved["rate"])
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
