@@ -11,7 +11,8 @@ epoch on two cores: does the default reach the tuned references there, and does 
     python benchmarks/results/long_epoch_runs/long_epochs.py table
     python benchmarks/results/long_epoch_runs/long_epochs.py report  # report.md and report.png, as the suite's
 
-METHOD: ``bb``, ``bb[push-neutral]``, ``bb[anneal-midpoint]`` (``end_phase_runs/end_phase.py``'s ``midpoint``), or
+METHOD: ``bb``, ``bb[push-neutral]``, ``bb[anneal-MODE]`` (``end_phase_runs/end_phase.py``'s MODE: ``midpoint``, the
+default's end phase since 5c5f833, or ``0.5``, the one before it), or
 any reference of the robustness suite (``sgdm``, ``sgdm-cosine``, ``prodigy``, ..., over η0 ∈ {1e-3 … 10};
 ``prodigy-default``, ``dadapt-sgd-default``, ``schedulefree-sgd-default`` at their defaults). Runs are saved as the
 suite saves them, into ``long_epoch_runs/runs/``.
@@ -43,7 +44,10 @@ LONG = (
             clip_grad_norm=1.0, holdout=True),
 )  # fmt: skip
 PUSH_NEUTRAL = "bb[push-neutral]"
-MIDPOINT = "bb[anneal-midpoint]"
+ANNEAL = "bb[anneal-"
+MIDPOINT = f"{ANNEAL}midpoint]"
+# The end phase BB's default applied before the midpoint one (end_phase.py's mode 0.5), run on the same CPU.
+END_OF_EPOCH = f"{ANNEAL}0.5]"
 RUNS = HERE / "runs"
 
 
@@ -53,11 +57,11 @@ def train_method(method: str, seeds: str, settings: str | None) -> None:
         from push_neutral import install
 
         install()
-    elif method == MIDPOINT:
+    elif method.startswith(ANNEAL):
         sys.path.insert(0, str(HERE.parent / "end_phase_runs"))
         from end_phase import install
 
-        install("midpoint")
+        install(method.removeprefix(ANNEAL).removesuffix("]"))
     lrs = DEFAULT_LR if method in DEFAULT_REFERENCES else ",".join(str(lr) for lr in LRS)
     train_runs(RUNS, settings or ",".join(s.name for s in LONG), seeds, lrs, method)
 
@@ -93,6 +97,7 @@ if __name__ == "__main__":
         side_by_side(runs, runs, ["bb", PUSH_NEUTRAL, MIDPOINT])
         print()
         print_moves(runs, [PUSH_NEUTRAL, MIDPOINT], baseline="bb")
+        print_moves(runs, [MIDPOINT], baseline=END_OF_EPOCH)
         print()
         scores(runs)
     else:
