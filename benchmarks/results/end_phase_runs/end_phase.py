@@ -10,7 +10,8 @@ With ``adam`` the runs are of ``BB(..., preconditioner="adam")``, saved as ``bb[
   that BB's default's midpoint end phase was measured against: its factors end at 0.25 in a run of 3 or 4 epochs,
   0.07 in one of 10.
 - MODE ``midpoint``: the end phase BB's default applies (half the run, each epoch at the cosine's value at its
-  middle, ending at 0.15 and 0.02); a run equals ``bb``'s, so the prototype's runs can be trained again.
+  middle, ending at 0.15 and 0.02): ``safeguard.anneal_factor`` itself, so the prototype's runs can be trained
+  again.
 - MODE ``hold``: once a period ran at an end-phase factor below 1, BB's estimate no longer moves r; only the loss
   brake and the rollbacks do. In the end phase the estimate is mostly noise, which scales with the applied step,
   so following it compounds the cosine. The decision runs as
@@ -33,6 +34,7 @@ from bbfused.control import safeguard  # noqa: E402
 FRACTION = 0.5
 next_rate_as_shipped = safeguard.SafeguardControl.next_rate
 close_epoch_as_shipped = safeguard.SafeguardControl.close_epoch
+anneal_factor_as_shipped = safeguard.anneal_factor
 
 
 def close_epoch(self, buffers, base, clock, taus):
@@ -67,23 +69,14 @@ def end_phase(cosine):
 
 
 def _late_start(k, epochs):
-    """The cosine's start at FRACTION of the run (the shipped one: half)."""
+    """Each end-phase epoch at the cosine's value at its end, the cosine starting at FRACTION of the run."""
     start = int(epochs * FRACTION)
     if k < start:
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * (k - start + 1) / (epochs - start + 1)))
 
 
-def _midpoint(k, epochs):
-    """The shipped start, each end-phase epoch at the cosine's value at its middle."""
-    start = max(1, epochs // 2)
-    if k < start:
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (k - start + 0.5) / (epochs - start)))
-
-
 anneal_factor = end_phase(_late_start)
-midpoint_anneal_factor = end_phase(_midpoint)
 
 
 def install(mode: str) -> None:
@@ -94,7 +87,7 @@ def install(mode: str) -> None:
         safeguard.SafeguardControl.next_rate = next_rate
         safeguard.SafeguardControl._decision_kernels = lambda self, buffers: None
     elif mode == "midpoint":
-        safeguard.anneal_factor = midpoint_anneal_factor
+        safeguard.anneal_factor = anneal_factor_as_shipped
     else:
         FRACTION = float(mode)
         safeguard.anneal_factor = anneal_factor
