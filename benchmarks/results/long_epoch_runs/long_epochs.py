@@ -12,7 +12,7 @@ epoch on two cores: does the default reach the tuned references there, and does 
     python benchmarks/results/long_epoch_runs/long_epochs.py report  # report.md and report.png, as the suite's
 
 METHOD: ``bb``, ``bb[push-neutral]``, ``bb[anneal-MODE]`` (``end_phase_runs/end_phase.py``'s MODE: ``midpoint``, the
-default's end phase since 5c5f833, or ``0.5``, the one before it), or
+default's end phase, or ``0.5``, each end-phase epoch at the cosine's value at its end), or
 any reference of the robustness suite (``sgdm``, ``sgdm-cosine``, ``prodigy``, ..., over η0 ∈ {1e-3 … 10};
 ``prodigy-default``, ``dadapt-sgd-default``, ``schedulefree-sgd-default`` at their defaults). Runs are saved as the
 suite saves them, into ``long_epoch_runs/runs/``.
@@ -46,7 +46,7 @@ LONG = (
 PUSH_NEUTRAL = "bb[push-neutral]"
 ANNEAL = "bb[anneal-"
 MIDPOINT = f"{ANNEAL}midpoint]"
-# The end phase BB's default applied before the midpoint one (end_phase.py's mode 0.5), run on the same CPU.
+# The end phase the midpoint one is measured against (end_phase.py's mode 0.5), run on the same CPU.
 END_OF_EPOCH = f"{ANNEAL}0.5]"
 RUNS = HERE / "runs"
 
