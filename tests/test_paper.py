@@ -572,6 +572,16 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| BB", "| BB + safeguard", "| SGD (momentum 0.9)"]
     assert (figures / "paper_sensitivity_mlp.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "| the network was above chance after it |" in blocks["sensitivity_mlp_growth"]
+    # A folder kept out of the sweeps' tables gets one row per run, its last accuracy in bold.
+    table = report.runs_table(report.load(runs / "sensitivity_quick")).splitlines()
+    assert len(table) == 2 + 6
+    sgd = by_name["sgd", 1.0]
+    accuracies = [f"{e['test_acc1']:.2f}" for e in sgd["history"]]
+    accuracies[-1] = f"**{accuracies[-1]}**"
+    expected = f"| SGD (momentum 0.9) | 1 | 0 | 1 (constant) | – | {' '.join(accuracies)} |"
+    assert expected in table
+    (safe_row,) = [row for row in table if row.startswith("| BB + safeguard | 0.1 | 0 | 0.1 ")]
+    assert safe_row.split(" | ")[4] == "none"
     text = "a\n<!-- BEGIN x -->\nold\n<!-- END x -->\nb"
     assert report.replace_blocks(text, {"x": "new"}) == "a\n<!-- BEGIN x -->\nnew\n<!-- END x -->\nb"
 

@@ -358,6 +358,30 @@ def comparison_figure(records: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def runs_table(records: list[dict]) -> str:
+    """One row per run: its rate and test accuracy per epoch, the final one in bold, and the epochs rolled back
+    (1-based): the runs of a folder kept out of the sweeps' tables (``resnet18_all_images``)."""
+    if not records:
+        return "(no runs yet)"
+    rows = []
+    for method, per_lr in by_method_lr(records).items():
+        for lr, runs in per_lr.items():
+            for r in sorted(runs, key=lambda r: r["run"]["seed"]):
+                rates = " ".join(f"{e['lr']:.3g}" for e in r["history"])
+                if method not in ("bb", "bb-safe"):
+                    rates = f"{lr:g} (constant)"
+                rolled = [str(e["epoch"]) for e in r["history"] if e.get("rolled_back")]
+                rolled_text = ", ".join(rolled) if rolled else ("none" if method == "bb-safe" else "–")
+                accs = [f"{e['test_acc1']:.2f}" for e in r["history"]]
+                accs[-1] = f"**{accs[-1]}**"
+                seed = r["run"]["seed"]
+                rows.append(f"| {LABELS[method]} | {lr:g} | {seed} | {rates} | {rolled_text} | {' '.join(accs)} |")
+    return (
+        "| method | η0 | seed | learning rate per epoch | rolled back | test accuracy % per epoch |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
 def times_table(folders: dict[str, list[dict]]) -> str:
     """Per experiment folder: the runs, the epochs trained and the summed run time (runs went 2 at once)."""
     rows = []
@@ -422,6 +446,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
                 comparison_figure(comparison, path, f"{label} on {data_name(comparison)}: each method at its tuned η0")
                 figures.append(path)
     blocks["times"] = times_table(folders)
+    all_images = load(args.runs / "resnet18_all_images")
+    if all_images and not args.quick:
+        blocks["resnet18_all_images"] = runs_table(all_images)
     if args.print or args.quick:
         for name, content in blocks.items():
             print(f"## {name}\n\n{content}\n")
