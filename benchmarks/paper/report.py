@@ -372,7 +372,7 @@ def runs_table(records: list[dict]) -> str:
                     rates = f"{lr:g} (constant)"
                 rolled = [str(e["epoch"]) for e in r["history"] if e.get("rolled_back")]
                 rolled_text = ", ".join(rolled) if rolled else ("none" if method == "bb-safe" else "–")
-                accs = [f"{e['test_acc1']:.2f}" for e in r["history"]]
+                accs = [f"{e['test_acc1']:.2f}" for e in r["history"]] or ["–"]
                 accs[-1] = f"**{accs[-1]}**"
                 seed = r["run"]["seed"]
                 rows.append(f"| {LABELS[method]} | {lr:g} | {seed} | {rates} | {rolled_text} | {' '.join(accs)} |")
