@@ -78,6 +78,18 @@ def _loss_text(records: list[dict]) -> str:
     return f"{mean([final(r, 'train_loss') for r in records]):.4f}"
 
 
+def _bb_rates(record: dict) -> str:
+    """The learning rate a BB run used in each epoch."""
+    return " ".join(f"{e['lr']:.3g}" for e in record["history"])
+
+
+def _rolled_back_text(record: dict) -> str:
+    """The epochs (1-based) the default control rolled back: "none", or "–" where nothing can roll back (the
+    paper's BB, the baselines)."""
+    rolled = [str(e["epoch"]) for e in record["history"] if e.get("rolled_back")]
+    return ", ".join(rolled) if rolled else ("none" if record["run"]["method"] == "bb-safe" else "–")
+
+
 def sensitivity_tables(records: list[dict]) -> dict[str, str]:
     """The markdown blocks of an experiment-1 sweep: final loss and accuracy per method and η0, the spread of
     the final test accuracy across η0 per method, and BB's learning rate per epoch."""
@@ -135,11 +147,9 @@ def sensitivity_tables(records: list[dict]) -> dict[str, str]:
     for method in ("bb", "bb-safe"):
         for lr, runs in table.get(method, {}).items():
             for r in sorted(runs, key=lambda r: r["run"]["seed"]):
-                rates = " ".join(f"{e['lr']:.3g}" for e in r["history"])
+                rates, rolled_text = _bb_rates(r), _rolled_back_text(r)
                 losses = " ".join(f"{e['train_loss']:.3g}" for e in r["history"])
                 fallbacks = f"{fallback_epochs(r)} of {max(0, len(r['history']) - 2)}" if method == "bb" else "–"
-                rolled = [str(e["epoch"]) for e in r["history"] if e.get("rolled_back")]
-                rolled_text = ", ".join(rolled) if rolled else ("–" if method == "bb" else "none")
                 lr_rows.append(
                     f"| {LABELS[method]} | {lr:g} | {r['run']['seed']} | {rates} | {fallbacks} | {rolled_text} | "
                     f"{losses} | {final(r, 'test_acc1'):.2f} |"
@@ -367,11 +377,8 @@ def runs_table(records: list[dict]) -> str:
     for method, per_lr in by_method_lr(records).items():
         for lr, runs in per_lr.items():
             for r in sorted(runs, key=lambda r: r["run"]["seed"]):
-                rates = " ".join(f"{e['lr']:.3g}" for e in r["history"])
-                if method not in ("bb", "bb-safe"):
-                    rates = f"{lr:g} (constant)"
-                rolled = [str(e["epoch"]) for e in r["history"] if e.get("rolled_back")]
-                rolled_text = ", ".join(rolled) if rolled else ("none" if method == "bb-safe" else "–")
+                rates = _bb_rates(r) if method in ("bb", "bb-safe") else f"{lr:g} (constant)"
+                rolled_text = _rolled_back_text(r)
                 accs = [f"{e['test_acc1']:.2f}" for e in r["history"]] or ["–"]
                 accs[-1] = f"**{accs[-1]}**"
                 seed = r["run"]["seed"]
