@@ -7,6 +7,7 @@ by a point or more."""
 
 from __future__ import annotations
 
+import collections
 import sys
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from prototypes import (  # noqa: E402
     moved_line,
     paired_moves,
     print_moves,
-    print_setting_moves,
     side_by_side,
 )
 
@@ -31,14 +31,19 @@ from prototypes import (  # noqa: E402
 FEW_EPOCHS = 6
 
 
-def print_moves_by_epochs(runs: dict, method: str, baseline: str = "bb") -> None:
-    """``method``'s runs paired with ``baseline``'s, moved a point or more each way, by the planned number of epochs
-    (the midpoint end phase's factors differ from the shipped ones most in short runs)."""
+def print_moves_by_length_and_setting(runs: dict, method: str, baseline: str = "bb") -> None:
+    """``method``'s runs paired with ``baseline``'s, moved a point or more each way: by the planned number of epochs
+    (the midpoint end phase's factors differ from the shipped ones most in short runs), then per setting (the total
+    is :func:`print_moves`' first line)."""
     few, many = [], []
+    by_setting = collections.defaultdict(list)
     for setting, move in paired_moves(runs, method, baseline):
         (few if SETTINGS[setting].epochs <= FEW_EPOCHS else many).append(move)
+        by_setting[setting].append(move)
     print(moved_line(f"  - runs of at most {FEW_EPOCHS} epochs", few))
     print(moved_line(f"  - runs of more than {FEW_EPOCHS} epochs", many))
+    for setting, moves in by_setting.items():
+        print(moved_line(f"- {setting}: `{method}` against `{baseline}`", moves))
 
 
 def main(argv: list[str]) -> None:
@@ -60,8 +65,7 @@ def main(argv: list[str]) -> None:
                 print()
                 for method in methods:
                     print_moves(own, [method], baseline="bb")
-                    print_moves_by_epochs(own, method)
-                    print_setting_moves(own, method, own, "bb")
+                    print_moves_by_length_and_setting(own, method)
 
 
 if __name__ == "__main__":
