@@ -316,6 +316,62 @@ def test_resume_with_more_epochs_follows_the_new_plan_at_once(tmp_path):
     assert read_log(out)[2]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)) * saved["rate"])
 
 
+BASELINE_TINY = [a for a in TINY if a not in ("--bb-backend", "eager")]
+
+
+def test_cosine_schedule_is_torchs_cosine_annealing_per_epoch(tmp_path, capsys):
+    """--lr-schedule cosine: each epoch of SGD runs at the rate torch's CosineAnnealingLR(T_max=epochs), stepped
+    once per epoch, gives it; the log and the first line say so. Without it the rate stays --lr."""
+    out = tmp_path / "cosine"
+    argv = [*BASELINE_TINY, "--optimizer", "sgd", "--lr", "0.2", "--epochs", "4"]
+    assert main([*argv, "--lr-schedule", "cosine", "--output-dir", str(out)]) == 0
+    assert "sgd lr 0.2, cosine annealing to 0 over 4 epochs" in capsys.readouterr().out
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=4)
+    expected = []
+    for _ in range(4):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        annealing.step()
+    rates = [record["lr"] for record in read_log(out)]
+    assert rates == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert rates == pytest.approx([0.2, 0.1 * (1 + math.cos(math.pi / 4)), 0.1, 0.1 * (1 - math.cos(math.pi / 4))])
+    constant = prepare(parse_args([*argv, "--epochs", "2"]))
+    assert constant.args.lr_schedule == "constant"
+    assert [record["lr"] for record in constant.fit()] == [0.2, 0.2]
+
+
+def test_cosine_run_resumes_exactly_and_replans_with_more_epochs(tmp_path, monkeypatch):
+    """A cosine SGD run stopped after epoch 2 and resumed ends with the weights of an uninterrupted one (the rate
+    follows from the epoch, so no scheduler state is saved); continued to 6 epochs, it anneals over 6 from then."""
+    from bbfused.train import loop as train_loop
+
+    argv = [*BASELINE_TINY, "--optimizer", "sgd", "--lr-schedule", "cosine", "--epochs", "4"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*argv, "--output-dir", str(whole)]) == 0
+    save = train_loop.save_checkpoints
+
+    def terminated_after_epoch_2(out, checkpoint, improved) -> None:
+        if checkpoint["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        save(out, checkpoint, improved)
+
+    monkeypatch.setattr(train_loop, "save_checkpoints", terminated_after_epoch_2)
+    assert main([*argv, "--output-dir", str(parts)]) == 143
+    monkeypatch.undo()
+    assert main(["--resume", str(parts / "checkpoint.pth")]) == 0
+    assert [without_times(r) for r in read_log(parts)] == [without_times(r) for r in read_log(whole)]
+    final = torch.load(whole / "checkpoint.pth", weights_only=True)["model"]
+    again = torch.load(parts / "checkpoint.pth", weights_only=True)["model"]
+    for key, value in final.items():
+        assert torch.equal(again[key], value), key
+
+    assert main(["--epochs", "6", "--resume", str(whole / "checkpoint.pth")]) == 0
+    assert [r["lr"] for r in read_log(whole)[4:]] == pytest.approx(
+        [0.05 * (1 + math.cos(math.pi * epoch / 6)) for epoch in (4, 5)]
+    )
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     """DDP on 2 CPU processes (gloo), 32 images each, equals one process with batches of 64: same global
     batches (DistributedSampler interleaves one shuffled order); LeNet has no dropout."""
@@ -487,6 +543,8 @@ NO_TRAINING = ["--limit-train", "64", "--limit-test", "64", "--epochs", "1"]
         (["--no-bb-safeguard", "--bb-preconditioner", "adam"], "--bb-preconditioner adam needs BB's rate control"),
         (["--optimizer", "sgd", "--bb-preconditioner", "adam"], "--bb-preconditioner apply to --optimizer bb only"),
         (["--bb-preconditioner", "lamb"], "invalid choice: 'lamb'"),
+        (["--lr-schedule", "cosine"], "--lr-schedule cosine applies to the baseline optimizers: bb sets its own"),
+        (["--optimizer", "sgd", "--lr-schedule", "linear"], "invalid choice: 'linear'"),
         (["--batch-size", "0"], "must be an integer > 0"),
         (["--lr", "nan"], "must be > 0"),
         (["--device", "foo"], "'foo' is not a device"),

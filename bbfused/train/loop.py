@@ -25,6 +25,7 @@ from .data import Data, Shard
 from .lock import OutputLock
 from .outputs import LOG, PLOT, plot_history, write_log
 from .report import describe, format_record, summary
+from .schedules import apply_schedule
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp's choices
 # The progress bar shows a figure after the first step and then at least this often (each update reads the
@@ -195,6 +196,8 @@ class Training:
         args, data = self.args, self.data
         if data.train_sampler is not None:
             data.train_sampler.set_epoch(epoch)
+        if not isinstance(self.optimizer, BB):
+            apply_schedule(self.optimizer, args.lr_schedule, args.lr, epoch, args.epochs)
         start = time.perf_counter()
         common = {"amp_dtype": AMP_DTYPES[args.amp], "channels_last": args.channels_last, "world": self.shard.world}
         train = train_one_epoch(

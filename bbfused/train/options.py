@@ -19,6 +19,7 @@ from pathlib import Path
 from .bb_source import backend_names, bb_default, control_taus, preconditioned_first_rate, preconditioner_names
 from .errors import UsageError
 from .models import SHALLOW_TAUS, is_shallow, model_names
+from .schedules import DEFAULT_SCHEDULE, SCHEDULES
 
 OPTIMIZERS = ("bb", "sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop")
 # The initial learning rate when --lr is not given: the paper's 0.1 for BB and SGD, the usual defaults otherwise
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=positive_float,
         help="initial learning rate (default 0.1 for bb, sgd, nag; 1e-3 for adam, amsgrad, rmsprop; 1e-2 for adagrad)",
+    )
+    optim.add_argument(
+        "--lr-schedule",
+        choices=SCHEDULES,
+        help=f"the baselines' rate over the run: constant, or cosine annealing to 0 over --epochs, set once an epoch "
+        f"(default {DEFAULT_SCHEDULE}; bb sets its own rate)",
     )
     optim.add_argument(
         "--weight-decay", type=non_negative_float, default=5e-4, help="L2 penalty (default: 5e-4, the paper's)"
@@ -255,6 +262,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.workers = min(8, os.cpu_count() or 1) if source == "folder" else 0
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
+    if args.optimizer == "bb" and args.lr_schedule is not None:
+        raise UsageError(
+            f"--lr-schedule {args.lr_schedule} applies to the baseline optimizers: bb sets its own rate and "
+            f"anneals it over the second half of --epochs; drop --lr-schedule"
+        )
+    if args.optimizer != "bb" and args.lr_schedule is None:
+        args.lr_schedule = DEFAULT_SCHEDULE
     if args.optimizer in MOMENTUM_OPTIMIZERS:
         if args.momentum is None:
             args.momentum = 0.9

@@ -33,6 +33,7 @@ LABELS = {
     "bb": "BB",
     "bb-safe": "BB + safeguard",
     "sgd": "SGD (momentum 0.9)",
+    "sgd-cosine": "SGD (momentum 0.9) + cosine",
     "nag": "NAG",
     "adam": "Adam",
     "amsgrad": "AMSGrad",
