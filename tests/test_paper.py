@@ -524,14 +524,19 @@ def test_scripts_have_help(script, capsys) -> None:
     assert exit_.value.code == 0 and "--quick" in capsys.readouterr().out
 
 
+def final_acc(record: dict) -> float:
+    return record["history"][-1]["test_acc1"]
+
+
 def test_quick_sensitivity_and_report(tmp_path) -> None:
     """Experiment 1 in quick mode (512 images, 2 epochs): a run file per method and η0, then the tables and
     the figure; training the same grid again trains nothing."""
     runs = tmp_path / "runs"
-    argv = ["--quick", "--methods", "bb,bb-safe,sgd", "--lrs", "0.1,1", "--out", str(runs / "sensitivity_quick")]
+    methods = "bb,bb-safe,sgd,sgd-cosine"
+    argv = ["--quick", "--methods", methods, "--lrs", "0.1,1", "--out", str(runs / "sensitivity_quick")]
     sensitivity.main(argv)
     files = sorted((runs / "sensitivity_quick").glob("*.json"))
-    assert len(files) == 6
+    assert len(files) == 8
     records = report.load(runs / "sensitivity_quick")
     for record in records:
         assert len(record["history"]) == 2 and record["run"]["epochs"] == 2
@@ -564,17 +569,33 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     assert retrained == {f.name for f in files if "_bb-safe_" in f.name}
     (comparison / bb_file.name).unlink()
 
+    by_name = {(r["run"]["method"], r["run"]["lr"]): r for r in report.load(runs / "sensitivity_quick")}
     figures = tmp_path / "figures"
     figures.mkdir()
     blocks = report.main(["--quick", "--runs", str(runs), "--figures", str(figures)])
     assert "| BB + safeguard |" in blocks["sensitivity_mlp_spread"]
     rows = [line for line in blocks["sensitivity_mlp_results"].splitlines() if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in rows[1:]] == ["| BB", "| BB + safeguard", "| SGD (momentum 0.9)"]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| BB", "| BB + safeguard", "| SGD (momentum 0.9)", "| SGD (momentum 0.9) + cosine"
+    ]  # fmt: skip
+    # The tuned recipe is SGD + cosine at its better η0; each BB default run is measured against it.
+    cosine = {lr: final_acc(by_name["sgd-cosine", lr]) for lr in (0.1, 1.0)}
+    tuned = max(cosine, key=cosine.get)
+    assert [e["lr"] for e in by_name["sgd-cosine", tuned]["history"]] == [tuned, pytest.approx(tuned / 2)]
+    recipe = blocks["sensitivity_mlp_recipe"]
+    assert f"{cosine[tuned]:.2f} % at η0 = {tuned:g}" in recipe
+    for lr in (0.1, 1.0):
+        bb_acc = final_acc(by_name["bb-safe", lr])
+        assert f"| {lr:g} | 0 | {bb_acc:.2f} | {bb_acc - cosine[tuned]:+.2f} |" in recipe
+    gaps = [final_acc(by_name["bb-safe", lr]) - cosine[tuned] for lr in (0.1, 1.0)]
+    assert f"{sum(g >= -1 for g in gaps)} within 1" in recipe and f"worst {min(gaps):+.2f}" in recipe
     assert (figures / "paper_sensitivity_mlp.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "| the network was above chance after it |" in blocks["sensitivity_mlp_growth"]
     # A folder kept out of the sweeps' tables gets one row per run, its last accuracy in bold.
     table = report.runs_table(report.load(runs / "sensitivity_quick")).splitlines()
-    assert len(table) == 2 + 6
+    assert len(table) == 2 + 8
+    cosine_rates = " ".join(f"{e['lr']:.3g}" for e in by_name["sgd-cosine", 1.0]["history"])
+    assert any(row.startswith(f"| SGD (momentum 0.9) + cosine | 1 | 0 | {cosine_rates} | – |") for row in table)
     sgd = by_name["sgd", 1.0]
     accuracies = [f"{e['test_acc1']:.2f}" for e in sgd["history"]]
     accuracies[-1] = f"**{accuracies[-1]}**"

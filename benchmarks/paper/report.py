@@ -79,8 +79,8 @@ def _loss_text(records: list[dict]) -> str:
     return f"{mean([final(r, 'train_loss') for r in records]):.4f}"
 
 
-def _bb_rates(record: dict) -> str:
-    """The learning rate a BB run used in each epoch."""
+def _epoch_rates(record: dict) -> str:
+    """The learning rate a run used in each epoch."""
     return " ".join(f"{e['lr']:.3g}" for e in record["history"])
 
 
@@ -148,7 +148,7 @@ def sensitivity_tables(records: list[dict]) -> dict[str, str]:
     for method in ("bb", "bb-safe"):
         for lr, runs in table.get(method, {}).items():
             for r in sorted(runs, key=lambda r: r["run"]["seed"]):
-                rates, rolled_text = _bb_rates(r), _rolled_back_text(r)
+                rates, rolled_text = _epoch_rates(r), _rolled_back_text(r)
                 losses = " ".join(f"{e['train_loss']:.3g}" for e in r["history"])
                 fallbacks = f"{fallback_epochs(r)} of {max(0, len(r['history']) - 2)}" if method == "bb" else "–"
                 lr_rows.append(
@@ -164,8 +164,40 @@ def sensitivity_tables(records: list[dict]) -> dict[str, str]:
         if lr_rows
         else "(no BB runs)"
     )
-    tables = {"results": results, "spread": spread, "bb_lrs": bb_lrs}
+    tables = {"results": results, "spread": spread, "bb_lrs": bb_lrs, "recipe": recipe_gap_table(records)}
     return {**tables, "growth": growth_table(records), "loss": loss_table(records)}
+
+
+RECIPE = "sgd-cosine"  # what a user tunes instead of BB: SGD with momentum 0.9 and cosine annealing
+
+
+def recipe_gap_table(records: list[dict], method: str = "bb-safe") -> str:
+    """Each run of ``method`` against the tuned recipe (RECIPE at the η0 of the grid with the best mean final test
+    accuracy over its seeds): the gap in points, per run, and how many runs are within 1, 2 and 3 points."""
+    table = by_method_lr(records)
+    if RECIPE not in table or method not in table:
+        return f"(no runs of {RECIPE} and {method} yet)"
+    recipe = {lr: mean([final(r, "test_acc1") for r in runs]) for lr, runs in table[RECIPE].items()}
+    tuned = max(recipe, key=lambda lr: recipe[lr] if math.isfinite(recipe[lr]) else -math.inf)
+    seeds = sorted(r["run"]["seed"] for r in table[RECIPE][tuned])
+    grid = " / ".join(f"{acc:.2f}" for acc in recipe.values())
+    lrs = " / ".join(f"{lr:g}" for lr in recipe)
+    rows, gaps = [], []
+    for lr, runs in table[method].items():
+        for r in sorted(runs, key=lambda r: r["run"]["seed"]):
+            gap = final(r, "test_acc1") - recipe[tuned]
+            gaps.append(gap)
+            rows.append(f"| {lr:g} | {r['run']['seed']} | {final(r, 'test_acc1'):.2f} | {gap:+.2f} |")
+    gaps.sort()
+    median = (gaps[(len(gaps) - 1) // 2] + gaps[len(gaps) // 2]) / 2
+    within = ", ".join(f"{sum(g >= -limit for g in gaps)} within {limit}" for limit in (1, 2, 3))
+    return (
+        f"The tuned recipe, {LABELS[RECIPE]}: {recipe[tuned]:.2f} % at η0 = {tuned:g} (mean of seed"
+        f"{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; over η0 = {lrs}: {grid} %). Each run of "
+        f"{LABELS[method]} against it, in points (negative: below it). Of {len(gaps)} runs: {within} points of "
+        f"it; median gap {median:+.2f}, worst {gaps[0]:+.2f}.\n\n"
+        "| η0 | seed | final test % | gap to the tuned recipe |\n|---|---|---|---|\n" + "\n".join(rows)
+    )
 
 
 DEAD_ACCURACY = 15.0  # % test accuracy at or below which a 10-class network predicts (about) one class
@@ -378,7 +410,8 @@ def runs_table(records: list[dict]) -> str:
     for method, per_lr in by_method_lr(records).items():
         for lr, runs in per_lr.items():
             for r in sorted(runs, key=lambda r: r["run"]["seed"]):
-                rates = _bb_rates(r) if method in ("bb", "bb-safe") else f"{lr:g} (constant)"
+                constant = method not in ("bb", "bb-safe") and all(e["lr"] == lr for e in r["history"])
+                rates = f"{lr:g} (constant)" if constant else _epoch_rates(r)
                 rolled_text = _rolled_back_text(r)
                 accs = [f"{e['test_acc1']:.2f}" for e in r["history"]] or ["–"]
                 accs[-1] = f"**{accs[-1]}**"
@@ -457,6 +490,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     all_images = load(args.runs / "resnet18_all_images")
     if all_images and not args.quick:
         blocks["resnet18_all_images"] = runs_table(all_images)
+        blocks["resnet18_all_images_recipe"] = recipe_gap_table(all_images)
     if args.print or args.quick:
         for name, content in blocks.items():
             print(f"## {name}\n\n{content}\n")
