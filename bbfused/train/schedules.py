@@ -10,8 +10,10 @@ BB sets its own rate (and anneals it over the planned epochs), so it takes no sc
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the command line reads SCHEDULES without loading torch
+    import torch
 
 SCHEDULES = ("constant", "cosine")
 DEFAULT_SCHEDULE = "constant"
