@@ -180,7 +180,11 @@ def recipe_gap_table(records: list[dict], method: str = "bb-safe") -> str:
     recipe = {lr: mean([final(r, "test_acc1") for r in runs]) for lr, runs in table[RECIPE].items()}
     tuned = max(recipe, key=lambda lr: recipe[lr] if math.isfinite(recipe[lr]) else -math.inf)
     seeds = sorted(r["run"]["seed"] for r in table[RECIPE][tuned])
-    grid = " / ".join(f"{acc:.2f}" for acc in recipe.values())
+    counts = {lr: len(runs) for lr, runs in table[RECIPE].items()}
+    uneven = len(set(counts.values())) > 1  # then each η0's mean says over how many seeds it is
+    grid = " / ".join(
+        f"{acc:.2f}" + (f" ({counts[lr]} seed{'s' * (counts[lr] > 1)})" if uneven else "") for lr, acc in recipe.items()
+    )
     lrs = " / ".join(f"{lr:g}" for lr in recipe)
     rows, gaps = [], []
     for lr, runs in table[method].items():
