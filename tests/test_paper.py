@@ -524,10 +524,6 @@ def test_scripts_have_help(script, capsys) -> None:
     assert exit_.value.code == 0 and "--quick" in capsys.readouterr().out
 
 
-def final_acc(record: dict) -> float:
-    return record["history"][-1]["test_acc1"]
-
-
 def test_quick_sensitivity_and_report(tmp_path) -> None:
     """Experiment 1 in quick mode (512 images, 2 epochs): a run file per method and η0, then the tables and
     the figure; training the same grid again trains nothing."""
@@ -579,15 +575,15 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
         "| BB", "| BB + safeguard", "| SGD (momentum 0.9)", "| SGD (momentum 0.9) + cosine"
     ]  # fmt: skip
     # The tuned recipe is SGD + cosine at its better η0; each BB default run is measured against it.
-    cosine = {lr: final_acc(by_name["sgd-cosine", lr]) for lr in (0.1, 1.0)}
+    cosine = {lr: report.final(by_name["sgd-cosine", lr], "test_acc1") for lr in (0.1, 1.0)}
     tuned = max(cosine, key=cosine.get)
     assert [e["lr"] for e in by_name["sgd-cosine", tuned]["history"]] == [tuned, pytest.approx(tuned / 2)]
     recipe = blocks["sensitivity_mlp_recipe"]
     assert f"{cosine[tuned]:.2f} % at η0 = {tuned:g}" in recipe
     for lr in (0.1, 1.0):
-        bb_acc = final_acc(by_name["bb-safe", lr])
+        bb_acc = report.final(by_name["bb-safe", lr], "test_acc1")
         assert f"| {lr:g} | 0 | {bb_acc:.2f} | {bb_acc - cosine[tuned]:+.2f} |" in recipe
-    gaps = [final_acc(by_name["bb-safe", lr]) - cosine[tuned] for lr in (0.1, 1.0)]
+    gaps = [report.final(by_name["bb-safe", lr], "test_acc1") - cosine[tuned] for lr in (0.1, 1.0)]
     assert f"{sum(g >= -1 for g in gaps)} within 1" in recipe and f"worst {min(gaps):+.2f}" in recipe
     assert (figures / "paper_sensitivity_mlp.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "| the network was above chance after it |" in blocks["sensitivity_mlp_growth"]

@@ -271,14 +271,14 @@ def test_optimizer_settings():
     assert parse_args(["--tau-min", "0.2"]).tau_min == 0.2
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
-    """A run of 4 epochs stopped after epoch 2 (SIGTERM) and resumed: epochs 3 and 4 (BB's rate from restored
-    snapshots and its end phase from the saved plan, dropout from restored RNG states) are the same as in an
-    uninterrupted run. (A run planned for 2 epochs is another run: BB anneals its epoch 2.)"""
+def resume_after_epoch_2_matches_whole_run(argv: list[str], retyped: list[str], tmp_path, monkeypatch) -> list[dict]:
+    """Train ``argv`` (4 epochs) whole, and again stopped by SIGTERM after epoch 2 and resumed with ``retyped`` and
+    ``--resume``: asserts that both runs log the same epochs (times aside) and end with the same weights. Returns
+    the whole run's log."""
     from bbfused.train import loop as train_loop
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert main([*TINY, "--epochs", "4", "--output-dir", str(whole)]) == 0
+    assert main([*argv, "--output-dir", str(whole)]) == 0
     save = train_loop.save_checkpoints
 
     def terminated_after_epoch_2(out, checkpoint, improved) -> None:
@@ -287,19 +287,28 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         save(out, checkpoint, improved)
 
     monkeypatch.setattr(train_loop, "save_checkpoints", terminated_after_epoch_2)
-    assert main([*TINY, "--epochs", "4", "--output-dir", str(parts)]) == 143
+    assert main([*argv, "--output-dir", str(parts)]) == 143
     monkeypatch.undo()
     assert [r["epoch"] for r in read_log(parts)] == [1, 2]
-    assert main([*TINY, "--resume", str(parts / "checkpoint.pth")]) == 0  # --epochs 4 from the checkpoint
+    assert main([*retyped, "--resume", str(parts / "checkpoint.pth")]) == 0
 
     expected, resumed = read_log(whole), read_log(parts)
     assert len(resumed) == 4
     assert [without_times(r) for r in resumed] == [without_times(r) for r in expected]
-    assert expected[2]["lr"] != 0.1 and expected[3]["lr"] != expected[2]["lr"]  # BB chose them
     final = torch.load(whole / "checkpoint.pth", weights_only=True)
     again = torch.load(parts / "checkpoint.pth", weights_only=True)
     for key, value in final["model"].items():
         assert torch.equal(again["model"][key], value), key
+    return expected
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """A run of 4 epochs stopped after epoch 2 (SIGTERM) and resumed: epochs 3 and 4 (BB's rate from restored
+    snapshots and its end phase from the saved plan, dropout from restored RNG states) are the same as in an
+    uninterrupted run. (A run planned for 2 epochs is another run: BB anneals its epoch 2.)"""
+    # --epochs 4 comes from the checkpoint on resuming.
+    expected = resume_after_epoch_2_matches_whole_run([*TINY, "--epochs", "4"], TINY, tmp_path, monkeypatch)
+    assert expected[2]["lr"] != 0.1 and expected[3]["lr"] != expected[2]["lr"]  # BB chose them
 
 
 def test_resume_with_more_epochs_follows_the_new_plan_at_once(tmp_path):
@@ -344,28 +353,9 @@ def test_cosine_schedule_is_torchs_cosine_annealing_per_epoch(tmp_path, capsys):
 def test_cosine_run_resumes_exactly_and_replans_with_more_epochs(tmp_path, monkeypatch):
     """A cosine SGD run stopped after epoch 2 and resumed ends with the weights of an uninterrupted one (the rate
     follows from the epoch, so no scheduler state is saved); continued to 6 epochs, it anneals over 6 from then."""
-    from bbfused.train import loop as train_loop
-
     argv = [*BASELINE_TINY, "--optimizer", "sgd", "--lr-schedule", "cosine", "--epochs", "4"]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert main([*argv, "--output-dir", str(whole)]) == 0
-    save = train_loop.save_checkpoints
-
-    def terminated_after_epoch_2(out, checkpoint, improved) -> None:
-        if checkpoint["epoch"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        save(out, checkpoint, improved)
-
-    monkeypatch.setattr(train_loop, "save_checkpoints", terminated_after_epoch_2)
-    assert main([*argv, "--output-dir", str(parts)]) == 143
-    monkeypatch.undo()
-    assert main(["--resume", str(parts / "checkpoint.pth")]) == 0
-    assert [without_times(r) for r in read_log(parts)] == [without_times(r) for r in read_log(whole)]
-    final = torch.load(whole / "checkpoint.pth", weights_only=True)["model"]
-    again = torch.load(parts / "checkpoint.pth", weights_only=True)["model"]
-    for key, value in final.items():
-        assert torch.equal(again[key], value), key
-
+    resume_after_epoch_2_matches_whole_run(argv, [], tmp_path, monkeypatch)
+    whole = tmp_path / "whole"
     assert main(["--epochs", "6", "--resume", str(whole / "checkpoint.pth")]) == 0
     assert [r["lr"] for r in read_log(whole)[4:]] == pytest.approx(
         [0.05 * (1 + math.cos(math.pi * epoch / 6)) for epoch in (4, 5)]

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -189,17 +190,15 @@ def recipe_gap_table(records: list[dict], method: str = "bb-safe") -> str:
     rows, gaps = [], []
     for lr, runs in table[method].items():
         for r in sorted(runs, key=lambda r: r["run"]["seed"]):
-            gap = final(r, "test_acc1") - recipe[tuned]
-            gaps.append(gap)
-            rows.append(f"| {lr:g} | {r['run']['seed']} | {final(r, 'test_acc1'):.2f} | {gap:+.2f} |")
-    gaps.sort()
-    median = (gaps[(len(gaps) - 1) // 2] + gaps[len(gaps) // 2]) / 2
+            accuracy = final(r, "test_acc1")
+            gaps.append(accuracy - recipe[tuned])
+            rows.append(f"| {lr:g} | {r['run']['seed']} | {accuracy:.2f} | {gaps[-1]:+.2f} |")
     within = ", ".join(f"{sum(g >= -limit for g in gaps)} within {limit}" for limit in (1, 2, 3))
     return (
         f"The tuned recipe, {LABELS[RECIPE]}: {recipe[tuned]:.2f} % at η0 = {tuned:g} (mean of seed"
         f"{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}; over η0 = {lrs}: {grid} %). Each run of "
         f"{LABELS[method]} against it, in points (negative: below it). Of {len(gaps)} runs: {within} points of "
-        f"it; median gap {median:+.2f}, worst {gaps[0]:+.2f}.\n\n"
+        f"it; median gap {statistics.median(gaps):+.2f}, worst {min(gaps):+.2f}.\n\n"
         "| η0 | seed | final test % | gap to the tuned recipe |\n|---|---|---|---|\n" + "\n".join(rows)
     )
 
