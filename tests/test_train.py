@@ -19,6 +19,7 @@ import torch
 from bbfused import BB
 from bbfused.train import build_optimizer, build_parser, main, parameter_groups, parse_args, prepare
 from bbfused.train.data import DataError, load_mnist
+from bbfused.train.schedules import describe_schedule, scheduled_rate
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -348,6 +349,38 @@ def test_cosine_schedule_is_torchs_cosine_annealing_per_epoch(tmp_path, capsys):
     constant = prepare(parse_args([*argv, "--epochs", "2"]))
     assert constant.args.lr_schedule == "constant"
     assert [record["lr"] for record in constant.fit()] == [0.2, 0.2]
+
+
+def test_step_schedule_is_torchs_multistep_per_epoch(tmp_path, capsys):
+    """--lr-schedule step: SGD's rate is divided by 10 after a third and two thirds of the epochs, as torch's
+    MultiStepLR with milestones ceil(E/3), ceil(2E/3) stepped once per epoch gives it; the first line says when."""
+    out = tmp_path / "step"
+    argv = [*BASELINE_TINY, "--optimizer", "sgd", "--lr", "0.2", "--epochs", "5", "--lr-schedule", "step"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    assert "sgd lr 0.2, divided by 10 after epochs 2 and 4 of 5, weight decay" in capsys.readouterr().out
+    assert [record["lr"] for record in read_log(out)] == pytest.approx([0.2, 0.2, 0.02, 0.02, 0.002], rel=1e-12)
+    for epochs in (1, 2, 3, 4, 10, 90):
+        reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+        milestones = [math.ceil(epochs / 3), math.ceil(2 * epochs / 3)]
+        steps = torch.optim.lr_scheduler.MultiStepLR(reference, milestones=milestones, gamma=0.1)
+        expected = []
+        for _ in range(epochs):
+            expected.append(reference.param_groups[0]["lr"])
+            reference.step()
+            steps.step()
+        rates = [scheduled_rate("step", 0.2, epoch, epochs) for epoch in range(epochs)]
+        assert rates == pytest.approx(expected, rel=1e-12), epochs
+    assert describe_schedule("step", 90) == "divided by 10 after epochs 30 and 60 of 90"
+    assert describe_schedule("step", 2) == "divided by 10 after epoch 1 of 2"
+    assert describe_schedule("step", 1) == ""  # one epoch: nothing to divide
+
+
+def test_step_run_resumes_exactly(tmp_path, monkeypatch):
+    """A step SGD run stopped after epoch 2 of 4, on the first epoch of the second stage, resumes at that stage's
+    rate and ends with the weights and log of an uninterrupted run."""
+    argv = [*BASELINE_TINY, "--optimizer", "sgd", "--lr-schedule", "step", "--epochs", "4"]
+    whole = resume_after_epoch_2_matches_whole_run(argv, [], tmp_path, monkeypatch)
+    assert [r["lr"] for r in whole] == pytest.approx([0.1, 0.1, 0.01, 0.001], rel=1e-12)
 
 
 def test_cosine_run_resumes_exactly_and_replans_with_more_epochs(tmp_path, monkeypatch):

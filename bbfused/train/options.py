@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument(
         "--lr-schedule",
         choices=SCHEDULES,
-        help=f"the baselines' rate over the run: constant, or cosine annealing to 0 over --epochs, set once an epoch "
-        f"(default {DEFAULT_SCHEDULE}; bb sets its own rate)",
+        help=f"the baselines' rate over the run, set once an epoch: constant; cosine annealing to 0 over --epochs; or "
+        f"step, divided by 10 at a third and two thirds of --epochs (default {DEFAULT_SCHEDULE}; bb sets its own rate)",
     )
     optim.add_argument(
         "--weight-decay", type=non_negative_float, default=5e-4, help="L2 penalty (default: 5e-4, the paper's)"

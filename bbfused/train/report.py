@@ -15,6 +15,7 @@ import torch
 from ..optimizer import BB
 from .checkpoints import Progress
 from .outputs import BEST, LATEST, LOG, PLOT
+from .schedules import describe_schedule
 
 
 def describe(
@@ -36,8 +37,8 @@ def describe(
         mode = "default" if args.bb_safeguard else "paper's method"
         mode += ", Adam-scaled step" if args.bb_preconditioner == "adam" else ""
         line += f" ({mode}, rate bounds {optimizer.tau_min:.3g}..{optimizer.tau_max:.3g}, {backends})"
-    elif args.lr_schedule == "cosine":
-        line += f", cosine annealing to 0 over {args.epochs} epochs"
+    elif schedule := describe_schedule(args.lr_schedule, args.epochs):
+        line += f", {schedule}"
     line = f"{line}, weight decay {args.weight_decay:g}, device {device}, amp {args.amp}"
     return f"{line}; resuming after epoch {start_epoch}" if start_epoch else line
 

@@ -4,6 +4,9 @@ A schedule sets every group's rate at the start of each epoch from the epoch's i
 epochs alone, so a resumed run needs no saved scheduler state, and a resume with a new ``--epochs`` replans the
 rest of the run, as BB's own plan does. ``cosine`` is the closed form of torch's
 ``CosineAnnealingLR(optimizer, T_max=epochs)`` stepped once per epoch: the tuned recipe BB is compared with.
+``step`` divides the rate by 10 at a third and at two thirds of the epochs, torchvision's ImageNet ResNet recipe
+(0.1 at epochs 30 and 60 of 90) for any length: torch's ``MultiStepLR(milestones=[ceil(epochs/3),
+ceil(2*epochs/3)], gamma=0.1)`` stepped once per epoch.
 BB sets its own rate (and anneals it over the planned epochs), so it takes no schedule.
 """
 
@@ -15,7 +18,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the command line reads SCHEDULES without loading torch
     import torch
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
+# The step schedule: this many equal stages of the planned epochs, each 1/STEP_FACTOR of the last one's rate.
+STEP_STAGES = 3
+STEP_FACTOR = 10
 DEFAULT_SCHEDULE = "constant"
 
 
@@ -25,7 +31,25 @@ def scheduled_rate(schedule: str, initial_rate: float, epoch: int, epochs: int) 
         return initial_rate
     if schedule == "cosine":
         return initial_rate * (1 + math.cos(math.pi * epoch / epochs)) / 2
+    if schedule == "step":
+        return initial_rate / STEP_FACTOR ** (STEP_STAGES * epoch // epochs)
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def describe_schedule(schedule: str, epochs: int) -> str:
+    """The schedule in the run's first line; empty for a constant rate."""
+    if schedule == "cosine":
+        return f"cosine annealing to 0 over {epochs} epochs"
+    if schedule == "step" and (drops := step_milestones(epochs)):
+        # A 0-based epoch where the rate drops is the 1-based epoch after which it drops.
+        after = " and ".join(str(epoch) for epoch in drops)
+        return f"divided by {STEP_FACTOR} after epoch{'s' if len(drops) > 1 else ''} {after} of {epochs}"
+    return ""
+
+
+def step_milestones(epochs: int) -> list[int]:
+    """The 0-based epochs at which the step schedule divides the rate: ``MultiStepLR``'s milestones."""
+    return sorted({-(-stage * epochs // STEP_STAGES) for stage in range(1, STEP_STAGES)} - {epochs})
 
 
 def apply_schedule(
