@@ -219,6 +219,13 @@ def test_report_against_the_sgd_recipe(tmp_path) -> None:
     assert "more than 3 points short of the best tuned reference: mixer." in section
     # small-long's median -2.0 is short of -1; 2 of 4 runs short, one of them on mixer.
     assert "| bb | 1 of 2 | 2 of 4 | 1 |" in section
+    # Each method tuned per setting with hindsight, against the best tuned reference (94.5 and 90 here).
+    tuned = text.split("## The first two checks for a tuned method")[1].split("\n## ")[0]
+    assert "| the best tuned reference | 2 | 0 | 0 | 2 | -0.5 |" in tuned  # its own seeds: 94 and 95
+    assert "| `sgdm-cosine`, tuned | 2 | 1 | 1 | 1 | -10.0 |" in tuned  # mixer: 80 against 90 on both seeds
+    assert "| `adamw-cosine`, tuned | 1 | 0 | 0 | 1 | +0.0 |" in tuned  # run on mixer only
+    assert "| `bb`, tuned | 2 | 2 | 2 | 0 | -15.0 |" in tuned  # small-long: -4.5 and +0.5, median -2.0
+    assert "| `bb`, every η0 | 2 | 2 | 2 | 0 | -15.0 |" in tuned
 
 
 def test_regression_score_and_label_noise() -> None:

@@ -1,0 +1,36 @@
+"""The tables of 2026-12-07_cpu_adam_mode_bound.md: ``BB(preconditioner="adam")`` trained at the current rate
+control (run files in ``runs/``) against the suite's best tuned reference of every setting, and the issue's first two
+checks for it beside each reference tuned per setting with hindsight:
+``python benchmarks/results/adam_mode_runs/table.py``.
+
+In this mode every η0 ≥ 1e-3 is the same run, so each seed's η0 = 1e-3 run stands for the whole η0 grid."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1] / "robustness"))
+
+from prototypes import adam_grid, adam_seeds  # noqa: E402
+from report import best_reference, load_runs, method_order, tuned_bound_section  # noqa: E402
+from suite import LRS, RUNS, SEEDS, SETTINGS  # noqa: E402
+
+MODE = "bb[adam]"
+
+
+def main() -> None:
+    references = load_runs(RUNS)
+    runs = {**references, **adam_grid(HERE / "runs", MODE, SEEDS)}
+    adam_seeds(references, runs, [MODE], SEEDS)
+    print()
+    settings = list(SETTINGS)
+    best = {setting: best_reference(references, setting, LRS, SEEDS) for setting in settings}
+    shown = method_order({key[1] for key in runs})
+    print("\n".join(tuned_bound_section(runs, settings, best, shown, LRS, SEEDS)))
+
+
+if __name__ == "__main__":
+    main()
