@@ -203,6 +203,7 @@ def recipe_gap_table(records: list[dict], method: str = "bb-safe") -> str:
     )
 
 
+TITLE_BAND_INCHES = 0.2  # the figure title's band above the panels
 DEAD_ACCURACY = 15.0  # % test accuracy at or below which a 10-class network predicts (about) one class
 
 
@@ -290,6 +291,13 @@ def _curve(records: list[dict], key: str) -> list[float]:
     return [mean([r["history"][i][key] for r in records]) for i in range(length)]
 
 
+def _titled_layout(figure: plt.Figure, title: str) -> None:
+    """The figure's title above its panels: tight_layout alone ignores the figure's title, which then overlaps the top
+    row's panel titles, so the panels are packed below a band left for it."""
+    figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0, 1, 1 - TITLE_BAND_INCHES / figure.get_figheight()))
+
+
 def sensitivity_figure(records: list[dict], path: Path, title: str, per_row: int = 4) -> None:
     """One panel pair per method (training loss, log scale, above test accuracy), ``per_row`` methods a row,
     one curve per η0 (the mean of the seeds)."""
@@ -335,8 +343,7 @@ def sensitivity_figure(records: list[dict], path: Path, title: str, per_row: int
     for index in range(len(table), rows * columns):
         axes[2 * (index // per_row), index % per_row].axis("off")
         axes[2 * (index // per_row) + 1, index % per_row].axis("off")
-    figure.suptitle(title)
-    figure.tight_layout()
+    _titled_layout(figure, title)
     figure.savefig(path, dpi=80)
     plt.close(figure)
 
@@ -398,8 +405,7 @@ def comparison_figure(records: list[dict], path: Path, title: str) -> None:
         axes.set_xlabel("epoch")
         axes.grid(alpha=0.3)
     acc_axes.legend(fontsize=7)
-    figure.suptitle(title)
-    figure.tight_layout()
+    _titled_layout(figure, title)
     figure.savefig(path, dpi=90)
     plt.close(figure)
 
