@@ -528,11 +528,11 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     """Experiment 1 in quick mode (512 images, 2 epochs): a run file per method and η0, then the tables and
     the figure; training the same grid again trains nothing."""
     runs = tmp_path / "runs"
-    methods = "bb,bb-safe,sgd,sgd-cosine"
+    methods = "bb,bb-safe,sgd,sgd-cosine,sgd-step"
     argv = ["--quick", "--methods", methods, "--lrs", "0.1,1", "--out", str(runs / "sensitivity_quick")]
     sensitivity.main(argv)
     files = sorted((runs / "sensitivity_quick").glob("*.json"))
-    assert len(files) == 8
+    assert len(files) == 10
     records = report.load(runs / "sensitivity_quick")
     for record in records:
         assert len(record["history"]) == 2 and record["run"]["epochs"] == 2
@@ -572,24 +572,30 @@ def test_quick_sensitivity_and_report(tmp_path) -> None:
     assert "| BB + safeguard |" in blocks["sensitivity_mlp_spread"]
     rows = [line for line in blocks["sensitivity_mlp_results"].splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == [
-        "| BB", "| BB + safeguard", "| SGD (momentum 0.9)", "| SGD (momentum 0.9) + cosine"
+        "| BB", "| BB + safeguard", "| SGD (momentum 0.9)", "| SGD (momentum 0.9) + cosine",
+        "| SGD (momentum 0.9) + step",
     ]  # fmt: skip
-    # The tuned recipe is SGD + cosine at its better η0; each BB default run is measured against it.
-    cosine = {lr: report.final(by_name["sgd-cosine", lr], "test_acc1") for lr in (0.1, 1.0)}
-    tuned = max(cosine, key=cosine.get)
+    # The tuned recipe is the better of SGD + cosine and SGD + step at its better η0; each BB default run is
+    # measured against it.
+    recipes = {
+        (m, lr): report.final(by_name[m, lr], "test_acc1") for m in ("sgd-cosine", "sgd-step") for lr in (0.1, 1.0)
+    }
+    (method, tuned) = max(recipes, key=recipes.get)
     assert [e["lr"] for e in by_name["sgd-cosine", tuned]["history"]] == [tuned, pytest.approx(tuned / 2)]
+    assert [e["lr"] for e in by_name["sgd-step", tuned]["history"]] == [tuned, pytest.approx(tuned / 10)]
     recipe = blocks["sensitivity_mlp_recipe"]
-    assert f"{cosine[tuned]:.2f} % at η0 = {tuned:g}" in recipe
+    assert f"The tuned recipe, {report.LABELS[method]}: {recipes[method, tuned]:.2f} % at η0 = {tuned:g}" in recipe
+    assert "+ cosine over η0 = 0.1 / 1: " in recipe and "+ step over η0 = 0.1 / 1: " in recipe
     for lr in (0.1, 1.0):
         bb_acc = report.final(by_name["bb-safe", lr], "test_acc1")
-        assert f"| {lr:g} | 0 | {bb_acc:.2f} | {bb_acc - cosine[tuned]:+.2f} |" in recipe
-    gaps = [report.final(by_name["bb-safe", lr], "test_acc1") - cosine[tuned] for lr in (0.1, 1.0)]
+        assert f"| {lr:g} | 0 | {bb_acc:.2f} | {bb_acc - recipes[method, tuned]:+.2f} |" in recipe
+    gaps = [report.final(by_name["bb-safe", lr], "test_acc1") - recipes[method, tuned] for lr in (0.1, 1.0)]
     assert f"{sum(g >= -1 for g in gaps)} within 1" in recipe and f"worst {min(gaps):+.2f}" in recipe
     assert (figures / "paper_sensitivity_mlp.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "| the network was above chance after it |" in blocks["sensitivity_mlp_growth"]
     # A folder kept out of the sweeps' tables gets one row per run, its last accuracy in bold.
     table = report.runs_table(report.load(runs / "sensitivity_quick")).splitlines()
-    assert len(table) == 2 + 8
+    assert len(table) == 2 + 10
     cosine_rates = " ".join(f"{e['lr']:.3g}" for e in by_name["sgd-cosine", 1.0]["history"])
     assert any(row.startswith(f"| SGD (momentum 0.9) + cosine | 1 | 0 | {cosine_rates} | – |") for row in table)
     sgd = by_name["sgd", 1.0]
