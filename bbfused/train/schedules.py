@@ -5,7 +5,7 @@ epochs alone, so a resumed run needs no saved scheduler state, and a resume with
 rest of the run, as BB's own plan does. ``cosine`` is the closed form of torch's
 ``CosineAnnealingLR(optimizer, T_max=epochs)`` stepped once per epoch: the tuned recipe BB is compared with.
 ``step`` divides the rate by 10 at a third and at two thirds of the epochs, torchvision's ImageNet ResNet recipe
-(0.1 at epochs 30 and 60 of 90) for any length: torch's ``MultiStepLR(milestones=[ceil(epochs/3),
+(divided by 10 at epochs 30 and 60 of 90) for any length: torch's ``MultiStepLR(milestones=[ceil(epochs/3),
 ceil(2*epochs/3)], gamma=0.1)`` stepped once per epoch.
 BB sets its own rate (and anneals it over the planned epochs), so it takes no schedule.
 """
@@ -32,7 +32,7 @@ def scheduled_rate(schedule: str, initial_rate: float, epoch: int, epochs: int) 
     if schedule == "cosine":
         return initial_rate * (1 + math.cos(math.pi * epoch / epochs)) / 2
     if schedule == "step":
-        return initial_rate / STEP_FACTOR ** (STEP_STAGES * epoch // epochs)
+        return initial_rate / STEP_FACTOR ** sum(epoch >= milestone for milestone in step_milestones(epochs))
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
