@@ -1,9 +1,9 @@
-"""The tables of 2026-12-07_cpu_adam_mode_bound.md: ``BB(preconditioner="adam")`` trained at the current rate
-control (run files in ``runs/``) against the suite's best tuned reference of every setting, and the issue's first two
-checks for it beside each reference tuned per setting with hindsight; then its runs on the paper's ResNet-18
-stand-in (``resnet18/``): ``python benchmarks/results/adam_mode_runs/table.py``.
+"""The tables of 2026-12-07_cpu_adam_mode_bound.md: ``BB(preconditioner="adam")`` (the suite's method ``bb[adam]``,
+recorded in ``robustness_runs/``) against the best tuned reference of every setting, per seed; the issue's first two
+checks for it beside each reference tuned per setting with hindsight; then its runs on the paper's ResNet-18 stand-in
+(``resnet18/``): ``python benchmarks/results/adam_mode_runs/table.py``.
 
-In this mode every η0 ≥ 1e-3 is the same run, so each seed's η0 = 1e-3 run stands for the whole η0 grid."""
+In this mode every η0 ≥ 1e-3 is the same run, so the per-seed table shows each seed's η0 = 1e-3 run."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parents[1] / "robustness"))
 
-from prototypes import adam_grid, adam_seeds  # noqa: E402
+from prototypes import adam_seeds  # noqa: E402
 from report import best_reference, load_runs, method_order, tuned_bound_section  # noqa: E402
 from suite import LRS, RUNS, SEEDS, SETTINGS  # noqa: E402
 
@@ -23,12 +23,11 @@ MODE = "bb[adam]"
 
 
 def main() -> None:
-    references = load_runs(RUNS)
-    runs = {**references, **adam_grid(HERE / "runs", MODE, SEEDS)}
-    adam_seeds(references, runs, [MODE], SEEDS)
+    runs = load_runs(RUNS)
+    adam_seeds(runs, runs, [MODE], SEEDS)
     print()
     settings = list(SETTINGS)
-    best = {setting: best_reference(references, setting, LRS, SEEDS) for setting in settings}
+    best = {setting: best_reference(runs, setting, LRS, SEEDS) for setting in settings}
     shown = method_order({key[1] for key in runs})
     print("\n".join(tuned_bound_section(runs, settings, best, shown, LRS, SEEDS)))
     print("| ResNet-18 stand-in, seed | final test top-1 % | final training loss | rate per epoch | rolled back |")
