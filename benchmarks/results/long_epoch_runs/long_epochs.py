@@ -11,11 +11,11 @@ epoch on two cores: does the default reach the tuned references there, and does 
     python benchmarks/results/long_epoch_runs/long_epochs.py table
     python benchmarks/results/long_epoch_runs/long_epochs.py report  # report.md and report.png, as the suite's
 
-METHOD: ``bb``, ``bb[push-neutral]``, ``bb[anneal-MODE]`` (``end_phase_runs/end_phase.py``'s MODE: ``midpoint``, the
-default's end phase, or ``0.5``, each end-phase epoch at the cosine's value at its end), or
-any reference of the robustness suite (``sgdm``, ``sgdm-cosine``, ``prodigy``, ..., over η0 ∈ {1e-3 … 10};
-``prodigy-default``, ``dadapt-sgd-default``, ``schedulefree-sgd-default`` at their defaults). Runs are saved as the
-suite saves them, into ``long_epoch_runs/runs/``.
+METHOD: ``bb``, ``bb[adam]`` (``BB(preconditioner="adam")``), ``bb[push-neutral]``, ``bb[anneal-MODE]``
+(``end_phase_runs/end_phase.py``'s MODE: ``midpoint``, the default's end phase, or ``0.5``, each end-phase epoch at
+the cosine's value at its end), or any reference of the robustness suite (``sgdm``, ``sgdm-cosine``, ``prodigy``,
+..., over η0 ∈ {1e-3 … 10}; ``prodigy-default``, ``dadapt-sgd-default``, ``schedulefree-sgd-default`` at their
+defaults). Runs are saved as the suite saves them, into ``long_epoch_runs/runs/``.
 """
 
 import sys
@@ -43,6 +43,7 @@ LONG = (
             "the GRU reading image rows, gradients clipped to norm 1, batches of 16: 1,024 steps an epoch",
             clip_grad_norm=1.0, holdout=True),
 )  # fmt: skip
+ADAM_MODE = "bb[adam]"
 PUSH_NEUTRAL = "bb[push-neutral]"
 ANNEAL = "bb[anneal-"
 MIDPOINT = f"{ANNEAL}midpoint]"
@@ -63,7 +64,8 @@ def train_method(method: str, seeds: str, settings: str | None) -> None:
 
         install(method.removeprefix(ANNEAL).removesuffix("]"))
     lrs = DEFAULT_LR if method in DEFAULT_REFERENCES else ",".join(str(lr) for lr in LRS)
-    train_runs(RUNS, settings or ",".join(s.name for s in LONG), seeds, lrs, method)
+    bb_kwargs = {"preconditioner": "adam"} if method == ADAM_MODE else None
+    train_runs(RUNS, settings or ",".join(s.name for s in LONG), seeds, lrs, method, bb_kwargs)
 
 
 def scores(runs: dict) -> None:
@@ -94,7 +96,7 @@ if __name__ == "__main__":
         )
     elif sys.argv[1] == "table":
         runs = load_runs(RUNS)
-        side_by_side(runs, runs, ["bb", PUSH_NEUTRAL, MIDPOINT])
+        side_by_side(runs, runs, ["bb", ADAM_MODE, PUSH_NEUTRAL, MIDPOINT])
         print()
         print_moves(runs, [PUSH_NEUTRAL, MIDPOINT], baseline="bb")
         print_moves(runs, [MIDPOINT], baseline=END_OF_EPOCH)
