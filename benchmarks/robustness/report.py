@@ -648,33 +648,35 @@ def tuned_bound_section(
         "|---|---|---|---|---|---|",
     ]
 
-    def tuned_scores(method: str, setting: str) -> list[float] | None:
+    def tuned_gaps(method: str, setting: str, best: Tuned) -> list[float]:
         method_tuned = tuned(runs, setting, method, lrs, seeds)
-        return None if method_tuned is None else list(method_tuned.scores)
+        return [] if method_tuned is None else [value - best.mean for value in method_tuned.scores]
 
-    def every_run(method: str, setting: str) -> list[float] | None:
-        keys = [(setting, method, lr, seed) for lr in method_lrs(method, lrs, runs, setting) for seed in seeds]
-        values = [value for value in (score(runs.get(key)) for key in keys) if value is not None]
-        return values or None
+    def every_run_gaps(method: str, setting: str, best: Tuned) -> list[float]:
+        return [gap for gap in gaps(runs, setting, method, lrs, seeds, best.mean).values() if gap is not None]
 
-    rows = [("the best tuned reference", lambda setting: list(references[setting].scores))]
+    rows = [("the best tuned reference", lambda setting, best: [value - best.mean for value in best.scores])]
     rows += [
-        (f"`{m}`" if m.endswith("-default") else f"`{m}`, tuned", lambda setting, m=m: tuned_scores(m, setting))
+        (
+            f"`{m}`" if m.endswith("-default") else f"`{m}`, tuned",
+            lambda setting, best, m=m: tuned_gaps(m, setting, best),
+        )
         for m in shown
     ]
-    rows += [(f"`{m}`, every η0", lambda setting, m=m: every_run(m, setting)) for m in shown if is_bb(m)]
-    for label, scores_of in rows:
+    rows += [
+        (f"`{m}`, every η0", lambda setting, best, m=m: every_run_gaps(m, setting, best)) for m in shown if is_bb(m)
+    ]
+    for label, gaps_of in rows:
         worst, seed_short, median_short, both, count = None, 0, 0, 0, 0
         for setting in settings:
             best = references[setting]
-            scores = None if best is None else scores_of(setting)
-            if scores is None:
+            stats = gap_stats(gaps_of(setting, best)) if best is not None else None
+            if stats is None or not stats.count:
                 continue
-            seed_gaps = [value - best.mean for value in scores]
             count += 1
-            worst = min(seed_gaps) if worst is None else min(worst, *seed_gaps)
-            fails_worst = min(seed_gaps) < WORST_GAP
-            fails_median = statistics.median(seed_gaps) < MEDIAN_GAP
+            worst = stats.worst if worst is None else min(worst, stats.worst)
+            fails_worst = stats.worst < WORST_GAP
+            fails_median = stats.median < MEDIAN_GAP
             seed_short += fails_worst
             median_short += fails_median
             both += not (fails_worst or fails_median)
