@@ -375,6 +375,63 @@ def test_step_schedule_is_torchs_multistep_per_epoch(tmp_path, capsys):
     assert describe_schedule("step", 1) == ""  # one epoch: nothing to divide
 
 
+def torch_warmup_rates(schedule: str, lr: float, warmup: int, epochs: int) -> list[float]:
+    """The rates of torch's SequentialLR: LinearLR(start_factor=1/(warmup+1), total_iters=warmup) for the first
+    ``warmup`` epochs, then ``schedule`` over the rest, stepped once an epoch."""
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    rest = epochs - warmup
+    warming = torch.optim.lr_scheduler.LinearLR(reference, start_factor=1 / (warmup + 1), total_iters=warmup)
+    following = {
+        "constant": lambda: torch.optim.lr_scheduler.ConstantLR(reference, factor=1.0, total_iters=0),
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=rest),
+        "step": lambda: torch.optim.lr_scheduler.MultiStepLR(
+            reference, milestones=[math.ceil(rest / 3), math.ceil(2 * rest / 3)], gamma=0.1
+        ),
+    }[schedule]()
+    sequence = torch.optim.lr_scheduler.SequentialLR(reference, [warming, following], milestones=[warmup])
+    rates = []
+    for _ in range(epochs):
+        rates.append(reference.param_groups[0]["lr"])
+        reference.step()
+        sequence.step()
+    return rates
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
+def test_warmup_is_torchs_linear_warmup_then_the_schedule(schedule):
+    """--warmup-epochs K: epoch e < K runs at (e+1)/(K+1) of --lr, and the schedule runs over the remaining
+    epochs after them, as torch's SequentialLR of LinearLR and the schedule, stepped once an epoch, gives it."""
+    for warmup, epochs in ((1, 2), (1, 4), (2, 5), (5, 90), (3, 10)):
+        expected = torch_warmup_rates(schedule, 0.4, warmup, epochs)
+        rates = [scheduled_rate(schedule, 0.4, epoch, epochs, warmup) for epoch in range(epochs)]
+        assert rates == pytest.approx(expected, rel=1e-12, abs=1e-15), (warmup, epochs)
+    assert [scheduled_rate("cosine", 0.4, e, 5, 2) for e in range(3)] == pytest.approx([0.4 / 3, 0.8 / 3, 0.4])
+    with pytest.raises(ValueError, match="a warmup of 4 epochs needs at least 5 epochs, not 4"):
+        scheduled_rate(schedule, 0.4, 0, 4, 4)
+
+
+def test_warmup_run_logs_and_describes_it(tmp_path, capsys):
+    """A 5-epoch SGD run with --warmup-epochs 2 and the step schedule: the log shows the warmup's rates, then the
+    step schedule over the last 3 epochs; the first line names both."""
+    out = tmp_path / "warm"
+    argv = [*BASELINE_TINY, "--optimizer", "sgd", "--lr", "0.06", "--epochs", "5", "--lr-schedule", "step"]
+    assert main([*argv, "--warmup-epochs", "2", "--output-dir", str(out)]) == 0
+    first = "sgd lr 0.06, linear warmup over 2 epochs, then divided by 10 after epochs 3 and 4 of 5, weight decay"
+    assert first in capsys.readouterr().out
+    assert [r["lr"] for r in read_log(out)] == pytest.approx([0.02, 0.04, 0.06, 0.006, 0.0006], rel=1e-12)
+    assert describe_schedule("constant", 4, 1) == "linear warmup over 1 epoch"
+    assert describe_schedule("cosine", 4, 3) == "linear warmup over 3 epochs, then cosine annealing to 0 over 1 epoch"
+    assert describe_schedule("step", 3, 2) == "linear warmup over 2 epochs"  # one epoch after it: nothing to divide
+
+
+def test_warmup_run_resumes_exactly(tmp_path, monkeypatch):
+    """A cosine SGD run with a 3-epoch warmup, stopped inside the warmup after epoch 2 of 4, resumes at the
+    warmup's third rate and ends as an uninterrupted run."""
+    argv = [*BASELINE_TINY, "--optimizer", "sgd", "--lr-schedule", "cosine", "--epochs", "4", "--warmup-epochs", "3"]
+    whole = resume_after_epoch_2_matches_whole_run(argv, [], tmp_path, monkeypatch)
+    assert [r["lr"] for r in whole] == pytest.approx([0.025, 0.05, 0.075, 0.1], rel=1e-12)
+
+
 def test_step_run_resumes_exactly(tmp_path, monkeypatch):
     """A step SGD run stopped after epoch 2 of 4, on the first epoch of the second stage, resumes at that stage's
     rate and ends with the weights and log of an uninterrupted run."""
@@ -568,6 +625,9 @@ NO_TRAINING = ["--limit-train", "64", "--limit-test", "64", "--epochs", "1"]
         (["--bb-preconditioner", "lamb"], "invalid choice: 'lamb'"),
         (["--lr-schedule", "cosine"], "--lr-schedule cosine applies to the baseline optimizers: bb sets its own"),
         (["--optimizer", "sgd", "--lr-schedule", "linear"], "invalid choice: 'linear'"),
+        (["--warmup-epochs", "2"], "--warmup-epochs 2 applies to the baseline optimizers: bb approaches its rate"),
+        (["--optimizer", "sgd", "--warmup-epochs", "1"], "--warmup-epochs 1 leaves no epoch of the schedule"),
+        (["--optimizer", "sgd", "--warmup-epochs", "-1"], "must be an integer >= 0"),
         (["--batch-size", "0"], "must be an integer > 0"),
         (["--lr", "nan"], "must be > 0"),
         (["--device", "foo"], "'foo' is not a device"),

@@ -571,6 +571,16 @@ def test_figure_marks_rolled_back_epochs_and_has_integer_ticks():
         assert ticks and all(float(t).is_integer() for t in ticks)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_figure_of_one_epoch_spans_its_value_without_a_warning():
+    """After the first epoch each panel has one value; its axis gets a span around it (log panels x0.5..x2)
+    instead of matplotlib's warning about identical limits."""
+    history = [{"epoch": 1, "lr": 0.1, "train_loss": 2.0, "test_acc1": 50.0, "rolled_back": False}]
+    lr, loss, acc = outputs.history_figure(history, "one epoch").axes
+    assert lr.get_ylim() == pytest.approx((0.05, 0.2)) and loss.get_ylim() == pytest.approx((1.0, 4.0))
+    assert acc.get_ylim() == pytest.approx((49.0, 51.0))
+
+
 @pytest.mark.parametrize(
     "option",
     [["--lr", "0.01"], ["--weight-decay", "0"], ["--seed", "3"], ["--tau-max", "5"], ["--bb-preconditioner", "adam"]],

@@ -197,7 +197,7 @@ class Training:
         if data.train_sampler is not None:
             data.train_sampler.set_epoch(epoch)
         if not isinstance(self.optimizer, BB):
-            apply_schedule(self.optimizer, args.lr_schedule, args.lr, epoch, args.epochs)
+            apply_schedule(self.optimizer, args.lr_schedule, args.lr, epoch, args.epochs, args.warmup_epochs)
         start = time.perf_counter()
         common = {"amp_dtype": AMP_DTYPES[args.amp], "channels_last": args.channels_last, "world": self.shard.world}
         train = train_one_epoch(

@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"step, divided by 10 at a third and two thirds of --epochs (default {DEFAULT_SCHEDULE}; bb sets its own rate)",
     )
     optim.add_argument(
+        "--warmup-epochs",
+        type=non_negative_int,
+        default=0,
+        help="the baselines' linear warmup: epoch e of the first K runs at (e+1)/(K+1) of the rate, and "
+        "--lr-schedule follows over the epochs after them (default: 0; bb approaches its rate itself)",
+    )
+    optim.add_argument(
         "--weight-decay", type=non_negative_float, default=5e-4, help="L2 penalty (default: 5e-4, the paper's)"
     )
     optim.add_argument(
@@ -267,8 +274,18 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--lr-schedule {args.lr_schedule} applies to the baseline optimizers: bb sets its own rate and "
             f"anneals it over the second half of --epochs; drop --lr-schedule"
         )
+    if args.optimizer == "bb" and args.warmup_epochs:
+        raise UsageError(
+            f"--warmup-epochs {args.warmup_epochs} applies to the baseline optimizers: bb approaches its rate "
+            f"itself from --lr; drop --warmup-epochs"
+        )
     if args.optimizer != "bb" and args.lr_schedule is None:
         args.lr_schedule = DEFAULT_SCHEDULE
+    if args.warmup_epochs >= args.epochs:
+        raise UsageError(
+            f"--warmup-epochs {args.warmup_epochs} leaves no epoch of the schedule in --epochs {args.epochs}; "
+            f"pass --epochs above {args.warmup_epochs} or fewer warmup epochs"
+        )
     if args.optimizer in MOMENTUM_OPTIMIZERS:
         if args.momentum is None:
             args.momentum = 0.9

@@ -203,6 +203,10 @@ def history_figure(history: list[dict[str, Any]], title: str):
             axes.legend()
         if scale:
             axes.set_yscale(scale)
+        if len(levels := {v for v in series if math.isfinite(v) and (v > 0 or not scale)}) == 1:
+            # One level (the first epoch, a constant rate): give the axis a span, which matplotlib warns it lacks.
+            (level,) = levels
+            axes.set_ylim(*((level / 2, level * 2) if scale else (level - 1, level + 1)))
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_title(label)

@@ -37,7 +37,7 @@ def describe(
         mode = "default" if args.bb_safeguard else "paper's method"
         mode += ", Adam-scaled step" if args.bb_preconditioner == "adam" else ""
         line += f" ({mode}, rate bounds {optimizer.tau_min:.3g}..{optimizer.tau_max:.3g}, {backends})"
-    elif schedule := describe_schedule(args.lr_schedule, args.epochs):
+    elif schedule := describe_schedule(args.lr_schedule, args.epochs, args.warmup_epochs):
         line += f", {schedule}"
     line = f"{line}, weight decay {args.weight_decay:g}, device {device}, amp {args.amp}"
     return f"{line}; resuming after epoch {start_epoch}" if start_epoch else line
