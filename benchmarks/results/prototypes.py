@@ -182,14 +182,25 @@ def moved_runs(runs: dict, before: str, after: str, seeds: Sequence[int] = SEEDS
     return moved
 
 
+def paired_runs(
+    runs: dict, method: str, baseline: str, baseline_runs: dict | None = None
+) -> list[tuple[tuple[str, float, int], dict, dict]]:
+    """((setting, η0, seed), run, baseline's run) for every run of ``method`` in ``runs`` that ``baseline`` has a run
+    of in ``baseline_runs`` (default: ``runs``), in the runs' sorted order."""
+    baseline_runs = runs if baseline_runs is None else baseline_runs
+    return [
+        ((setting, lr, seed), record, baseline_runs[setting, baseline, lr, seed])
+        for (setting, m, lr, seed), record in sorted(runs.items())
+        if m == method and (setting, baseline, lr, seed) in baseline_runs
+    ]
+
+
 def paired_moves(runs: dict, method: str, baseline: str, baseline_runs: dict | None = None) -> list[tuple[str, float]]:
     """(setting, score change) of every run of ``method`` in ``runs`` against ``baseline``'s run of the same setting,
     η0 and seed in ``baseline_runs`` (default: ``runs``), in the runs' sorted order."""
-    baseline_runs = runs if baseline_runs is None else baseline_runs
     return [
-        (setting, score(record) - score(baseline_runs[setting, baseline, lr, seed]))
-        for (setting, m, lr, seed), record in sorted(runs.items())
-        if m == method and (setting, baseline, lr, seed) in baseline_runs
+        (setting, score(record) - score(before))
+        for (setting, _, _), record, before in paired_runs(runs, method, baseline, baseline_runs)
     ]
 
 

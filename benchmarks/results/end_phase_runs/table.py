@@ -19,7 +19,6 @@ from prototypes import (  # noqa: E402
     SEEDS,
     SETTINGS,
     adam_seeds,
-    load,
     load_runs,
     moved_line,
     paired_moves,
@@ -48,24 +47,27 @@ def print_moves_by_length_and_setting(runs: dict, method: str, baseline: str = "
 
 def main(argv: list[str]) -> None:
     adam = argv[:1] == ["--adam"]
-    references, runs = load(argv[1:] if adam else argv, base=(RESULTS / "preconditioner_runs",) if adam else (RUNS,))
+    folders = {folder: load_runs(Path(folder)) for folder in (argv[1:] if adam else argv)}
+    references = load_runs(RUNS)
+    runs = load_runs(RESULTS / "preconditioner_runs") if adam else dict(references)
+    for own in folders.values():
+        runs.update(own)
     prototypes = sorted({key[1] for key in runs if key[1].startswith("bb[anneal-") and ("adam" in key[1]) == adam})
     if adam:
         adam_seeds(references, runs, ["bb[adam]", *prototypes])
-    else:
-        side_by_side(references, runs, ["bb", *prototypes])
-        for folder in argv:
-            own = load_runs(Path(folder))
-            if any(key[1] == "bb" for key in own):
-                methods = sorted({key[1] for key in own if key[1] != "bb"})
-                seeds = tuple(sorted({key[3] for key in own}))
-                if seeds != tuple(SEEDS):
-                    print(f"\n{folder}, seeds {', '.join(map(str, seeds))}:\n")
-                    side_by_side(references, own, ["bb", *methods], seeds)
-                print()
-                for method in methods:
-                    print_moves(own, [method], baseline="bb")
-                    print_moves_by_length_and_setting(own, method)
+        return
+    side_by_side(references, runs, ["bb", *prototypes])
+    for folder, own in folders.items():
+        if any(key[1] == "bb" for key in own):
+            methods = sorted({key[1] for key in own if key[1] != "bb"})
+            seeds = tuple(sorted({key[3] for key in own}))
+            if seeds != tuple(SEEDS):
+                print(f"\n{folder}, seeds {', '.join(map(str, seeds))}:\n")
+                side_by_side(references, own, ["bb", *methods], seeds)
+            print()
+            for method in methods:
+                print_moves(own, [method], baseline="bb")
+                print_moves_by_length_and_setting(own, method)
 
 
 if __name__ == "__main__":

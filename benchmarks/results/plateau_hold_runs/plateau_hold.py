@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prototypes import load, print_moves, prototype_main, score  # noqa: E402
+from prototypes import load, paired_runs, print_moves, prototype_main, score  # noqa: E402
 
 from bbfused.control import safeguard  # noqa: E402
 
@@ -57,9 +57,8 @@ def print_moved_runs(folder: Path) -> None:
     print()
     print("| setting | η0 | seed | bb → prototype (%) | bb's rates | the prototype's rates |")
     print("|---|---|---|---|---|---|")
-    for (setting, method, lr, seed), record in sorted(runs.items()):
-        baseline = runs.get((setting, "bb", lr, seed))
-        if method != METHOD or baseline is None or abs(score(record) - score(baseline)) < 1:
+    for (setting, lr, seed), record, baseline in paired_runs(runs, METHOD, "bb"):
+        if abs(score(record) - score(baseline)) < 1:
             continue
         rates = [", ".join(f"{r:.3g}" for r in run["bb_lr_history"]) for run in (baseline, record)]
         moved = f"{score(baseline):.1f} → {score(record):.1f}"
