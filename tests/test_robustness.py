@@ -222,6 +222,10 @@ def test_report_against_the_sgd_recipe(tmp_path) -> None:
     # Each method tuned per setting with hindsight, against the best tuned reference (94.5 and 90 here).
     tuned = text.split("## The first two checks for a tuned method")[1].split("\n## ")[0]
     assert "| the best tuned reference | 2 | 0 | 0 | 2 | -0.5 |" in tuned  # its own seeds: 94 and 95
+    # The best SGD step: sgdm-cosine on small-long; on mixer bb (85, 75) ties sgdm-cosine (80, 80) at 80 and,
+    # listed first, is taken: 10 points short of adamw-cosine's 90 on the median, so no SGD step meets the checks.
+    assert "| the best SGD step, tuned | 2 | 1 | 1 | 1 | -15.0 |" in tuned
+    assert "Where no SGD step meets both checks, even tuned: mixer." in tuned
     assert "| `sgdm-cosine`, tuned | 2 | 1 | 1 | 1 | -10.0 |" in tuned  # mixer: 80 against 90 on both seeds
     assert "| `adamw-cosine`, tuned | 1 | 0 | 0 | 1 | +0.0 |" in tuned  # run on mixer only
     assert "| `bb`, tuned | 2 | 2 | 2 | 0 | -15.0 |" in tuned  # small-long: -4.5 and +0.5, median -2.0
