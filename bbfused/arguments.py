@@ -26,6 +26,11 @@ except ImportError:  # NumPy is optional; without it no value is a NumPy bool
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """A number argument given a wrong kind of object (a string, None, a bool, a complex number): a TypeError, as
+    torch.optim raises for one, that ``except ValueError`` also catches, as it catches every other argument error."""
+
+
 def is_real(value: Any) -> bool:
     """Whether ``value`` is a real number: a Python or NumPy int or float (bool excluded: True is not a rate or a
     loss)."""
@@ -39,7 +44,8 @@ def is_int(value: Any) -> bool:
 
 def as_number(name: str, value: Any, integer: bool = False) -> float | int:
     """``value`` as a Python float (an int with ``integer``): a Python or NumPy real number, or a one-element real
-    tensor. Anything else raises ValueError naming the problem and the fix."""
+    tensor. A tensor of another shape or dtype raises ValueError, any other object :class:`ArgumentTypeError`, both
+    naming the problem and the fix."""
     kind = "an int" if integer else "a number"
     if isinstance(value, torch.Tensor):
         found = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
@@ -60,7 +66,7 @@ def as_number(name: str, value: Any, integer: bool = False) -> float | int:
     else:
         problem = f"of type {type(value).__name__}"
     example = "a Python int" if integer else "a float, a NumPy scalar or a one-element real tensor"
-    raise ValueError(f"{name} must be {kind}, got {value!r} ({problem}); pass {example}")
+    raise ArgumentTypeError(f"{name} must be {kind}, got {value!r} ({problem}); pass {example}")
 
 
 def check_positive(name: str, value: Any) -> float:

@@ -13,13 +13,15 @@ must agree). A dict with neither, such as one saved through ``get_optimizer_stat
 it, is refused with the fix. The copies in the groups changed nothing in the entry itself: older dicts, which have
 only the top-level entry, load as before and need no upgrade.
 
-Version 5 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
+Version 7 is current. :func:`upgrade` brings an older entry up to it: version 1 had no rate-control state (its
 ``loss_reference``, the last good epoch's mean loss, becomes the best and the last mean loss), entries written
 before groups could be added have no ``join_epochs`` (every group was a constructor's group: all 0), version 2
 had no multiplier (a scheduler's writes were ignored: the rate applied was the rule's), version 3 had no
 preconditioner (the step was SGD's), version 4 no gradient shares (the dead-unit test has no reference until
 the next good period end), and in version 5 and earlier a gradient average held an average of d inside the window
 (``window_point`` False: the optimizer turns it into the window's point at its next step, ``bbfused.average_window``).
+Version 6 and earlier did not name the rate control: from version 4 on, the paper's method alone saved a fallback
+rate τ₀; before, both did, and such an entry loads into either (``safeguard`` None).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from .arguments import check_beta, check_positive, check_weight_decay, is_int, is_real
 from .preconditioner import NAMES as PRECONDITIONERS
 
-VERSION = 6
+VERSION = 7
 ENTRY = "bb"
 # Per-parameter state, shaped like the parameter.
 STATE_KEYS = ("ema", "prev_params", "prev_ema")
@@ -101,6 +103,9 @@ class RunState:
     # Inside an open window a windowed gradient average holds the window's point (False: an average of d, as saved by
     # version 5 and earlier).
     window_point: bool = True
+    # The rate control that saved it: True the default's, False the paper's method; None: unknown (version 3 and
+    # earlier), loads into either.
+    safeguard: bool | None = True
 
 
 _RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunState) if f.name != "control")
@@ -110,8 +115,8 @@ _CONTROL_KEYS = tuple(f.name for f in dataclasses.fields(ControlState))
 CONTROL_KEYS = ("rolled_back_epochs", *_CONTROL_KEYS)
 # The keys introduced after version 1; an entry without them takes the values of a run that never rolled back.
 _ADDED_LATER = (
-    "join_epochs", "lr_multiplier", "epochs", "momentum", "nesterov", "window_point", *_PRECONDITIONER_KEYS,
-    *CONTROL_KEYS,
+    "join_epochs", "lr_multiplier", "epochs", "momentum", "nesterov", "window_point", "safeguard",
+    *_PRECONDITIONER_KEYS, *CONTROL_KEYS,
 )  # fmt: skip
 
 
@@ -153,6 +158,8 @@ def upgrade(bb: dict[str, Any], groups: int) -> dict[str, Any]:
         "beta2_powers": [],
         "beta2_lags": [],
         "window_point": False,
+        # From version 4 on only the paper's method saved τ₀ (the default control has none).
+        "safeguard": bb.get("tau0") is None if bb.get("version", 0) >= 4 else None,
     }
     upgraded = {**{key: defaults[key] for key in _ADDED_LATER}, "rule_lr": bb.get("lr"), **bb, "version": VERSION}
     if upgraded["rate"] is None:  # before the rate r was kept apart from the applied rate, they were one
@@ -177,7 +184,7 @@ def read(state_dict: Any) -> RunState:
         )
     if (
         not isinstance(bb, dict)
-        or version not in (1, 2, 3, 4, 5, VERSION)
+        or version not in (1, 2, 3, 4, 5, 6, VERSION)
         or not {"state", "param_groups"} <= state_dict.keys()
     ):
         raise ValueError(
@@ -243,16 +250,26 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_resumable(
-    run: RunState, steps_per_epoch: int | None, momentum: float, preconditioner: str | None = None
+    run: RunState,
+    steps_per_epoch: int | None,
+    momentum: float,
+    preconditioner: str | None = None,
+    safeguard: bool = True,
 ) -> None:
-    """Raise ValueError unless an optimizer built with ``steps_per_epoch``, ``momentum`` and ``preconditioner`` can
-    resume ``run``: the epoch's end (counted or called), the momentum buffer's presence and the step's kind cannot
-    change on a load."""
-    if (run.steps_per_epoch is None) != (steps_per_epoch is None):
+    """Raise ValueError unless an optimizer built with ``steps_per_epoch``, ``momentum``, ``preconditioner`` and
+    ``safeguard`` can resume ``run``: the epoch's length (or its end by ``end_epoch()``), the momentum buffer's
+    presence, the step's kind and the rate control cannot change on a load."""
+    if run.steps_per_epoch != steps_per_epoch:
         saved = "end_epoch() calls" if run.steps_per_epoch is None else f"epochs of {run.steps_per_epoch} steps"
         raise ValueError(
             f"the state dict was saved with {saved}, this optimizer has steps_per_epoch={steps_per_epoch}; build it "
             f"with steps_per_epoch={run.steps_per_epoch} to resume that run"
+        )
+    if run.safeguard is not None and run.safeguard != safeguard:
+        control = "the default rate control" if run.safeguard else "the paper's method"
+        raise ValueError(
+            f"the state dict was saved with safeguard={run.safeguard} ({control}), this optimizer has "
+            f"safeguard={safeguard}; build it with safeguard={run.safeguard} to resume that run"
         )
     if (run.momentum > 0) != (momentum > 0):
         raise ValueError(
@@ -304,6 +321,8 @@ def _check_counters(bb: dict[str, Any], groups: int) -> None:
         )
     if not isinstance(bb["window_point"], bool):
         raise ValueError(f"corrupt state dict: window_point must be True or False, got {bb['window_point']!r}")
+    if bb["safeguard"] is not None and not isinstance(bb["safeguard"], bool):
+        raise ValueError(f"corrupt state dict: safeguard must be True, False or None, got {bb['safeguard']!r}")
     for name in ("tau0", "tau_min", "tau_max"):
         if not (name == "tau0" and bb[name] is None):
             check_positive(f"the saved {name}", bb[name])

@@ -441,10 +441,29 @@ class DeviceClock:
         """The rate tensor itself: a captured step cannot write a float."""
         return lr
 
+    @staticmethod
+    def written_multiplier(
+        base: torch.Tensor, multiplier: torch.Tensor, lr: torch.Tensor, published: torch.Tensor
+    ) -> torch.Tensor:
+        """The multiplier that makes a value written into the shown rate tensor ``lr`` since it was ``published`` (a
+        finite number >= 0) the rate applied; ``multiplier`` itself where nothing, or no rate, was written."""
+        taken = (lr != published) & torch.isfinite(lr) & (lr >= 0)
+        return torch.where(taken, lr / base, multiplier)
+
+    def take_rate_write(
+        self, base: torch.Tensor, multiplier: torch.Tensor, lr: torch.Tensor, published: torch.Tensor
+    ) -> None:
+        """Take a write into the shown rate tensor into the multiplier, and publish base·multiplier (device ops)."""
+        multiplier.copy_(self.written_multiplier(base, multiplier, lr, published))
+        torch.mul(base, multiplier, out=lr)
+        published.copy_(lr)
+
     def finish_period(
         self, new_base: torch.Tensor, rolled_back: torch.Tensor | None, shown, param_groups: list[dict]
     ) -> None:
-        """Close the period where the gate is set: record it, and publish the control's new rate (else the old)."""
+        """Close the period where the gate is set: take a scheduler's write into the shown rate, record the period,
+        and publish the control's new rate (else the old)."""
+        shown.multiplier.copy_(self.written_multiplier(*shown.rate_tensors(), shown.published_rate))
         base = self.select(new_base, shown.base)
         self.record(shown.buffers.lr, rolled_back)
         shown.set_base(base, param_groups)
@@ -531,8 +550,9 @@ class KernelDeviceClock(DeviceClock):
         counts = (self.steps_per_epoch, self.periods.length, self.periods.last_inner_end, HISTORY_CAPACITY)
         opening = self.window.opening_step(self.steps_per_epoch)
         mode = None if opening is None else self._ema_mode
-        clock_kernels.finish_period(tensors, new_base, rolled_back, shown.rate_tensors(), counts, mode, opening or 0)
-        shown.published(param_groups)
+        rates = (*shown.rate_tensors(), shown.published_rate)
+        clock_kernels.finish_period(tensors, new_base, rolled_back, rates, counts, mode, opening or 0)
+        shown.published(param_groups, remembered=True)
 
     def load(
         self, epoch: int, step: int, lr_history: list[float], rolled_back: list[int], steps_per_epoch: int | None

@@ -3,7 +3,8 @@
 A captured step replays every kernel it launched, so the clock's few dozen 0-dim torch ops (count the step, set the
 gates, add the loss, record the rate, publish the next one) would cost a launch each, every step. Here they are two
 single programs: :func:`add_loss` (the loss meter) and :func:`finish_period` (the selection of the next rate, the
-history, the counters, and the gates of the next step, which a step needs before its passes run). Same arithmetic
+history, the counters, and the gates of the next step, which a step needs before its passes run, after taking a
+scheduler's write into the shown rate). Same arithmetic
 as the torch ops of ``bbfused.clock.DeviceClock`` (tests/test_capture.py compares whole runs bit for bit).
 """
 
@@ -37,7 +38,7 @@ def _closes(epoch, step, steps_per_epoch, period_length, last_inner_end):
 @triton.jit
 def _finish_kernel(
     gate_ptr, epoch_gate_ptr, epoch_ptr, step_ptr, new_base_ptr, rolled_back_ptr, base_ptr, multiplier_ptr, lr_ptr,
-    lr_history_ptr, rolled_history_ptr, before_end_ptr, ema_mode_ptr,
+    published_ptr, lr_history_ptr, rolled_history_ptr, before_end_ptr, ema_mode_ptr,
     steps_per_epoch, period_length, last_inner_end, capacity, window_opening,
     HAS_ROLLED_BACK: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):  # fmt: skip
@@ -47,10 +48,15 @@ def _finish_kernel(
     ends_epoch = tl.load(epoch_gate_ptr) != 0
     epoch = tl.load(epoch_ptr)
     step = tl.load(step_ptr) + 1
-    base = tl.where(gate, tl.load(new_base_ptr), tl.load(base_ptr))
+    # A scheduler's write into the shown rate (ShownRate): the multiplier that makes it the rate applied.
+    lr = tl.load(lr_ptr)
+    base = tl.load(base_ptr)
+    taken = (lr != tl.load(published_ptr)) & (lr == lr) & (lr >= 0) & (lr < float("inf"))
+    multiplier = tl.where(taken, lr / base, tl.load(multiplier_ptr))
+    tl.store(multiplier_ptr, multiplier)
+    base = tl.where(gate, tl.load(new_base_ptr), base)
     index = tl.minimum(epoch, capacity - 1)
     # The closing epoch's rate is the one applied during it, recorded before the next is published.
-    lr = tl.load(lr_ptr)
     if ends_epoch:
         tl.store(lr_history_ptr + index, lr)
     if HAS_ROLLED_BACK:
@@ -61,7 +67,9 @@ def _finish_kernel(
     tl.store(epoch_ptr, epoch)
     tl.store(step_ptr, step)
     tl.store(base_ptr, base)
-    tl.store(lr_ptr, base * tl.load(multiplier_ptr))
+    applied = base * multiplier
+    tl.store(lr_ptr, applied)
+    tl.store(published_ptr, applied)
     # The next step's gates: it closes the epoch, or (first epoch, split) one of its periods; or the step after it does.
     following = step + 1
     next_closes = _closes(epoch, following, steps_per_epoch, period_length, last_inner_end)
@@ -88,20 +96,22 @@ def finish_period(
     clock_tensors: tuple[torch.Tensor, ...],
     new_base: torch.Tensor,
     rolled_back: torch.Tensor | None,
-    rate_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rate_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     counts: tuple[int, int, int, int],
     ema_mode: torch.Tensor | None = None,
     window_opening: int = 0,
 ) -> None:
     """``clock_tensors``: gate, epoch_gate, epoch, step, lr history, rolled-back history, before-period-end flag;
-    ``rate_tensors``: base, multiplier, applied lr; ``counts``: steps per epoch, the first epoch's period length and
-    last inner end, the histories' capacity. ``ema_mode`` (an int32 0-dim tensor, or None): set to the next step's
-    gradient-average mode, the window opening after ``window_opening`` steps of each epoch after the first."""
+    ``rate_tensors``: base, multiplier, applied lr, its published copy; ``counts``: steps per epoch, the first
+    epoch's period length and last inner end, the histories' capacity. ``ema_mode`` (an int32 0-dim tensor, or
+    None): set to the next step's gradient-average mode, the window opening after ``window_opening`` steps of each
+    epoch after the first."""
     gate, epoch_gate, epoch, step, lr_history, rolled_history, before_end = clock_tensors
-    base, multiplier, lr = rate_tensors
+    base, multiplier, lr, published = rate_tensors
     _finish_kernel[(1,)](
         gate, epoch_gate, epoch, step, new_base, gate if rolled_back is None else rolled_back, base, multiplier, lr,
-        lr_history, rolled_history, before_end, gate if ema_mode is None else ema_mode, *counts, window_opening,
+        published, lr_history, rolled_history, before_end, gate if ema_mode is None else ema_mode, *counts,
+        window_opening,
         HAS_ROLLED_BACK=rolled_back is not None,
         HAS_WINDOW=ema_mode is not None,
         **SCALAR_OPTIONS,

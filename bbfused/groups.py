@@ -106,6 +106,19 @@ def check_group(group: dict[str, Any], group_index: int) -> None:
             raise TypeError(f"{where} has a sparse gradient; BB needs dense gradients")
 
 
+def check_global_options(group: dict[str, Any], group_index: int, momentum: float, nesterov: bool) -> None:
+    """Raise unless the group leaves torch.optim.SGD's per-group momentum options unset or at BB's global values:
+    BB runs one momentum for every group, and a group's other value would be ignored."""
+    wanted = {"momentum": momentum, "nesterov": nesterov, "dampening": 0.0}
+    for key, value in wanted.items():
+        if key in group and group[key] != value:
+            fix = f"build BB with {key}={group[key]!r}" if key != "dampening" else "BB has no dampening"
+            raise ValueError(
+                f"param_groups[{group_index}] sets {key}={group[key]!r}, but BB applies one {key} to every group "
+                f"({key}={value!r}); drop the group's {key!r}, or {fix}"
+            )
+
+
 def check_groups_apart(param_groups: list[dict[str, Any]]) -> None:
     """Raise unless no two parameters (of any groups) share memory, and they are all plain or all DTensors on one
     mesh."""

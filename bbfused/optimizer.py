@@ -101,6 +101,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         ignored = {group["lr"] for group in self.param_groups} - {lr}
         for index, group in enumerate(self.param_groups):
             groups.check_group(group, index)
+            groups.check_global_options(group, index, momentum, options.nesterov)
         groups.check_groups_apart(self.param_groups)
         devices = [p.device for group in self.param_groups for p in group["params"]]
         self._buffers = BufferSet(
@@ -172,6 +173,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
         super().add_param_group(param_group)  # torch.optim's checks; the constructor's defaults filled in
         try:
             groups.check_group(param_group, index)
+            groups.check_global_options(param_group, index, self._buffers.momentum, self._buffers.nesterov)
             groups.check_groups_apart(self.param_groups)
             self._buffers.add_devices([p.device for p in param_group["params"]])
         except BaseException:
@@ -352,6 +354,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
 
     def _bb_entry(self, state_dict: dict[str, Any]) -> None:
         """Add the ``"bb"`` entry to a packed state dict (the first state-dict post hook)."""
+        self._shown.settle_write_in_place()  # a scheduler's write into capturable's rate tensor is saved as taken
         rate = self.lr
         for group in state_dict["param_groups"]:
             group["lr"] = rate
@@ -377,6 +380,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             preconditioner=self._buffers.scaling.name,
             beta2_powers=self._buffers.scaling.group_powers(),
             beta2_lags=self._buffers.second_moment_lags(self.param_groups),
+            safeguard=self.safeguard,
         )
         checkpoint.attach(state_dict, run)
 
@@ -391,7 +395,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             state_dict = state_dict if result is None else result
         run = checkpoint.read(state_dict)
-        checkpoint.check_resumable(run, self.steps_per_epoch, self._buffers.momentum, self._buffers.scaling.name)
+        checkpoint.check_resumable(
+            run, self.steps_per_epoch, self._buffers.momentum, self._buffers.scaling.name, self.safeguard
+        )
         self._buffers.scaling.check_powers(run.beta2_powers)
         names = [groups.param_names(group, index) for index, group in enumerate(self.param_groups)]
         copies = checkpoint.check_param_state(state_dict, self.param_groups, names, self._control.rolls_back)

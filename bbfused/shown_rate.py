@@ -9,7 +9,10 @@ Each group shows the rate as a Python float that BB writes and never reads: lear
 Hugging Face's) log ``group["lr"]`` and keep it, and a live tensor updated in place would rewrite their history.
 Reading the rate synchronises with the device, so it is published only where it changes (epoch ends, loading,
 construction); a write is taken over without a sync (the value written is the rate applied from then on). A
-captured step cannot write a float: there the groups show the rate tensor itself.
+captured step cannot write a float: there the groups show the rate tensor itself, which a scheduler fills in place:
+the steps apply the value written, and each period end (a step's, on the device) compares it with the rate last
+published to take it into the multiplier (a value that is not a finite number >= 0 is undone there, as checking it
+on the host would need a sync; it is applied to the steps before).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class ShownRate:
         self.base = buffers.lr.clone()
         self.multiplier = torch.ones((), dtype=torch.float64, device=buffers.master)
         self.value: float | torch.Tensor = clock.shown_rate(buffers.lr)
+        # The rate last published, to see a write in place into the shown tensor (None: the groups show floats).
+        self._published = buffers.lr.clone() if isinstance(self.value, torch.Tensor) else None
         self._warned = False
         self.show(param_groups)
 
@@ -46,12 +51,24 @@ class ShownRate:
         """The control's rate, the multiplier and the applied rate (the master device's), for a kernel to write."""
         return self.base, self.multiplier, self.buffers.lr
 
-    def published(self, param_groups: list[dict[str, Any]]) -> None:
-        """The base and the master's applied rate are written (here, or by a kernel): copy the rate to the other
-        devices, and show it."""
+    @property
+    def published_rate(self) -> torch.Tensor | None:
+        """The applied rate as last published, where the groups show the rate tensor itself (else None); a kernel
+        that publishes the rate writes it too."""
+        return self._published
+
+    def published(self, param_groups: list[dict[str, Any]], remembered: bool = False) -> None:
+        """The base and the master's applied rate are written (here, or by a kernel, which with ``remembered``
+        wrote :attr:`published_rate` too): copy the rate to the other devices, and show it."""
         self.buffers.set_lr(self.buffers.lr)
         self.value = self.clock.shown_rate(self.buffers.lr)
+        if not remembered:
+            self._remember_published()
         self.show(param_groups)
+
+    def _remember_published(self) -> None:
+        if self._published is not None:
+            self._published.copy_(self.buffers.lr)
 
     def load(self, applied: float, base: float, multiplier: float, param_groups: list[dict[str, Any]]) -> None:
         """Apply a saved rate, the control's rate and the multiplier."""
@@ -59,6 +76,7 @@ class ShownRate:
         self.base.fill_(base)
         self.buffers.set_lr(applied)
         self.value = self.clock.shown_rate(self.buffers.lr)
+        self._remember_published()
         self.show(param_groups)
 
     def show(self, param_groups: list[dict[str, Any]]) -> None:
@@ -95,4 +113,11 @@ class ShownRate:
         self.buffers.set_lr(self.base * self.multiplier)
         first = written[0]
         self.value = first if not isinstance(first, torch.Tensor) else self.clock.shown_rate(self.buffers.lr)
+        self._remember_published()
         self.show(param_groups)
+
+    def settle_write_in_place(self) -> None:
+        """Take a write into the shown rate tensor now rather than at the next period end (before saving the rates)."""
+        if self._published is not None:
+            self.clock.take_rate_write(self.base, self.multiplier, self.buffers.lr, self._published)
+            self.buffers.set_lr(self.buffers.lr)

@@ -377,6 +377,13 @@ def _body_param() -> torch.nn.Parameter:
         (lambda head: {"params": [torch.nn.Parameter(torch.ones(1).expand(3))]}, ValueError, "expanded"),
         (lambda head: {"params": [torch.nn.Parameter(torch.ones(3, device="meta"))]}, ValueError, "meta device"),
         (lambda head: {"params": [("body", _body_param())]}, ValueError, "with/without names"),
+        (
+            lambda head: {"params": [torch.nn.Parameter(torch.ones(3))], "momentum": 0.0},
+            ValueError,
+            r"param_groups\[1\] sets momentum=0.0, but BB applies one momentum to every group \(momentum=0.9\)",
+        ),
+        (lambda head: {"params": [torch.nn.Parameter(torch.ones(3))], "nesterov": True}, ValueError, "one nesterov"),
+        (lambda head: {"params": [torch.nn.Parameter(torch.ones(3))], "dampening": 0.1}, ValueError, "no dampening"),
     ],
     ids=[
         "not-a-dict",
@@ -393,6 +400,9 @@ def _body_param() -> torch.nn.Parameter:
         "expanded",
         "meta",
         "names-mixed",
+        "momentum-of-its-own",
+        "nesterov-of-its-own",
+        "dampening",
     ],
 )
 def test_bad_groups_are_refused_before_anything_changes(make_group, error, match) -> None:
@@ -436,3 +446,17 @@ def test_groups_put_into_param_groups_directly_are_added() -> None:
     opt.param_groups = opt.param_groups[1:]
     with pytest.raises(RuntimeError, match=r"no longer starts with the 3 groups"):
         opt.step()
+
+
+def test_group_options_at_the_global_values_are_taken_and_others_refused() -> None:
+    """torch.optim.SGD's per-group momentum options: at BB's global values they are accepted (groups written for
+    SGD), any other value is refused at construction, naming the group and the fix."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    same = [{"params": [a], "momentum": 0.9, "nesterov": False, "dampening": 0}, {"params": [b]}]
+    BB(same, lr=0.1, steps_per_epoch=STEPS, backend="eager")
+    other = [{"params": [a]}, {"params": [b], "momentum": 0.0}]
+    with pytest.raises(ValueError, match=r"param_groups\[1\] sets momentum=0.0.*build BB with momentum=0.0"):
+        BB(other, lr=0.1, steps_per_epoch=STEPS, backend="eager")
+    paper = [{"params": [a], "momentum": 0.9}]  # the paper's method has no momentum unless given
+    with pytest.raises(ValueError, match=r"sets momentum=0.9, but BB applies one momentum to every group \(momentum=0"):
+        BB(paper, lr=0.1, steps_per_epoch=STEPS, backend="eager", safeguard=False)

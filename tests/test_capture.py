@@ -430,3 +430,40 @@ def test_capturable_under_torch_distributed_decides_as_the_host_counted(tmp_path
         assert runs["True"] == runs["False"]
         assert runs["True"]["rolled_back"] and len(runs["True"]["lr"]) == 5
     assert ranks[0]["True"]["lr"] == ranks[1]["True"]["lr"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_scheduler_scales_the_capturable_rate_as_the_default_one(backend: str) -> None:
+    """With capturable=True each group's "lr" is the rate tensor, which an lr_scheduler fills in place: the steps
+    apply the value written and the period end takes it into the multiplier, so StepLR compounds over BB's own rate
+    as without capturable (the rates agree to rounding: the default applies base·(w/base), capturable w itself), and
+    a checkpoint saved right after a write keeps it."""
+    runs = {}
+    for capturable in (False, True):
+        model = _model()
+        opt = _build(model, capturable, True, backend, 0.3)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        applied = []
+        for step in range(3 * STEPS + 1):
+            applied.append(float(opt.lr_tensor))
+            _step(model, opt, step)
+            scheduler.step()
+        runs[capturable] = applied, opt.state_dict()["bb"], scheduler.get_last_lr()[0], opt.lr_history
+    (rates, saved, last, history), (captured_rates, captured_saved, captured_last, captured_history) = runs.values()
+    assert captured_rates == pytest.approx(rates, rel=1e-12) and captured_last == pytest.approx(last, rel=1e-12)
+    assert captured_history == pytest.approx(history, rel=1e-12)
+    assert captured_saved["lr_multiplier"] == pytest.approx(saved["lr_multiplier"], rel=1e-12)
+    assert saved["lr_multiplier"] == pytest.approx(0.5**8, rel=1e-12)  # 16 scheduler steps of a halving every 2
+    assert len(set(rates)) > 8  # BB's epoch ends and the scheduler's halvings both moved the rate
+
+
+def test_a_capturable_rate_written_as_no_rate_is_undone_at_the_step_end() -> None:
+    """A value that is not a finite number >= 0 filled into the capturable rate tensor cannot be refused on the
+    host without a sync: the period end undoes it, and the rate is BB's again."""
+    model = _model()
+    opt = _build(model, True, True, "eager", 0.3)
+    _step(model, opt, 0)
+    before = float(opt.lr_tensor)
+    opt.param_groups[0]["lr"].fill_(-1.0)
+    _step(model, opt, 1)  # this step applies it; its end undoes it
+    assert float(opt.lr_tensor) == before and opt.state_dict()["bb"]["lr_multiplier"] == 1.0

@@ -865,6 +865,25 @@ def test_deviation_global_lr_group_writes_scale_the_one_rate() -> None:
     assert opt.lr == pytest.approx(1e-28) and [g["lr"] for g in opt.param_groups] == [1e-28, 1e-28]
 
 
+def test_deviation_closed_form_schedulers_set_the_rate_outright() -> None:
+    """A scheduler that steps from the group's current rate scales BB's rate across its epoch ends; one that computes
+    the rate from the rate it recorded when built (LambdaLR) sets it outright, replacing BB's changes: a LambdaLR of
+    a constant 1 pins the rate at lr, where MultiplicativeLR of 1 leaves BB's own rates (docs/behaviour.md)."""
+    histories = {}
+    for name in ("none", "MultiplicativeLR", "LambdaLR"):
+        weight, bias = _linear()
+        opt = BB(_grouped(weight, bias), lr=0.05, steps_per_epoch=STEPS, backend="eager")
+        kind = getattr(torch.optim.lr_scheduler, name, None)
+        scheduler = kind(opt, lambda step: 1.0) if kind is not None else None
+        for step in range(3 * STEPS):
+            _step(opt, _closure(opt, weight, bias, step))
+            if scheduler is not None:
+                scheduler.step()
+        histories[name] = opt.lr_history
+    assert histories["MultiplicativeLR"] == histories["none"] and len(set(histories["none"])) == 3
+    assert histories["LambdaLR"][1:] == [0.05, 0.05]  # from the second epoch on: lr, whatever BB estimated
+
+
 def test_deviation_per_group_lr_at_construction_is_ignored_with_a_warning() -> None:
     """test_param_groups_lr builds groups with their own lr beside an outer lr of 1e-28: BB warns that the group's
     rate is ignored and trains every group with the outer one, the run of an optimizer without group rates."""

@@ -319,7 +319,7 @@ def test_version_1_state_dict_is_upgraded() -> None:
     fresh, _ = quadratic(0.1)
     fresh.load_state_dict(state)
     saved = fresh.state_dict()["bb"]
-    assert saved["version"] == checkpoint.VERSION == 6
+    assert saved["version"] == checkpoint.VERSION == 7
     assert saved["best_loss"] == saved["last_loss"] == 1.1 and saved["initial_loss"] is None
 
 
@@ -331,7 +331,7 @@ def test_version_1_state_dict_is_upgraded() -> None:
         ("good_lr", 0.0, "good_lr must be a number > 0 or None"),
         ("loss_rollback", 1, "loss_rollback must be True or False"),
         ("model_buffers", [1.0], "model_buffers must be a list of tensors"),
-        ("version", 7, "found version 7"),
+        ("version", 8, "found version 8"),
         ("live_reference", -0.5, "live_reference must be a finite number >= 0 or None"),
         ("live_reference", math.inf, "live_reference must be a finite number >= 0 or None"),
         ("live_before", None, "live_before a finite number >= 0"),

@@ -94,7 +94,7 @@ def _closing_and_before(clock, steps: int) -> list[tuple[bool, bool]]:
             tensors = (clock.gate, clock.epoch_gate, clock.epoch, clock.step, clock._lr_history, clock._rolled_back,
                        clock.before_period_end)  # fmt: skip
             counts = (clock.steps_per_epoch, clock.periods.length, clock.periods.last_inner_end, HISTORY_CAPACITY)
-            clock_kernels.finish_period(tensors, rate, None, (rate, rate, rate.clone()), counts)
+            clock_kernels.finish_period(tensors, rate, None, (rate, rate, rate.clone(), rate.clone()), counts)
         else:
             clock.record(rate, None)  # a no-op but at an epoch's end
     return flags

@@ -9,17 +9,19 @@ import copy
 import pytest
 import torch
 
-from bbfused import BB
+from bbfused import BB, checkpoint
 
 STEPS = 4
 
 
-def _trained(safeguard: bool = True) -> tuple[torch.nn.Module, BB]:
+def _trained(safeguard: bool = True, steps: int = STEPS) -> tuple[torch.nn.Module, BB]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    opt = BB(model.parameters(), lr=0.1, steps_per_epoch=STEPS, backend="eager", safeguard=safeguard)
+    # The paper's method with momentum, so that only the rate control differs from the default.
+    momentum = {} if safeguard else {"momentum": 0.9}
+    opt = BB(model.parameters(), lr=0.1, steps_per_epoch=steps, backend="eager", safeguard=safeguard, **momentum)
     generator = torch.Generator().manual_seed(1)
-    for _ in range(STEPS + 2):
+    for _ in range(steps + 2):
         x = torch.randn(16, 4, generator=generator)
         loss = model(x).square().mean()
         opt.zero_grad()
@@ -107,3 +109,56 @@ def test_zero_grad_after_the_model_was_converted_names_the_fix(convert: str) -> 
     getattr(model, convert)()
     with pytest.raises(RuntimeError, match=r"was re-allocated after the BB optimizer was built .* model.to\(\)"):
         opt.zero_grad()
+
+
+MISMATCHES = {
+    "the paper's method into the default": (
+        dict(safeguard=False),
+        dict(),
+        "saved with safeguard=False \\(the paper's method\\), this optimizer has safeguard=True; build it with "
+        "safeguard=False",
+    ),
+    "the default into the paper's method": (
+        dict(),
+        dict(safeguard=False),
+        "saved with safeguard=True \\(the default rate control\\), this optimizer has safeguard=False",
+    ),
+    "another epoch length": (
+        dict(steps=STEPS),
+        dict(steps=STEPS + 3),
+        f"saved with epochs of {STEPS} steps, this optimizer has steps_per_epoch={STEPS + 3}; build it with "
+        f"steps_per_epoch={STEPS}",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISMATCHES))
+def test_a_run_of_another_rate_control_or_epoch_length_is_refused_before_any_write(name: str) -> None:
+    """The rate control and the epoch's length shape every later step: a load across them is refused with the
+    value to build the optimizer with, and changes nothing."""
+    saved_with, built_with, message = MISMATCHES[name]
+    _, source = _trained(**saved_with)
+    state = copy.deepcopy(source.state_dict())
+    model, opt = _trained(**built_with)
+    before = _fingerprint(model, opt)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state)
+    assert _same(_fingerprint(model, opt), before)
+
+
+@pytest.mark.parametrize("safeguard", [True, False])
+def test_a_version_6_checkpoint_names_its_rate_control_by_its_tau0(safeguard: bool) -> None:
+    """Version 6 and earlier did not save the rate control; from version 4 on only the paper's method saved a τ₀,
+    which tells them apart. Version 3 and earlier load into either."""
+    _, source = _trained(safeguard)
+    state = copy.deepcopy(source.state_dict())
+    del state["bb"]["safeguard"]
+    state["bb"]["version"] = 6
+    model, other = _trained(not safeguard)
+    with pytest.raises(ValueError, match=f"saved with safeguard={safeguard} "):
+        other.load_state_dict(state)
+    _, same = _trained(safeguard)
+    same.load_state_dict(state)
+    assert same.state_dict()["bb"]["safeguard"] is safeguard
+    state["bb"]["version"] = 3
+    assert checkpoint.read(state).safeguard is None

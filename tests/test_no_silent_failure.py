@@ -252,6 +252,28 @@ def test_bad_tensor_and_numpy_hyperparameters_name_the_fix(kwargs, match) -> Non
         BB([p], **(dict(lr=0.1, steps_per_epoch=STEPS, backend="eager") | kwargs))
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr="0.1"),
+        dict(lr=None),
+        dict(steps_per_epoch="5"),
+        dict(momentum="0.9"),
+        dict(weight_decay=None),
+        dict(lr=np.bool_(True)),
+        dict(tau_max=0.5j),
+    ],
+)
+def test_a_wrong_kind_of_object_is_a_type_error_that_value_error_also_catches(kwargs) -> None:
+    """A string, None, a bool or a complex number for a number argument is a TypeError, as torch.optim raises for
+    one; ``except ValueError``, which catches every other argument error, catches it too."""
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a"):
+        BB([p], **(dict(lr=0.1, steps_per_epoch=STEPS, backend="eager") | kwargs))
+    with pytest.raises(ValueError):
+        BB([p], **(dict(lr=0.1, steps_per_epoch=STEPS, backend="eager") | kwargs))
+
+
 def test_group_weight_decay_tensor_is_taken_as_a_float() -> None:
     p = torch.nn.Parameter(torch.ones(3))
     opt = BB([{"params": [p], "weight_decay": torch.tensor(0.5)}], lr=0.1, steps_per_epoch=STEPS, backend="eager")

@@ -161,13 +161,13 @@ def test_finite_blow_up_counts_as_diverged(backend: str) -> None:
 
 def test_lenet_dying_in_epoch_0_without_nan_is_rolled_back() -> None:
     """η0 = 1 on LeNet-5 (all of MNIST, as in experiment 3): the paper's BB ends epoch 0 with a dead network
-    (loss ln 10, 10 % accuracy, finite weights) whose ‖θ‖² grew past the 4-fold growth limit (7.3-fold and 11.4-fold
-    with two torch 2.14.1 builds: the dying run is chaotic); the safeguard rolls it back to the initial weights
-    exactly and epoch 1 at 0.1 learns."""
+    (the epoch's mean loss at or above ln 10, 10 % accuracy, finite weights) whose ‖θ‖² grew past the 4-fold growth
+    limit (7.3-fold and 11.4-fold with two torch 2.14.1 builds, and a mean loss from 2.30 to 2.40 on two CPUs: the
+    dying run is chaotic); the safeguard rolls it back to the initial weights exactly and epoch 1 at 0.1 learns."""
     paper = mnist_run(1.0, False, model="lenet")
     initial_sq_norm = param_sq_norm(paper.model)
     record = paper.run_epoch(0)
-    assert record["train_loss"] == pytest.approx(math.log(10), abs=0.05) and record["test_acc1"] < 15.0
+    assert record["train_loss"] > math.log(10) - 0.05 and record["test_acc1"] < 15.0
     assert all(torch.isfinite(p).all() for p in paper.model.parameters())
     assert param_sq_norm(paper.model) / initial_sq_norm > safeguard_control.WEIGHT_GROWTH  # the weight test catches it
 
