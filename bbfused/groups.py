@@ -115,7 +115,8 @@ def check_global_options(group: dict[str, Any], group_index: int, momentum: floa
             fix = f"build BB with {key}={group[key]!r}" if key != "dampening" else "BB has no dampening"
             raise ValueError(
                 f"param_groups[{group_index}] sets {key}={group[key]!r}, but BB applies one {key} to every group "
-                f"({key}={value!r}); drop the group's {key!r}, or {fix}"
+                f"({key}={value!r}); drop the group's {key!r}, or {fix} (a group dict another optimizer was built "
+                f"from holds that optimizer's options: give BB new dicts)"
             )
 
 

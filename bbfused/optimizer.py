@@ -380,7 +380,7 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             preconditioner=self._buffers.scaling.name,
             beta2_powers=self._buffers.scaling.group_powers(),
             beta2_lags=self._buffers.second_moment_lags(self.param_groups),
-            safeguard=self.safeguard,
+            safeguard=not self._control.is_paper_method,
         )
         checkpoint.attach(state_dict, run)
 
@@ -396,8 +396,9 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
             state_dict = state_dict if result is None else result
         run = checkpoint.read(state_dict)
         checkpoint.check_resumable(
-            run, self.steps_per_epoch, self._buffers.momentum, self._buffers.scaling.name, self.safeguard
-        )
+            run, self.steps_per_epoch, self._buffers.momentum, self._buffers.scaling.name,
+            not self._control.is_paper_method,
+        )  # fmt: skip
         self._buffers.scaling.check_powers(run.beta2_powers)
         names = [groups.param_names(group, index) for index, group in enumerate(self.param_groups)]
         copies = checkpoint.check_param_state(state_dict, self.param_groups, names, self._control.rolls_back)

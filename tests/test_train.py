@@ -18,6 +18,7 @@ import torch
 
 from bbfused import BB
 from bbfused.train import build_optimizer, build_parser, main, parameter_groups, parse_args, prepare
+from bbfused.train.checkpoints import resume_args
 from bbfused.train.data import DataError, load_mnist
 from bbfused.train.schedules import describe_schedule, scheduled_rate
 
@@ -127,6 +128,28 @@ def test_image_folder_trains_resnet18(image_folder, tmp_path):
     assert checkpoint["args"]["tau_min"] is None and (bb["tau_min"], bb["tau_max"]) == (1e-4, 100.0)
 
 
+def test_a_folder_run_resumes_from_anywhere_keeping_its_image_size(image_folder, tmp_path, monkeypatch, capsys):
+    """The data folder is saved as an absolute path: a run started with a relative --data resumes from another
+    directory, and --data typed again as another spelling of the same folder changes nothing (the image size and
+    workers stay the run's); a folder where MNIST was is another kind of data and takes its own defaults."""
+    monkeypatch.chdir(image_folder.parent)
+    out = tmp_path / "run"
+    argv = ["--data", image_folder.name, "--model", "resnet18", "--image-size", "24", "--batch-size", "16"]
+    assert main([*argv, "--workers", "0", "--epochs", "1", "--bb-backend", "eager", "--output-dir", str(out)]) == 0
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["args"]
+    assert saved["data"] == str(image_folder.resolve()) and saved["image_size"] == 24
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    retyped = ["--data", f"{image_folder}/../{image_folder.name}", "--epochs", "2"]
+    assert main([*retyped, "--resume", str(out / "checkpoint.pth")]) == 0
+    assert "--data" not in capsys.readouterr().out  # no change to report
+    resumed = torch.load(out / "checkpoint.pth", weights_only=True)["args"]
+    assert (resumed["image_size"], resumed["workers"], resumed["epochs"]) == (24, 0, 2)
+    args, _ = resume_args(parse_args(["--data", "mnist", "--model", "resnet18", "--epochs", "3", "--resume",
+                                      str(out / "checkpoint.pth")]))  # fmt: skip
+    assert args.image_size is None and args.data == "mnist"  # MNIST's own size
+
+
 def test_image_folder_transforms_give_the_requested_size(image_folder):
     argv = ["--data", str(image_folder), "--model", "resnet18", "--image-size", "24", "--batch-size", "16"]
     training = prepare(parse_args([*argv, "--workers", "0"]))
@@ -166,6 +189,29 @@ def test_synthetic_amp_channels_last(amp, capsys):
         assert training.scaler.get_scale() < 2.0**16  # it started at 2**16 and halved on each inf
     else:
         assert training.scaler is None
+
+
+def test_the_progress_bar_ends_on_the_rate_the_epoch_ran_at(tmp_path, capsys):
+    """BB's live rate moves to the next epoch's at the epoch's last step: the bar's last update shows the rate the
+    epoch ran at, as the epoch's line does, not the next one."""
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "2", "--output-dir", str(out)]) == 0
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    for record in read_log(out):
+        epoch_bars = [
+            line for line in bars.splitlines() if line.startswith(f"epoch {record['epoch']}/2") and "lr " in line
+        ]
+        assert epoch_bars[-1].split("lr ")[1].split()[0] == f"{record['lr']:.4g}", epoch_bars[-1]
+
+
+def test_googlenet_trains_without_its_auxiliary_classifiers():
+    """GoogLeNet's training-mode outputs would carry auxiliary logits the loss does not take: it is built without
+    them and trains like any model."""
+    argv = ["--data", "synthetic", "--model", "googlenet", "--image-size", "32", "--batch-size", "2", "--epochs", "1"]
+    training = prepare(parse_args([*argv, "--limit-train", "4", "--limit-test", "2", "--bb-backend", "eager"]))
+    assert training.model.aux1 is None
+    (record,) = training.fit()
+    assert math.isfinite(record["train_loss"])
 
 
 @pytest.mark.parametrize("name", ["bb", "sgd", "nag", "adam", "amsgrad", "adagrad", "rmsprop"])
@@ -246,7 +292,9 @@ def test_optimizer_settings():
     assert amsgrad.defaults["amsgrad"] and amsgrad.defaults["lr"] == 1e-3
 
     def bb_for(argv: list[str]) -> BB:
-        bb = build_optimizer("bb", groups, parse_args([*argv, "--bb-backend", "eager"]), steps_per_epoch=10)
+        # Groups of their own: torch's optimizers above filled theirs with their options (nesterov, momentum).
+        fresh = parameter_groups(model, 5e-4, no_decay_norm_bias=True)
+        bb = build_optimizer("bb", fresh, parse_args([*argv, "--bb-backend", "eager"]), steps_per_epoch=10)
         assert isinstance(bb, BB)
         return bb
 
@@ -265,6 +313,12 @@ def test_optimizer_settings():
     # Adam's scaling: the run starts at min(--lr, 1e-3) and keeps the second moments.
     adam = bb_for(["--bb-preconditioner", "adam"])
     assert adam.lr == 1e-3 and adam.state_dict()["bb"]["preconditioner"] == "adam"
+    first_line = prepare(parse_args([*TINY, "--bb-preconditioner", "adam"])).describe()
+    assert "bb lr 0.1 (default, Adam-scaled step starting at 0.001, rate bounds" in first_line
+    assert (
+        "Adam-scaled step, rate"
+        in prepare(parse_args([*TINY, "--bb-preconditioner", "adam", "--lr", "1e-4"])).describe()
+    )
     assert bb_for(["--bb-preconditioner", "none"]).state_dict()["bb"]["preconditioner"] is None
     assert parse_args([]).bb_preconditioner == "none"
     deep = parse_args(["--data", "synthetic"])
@@ -594,6 +648,7 @@ def test_corrupt_image_is_named_with_what_to_do(tmp_path, capsys, workers):
     err = run_bad([*argv, "--batch-size", "5", "--epochs", "1", "--bb-backend", "eager", "--device", "cpu"], capsys)
     assert f"error: {tmp_path / 'train' / 'a' / 'bad.png'} is not a readable image" in err
     assert "remove it or replace it" in err and "Traceback" not in err
+    assert "stopped; nothing was saved (no --output-dir)" in err
 
 
 def test_class_folder_without_images(tmp_path, capsys):
@@ -628,6 +683,8 @@ NO_TRAINING = ["--limit-train", "64", "--limit-test", "64", "--epochs", "1"]
         (["--warmup-epochs", "2"], "--warmup-epochs 2 applies to the baseline optimizers: bb approaches its rate"),
         (["--optimizer", "sgd", "--warmup-epochs", "1"], "--warmup-epochs 1 leaves no epoch of the schedule"),
         (["--optimizer", "sgd", "--warmup-epochs", "-1"], "must be an integer >= 0"),
+        (["--data", "synthetic", "--model", "vit_b_16", "--image-size", "32"], "cannot take 32x32 images (Wrong"),
+        (["--data", "synthetic", "--model", "alexnet", "--image-size", "28"], "alexnet' cannot take 28x28 images"),
         (["--batch-size", "0"], "must be an integer > 0"),
         (["--lr", "nan"], "must be > 0"),
         (["--device", "foo"], "'foo' is not a device"),

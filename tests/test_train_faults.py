@@ -188,6 +188,41 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     assert main(["--resume", str(out / "checkpoint.pth"), "--epochs", str(saved["epoch"] + 1)]) == 0
 
 
+def test_sigterm_to_the_process_group_with_loader_workers_exits_cleanly(tmp_path):
+    """Slurm's scancel and Kubernetes signal every process of the job: the loader workers get SIGTERM too. They exit
+    quietly, so the run saves, says how to resume, exits 143 with no traceback about dead workers, and does not hang
+    on them."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 24), ("val", 4)):
+        for name in ("a", "b"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for n in range(count):
+                pixels = torch.randint(0, 256, (16, 16, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{n}.png")
+    out = tmp_path / "run"
+    argv = ["--data", str(tmp_path / "data"), "--model", "mlp", "--image-size", "16", "--workers", "2"]
+    argv += ["--batch-size", "2", "--epochs", "1000", "--bb-backend", "eager", "--device", "cpu"]
+    command = [sys.executable, "-m", "bbfused.train", *argv, "--output-dir", str(out)]
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr_file:
+        process = subprocess.Popen(
+            command, env=ENV, stdout=subprocess.PIPE, stderr=stderr_file, text=True, start_new_session=True
+        )
+        try:
+            wait_for_line(process, "epoch 1/1000")  # checkpoint.pth holds epoch 1; epoch 2's workers are running
+            os.killpg(process.pid, signal.SIGTERM)
+            process.communicate(timeout=60)
+        finally:
+            process.kill()
+    stderr = errors.read_text()
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr and "Exception ignored" not in stderr
+    assert f"--resume {out / 'checkpoint.pth'}" in stderr
+
+
 # ------------------------------------------------------------------------------------------- runs sharing a folder
 def start_run(argv: list[str], stderr: Path) -> subprocess.Popen:
     """The command in its own process; stderr goes to a file, never a pipe the progress bar could fill."""
@@ -271,6 +306,27 @@ def test_without_flock_a_dead_owner_is_stale_and_a_live_one_holds(tmp_path, monk
     (folder / LOCK).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # alive: the test runner's parent
     with pytest.raises(UsageError, match=f"in use by another bbfused-train run \\(pid {os.getppid()}\\)"):
         lock_output_dir(folder)
+
+
+def test_an_unreadable_checkpoint_names_the_runs_other_one(one_epoch, tmp_path, capsys):
+    """A truncated checkpoint.pth: the refusal says where else the run can continue from (its best.pth)."""
+    run = copy_run(one_epoch, tmp_path / "run")
+    whole = (run / "checkpoint.pth").read_bytes()
+    (run / "checkpoint.pth").write_bytes(whole[: len(whole) // 2])
+    assert main(["--resume", str(run / "checkpoint.pth"), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a readable checkpoint" in err
+    assert f"resume from another copy, or from {run / 'best.pth'}, or start a new run" in err
+
+
+def test_a_folder_holding_only_curves_is_not_overwritten(tmp_path, capsys):
+    """A curves.png alone (a run's figure kept, or the user's own) is a previous run's output too: refused, named."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "curves.png").write_bytes(b"a figure someone kept")
+    err = run_bad_output([*TINY, "--output-dir", str(run)], capsys)
+    assert "already holds a run's curves.png but no checkpoint to continue it from; move it away" in err
+    assert (run / "curves.png").read_bytes() == b"a figure someone kept"
 
 
 # ------------------------------------------------------------------------------------------- restarting
@@ -365,9 +421,11 @@ def test_sigterm_during_the_writes_is_held_until_they_are_done(tmp_path, monkeyp
 
     monkeypatch.setattr(train_loop, "save_checkpoints", terminated_while_saving)
     out = tmp_path / "run"
-    assert main([*TINY, "--epochs", "3", "--output-dir", str(out)]) == 143
+    assert main([*TINY, "--epochs", "3", "--device", "cpu", "--output-dir", str(out)]) == 143
     err = capsys.readouterr().err
     assert f"terminated (SIGTERM); {out / 'checkpoint.pth'} holds epoch 1: continue with " in err
+    # The device is not saved with the run: the command to continue names the one chosen.
+    assert f"--resume {out / 'checkpoint.pth'} --device cpu\n" in err
     assert load(out / "checkpoint.pth")["epoch"] == 1 and [r["epoch"] for r in read_log(out)] == [1]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handler back
 
@@ -438,15 +496,22 @@ def test_checkpoint_of_another_version_is_refused(one_epoch, tmp_path, capsys):
     assert [r["epoch"] for r in read_log(run)] == [1]
 
 
-def test_synthetic_data_shows_no_accuracy(capsys):
-    """Synthetic labels are random: 'test top-1 0.00%' read as a failure. The line says there is no test set."""
+def test_synthetic_data_shows_no_accuracy(capsys, tmp_path):
+    """Synthetic labels are random: 'test top-1 0.00%' read as a failure. The line says there is no test set, no
+    epoch is "best" (best.pth is the last one), and the figure has no accuracy panel."""
     argv = ["--data", "synthetic", "--model", "mlp", "--image-size", "8", "--batch-size", "4", "--epochs", "2"]
-    assert main([*argv, "--limit-train", "16", "--limit-test", "4", "--bb-backend", "eager", "--device", "cpu"]) == 0
+    out = tmp_path / "run"
+    argv += ["--limit-train", "16", "--limit-test", "4", "--bb-backend", "eager", "--device", "cpu"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     epoch_lines = [line for line in printed if line.startswith("epoch")]
     assert len(epoch_lines) == 2 and all("no test set (synthetic data)" in line for line in epoch_lines)
     assert not any("%" in line for line in printed), printed
-    assert printed[-1].startswith("done: 2 epochs in ") and "best" not in printed[-1]
+    assert printed[-2].startswith("done: 2 epochs in ") and "best" not in printed[-2]
+    assert printed[-1] == f"outputs in {out}: checkpoint.pth and best.pth (last epoch), log.jsonl, curves.png"
+    assert load(out / "best.pth")["epoch"] == 2
+    history = read_log(out)
+    assert len(outputs.history_figure(history, "synthetic", test_set=False).axes) == 2
 
 
 def test_rolled_back_epoch_line_says_which_weights_it_shows():

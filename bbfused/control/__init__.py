@@ -29,6 +29,7 @@ from .safeguard import SafeguardControl
 class RateControl(Protocol):
     skips_nonfinite: bool  # whether the step leaves an element whose gradient is not finite unchanged
     rolls_back: bool  # whether a diverged epoch returns to the snapshots (which must then be finite)
+    is_paper_method: bool  # the paper's rule exactly (safeguard=False), which a checkpoint records
     DEFAULT_MOMENTUM: float
     FIRST_EPOCH_PERIODS: int  # how many rate periods the first epoch is split into
     DEFAULT_TAUS: tuple[float | None, float, float]  # tau0 (None: not used), tau_min, tau_max

@@ -14,6 +14,7 @@ from ..rule import bb_learning_rate
 class PaperControl:
     skips_nonfinite = False
     rolls_back = False
+    is_paper_method = True
     DEFAULT_MOMENTUM = 0.0  # the paper's SGD has none
     FIRST_EPOCH_PERIODS = 1
     DEFAULT_TAUS = (1.0, 0.1, 10.0)  # the paper's deep-network setting

@@ -155,6 +155,7 @@ class SafeguardControl:
 
     skips_nonfinite = True
     rolls_back = True
+    is_paper_method = False
     DEFAULT_MOMENTUM = DEFAULT_MOMENTUM
     FIRST_EPOCH_PERIODS = FIRST_EPOCH_PERIODS
     AVERAGE_WINDOW = AVERAGE_WINDOW

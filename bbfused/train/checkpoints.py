@@ -29,7 +29,7 @@ from ..checkpoint import saved_steps_per_epoch
 from ..optimizer import BB
 from .data import Shard
 from .errors import RunComplete, UsageError
-from .options import resolve_args
+from .options import data_source, resolve_args, same_data
 from .outputs import BEST, LATEST, LOG, atomic_write
 
 CHECKPOINT_FORMAT = "bbfused-train checkpoint"
@@ -92,12 +92,15 @@ def resume_settings(
             )
     merged = argparse.Namespace(**vars(args))
     changed, fixed = [], []
-    # Settings that follow from the data source: a resume on other data takes their defaults for it.
-    data_derived = ("image_size", "workers") if "data" in given and args.data != saved["data"] else ()
+    # Settings that follow from the kind of data: a resume on another kind takes their defaults for it.
+    other_kind = "data" in given and data_source(args.data) != data_source(saved["data"])
+    data_derived = ("image_size", "workers") if other_kind else ()
     for key, value in saved.items():
         if key in INVOCATION_OPTIONS or key in ("device", *data_derived) or not hasattr(args, key):
             continue
         current = getattr(args, key)
+        if key == "data" and key in given and same_data(current, value):
+            continue  # the same data, spelled another way: the path as typed now
         if key not in given:
             setattr(merged, key, Path(value) if isinstance(current, Path) and value is not None else value)
         elif current != value and not (isinstance(current, Path) and str(current) == value):
@@ -245,12 +248,21 @@ def verify_checkpoint(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise UsageError(f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise UsageError(
+            f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error}){_elsewhere(path)}"
+        ) from None
     if damaged is not None:
         raise UsageError(
             f"--resume {path} is damaged: its record {damaged} does not match its checksum (a disk or copy error); "
             f"resume from another copy, or from {path.parent / BEST} if it is intact"
         )
+
+
+def _elsewhere(path: Path) -> str:
+    """The fix for an unreadable checkpoint: another copy, or the run's other checkpoint where there is one."""
+    other = path.parent / (BEST if path.name == LATEST else LATEST)
+    also = f", or from {other}" if other != path and other.is_file() else ""
+    return f"; resume from another copy{also}, or start a new run"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -263,7 +275,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: torch raises several kinds
-        raise UsageError(f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise UsageError(
+            f"--resume {path} is not a readable checkpoint ({type(error).__name__}: {error}){_elsewhere(path)}"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"--resume {path} is not a bbfused-train checkpoint; pass the checkpoint.pth of a run")
     version = checkpoint.get("version")

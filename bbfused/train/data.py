@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import signal
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -294,9 +295,7 @@ class ImageFiles(Dataset):
         try:
             return self.transform(default_loader(path)), target
         except OSError as error:  # PIL's UnidentifiedImageError, a truncated file, a read error
-            raise DataError(
-                f"{path} is not a readable image ({error}); remove it or replace it, then continue the run"
-            ) from None
+            raise DataError(f"{path} is not a readable image ({error}); remove it or replace it") from None
 
 
 def folder_transforms(image_size: int, train: bool):
@@ -338,7 +337,10 @@ def folder_data(
     if chosen is not None:
         test = Subset(test_set, chosen.tolist())
     sampler = _train_sampler(train, shard, seed)
-    loader = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    loader = dict(
+        batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+        worker_init_fn=quiet_termination,
+    )  # fmt: skip
     return Data(
         # Full batches only: batch norm cannot train on a last batch of one image.
         train=DataLoader(train, sampler=sampler, drop_last=True, **loader),
@@ -348,6 +350,18 @@ def folder_data(
         in_channels=3,
         image_size=image_size,
     )
+
+
+def quiet_termination(worker_id: int) -> None:
+    """A loader worker that gets SIGTERM exits at once with status 0. A scheduler that signals the whole process group
+    (Slurm's scancel, Kubernetes) reaches the workers too, while the main process saves its checkpoint; killed by
+    the signal, they would be reported dead with a traceback as it exits. (Ignoring the signal instead would hang
+    that exit: multiprocessing stops its daemonic children with SIGTERM and waits for them.)"""
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

@@ -49,7 +49,9 @@ def _resume_line(training: Training, how: str, command_line: bool) -> str:
     saved_epoch = training.progress.saved_epoch
     if saved_epoch is None:
         return f"{how} before the first epoch ended; nothing to resume in {out}"
-    command = restart_command(["--resume", str(out / LATEST)], command_line)
+    # The device is not saved with the run (a run may move between machines): a chosen one is typed again.
+    device = ["--device", training.args.device] if "device" in getattr(training.args, "given_options", ()) else []
+    command = restart_command(["--resume", str(out / LATEST), *device], command_line)
     return f"{how}; {out / LATEST} holds epoch {saved_epoch}: continue with {command}"
 
 
@@ -71,6 +73,8 @@ def run(
         if isinstance(error, KeyboardInterrupt) or (terminated and isinstance(error, Exception)):
             how, code = ("terminated (SIGTERM)", EXIT_TERMINATED) if terminated else ("interrupted", EXIT_INTERRUPTED)
             raise Interrupted(_resume_line(training, how, command_line), code) from None
+        if isinstance(error, DataError):  # found during training (a corrupt image): say how to go on once fixed
+            raise DataError(f"{_own_message(error)}; {_resume_line(training, 'stopped', command_line)}") from None
         raise
     training.close()
     return history

@@ -106,8 +106,11 @@ def train_one_epoch(
                 if due:
                     mean_loss = (loss_sum / images_seen).item()
                     rate = (images_seen - last_images) * world / max(now - last_time, 1e-9)
-                    # BB's live rate: the first epoch's periods move it within the epoch.
-                    bar.set_postfix_str(f"loss {mean_loss:.4f}  lr {float(lr):.4g}  {rate:,.0f} img/s", refresh=False)
+                    # BB's live rate: the first epoch's periods move it within the epoch. After the epoch's last
+                    # step it is already the next epoch's: show the one the epoch ran at, as its line does.
+                    ended = isinstance(optimizer, BB) and step == len(loader)
+                    shown = optimizer.lr_history[-1] if ended else float(lr)
+                    bar.set_postfix_str(f"loss {mean_loss:.4f}  lr {shown:.4g}  {rate:,.0f} img/s", refresh=False)
                     bar.update(step - last_step)
                     last_step, last_images, last_time = step, images_seen, now
     finally:
@@ -206,7 +209,8 @@ class Training:
         )  # fmt: skip
         test = evaluate(self.eval_model, data.test, self.device, data.num_classes, **common)
         record = {"epoch": epoch + 1, **train, **test, "time_s": time.perf_counter() - start, **self._bb_fields(epoch)}
-        improved = self.progress.add(record)
+        # Without a test set (synthetic data: random labels) no epoch is better: best.pth is the last one.
+        improved = self.progress.add(record) or not data.has_test_set
         # Every process takes part in gathering the RNG states; only the main one prints and writes.
         states = gather_rng_states(self.shard, self.device) if args.output_dir is not None else None
         if self.is_main:
@@ -264,4 +268,5 @@ class Training:
             save_checkpoints(out, checkpoint, improved)
             self.progress.saved_epoch = len(self.progress.history)
             write_log(out / LOG, self.progress.history)
-            plot_history(out / PLOT, self.progress.history, f"{args.model}, {args.optimizer}, {args.data}")
+            title = f"{args.model}, {args.optimizer}, {args.data}"
+            plot_history(out / PLOT, self.progress.history, title, self.data.has_test_set)

@@ -115,4 +115,37 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int, 
             f"torchvision model {name!r} expects 3-channel images but the data has {in_channels} channel(s); "
             f"use --model mlp or --model lenet for MNIST"
         )
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    # GoogLeNet and Inception v3 train with auxiliary classifiers whose extra outputs the loss does not take.
+    extra = {"aux_logits": False, "init_weights": True} if name in AUX_LOGIT_MODELS else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
+    check_takes_images(model, name, in_channels, image_size, num_classes)
+    return model
+
+
+AUX_LOGIT_MODELS = ("googlenet", "inception_v3")
+
+
+def check_takes_images(model: nn.Module, name: str, in_channels: int, image_size: int, num_classes: int) -> None:
+    """Raise ValueError unless ``model`` maps two images of the data's shape to (2, num_classes) logits: a model
+    that needs another image size fails here, before anything is trained or written, not at the first batch."""
+    import torch
+
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, in_channels, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"torchvision model {name!r} cannot take {image_size}x{image_size} images ({reason}); pass the "
+            f"--image-size it was designed for (224 for most, 299 for inception_v3) or choose another model"
+        ) from None
+    finally:
+        model.train(training)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+        found = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"torchvision model {name!r} gives {found} for a batch of 2 images, not (2, {num_classes}) logits; "
+            f"choose another model"
+        )

@@ -247,11 +247,25 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+def data_source(data: str) -> str:
+    """The kind of ``--data``: "mnist", "synthetic" or "folder"."""
+    return data if data in ("mnist", "synthetic") else "folder"
+
+
+def same_data(typed: str, saved: str) -> bool:
+    """Whether ``--data`` as typed names the data a run was saved with: a folder by where it resolves to."""
+    if data_source(typed) != "folder" or data_source(saved) != "folder":
+        return typed == saved
+    return os.path.realpath(typed) == os.path.realpath(saved)
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in the defaults that depend on other options and reject combinations that cannot work. The checks
     that need torch (a torchvision model's name, the device) come last, so a mistake elsewhere is reported
-    without loading it."""
-    source = args.data if args.data in ("mnist", "synthetic") else "folder"
+    without loading it. A data folder is kept as an absolute path, so that a run resumes from any directory."""
+    source = data_source(args.data)
+    if source == "folder":
+        args.data = os.path.abspath(args.data)
     if args.resume is not None and args.output_dir is None:
         args.output_dir = args.resume.parent
     if args.model is None:

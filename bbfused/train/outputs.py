@@ -55,7 +55,7 @@ def check_previous_run(path: Path, resume: Path | None) -> None:
             f"--resume {resume} would continue in {path} and overwrite its {LATEST} (and the log's later epochs); "
             f"continue from it in a new folder with --output-dir NEW, or resume {latest}"
         )
-    previous = [name for name in (LATEST, BEST, LOG) if (path / name).exists()]
+    previous = [name for name in (LATEST, BEST, LOG, PLOT) if (path / name).exists()]
     if previous and (resume is None or resume.resolve().parent != path.resolve()):
         saved = next((path / name for name in (LATEST, BEST) if (path / name).is_file()), None)
         if saved is None:
@@ -165,9 +165,9 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def history_figure(history: list[dict[str, Any]], title: str):
-    """A matplotlib Figure with the learning rate, the train loss and the test accuracy per epoch; epochs BB
-    rolled back are marked with a red cross on each panel, and the epoch axis has integer ticks."""
+def history_figure(history: list[dict[str, Any]], title: str, test_set: bool = True):
+    """A matplotlib Figure with the learning rate, the train loss and (``test_set``) the test accuracy per epoch;
+    epochs BB rolled back are marked with a red cross on each panel, and the epoch axis has integer ticks."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -177,10 +177,11 @@ def history_figure(history: list[dict[str, Any]], title: str):
 
     epochs = [record["epoch"] for record in history]
     rolled_back = [record.get("rolled_back", False) for record in history]
-    figure = Figure(figsize=(12, 3.6), layout="constrained")
+    figure = Figure(figsize=(12 if test_set else 8, 3.6), layout="constrained")
     FigureCanvasAgg(figure)
     panels = [("lr", "learning rate", "log"), ("train_loss", "train loss", "log"), ("test_acc1", "test top-1 %", None)]
-    for axes, (key, label, scale) in zip(figure.subplots(1, 3), panels):
+    panels = panels if test_set else panels[:2]
+    for axes, (key, label, scale) in zip(figure.subplots(1, len(panels)), panels):
         series = values(key)
         axes.plot(epochs, series, marker="o")
         if key == "test_acc1" and "test_acc5" in history[0]:
@@ -215,7 +216,7 @@ def history_figure(history: list[dict[str, Any]], title: str):
     return figure
 
 
-def plot_history(path: Path, history: list[dict[str, Any]], title: str) -> None:
+def plot_history(path: Path, history: list[dict[str, Any]], title: str, test_set: bool = True) -> None:
     """Write :func:`history_figure` as a PNG."""
-    figure = history_figure(history, title)
+    figure = history_figure(history, title, test_set)
     atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))

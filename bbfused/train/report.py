@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..optimizer import BB
+from .bb_source import preconditioned_first_rate
 from .checkpoints import Progress
 from .outputs import BEST, LATEST, LOG, PLOT
 from .schedules import describe_schedule
@@ -35,7 +36,9 @@ def describe(
     if isinstance(optimizer, BB):
         backends = ", ".join(sorted(set(optimizer.active_backends.values())))
         mode = "default" if args.bb_safeguard else "paper's method"
-        mode += ", Adam-scaled step" if args.bb_preconditioner == "adam" else ""
+        if args.bb_preconditioner == "adam":  # its run starts at min(lr, a limit)
+            first = min(args.lr, preconditioned_first_rate())
+            mode += f", Adam-scaled step{f' starting at {first:g}' if first != args.lr else ''}"
         line += f" ({mode}, rate bounds {optimizer.tau_min:.3g}..{optimizer.tau_max:.3g}, {backends})"
     elif schedule := describe_schedule(args.lr_schedule, args.epochs, args.warmup_epochs):
         line += f", {schedule}"
@@ -88,8 +91,11 @@ def summary(progress: Progress, seconds: float, output_dir: Path | None, test_se
         epochs = ", ".join(map(str, rolled_back))
         lines.append(f"BB rolled back epoch(s) {epochs} (diverged, or its loss jumped; weights restored)")
     if output_dir is not None:
-        best = f"{BEST} (epoch {progress.best_epoch}), " if progress.best_epoch is not None else ""
-        lines.append(f"outputs in {output_dir}: {LATEST} (last epoch), {best}{LOG}, {PLOT}")
+        if not test_set:  # no epoch is better than another: best.pth is the last one too
+            lines.append(f"outputs in {output_dir}: {LATEST} and {BEST} (last epoch), {LOG}, {PLOT}")
+        else:
+            best = f"{BEST} (epoch {progress.best_epoch}), " if progress.best_epoch is not None else ""
+            lines.append(f"outputs in {output_dir}: {LATEST} (last epoch), {best}{LOG}, {PLOT}")
     return "\n".join(lines)
 
 
