@@ -441,29 +441,12 @@ class DeviceClock:
         """The rate tensor itself: a captured step cannot write a float."""
         return lr
 
-    @staticmethod
-    def written_multiplier(
-        base: torch.Tensor, multiplier: torch.Tensor, lr: torch.Tensor, published: torch.Tensor
-    ) -> torch.Tensor:
-        """The multiplier that makes a value written into the shown rate tensor ``lr`` since it was ``published`` (a
-        finite number >= 0) the rate applied; ``multiplier`` itself where nothing, or no rate, was written."""
-        taken = (lr != published) & torch.isfinite(lr) & (lr >= 0)
-        return torch.where(taken, lr / base, multiplier)
-
-    def take_rate_write(
-        self, base: torch.Tensor, multiplier: torch.Tensor, lr: torch.Tensor, published: torch.Tensor
-    ) -> None:
-        """Take a write into the shown rate tensor into the multiplier, and publish base·multiplier (device ops)."""
-        multiplier.copy_(self.written_multiplier(base, multiplier, lr, published))
-        torch.mul(base, multiplier, out=lr)
-        published.copy_(lr)
-
     def finish_period(
         self, new_base: torch.Tensor, rolled_back: torch.Tensor | None, shown, param_groups: list[dict]
     ) -> None:
         """Close the period where the gate is set: take a scheduler's write into the shown rate, record the period,
         and publish the control's new rate (else the old)."""
-        shown.multiplier.copy_(self.written_multiplier(*shown.rate_tensors(), shown.published_rate))
+        shown.take_write_in_place()
         base = self.select(new_base, shown.base)
         self.record(shown.buffers.lr, rolled_back)
         shown.set_base(base, param_groups)

@@ -354,7 +354,8 @@ class BB(PeriodHookRegistry, torch.optim.Optimizer):
 
     def _bb_entry(self, state_dict: dict[str, Any]) -> None:
         """Add the ``"bb"`` entry to a packed state dict (the first state-dict post hook)."""
-        self._shown.settle_write_in_place()  # a scheduler's write into capturable's rate tensor is saved as taken
+        # A scheduler's write into capturable's rate tensor is saved as taken.
+        self._shown.settle_write_in_place(self.param_groups)
         rate = self.lr
         for group in state_dict["param_groups"]:
             group["lr"] = rate

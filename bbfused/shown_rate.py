@@ -116,8 +116,16 @@ class ShownRate:
         self._remember_published()
         self.show(param_groups)
 
-    def settle_write_in_place(self) -> None:
+    def take_write_in_place(self) -> None:
+        """Where the groups show the rate tensor itself: a finite value >= 0 there other than the one last published
+        was written (a scheduler's ``fill_``), and the multiplier becomes what makes it the rate applied. Device ops
+        (the Triton clock's finish kernel does the same)."""
+        lr = self.buffers.lr
+        taken = (lr != self._published) & torch.isfinite(lr) & (lr >= 0)
+        self.multiplier.copy_(torch.where(taken, lr / self.base, self.multiplier))
+
+    def settle_write_in_place(self, param_groups: list[dict[str, Any]]) -> None:
         """Take a write into the shown rate tensor now rather than at the next period end (before saving the rates)."""
         if self._published is not None:
-            self.clock.take_rate_write(self.base, self.multiplier, self.buffers.lr, self._published)
-            self.buffers.set_lr(self.buffers.lr)
+            self.take_write_in_place()
+            self.set_base(self.base, param_groups)
