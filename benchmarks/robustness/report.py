@@ -657,25 +657,23 @@ def tuned_bound_section(
         "|---|---|---|---|---|---|",
     ]
 
-    def tuned_gaps(method: str, setting: str, best: Tuned) -> list[float]:
-        method_tuned = tuned(runs, setting, method, lrs, seeds)
-        return [] if method_tuned is None else [value - best.mean for value in method_tuned.scores]
+    def seed_gaps(found: Tuned | None, best: Tuned) -> list[float]:
+        return [] if found is None else [value - best.mean for value in found.scores]
 
     def every_run_gaps(method: str, setting: str, best: Tuned) -> list[float]:
         return [gap for gap in gaps(runs, setting, method, lrs, seeds, best.mean).values() if gap is not None]
 
     def best_sgd_step_gaps(setting: str, best: Tuned) -> list[float]:
-        sgd_step = best_reference(runs, setting, lrs, seeds, SGD_STEP_METHODS)
-        return [] if sgd_step is None else [value - best.mean for value in sgd_step.scores]
+        return seed_gaps(best_reference(runs, setting, lrs, seeds, SGD_STEP_METHODS), best)
 
     rows = [
-        ("the best tuned reference", lambda setting, best: [value - best.mean for value in best.scores]),
+        ("the best tuned reference", lambda setting, best: seed_gaps(best, best)),
         ("the best SGD step, tuned", best_sgd_step_gaps),
     ]
     rows += [
         (
             f"`{m}`" if m.endswith("-default") else f"`{m}`, tuned",
-            lambda setting, best, m=m: tuned_gaps(m, setting, best),
+            lambda setting, best, m=m: seed_gaps(tuned(runs, setting, m, lrs, seeds), best),
         )
         for m in shown
     ]
